@@ -1,0 +1,119 @@
+"""Alignment: patient records → fixed-shape :class:`~meddx.records.PatientTensors`.
+
+The :class:`Aligner` holds one tensorizer per registered modality. ``fit`` learns, on
+training records only, what each tensorizer needs (LOINC codes and their scales,
+device channels, code vocabularies); ``transform`` then turns any record into the same
+shapes. Its state is plain JSON saved beside the model weights, so inference reads
+and transforms data exactly as training did.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from meddx import __version__
+from meddx.config import IngestConfig
+from meddx.errors import ConfigError, ModelError
+from meddx.ingest.base import ArraySpec, Tensorizer, registered_ingestors
+from meddx.records import MODALITIES, Modality, PatientRecord, PatientTensors, TensorSpec
+
+
+class Aligner:
+    """Fits and applies the tensorizers of every modality.
+
+    Example:
+        >>> aligner = Aligner(IngestConfig()).fit(train_records)  # doctest: +SKIP
+        >>> tensors = aligner.transform(record)  # doctest: +SKIP
+        >>> batch = collate([tensors], aligner.tensor_spec())  # doctest: +SKIP
+    """
+
+    def __init__(self, config: IngestConfig | None = None):
+        self.config = config or IngestConfig()
+        self.tensorizers: dict[Modality, Tensorizer] = {
+            modality: cls.tensorizer_class(self.config) for modality, cls in registered_ingestors().items()
+        }
+        self.fitted_ = False
+
+    def fit(self, records: Iterable[PatientRecord]) -> "Aligner":
+        """Fit every tensorizer on the training patients' records."""
+        per_modality: dict[Modality, list] = {m: [] for m in self.tensorizers}
+        for patient in records:
+            for modality, record in patient.records.items():
+                if modality in per_modality:
+                    per_modality[modality].append(record)
+        for modality, tensorizer in self.tensorizers.items():
+            tensorizer.fit(per_modality[modality])
+        self.fitted_ = True
+        return self
+
+    def array_spec(self) -> dict[Modality, ArraySpec]:
+        return {m: t.spec() for m, t in self.tensorizers.items()}
+
+    def tensor_spec(self) -> TensorSpec:
+        """``{modality: {name: (shape, torch dtype)}}``, for :func:`~meddx.records.collate`."""
+        import torch
+
+        return {
+            m: {name: (shape, torch.from_numpy(np.zeros(0, dtype=dtype)).dtype) for name, (shape, dtype) in spec.items()}
+            for m, spec in self.array_spec().items()
+        }
+
+    def transform(self, patient: PatientRecord) -> PatientTensors:
+        """Fixed-shape tensors of one patient; absent modalities stay absent."""
+        import torch
+
+        if not self.fitted_:
+            raise ModelError("Aligner.transform called before fit(); fit it on training records or load a saved one")
+        tensors = {}
+        for modality in MODALITIES:
+            record = patient.records.get(modality)
+            tensorizer = self.tensorizers.get(modality)
+            if record is None or tensorizer is None:
+                continue
+            arrays = tensorizer.transform(record)
+            tensors[modality] = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
+        return PatientTensors(patient.patient_id, patient.index_time, tensors)
+
+    # ------------------------------------------------------------- persistence
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "meddx": __version__,
+            "config": self.config.model_dump(mode="json"),
+            "tensorizers": {m.value: t.state_dict() for m, t in self.tensorizers.items()},
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "Aligner":
+        try:
+            config = IngestConfig.model_validate(state["config"])
+            aligner = cls(config)
+            for name, tensorizer_state in state["tensorizers"].items():
+                modality = Modality(name)
+                if modality in aligner.tensorizers:
+                    aligner.tensorizers[modality].load_state_dict(tensorizer_state)
+        except (KeyError, ValueError) as exc:
+            raise ModelError(f"aligner state is not usable: {exc}") from None
+        aligner.fitted_ = True
+        return aligner
+
+    def save(self, path: str | Path) -> Path:
+        """Write the fitted state as JSON (``aligner.json`` in a model folder)."""
+        path = Path(path)
+        path.write_text(json.dumps(self.state_dict(), indent=2, sort_keys=True))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Aligner":
+        path = Path(path)
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelError(f"cannot read aligner state {path}: {exc}") from None
+        if not isinstance(state, dict):
+            raise ConfigError(f"{path} does not hold an aligner state")
+        return cls.from_state_dict(state)

@@ -1,0 +1,131 @@
+"""Content-addressed cache of ingested records (safetensors files).
+
+A record is stored under a key made of everything that decides its content: the
+modality, the bytes of its source files, the index time, the patient id (a Bulk FHIR
+folder holds many patients), the ingest config section, and the meddx version. Change
+any of them and the key changes, so a stale entry is never read.
+
+Each entry is one ``.safetensors`` file: the record's arrays as tensors, and its
+events, time, meta and warnings as JSON in the file's metadata header. Nothing is
+pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from meddx import __version__
+from meddx.config import IngestConfig
+from meddx.records import Event, Modality, ModalityRecord, parse_time
+
+_CHUNK = 1 << 20
+
+
+@lru_cache(maxsize=4096)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """SHA-256 of a file's bytes; memoised on (path, size, mtime) within a process."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def source_digest(path: Path) -> str:
+    """Digest of a file, or of every file under a folder (names and bytes)."""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        stat = file.stat()
+        digest.update(str(file.relative_to(path) if file != path else file.name).encode())
+        digest.update(_file_digest(str(file), stat.st_size, stat.st_mtime_ns).encode())
+    return digest.hexdigest()
+
+
+def cache_key(
+    modality: Modality, sources: list[Path], patient_id: str, index_time_iso: str, config: IngestConfig
+) -> str:
+    """The content address of one record."""
+    section = getattr(config, Modality(modality).value).model_dump(mode="json")
+    if Modality(modality) == Modality.NOTES:  # notes also read the FHIR section's rules
+        section = {"notes": section, "ehr": config.ehr.model_dump(mode="json")}
+    payload = {
+        "meddx": __version__,
+        "modality": Modality(modality).value,
+        "patient_id": patient_id,
+        "index_time": index_time_iso,
+        "config": section,
+        "sources": [source_digest(p) for p in sources],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+class RecordCache:
+    """A folder of cached records keyed by :func:`cache_key`.
+
+    Example:
+        >>> cache = RecordCache("runs/cache")  # doctest: +SKIP
+        >>> cache.put(key, record); cache.get(key).modality  # doctest: +SKIP
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.safetensors"
+
+    def __contains__(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def put(self, key: str, record: ModalityRecord) -> Path:
+        """Write a record atomically (a crash never leaves half a file under the key)."""
+        from safetensors.numpy import save_file
+
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = {
+            "modality": record.modality.value,
+            "source": record.source,
+            "time": record.time.isoformat() if record.time else "",
+            "events": json.dumps([e.to_json() for e in record.events]),
+            "meta": json.dumps(record.meta),
+            "warnings": json.dumps(record.warnings),
+            "meddx": __version__,
+        }
+        arrays = {name: np.ascontiguousarray(a) for name, a in record.arrays.items()}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(arrays, tmp, metadata=header)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    def get(self, key: str) -> ModalityRecord | None:
+        """The cached record, or None when absent."""
+        from safetensors import safe_open
+
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        with safe_open(str(path), framework="numpy") as handle:
+            header = handle.metadata() or {}
+            arrays = {name: handle.get_tensor(name) for name in handle.keys()}
+        return ModalityRecord(
+            modality=Modality(header["modality"]),
+            source=header["source"],
+            arrays=arrays,
+            events=[Event.from_json(e) for e in json.loads(header["events"])],
+            time=parse_time(header["time"]) if header.get("time") else None,
+            meta=json.loads(header["meta"]),
+            warnings=json.loads(header["warnings"]),
+        )

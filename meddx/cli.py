@@ -1,0 +1,135 @@
+"""The ``meddx`` command.
+
+Exit status: 0 on success, 2 on bad input (manifest, config, arguments), 1 on other
+failures; the message says what to fix. Heavy libraries are imported inside the
+commands so that ``meddx --help`` starts fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+from typing import Callable
+
+import click
+
+from meddx import __version__
+from meddx.errors import ConfigError, ManifestError, MeddxError
+
+BAD_INPUT = 2
+FAILURE = 1
+
+
+def _handle_errors(command: Callable) -> Callable:
+    """Turn meddx errors into a message on stderr and the documented exit status."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (ManifestError, ConfigError) as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(BAD_INPUT)
+        except MeddxError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(FAILURE)
+
+    return wrapper
+
+
+quiet_option = click.option("--quiet", is_flag=True, help="No progress bars.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="meddx")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """meddx: multimodal medical diagnosis on a foundation model."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command("sample-data")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write.")
+@click.option("--patients", default=60, show_default=True, type=click.IntRange(min=1), help="Number of patients.")
+@click.option("--seed", default=7, show_default=True, type=int, help="Random seed (same seed, same bytes).")
+@_handle_errors
+def sample_data(out: Path, patients: int, seed: int) -> None:
+    """Write a synthetic multimodal cohort in the real formats, with its manifest.csv."""
+    from meddx.synth import generate_cohort
+
+    manifest = generate_cohort(out, n_patients=patients, seed=seed)
+    click.echo(f"wrote {patients} patients; manifest: {manifest}")
+
+
+@main.command("validate")
+@click.argument("manifest", type=click.Path(path_type=Path))
+@_handle_errors
+def validate(manifest: Path) -> None:
+    """Check a manifest and list every problem (exit status 2 if any)."""
+    from meddx.cohort import load_cohort
+
+    cohort = load_cohort(manifest)
+    click.echo(_cohort_summary(cohort))
+
+
+def _cohort_summary(cohort) -> str:
+    splits = {s: len(cohort.split(s)) for s in ("train", "val", "test")}
+    tasks = ", ".join(f"{t.name} ({t.kind})" for t in cohort.tasks.values()) or "none"
+    named = ", ".join(f"{m.value} {n}" for m, n in cohort.coverage().items())
+    return (
+        f"{cohort.path}: {len(cohort)} rows, splits {splits}, tasks: {tasks}\n"
+        f"files named per modality: {named}"
+    )
+
+
+def _run_ingest(manifest: Path, cache: Path, workers: int | None, quiet: bool, errors_csv: Path) -> None:
+    from meddx.cohort import load_cohort
+    from meddx.ingest.runner import ingest_cohort
+
+    cohort = load_cohort(manifest)
+    click.echo(_cohort_summary(cohort))
+    report = ingest_cohort(cohort, cache, workers=workers, progress=not quiet)
+    report.write_errors(errors_csv)
+    click.echo("\ncoverage per modality:")
+    click.echo(report.coverage_table())
+    n_errors = len(report.errors)
+    click.echo(f"\n{n_errors} ingest error{'s' if n_errors != 1 else ''}; details in {errors_csv}")
+    for outcome in report.errors[:10]:
+        click.echo(f"  row {outcome.row}: {outcome.error}")
+    if n_errors > 10:
+        click.echo(f"  ... and {n_errors - 10} more")
+
+
+@main.command("ingest")
+@click.argument("manifest", type=click.Path(path_type=Path))
+@click.option("--cache", "cache", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Cache folder for the ingested records; errors.csv is written there.")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Worker processes (default: up to 4; 0 = in this process).")
+@quiet_option
+@_handle_errors
+def ingest(manifest: Path, cache: Path, workers: int | None, quiet: bool) -> None:
+    """Read every modality of every row into a cache; print coverage and errors."""
+    _run_ingest(manifest, cache, workers, quiet, cache / "errors.csv")
+
+
+@main.command("demo")
+@click.option("--out", "out", default=Path("runs/demo"), show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Worker processes.")
+@quiet_option
+@_handle_errors
+def demo(out: Path, workers: int | None, quiet: bool) -> None:
+    """End to end on the sample cohort: generate, validate, ingest, report coverage."""
+    from meddx.synth import generate_cohort
+
+    click.echo(f"generating the sample cohort (60 patients, seed 7) in {out / 'sample_data'}")
+    manifest = generate_cohort(out / "sample_data", n_patients=60, seed=7)
+    _run_ingest(manifest, out / "cache", workers, quiet, out / "errors.csv")
+
+
+if __name__ == "__main__":
+    main()

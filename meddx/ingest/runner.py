@@ -1,0 +1,332 @@
+"""Run every registered ingestor over a cohort, in parallel worker processes, into a cache.
+
+Each (row, modality) is one task. Workers are long-lived processes that build their
+ingestors once (a Bulk FHIR index, a tokenizer, resampling kernels are reused across
+files). A file that fails becomes an error outcome and the run goes on; a reader that
+crashes its worker natively (a segfaulting decoder) is found by re-running the tasks
+that were in flight one at a time, reported, and the run goes on in a fresh pool.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Literal
+
+from meddx.cache import RecordCache, cache_key
+from meddx.cohort import Cohort
+from meddx.config import IngestConfig
+from meddx.errors import IngestError
+from meddx.ingest.base import IngestRequest, Ingestor, build_ingestors
+from meddx.records import MODALITIES, Modality, PatientRecord
+
+logger = logging.getLogger(__name__)
+
+Status = Literal["ok", "empty", "error"]
+
+
+@dataclass(frozen=True)
+class IngestTask:
+    row: int
+    modality: Modality
+    request: IngestRequest
+    display_path: str  # as the user named it, relative to the manifest folder when possible
+
+
+@dataclass(frozen=True)
+class IngestOutcome:
+    """What happened to one (row, modality).
+
+    ``status`` is ``ok`` (a record is cached under ``key``), ``empty`` (the files held
+    nothing usable at the index time) or ``error`` (``error`` says why).
+    """
+
+    row: int
+    patient_id: str
+    index_time: str
+    modality: Modality
+    path: str
+    status: Status
+    key: str | None = None
+    error: str | None = None
+    cached: bool = False
+    warnings: tuple[str, ...] = ()
+
+
+def tasks_for(cohort: Cohort, ingestors: dict[Modality, Ingestor]) -> list[IngestTask]:
+    """One task per row and modality that the row gives an ingestor something to read."""
+    tasks = []
+    for row in cohort:
+        request = IngestRequest(row.patient_id, row.index_time, dict(row.paths))
+        for modality in MODALITIES:
+            ingestor = ingestors.get(modality)
+            if ingestor is not None and ingestor.wants(request):
+                path = row.paths.get(modality) or next(iter(ingestor.sources(request)), None)
+                tasks.append(IngestTask(row.row, modality, request, _display(path, cohort.path.parent)))
+    return tasks
+
+
+def _display(path: Path | None, base: Path) -> str:
+    if path is None:
+        return ""
+    try:
+        return str(path.relative_to(base))
+    except ValueError:
+        return str(path)
+
+
+# ----------------------------------------------------------------- the work itself
+
+_worker_ingestors: dict[Modality, Ingestor] = {}
+_worker_cache: RecordCache | None = None
+_worker_config: IngestConfig | None = None
+
+
+def _init_worker(config_json: str, cache_root: str, plugins: tuple[str, ...] = ()) -> None:
+    global _worker_ingestors, _worker_cache, _worker_config
+    for module in plugins:  # modules that register custom ingestors
+        importlib.import_module(module)
+    _worker_config = IngestConfig.model_validate_json(config_json)
+    _worker_ingestors = build_ingestors(_worker_config)
+    _worker_cache = RecordCache(cache_root)
+
+
+def _ingest_one(task: IngestTask) -> IngestOutcome:
+    """Read (or find in the cache) one record; never raises for a bad file."""
+    if _worker_cache is None or _worker_config is None:
+        raise RuntimeError("_init_worker must run before _ingest_one")
+    request = task.request
+    base = dict(
+        row=task.row,
+        patient_id=request.patient_id,
+        index_time=request.index_time.isoformat(),
+        modality=task.modality,
+        path=task.display_path,
+    )
+    ingestor = _worker_ingestors[task.modality]
+    try:
+        key = cache_key(
+            task.modality, ingestor.sources(request), request.patient_id, request.index_time.isoformat(), _worker_config
+        )
+        if key in _worker_cache:
+            return IngestOutcome(**base, status="ok", key=key, cached=True)
+        record = ingestor.read(request)
+        if record is None:
+            return IngestOutcome(**base, status="empty")
+        PatientRecord(request.patient_id, request.index_time).add(record)  # the leakage guard
+        _worker_cache.put(key, record)
+        return IngestOutcome(**base, status="ok", key=key, warnings=tuple(record.warnings))
+    except IngestError as exc:
+        return IngestOutcome(**base, status="error", error=str(exc))
+    except Exception as exc:  # a reader bug must not stop the batch; say it is one
+        logger.warning("row %d %s: unexpected %s in the reader", task.row, task.modality, type(exc).__name__)
+        return IngestOutcome(
+            **base,
+            status="error",
+            error=f"{task.modality}: unexpected {type(exc).__name__} reading {task.display_path}: {exc}",
+        )
+
+
+def _crash_outcome(task: IngestTask) -> IngestOutcome:
+    return IngestOutcome(
+        row=task.row,
+        patient_id=task.request.patient_id,
+        index_time=task.request.index_time.isoformat(),
+        modality=task.modality,
+        path=task.display_path,
+        status="error",
+        error=f"{task.modality}: reading {task.display_path} crashed the worker process "
+        "(a native decoder failure); check or re-export the file",
+    )
+
+
+# ----------------------------------------------------------------- scheduling
+
+
+def _run_parallel(tasks: list[IngestTask], workers: int, initargs: tuple) -> Iterator[IngestOutcome]:
+    """Keep at most ``workers`` tasks in flight so that a crash implicates only those."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # no fork of a parent holding threads/torch
+    pending = deque(tasks)
+    suspects: list[IngestTask] = []
+    while pending:
+        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=initargs)
+        inflight: dict = {}
+        broken = False
+        try:
+            while (pending or inflight) and not broken:
+                while pending and len(inflight) < workers:
+                    task = pending.popleft()
+                    inflight[pool.submit(_ingest_one, task)] = task
+                done, _ = wait(inflight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    task = inflight.pop(future)
+                    try:
+                        yield future.result()
+                    except BrokenProcessPool:
+                        broken = True
+                        suspects.append(task)
+            if broken:
+                suspects.extend(inflight.values())
+        finally:
+            pool.shutdown(wait=not broken, cancel_futures=True)
+        # Re-run the suspects one by one: the one that breaks a pool alone is the culprit.
+        while suspects:
+            task = suspects.pop()
+            with ProcessPoolExecutor(1, mp_context=context, initializer=_init_worker, initargs=initargs) as solo:
+                try:
+                    yield solo.submit(_ingest_one, task).result()
+                except BrokenProcessPool:
+                    logger.warning("row %d %s: the reader crashed its worker process", task.row, task.modality)
+                    yield _crash_outcome(task)
+
+
+def run_tasks(
+    tasks: list[IngestTask],
+    cache_dir: str | Path,
+    config: IngestConfig | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+    plugins: tuple[str, ...] = (),
+) -> list[IngestOutcome]:
+    """Ingest every task into ``cache_dir``; outcomes come back in task order.
+
+    Args:
+        workers: worker processes; 0 reads in this process (for debugging).
+        progress: show a progress bar.
+        plugins: importable modules that register custom ingestors; each worker
+            imports them before building its ingestors.
+    """
+    from tqdm.auto import tqdm
+
+    config = config or IngestConfig()
+    workers = default_workers() if workers is None else workers
+    initargs = (config.model_dump_json(), str(cache_dir), tuple(plugins))
+    order = {(t.row, t.modality): i for i, t in enumerate(tasks)}
+    if workers <= 0:
+        _init_worker(*initargs)
+        stream: Iterable[IngestOutcome] = (_ingest_one(t) for t in tasks)
+    else:
+        stream = _run_parallel(tasks, min(workers, max(len(tasks), 1)), initargs)
+    outcomes = []
+    with tqdm(total=len(tasks), desc="ingest", unit="file", disable=not progress) as bar:
+        for outcome in stream:
+            outcomes.append(outcome)
+            bar.update(1)
+    return sorted(outcomes, key=lambda o: order[(o.row, o.modality)])
+
+
+def default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def ingest_cohort(
+    cohort: Cohort,
+    cache_dir: str | Path,
+    config: IngestConfig | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+    plugins: tuple[str, ...] = (),
+) -> "IngestReport":
+    """Read every modality of every row into a content-addressed cache.
+
+    Args:
+        cohort: a validated cohort (:func:`meddx.cohort.load_cohort`).
+        cache_dir: where records are cached (safetensors files).
+        config: shapes and rules of every reader; defaults fit a 2-core CPU.
+        workers: parallel worker processes (0 = in this process).
+        progress: show a progress bar.
+        plugins: importable modules that register custom ingestors (see :func:`run_tasks`).
+
+    Returns:
+        An :class:`IngestReport` with one outcome per (row, modality).
+
+    Example:
+        >>> report = ingest_cohort(load_cohort("sample_data/manifest.csv"), "runs/cache")  # doctest: +SKIP
+        >>> print(report.coverage_table())  # doctest: +SKIP
+    """
+    config = config or IngestConfig()
+    for module in plugins:
+        importlib.import_module(module)
+    ingestors = build_ingestors(config)
+    tasks = tasks_for(cohort, ingestors)
+    outcomes = run_tasks(tasks, cache_dir, config, workers, progress, plugins)
+    return IngestReport(cohort=cohort, cache_dir=Path(cache_dir), outcomes=outcomes)
+
+
+@dataclass
+class IngestReport:
+    """Outcomes of an ingest run, with coverage and errors."""
+
+    cohort: Cohort
+    cache_dir: Path
+    outcomes: list[IngestOutcome]
+
+    @property
+    def errors(self) -> list[IngestOutcome]:
+        return [o for o in self.outcomes if o.status == "error"]
+
+    def coverage(self):
+        """A pandas table, one row per modality: rows naming it, ok, empty, errors, cached."""
+        import pandas as pd
+
+        rows = []
+        n = len(self.cohort)
+        for modality in MODALITIES:
+            mine = [o for o in self.outcomes if o.modality == modality]
+            ok = sum(o.status == "ok" for o in mine)
+            rows.append(
+                {
+                    "modality": modality.value,
+                    "requested": len(mine),
+                    "ok": ok,
+                    "empty": sum(o.status == "empty" for o in mine),
+                    "errors": sum(o.status == "error" for o in mine),
+                    "cached": sum(o.cached for o in mine),
+                    "coverage": f"{ok / n:.0%}" if n else "-",
+                }
+            )
+        return pd.DataFrame(rows)
+
+    def coverage_table(self) -> str:
+        return self.coverage().to_string(index=False)
+
+    def write_errors(self, path: str | Path) -> Path:
+        """Write ``errors.csv``: patient_id, index_time, modality, path, error (header even when empty)."""
+        import pandas as pd
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        columns = ["patient_id", "index_time", "modality", "path", "error"]
+        frame = pd.DataFrame(
+            [
+                {"patient_id": o.patient_id, "index_time": o.index_time, "modality": o.modality.value,
+                 "path": o.path, "error": o.error}
+                for o in self.errors
+            ],
+            columns=columns,
+        )
+        frame.to_csv(path, index=False)
+        return path
+
+    def patient_records(self) -> Iterator[PatientRecord]:
+        """Load each row's records back from the cache, in manifest order."""
+        cache = RecordCache(self.cache_dir)
+        by_row: dict[int, list[IngestOutcome]] = {}
+        for outcome in self.outcomes:
+            by_row.setdefault(outcome.row, []).append(outcome)
+        for row in self.cohort:
+            record = PatientRecord(row.patient_id, row.index_time)
+            for outcome in by_row.get(row.row, []):
+                if outcome.status == "ok" and outcome.key:
+                    cached = cache.get(outcome.key)
+                    if cached is not None:
+                        record.add(cached)
+            yield record

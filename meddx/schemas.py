@@ -1,0 +1,74 @@
+"""JSON Schemas of meddx's file contracts, exported from the pydantic models.
+
+``python -m meddx.schemas schemas`` rewrites the files in ``schemas/``; a test fails
+when the committed files drift from the code.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from meddx.cohort import ManifestRow
+from meddx.config import IngestConfig
+
+
+class PredictionRow(BaseModel):
+    """One row of ``predictions.parquet`` / ``predictions.csv``: a patient, an index time, a task.
+
+    Extra manifest columns (``sex``, ``site``...) are copied after these.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    patient_id: str
+    index_time: AwareDatetime
+    task: str
+    probability: Optional[float] = Field(None, ge=0, le=1, description="calibrated probability of the positive class")
+    raw_probability: Optional[float] = Field(None, ge=0, le=1, description="uncalibrated model probability")
+    prediction: Optional[str] = Field(None, description="predicted class (0/1 for binary tasks)")
+    prediction_set: Optional[str] = Field(None, description="conformal set at the model's alpha, '|'-joined classes")
+    modalities: str = Field("", description="modalities used, '|'-joined")
+    modality_errors: str = Field("", description="modalities that failed to ingest, '|'-joined")
+    status: Literal["ok", "error"]
+
+
+SCHEMAS: dict[str, type[BaseModel]] = {
+    "manifest_row.schema.json": ManifestRow,
+    "prediction_row.schema.json": PredictionRow,
+    "ingest_config.schema.json": IngestConfig,
+}
+
+
+def schema_documents() -> dict[str, dict[str, Any]]:
+    """File name -> JSON Schema document, as exported."""
+    docs = {}
+    for name, model in SCHEMAS.items():
+        doc = {"$schema": "https://json-schema.org/draft/2020-12/schema", **model.model_json_schema()}
+        docs[name] = doc
+    return docs
+
+
+def render(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, indent=2, sort_keys=True) + "\n"
+
+
+def export_schemas(folder: str | Path) -> list[Path]:
+    """Write every schema into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, doc in schema_documents().items():
+        path = folder / name
+        path.write_text(render(doc))
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    for path in export_schemas(sys.argv[1] if len(sys.argv) > 1 else "schemas"):
+        sys.stdout.write(f"wrote {path}\n")

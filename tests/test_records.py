@@ -1,0 +1,105 @@
+"""Records, the leakage rule, and collation with missing modalities."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import numpy as np
+import pytest
+import torch
+
+from meddx.errors import LeakageError
+from meddx.records import (
+    MODALITIES,
+    Event,
+    Modality,
+    ModalityRecord,
+    PatientRecord,
+    PatientTensors,
+    collate,
+    is_available,
+    keep_available,
+    parse_time,
+)
+
+INDEX = parse_time("2024-03-05T14:00:00Z")
+
+
+def test_parse_time_normalises_zones_and_refuses_naive() -> None:
+    assert parse_time("2024-03-05T15:00:00+01:00") == INDEX
+    assert parse_time(INDEX.timestamp()) == INDEX
+    with pytest.raises(ValueError, match="no time zone"):
+        parse_time("2024-03-05T14:00:00")
+    assert parse_time("2024-03-05T14:00:00", assume_utc=True) == INDEX
+    with pytest.raises(ValueError, match="not an ISO 8601"):
+        parse_time("March 5th")
+
+
+def test_leakage_rule_keeps_past_present_and_undated() -> None:
+    second = timedelta(seconds=1)
+    assert is_available(INDEX - second, INDEX)
+    assert is_available(INDEX, INDEX)  # at the index time is allowed
+    assert is_available(None, INDEX)  # undated files are taken as available
+    assert not is_available(INDEX + second, INDEX)
+    events = [Event(INDEX - second, "condition", "a"), Event(INDEX + second, "condition", "b"), Event(None, "note", "c")]
+    kept, dropped = keep_available(events, INDEX)
+    assert [e.code for e in kept] == ["a", "c"] and dropped == 1
+
+
+def test_patient_record_refuses_leaked_items() -> None:
+    patient = PatientRecord("p1", INDEX)
+    late = ModalityRecord(Modality.EHR, "bundle.json", events=[Event(INDEX + timedelta(days=1), "condition", "x")])
+    with pytest.raises(LeakageError, match="after the index time") as caught:
+        patient.add(late)
+    assert caught.value.path == "bundle.json" and caught.value.modality == "ehr"
+    with pytest.raises(LeakageError):
+        patient.add(ModalityRecord(Modality.IMAGING, "ct", time=INDEX + timedelta(minutes=1)))
+    patient.add(ModalityRecord(Modality.IMAGING, "ct", time=INDEX))
+    assert patient.modalities == [Modality.IMAGING]
+
+
+def test_event_json_round_trip() -> None:
+    event = Event(INDEX, "observation", "http://loinc.org|1988-5", 12.5, "mg/L")
+    assert Event.from_json(event.to_json()) == event
+
+
+def patient(pid: str, **tensors: dict) -> PatientTensors:
+    return PatientTensors(pid, INDEX, {Modality(k): v for k, v in tensors.items()})
+
+
+def test_collate_zero_fills_missing_modalities_with_presence_false() -> None:
+    a = patient("a", audio={"log_mel": torch.ones(2, 3), "frame_mask": torch.ones(3, dtype=torch.bool)})
+    b = patient("b", video={"frames": torch.full((4, 1, 2, 2), 0.5)})
+    c = patient("c")
+    batch = collate([a, b, c])
+    assert batch.patient_ids == ["a", "b", "c"] and len(batch) == 3
+    assert batch.tensors[Modality.AUDIO]["log_mel"].shape == (3, 2, 3)
+    assert batch.tensors[Modality.AUDIO]["log_mel"][1].abs().sum() == 0
+    assert batch.tensors[Modality.AUDIO]["frame_mask"].dtype == torch.bool
+    assert batch.tensors[Modality.AUDIO]["frame_mask"][2].any().item() is False
+    assert batch.present.shape == (3, len(MODALITIES))
+    audio, video = MODALITIES.index(Modality.AUDIO), MODALITIES.index(Modality.VIDEO)
+    assert batch.present[:, audio].tolist() == [True, False, False]
+    assert batch.present[:, video].tolist() == [False, True, False]
+    assert Modality.IMAGING not in batch.tensors  # no patient had it and no spec was given
+
+
+def test_collate_with_spec_includes_every_modality() -> None:
+    spec = {Modality.IMAGING: {"volume": ((2, 4, 4), torch.float32)}}
+    batch = collate([patient("a"), patient("b")], spec)
+    assert batch.tensors[Modality.IMAGING]["volume"].shape == (2, 2, 4, 4)
+    assert not batch.present.any()
+    moved = batch.to("cpu")
+    assert moved.tensors[Modality.IMAGING]["volume"].device.type == "cpu"
+
+
+def test_collate_refuses_mismatched_shapes_and_empty_batches() -> None:
+    with pytest.raises(ValueError, match="expected"):
+        collate([patient("a", audio={"x": torch.ones(2)}), patient("b", audio={"x": torch.ones(3)})])
+    with pytest.raises(ValueError, match="empty"):
+        collate([])
+
+
+def test_modality_record_coerces_modality_names() -> None:
+    record = ModalityRecord("audio", "x.wav", arrays={"a": np.zeros(2)})
+    assert record.modality is Modality.AUDIO
