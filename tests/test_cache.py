@@ -1,0 +1,55 @@
+"""The record cache: safetensors files, content-addressed, lossless round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from meddx.cache import RecordCache, cache_key
+from meddx.config import IngestConfig
+from meddx.records import Event, Modality, ModalityRecord, parse_time
+
+INDEX = parse_time("2024-03-05T14:00:00Z")
+
+
+def test_round_trip_keeps_arrays_events_and_meta(tmp_path: Path) -> None:
+    record = ModalityRecord(
+        Modality.EHR,
+        "bundle.json",
+        arrays={"mask": np.array([True, False]), "ids": np.arange(3, dtype=np.int64)},
+        events=[Event(INDEX, "observation", "http://loinc.org|1988-5", 5.0, "mg/L")],
+        time=INDEX,
+        meta={"sex": "female", "age_years": 51.5},
+        warnings=["one resource skipped"],
+    )
+    cache = RecordCache(tmp_path)
+    path = cache.put("ab" * 32, record)
+    assert path.suffix == ".safetensors" and path.read_bytes()[8:9] == b"{"  # a safetensors header, no pickle
+    back = cache.get("ab" * 32)
+    assert back is not None
+    assert back.events == record.events and back.meta == record.meta and back.warnings == record.warnings
+    assert back.time == INDEX and back.modality is Modality.EHR
+    assert back.arrays["mask"].dtype == np.bool_ and back.arrays["ids"].tolist() == [0, 1, 2]
+    assert cache.get("cd" * 32) is None
+
+
+def test_record_without_arrays(tmp_path: Path) -> None:
+    cache = RecordCache(tmp_path)
+    cache.put("ef" * 32, ModalityRecord(Modality.NOTES, "note.txt", events=[Event(None, "note", "n", text="hi")]))
+    back = cache.get("ef" * 32)
+    assert back is not None and back.arrays == {} and back.events[0].text == "hi" and back.time is None
+
+
+def test_key_changes_with_content_config_patient_and_time(tmp_path: Path) -> None:
+    source = tmp_path / "a.wav"
+    source.write_bytes(b"one")
+    config = IngestConfig()
+    key = cache_key(Modality.AUDIO, [source], "p1", INDEX.isoformat(), config)
+    assert key == cache_key(Modality.AUDIO, [source], "p1", INDEX.isoformat(), config)
+    assert key != cache_key(Modality.AUDIO, [source], "p2", INDEX.isoformat(), config)
+    assert key != cache_key(Modality.AUDIO, [source], "p1", "2024-03-06T00:00:00+00:00", config)
+    assert key != cache_key(Modality.AUDIO, [source], "p1", INDEX.isoformat(), IngestConfig.from_dict({"audio": {"n_mels": 16}}))
+    assert key == cache_key(Modality.AUDIO, [source], "p1", INDEX.isoformat(), IngestConfig.from_dict({"video": {"n_frames": 4}}))
+    source.write_bytes(b"three")
+    assert key != cache_key(Modality.AUDIO, [source], "p1", INDEX.isoformat(), config)
