@@ -164,7 +164,14 @@ def _run_parallel(tasks: list[IngestTask], workers: int, initargs: tuple) -> Ite
             while (pending or inflight) and not broken:
                 while pending and len(inflight) < workers:
                     task = pending.popleft()
-                    inflight[pool.submit(_ingest_one, task)] = task
+                    try:
+                        inflight[pool.submit(_ingest_one, task)] = task
+                    except BrokenProcessPool:  # a worker died since the last wait
+                        pending.appendleft(task)
+                        break
+                if not inflight:
+                    broken = True
+                    break
                 done, _ = wait(inflight, return_when=FIRST_COMPLETED)
                 for future in done:
                     task = inflight.pop(future)
