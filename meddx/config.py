@@ -30,6 +30,11 @@ class ImagingConfig(_Section):
     windows: dict[str, tuple[float, float]] = Field(
         default_factory=lambda: {"CT": (-1000.0, 1000.0), "default": (0.0, 0.0)}
     )
+    # A window whose upper bound is not above its lower bound (like "default") means a robust
+    # window: these percentiles of the image's own values.
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    # Which `windows` entry NIfTI files use (they carry no DICOM Modality); None = "default".
+    nifti_modality: str | None = None
     series_rule: Literal["most_slices", "first_uid"] = "most_slices"
 
 
@@ -57,6 +62,8 @@ class DeviceLogConfig(_Section):
     step_minutes: float = 1.0
     window_hours: float = 6.0
     max_channels: int = 8  # channels kept in the fitted vocabulary
+    # Zone-less ISO 8601 timestamps are refused unless this says to read them as UTC.
+    assume_utc: bool = False
 
 
 class AudioConfig(_Section):
@@ -75,6 +82,8 @@ class VideoConfig(_Section):
     n_frames: int = 16
     size: tuple[int, int] = (64, 64)  # (H, W)
     color: Literal["gray", "rgb"] = "gray"
+    # Robust window for DICOM cine frames of more than 8 bits (8-bit frames are divided by 255).
+    percentiles: tuple[float, float] = (0.5, 99.5)
 
 
 class IngestConfig(_Section):

@@ -12,3 +12,9 @@ from meddx.ingest.base import (
 )
 
 # Built-in readers register themselves on import.
+from meddx.ingest import fhir  # noqa: F401
+from meddx.ingest import notes  # noqa: F401
+from meddx.ingest import dicom  # noqa: F401
+from meddx.ingest import device_logs  # noqa: F401
+from meddx.ingest import audio  # noqa: F401
+from meddx.ingest import video  # noqa: F401

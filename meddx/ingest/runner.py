@@ -22,7 +22,7 @@ from typing import Iterable, Iterator, Literal
 from meddx.cache import RecordCache, cache_key
 from meddx.cohort import Cohort
 from meddx.config import IngestConfig
-from meddx.errors import IngestError
+from meddx.errors import IngestError, MeddxError
 from meddx.ingest.base import IngestRequest, Ingestor, build_ingestors
 from meddx.records import MODALITIES, Modality, PatientRecord
 
@@ -88,10 +88,16 @@ _worker_cache: RecordCache | None = None
 _worker_config: IngestConfig | None = None
 
 
-def _init_worker(config_json: str, cache_root: str, plugins: tuple[str, ...] = ()) -> None:
+def _init_worker(config_json: str, cache_root: str, plugins: tuple[str, ...] = (), in_worker: bool = True) -> None:
     global _worker_ingestors, _worker_cache, _worker_config
     for module in plugins:  # modules that register custom ingestors
         importlib.import_module(module)
+    if in_worker:
+        # Workers share the cores: one torch thread each avoids oversubscription
+        # (audio resampling and spectrograms, imaging resizes).
+        import torch
+
+        torch.set_num_threads(1)
     _worker_config = IngestConfig.model_validate_json(config_json)
     _worker_ingestors = build_ingestors(_worker_config)
     _worker_cache = RecordCache(cache_root)
@@ -124,6 +130,8 @@ def _ingest_one(task: IngestTask) -> IngestOutcome:
         return IngestOutcome(**base, status="ok", key=key, warnings=tuple(record.warnings))
     except IngestError as exc:
         return IngestOutcome(**base, status="error", error=str(exc))
+    except MeddxError as exc:  # e.g. a ConfigError met while reading (an unusable text model)
+        return IngestOutcome(**base, status="error", error=f"{task.modality}: {exc}")
     except Exception as exc:  # a reader bug must not stop the batch; say it is one
         logger.warning("row %d %s: unexpected %s in the reader", task.row, task.modality, type(exc).__name__)
         return IngestOutcome(
@@ -218,7 +226,7 @@ def run_tasks(
     initargs = (config.model_dump_json(), str(cache_dir), tuple(plugins))
     order = {(t.row, t.modality): i for i, t in enumerate(tasks)}
     if workers <= 0:
-        _init_worker(*initargs)
+        _init_worker(*initargs, in_worker=False)
         stream: Iterable[IngestOutcome] = (_ingest_one(t) for t in tasks)
     else:
         stream = _run_parallel(tasks, min(workers, max(len(tasks), 1)), initargs)

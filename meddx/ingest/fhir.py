@@ -1,0 +1,894 @@
+"""The EHR ingestor: FHIR Bundles and Bulk FHIR exports → dated events → fixed tensors.
+
+**What is read.** A Bundle JSON file, or a Bulk FHIR export (a folder of ``*.ndjson``
+files, one resource type per file; a single ``.ndjson`` file works too). In a Bulk
+export the resources of the row's patient are those whose ``subject`` / ``patient``
+reference points at ``Patient/<patient_id>`` (absolute URLs and ``urn:uuid:<id>`` too),
+plus the Patient whose ``id`` is ``patient_id``; a per-process index of the folder
+(:mod:`meddx.ingest.fhir_bulk`) finds their lines without re-reading the population.
+Every resource of the patient is validated with ``fhir.resources`` before use.
+
+**Which FHIR version.** The nearest declaration wins: the resource's own, then its
+container's (the Bundle, or the export folder's CapabilityStatement), else R4. A
+declaration is a ``fhirVersion`` element (CapabilityStatement, or the key some exporters
+add to a resource), or a versioned core profile in ``meta.profile``
+(``http://hl7.org/fhir/4.0/StructureDefinition/...``, ``.../R5/...``). 4.0.x, 4.3.x,
+R4 and R4B are validated with ``fhir.resources.R4B``; 5.0.x and R5 with the top-level
+``fhir.resources`` models (R5). Any other version (DSTU2 ``1.0.2``, STU3 ``3.0.x``...)
+is refused with an :class:`~meddx.errors.IngestError`.
+
+**When a resource happened.** The first of these that is set places it in time:
+``effective[x]``, ``onset[x]``, ``performed[x]`` / ``occurrence[x]``, ``authoredOn``,
+``period`` / ``actualPeriod`` (start), ``issued``, ``recordedDate`` / ``recorded``,
+``dateAsserted``, ``date``; a DocumentReference is placed by its ``date`` only. Periods
+count from their start. A date without a time counts as the end of that day (UTC), a
+partial date (``2020``, ``2020-05``) as the end of that year or month, so an item is
+never placed earlier than it could have happened. Resources dated after the index time
+are dropped with :func:`meddx.records.keep_available`; undated clinical resources are
+dropped too (nothing says they were known at the index time). Both are counted in meta.
+
+**What is kept.** Observations: numeric LOINC-coded values (and each component of a
+panel such as blood pressure) converted to a canonical unit (:mod:`meddx.ingest.units`).
+Conditions, MedicationRequests/Statements, Procedures and Encounters: ``system|code``
+tokens. DocumentReference: ``text/plain`` attachments with inline ``data`` as note events.
+Patient: ``sex`` and ``age_years`` at the index time in ``meta`` (never the birth date).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from meddx.config import IngestConfig
+from meddx.errors import ConfigError, IngestError, ModelError
+from meddx.ingest.base import ArraySpec, Ingestor, IngestRequest, Tensorizer, register_ingestor
+from meddx.ingest.fhir_bulk import BulkIndex, patient_reference_id
+from meddx.ingest.units import convert, to_canonical
+from meddx.records import Event, Modality, ModalityRecord, keep_available, parse_time
+
+logger = logging.getLogger(__name__)
+
+LOINC = "http://loinc.org"
+UCUM = "http://unitsofmeasure.org"
+DEFAULT_VERSION = "4.0.1"  # R4: what Synthea and most EHR exports write
+
+# resource type -> event kind of its code token
+CODE_KINDS: dict[str, str] = {
+    "Condition": "condition",
+    "MedicationRequest": "medication",
+    "MedicationStatement": "medication",
+    "Procedure": "procedure",
+    "Encounter": "encounter",
+}
+USED_TYPES: frozenset[str] = frozenset({"Patient", "Observation", "DocumentReference", *CODE_KINDS})
+
+# the order in which time elements place a resource (see the module docstring)
+TIME_FIELDS: tuple[str, ...] = (
+    "effectiveDateTime",
+    "effectiveInstant",
+    "effectivePeriod",
+    "onsetDateTime",
+    "onsetPeriod",
+    "performedDateTime",
+    "performedPeriod",
+    "occurrenceDateTime",
+    "occurrencePeriod",
+    "authoredOn",
+    "period",
+    "actualPeriod",
+    "issued",
+    "recordedDate",
+    "recorded",
+    "dateAsserted",
+    "date",
+)
+TIME_FIELDS_BY_TYPE: dict[str, tuple[str, ...]] = {"DocumentReference": ("date",)}
+
+_PROFILE_VERSION = re.compile(
+    r"^https?://hl7\.org/fhir/(\d+\.\d+(?:\.\d+)?|R\d+B?|DSTU\d|STU\d)/StructureDefinition/", re.IGNORECASE
+)
+
+# count names kept in record.meta (always present, so tables of records line up)
+COUNT_KEYS: tuple[str, ...] = (
+    "skipped_resources",
+    "dropped_undated",
+    "observations_without_value",
+    "unconvertible_units",
+    "uncoded_resources",
+    "url_only_attachments",
+    "non_text_attachments",
+    "undecodable_attachments",
+)
+
+
+# ---------------------------------------------------------------------- versions
+
+
+class UnsupportedFhirVersion(ValueError):
+    """A FHIR version meddx has no models for."""
+
+
+def declared_version(resource: Mapping[str, Any]) -> str | None:
+    """The FHIR version a resource declares about itself, or None.
+
+    Example:
+        >>> declared_version({"meta": {"profile": ["http://hl7.org/fhir/R5/StructureDefinition/Bundle"]}})
+        'R5'
+        >>> declared_version({"resourceType": "CapabilityStatement", "fhirVersion": "4.0.1"})
+        '4.0.1'
+    """
+    version = resource.get("fhirVersion")
+    if isinstance(version, str) and version.strip():
+        return version.strip()
+    meta = resource.get("meta")
+    profiles = meta.get("profile") if isinstance(meta, dict) else None
+    for profile in profiles if isinstance(profiles, list) else []:
+        match = _PROFILE_VERSION.match(profile) if isinstance(profile, str) else None
+        if match:
+            return match.group(1)
+    return None
+
+
+def release_of(version: str) -> str:
+    """The ``fhir.resources`` release (``"R4B"`` or ``"R5"``) that validates ``version``.
+
+    Raises:
+        UnsupportedFhirVersion: DSTU2, STU3 and any other version.
+
+    Example:
+        >>> release_of("4.0.1"), release_of("R5")
+        ('R4B', 'R5')
+    """
+    v = version.strip().upper()
+    if v in ("R4", "R4B") or v.startswith(("4.0", "4.3")):
+        return "R4B"
+    if v == "R5" or v.startswith("5.0"):
+        return "R5"
+    raise UnsupportedFhirVersion(
+        f"FHIR version {version!r} is not supported; meddx reads R4/R4B (4.0.x, 4.3.x) and R5 (5.0.x). "
+        "Convert the data (e.g. with a FHIR converter) or correct the declared version"
+    )
+
+
+@lru_cache(maxsize=None)
+def _model_class(release: str, resource_type: str) -> type:
+    # imported here: fhir.resources costs a noticeable fraction of a second at CLI start
+    if release == "R5":
+        from fhir.resources import get_fhir_model_class
+    else:
+        from fhir.resources.R4B import get_fhir_model_class
+    return get_fhir_model_class(resource_type)
+
+
+# ---------------------------------------------------------------------- parsing
+
+
+@dataclass
+class _Raw:
+    """One resource as plain JSON, with where it came from (for messages) and its release."""
+
+    data: dict[str, Any]
+    where: str
+    release: str
+
+
+@dataclass
+class _Parsed:
+    resource_type: str
+    model: Any
+    time: datetime | None
+    where: str
+
+
+class _BadResource(ValueError):
+    pass
+
+
+def _label(data: Mapping[str, Any], where: str) -> str:
+    kind = data.get("resourceType", "resource")
+    rid = data.get("id")
+    # a Patient's id is the patient's identifier: never put it in a message
+    if kind != "Patient" and isinstance(rid, str) and rid:
+        return f"{kind}/{rid} ({where})"
+    return f"{kind} ({where})"
+
+
+def _validate(raw: _Raw) -> Any:
+    """The validated ``fhir.resources`` model of one resource.
+
+    Raises:
+        _BadResource: unknown type or a validation failure (fields and reasons, never values).
+    """
+    from pydantic import ValidationError
+
+    data = dict(raw.data)
+    data.pop("fhirVersion", None)  # a version note some exporters add; not an element of these types
+    kind = data.get("resourceType")
+    try:
+        cls = _model_class(raw.release, str(kind))
+    except ValueError:
+        raise _BadResource(f"{_label(data, raw.where)}: unknown resourceType {kind!r} in FHIR {raw.release}") from None
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(resource)'}: {err['msg']}" for err in exc.errors()[:3]
+        )
+        more = f" (+{exc.error_count() - 3} more)" if exc.error_count() > 3 else ""
+        raise _BadResource(f"{_label(data, raw.where)} fails FHIR {raw.release} validation: {problems}{more}") from None
+
+
+def _as_utc(value: Any) -> datetime | None:
+    """An aware UTC datetime from a FHIR date/dateTime/instant (latest instant it can mean)."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        dt = value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+        return dt.astimezone(timezone.utc)
+    if isinstance(value, date):
+        return datetime.combine(value, time.max, tzinfo=timezone.utc)
+    if isinstance(value, str):  # partial dates: "2020" or "2020-05"
+        parts = value.split("-")
+        try:
+            year = int(parts[0])
+            if len(parts) == 1:
+                return datetime(year, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc)
+            month = int(parts[1])
+            first_of_next = date(year + (month == 12), month % 12 + 1, 1)
+            return datetime.combine(first_of_next, time.min, tzinfo=timezone.utc) - timedelta(microseconds=1)
+        except (ValueError, IndexError):
+            return None
+    return None
+
+
+def resource_time(model: Any, resource_type: str) -> datetime | None:
+    """When a validated resource happened, by the documented order of time elements."""
+    for name in TIME_FIELDS_BY_TYPE.get(resource_type, TIME_FIELDS):
+        value = getattr(model, name, None)
+        if value is None:
+            continue
+        if hasattr(value, "start") and hasattr(value, "end"):  # a Period
+            value = value.start or value.end
+        when = _as_utc(value)
+        if when is not None:
+            return when
+    return None
+
+
+def _token(concept: Any) -> str | None:
+    """``system|code`` of the first coding with both, in a CodeableConcept."""
+    for coding in getattr(concept, "coding", None) or []:
+        if coding.system and coding.code:
+            return f"{coding.system}|{coding.code}"
+    return None
+
+
+def _loinc_code(concept: Any) -> str | None:
+    for coding in getattr(concept, "coding", None) or []:
+        if coding.system == LOINC and coding.code:
+            return coding.code
+    return None
+
+
+# ---------------------------------------------------------------------- extraction
+
+
+@dataclass
+class _Demographics:
+    sex: str = "unknown"
+    age_years: int | None = None
+    deceased_at_index: bool = False
+
+
+def _quantity_event(when: datetime, loinc: str, quantity: Any, integer: Any, counts: Counter) -> Event | None:
+    if quantity is not None and quantity.value is not None:
+        value = float(quantity.value)
+        unit = quantity.code if quantity.system == UCUM and quantity.code else (quantity.unit or quantity.code)
+    elif integer is not None:
+        value, unit = float(integer), ""
+    else:
+        return None
+    canonical = to_canonical(loinc, value, unit)
+    if canonical is None:
+        counts["unconvertible_units"] += 1
+        return None
+    return Event(when, "observation", f"{LOINC}|{loinc}", value=canonical[0], unit=canonical[1])
+
+
+def _observation_events(model: Any, when: datetime, counts: Counter) -> list[Event]:
+    events = []
+    loinc = _loinc_code(model.code)
+    if loinc:
+        event = _quantity_event(when, loinc, model.valueQuantity, getattr(model, "valueInteger", None), counts)
+        if event is not None:
+            events.append(event)
+    for component in model.component or []:
+        code = _loinc_code(component.code)
+        if code:
+            event = _quantity_event(
+                when, code, component.valueQuantity, getattr(component, "valueInteger", None), counts
+            )
+            if event is not None:
+                events.append(event)
+    if not events:
+        counts["observations_without_value"] += 1
+    return events
+
+
+def _code_of(model: Any, resource_type: str) -> str | None:
+    if resource_type in ("MedicationRequest", "MedicationStatement"):
+        concept = getattr(model, "medicationCodeableConcept", None)  # R4/R4B
+        if concept is None and getattr(model, "medication", None) is not None:  # R5 CodeableReference
+            concept = model.medication.concept
+        return _token(concept)
+    if resource_type == "Encounter":
+        for concept in model.type or []:
+            token = _token(concept)
+            if token:
+                return token
+        klass = model.class_fhir  # R4B: a Coding; R5: a list of CodeableConcepts
+        if isinstance(klass, list):
+            return next((t for t in map(_token, klass) if t), None)
+        if klass is not None and klass.system and klass.code:
+            return f"{klass.system}|{klass.code}"
+        return None
+    return _token(model.code)
+
+
+def _note_events(model: Any, when: datetime, counts: Counter, where: str, warnings: list[str]) -> list[Event]:
+    code = _token(model.type) or "DocumentReference"
+    events = []
+    for content in model.content or []:
+        attachment = content.attachment
+        if attachment is None:
+            continue
+        if attachment.data is None:
+            if attachment.url:
+                counts["url_only_attachments"] += 1
+            continue
+        mime, _, params = (attachment.contentType or "text/plain").partition(";")
+        if mime.strip().lower() != "text/plain":
+            counts["non_text_attachments"] += 1
+            continue
+        charset = "utf-8"
+        for param in params.split(";"):
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "charset" and value.strip():
+                charset = value.strip().strip('"')
+        try:
+            text = bytes(attachment.data).decode(charset)
+        except (LookupError, UnicodeDecodeError):
+            counts["undecodable_attachments"] += 1
+            label = f"DocumentReference/{model.id} ({where})"
+            warnings.append(f"{label}: a text/plain attachment is not valid {charset}; skipped")
+            continue
+        events.append(Event(when, "note", code, text=text))
+    return events
+
+
+def _demographics(model: Any, index_time: datetime, warnings: list[str]) -> _Demographics:
+    sex = model.gender if model.gender in ("male", "female", "other", "unknown") else "unknown"
+    out = _Demographics(sex=sex)
+    birth = model.birthDate
+    if isinstance(birth, str):  # a partial birth date counts from its first day
+        parts = [int(p) for p in birth.split("-")]
+        birth = date(parts[0], parts[1] if len(parts) > 1 else 1, 1)
+    if isinstance(birth, date):
+        day = index_time.date()
+        age = day.year - birth.year - ((day.month, day.day) < (birth.month, birth.day))
+        if age < 0:
+            warnings.append("the index time precedes the patient's birth date; age left unknown")
+        else:
+            out.age_years = age
+    death = _as_utc(getattr(model, "deceasedDateTime", None))
+    out.deceased_at_index = death is not None and death <= index_time
+    return out
+
+
+# ---------------------------------------------------------------------- tensorizer
+
+
+def _code_key(event: Event) -> str:
+    return f"{event.kind}:{event.code}"
+
+
+class EhrTensorizer(Tensorizer):
+    """EHR events → binned lab features, recent code tokens and demographics.
+
+    Fitted on training records: the ``n_lab_features`` LOINC codes found in the most
+    records (ties: more values, then code), each with its unit (the most common one) and
+    mean/std; a vocabulary of the ``code_vocab_size`` code tokens (``kind:system|code``)
+    found in the most records; the mean/std of age.
+
+    Arrays (F = ``n_lab_features``, B = ``n_bins``, C = ``max_codes``):
+
+    * ``lab_values`` (F, B) float32: the last value in each bin, standardised; bins split
+      the ``lookback_days`` before the index time, bin B-1 the most recent.
+    * ``lab_counts`` (F, B) float32 and ``lab_mask`` (F, B) bool: values per bin, any.
+    * ``code_ids`` (C,) int64: the most recent distinct codes, newest first (0 = padding,
+      1 = not in the vocabulary, 2.. = vocabulary); all history counts, not just the
+      look-back window. ``code_age_days`` (C,) float32: days before the index time.
+      ``code_mask`` (C,) bool.
+    * ``demographics`` (4,) float32: standardised age (0 when unknown), then sex one-hot
+      as female, male, other/unknown.
+
+    Example:
+        >>> tensorizer = EhrTensorizer(IngestConfig()).fit(train_records)  # doctest: +SKIP
+        >>> tensorizer.transform(record)["lab_values"].shape  # doctest: +SKIP
+        (16, 8)
+    """
+
+    modality = Modality.EHR
+    state_version = 1
+    SEXES = ("female", "male")
+
+    @property
+    def n_code_ids(self) -> int:
+        """Rows an embedding of ``code_ids`` needs: the vocabulary plus padding and OOV."""
+        return self.config.ehr.code_vocab_size + 2
+
+    def spec(self) -> ArraySpec:
+        cfg = self.config.ehr
+        f, b, c = cfg.n_lab_features, cfg.n_bins, cfg.max_codes
+        return {
+            "lab_values": ((f, b), "float32"),
+            "lab_counts": ((f, b), "float32"),
+            "lab_mask": ((f, b), "bool"),
+            "code_ids": ((c,), "int64"),
+            "code_age_days": ((c,), "float32"),
+            "code_mask": ((c,), "bool"),
+            "demographics": ((4,), "float32"),
+        }
+
+    def fit(self, records: Iterable[ModalityRecord]) -> "EhrTensorizer":
+        records = list(records)
+        cfg = self.config.ehr
+        lab_records: Counter = Counter()
+        lab_values: Counter = Counter()
+        units: dict[str, Counter] = {}
+        code_records: Counter = Counter()
+        ages = []
+        for record in records:
+            labs, codes = set(), set()
+            for event in record.events:
+                if event.kind == "observation" and event.value is not None:
+                    labs.add(event.code)
+                    lab_values[event.code] += 1
+                    units.setdefault(event.code, Counter())[event.unit or ""] += 1
+                elif event.kind in CODE_KINDS.values():
+                    codes.add(_code_key(event))
+            lab_records.update(labs)
+            code_records.update(codes)
+            if record.meta.get("age_years") is not None:
+                ages.append(float(record.meta["age_years"]))
+        self.lab_codes_ = sorted(lab_records, key=lambda c: (-lab_records[c], -lab_values[c], c))[: cfg.n_lab_features]
+        self.lab_units_ = [min(units[c], key=lambda u: (-units[c][u], u)) for c in self.lab_codes_]
+        unit_of = dict(zip(self.lab_codes_, self.lab_units_))
+        values: dict[str, list[float]] = {c: [] for c in self.lab_codes_}
+        for record in records:
+            for event in record.events:
+                if event.code in unit_of and event.kind == "observation" and event.value is not None:
+                    value = self._in_unit(event, unit_of[event.code])
+                    if value is not None:
+                        values[event.code].append(value)
+        self.lab_mean_ = [float(np.mean(values[c])) if values[c] else 0.0 for c in self.lab_codes_]
+        self.lab_std_ = [_safe_std(values[c]) for c in self.lab_codes_]
+        self.code_vocab_ = sorted(code_records, key=lambda k: (-code_records[k], k))[: cfg.code_vocab_size]
+        self.age_mean_ = float(np.mean(ages)) if ages else 0.0
+        self.age_std_ = _safe_std(ages)
+        self._index()
+        return self
+
+    @staticmethod
+    def _in_unit(event: Event, unit: str) -> float | None:
+        value = float(event.value)  # type: ignore[arg-type]  # callers pass observations with a value
+        if (event.unit or "") == unit:
+            return value
+        return convert(value, event.unit or "", unit, loinc=event.code.rpartition("|")[2])
+
+    def _index(self) -> None:
+        self._lab_pos = {code: i for i, code in enumerate(self.lab_codes_)}
+        self._code_ids = {key: i + 2 for i, key in enumerate(self.code_vocab_)}
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "lab_codes_"):
+            raise ModelError(
+                "EhrTensorizer is not fitted: call fit(train_records) or load_state_dict(saved_state) before transform"
+            )
+
+    def transform(self, record: ModalityRecord) -> dict[str, np.ndarray]:
+        self._check_fitted()
+        cfg = self.config.ehr
+        if "index_time" not in record.meta:
+            raise ValueError(f"EHR record from {record.source} has no meta['index_time']; read it with FhirIngestor")
+        index_time = parse_time(record.meta["index_time"])
+        f, b, c = cfg.n_lab_features, cfg.n_bins, cfg.max_codes
+        values = np.zeros((f, b), np.float32)
+        counts = np.zeros((f, b), np.float32)
+        width = cfg.lookback_days / b
+        code_events = []
+        for event in sorted((e for e in record.events if e.time is not None), key=lambda e: e.time):
+            age_days = (index_time - event.time).total_seconds() / 86400.0
+            if age_days < 0:
+                continue  # never happens for records from an ingestor; guards hand-made ones
+            if event.kind in CODE_KINDS.values():
+                code_events.append((age_days, _code_key(event)))
+                continue
+            pos = self._lab_pos.get(event.code)
+            if event.kind != "observation" or pos is None or event.value is None or age_days > cfg.lookback_days:
+                continue
+            value = self._in_unit(event, self.lab_units_[pos])
+            if value is None:
+                continue
+            bin_ = b - 1 - min(int(age_days // width), b - 1)
+            values[pos, bin_] = (value - self.lab_mean_[pos]) / self.lab_std_[pos]  # later events overwrite
+            counts[pos, bin_] += 1
+        code_ids = np.zeros(c, np.int64)
+        code_age = np.zeros(c, np.float32)
+        seen: set[str] = set()
+        n = 0
+        for age_days, key in sorted(code_events):  # newest first
+            if n == c:
+                break
+            if key in seen:
+                continue
+            seen.add(key)
+            code_ids[n] = self._code_ids.get(key, 1)
+            code_age[n] = age_days
+            n += 1
+        demographics = np.zeros(4, np.float32)
+        age = record.meta.get("age_years")
+        if age is not None:
+            demographics[0] = (float(age) - self.age_mean_) / self.age_std_
+        sex = record.meta.get("sex")
+        demographics[1 + (self.SEXES.index(sex) if sex in self.SEXES else 2)] = 1.0
+        return {
+            "lab_values": values,
+            "lab_counts": counts,
+            "lab_mask": counts > 0,
+            "code_ids": code_ids,
+            "code_age_days": code_age,
+            "code_mask": code_ids > 0,
+            "demographics": demographics,
+        }
+
+    def _shape_state(self) -> dict[str, Any]:
+        cfg = self.config.ehr
+        return {
+            "lookback_days": cfg.lookback_days,
+            "n_bins": cfg.n_bins,
+            "n_lab_features": cfg.n_lab_features,
+            "max_codes": cfg.max_codes,
+            "code_vocab_size": cfg.code_vocab_size,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        if not hasattr(self, "lab_codes_"):
+            return {}
+        return {
+            "version": self.state_version,
+            "config": self._shape_state(),
+            "lab_codes_": list(self.lab_codes_),
+            "lab_units_": list(self.lab_units_),
+            "lab_mean_": list(self.lab_mean_),
+            "lab_std_": list(self.lab_std_),
+            "code_vocab_": list(self.code_vocab_),
+            "age_mean_": self.age_mean_,
+            "age_std_": self.age_std_,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> "EhrTensorizer":
+        if not state:
+            return self  # an unfitted tensorizer was saved
+        if state.get("version") != self.state_version:
+            raise ModelError(f"EHR tensorizer state version {state.get('version')!r} is not {self.state_version}")
+        saved = state.get("config", {})
+        if saved != self._shape_state():
+            raise ConfigError(
+                f"EHR tensorizer state was fitted with {saved}, but the config says {self._shape_state()}; "
+                "use the config the model was trained with"
+            )
+        for name in ("lab_codes_", "lab_units_", "lab_mean_", "lab_std_", "code_vocab_", "age_mean_", "age_std_"):
+            setattr(self, name, state[name])
+        self._index()
+        return self
+
+
+def _safe_std(values: list[float]) -> float:
+    std = float(np.std(values)) if len(values) > 1 else 1.0
+    return std if np.isfinite(std) and std > 1e-6 else 1.0
+
+
+# ---------------------------------------------------------------------- the ingestor
+
+
+@register_ingestor
+class FhirIngestor(Ingestor):
+    """Reads a patient's FHIR resources (Bundle or Bulk export) available at the index time.
+
+    The record's events are observations (canonical units), code tokens and notes, in
+    time order; ``meta`` holds ``sex``, ``age_years``, ``index_time``, the kept resources
+    per type and the counts of what was dropped or skipped.
+
+    Example:
+        >>> reader = FhirIngestor()
+        >>> request = IngestRequest("129c6ac7-...", parse_time("2020-01-01T00:00:00Z"),
+        ...                         {Modality.EHR: Path("synthea-bulk-10")})  # doctest: +SKIP
+        >>> record = reader.read(request)  # doctest: +SKIP
+        >>> record.meta["resources"]["Condition"]  # doctest: +SKIP
+        49
+    """
+
+    modality = Modality.EHR
+    tensorizer_class = EhrTensorizer
+    max_indexes = 4  # Bulk folders whose index is kept per instance
+
+    def __init__(self, config: IngestConfig | None = None):
+        super().__init__(config)
+        self._indexes: OrderedDict[str, BulkIndex] = OrderedDict()
+
+    def read(self, request: IngestRequest) -> ModalityRecord | None:
+        return self.read_patient(request.paths[Modality.EHR], request.patient_id, request.index_time)
+
+    def read_patient(
+        self,
+        path: str | Path,
+        patient_id: str,
+        index_time: datetime,
+        *,
+        resource_types: Iterable[str] | None = None,
+        modality: Modality = Modality.EHR,
+    ) -> ModalityRecord:
+        """Read one patient's resources from a Bundle or Bulk export.
+
+        Args:
+            path: a Bundle JSON file, a Bulk export folder, or one ``.ndjson`` file.
+            patient_id: the FHIR Patient id.
+            index_time: nothing dated after it is kept.
+            resource_types: read only these types (Patient is always read); default all used.
+            modality: the modality named in errors (the notes ingestor reads through this one).
+
+        Raises:
+            IngestError: unreadable or invalid file, another patient's Bundle, unsupported version.
+        """
+        path = Path(path)
+        types = set(USED_TYPES if resource_types is None else resource_types) | {"Patient"}
+        if not path.exists():
+            raise IngestError(
+                path, str(modality), "does not exist; give a FHIR Bundle JSON file or a Bulk export folder"
+            )
+        warnings: list[str] = []
+        counts: Counter = Counter({key: 0 for key in COUNT_KEYS})
+        if path.is_dir() or path.suffix == ".ndjson":
+            source_kind = "bulk"
+            raws = self._bulk_raws(path, patient_id, types, modality, counts, warnings)
+        else:
+            source_kind = "bundle"
+            raws = _bundle_raws(path, patient_id, types, modality)
+        parsed: list[_Parsed] = []
+        for raw in raws:
+            try:
+                model = _validate(raw)
+            except _BadResource as bad:
+                if source_kind == "bundle":
+                    raise IngestError(path, str(modality), str(bad)) from None
+                counts["skipped_resources"] += 1
+                warnings.append(f"skipped {bad}")
+                continue
+            kind = raw.data["resourceType"]
+            parsed.append(_Parsed(kind, model, resource_time(model, kind), raw.where))
+        return _build_record(path, modality, patient_id, index_time, parsed, counts, warnings, source_kind)
+
+    # ------------------------------------------------------------------ Bulk
+
+    def bulk_index(self, root: Path, resource_types: Iterable[str] = USED_TYPES) -> BulkIndex:
+        """The line index of a Bulk export, built once and rebuilt when its files change.
+
+        Only files of ``resource_types`` are scanned (the notes ingestor asks for
+        DocumentReference and Patient alone).
+        """
+        types = frozenset(resource_types) | {"Patient"}
+        name = f"{root.resolve()}|{','.join(sorted(types))}"
+        key = BulkIndex.key_of(root)
+        index = self._indexes.get(name)
+        if index is None or index.key != key:
+            index = BulkIndex.build(root, set(types))
+            self._indexes[name] = index
+            while len(self._indexes) > self.max_indexes:
+                self._indexes.popitem(last=False)
+        self._indexes.move_to_end(name)
+        return index
+
+    def _bulk_raws(
+        self, root: Path, patient_id: str, types: set[str], modality: Modality, counts: Counter, warnings: list[str]
+    ) -> list[_Raw]:
+        try:
+            index = self.bulk_index(root, types)
+        except OSError as exc:
+            raise IngestError(root, str(modality), f"cannot read the export: {exc.strerror or exc}") from None
+        if not index.files:
+            raise IngestError(
+                root, str(modality), "holds no NDJSON resource files meddx uses (Patient, Observation, Condition, ...)"
+            )
+        folder_version = index.declared_version
+        if folder_version is not None:
+            try:
+                release_of(folder_version)
+            except UnsupportedFhirVersion as exc:
+                raise IngestError(root, str(modality), str(exc)) from None
+        raws: list[_Raw] = []
+        try:
+            for line in index.lines(patient_id, types):
+                where = f"{line.file.name} line {line.number}"
+                if line.resource_type is None:
+                    counts["skipped_resources"] += 1
+                    warnings.append(f"skipped {where}: not valid JSON")
+                    continue
+                data = json.loads(line.raw)
+                try:
+                    release = release_of(declared_version(data) or folder_version or DEFAULT_VERSION)
+                except UnsupportedFhirVersion as exc:
+                    counts["skipped_resources"] += 1
+                    warnings.append(f"skipped {_label(data, where)}: {exc}")
+                    continue
+                raws.append(_Raw(data, where, release))
+        except (OSError, ValueError) as exc:  # the files changed under us
+            raise IngestError(root, str(modality), f"the export changed while it was read ({exc}); run again") from None
+        if not raws and not counts["skipped_resources"] and not index.has_patient(patient_id):
+            raise IngestError(
+                root,
+                str(modality),
+                "holds no resources of the row's patient_id (no Patient with that id and no subject/patient "
+                "reference to it); check the manifest's patient_id",
+            )
+        return raws
+
+
+def _bundle_raws(path: Path, patient_id: str, types: set[str], modality: Modality) -> list[_Raw]:
+    mod = str(modality)
+    try:
+        data = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise IngestError(path, mod, f"cannot read it: {exc.strerror or exc}") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise IngestError(path, mod, f"not valid JSON ({exc}); a FHIR Bundle is one JSON object") from None
+    kind = data.get("resourceType") if isinstance(data, dict) else None
+    if kind != "Bundle":
+        raise IngestError(
+            path,
+            mod,
+            f"holds {kind or 'no FHIR resource'}, not a Bundle; give a Bundle JSON file or a Bulk export folder",
+        )
+    entries = data.get("entry") or []
+    if not isinstance(entries, list):
+        raise IngestError(path, mod, "Bundle.entry is not a list")
+    resources = []
+    for number, entry in enumerate(entries):
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if isinstance(resource, dict):
+            resources.append((number, entry.get("fullUrl"), resource))
+    container_version = declared_version(data) or next(
+        (r.get("fhirVersion") for _, _, r in resources if r.get("resourceType") == "CapabilityStatement"), None
+    )
+    try:
+        release_of(container_version or DEFAULT_VERSION)  # refuse an unsupported Bundle before anything else
+    except UnsupportedFhirVersion as exc:
+        raise IngestError(path, mod, str(exc)) from None
+
+    patients = [(url, r) for _, url, r in resources if r.get("resourceType") == "Patient"]
+    mine = [(url, r) for url, r in patients if r.get("id") == patient_id]
+    if patients and not mine:
+        raise IngestError(
+            path,
+            mod,
+            "this Bundle belongs to another patient: its Patient.id is not the row's patient_id; "
+            "check the manifest row's ehr path",
+        )
+    aliases = {url for url, _ in mine if isinstance(url, str)}
+    raws = []
+    found = False
+    for number, _, resource in resources:
+        kind = resource.get("resourceType")
+        if kind == "Patient":
+            if resource.get("id") != patient_id:
+                continue
+        elif not _refers_to(resource, patient_id, aliases):
+            continue
+        found = True
+        if kind not in types:
+            continue
+        try:
+            release = release_of(declared_version(resource) or container_version or DEFAULT_VERSION)
+        except UnsupportedFhirVersion as exc:
+            raise IngestError(path, mod, f"{_label(resource, f'entry {number}')}: {exc}") from None
+        raws.append(_Raw(resource, f"entry {number}", release))
+    if not found:
+        raise IngestError(
+            path,
+            mod,
+            "holds no resources of the row's patient_id (no Patient with that id and no subject/patient "
+            "reference to it); check the manifest row",
+        )
+    return raws
+
+
+def _refers_to(resource: Mapping[str, Any], patient_id: str, aliases: set[str]) -> bool:
+    """Whether a resource's subject/patient reference points at the patient (by id or fullUrl)."""
+    for key in ("subject", "patient"):
+        ref = resource.get(key)
+        if isinstance(ref, dict) and isinstance(ref.get("reference"), str):
+            return ref["reference"] in aliases or patient_reference_id(ref["reference"]) == patient_id
+    return False
+
+
+def _build_record(
+    path: Path,
+    modality: Modality,
+    patient_id: str,
+    index_time: datetime,
+    parsed: list[_Parsed],
+    counts: Counter,
+    warnings: list[str],
+    source_kind: str,
+) -> ModalityRecord:
+    demographics = _Demographics()
+    patient = next((p for p in parsed if p.resource_type == "Patient" and p.model.id == patient_id), None)
+    if patient is not None:
+        demographics = _demographics(patient.model, index_time, warnings)
+    else:
+        warnings.append("no Patient resource for this patient: sex and age unknown")
+    clinical = [p for p in parsed if p.resource_type != "Patient"]
+    dated = [p for p in clinical if p.time is not None]
+    counts["dropped_undated"] += len(clinical) - len(dated)
+    kept, _ = keep_available(dated, index_time, time_of=lambda p: p.time)
+    kept_ids = {id(p) for p in kept}
+    dropped_by_type = Counter(p.resource_type for p in dated if id(p) not in kept_ids)
+
+    events: list[Event] = []
+    for item in kept:
+        when: datetime = item.time  # type: ignore[assignment]  # undated ones were dropped above
+        if item.resource_type == "Observation":
+            events += _observation_events(item.model, when, counts)
+        elif item.resource_type == "DocumentReference":
+            events += _note_events(item.model, when, counts, item.where, warnings)
+        else:
+            code = _code_of(item.model, item.resource_type)
+            if code is None:
+                counts["uncoded_resources"] += 1
+            else:
+                events.append(Event(when, CODE_KINDS[item.resource_type], code))
+    events.sort(key=lambda e: e.time)  # every event here is dated
+    resources = Counter(p.resource_type for p in kept)
+    if patient is not None:
+        resources["Patient"] += 1
+    meta: dict[str, Any] = {
+        "source_kind": source_kind,
+        "index_time": index_time.isoformat(),
+        "sex": demographics.sex,
+        "age_years": demographics.age_years,
+        "deceased_at_index": demographics.deceased_at_index,
+        "resources": dict(sorted(resources.items())),
+        "dropped_after_index": sum(dropped_by_type.values()),
+        "dropped_after_index_by_type": dict(sorted(dropped_by_type.items())),
+        **{key: int(counts[key]) for key in COUNT_KEYS},
+        "n_events": len(events),
+    }
+    if counts["skipped_resources"]:
+        logger.warning("%s: %d resource(s) skipped (see the record's warnings)", path, counts["skipped_resources"])
+    return ModalityRecord(
+        modality=modality,
+        source=str(path),
+        events=events,
+        time=events[-1].time if events else None,
+        meta=meta,
+        warnings=warnings,
+    )
