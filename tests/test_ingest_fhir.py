@@ -455,3 +455,21 @@ def test_url_only_and_undated_resources_are_counted(tmp_path: Path) -> None:
     record = _read(path, "P1")
     assert record.meta["url_only_attachments"] == 1
     assert record.meta["dropped_undated"] == 1
+
+
+def test_a_result_issued_after_the_index_time_is_not_known_at_it(tmp_path: Path) -> None:
+    """Drawn before the index time, resulted after it: the result must not leak."""
+    path = _bundle(tmp_path, "P1", seed=5)
+    bundle = json.loads(path.read_text())
+    observations = [
+        e["resource"] for e in bundle["entry"]
+        if e["resource"]["resourceType"] == "Observation" and "post-index" not in json.dumps(e["resource"].get("meta", {}))
+    ]
+    late = observations[0]
+    late["effectiveDateTime"] = (GEN_INDEX - timedelta(hours=2)).isoformat()
+    late["issued"] = (GEN_INDEX + timedelta(hours=3)).isoformat()
+    path.write_text(json.dumps(bundle))
+    record = _read(path, "P1")
+    before = _read(_bundle(tmp_path / "orig", "P1", seed=5), "P1")
+    assert record.meta["dropped_after_index"] == before.meta["dropped_after_index"] + 1
+    assert all(e.time <= GEN_INDEX for e in record.events)

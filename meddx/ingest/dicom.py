@@ -101,8 +101,8 @@ import numpy as np
 import pydicom
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from meddx.config import ImagingConfig, IngestConfig
@@ -368,8 +368,6 @@ def quiet_pydicom() -> Iterator[None]:
                 pydicom_logger.removeFilter(_DROP_ALL)
 
 
-
-
 def _n_frames(ds: Dataset) -> int:
     try:
         return max(1, int(ds.get("NumberOfFrames") or 1))
@@ -553,7 +551,7 @@ class DicomSeries:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        """Native ``(slices, rows, columns)``."""
+        """Native ``(slices, rows, columns)`` (of the first file, for projection views of differing sizes)."""
         return (len(self.frames), self.files[0].rows, self.files[0].columns)
 
     @property
@@ -575,17 +573,23 @@ class DicomSeries:
             >>> hu = series.values()  # doctest: +SKIP
         """
         n, rows, columns = self.shape
-        size = in_plane or (rows, columns)
-        # Shrinking happens slice by slice as files are decoded, so the full-resolution
-        # float volume never exists; growing (small images) resizes the stack afterwards.
-        shrink = _shrinks((rows, columns), size)
-        out = np.empty((n, *(size if shrink else (rows, columns))), dtype=np.float32)
+        size = tuple(in_plane or (rows, columns))
+        uniform = len({(f.rows, f.columns) for f in self.files}) == 1
+        # Shrinking happens slice by slice as files are decoded, so the full-resolution float
+        # volume never exists; growing (small images) resizes the whole stack afterwards.
+        stack_later = uniform and not _shrinks((rows, columns), size)
+        out = np.empty((n, *((rows, columns) if stack_later else size)), dtype=np.float32)
         decoded: dict[int, np.ndarray] = {}
         left = Counter(f.file for f in self.frames)
         for i, frame in enumerate(self.frames):
             pixels = self._pixels(frame, decoded, left)
-            out[i] = _area_resize(pixels, size) if shrink else pixels
-        if not shrink:
+            if stack_later or pixels.shape == size:
+                out[i] = pixels
+            elif _shrinks(pixels.shape, size):
+                out[i] = _area_resize(pixels, size)
+            else:  # projection views of differing sizes
+                out[i] = resize_in_plane(np.asarray(pixels, dtype=np.float32)[None], size)[0]
+        if stack_later:
             out = resize_in_plane(out, size)
         slope = np.array([f.slope for f in self.frames], dtype=np.float32)
         intercept = np.array([f.intercept for f in self.frames], dtype=np.float32)
@@ -810,14 +814,14 @@ def _load_series(path: Path, index_time: datetime | None, series_rule: str) -> D
     for f in frames:
         f.file = remap[f.file]
 
-    _check_consistent(files, frames, path)
     first = files[0].ds
     modality = (_first(first, "Modality") or "OT").upper()
     if len(frames) == 1 or modality in _PROJECTION_MODALITIES:
-        # Projection images are separate views, not slices of one volume: no geometry to check.
+        # Projection images are separate views (of any size), not slices of one volume.
         frames = sorted(frames, key=lambda f: _stored_order(f, files))
         geometry_warnings, z_spacing = [], _fallback_spacing(first)
     else:
+        _check_consistent(files, frames, path)
         frames, geometry_warnings, z_spacing = _sort_frames(frames, files, first)
     is_2d = len(frames) == 1 or modality in _PROJECTION_MODALITIES
     pixel_spacing = next((f.pixel_spacing for f in frames if f.pixel_spacing is not None), None)

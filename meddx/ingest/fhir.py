@@ -20,7 +20,9 @@ is refused with an :class:`~meddx.errors.IngestError`.
 **When a resource happened.** The first of these that is set places it in time:
 ``effective[x]``, ``onset[x]``, ``performed[x]`` / ``occurrence[x]``, ``authoredOn``,
 ``period`` / ``actualPeriod`` (start), ``issued``, ``recordedDate`` / ``recorded``,
-``dateAsserted``, ``date``; a DocumentReference is placed by its ``date`` only. Periods
+``dateAsserted``, ``date``; but never before it was recorded (``issued``, ``recordedDate``:
+a lab resulted after the index time was not known at it). A DocumentReference is placed
+by its ``date`` only. Periods
 count from their start. A date without a time counts as the end of that day (UTC), a
 partial date (``2020``, ``2020-05``) as the end of that year or month, so an item is
 never placed earlier than it could have happened. Resources dated after the index time
@@ -92,6 +94,8 @@ TIME_FIELDS: tuple[str, ...] = (
     "date",
 )
 TIME_FIELDS_BY_TYPE: dict[str, tuple[str, ...]] = {"DocumentReference": ("date",)}
+# when a result or diagnosis was recorded; a resource is known no earlier than this
+RECORDED_FIELDS: tuple[str, ...] = ("issued", "recordedDate", "recorded")
 
 _PROFILE_VERSION = re.compile(
     r"^https?://hl7\.org/fhir/(\d+\.\d+(?:\.\d+)?|R\d+B?|DSTU\d|STU\d)/StructureDefinition/", re.IGNORECASE
@@ -250,9 +254,8 @@ def _as_utc(value: Any) -> datetime | None:
     return None
 
 
-def resource_time(model: Any, resource_type: str) -> datetime | None:
-    """When a validated resource happened, by the documented order of time elements."""
-    for name in TIME_FIELDS_BY_TYPE.get(resource_type, TIME_FIELDS):
+def _first_time(model: Any, names: tuple[str, ...]) -> datetime | None:
+    for name in names:
         value = getattr(model, name, None)
         if value is None:
             continue
@@ -262,6 +265,20 @@ def resource_time(model: Any, resource_type: str) -> datetime | None:
         if when is not None:
             return when
     return None
+
+
+def resource_time(model: Any, resource_type: str) -> datetime | None:
+    """When a validated resource became known, by the documented order of time elements.
+
+    A lab drawn before the index time but resulted after it, or a condition with an
+    onset before the index time but recorded after it, was not known at the index
+    time: the later of "happened" and "recorded" (``issued``, ``recordedDate``) counts.
+    """
+    happened = _first_time(model, TIME_FIELDS_BY_TYPE.get(resource_type, TIME_FIELDS))
+    if happened is None or resource_type in TIME_FIELDS_BY_TYPE:
+        return happened
+    recorded = _first_time(model, RECORDED_FIELDS)
+    return max(happened, recorded) if recorded is not None else happened
 
 
 def _token(concept: Any) -> str | None:
