@@ -61,8 +61,13 @@ def report(label: str, plain: Timing, ingest: Timing, baseline: str, target: flo
 def bench_imaging(root: Path) -> tuple[Timing, Timing]:
     folder = root / "ct"
     files = write_ct_series(
-        folder, severity=1.0, rng=np.random.default_rng(0), acquisition_time=datetime(2024, 3, 5, 9, tzinfo=timezone.utc),
-        patient_id="BENCH", n_slices=64, size=512,
+        folder,
+        severity=1.0,
+        rng=np.random.default_rng(0),
+        acquisition_time=datetime(2024, 3, 5, 9, tzinfo=timezone.utc),
+        patient_id="BENCH",
+        n_slices=64,
+        size=512,
     )
     reader = ImagingIngestor(IngestConfig())
     request = IngestRequest("BENCH", INDEX, {Modality.IMAGING: folder})

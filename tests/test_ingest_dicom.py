@@ -118,11 +118,88 @@ def test_a_single_image_takes_the_2d_path() -> None:
     assert record.meta["window"] == [-1000.0, 1000.0]  # the CT preset, not a percentile window
 
 
+def test_radiograph_views_of_different_sizes_are_separate_slices(tmp_path: Path) -> None:
+    source = pydicom.dcmread(TEST_FILES / "MR_small.dcm")
+    folder = tmp_path / "dx"
+    folder.mkdir()
+    for instance, (rows, columns) in ((2, (64, 64)), (1, (40, 48))):  # the lateral view written first
+        ds = source.copy()
+        ds.Modality = "DX"
+        ds.InstanceNumber = instance
+        ds.Rows, ds.Columns = rows, columns
+        ramp = np.arange(rows * columns, dtype=np.int16).reshape(rows, columns)
+        ds.PixelData = (ramp if instance == 1 else ramp[::-1, ::-1].copy()).tobytes()  # rising vs falling
+        ds.save_as(folder / f"view{instance}.dcm")
+    record = read(folder)
+    assert record.meta["kind"] == "2d" and record.arrays["slice_mask"].tolist() == [True, True] + [False] * 30
+    volume = record.arrays["volume"]
+    # InstanceNumber 1 (the rising 40x48 ramp) comes first; both views fill the (H, W) plane.
+    assert volume[0, 0, 0] < volume[0, -1, -1] and volume[1, 0, 0] > volume[1, -1, -1]
+    assert volume[2:].max() == 0.0
+
+
+def test_area_shrink_matches_monai_for_integer_factors() -> None:
+    import torch
+    from monai.transforms import Resize
+
+    from meddx.ingest.dicom import resize_in_plane
+
+    slices = np.random.default_rng(0).normal(size=(3, 48, 60)).astype(np.float32)
+    expected = Resize((16, 20), mode="area")(torch.from_numpy(slices)).numpy()
+    np.testing.assert_allclose(resize_in_plane(slices, (16, 20)), expected, atol=1e-5)
+
+
 def test_multiframe_rt_dose_becomes_a_volume_ordered_by_grid_offsets() -> None:
     series = load_series(TEST_FILES / "rtdose.dcm")
     assert series.shape == (15, 10, 10) and not series.is_2d
     record = read(TEST_FILES / "rtdose.dcm")
     assert record.meta["kind"] == "3d" and record.arrays["slice_mask"].all()
+
+
+def write_enhanced_ct(path: Path, z_positions: list[float], intercepts: list[float], stored: np.ndarray) -> None:
+    """A multi-frame (enhanced-style) CT whose geometry and rescale live in per-frame functional groups."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT Image Storage
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = "CT", generate_uid(), generate_uid()
+    ds.NumberOfFrames = len(z_positions)
+    ds.Rows, ds.Columns = stored.shape[1:]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    shared = Dataset()
+    orientation, measures = Dataset(), Dataset()
+    orientation.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    measures.PixelSpacing, measures.SliceThickness = [0.5, 0.5], 2.0
+    shared.PlaneOrientationSequence, shared.PixelMeasuresSequence = Sequence([orientation]), Sequence([measures])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    per_frame = []
+    for z, intercept in zip(z_positions, intercepts):
+        item, position, transform = Dataset(), Dataset(), Dataset()
+        position.ImagePositionPatient = [0.0, 0.0, z]
+        transform.RescaleSlope, transform.RescaleIntercept = 1, intercept
+        item.PlanePositionSequence, item.PixelValueTransformationSequence = Sequence([position]), Sequence([transform])
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+    ds.PixelData = stored.astype(np.int16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_enhanced_multiframe_uses_per_frame_positions_and_rescale(tmp_path: Path) -> None:
+    stored = np.stack([np.full((8, 8), value, dtype=np.int16) for value in (10, 20, 30, 40)])
+    path = tmp_path / "enhanced.dcm"
+    write_enhanced_ct(path, z_positions=[6.0, 0.0, 4.0, 2.0], intercepts=[-1000, -1024, -1000, -1024], stored=stored)
+    series = load_series(path)
+    assert [float(f.position[2]) for f in series.frames] == [0.0, 2.0, 4.0, 6.0]
+    assert series.spacing == (2.0, 0.5, 0.5)
+    # Frame i holds stored[i] + intercept[i]; sorted by z: frames 1, 3, 2, 0.
+    np.testing.assert_array_equal(series.values()[:, 0, 0], [20 - 1024, 40 - 1024, 30 - 1000, 10 - 1000])
 
 
 def test_folder_with_several_series_keeps_one_by_the_rule() -> None:
@@ -301,7 +378,7 @@ def test_undecodable_transfer_syntax_names_syntax_and_plugins(tmp_path: Path) ->
     ds.save_as(video)
     with pytest.raises(IngestError, match="MPEG-4") as caught:
         decode_frames(read_dicom(video), video)
-    assert "video" in caught.value.reason
+    assert "MP4" in caught.value.reason and "video stream" in caught.value.reason
 
 
 def test_phi_never_reaches_meta_warnings_or_logs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -24,7 +24,7 @@ with a warning). Multi-frame files contribute one slice per frame (positions fro
 per-frame functional groups of enhanced images, or ``GridFrameOffsetVector``). Duplicate
 positions (the later ones are dropped), missing slices (a gap of 1.5x the median spacing
 or more) and uneven spacing are reported in ``record.warnings`` and ``meta["geometry_warnings"]``.
-Slices of differing Rows/Columns or orientation in one series make an :class:`IngestError`.
+Slices of differing Rows/Columns or orientation in one 3D series make an :class:`IngestError`.
 
 **Intensities.** Rescale slope/intercept (or the Modality LUT; ``DoseGridScaling`` for RT
 dose) give modality values (HU for CT). A window per DICOM Modality from
@@ -44,7 +44,10 @@ series is resampled to that voxel size (MONAI ``Resize`` to the shape the spacin
 the same grid as ``monai.transforms.Spacing`` up to half a voxel at the edges, but
 anti-aliased) and then centre-padded or cropped to ``spatial_size``
 (``ResizeWithPadOrCrop``); padded slices have ``slice_mask`` False. Shrinking uses area
-averaging, growing uses (tri)linear interpolation.
+averaging, growing uses (tri)linear interpolation. In-plane shrinking happens slice by
+slice while the files are decoded (OpenCV ``INTER_AREA``, equal to MONAI's ``area`` mode
+for integer factors and faster), so a 512x512 series never exists as a float volume;
+the slice axis, growing and padding use MONAI transforms.
 
 **The 2D path.** A single 2D frame (of any modality), and every image of a projection
 radiography series (CR, DX, MG, IO, PX), is resized to fill ``(H, W)`` (``spacing_mm`` is not
@@ -131,7 +134,8 @@ _DECODER_HINTS: dict[str, str] = {
     "jpeg2000": "pylibjpeg with pylibjpeg-openjpeg, Pillow, or python-gdcm",
     "htj2k": "pylibjpeg with pylibjpeg-openjpeg",
     "rle": "pydicom's own RLE decoder or pylibjpeg with pylibjpeg-rle",
-    "video": "no pydicom plugin (MPEG/H.264/H.265 pixel data is a video stream; read it as the `video` modality)",
+    "video": "no pydicom plugin: MPEG-2/H.264/H.265 pixel data is an encapsulated video stream, which meddx "
+    "does not extract; export the clip as MP4 and name it in the `video` column",
 }
 
 
@@ -392,6 +396,7 @@ _DA = re.compile(r"^(\d{4})\.?(\d{2})\.?(\d{2})$")
 _TM = re.compile(r"^(\d{2})(?::?(\d{2})(?::?(\d{2})(?:\.(\d{1,6}))?)?)?$")
 _DT = re.compile(r"^(\d{4})(\d{2})(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:\.(\d{1,6}))?)?)?)?([+-]\d{4})?$")
 _END_OF_DAY = time(23, 59, 59, 999999)
+_DATE_TIME_PAIRS = (("AcquisitionDate", "AcquisitionTime"), ("SeriesDate", "SeriesTime"), ("StudyDate", "StudyTime"))
 
 
 def _text(value: Any) -> str:
@@ -484,7 +489,7 @@ def dicom_time(ds: Dataset, frame_item: Dataset | None = None) -> datetime | Non
     found = _parse_dt(_first(ds, "AcquisitionDateTime"), zone)
     if found is not None:
         return found
-    for date_kw, time_kw in (("AcquisitionDate", "AcquisitionTime"), ("SeriesDate", "SeriesTime"), ("StudyDate", "StudyTime")):
+    for date_kw, time_kw in _DATE_TIME_PAIRS:
         day = _first(ds, date_kw)
         found = _parse_da_tm(day, _first(ds, time_kw), zone) if day else None
         if found is not None:
@@ -604,7 +609,9 @@ class DicomSeries:
             array = decode_frames(source.ds, source.path)
             if array.shape[0] != frame.n_frames:
                 raise IngestError(
-                    source.path, _IMAGING, f"NumberOfFrames says {frame.n_frames} but the pixel data holds {array.shape[0]}"
+                    source.path,
+                    _IMAGING,
+                    f"NumberOfFrames says {frame.n_frames} but the pixel data holds {array.shape[0]}",
                 )
             decoded[frame.file] = array
         pixels = decoded[frame.file][frame.frame]
@@ -700,7 +707,9 @@ def _frames_of(ds: Dataset, file_index: int) -> list[_Frame]:
                 position=position,
                 orientation=orientation,
                 pixel_spacing=(
-                    (float(frame_spacing[0]), float(frame_spacing[1])) if frame_spacing is not None else base.pixel_spacing
+                    (float(frame_spacing[0]), float(frame_spacing[1]))
+                    if frame_spacing is not None
+                    else base.pixel_spacing
                 ),
                 slope=float(frame_slope[0]) if frame_slope is not None else base.slope,
                 intercept=float(frame_intercept[0]) if frame_intercept is not None else base.intercept,
@@ -1080,7 +1089,9 @@ class _Fitted:
     voxel_spacing: tuple[float, float, float]
 
 
-def _in_plane_target(native: tuple[int, int, int], spacing: tuple[float, float, float], config: ImagingConfig, is_2d: bool) -> tuple[int, int]:
+def _in_plane_target(
+    native: tuple[int, int, int], spacing: tuple[float, float, float], config: ImagingConfig, is_2d: bool
+) -> tuple[int, int]:
     _, height, width = config.spatial_size
     if is_2d or config.spacing_mm is None:
         return height, width
@@ -1091,7 +1102,13 @@ def _in_plane_target(native: tuple[int, int, int], spacing: tuple[float, float, 
     )
 
 
-def _fit_volume(windowed: np.ndarray, spacing: tuple[float, float, float], native: tuple[int, int, int], config: ImagingConfig, is_2d: bool) -> tuple[_Fitted, list[str]]:
+def _fit_volume(
+    windowed: np.ndarray,
+    spacing: tuple[float, float, float],
+    native: tuple[int, int, int],
+    config: ImagingConfig,
+    is_2d: bool,
+) -> tuple[_Fitted, list[str]]:
     """Place windowed ``(N, h, w)`` slices (already at their in-plane target) into ``spatial_size``."""
     depth, height, width = config.spatial_size
     n, rows, columns = native
@@ -1124,7 +1141,11 @@ def _fit_volume(windowed: np.ndarray, spacing: tuple[float, float, float], nativ
             f"resampled volume {d}x{resampled.shape[1]}x{resampled.shape[2]} at {tuple(config.spacing_mm)} mm "
             f"was centre-cropped to {depth}x{height}x{width}"
         )
-    out_spacing = (n * spacing[0] / d, rows * spacing[1] / resampled.shape[1], columns * spacing[2] / resampled.shape[2])
+    out_spacing = (
+        n * spacing[0] / d,
+        rows * spacing[1] / resampled.shape[1],
+        columns * spacing[2] / resampled.shape[2],
+    )
     return _Fitted(volume.astype(np.float32, copy=False), real, out_spacing), notes
 
 

@@ -7,8 +7,9 @@ What the ``video`` column may name:
   container's frame count (``CAP_PROP_FRAME_COUNT``) is 0 or missing, every frame is
   decoded (kept small) and sampled afterwards; when the stream ends before the count it
   announced (a truncated or damaged file), the clip is read again over the frames that
-  do decode, and a warning says how many did. Video files are undated (``record.time`` is
-  None, so they are available at the index time);
+  do decode, and a warning says how many did (a count lower than the truth cannot be
+  noticed without decoding the rest: frames past it are then not sampled). Video files
+  are undated (``record.time`` is None, so they are available at the index time);
 * a multi-frame DICOM (cine ultrasound, XA...): a ``.dcm``/``.dicom`` suffix or the
   ``DICM`` magic chooses this path. Frames are decoded with the imaging ingestor's
   decoder (:func:`meddx.ingest.dicom.decode_frames`, only the sampled frames of
@@ -189,12 +190,12 @@ class VideoIngestor(Ingestor):
                 return None
             try:
                 n_total = max(1, int(ds.get("NumberOfFrames") or 1))
+                bits = int(ds.get("BitsStored") or 8)
             except (TypeError, ValueError):
-                n_total = 1
+                raise IngestError(path, _VIDEO, "invalid NumberOfFrames or BitsStored") from None
             wanted = sample_indices(n_total, config.n_frames)
             raw = decode_frames(ds, path, _VIDEO, frames=wanted.tolist())
             photometric = str(ds.get("PhotometricInterpretation", "")).upper()
-            bits = int(ds.get("BitsStored") or 8)
             syntax = transfer_syntax(ds)
             meta: dict[str, Any] = {
                 "source_format": "dicom",
@@ -213,7 +214,8 @@ class VideoIngestor(Ingestor):
                 np.subtract(1.0, values, out=values)
         else:
             gray = to_gray(values) if values.ndim == 4 else values
-            lower, upper, how = window_bounds(gray, None, ImagingConfig(percentiles=config.percentiles))
+            robust = ImagingConfig(windows={}, percentiles=config.percentiles)  # no presets: percentiles
+            lower, upper, how = window_bounds(gray, None, robust)
             values = apply_window(values, lower, upper, invert=photometric == "MONOCHROME1")
             meta["window"], meta["window_rule"] = [lower, upper], how
         notes: list[str] = []
@@ -223,7 +225,9 @@ class VideoIngestor(Ingestor):
         frames = [shaper.from_float(frame) for frame in values]
         return self._record(path, frames, acquired, meta, notes)
 
-    def _record(self, path: Path, frames: list[np.ndarray], when: Any, meta: dict[str, Any], notes: list[str]) -> ModalityRecord:
+    def _record(
+        self, path: Path, frames: list[np.ndarray], when: Any, meta: dict[str, Any], notes: list[str]
+    ) -> ModalityRecord:
         config = self.config.video
         channels = 3 if config.color == "rgb" else 1
         out = np.zeros((config.n_frames, channels, *config.size), dtype=np.float32)
