@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import shutil
@@ -24,6 +25,8 @@ from meddx.records import Modality, PatientRecord, parse_time
 from meddx.synth import write_ct_series
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"  # only what ships locally: no downloads
+# The larger test files pydicom would download live in the pydicom-data package (a test extra).
+EXTERNAL_TEST_FILES = Path(importlib.import_module("data_store").__file__).parent
 LATE = parse_time("2100-01-01T00:00:00Z")
 ACQUIRED = datetime(2024, 3, 5, 9, 0, tzinfo=timezone.utc)
 INDEX = parse_time("2024-03-05T14:00:00Z")
@@ -62,8 +65,8 @@ def pydicom_decodes(path: Path) -> bool:
 
 
 def test_every_local_pydicom_test_file_gives_a_volume_or_an_ingest_error() -> None:
-    files = sorted(TEST_FILES.rglob("*.dcm"))
-    assert len(files) >= 70, f"pydicom ships {len(files)} .dcm test files here"
+    files = sorted(TEST_FILES.rglob("*.dcm")) + sorted(EXTERNAL_TEST_FILES.rglob("*.dcm"))
+    assert len(files) >= 140, f"pydicom and pydicom-data ship {len(files)} .dcm test files here"
     spec = ImagingIngestor().tensorizer().spec()
     volumes, errors = [], []
     for path in files:
@@ -71,7 +74,7 @@ def test_every_local_pydicom_test_file_gives_a_volume_or_an_ingest_error() -> No
             record = read(path)
         except IngestError as exc:
             assert exc.path == str(path) and exc.modality == "imaging" and exc.reason
-            errors.append(path.name)
+            errors.append(path)
             continue
         assert record is not None
         for name, (shape, dtype) in spec.items():
@@ -80,11 +83,13 @@ def test_every_local_pydicom_test_file_gives_a_volume_or_an_ingest_error() -> No
         assert np.isfinite(volume).all() and volume.min() >= 0.0 and volume.max() <= 1.0, path.name
         assert record.arrays["slice_mask"].any(), path.name
         json.dumps(record.meta)
-        volumes.append(path.name)
-    decodable = sorted(p.name for p in files if pydicom_decodes(p))
-    # Every file whose pixels pydicom (with the pylibjpeg plugins) decodes becomes a volume.
-    assert sorted(volumes) == decodable
-    assert len(volumes) >= 55, f"{len(volumes)} of {len(files)} files gave a volume"
+        volumes.append(path)
+    decodable = sorted(p for p in files if pydicom_decodes(p))
+    # Every file whose pixels pydicom (with the pylibjpeg plugins) decodes becomes a volume; a
+    # few more do (OT-PAL-8-face.dcm lacks its transfer syntax, which the reader infers).
+    missed = sorted(set(decodable) - set(volumes))
+    assert not missed, f"pydicom decodes these but the ingestor refused them: {missed}"
+    assert len(volumes) >= 70, f"{len(volumes)} of {len(files)} files gave a volume"
 
 
 def test_compressed_transfer_syntaxes_match_their_uncompressed_original() -> None:

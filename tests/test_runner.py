@@ -7,7 +7,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import echo_ingest_plugin
 from meddx.cache import RecordCache
 from meddx.cohort import load_cohort
 from meddx.ingest import base
@@ -21,6 +20,8 @@ PLUGIN = ("echo_ingest_plugin",)
 def echo_registry():
     """The echo reader replaces audio in this process; the registry is restored afterwards."""
     saved = dict(base._REGISTRY)
+    import echo_ingest_plugin  # installs itself on first import (as in the workers)
+
     echo_ingest_plugin.install()
     yield
     base._REGISTRY.clear()
