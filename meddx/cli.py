@@ -85,7 +85,7 @@ def _cohort_summary(cohort) -> str:
     )
 
 
-def _run_ingest(manifest: Path, cache: Path, workers: int | None, quiet: bool, errors_csv: Path) -> None:
+def _run_ingest(manifest: Path, cache: Path, workers: int | None, quiet: bool, errors_csv: Path):
     from meddx.cohort import load_cohort
     from meddx.ingest.runner import ingest_cohort
 
@@ -101,6 +101,7 @@ def _run_ingest(manifest: Path, cache: Path, workers: int | None, quiet: bool, e
         click.echo(f"  row {outcome.row}: {outcome.error}")
     if n_errors > 10:
         click.echo(f"  ... and {n_errors - 10} more")
+    return cohort, report
 
 
 @main.command("ingest")
@@ -123,12 +124,24 @@ def ingest(manifest: Path, cache: Path, workers: int | None, quiet: bool) -> Non
 @quiet_option
 @_handle_errors
 def demo(out: Path, workers: int | None, quiet: bool) -> None:
-    """End to end on the sample cohort: generate, validate, ingest, report coverage."""
+    """End to end on the sample cohort: generate, validate, ingest, align into tensors."""
+    from meddx.align import Aligner
+    from meddx.records import collate
     from meddx.synth import generate_cohort
 
     click.echo(f"generating the sample cohort (60 patients, seed 7) in {out / 'sample_data'}")
     manifest = generate_cohort(out / "sample_data", n_patients=60, seed=7)
-    _run_ingest(manifest, out / "cache", workers, quiet, out / "errors.csv")
+    cohort, report = _run_ingest(manifest, out / "cache", workers, quiet, out / "errors.csv")
+    records = list(report.patient_records())
+    train = [record for record, row in zip(records, cohort) if row.split == "train"]
+    aligner = Aligner().fit(train)  # vocabularies and scales from the training rows only
+    batch = collate([aligner.transform(record) for record in records], aligner.tensor_spec())
+    aligner.save(out / "aligner.json")
+    click.echo(f"\naligned {len(batch)} patients (fitted on {len(train)} training rows; state in {out / 'aligner.json'}):")
+    for modality, named in batch.tensors.items():
+        shapes = ", ".join(f"{name} {tuple(t.shape[1:])}" for name, t in named.items())
+        click.echo(f"  {modality.value:<12} {shapes}")
+    click.echo(f"  presence     {tuple(batch.present.shape)}, {batch.present.float().mean():.0%} of patient-modalities present")
 
 
 if __name__ == "__main__":
