@@ -25,7 +25,6 @@ class ImagingConfig(_Section):
 
     spatial_size: tuple[int, int, int] = (32, 64, 64)  # (D, H, W) after resampling
     spacing_mm: tuple[float, float, float] | None = None  # (z, y, x); None keeps native spacing
-    size_2d: tuple[int, int] = (128, 128)  # (H, W) for radiographs (CR/DX/MG)
     # Intensity window (lower, upper) per DICOM Modality, mapped to [0, 1].
     windows: dict[str, tuple[float, float]] = Field(
         default_factory=lambda: {"CT": (-1000.0, 1000.0), "default": (0.0, 0.0)}
@@ -113,7 +112,7 @@ class IngestConfig(_Section):
     def gpu(cls) -> "IngestConfig":
         """Larger shapes for a GPU machine."""
         return cls(
-            imaging=ImagingConfig(spatial_size=(64, 128, 128), size_2d=(256, 256)),
+            imaging=ImagingConfig(spatial_size=(64, 128, 128)),
             notes=NotesConfig(max_length=256, max_chunks=8),
             audio=AudioConfig(sample_rate=8000, duration_s=8.0, n_mels=64, n_fft=512, hop_length=128),
             video=VideoConfig(n_frames=32, size=(112, 112)),

@@ -20,7 +20,9 @@ from pydicom.uid import JPEGLSLossless, MPEG4HP41
 from meddx.config import ImagingConfig, IngestConfig
 from meddx.errors import IngestError
 from meddx.ingest.base import IngestRequest
-from meddx.ingest.dicom import ImagingIngestor, decode_frames, dicom_time, load_series, read_dicom
+from meddx.ingest.dicom import ImagingIngestor
+from meddx.ingest.dicom_io import decode_frames, dicom_time, read_dicom
+from meddx.ingest.dicom_series import load_series
 from meddx.records import Modality, PatientRecord, parse_time
 from meddx.synth import write_ct_series
 
@@ -147,7 +149,7 @@ def test_area_shrink_matches_monai_for_integer_factors() -> None:
     import torch
     from monai.transforms import Resize
 
-    from meddx.ingest.dicom import resize_in_plane
+    from meddx.ingest.image_resize import resize_in_plane
 
     slices = np.random.default_rng(0).normal(size=(3, 48, 60)).astype(np.float32)
     expected = Resize((16, 20), mode="area")(torch.from_numpy(slices)).numpy()

@@ -12,9 +12,9 @@ What the ``video`` column may name:
   are undated (``record.time`` is None, so they are available at the index time);
 * a multi-frame DICOM (cine ultrasound, XA...): a ``.dcm``/``.dicom`` suffix or the
   ``DICM`` magic chooses this path. Frames are decoded with the imaging ingestor's
-  decoder (:func:`meddx.ingest.dicom.decode_frames`, only the sampled frames of
+  decoder (:func:`meddx.ingest.dicom_io.decode_frames`, only the sampled frames of
   compressed data), and ``record.time`` is the DICOM acquisition time (see
-  :func:`meddx.ingest.dicom.dicom_time`); a cine acquired after the index time gives
+  :func:`meddx.ingest.dicom_io.dicom_time`); a cine acquired after the index time gives
   ``None`` (the modality is missing for that row).
 
 **Output record** (shapes from :class:`~meddx.config.VideoConfig`):
@@ -54,16 +54,8 @@ import numpy as np
 from meddx.config import ImagingConfig, VideoConfig
 from meddx.errors import IngestError
 from meddx.ingest.base import ArraySpec, ArrayTensorizer, Ingestor, IngestRequest, register_ingestor
-from meddx.ingest.dicom import (
-    apply_window,
-    decode_frames,
-    dicom_time,
-    quiet_pydicom,
-    read_dicom,
-    to_gray,
-    transfer_syntax,
-    window_bounds,
-)
+from meddx.ingest.dicom import apply_window, window_bounds
+from meddx.ingest.dicom_io import decode_frames, dicom_time, quiet_pydicom, read_dicom, to_gray, transfer_syntax
 from meddx.records import Modality, ModalityRecord, is_available
 
 logger = logging.getLogger(__name__)

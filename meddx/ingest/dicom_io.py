@@ -1,0 +1,412 @@
+"""Reading one DICOM file: parsing, pixel decoding, and when the image was acquired.
+
+Shared by the imaging ingestor (:mod:`meddx.ingest.dicom`, through
+:mod:`meddx.ingest.dicom_series`) and the multi-frame DICOM path of the video ingestor
+(:mod:`meddx.ingest.video`).
+
+* :func:`read_dicom` reads a Part 10 file, also without the 128-byte preamble; the pixel
+  data is kept but not decoded.
+* :func:`decode_frames` decodes uncompressed and compressed transfer syntaxes (RLE, JPEG
+  baseline/extended/lossless, JPEG-LS, JPEG 2000 via the pylibjpeg plugins), also only
+  some frames of a compressed multi-frame file. A syntax that no installed plugin decodes
+  gives an :class:`~meddx.errors.IngestError` naming the syntax and the plugins that would.
+* :func:`quiet_pydicom` silences pydicom's value warnings and log records while meddx
+  reads: they may quote element values, hence patient data.
+
+**Time.** :func:`dicom_time` places an image in time by ``AcquisitionDateTime``, else
+``AcquisitionDate``/``AcquisitionTime``, else ``SeriesDate``/``SeriesTime``, else
+``StudyDate``/``StudyTime`` (enhanced multi-frame images: ``FrameAcquisitionDateTime`` per
+frame first). DICOM times carry no zone: they are read as UTC unless
+``TimezoneOffsetFromUTC`` (or an offset inside a DT value) says otherwise. A date without a
+time is taken as the end of that day, so a same-day image is never assumed to precede the
+index time.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from contextlib import contextmanager
+from datetime import date, datetime, time, timedelta, timezone
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pydicom
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.uid import UID
+
+from meddx.errors import IngestError
+from meddx.records import Modality
+
+_IMAGING = Modality.IMAGING.value
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+# Which plugins decode each family of compressed transfer syntaxes (for error messages).
+_DECODER_HINTS: dict[str, str] = {
+    "jpeg": "pylibjpeg with pylibjpeg-libjpeg, Pillow, or python-gdcm (12-bit JPEG needs pylibjpeg-libjpeg or gdcm)",
+    "jpeg-lossless": "pylibjpeg with pylibjpeg-libjpeg, or python-gdcm",
+    "jpeg-ls": "pylibjpeg with pylibjpeg-libjpeg, pyjpegls, or python-gdcm",
+    "jpeg2000": "pylibjpeg with pylibjpeg-openjpeg, Pillow, or python-gdcm",
+    "htj2k": "pylibjpeg with pylibjpeg-openjpeg",
+    "rle": "pydicom's own RLE decoder or pylibjpeg with pylibjpeg-rle",
+    "video": "no pydicom plugin: MPEG-2/H.264/H.265 pixel data is an encapsulated video stream, which meddx "
+    "does not extract; export the clip as MP4 and name it in the `video` column",
+}
+
+
+def _decoder_family(uid: UID) -> str | None:
+    name = uid.name.lower()
+    if "mpeg" in name or "hevc" in name:
+        return "video"
+    if "high-throughput" in name:
+        return "htj2k"
+    if "jpeg 2000" in name:
+        return "jpeg2000"
+    if "jpeg-ls" in name:
+        return "jpeg-ls"
+    if "jpeg lossless" in name:
+        return "jpeg-lossless"
+    if "jpeg" in name:
+        return "jpeg"
+    if "rle" in name:
+        return "rle"
+    return None
+
+
+# ------------------------------------------------------------------ reading one file
+
+
+def looks_like_dicom(path: Path) -> bool:
+    """Cheap check of the first bytes: a ``DICM`` prefix, or a DICOM tag where a preamble-less file starts.
+
+    Example:
+        >>> looks_like_dicom(Path("notes.txt"))  # doctest: +SKIP
+        False
+    """
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(132)
+    except OSError:
+        return False
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return True
+    return _starts_with_tag(head)
+
+
+def _starts_with_tag(head: bytes) -> bool:
+    # Files without the preamble start straight with an element: group 0x0002 (file meta),
+    # or 0x0008 (the identifying group) for bare datasets, in either byte order.
+    if len(head) < 8:
+        return False
+    little = int.from_bytes(head[0:2], "little")
+    big = int.from_bytes(head[0:2], "big")
+    return little in (0x0002, 0x0008) or big == 0x0008
+
+
+def read_dicom(path: Path, modality: str = _IMAGING) -> Dataset:
+    """Read one DICOM file, also without the preamble; pixel data is kept but not decoded.
+
+    Args:
+        path: the file.
+        modality: the meddx modality reading it (named in errors).
+
+    Raises:
+        IngestError: not a DICOM file, or unreadable.
+
+    Example:
+        >>> ds = read_dicom(Path("CT_small.dcm"))  # doctest: +SKIP
+        >>> ds.Modality  # doctest: +SKIP
+        'CT'
+    """
+    path = Path(path)
+    if not path.exists():
+        raise IngestError(path, modality, "no such file")
+    if path.stat().st_size == 0:
+        raise IngestError(path, modality, "empty file")
+    try:
+        with quiet_pydicom():
+            try:
+                return pydicom.dcmread(path)
+            except InvalidDicomError:
+                with open(path, "rb") as handle:
+                    head = handle.read(8)
+                if not _starts_with_tag(head):
+                    raise
+                ds = pydicom.dcmread(path, force=True)
+                if len(ds) == 0:
+                    raise InvalidDicomError("no data elements") from None
+                return ds
+    except InvalidDicomError:
+        raise IngestError(
+            path, modality, "not a DICOM file (no DICM prefix and no DICOM element at the start)"
+        ) from None
+    except Exception as exc:  # pydicom raises many types on damaged files
+        raise IngestError(path, modality, f"not a readable DICOM file: {_short(exc)}") from None
+
+
+def has_pixels(ds: Dataset) -> bool:
+    """Whether the dataset holds (float, double or integer) pixel data."""
+    return any(kw in ds for kw in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+
+
+def transfer_syntax(ds: Dataset) -> UID | None:
+    """The dataset's transfer syntax UID, or None when the file meta lacks it."""
+    meta = getattr(ds, "file_meta", None)
+    uid = meta.get("TransferSyntaxUID") if meta is not None else None
+    return UID(str(uid)) if uid else None
+
+
+def decode_frames(
+    ds: Dataset, path: Path, modality: str = _IMAGING, frames: Sequence[int] | None = None
+) -> np.ndarray:
+    """Decode pixel data to ``(F, H, W)`` or ``(F, H, W, 3)`` (RGB); shared by imaging and video.
+
+    YBR colour becomes RGB (pydicom does it), palette colour is looked up to RGB. No
+    rescale or windowing is applied: the values are the stored ones.
+
+    Args:
+        ds: a dataset from :func:`read_dicom`.
+        path: its file (named in errors).
+        modality: the meddx modality reading it.
+        frames: frame indices to decode (compressed multi-frame data decodes only those);
+            None decodes every frame.
+
+    Raises:
+        IngestError: no pixel data, truncated pixel data, or a transfer syntax that no
+            installed plugin decodes (the message names the syntax and the plugins).
+
+    Example:
+        >>> decode_frames(read_dicom(Path("MR_small.dcm")), Path("MR_small.dcm")).shape  # doctest: +SKIP
+        (1, 64, 64)
+    """
+    if not has_pixels(ds):
+        sop = ds.get("SOPClassUID")
+        what = f" ({UID(str(sop)).name})" if sop else ""
+        raise IngestError(path, modality, f"holds no pixel data{what}; it is not an image (or the file is truncated)")
+    n_frames = _n_frames(ds)
+    uid = transfer_syntax(ds)
+    if uid is None and "PixelData" in ds:
+        # Preamble-less files sometimes lack the file meta; their encoding is known from how they parsed.
+        implicit, little = ds.original_encoding
+        uid = UID("1.2.840.10008.1.2" if implicit else "1.2.840.10008.1.2.1" if little else "1.2.840.10008.1.2.2")
+        ds.file_meta = getattr(ds, "file_meta", None) or pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = uid
+    try:
+        with quiet_pydicom():
+            # pydicom.pixels.pixel_array rather than ds.pixel_array: it does not keep a second
+            # copy of the pixels in the dataset, and decodes single frames of compressed data.
+            if frames is not None and uid is not None and uid.is_encapsulated and n_frames > 1:
+                array = np.stack([pydicom.pixels.pixel_array(ds, index=int(i)) for i in frames])
+            else:
+                array = pydicom.pixels.pixel_array(ds)
+                if n_frames == 1:
+                    array = array[None]
+                if frames is not None:
+                    array = array[np.asarray(frames, dtype=int)]
+    except IngestError:
+        raise
+    except Exception as exc:
+        raise IngestError(path, modality, _decode_failure(uid, exc)) from None
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR":
+        try:
+            array = pydicom.pixels.apply_color_lut(array, ds)
+        except Exception as exc:
+            raise IngestError(path, modality, f"palette colour lookup failed: {_short(exc)}") from None
+    if array.ndim == 2:  # a single frame that came back without its frame axis
+        array = array[None]
+    if array.ndim == 4 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (3, 4) or (array.ndim == 4 and array.shape[-1] != 3):
+        raise IngestError(path, modality, f"unexpected pixel array shape {array.shape}")
+    return array
+
+
+def _decode_failure(uid: UID | None, exc: BaseException) -> str:
+    text = _short(exc)
+    if "less than expected" in text or "truncated" in text.lower():
+        return f"truncated pixel data: {text}"
+    if uid is None:
+        return f"cannot decode pixel data (no transfer syntax in the file meta): {text}"
+    family = _decoder_family(uid)
+    if uid.is_encapsulated or family is not None:
+        hint = _DECODER_HINTS.get(family or "", "no known plugin")
+        try:
+            decoder = pydicom.pixels.get_decoder(uid)
+            installed = ", ".join(decoder.available_plugins) or "none"
+        except Exception:
+            installed = "none (pydicom has no decoder for it)"
+        return (
+            f"cannot decode transfer syntax {uid.name} ({uid}): {text}. Installed plugins tried: {installed}; "
+            f"this syntax is decoded by {hint}"
+        )
+    return f"cannot decode pixel data ({uid.name}): {text}"
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _DropAll(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+_DROP_ALL = _DropAll()
+_quiet_depth = 0
+
+
+@contextmanager
+def quiet_pydicom() -> Iterator[None]:
+    """Silence pydicom's warnings and log records while meddx reads a file.
+
+    pydicom reports invalid element values by quoting them (``warn_and_log``), which could
+    put patient data into logs; meddx turns real problems into :class:`IngestError` instead.
+
+    Example:
+        >>> with quiet_pydicom():
+        ...     pass
+    """
+    global _quiet_depth
+    pydicom_logger = logging.getLogger("pydicom")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if _quiet_depth == 0:
+            pydicom_logger.addFilter(_DROP_ALL)
+        _quiet_depth += 1
+        try:
+            yield
+        finally:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                pydicom_logger.removeFilter(_DROP_ALL)
+
+
+def _n_frames(ds: Dataset) -> int:
+    try:
+        return max(1, int(ds.get("NumberOfFrames") or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def to_gray(rgb: np.ndarray) -> np.ndarray:
+    """Luminance (float32) of RGB pixels shaped ``(..., 3)``.
+
+    Example:
+        >>> to_gray(np.array([[255, 255, 255]], np.uint8)).round(1).tolist()
+        [255.0]
+    """
+    return rgb.astype(np.float32, copy=False) @ _LUMA
+
+
+# ------------------------------------------------------------------------------ time
+
+
+_DA = re.compile(r"^(\d{4})\.?(\d{2})\.?(\d{2})$")
+_TM = re.compile(r"^(\d{2})(?::?(\d{2})(?::?(\d{2})(?:\.(\d{1,6}))?)?)?$")
+_DT = re.compile(r"^(\d{4})(\d{2})(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:\.(\d{1,6}))?)?)?)?([+-]\d{4})?$")
+_END_OF_DAY = time(23, 59, 59, 999999)
+_DATE_TIME_PAIRS = (("AcquisitionDate", "AcquisitionTime"), ("SeriesDate", "SeriesTime"), ("StudyDate", "StudyTime"))
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    return str(getattr(value, "original_string", None) or value).strip()
+
+
+def _strings(ds: Dataset, keyword: str) -> list[str]:
+    """The values of a text-encoded element (DS, IS, DA, TM, DT, UI, CS, SH) as strings.
+
+    Reads the raw bytes when pydicom has not converted the element yet: building DSfloat
+    and friends for every header field is a large share of the time to read a series.
+    """
+    element = ds.get_item(tag_for_keyword(keyword))  # type: ignore[arg-type]
+    if element is None or element.value is None:
+        return []
+    value = element.value
+    if isinstance(value, (bytes, bytearray)):
+        return [part.strip(" \x00") for part in bytes(value).decode("latin-1").split("\\")]
+    if isinstance(value, (list, tuple, MultiValue)):
+        return [_text(v) for v in value]
+    return [_text(value)]
+
+
+def _first(ds: Dataset, keyword: str) -> str:
+    values = _strings(ds, keyword)
+    return values[0] if values else ""
+
+
+def _offset(text: str) -> timezone | None:
+    match = re.fullmatch(r"([+-])(\d{2})(\d{2})", text.strip())
+    if not match:
+        return None
+    sign = -1 if match.group(1) == "-" else 1
+    return timezone(sign * timedelta(hours=int(match.group(2)), minutes=int(match.group(3))))
+
+
+def _parse_da_tm(da: str, tm: str, zone: timezone) -> datetime | None:
+    day = _DA.match(da)
+    if not day:
+        return None
+    try:
+        on = date(int(day.group(1)), int(day.group(2)), int(day.group(3)))
+        clock = _END_OF_DAY
+        match = _TM.match(tm) if tm else None
+        if match:
+            frac = (match.group(4) or "").ljust(6, "0")
+            clock = time(int(match.group(1)), int(match.group(2) or 0), int(match.group(3) or 0), int(frac or 0))
+    except ValueError:
+        return None
+    return datetime.combine(on, clock, tzinfo=zone).astimezone(timezone.utc)
+
+
+def _parse_dt(dt: str, zone: timezone) -> datetime | None:
+    match = _DT.match(dt)
+    if not match:
+        return None
+    year, month, day, hour, minute, second, frac, offset = match.groups()
+    try:
+        on = date(int(year), int(month), int(day))
+        clock = _END_OF_DAY if hour is None else time(
+            int(hour), int(minute or 0), int(second or 0), int((frac or "").ljust(6, "0") or 0)
+        )
+    except ValueError:
+        return None
+    return datetime.combine(on, clock, tzinfo=_offset(offset) if offset else zone).astimezone(timezone.utc)
+
+
+def dicom_time(ds: Dataset, frame_item: Dataset | None = None) -> datetime | None:
+    """When an image was acquired (aware UTC), or None when undated.
+
+    The order is ``FrameAcquisitionDateTime`` (of ``frame_item``, an enhanced image's
+    per-frame group), ``AcquisitionDateTime``, ``AcquisitionDate``/``Time``,
+    ``SeriesDate``/``Time``, ``StudyDate``/``Time``. Zone-less values are UTC unless
+    ``TimezoneOffsetFromUTC`` is present; a date without a time means the end of that day.
+
+    Example:
+        >>> ds = Dataset(); ds.StudyDate = "20240305"; ds.StudyTime = "140000"
+        >>> dicom_time(ds).isoformat()
+        '2024-03-05T14:00:00+00:00'
+    """
+    zone = _offset(_first(ds, "TimezoneOffsetFromUTC")) or timezone.utc
+    if frame_item is not None:
+        content = frame_item.get("FrameContentSequence")
+        if content:
+            found = _parse_dt(_first(content[0], "FrameAcquisitionDateTime"), zone)
+            if found is not None:
+                return found
+    found = _parse_dt(_first(ds, "AcquisitionDateTime"), zone)
+    if found is not None:
+        return found
+    for date_kw, time_kw in _DATE_TIME_PAIRS:
+        day = _first(ds, date_kw)
+        found = _parse_da_tm(day, _first(ds, time_kw), zone) if day else None
+        if found is not None:
+            return found
+    return None
