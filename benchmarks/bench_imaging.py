@@ -1,14 +1,11 @@
-"""Imaging and video ingest speed against plain decoding of the same files.
+"""Imaging ingest speed against plain decoding of the same files (video: bench_signals.py).
 
 Imaging: a 64-slice 512x512 CT series written by ``meddx.synth.write_ct_series`` (shuffled
 file names) is read by the imaging ingestor (default config: sort, HU, window, resize to
 ``spatial_size``) and, for comparison, by plain ``pydicom.dcmread(f).pixel_array`` over the
-same files. Video: a 300-frame 256x256 MJPG AVI read by the video ingestor against a plain
-``cv2.VideoCapture`` loop reading every frame. Both warm (files cached, libraries imported,
-one untimed run of each); the two are timed in alternation, 3 rounds, and the best wall
-time of each is compared (alternating keeps load from other processes on a shared machine
-from favouring one side). Process CPU time is printed too. Targets: imaging <= 2.0x,
-video <= 1.5x.
+same files. Both warm (files cached, libraries imported, one untimed run of each); the
+two are timed in alternation, 3 rounds, and the best wall time of each is compared (alternating keeps load from other processes on a shared machine
+from favouring one side). Process CPU time is printed too. Target: <= 2.0x.
 
 Run: ``.venv/bin/python benchmarks/bench_imaging.py`` (prints the figures).
 """
@@ -27,7 +24,6 @@ import pydicom
 from meddx.config import IngestConfig
 from meddx.ingest.base import IngestRequest
 from meddx.ingest.dicom import ImagingIngestor
-from meddx.ingest.video import VideoIngestor
 from meddx.records import Modality
 from meddx.synth import write_ct_series
 
@@ -82,41 +78,10 @@ def bench_imaging(root: Path) -> tuple[Timing, Timing]:
     return compare(plain, ingest)
 
 
-def bench_video(root: Path) -> tuple[Timing, Timing]:
-    import cv2
-
-    path = root / "clip.avi"
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25.0, (256, 256), True)
-    rng = np.random.default_rng(0)
-    base = rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)
-    for i in range(300):
-        writer.write(np.roll(base, i, axis=1))
-    writer.release()
-    reader = VideoIngestor(IngestConfig())
-    request = IngestRequest("BENCH", INDEX, {Modality.VIDEO: path})
-
-    def plain() -> int:
-        capture = cv2.VideoCapture(str(path))
-        n = 0
-        while True:
-            ok, _ = capture.read()
-            if not ok:
-                break
-            n += 1
-        capture.release()
-        return n
-
-    def ingest() -> object:
-        return reader.read(request)
-
-    return compare(plain, ingest)
-
-
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         report("imaging 64x512x512 CT", *bench_imaging(root), "pydicom dcmread+pixel_array", 2.0)
-        report("video 300 frames 256x256 MJPG", *bench_video(root), "cv2 read every frame", 1.5)
 
 
 if __name__ == "__main__":
