@@ -85,13 +85,16 @@ def _cohort_summary(cohort) -> str:
     )
 
 
-def _run_ingest(manifest: Path, cache: Path, workers: int | None, quiet: bool, errors_csv: Path):
+def _run_ingest(
+    manifest: Path, cache: Path, workers: int | None, quiet: bool, errors_csv: Path, task_timeout: float | None = None
+):
     from meddx.cohort import load_cohort
-    from meddx.ingest.runner import ingest_cohort
+    from meddx.ingest.runner import DEFAULT_TASK_TIMEOUT, ingest_cohort
 
     cohort = load_cohort(manifest)
     click.echo(_cohort_summary(cohort))
-    report = ingest_cohort(cohort, cache, workers=workers, progress=not quiet)
+    timeout = DEFAULT_TASK_TIMEOUT if task_timeout is None else (task_timeout or None)
+    report = ingest_cohort(cohort, cache, workers=workers, progress=not quiet, task_timeout=timeout)
     report.write_errors(errors_csv)
     click.echo("\ncoverage per modality:")
     click.echo(report.coverage_table())
@@ -110,11 +113,13 @@ def _run_ingest(manifest: Path, cache: Path, workers: int | None, quiet: bool, e
               help="Cache folder for the ingested records; errors.csv is written there.")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Worker processes (default: up to 4; 0 = in this process).")
+@click.option("--task-timeout", type=click.FloatRange(min=0), default=None,
+              help="Seconds one file may take before it is stopped and reported (default 600; 0 = no limit).")
 @quiet_option
 @_handle_errors
-def ingest(manifest: Path, cache: Path, workers: int | None, quiet: bool) -> None:
+def ingest(manifest: Path, cache: Path, workers: int | None, task_timeout: float | None, quiet: bool) -> None:
     """Read every modality of every row into a cache; print coverage and errors."""
-    _run_ingest(manifest, cache, workers, quiet, cache / "errors.csv")
+    _run_ingest(manifest, cache, workers, quiet, cache / "errors.csv", task_timeout)
 
 
 @main.command("demo")

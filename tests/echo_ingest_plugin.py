@@ -2,12 +2,14 @@
 
 Imported by worker processes through ``ingest_cohort(..., plugins=("echo_ingest_plugin",))``.
 Text ``ok`` gives a record, ``bad`` an IngestError, ``boom`` an unexpected exception,
-``late`` a record dated after the index time, ``crash`` kills the process natively.
+``late`` a record dated after the index time, ``crash`` kills the process natively,
+``hang`` never returns.
 """
 
 from __future__ import annotations
 
 import ctypes
+import time
 from datetime import timedelta
 
 import numpy as np
@@ -35,18 +37,20 @@ class EchoAudioIngestor(Ingestor):
         text = path.read_text().strip()
         if text == "crash":
             ctypes.string_at(0)  # a segfault, as a broken native decoder would cause
+        if text == "hang":
+            time.sleep(3600)  # a decoder stuck in a loop
         if text == "bad":
             raise IngestError(path, self.modality, "the test file says bad")
         if text == "boom":
             raise ValueError("reader bug")
         if text == "empty":
             return None
-        time = request.index_time + timedelta(hours=1) if text == "late" else None
+        when = request.index_time + timedelta(hours=1) if text == "late" else None
         return ModalityRecord(
             self.modality,
             str(path),
             arrays={"length": np.array([len(text)], dtype=np.float32)},
-            events=[Event(time, "note", "echo", text=text)],
+            events=[Event(when, "note", "echo", text=text)],
         )
 
 

@@ -79,3 +79,14 @@ def test_a_native_crash_is_isolated_and_the_run_goes_on(tmp_path: Path, echo_reg
     crashed = next(o for o in report.outcomes if o.patient_id == "p1")
     assert "crashed the worker process" in crashed.error
     assert [o.patient_id for o in report.outcomes] == [f"p{i}" for i in range(6)]  # manifest order
+
+
+def test_a_hung_reader_is_stopped_and_the_run_goes_on(tmp_path: Path, echo_registry) -> None:
+    manifest = make_cohort(tmp_path, ["ok", "hang", "fine", "good"])
+    report = ingest_cohort(
+        load_cohort(manifest), tmp_path / "cache", workers=2, progress=False, plugins=PLUGIN, task_timeout=15
+    )
+    status = {o.patient_id: o.status for o in report.outcomes}
+    assert status == {"p0": "ok", "p1": "error", "p2": "ok", "p3": "ok"}
+    hung = next(o for o in report.outcomes if o.patient_id == "p1")
+    assert "took longer than 15 s" in hung.error and "p1.txt" in hung.error

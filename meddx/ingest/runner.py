@@ -4,7 +4,8 @@ Each (row, modality) is one task. Workers are long-lived processes that build th
 ingestors once (a Bulk FHIR index, a tokenizer, resampling kernels are reused across
 files). A file that fails becomes an error outcome and the run goes on; a reader that
 crashes its worker natively (a segfaulting decoder) is found by re-running the tasks
-that were in flight one at a time, reported, and the run goes on in a fresh pool.
+that were in flight one at a time, reported, and the run goes on in a fresh pool; a
+reader that hangs past the task timeout is stopped and reported the same way.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +32,7 @@ from meddx.records import MODALITIES, Modality, PatientRecord
 logger = logging.getLogger(__name__)
 
 Status = Literal["ok", "empty", "error"]
+DEFAULT_TASK_TIMEOUT = 600.0  # seconds one file may take in a worker before it is stopped
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,7 @@ def _ingest_one(task: IngestTask) -> IngestOutcome:
         )
 
 
-def _crash_outcome(task: IngestTask) -> IngestOutcome:
+def _failure_outcome(task: IngestTask, reason: str) -> IngestOutcome:
     return IngestOutcome(
         row=task.row,
         patient_id=task.request.patient_id,
@@ -149,58 +153,108 @@ def _crash_outcome(task: IngestTask) -> IngestOutcome:
         modality=task.modality,
         path=task.display_path,
         status="error",
-        error=f"{task.modality}: reading {task.display_path} crashed the worker process "
-        "(a native decoder failure); check or re-export the file",
+        error=f"{task.modality}: reading {task.display_path} {reason}",
     )
+
+
+CRASHED = "crashed the worker process (a native decoder failure); check or re-export the file"
+
+
+def _timed_out(timeout: float) -> str:
+    return f"took longer than {timeout:g} s and was stopped; check the file, or raise the task timeout"
 
 
 # ----------------------------------------------------------------- scheduling
 
 
-def _run_parallel(tasks: list[IngestTask], workers: int, initargs: tuple) -> Iterator[IngestOutcome]:
-    """Keep at most ``workers`` tasks in flight so that a crash implicates only those."""
+def _new_pool(workers: int, initargs: tuple) -> ProcessPoolExecutor:
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")  # no fork of a parent holding threads/torch
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=initargs)
+
+
+def _kill(pool: ProcessPoolExecutor) -> None:
+    """Stop a pool whose worker hangs: the executor has no per-task cancel once a task runs."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _run_parallel(
+    tasks: list[IngestTask], workers: int, initargs: tuple, timeout: float | None
+) -> Iterator[IngestOutcome]:
+    """Keep at most ``workers`` tasks in flight, so that a crash or a hang implicates only those.
+
+    Each in-flight task has a worker of its own, so its run time counts from its submission
+    (for a worker's first task, that includes the worker's start-up: a few seconds).
+    A task past ``timeout`` is reported and its pool killed; the tasks that were in flight
+    beside it go back in the queue. After a crash, the tasks that were in flight are re-run
+    one by one: the one that breaks a pool alone is the culprit.
+    """
     pending = deque(tasks)
-    suspects: list[IngestTask] = []
     while pending:
-        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=initargs)
-        inflight: dict = {}
-        broken = False
+        pool = _new_pool(workers, initargs)
+        inflight: dict = {}  # future -> (task, submitted at)
+        suspects: list[IngestTask] = []
+        stop = False
         try:
-            while (pending or inflight) and not broken:
+            while (pending or inflight) and not stop:
                 while pending and len(inflight) < workers:
                     task = pending.popleft()
                     try:
-                        inflight[pool.submit(_ingest_one, task)] = task
+                        inflight[pool.submit(_ingest_one, task)] = (task, time.monotonic())
                     except BrokenProcessPool:  # a worker died since the last wait
                         pending.appendleft(task)
+                        stop = True
                         break
                 if not inflight:
-                    broken = True
                     break
-                done, _ = wait(inflight, return_when=FIRST_COMPLETED)
+                wait_for = None
+                if timeout is not None:
+                    first_deadline = min(started for _, started in inflight.values()) + timeout
+                    wait_for = max(0.0, first_deadline - time.monotonic())
+                done, _ = wait(inflight, timeout=wait_for, return_when=FIRST_COMPLETED)
                 for future in done:
-                    task = inflight.pop(future)
+                    task, _ = inflight.pop(future)
                     try:
                         yield future.result()
                     except BrokenProcessPool:
-                        broken = True
+                        stop = True
                         suspects.append(task)
-            if broken:
-                suspects.extend(inflight.values())
+                if stop:
+                    suspects.extend(task for task, _ in inflight.values())
+                    break
+                now = time.monotonic()
+                overdue = [f for f, (_, started) in inflight.items() if timeout is not None and now - started > timeout]
+                if overdue:
+                    for future in overdue:
+                        task, _ = inflight.pop(future)
+                        logger.warning("row %d %s: the reader hung; stopped after %g s", task.row, task.modality, timeout)
+                        yield _failure_outcome(task, _timed_out(timeout))
+                    pending.extendleft(reversed([task for task, _ in inflight.values()]))  # innocent: run again
+                    inflight.clear()
+                    stop = True
         finally:
-            pool.shutdown(wait=not broken, cancel_futures=True)
-        # Re-run the suspects one by one: the one that breaks a pool alone is the culprit.
-        while suspects:
-            task = suspects.pop()
-            with ProcessPoolExecutor(1, mp_context=context, initializer=_init_worker, initargs=initargs) as solo:
-                try:
-                    yield solo.submit(_ingest_one, task).result()
-                except BrokenProcessPool:
-                    logger.warning("row %d %s: the reader crashed its worker process", task.row, task.modality)
-                    yield _crash_outcome(task)
+            if stop:
+                _kill(pool)
+            else:
+                pool.shutdown(wait=True)
+        for task in suspects:
+            yield _run_alone(task, initargs, timeout)
+
+
+def _run_alone(task: IngestTask, initargs: tuple, timeout: float | None) -> IngestOutcome:
+    solo = _new_pool(1, initargs)
+    try:
+        outcome = solo.submit(_ingest_one, task).result(timeout=timeout)
+    except BrokenProcessPool:
+        logger.warning("row %d %s: the reader crashed its worker process", task.row, task.modality)
+        outcome = _failure_outcome(task, CRASHED)
+    except FutureTimeout:
+        outcome = _failure_outcome(task, _timed_out(timeout or 0.0))
+    _kill(solo)
+    return outcome
 
 
 def run_tasks(
@@ -210,6 +264,7 @@ def run_tasks(
     workers: int | None = None,
     progress: bool = True,
     plugins: tuple[str, ...] = (),
+    task_timeout: float | None = DEFAULT_TASK_TIMEOUT,
 ) -> list[IngestOutcome]:
     """Ingest every task into ``cache_dir``; outcomes come back in task order.
 
@@ -218,6 +273,8 @@ def run_tasks(
         progress: show a progress bar.
         plugins: importable modules that register custom ingestors; each worker
             imports them before building its ingestors.
+        task_timeout: seconds one file may take in a worker before it is stopped and
+            reported (None: no limit). Not applied with ``workers=0``.
     """
     from tqdm.auto import tqdm
 
@@ -229,7 +286,7 @@ def run_tasks(
         _init_worker(*initargs, in_worker=False)
         stream: Iterable[IngestOutcome] = (_ingest_one(t) for t in tasks)
     else:
-        stream = _run_parallel(tasks, min(workers, max(len(tasks), 1)), initargs)
+        stream = _run_parallel(tasks, min(workers, max(len(tasks), 1)), initargs, task_timeout)
     outcomes = []
     with tqdm(total=len(tasks), desc="ingest", unit="file", disable=not progress) as bar:
         for outcome in stream:
@@ -249,6 +306,7 @@ def ingest_cohort(
     workers: int | None = None,
     progress: bool = True,
     plugins: tuple[str, ...] = (),
+    task_timeout: float | None = DEFAULT_TASK_TIMEOUT,
 ) -> "IngestReport":
     """Read every modality of every row into a content-addressed cache.
 
@@ -259,6 +317,7 @@ def ingest_cohort(
         workers: parallel worker processes (0 = in this process).
         progress: show a progress bar.
         plugins: importable modules that register custom ingestors (see :func:`run_tasks`).
+        task_timeout: seconds one file may take in a worker (None: no limit).
 
     Returns:
         An :class:`IngestReport` with one outcome per (row, modality).
@@ -272,7 +331,7 @@ def ingest_cohort(
         importlib.import_module(module)
     ingestors = build_ingestors(config)
     tasks = tasks_for(cohort, ingestors)
-    outcomes = run_tasks(tasks, cache_dir, config, workers, progress, plugins)
+    outcomes = run_tasks(tasks, cache_dir, config, workers, progress, plugins, task_timeout)
     return IngestReport(cohort=cohort, cache_dir=Path(cache_dir), outcomes=outcomes)
 
 
