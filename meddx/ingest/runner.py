@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -94,14 +95,15 @@ _worker_config: IngestConfig | None = None
 
 def _init_worker(config_json: str, cache_root: str, plugins: tuple[str, ...] = (), in_worker: bool = True) -> None:
     global _worker_ingestors, _worker_cache, _worker_config
+    if in_worker:
+        # Workers share the cores: one math thread each avoids oversubscription (audio
+        # resampling and spectrograms, imaging resizes). torch reads this when first
+        # imported, so a worker that only meets cache hits never pays for importing it.
+        os.environ["OMP_NUM_THREADS"] = "1"
     for module in plugins:  # modules that register custom ingestors
         importlib.import_module(module)
-    if in_worker:
-        # Workers share the cores: one torch thread each avoids oversubscription
-        # (audio resampling and spectrograms, imaging resizes).
-        import torch
-
-        torch.set_num_threads(1)
+    if in_worker and "torch" in sys.modules:  # a plugin imported it already
+        sys.modules["torch"].set_num_threads(1)
     _worker_config = IngestConfig.model_validate_json(config_json)
     _worker_ingestors = build_ingestors(_worker_config)
     _worker_cache = RecordCache(cache_root)
