@@ -406,6 +406,11 @@ def _demographics(model: Any, index_time: datetime, warnings: list[str]) -> _Dem
 # ---------------------------------------------------------------------- the ingestor
 
 
+# Bulk folder indexes of this process, newest last; an index depends only on the files.
+MAX_BULK_INDEXES = 4
+_BULK_INDEXES: OrderedDict[str, BulkIndex] = OrderedDict()
+
+
 @register_ingestor
 class FhirIngestor(Ingestor):
     """Reads a patient's FHIR resources (Bundle or Bulk export) available at the index time.
@@ -425,11 +430,6 @@ class FhirIngestor(Ingestor):
 
     modality = Modality.EHR
     tensorizer_class = EhrTensorizer
-    max_indexes = 4  # Bulk folders whose index is kept per instance
-
-    def __init__(self, config: IngestConfig | None = None):
-        super().__init__(config)
-        self._indexes: OrderedDict[str, BulkIndex] = OrderedDict()
 
     def read(self, request: IngestRequest) -> ModalityRecord | None:
         return self.read_patient(request.paths[Modality.EHR], request.patient_id, request.index_time)
@@ -485,29 +485,28 @@ class FhirIngestor(Ingestor):
 
     # ------------------------------------------------------------------ Bulk
 
-    def bulk_index(self, root: Path, resource_types: Iterable[str] = USED_TYPES) -> BulkIndex:
+    def bulk_index(self, root: Path) -> BulkIndex:
         """The line index of a Bulk export, built once and rebuilt when its files change.
 
-        Only files of ``resource_types`` are scanned (the notes ingestor asks for
-        DocumentReference and Patient alone).
+        The index covers every resource type meddx uses and is shared by all readers in
+        the process, so the EHR and notes readers of a worker scan a folder only once.
         """
-        types = frozenset(resource_types) | {"Patient"}
-        name = f"{root.resolve()}|{','.join(sorted(types))}"
+        name = str(root.resolve())
         key = BulkIndex.key_of(root)
-        index = self._indexes.get(name)
+        index = _BULK_INDEXES.get(name)
         if index is None or index.key != key:
-            index = BulkIndex.build(root, set(types))
-            self._indexes[name] = index
-            while len(self._indexes) > self.max_indexes:
-                self._indexes.popitem(last=False)
-        self._indexes.move_to_end(name)
+            index = BulkIndex.build(root, set(USED_TYPES))
+            _BULK_INDEXES[name] = index
+            while len(_BULK_INDEXES) > MAX_BULK_INDEXES:
+                _BULK_INDEXES.popitem(last=False)
+        _BULK_INDEXES.move_to_end(name)
         return index
 
     def _bulk_raws(
         self, root: Path, patient_id: str, types: set[str], modality: Modality, counts: Counter, warnings: list[str]
     ) -> list[_Raw]:
         try:
-            index = self.bulk_index(root, types)
+            index = self.bulk_index(root)
         except OSError as exc:
             raise IngestError(root, str(modality), f"cannot read the export: {exc.strerror or exc}") from None
         if not index.files:

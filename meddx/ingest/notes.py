@@ -100,7 +100,7 @@ class NotesIngestor(Ingestor):
 
     def __init__(self, config: IngestConfig | None = None):
         super().__init__(config)
-        self._fhir = FhirIngestor(self.config)  # keeps its Bulk index between rows
+        self._fhir = FhirIngestor(self.config)  # shares the process-wide Bulk index with the EHR reader
         self._tokenizer: Any = None
 
     def wants(self, request: IngestRequest) -> bool:
