@@ -10,6 +10,7 @@ and transforms data exactly as training did.
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -18,8 +19,22 @@ import numpy as np
 from meddx import __version__
 from meddx.config import IngestConfig
 from meddx.errors import ConfigError, ModelError
-from meddx.ingest.base import ArraySpec, Tensorizer, registered_ingestors
-from meddx.records import MODALITIES, Modality, PatientRecord, PatientTensors, TensorSpec
+from meddx.ingest.base import ArrayField, ArraySpec, Tensorizer, registered_ingestors
+from meddx.records import MODALITIES, Modality, ModalityRecord, PatientRecord, PatientTensors, TensorSpec
+
+RECORD_AGE = "age_hours"
+RECORD_AGE_FIELD = ArrayField((1,), "float32", "age_hours")
+
+
+def record_age_hours(record: ModalityRecord, index_time: datetime) -> float:
+    """Hours between a record's acquisition and the index time; 0 for undated records.
+
+    Undated files are taken as available at the index time (the leakage rule), so age 0 is
+    the honest reading of what we know.
+    """
+    if record.time is None:
+        return 0.0
+    return max((index_time - record.time).total_seconds() / 3600.0, 0.0)
 
 
 class Aligner:
@@ -51,14 +66,16 @@ class Aligner:
         return self
 
     def array_spec(self) -> dict[Modality, ArraySpec]:
-        return {m: t.spec() for m, t in self.tensorizers.items()}
+        """Every array of every modality with its role; each modality also gets ``age_hours`` (1,):
+        how long before the index time its content was acquired (0 when undated)."""
+        return {m: {**t.spec(), RECORD_AGE: RECORD_AGE_FIELD} for m, t in self.tensorizers.items()}
 
     def tensor_spec(self) -> TensorSpec:
         """``{modality: {name: (shape, torch dtype)}}``, for :func:`~meddx.records.collate`."""
         import torch
 
         return {
-            m: {name: (shape, torch.from_numpy(np.zeros(0, dtype=dtype)).dtype) for name, (shape, dtype) in spec.items()}
+            m: {name: (f.shape, torch.from_numpy(np.zeros(0, dtype=f.dtype)).dtype) for name, f in spec.items()}
             for m, spec in self.array_spec().items()
         }
 
@@ -74,7 +91,8 @@ class Aligner:
             tensorizer = self.tensorizers.get(modality)
             if record is None or tensorizer is None:
                 continue
-            arrays = tensorizer.transform(record)
+            arrays = dict(tensorizer.transform(record))
+            arrays[RECORD_AGE] = np.array([record_age_hours(record, patient.index_time)], np.float32)
             tensors[modality] = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
         return PatientTensors(patient.patient_id, patient.index_time, tensors)
 

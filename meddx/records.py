@@ -3,7 +3,8 @@
 The flow is ``ModalityRecord`` (one modality of one patient, typed items with times)
 → ``PatientRecord`` (all modalities of one patient at one index time) → alignment →
 ``PatientTensors`` (fixed shapes + masks per present modality) → :func:`collate` →
-``PatientBatch`` (stacked, with a presence mask over all six modalities).
+``PatientBatch`` (stacked per modality over the patients that have it, with a presence mask
+over all six modalities, row identity and labels with their masks).
 
 The leakage rule lives here once: :func:`is_available` / :func:`keep_available` decide
 what an ingestor may keep, and :meth:`PatientRecord.add` refuses any record that still
@@ -225,12 +226,21 @@ class PatientTensors:
     """Fixed-shape tensors of one patient, per present modality.
 
     ``tensors[modality][name]`` is a tensor whose shape the config fixes; masks are
-    tensors too (``...mask`` names, bool). Absent modalities have no entry.
+    tensors too (bool). Absent modalities have no entry.
+
+    Attributes:
+        patient_id: the patient.
+        index_time: the moment of prediction.
+        tensors: per present modality, its named arrays (see the aligner's ``array_spec`` for roles).
+        row: the manifest row this came from (-1 when not from a manifest).
+        labels: task -> class index (binary: 0/1); :data:`UNKNOWN_LABEL` where the label is unknown.
     """
 
     patient_id: str
     index_time: datetime
     tensors: dict[Modality, dict[str, "torch.Tensor"]] = field(default_factory=dict)
+    row: int = -1
+    labels: dict[str, int] = field(default_factory=dict)
 
     @property
     def present(self) -> "torch.Tensor":
@@ -240,93 +250,131 @@ class PatientTensors:
         return torch.tensor([m in self.tensors for m in MODALITIES], dtype=torch.bool)
 
 
+UNKNOWN_LABEL = -1  # an empty label cell: left out of that task's loss and metrics, never a negative
+
 TensorSpec = dict[Modality, dict[str, tuple[tuple[int, ...], "torch.dtype"]]]
 
 
 @dataclass
 class PatientBatch:
-    """A stacked batch; absent modalities are zero-filled with their presence False.
+    """A batch of patients; each modality's tensors hold only the patients that have it.
+
+    Absent modalities are not zero-filled: ``tensors[m][name]`` has shape ``(P_m, ...)`` where
+    ``P_m = present[:, m].sum()``, in batch order. :meth:`rows_with` maps them back to batch rows.
+    A modality no patient of the batch has is not in ``tensors`` at all.
 
     Attributes:
         patient_ids: ``B`` patient ids.
         index_times: ``B`` index times.
-        tensors: ``tensors[modality][name]`` of shape ``(B, ...)``.
+        tensors: ``tensors[modality][name]`` of shape ``(P_m, ...)``.
         present: bool ``(B, M)`` over :data:`MODALITIES`.
+        rows: int64 ``(B,)`` manifest row of each patient (-1 when unknown).
+        labels: task -> int64 ``(B,)`` class index; ``label_mask[task]`` bool ``(B,)`` is False where unknown.
     """
 
     patient_ids: list[str]
     index_times: list[datetime]
     tensors: dict[Modality, dict[str, "torch.Tensor"]]
     present: "torch.Tensor"
+    rows: "torch.Tensor | None" = None
+    labels: dict[str, "torch.Tensor"] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.patient_ids)
 
-    def to(self, device: "str | torch.device") -> "PatientBatch":
+    @property
+    def label_mask(self) -> dict[str, "torch.Tensor"]:
+        """Task -> bool ``(B,)``: True where the label is known."""
+        return {task: labels != UNKNOWN_LABEL for task, labels in self.labels.items()}
+
+    def rows_with(self, modality: Modality) -> "torch.Tensor":
+        """Batch positions (int64 ``(P_m,)``) of the patients that have ``modality``."""
+        return self.present[:, MODALITIES.index(Modality(modality))].nonzero().flatten()
+
+    def to(self, device: "str | torch.device", non_blocking: bool = False) -> "PatientBatch":
         """Move every tensor to ``device``."""
         return PatientBatch(
             self.patient_ids,
             self.index_times,
-            {m: {k: v.to(device) for k, v in d.items()} for m, d in self.tensors.items()},
-            self.present.to(device),
+            {m: {k: v.to(device, non_blocking=non_blocking) for k, v in d.items()} for m, d in self.tensors.items()},
+            self.present.to(device, non_blocking=non_blocking),
+            None if self.rows is None else self.rows.to(device, non_blocking=non_blocking),
+            {t: v.to(device, non_blocking=non_blocking) for t, v in self.labels.items()},
+        )
+
+    def pin_memory(self) -> "PatientBatch":
+        """Pinned host copies, for ``DataLoader(pin_memory=True)``."""
+        return PatientBatch(
+            self.patient_ids,
+            self.index_times,
+            {m: {k: v.pin_memory() for k, v in d.items()} for m, d in self.tensors.items()},
+            self.present.pin_memory(),
+            None if self.rows is None else self.rows.pin_memory(),
+            {t: v.pin_memory() for t, v in self.labels.items()},
         )
 
 
 def collate(items: Sequence[PatientTensors], spec: TensorSpec | None = None) -> PatientBatch:
-    """Stack patients into a :class:`PatientBatch`, zero-filling absent modalities.
+    """Stack patients into a :class:`PatientBatch`; each modality holds only its present patients.
 
     Args:
         items: the patients of the batch.
-        spec: ``{modality: {name: (shape, dtype)}}`` of every tensor. With it, every
-            modality in the spec is in the batch even when no patient has it; without
-            it, shapes are taken from the patients that have each modality.
+        spec: ``{modality: {name: (shape, dtype)}}`` of every tensor; when given, every
+            patient's tensors are checked against it (a tensor from another config fails here,
+            not deep inside a model).
 
     Raises:
-        ValueError: an empty batch, or a tensor whose shape differs between patients.
+        ValueError: an empty batch, or a tensor whose shape differs between patients or from the spec.
 
     Example:
         >>> import torch
         >>> a = PatientTensors("p1", parse_time("2024-01-01T00:00:00Z"),
-        ...                    {Modality.AUDIO: {"mel": torch.ones(2, 3)}})
-        >>> b = PatientTensors("p2", parse_time("2024-01-01T00:00:00Z"))
+        ...                    {Modality.AUDIO: {"mel": torch.ones(2, 3)}}, labels={"sepsis": 1})
+        >>> b = PatientTensors("p2", parse_time("2024-01-01T00:00:00Z"), labels={"sepsis": -1})
         >>> batch = collate([a, b])
         >>> tuple(batch.tensors[Modality.AUDIO]["mel"].shape), batch.present[:, 4].tolist()
-        ((2, 2, 3), [True, False])
+        ((1, 2, 3), [True, False])
+        >>> batch.label_mask["sepsis"].tolist()
+        [True, False]
     """
     import torch
 
     if not items:
         raise ValueError("cannot collate an empty batch")
-    shapes: dict[Modality, dict[str, tuple[tuple[int, ...], torch.dtype]]] = {
-        m: dict(d) for m, d in (spec or {}).items()
-    }
-    for item in items:
-        for modality, named in item.tensors.items():
-            for name, tensor in named.items():
-                known = shapes.setdefault(modality, {}).get(name)
+    stacked: dict[Modality, dict[str, torch.Tensor]] = {}
+    for modality in MODALITIES:
+        having = [item for item in items if modality in item.tensors]
+        if not having:
+            continue
+        expected = dict((spec or {}).get(modality, {}))
+        names = list(expected) or list(having[0].tensors[modality])
+        stacked[modality] = {}
+        for name in names:
+            tensors = []
+            for item in having:
+                tensor = item.tensors[modality].get(name)
+                if tensor is None:
+                    raise ValueError(f"{modality}/{name}: patient {item.patient_id!r} lacks this tensor")
+                known = expected.get(name)
                 if known is None:
-                    shapes[modality][name] = (tuple(tensor.shape), tensor.dtype)
+                    expected[name] = (tuple(tensor.shape), tensor.dtype)
                 elif known[0] != tuple(tensor.shape):
                     raise ValueError(
                         f"{modality}/{name}: patient {item.patient_id!r} has shape {tuple(tensor.shape)}, "
                         f"expected {known[0]}; tensors must come from one config"
                     )
-    stacked: dict[Modality, dict[str, torch.Tensor]] = {}
-    for modality in MODALITIES:
-        if modality not in shapes:
-            continue
-        stacked[modality] = {}
-        for name, (shape, dtype) in shapes[modality].items():
-            out = torch.zeros((len(items), *shape), dtype=dtype)
-            for i, item in enumerate(items):
-                tensor = item.tensors.get(modality, {}).get(name)
-                if tensor is not None:
-                    out[i] = tensor
-            stacked[modality][name] = out
-    present = torch.stack([item.present for item in items])
+                tensors.append(tensor)
+            stacked[modality][name] = torch.stack(tensors)
+    tasks = sorted({task for item in items for task in item.labels})
+    labels = {
+        task: torch.tensor([item.labels.get(task, UNKNOWN_LABEL) for item in items], dtype=torch.int64)
+        for task in tasks
+    }
     return PatientBatch(
         patient_ids=[item.patient_id for item in items],
         index_times=[item.index_time for item in items],
         tensors=stacked,
-        present=present,
+        present=torch.stack([item.present for item in items]),
+        rows=torch.tensor([item.row for item in items], dtype=torch.int64),
+        labels=labels,
     )

@@ -227,7 +227,7 @@ def test_registered_reader_and_tensorizer(tmp_path: Path) -> None:
     tensorizer = AudioTensorizer(CONFIG).fit([record])
     arrays = tensorizer.transform(record)
     assert {k: (v.shape, str(v.dtype)) for k, v in arrays.items()} == {
-        k: (shape, dtype) for k, (shape, dtype) in tensorizer.spec().items()
+        k: (shape, dtype) for k, (shape, dtype, *_) in tensorizer.spec().items()
     }
     with pytest.raises(ValueError, match="another config"):
         AudioTensorizer(IngestConfig()).transform(record)

@@ -79,7 +79,7 @@ def test_every_local_pydicom_test_file_gives_a_volume_or_an_ingest_error() -> No
             errors.append(path)
             continue
         assert record is not None
-        for name, (shape, dtype) in spec.items():
+        for name, (shape, dtype, *_) in spec.items():
             assert record.arrays[name].shape == shape and record.arrays[name].dtype == np.dtype(dtype), path.name
         volume = record.arrays["volume"]
         assert np.isfinite(volume).all() and volume.min() >= 0.0 and volume.max() <= 1.0, path.name

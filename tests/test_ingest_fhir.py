@@ -111,12 +111,12 @@ def test_tensorizer_on_the_synthea_export(synthea_records) -> None:
     spec = tensorizer.spec()
     for record in records:
         arrays = tensorizer.transform(record)
-        for name, (shape, dtype) in spec.items():
+        for name, (shape, dtype, *_) in spec.items():
             assert arrays[name].shape == shape and arrays[name].dtype == np.dtype(dtype), name
         assert not arrays["lab_mask"].any()  # no Observations in this export
         n = int(arrays["code_mask"].sum())
         assert n > 0 and (arrays["code_ids"][:n] > 0).all() and (arrays["code_ids"][n:] == 0).all()
-        assert np.all(np.diff(arrays["code_age_days"][:n]) >= 0)  # newest first
+        assert np.all(np.diff(arrays["code_age_hours"][:n]) >= 0)  # newest first
     # the last three patients were not in the fit: some of their codes are out of vocabulary (id 1)
     unseen = [tensorizer.transform(r)["code_ids"] for r in records[10:]]
     assert any((ids == 1).any() for ids in unseen)
@@ -314,7 +314,7 @@ def test_tensorizer_bins_codes_and_demographics(generated) -> None:
     n = int(arrays["code_mask"].sum())
     assert n == len({key for _, key in codes})
     assert arrays["code_ids"][0] == tensorizer.code_vocab_.index(codes[0][1]) + 2
-    assert arrays["code_age_days"][0] == pytest.approx(codes[0][0], rel=1e-5)
+    assert arrays["code_age_hours"][0] == pytest.approx(codes[0][0] * 24, rel=1e-5)
     np.testing.assert_array_equal(arrays["demographics"][1:], [1.0, 0.0, 0.0])  # female
     male = tensorizer.transform(records[1])["demographics"]
     np.testing.assert_array_equal(male[1:], [0.0, 1.0, 0.0])

@@ -15,6 +15,7 @@ from meddx.records import (
     Modality,
     ModalityRecord,
     PatientRecord,
+    UNKNOWN_LABEL,
     PatientTensors,
     collate,
     is_available,
@@ -67,30 +68,43 @@ def patient(pid: str, **tensors: dict) -> PatientTensors:
     return PatientTensors(pid, INDEX, {Modality(k): v for k, v in tensors.items()})
 
 
-def test_collate_zero_fills_missing_modalities_with_presence_false() -> None:
+def test_collate_packs_each_modality_over_the_patients_that_have_it() -> None:
     a = patient("a", audio={"log_mel": torch.ones(2, 3), "frame_mask": torch.ones(3, dtype=torch.bool)})
     b = patient("b", video={"frames": torch.full((4, 1, 2, 2), 0.5)})
-    c = patient("c")
+    c = patient("c", audio={"log_mel": torch.full((2, 3), 2.0), "frame_mask": torch.zeros(3, dtype=torch.bool)})
     batch = collate([a, b, c])
     assert batch.patient_ids == ["a", "b", "c"] and len(batch) == 3
-    assert batch.tensors[Modality.AUDIO]["log_mel"].shape == (3, 2, 3)
-    assert batch.tensors[Modality.AUDIO]["log_mel"][1].abs().sum() == 0
+    # absent modalities are not zero-filled: audio holds a and c only, in batch order
+    assert batch.tensors[Modality.AUDIO]["log_mel"].shape == (2, 2, 3)
+    assert batch.tensors[Modality.AUDIO]["log_mel"][1].eq(2.0).all()
+    assert batch.rows_with(Modality.AUDIO).tolist() == [0, 2]
+    assert batch.rows_with(Modality.VIDEO).tolist() == [1]
     assert batch.tensors[Modality.AUDIO]["frame_mask"].dtype == torch.bool
-    assert batch.tensors[Modality.AUDIO]["frame_mask"][2].any().item() is False
     assert batch.present.shape == (3, len(MODALITIES))
     audio, video = MODALITIES.index(Modality.AUDIO), MODALITIES.index(Modality.VIDEO)
-    assert batch.present[:, audio].tolist() == [True, False, False]
+    assert batch.present[:, audio].tolist() == [True, False, True]
     assert batch.present[:, video].tolist() == [False, True, False]
-    assert Modality.IMAGING not in batch.tensors  # no patient had it and no spec was given
+    assert Modality.IMAGING not in batch.tensors  # no patient had it
 
 
-def test_collate_with_spec_includes_every_modality() -> None:
-    spec = {Modality.IMAGING: {"volume": ((2, 4, 4), torch.float32)}}
-    batch = collate([patient("a"), patient("b")], spec)
-    assert batch.tensors[Modality.IMAGING]["volume"].shape == (2, 2, 4, 4)
-    assert not batch.present.any()
+def test_collate_carries_rows_labels_and_label_masks() -> None:
+    a = PatientTensors("a", INDEX, row=4, labels={"sepsis": 1, "grade": 2})
+    b = PatientTensors("b", INDEX, row=7, labels={"sepsis": UNKNOWN_LABEL})
+    batch = collate([a, b])
+    assert batch.rows.tolist() == [4, 7]
+    assert batch.labels["sepsis"].tolist() == [1, UNKNOWN_LABEL]
+    assert batch.label_mask["sepsis"].tolist() == [True, False]
+    assert batch.label_mask["grade"].tolist() == [True, False]  # b has no grade label: unknown
     moved = batch.to("cpu")
-    assert moved.tensors[Modality.IMAGING]["volume"].device.type == "cpu"
+    assert moved.labels["sepsis"].device.type == "cpu" and moved.rows.tolist() == [4, 7]
+
+
+def test_collate_checks_tensors_against_the_spec() -> None:
+    spec = {Modality.AUDIO: {"log_mel": ((2, 3), torch.float32)}}
+    with pytest.raises(ValueError, match="another config|expected"):
+        collate([patient("a", audio={"log_mel": torch.ones(2, 4)})], spec)
+    with pytest.raises(ValueError, match="lacks"):
+        collate([patient("a", audio={"other": torch.ones(2, 3)})], spec)
 
 
 def test_collate_refuses_mismatched_shapes_and_empty_batches() -> None:

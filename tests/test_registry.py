@@ -95,7 +95,7 @@ def test_reader_contract(modality: Modality, sample_rows, tmp_path: Path) -> Non
     arrays = tensorizer.transform(record)
     spec = tensorizer.spec()
     assert set(arrays) == set(spec)
-    for name, (shape, dtype) in spec.items():
+    for name, (shape, dtype, *_) in spec.items():
         assert arrays[name].shape == shape and arrays[name].dtype == np.dtype(dtype), name
     restored = reader.tensorizer().load_state_dict(tensorizer.state_dict())
     cache = RecordCache(tmp_path / "cache")
@@ -120,3 +120,11 @@ def test_aligner_makes_a_batch_from_sample_records(sample_rows) -> None:
     assert batch.present.sum(dim=1).tolist() == [1] * len(MODALITIES)
     assert batch.present.diagonal().all()
     assert set(batch.tensors) == set(MODALITIES)
+    spec = restored.array_spec()
+    for modality, arrays in batch.tensors.items():
+        assert set(arrays) == set(spec[modality])  # every array declared, with its role
+        assert {f.role for f in spec[modality].values()} <= {"values", "mask", "token_mask", "ids", "age_hours"}
+        for name, tensor in arrays.items():
+            assert tuple(tensor.shape) == (1, *spec[modality][name].shape), (modality, name)
+        age = arrays["age_hours"]
+        assert age.shape == (1, 1) and (age >= 0).all()  # time before the index, every modality

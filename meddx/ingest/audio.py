@@ -35,7 +35,7 @@ import numpy as np
 
 from meddx.config import AudioConfig, IngestConfig
 from meddx.errors import ConfigError, IngestError
-from meddx.ingest.base import ArraySpec, ArrayTensorizer, Ingestor, IngestRequest, register_ingestor
+from meddx.ingest.base import ArrayField, ArraySpec, ArrayTensorizer, Ingestor, IngestRequest, register_ingestor
 from meddx.records import Modality, ModalityRecord
 
 if TYPE_CHECKING:  # torch/torchaudio are imported lazily: they cost seconds at CLI start
@@ -89,8 +89,8 @@ class AudioTensorizer(ArrayTensorizer):
     def spec(self) -> ArraySpec:
         frames = n_frames(self.config.audio)
         return {
-            "log_mel": ((self.config.audio.n_mels, frames), "float32"),
-            "frame_mask": ((frames,), "bool"),
+            "log_mel": ArrayField((self.config.audio.n_mels, frames), "float32", "values"),
+            "frame_mask": ArrayField((frames,), "bool", "mask", of=("log_mel",), axis=1),
         }
 
 

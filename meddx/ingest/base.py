@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar, Iterable, Literal, NamedTuple
 
 import numpy as np
 
@@ -24,7 +24,40 @@ from meddx.config import IngestConfig
 from meddx.errors import ConfigError
 from meddx.records import Modality, ModalityRecord
 
-ArraySpec = dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, numpy dtype name)
+ArrayRole = Literal["values", "mask", "token_mask", "ids", "age_hours"]
+ARRAY_ROLES: tuple[str, ...] = ("values", "mask", "token_mask", "ids", "age_hours")
+
+
+class ArrayField(NamedTuple):
+    """What one array of a modality is, so that encoders never hard-code array names.
+
+    Attributes:
+        shape: the fixed shape of one patient's array.
+        dtype: numpy dtype name (``float32``, ``bool``, ``int64``).
+        role: ``values`` (numbers to encode); ``mask`` (bool, True where the values in ``of`` were
+            observed; its axes are the values' axes starting at ``axis``); ``token_mask`` (bool,
+            True for real items/tokens of the arrays in ``of``, False for padding); ``ids``
+            (int64 indices into a vocabulary of ``vocab_size`` rows, 0 = padding); ``age_hours``
+            (float32 hours before the index time of the items of ``of``, or of the whole record when
+            ``of`` is empty).
+        of: the arrays a mask, token mask or age describes.
+        axis: for masks, the first axis of the described array that the mask's axes line up with.
+        vocab_size: for ids, the rows an embedding needs.
+
+    Example:
+        >>> ArrayField((8, 360), "bool", "mask", of=("values",)).role
+        'mask'
+    """
+
+    shape: tuple[int, ...]
+    dtype: str
+    role: ArrayRole = "values"
+    of: tuple[str, ...] = ()
+    axis: int = 0
+    vocab_size: int | None = None
+
+
+ArraySpec = dict[str, ArrayField]  # array name -> what it is
 
 
 @dataclass(frozen=True)
@@ -61,7 +94,7 @@ class Tensorizer(ABC):
 
     @abstractmethod
     def spec(self) -> ArraySpec:
-        """Name -> (shape, dtype) of every array :meth:`transform` returns."""
+        """Name -> :class:`ArrayField` (shape, dtype, role) of every array :meth:`transform` returns."""
 
     @abstractmethod
     def transform(self, record: ModalityRecord) -> dict[str, np.ndarray]:
@@ -84,7 +117,7 @@ class ArrayTensorizer(Tensorizer):
 
     def transform(self, record: ModalityRecord) -> dict[str, np.ndarray]:
         out = {}
-        for name, (shape, dtype) in self.spec().items():
+        for name, (shape, dtype, *_) in self.spec().items():
             if name not in record.arrays:
                 raise ValueError(f"{self.modality} record from {record.source} lacks array {name!r}")
             array = np.asarray(record.arrays[name])

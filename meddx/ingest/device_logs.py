@@ -59,7 +59,7 @@ import pandas as pd
 
 from meddx.config import DeviceLogConfig, IngestConfig
 from meddx.errors import ConfigError, IngestError
-from meddx.ingest.base import ArraySpec, Ingestor, IngestRequest, Tensorizer, register_ingestor
+from meddx.ingest.base import ArrayField, ArraySpec, Ingestor, IngestRequest, Tensorizer, register_ingestor
 from meddx.records import Modality, ModalityRecord
 
 if TYPE_CHECKING:
@@ -440,7 +440,10 @@ class DeviceLogTensorizer(Tensorizer):
 
     def spec(self) -> ArraySpec:
         shape = self._shape()
-        return {"values": (shape, "float32"), "mask": (shape, "bool")}
+        return {
+            "values": ArrayField(shape, "float32", "values"),
+            "mask": ArrayField(shape, "bool", "mask", of=("values",)),
+        }
 
     def fit(self, records: Iterable[ModalityRecord]) -> "DeviceLogTensorizer":
         n_records: Counter[str] = Counter()

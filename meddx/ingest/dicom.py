@@ -96,7 +96,7 @@ import numpy as np
 
 from meddx.config import ImagingConfig, IngestConfig
 from meddx.errors import IngestError
-from meddx.ingest.base import ArraySpec, ArrayTensorizer, Ingestor, IngestRequest, register_ingestor
+from meddx.ingest.base import ArrayField, ArraySpec, ArrayTensorizer, Ingestor, IngestRequest, register_ingestor
 from meddx.ingest.dicom_io import _short
 from meddx.ingest.dicom_series import load_series
 from meddx.ingest.image_resize import _resize_volume, _to_numpy, resize_in_plane
@@ -276,7 +276,10 @@ class ImagingTensorizer(ArrayTensorizer):
 
     def spec(self) -> ArraySpec:
         depth, height, width = self.config.imaging.spatial_size
-        return {"volume": ((depth, height, width), "float32"), "slice_mask": ((depth,), "bool")}
+        return {
+            "volume": ArrayField((depth, height, width), "float32", "values"),
+            "slice_mask": ArrayField((depth,), "bool", "mask", of=("volume",)),
+        }
 
 
 @register_ingestor
@@ -285,8 +288,8 @@ class ImagingIngestor(Ingestor):
 
     Example:
         >>> reader = ImagingIngestor(IngestConfig())
-        >>> reader.tensorizer().spec()["volume"]
-        ((32, 64, 64), 'float32')
+        >>> reader.tensorizer().spec()["volume"].shape
+        (32, 64, 64)
     """
 
     modality = Modality.IMAGING

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from meddx.errors import ConfigError, ModelError
-from meddx.ingest.base import ArraySpec, Tensorizer
+from meddx.ingest.base import ArrayField, ArraySpec, Tensorizer
 from meddx.ingest.units import convert
 from meddx.records import Event, Modality, ModalityRecord, parse_time
 
@@ -46,9 +46,10 @@ class EhrTensorizer(Tensorizer):
     * ``lab_values`` (F, B) float32: the last value in each bin, standardised; bins split
       the ``lookback_days`` before the index time, bin B-1 the most recent.
     * ``lab_counts`` (F, B) float32 and ``lab_mask`` (F, B) bool: values per bin, any.
+    * ``lab_age_hours`` (B,) float32: hours before the index time of each bin's centre.
     * ``code_ids`` (C,) int64: the most recent distinct codes, newest first (0 = padding,
       1 = not in the vocabulary, 2.. = vocabulary); all history counts, not just the
-      look-back window. ``code_age_days`` (C,) float32: days before the index time.
+      look-back window. ``code_age_hours`` (C,) float32: hours before the index time.
       ``code_mask`` (C,) bool.
     * ``demographics`` (4,) float32: standardised age (0 when unknown), then sex one-hot
       as female, male, other/unknown.
@@ -72,13 +73,14 @@ class EhrTensorizer(Tensorizer):
         cfg = self.config.ehr
         f, b, c = cfg.n_lab_features, cfg.n_bins, cfg.max_codes
         return {
-            "lab_values": ((f, b), "float32"),
-            "lab_counts": ((f, b), "float32"),
-            "lab_mask": ((f, b), "bool"),
-            "code_ids": ((c,), "int64"),
-            "code_age_days": ((c,), "float32"),
-            "code_mask": ((c,), "bool"),
-            "demographics": ((4,), "float32"),
+            "lab_values": ArrayField((f, b), "float32", "values"),
+            "lab_counts": ArrayField((f, b), "float32", "values"),
+            "lab_mask": ArrayField((f, b), "bool", "mask", of=("lab_values", "lab_counts")),
+            "lab_age_hours": ArrayField((b,), "float32", "age_hours", of=("lab_values",)),
+            "code_ids": ArrayField((c,), "int64", "ids", vocab_size=self.n_code_ids),
+            "code_age_hours": ArrayField((c,), "float32", "age_hours", of=("code_ids",)),
+            "code_mask": ArrayField((c,), "bool", "token_mask", of=("code_ids",)),
+            "demographics": ArrayField((4,), "float32", "values"),
         }
 
     def fit(self, records: Iterable[ModalityRecord]) -> "EhrTensorizer":
@@ -187,11 +189,18 @@ class EhrTensorizer(Tensorizer):
             "lab_values": values,
             "lab_counts": counts,
             "lab_mask": counts > 0,
+            "lab_age_hours": self._lab_bin_age_hours(),
             "code_ids": code_ids,
-            "code_age_days": code_age,
+            "code_age_hours": code_age * np.float32(24.0),
             "code_mask": code_ids > 0,
             "demographics": demographics,
         }
+
+    def _lab_bin_age_hours(self) -> np.ndarray:
+        """Hours before the index time of each lab bin's centre (bin B-1 is the most recent)."""
+        cfg = self.config.ehr
+        width_hours = cfg.lookback_days * 24.0 / cfg.n_bins
+        return ((cfg.n_bins - 1 - np.arange(cfg.n_bins) + 0.5) * width_hours).astype(np.float32)
 
     def _shape_state(self) -> dict[str, Any]:
         cfg = self.config.ehr

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib.resources
 import logging
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ import numpy as np
 
 from meddx.config import IngestConfig
 from meddx.errors import ConfigError, IngestError
-from meddx.ingest.base import ArraySpec, ArrayTensorizer, Ingestor, IngestRequest, register_ingestor
+from meddx.ingest.base import ArrayField, ArraySpec, ArrayTensorizer, Ingestor, IngestRequest, register_ingestor
 from meddx.ingest.fhir import FhirIngestor
 from meddx.records import Event, Modality, ModalityRecord
 
@@ -75,9 +76,10 @@ class NotesTensorizer(ArrayTensorizer):
     def spec(self) -> ArraySpec:
         cfg = self.config.notes
         return {
-            "input_ids": ((cfg.max_chunks, cfg.max_length), "int64"),
-            "attention_mask": ((cfg.max_chunks, cfg.max_length), "bool"),
-            "chunk_mask": ((cfg.max_chunks,), "bool"),
+            "input_ids": ArrayField((cfg.max_chunks, cfg.max_length), "int64", "ids"),
+            "attention_mask": ArrayField((cfg.max_chunks, cfg.max_length), "bool", "token_mask", of=("input_ids",)),
+            "chunk_mask": ArrayField((cfg.max_chunks,), "bool", "token_mask", of=("input_ids",)),
+            "chunk_age_hours": ArrayField((cfg.max_chunks,), "float32", "age_hours", of=("input_ids",)),
         }
 
 
@@ -171,6 +173,7 @@ class NotesIngestor(Ingestor):
         if not sections:
             return None
         arrays, used, cut = self._chunk(sections)
+        arrays["chunk_age_hours"] = _chunk_age_hours(arrays.pop("chunk_section"), sections, request.index_time)
         cfg = self.config.notes
         used_sections = [sections[i] for i in used]
         dated = [s.time for s in used_sections if s.time is not None]
@@ -232,15 +235,28 @@ class NotesIngestor(Ingestor):
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         input_ids = np.full((cfg.max_chunks, cfg.max_length), pad, np.int64)
         attention = np.zeros((cfg.max_chunks, cfg.max_length), bool)
+        chunk_section = np.full(cfg.max_chunks, -1, np.int64)  # which section each chunk came from
         row = 0
-        for _, rows in picked:
+        for section, rows in picked:
             for ids, mask in rows:
                 input_ids[row] = ids
                 attention[row] = np.asarray(mask, bool)
+                chunk_section[row] = section
                 row += 1
         chunk_mask = np.arange(cfg.max_chunks) < row
         return (
-            {"input_ids": input_ids, "attention_mask": attention, "chunk_mask": chunk_mask},
+            {"input_ids": input_ids, "attention_mask": attention, "chunk_mask": chunk_mask,
+             "chunk_section": chunk_section},
             [i for i, _ in picked],
             cut,
         )
+
+
+def _chunk_age_hours(chunk_section: np.ndarray, sections: list[Event], index_time: datetime) -> np.ndarray:
+    """Hours before the index time of each chunk's note; undated notes count as written at the index time."""
+    ages = np.zeros(len(chunk_section), np.float32)
+    for row, section in enumerate(chunk_section):
+        time = sections[section].time if section >= 0 else None
+        if time is not None:
+            ages[row] = max((index_time - time).total_seconds() / 3600.0, 0.0)
+    return ages

@@ -53,7 +53,7 @@ import numpy as np
 
 from meddx.config import ImagingConfig, VideoConfig
 from meddx.errors import IngestError
-from meddx.ingest.base import ArraySpec, ArrayTensorizer, Ingestor, IngestRequest, register_ingestor
+from meddx.ingest.base import ArrayField, ArraySpec, ArrayTensorizer, Ingestor, IngestRequest, register_ingestor
 from meddx.ingest.dicom import apply_window, window_bounds
 from meddx.ingest.dicom_io import decode_frames, dicom_time, quiet_pydicom, read_dicom, to_gray, transfer_syntax
 from meddx.records import Modality, ModalityRecord, is_available
@@ -134,8 +134,8 @@ class VideoTensorizer(ArrayTensorizer):
         video = self.config.video
         channels = 3 if video.color == "rgb" else 1
         return {
-            "frames": ((video.n_frames, channels, *video.size), "float32"),
-            "frame_mask": ((video.n_frames,), "bool"),
+            "frames": ArrayField((video.n_frames, channels, *video.size), "float32", "values"),
+            "frame_mask": ArrayField((video.n_frames,), "bool", "mask", of=("frames",)),
         }
 
 
@@ -144,8 +144,8 @@ class VideoIngestor(Ingestor):
     """Reads an MP4/AVI clip or a multi-frame DICOM cine (see the module docstring).
 
     Example:
-        >>> VideoIngestor().tensorizer().spec()["frames"]
-        ((16, 1, 64, 64), 'float32')
+        >>> VideoIngestor().tensorizer().spec()["frames"].shape
+        (16, 1, 64, 64)
     """
 
     modality = Modality.VIDEO
