@@ -122,6 +122,70 @@ def ingest(manifest: Path, cache: Path, workers: int | None, task_timeout: float
     _run_ingest(manifest, cache, workers, quiet, cache / "errors.csv", task_timeout)
 
 
+def _load_mapping(path: Path, what: str) -> dict:
+    """A JSON or YAML file holding one mapping (a config), or ConfigError saying what is wrong."""
+    import json
+
+    import yaml
+
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read the {what} {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"the {what} {path} must hold a mapping of settings, not {type(data).__name__}")
+    return data
+
+
+@main.command("pretrain")
+@click.argument("manifest", type=click.Path(path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the pretrained backbone (config.json, model.safetensors) and its checkpoint.")
+@click.option("--epochs", default=5, show_default=True, type=click.IntRange(min=1), help="Passes over the cohort.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=2), help="Patients per step.")
+@click.option("--lr", "learning_rate", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="AdamW learning rate.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seeds weights, shuffling and masking.")
+@click.option("--cache", "cache", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Ingest cache (default: MEDDX_CACHE, else the user cache directory).")
+@click.option("--config", "ingest_config", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Ingest config (JSON or YAML): tensor shapes and reading rules.")
+@click.option("--backbone-config", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Backbone config (JSON or YAML): model sizes (see BackboneConfig).")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Ingestion worker processes.")
+@click.option("--resume", is_flag=True, help="Carry on from OUT/checkpoint (written after every epoch).")
+@quiet_option
+@_handle_errors
+def pretrain_command(
+    manifest: Path, out: Path, epochs: int, batch_size: int, learning_rate: float, seed: int, cache: Path | None,
+    ingest_config: Path | None, backbone_config: Path | None, workers: int | None, resume: bool, quiet: bool,
+) -> None:
+    """Self-supervised pretraining of the backbone on a cohort (labels not needed)."""
+    from meddx.config import IngestConfig
+    from meddx.models import BackboneConfig
+    from meddx.pretrain import pretrain
+
+    ingest = IngestConfig.from_dict(_load_mapping(ingest_config, "ingest config")) if ingest_config else None
+    model = None
+    if backbone_config:
+        from pydantic import ValidationError
+
+        try:
+            model = BackboneConfig.model_validate(_load_mapping(backbone_config, "backbone config"))
+        except ValidationError as exc:
+            raise ConfigError(f"invalid backbone config {backbone_config}: {exc}") from None
+    result = pretrain(
+        manifest, out, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+        backbone_config=model, ingest_config=ingest, cache_dir=cache, workers=workers, resume=resume,
+        progress=not quiet,
+    )
+    for number, figures in enumerate(result.epochs, start=1):
+        click.echo(f"epoch {number}: loss {figures['total']:.4f} (masked {figures['masked']:.4f}, "
+                   f"contrastive {figures['contrastive']:.4f}), {figures['seconds']:.1f} s")
+    click.echo(f"pretrained backbone written to {result.out_dir} (load it with FoundationBackbone.from_pretrained)")
+
+
 @main.command("demo")
 @click.option("--out", "out", default=Path("runs/demo"), show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="Output folder.")

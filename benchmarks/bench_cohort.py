@@ -1,0 +1,40 @@
+"""The generated cohort the model benchmarks share (1800 patients, seed 11), made once.
+
+It lives under ``benchmarks/out/`` (ignored by git); delete the folder to make it again.
+Generating and ingesting it the first time takes several minutes on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+OUT = Path(__file__).resolve().parent / "out"
+N_PATIENTS = 1800
+SEED = 11
+
+
+def bench_cohort(n_patients: int = N_PATIENTS, seed: int = SEED) -> Path:
+    """The manifest of the shared cohort, generating it when absent."""
+    from meddx.synth import generate_cohort
+
+    folder = OUT / f"cohort-{n_patients}-seed{seed}"
+    manifest = folder / "manifest.csv"
+    if not manifest.is_file():
+        generate_cohort(folder, n_patients=n_patients, seed=seed)
+    return manifest
+
+
+def sub_manifest(manifest: Path, name: str, rows: slice, keep_labels: bool = True, split: str | None = None) -> Path:
+    """A manifest of some rows of ``manifest``, written beside it (paths stay relative)."""
+    frame = pd.read_csv(manifest, dtype=str, keep_default_na=False).iloc[rows].copy()
+    if not keep_labels:
+        frame = frame.drop(columns=[c for c in frame.columns if c.startswith("label:")])
+    if split is None:
+        frame = frame.drop(columns=["split"], errors="ignore")
+    else:
+        frame["split"] = split
+    path = manifest.parent / f"{name}.csv"
+    frame.to_csv(path, index=False)
+    return path

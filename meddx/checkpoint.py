@@ -1,0 +1,88 @@
+"""Training checkpoints as safetensors + JSON: module weights, optimizer state, progress.
+
+``torch.save`` pickles; a checkpoint a user downloads or shares must not be able to run
+code when loaded, so everything here is tensors in safetensors files and plain JSON.
+An optimizer's state dict is split into its tensors (``<param index>.<name>``) and the
+rest (hyper-parameters per group, non-tensor state) as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from meddx.errors import ModelError
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _atomic_write_text(text: str, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Write an optimizer's state as ``path`` (safetensors) and ``path.json`` (the rest)."""
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, dict[str, Any]] = {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{name}"] = value
+            else:
+                plain.setdefault(str(index), {})[name] = value
+    _atomic_save(tensors, path)
+    _atomic_write_text(json.dumps({"param_groups": state["param_groups"], "state": plain}), path.with_suffix(".json"))
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Restore what :func:`save_optimizer` wrote into ``optimizer`` (built over the same parameters)."""
+    try:
+        tensors = load_file(str(path))
+        saved = json.loads(path.with_suffix(".json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read optimizer state {path}: {exc}; start without --resume") from None
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        index, _, name = key.partition(".")
+        state.setdefault(int(index), {})[name] = value
+    for index, values in saved["state"].items():
+        state.setdefault(int(index), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+
+
+def save_module(module: torch.nn.Module, path: Path) -> None:
+    """A module's weights as safetensors (atomically)."""
+    _atomic_save(dict(module.state_dict()), path)
+
+
+def load_module(module: torch.nn.Module, path: Path) -> None:
+    """Load weights written by :func:`save_module`; every key must match."""
+    try:
+        tensors = load_file(str(path))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read weights {path}: {exc}") from None
+    module.load_state_dict(tensors)
+
+
+def write_progress(progress: dict[str, Any], path: Path) -> None:
+    """The loop's own progress (epoch, losses, seed) as JSON, written atomically."""
+    _atomic_write_text(json.dumps(progress, indent=2, sort_keys=True), path)
