@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from meddx.errors import ModelError
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     try:
@@ -31,7 +31,7 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
             os.unlink(tmp)
 
 
-def _atomic_write_text(text: str, path: Path) -> None:
+def atomic_write_text(text: str, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
@@ -49,8 +49,8 @@ def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
                 tensors[f"{index}.{name}"] = value
             else:
                 plain.setdefault(str(index), {})[name] = value
-    _atomic_save(tensors, path)
-    _atomic_write_text(json.dumps({"param_groups": state["param_groups"], "state": plain}), path.with_suffix(".json"))
+    atomic_save_tensors(tensors, path)
+    atomic_write_text(json.dumps({"param_groups": state["param_groups"], "state": plain}), path.with_suffix(".json"))
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
@@ -71,7 +71,7 @@ def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
 
 def save_module(module: torch.nn.Module, path: Path) -> None:
     """A module's weights as safetensors (atomically)."""
-    _atomic_save(dict(module.state_dict()), path)
+    atomic_save_tensors(dict(module.state_dict()), path)
 
 
 def load_module(module: torch.nn.Module, path: Path) -> None:
@@ -85,4 +85,4 @@ def load_module(module: torch.nn.Module, path: Path) -> None:
 
 def write_progress(progress: dict[str, Any], path: Path) -> None:
     """The loop's own progress (epoch, losses, seed) as JSON, written atomically."""
-    _atomic_write_text(json.dumps(progress, indent=2, sort_keys=True), path)
+    atomic_write_text(json.dumps(progress, indent=2, sort_keys=True), path)

@@ -1,0 +1,103 @@
+"""LoRA adapters (with ``peft``) on the fusion transformer and the text encoder.
+
+``lora`` fine-tuning freezes every backbone weight and learns low-rank updates next to the
+attention and feed-forward projections, so one pretrained backbone serves many tasks and
+sites without being overwritten: the saved ``model.safetensors`` keeps the base weights
+exactly as they were, and ``adapter.safetensors`` holds the few LoRA weights.
+
+Example:
+    >>> adapter = add_lora(model, {"r": 8, "alpha": 16, "dropout": 0.05})  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from meddx.errors import ConfigError
+
+if TYPE_CHECKING:
+    from meddx.models.diagnosis import DiagnosisModel
+
+LORA_MARK = "lora_"
+BASE_LAYER = ".base_layer"
+DEFAULT_ADAPTER: dict[str, Any] = {"r": 8, "alpha": 16, "dropout": 0.05, "text_encoder": False}
+
+
+def lora_targets(model: "DiagnosisModel", text_encoder: bool) -> list[str]:
+    """Full names of the linear layers that get adapters.
+
+    The fusion transformer's attention output and feed-forward projections always; the text
+    encoder's query and value projections when ``text_encoder`` (then its outputs can no longer
+    be cached, so each epoch runs the text model again: slow on a CPU).
+    """
+    targets = []
+    for name, module in model.backbone.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        in_fusion = name.startswith(model.backbone.fusion_module_name() + ".")
+        in_text = text_encoder and name.startswith(model.backbone.text_module_name() + ".") and (
+            name.endswith(".query") or name.endswith(".value")
+        )
+        if in_fusion or in_text:
+            targets.append(f"backbone.{name}")
+    if not targets:
+        raise ConfigError("found no layer to put LoRA adapters on; is the backbone built?")
+    return targets
+
+
+def add_lora(model: "DiagnosisModel", adapter: dict[str, Any]) -> dict[str, Any]:
+    """Inject LoRA layers into ``model`` in place and freeze the backbone; returns the adapter config used.
+
+    The heads stay trainable. ``adapter`` keys: ``r``, ``alpha``, ``dropout``, ``text_encoder``
+    (whether the text encoder gets adapters too); missing keys take :data:`DEFAULT_ADAPTER`.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    settings = {**DEFAULT_ADAPTER, **adapter}
+    unknown = set(settings) - set(DEFAULT_ADAPTER) - {"targets"}
+    if unknown:
+        raise ConfigError(f"unknown LoRA settings {sorted(unknown)}; known: {sorted(DEFAULT_ADAPTER)}")
+    targets = settings.get("targets") or lora_targets(model, bool(settings["text_encoder"]))
+    config = LoraConfig(
+        r=int(settings["r"]), lora_alpha=int(settings["alpha"]), lora_dropout=float(settings["dropout"]),
+        target_modules=targets, bias="none",
+    )
+    inject_adapter_in_model(config, model)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = LORA_MARK in name or name.startswith("heads.")
+    if settings["text_encoder"]:
+        model.backbone.disable_frozen_cache()  # the text encoder's outputs now change with training
+    model.adapter = {**settings, "targets": targets}
+    return model.adapter
+
+
+def split_adapter_weights(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(base, adapter)`` weights; base keys are those of the model without adapters.
+
+    peft renames an adapted layer's own weight ``x.weight`` to ``x.base_layer.weight``; saving
+    it under its original name keeps ``model.safetensors`` the same file whether or not
+    adapters were added, which is what lets one base serve many adapters.
+    """
+    base, adapter = {}, {}
+    for key, value in model.state_dict().items():
+        if LORA_MARK in key:
+            adapter[key] = value
+        else:
+            base[key.replace(BASE_LAYER, "")] = value
+    return base, adapter
+
+
+def to_model_keys(weights: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Rename saved base weights to the names they have in a model with adapters injected."""
+    renamed = {}
+    for key in model.state_dict():
+        original = key.replace(BASE_LAYER, "")
+        if original in weights:
+            renamed[key] = weights[original]
+    for key, value in weights.items():
+        if LORA_MARK in key:
+            renamed[key] = value
+    return renamed

@@ -1,0 +1,82 @@
+"""Diagnostic heads on the backbone's pooled embedding, one per task.
+
+A binary task has one logit (the positive class), a multiclass task one per class. Several
+binary tasks on one backbone make a multilabel problem; each head's loss leaves out the rows
+whose label for that task is unknown (an empty manifest cell), never treating them as
+negatives. Class weights (inverse frequency on the training rows) counter imbalance.
+
+Example:
+    >>> heads = DiagnosisHeads(64, {"disease": TaskSpec("disease", "binary", ("0", "1"))})  # doctest: +SKIP
+    >>> logits = heads(pooled)  # {"disease": (B,)}  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meddx.cohort import TaskSpec
+
+
+def n_outputs(task: TaskSpec) -> int:
+    """Logits a task's head gives: 1 for binary, one per class for multiclass."""
+    return 1 if task.kind == "binary" else len(task.classes)
+
+
+class DiagnosisHeads(nn.Module):
+    """One small head per task: LayerNorm, dropout and a linear map of the pooled embedding.
+
+    Args:
+        d_model: width of the pooled embedding.
+        tasks: task name -> :class:`~meddx.cohort.TaskSpec`.
+        dropout: before the linear map.
+    """
+
+    def __init__(self, d_model: int, tasks: Mapping[str, TaskSpec], dropout: float = 0.1):
+        super().__init__()
+        self.tasks = dict(tasks)
+        self.heads = nn.ModuleDict(
+            {
+                name: nn.Sequential(nn.LayerNorm(d_model), nn.Dropout(dropout), nn.Linear(d_model, n_outputs(task)))
+                for name, task in self.tasks.items()
+            }
+        )
+
+    def forward(self, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits per task: ``(B,)`` binary, ``(B, C)`` multiclass."""
+        out = {}
+        for name, head in self.heads.items():
+            logits = head(pooled)  # (B, 1) or (B, C)
+            out[name] = logits.squeeze(-1) if self.tasks[name].kind == "binary" else logits
+        return out
+
+
+def task_loss(
+    logits: torch.Tensor, labels: torch.Tensor, known: torch.Tensor, kind: str, class_weights: torch.Tensor | None
+) -> torch.Tensor | None:
+    """Mean loss of one task over the rows whose label is known; None when there are none.
+
+    Binary: weighted BCE (``class_weights[1] / class_weights[0]`` as the positive weight);
+    multiclass: weighted cross-entropy.
+    """
+    if not known.any():
+        return None
+    logits, labels = logits[known], labels[known]
+    if kind == "binary":
+        pos_weight = None if class_weights is None else (class_weights[1] / class_weights[0]).reshape(1)
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), pos_weight=pos_weight)
+    return F.cross_entropy(logits.float(), labels, weight=class_weights)
+
+
+def class_weights_from(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights from known training labels (``-1`` = unknown), mean 1.
+
+    A class absent from the training rows gets weight 1 (it cannot be learnt anyway).
+    """
+    known = labels[labels >= 0]
+    counts = torch.bincount(known, minlength=n_classes).float()
+    weights = torch.where(counts > 0, counts.sum() / (n_classes * counts.clamp(min=1)), torch.ones_like(counts))
+    return weights / weights.mean()
