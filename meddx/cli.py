@@ -138,6 +138,20 @@ def _load_mapping(path: Path, what: str) -> dict:
     return data
 
 
+def _backbone_config(path: Path | None):
+    """A BackboneConfig from a JSON/YAML file, or None for the defaults."""
+    if path is None:
+        return None
+    from pydantic import ValidationError
+
+    from meddx.models import BackboneConfig
+
+    try:
+        return BackboneConfig.model_validate(_load_mapping(path, "backbone config"))
+    except ValidationError as exc:
+        raise ConfigError(f"invalid backbone config {path}: {exc}") from None
+
+
 @main.command("pretrain")
 @click.argument("manifest", type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -163,27 +177,74 @@ def pretrain_command(
 ) -> None:
     """Self-supervised pretraining of the backbone on a cohort (labels not needed)."""
     from meddx.config import IngestConfig
-    from meddx.models import BackboneConfig
     from meddx.pretrain import pretrain
 
     ingest = IngestConfig.from_dict(_load_mapping(ingest_config, "ingest config")) if ingest_config else None
-    model = None
-    if backbone_config:
-        from pydantic import ValidationError
-
-        try:
-            model = BackboneConfig.model_validate(_load_mapping(backbone_config, "backbone config"))
-        except ValidationError as exc:
-            raise ConfigError(f"invalid backbone config {backbone_config}: {exc}") from None
     result = pretrain(
         manifest, out, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-        backbone_config=model, ingest_config=ingest, cache_dir=cache, workers=workers, resume=resume,
+        backbone_config=_backbone_config(backbone_config), ingest_config=ingest, cache_dir=cache, workers=workers, resume=resume,
         progress=not quiet,
     )
     for number, figures in enumerate(result.epochs, start=1):
         click.echo(f"epoch {number}: loss {figures['total']:.4f} (masked {figures['masked']:.4f}, "
                    f"contrastive {figures['contrastive']:.4f}), {figures['seconds']:.1f} s")
     click.echo(f"pretrained backbone written to {result.out_dir} (load it with FoundationBackbone.from_pretrained)")
+
+
+@main.command("finetune")
+@click.argument("manifest", type=click.Path(path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the model (config.json, model.safetensors, calibration.json, metrics.json).")
+@click.option("--tasks", default=None, help="Comma-separated tasks (default: every label:<task> column).")
+@click.option("--backbone", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="A pretrained backbone folder (meddx pretrain); default: a new backbone.")
+@click.option("--mode", type=click.Choice(["head", "full", "lora"]), default="head", show_default=True,
+              help="head: frozen backbone; full: train everything; lora: LoRA adapters.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="At most this many epochs (default per mode).")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", "learning_rate", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="AdamW learning rate (default per mode).")
+@click.option("--patience", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Epochs without a better validation AUROC before stopping.")
+@click.option("--alpha", default=0.1, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Conformal miscoverage: sets hold the true class 1-alpha of the time.")
+@click.option("--calibration", type=click.Choice(["temperature", "isotonic"]), default="temperature",
+              show_default=True)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--cache", "cache", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Ingest cache (default: MEDDX_CACHE, else the user cache directory).")
+@click.option("--config", "ingest_config", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Ingest config (JSON or YAML) for a new backbone.")
+@click.option("--backbone-config", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Backbone config (JSON or YAML) for a new backbone.")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Ingestion worker processes.")
+@click.option("--resume", is_flag=True, help="Carry on from OUT/checkpoint.")
+@quiet_option
+@_handle_errors
+def finetune_command(
+    manifest: Path, out: Path, tasks: str | None, backbone: Path | None, mode: str, epochs: int | None,
+    batch_size: int, learning_rate: float | None, patience: int, alpha: float, calibration: str, seed: int,
+    cache: Path | None, ingest_config: Path | None, backbone_config: Path | None, workers: int | None,
+    resume: bool, quiet: bool,
+) -> None:
+    """Fine-tune diagnostic heads on a labelled cohort, then calibrate them on its validation rows."""
+    from meddx.config import IngestConfig
+    from meddx.train import finetune
+
+    ingest = IngestConfig.from_dict(_load_mapping(ingest_config, "ingest config")) if ingest_config else None
+    model = finetune(
+        manifest, out, tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None, mode=mode,
+        epochs=epochs, backbone=backbone, backbone_config=_backbone_config(backbone_config), ingest_config=ingest,
+        cache_dir=cache, batch_size=batch_size, learning_rate=learning_rate, patience=patience, seed=seed,
+        alpha=alpha, calibration=calibration, workers=workers, resume=resume, progress=not quiet,
+    )
+    info = model.training_info
+    click.echo(f"fine-tuned ({info['mode']}) on {info['rows']['train']} training rows in {info['fit_seconds']:.1f} s; "
+               f"best epoch {info['best_epoch']} of {info['epochs_run']}")
+    for task, figures in model.metrics["validation"]["per_task"].items():
+        click.echo(f"  {task}: validation AUROC {figures['auroc']:.3f}, ECE {figures['ece_before']:.3f} -> "
+                   f"{figures['ece_after']:.3f} after calibration ({figures['val_rows']} rows)")
+    click.echo(f"model written to {out}")
 
 
 @main.command("demo")
