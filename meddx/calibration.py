@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -47,7 +47,7 @@ DEFAULT_GROUPS: dict[int, str] = {0: ALL_PRESENT, 1: ONE_MISSING, 2: TWO_OR_MORE
 # What identifies a row's availability group: a presence mask (N, M) bool, a number of missing
 # modalities (N,) int, or group names (N,) str.
 Availability = np.ndarray
-GroupSpec = Union[Mapping[int, str], Callable[[np.ndarray], Any], None]
+GroupSpec = Mapping[int, str] | Callable[[np.ndarray], Any] | None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -152,7 +152,7 @@ class TemperatureScaler:
         log_norm = np.logaddexp.reduce(scaled, axis=1)
         return float(np.mean(log_norm - scaled[np.arange(len(labels)), labels]))
 
-    def fit(self, logits: Any, labels: Any) -> "TemperatureScaler":
+    def fit(self, logits: Any, labels: Any) -> TemperatureScaler:
         """Fit the temperature on validation logits (never training rows).
 
         Args:
@@ -176,7 +176,7 @@ class TemperatureScaler:
             options={"xatol": 1e-7},
         )
         self.temperature_ = float(math.exp(result.x))
-        self.n_fitted_ = int(len(labels))
+        self.n_fitted_ = len(labels)
         self.n_classes_ = 2 if logits.ndim == 1 else int(logits.shape[1])
         self.nll_before_ = self._nll(logits, labels, 1.0)
         self.nll_after_ = self._nll(logits, labels, self.temperature_)
@@ -206,7 +206,7 @@ class TemperatureScaler:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "TemperatureScaler":
+    def from_dict(cls, data: Mapping[str, Any]) -> TemperatureScaler:
         """Rebuild a fitted scaler from :meth:`to_dict` output."""
         _check_format(data, cls.kind)
         scaler = cls(max_temperature=float(data["max_temperature"]))
@@ -241,7 +241,7 @@ class IsotonicCalibrator:
 
     kind = "isotonic"
 
-    def fit(self, logits: Any, labels: Any) -> "IsotonicCalibrator":
+    def fit(self, logits: Any, labels: Any) -> IsotonicCalibrator:
         """Fit on validation logits ``(N,)`` or ``(N, C)`` and class indices ``(N,)``; returns self."""
         from sklearn.isotonic import IsotonicRegression
 
@@ -254,7 +254,7 @@ class IsotonicCalibrator:
         for x, y in zip(columns, targets):
             fitted = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(x, y.astype(np.float64))
             self.thresholds_.append((fitted.X_thresholds_.copy(), fitted.y_thresholds_.copy()))
-        self.n_fitted_ = int(len(labels))
+        self.n_fitted_ = len(labels)
         self.n_classes_ = int(n_classes)
         return self
 
@@ -290,7 +290,7 @@ class IsotonicCalibrator:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "IsotonicCalibrator":
+    def from_dict(cls, data: Mapping[str, Any]) -> IsotonicCalibrator:
         """Rebuild a fitted calibrator from :meth:`to_dict` output."""
         _check_format(data, cls.kind)
         calibrator = cls()
@@ -304,10 +304,13 @@ class IsotonicCalibrator:
 
 def calibrator_from_dict(data: Mapping[str, Any]) -> TemperatureScaler | IsotonicCalibrator:
     """Rebuild whichever calibrator ``data`` describes (its ``type`` field)."""
-    kinds = {TemperatureScaler.kind: TemperatureScaler, IsotonicCalibrator.kind: IsotonicCalibrator}
-    if data.get("type") not in kinds:
-        raise ConfigError(f"unknown calibrator type {data.get('type')!r}; expected one of {sorted(kinds)}")
-    return kinds[data["type"]].from_dict(data)
+    if data.get("type") == TemperatureScaler.kind:
+        return TemperatureScaler.from_dict(data)
+    if data.get("type") == IsotonicCalibrator.kind:
+        return IsotonicCalibrator.from_dict(data)
+    raise ConfigError(
+        f"unknown calibrator type {data.get('type')!r}; expected {TemperatureScaler.kind!r} or {IsotonicCalibrator.kind!r}"
+    )
 
 
 # --------------------------------------------------------------------------- availability groups
@@ -410,7 +413,7 @@ class ConformalClassifier:
         self.groups = groups
         self.min_group_size = min_group_size
 
-    def fit(self, probabilities: Any, labels: Any, availability: Any = None) -> "ConformalClassifier":
+    def fit(self, probabilities: Any, labels: Any, availability: Any = None) -> ConformalClassifier:
         """Fit thresholds on validation rows.
 
         Args:
@@ -429,7 +432,7 @@ class ConformalClassifier:
         probabilities = _as_class_probabilities(probabilities)
         labels = _check_labels(labels, len(probabilities), probabilities.shape[1])
         scores = 1.0 - probabilities[np.arange(len(labels)), labels]  # (N,)
-        self.n_fitted_ = int(len(labels))
+        self.n_fitted_ = len(labels)
         self.n_classes_ = int(probabilities.shape[1])
         self.threshold_ = conformal_threshold(scores, self.alpha)
         self.group_thresholds_: dict[str, float] = {}
@@ -439,7 +442,7 @@ class ConformalClassifier:
             names = self._group_names(availability, len(labels))
             for name in sorted(set(names.tolist())):
                 members = scores[names == name]
-                self.group_sizes_[name] = int(len(members))
+                self.group_sizes_[name] = len(members)
                 pooled = len(members) < self.min_group_size
                 self.group_pooled_[name] = pooled
                 self.group_thresholds_[name] = self.threshold_ if pooled else conformal_threshold(members, self.alpha)
@@ -509,7 +512,7 @@ class ConformalClassifier:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], groups: GroupSpec = None) -> "ConformalClassifier":
+    def from_dict(cls, data: Mapping[str, Any], groups: GroupSpec = None) -> ConformalClassifier:
         """Rebuild from :meth:`to_dict` output.
 
         Args:

@@ -17,15 +17,24 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from meddx import __version__
 from meddx.calibration import availability_groups
-from meddx.metrics import MetricSettings, auroc, bootstrap, grouped_tables, metric_table, probability_metrics
+from meddx.metrics import (
+    DEFAULT_SETTINGS,
+    MetricSettings,
+    auroc,
+    bootstrap,
+    grouped_tables,
+    metric_table,
+    probability_metrics,
+)
 from meddx.predictions import TaskRows, load_task_rows
 
 logger = logging.getLogger(__name__)
@@ -50,6 +59,10 @@ class EvaluationResult:
     plots: list[Path]
 
 
+def _auroc_drop(labels: np.ndarray, full: np.ndarray, withheld: np.ndarray) -> Callable[[np.ndarray], float]:
+    return lambda rows: auroc(labels[rows], full[rows]) - auroc(labels[rows], withheld[rows])
+
+
 def ablation_metrics(task: TaskRows, settings: MetricSettings) -> dict[str, Any] | None:
     """Per withheld modality, on the rows where it was present: metrics with and without it.
 
@@ -62,18 +75,17 @@ def ablation_metrics(task: TaskRows, settings: MetricSettings) -> dict[str, Any]
         rows = np.flatnonzero(~np.isnan(withheld.reshape(len(withheld), -1)).any(axis=1))
         labels, full, without = task.labels[rows], task.probabilities[rows], withheld[rows]
         table[modality] = {
-            "n": int(len(rows)),
+            "n": len(rows),
             "full": probability_metrics(labels, full, settings),
             "withheld": probability_metrics(labels, without, settings),
             "auroc_drop": bootstrap(
-                lambda r: auroc(labels[r], full[r]) - auroc(labels[r], without[r]),
-                len(rows), settings.n_resamples, settings.confidence, settings.seed,
+                _auroc_drop(labels, full, without), len(rows), settings.n_resamples, settings.confidence, settings.seed
             ).to_dict(),
         }
     return table
 
 
-def task_metrics(task: TaskRows, settings: MetricSettings = MetricSettings()) -> dict[str, Any]:
+def task_metrics(task: TaskRows, settings: MetricSettings = DEFAULT_SETTINGS) -> dict[str, Any]:
     """Every table of one task, as written under ``tasks.<name>`` in ``metrics.json``."""
     common = (task.labels, task.probabilities, task.raw_probabilities, task.sets)
     result: dict[str, Any] = {
@@ -107,8 +119,8 @@ def task_metrics(task: TaskRows, settings: MetricSettings = MetricSettings()) ->
 
 def compute_metrics(
     tasks: Sequence[TaskRows],
-    settings: MetricSettings = MetricSettings(),
-    sources: dict[str, str] | None = None,
+    settings: MetricSettings = DEFAULT_SETTINGS,
+    sources: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The whole ``metrics.json`` document for already loaded tasks."""
     return {
@@ -124,7 +136,7 @@ def evaluate(
     manifest: str | Path,
     out: str | Path,
     by: Sequence[str] = (),
-    settings: MetricSettings = MetricSettings(),
+    settings: MetricSettings = DEFAULT_SETTINGS,
 ) -> EvaluationResult:
     """Evaluate a predictions file and write ``metrics.json``, ``report.html`` and PNG plots.
 
@@ -146,7 +158,7 @@ def evaluate(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tasks = load_task_rows(predictions, manifest, by)
-    sources = {"predictions": str(predictions), "manifest": str(manifest), "by": list(by)}
+    sources: dict[str, Any] = {"predictions": str(predictions), "manifest": str(manifest), "by": list(by)}
     metrics = compute_metrics(tasks, settings, sources)
     metrics_path = out / METRICS_FILE
     metrics_path.write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")  # strict JSON

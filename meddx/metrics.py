@@ -247,8 +247,17 @@ class MetricSettings:
     seed: int = 0
 
 
+DEFAULT_SETTINGS = MetricSettings()
+
+
+def _on_rows(
+    function: Callable[[np.ndarray, np.ndarray], float], labels: np.ndarray, probabilities: np.ndarray
+) -> Callable[[np.ndarray], float]:
+    return lambda rows: function(labels[rows], probabilities[rows])
+
+
 def probability_metrics(
-    labels: np.ndarray, probabilities: np.ndarray, settings: MetricSettings = MetricSettings()
+    labels: np.ndarray, probabilities: np.ndarray, settings: MetricSettings = DEFAULT_SETTINGS
 ) -> dict[str, dict[str, Any]]:
     """AUROC, AUPRC, Brier and ECE of one set of probabilities, each with its interval."""
     functions: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
@@ -259,7 +268,7 @@ def probability_metrics(
     }
     return {
         name: bootstrap(
-            lambda rows, f=function: f(labels[rows], probabilities[rows]),
+            _on_rows(function, labels, probabilities),
             len(labels),
             settings.n_resamples,
             settings.confidence,
@@ -270,7 +279,7 @@ def probability_metrics(
 
 
 def conformal_metrics(
-    labels: np.ndarray, sets: np.ndarray, settings: MetricSettings = MetricSettings()
+    labels: np.ndarray, sets: np.ndarray, settings: MetricSettings = DEFAULT_SETTINGS
 ) -> dict[str, dict[str, Any]]:
     """Coverage and mean set size of prediction sets, each with its interval."""
     return {
@@ -290,7 +299,7 @@ def metric_table(
     probabilities: np.ndarray,
     raw_probabilities: np.ndarray | None = None,
     sets: np.ndarray | None = None,
-    settings: MetricSettings = MetricSettings(),
+    settings: MetricSettings = DEFAULT_SETTINGS,
 ) -> dict[str, Any]:
     """Every metric of one group of rows: before and after calibration, and of the conformal sets.
 
@@ -311,7 +320,7 @@ def metric_table(
     """
     labels = np.asarray(labels)
     return {
-        "n": int(len(labels)),
+        "n": len(labels),
         "after_calibration": probability_metrics(labels, np.asarray(probabilities, dtype=np.float64), settings),
         "before_calibration": None
         if raw_probabilities is None
@@ -321,12 +330,12 @@ def metric_table(
 
 
 def grouped_tables(
-    groups: Sequence[Any],
+    groups: Sequence[Any] | np.ndarray,
     labels: np.ndarray,
     probabilities: np.ndarray,
     raw_probabilities: np.ndarray | None = None,
     sets: np.ndarray | None = None,
-    settings: MetricSettings = MetricSettings(),
+    settings: MetricSettings = DEFAULT_SETTINGS,
 ) -> dict[str, dict[str, Any]]:
     """:func:`metric_table` per distinct value of ``groups`` (one per row); empty cells become "(missing)"."""
     names = np.asarray(["(missing)" if _is_missing(g) else str(g) for g in groups], dtype=object)

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -267,11 +268,11 @@ def _task_rows(path: Path, frame, rows: np.ndarray, spec, manifest_rows: list, b
             ablation[modality] = np.stack([_numbers(sub, c, path)[index] for c in columns], axis=1)
 
     counts = {
-        "rows": int(len(rows)),
+        "rows": len(rows),
         "status_error": int((~ok).sum()),
         "unlabelled": int((ok & ~labelled).sum()),
         "without_probability": int((ok & labelled & ~has_probability).sum()),
-        "evaluated": int(len(index)),
+        "evaluated": len(index),
     }
     logger.info("task %s: %d of %d rows evaluated", task, len(index), len(rows))
     return TaskRows(
