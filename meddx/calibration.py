@@ -11,6 +11,10 @@ in ``_`` and a JSON form (``to_dict`` / ``from_dict``) for ``calibration.json``:
   with the finite-sample quantile, and Mondrian thresholds per modality-availability group,
   because a prediction made with a modality missing is less reliable than one made with all.
 
+:class:`TaskCalibration` bundles a task's calibrator and conformal classifier;
+:func:`save_calibration` / :func:`load_calibration` write and read a model folder's
+``calibration.json``.
+
 Shapes: a binary task gives one logit per row ``(N,)`` and a multiclass task ``(N, C)``; labels
 are class indices ``(N,)`` (0/1 for binary tasks). Rows with an unknown label must be dropped by
 the caller before ``fit``.
@@ -29,13 +33,16 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from meddx.errors import ConfigError, NotFittedError
+from meddx.errors import ConfigError, ModelError, NotFittedError
 
 CALIBRATION_FORMAT = 1  # version of the JSON written by to_dict; from_dict refuses others
 
@@ -536,3 +543,69 @@ class ConformalClassifier:
         conformal.group_sizes_ = {n: int(g["n_fitted"]) for n, g in data["groups"].items()}
         conformal.group_pooled_ = {n: bool(g["pooled"]) for n, g in data["groups"].items()}
         return conformal
+
+
+# --------------------------------------------------------------------------- calibration.json
+
+CALIBRATION_FILE = "calibration.json"
+
+
+@dataclass
+class TaskCalibration:
+    """What one task's probabilities go through: a calibrator, then (optionally) conformal sets.
+
+    Example:
+        >>> entry = TaskCalibration(("0", "1"), TemperatureScaler().fit(val_logits, val_labels))  # doctest: +SKIP
+        >>> save_calibration("model_dir", {"disease": entry})                                       # doctest: +SKIP
+    """
+
+    classes: tuple[str, ...]
+    calibrator: TemperatureScaler | IsotonicCalibrator
+    conformal: ConformalClassifier | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "classes": list(self.classes),
+            "calibrator": self.calibrator.to_dict(),
+            "conformal": None if self.conformal is None else self.conformal.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], groups: GroupSpec = None) -> TaskCalibration:
+        conformal = data.get("conformal")
+        return cls(
+            classes=tuple(str(c) for c in data["classes"]),
+            calibrator=calibrator_from_dict(data["calibrator"]),
+            conformal=None if conformal is None else ConformalClassifier.from_dict(conformal, groups=groups),
+        )
+
+
+def save_calibration(folder: str | Path, tasks: Mapping[str, TaskCalibration]) -> Path:
+    """Write ``calibration.json`` (format, then one entry per task) into a model folder."""
+    path = Path(folder) / CALIBRATION_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = {"format": CALIBRATION_FORMAT, "tasks": {name: entry.to_dict() for name, entry in tasks.items()}}
+    path.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
+    return path
+
+
+def load_calibration(folder: str | Path, groups: GroupSpec = None) -> dict[str, TaskCalibration]:
+    """Read ``calibration.json`` from a model folder.
+
+    Raises:
+        ModelError: the file is missing, not JSON, or from an unknown format.
+    """
+    path = Path(folder) / CALIBRATION_FILE
+    try:
+        document = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"{path} not found; a model folder holds calibration.json next to config.json") from None
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read {path}: {exc}") from None
+    if not isinstance(document, dict) or document.get("format") != CALIBRATION_FORMAT:
+        found = document.get("format") if isinstance(document, dict) else None
+        raise ModelError(f"{path} has calibration format {found!r}; this meddx reads format {CALIBRATION_FORMAT}")
+    try:
+        return {name: TaskCalibration.from_dict(entry, groups) for name, entry in document["tasks"].items()}
+    except (KeyError, TypeError, ConfigError) as exc:
+        raise ModelError(f"{path} is not a valid calibration file: {exc}") from None

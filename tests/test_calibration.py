@@ -221,3 +221,26 @@ def test_conformal_refuses_bad_alpha_and_mismatched_rows() -> None:
         ConformalClassifier().fit(probs, labels, availability=missing[:10])
     with pytest.raises(NotFittedError):
         ConformalClassifier().predict_set(probs)
+
+
+def test_calibration_file_round_trip_and_refusals(tmp_path) -> None:
+    from meddx.calibration import TaskCalibration, load_calibration, save_calibration
+    from meddx.errors import ModelError
+
+    logits, labels = _overconfident(np.random.default_rng(12), 500, 2.0)
+    scaler = TemperatureScaler().fit(logits, labels)
+    missing = np.random.default_rng(13).integers(0, 3, 500)
+    conformal = ConformalClassifier(alpha=0.1, min_group_size=100).fit(scaler.transform(logits), labels, missing)
+    path = save_calibration(tmp_path, {"disease": TaskCalibration(("0", "1"), scaler, conformal)})
+    assert path.name == "calibration.json"
+    loaded = load_calibration(tmp_path)["disease"]
+    assert loaded.classes == ("0", "1") and loaded.calibrator.n_fitted_ == 500
+    np.testing.assert_array_equal(
+        loaded.conformal.predict_set(loaded.calibrator.transform(logits), missing),
+        conformal.predict_set(scaler.transform(logits), missing),
+    )
+    path.write_text(json.dumps({"format": 7, "tasks": {}}))
+    with pytest.raises(ModelError, match="format 7"):
+        load_calibration(tmp_path)
+    with pytest.raises(ModelError, match="not found"):
+        load_calibration(tmp_path / "nowhere")
