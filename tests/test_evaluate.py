@@ -202,3 +202,32 @@ def test_bad_predictions_exit_2_with_rows_not_patients(files: dict[str, Path], t
     frame.to_csv(bad, index=False)
     result = runner.invoke(main, ["evaluate", str(bad), *args])
     assert result.exit_code == 2 and "[0, 1]" in result.output and "rows 1" in result.output
+
+
+def test_a_minimal_predictions_file_still_gives_every_section(tmp_path: Path) -> None:
+    """Only the required columns: no raw probabilities, no sets, no modalities, one-class subgroup."""
+    times = [f"2024-05-{day:02d}T10:00:00+02:00" for day in range(1, 13)]
+    labels = [0, 1, 0, 1, 1, 0, 0, 1, 0, 0, 0, 0]
+    pd.DataFrame({
+        "patient_id": [f"Q{i}" for i in range(12)], "index_time": times, "label:flu": labels,
+        "ward": ["a"] * 8 + ["b"] * 4,  # ward b has only negatives: its AUROC is undefined
+    }).to_csv(tmp_path / "manifest.csv", index=False)
+    # The same instants written in UTC: the join is on the moment, not the text.
+    utc = pd.to_datetime(times, utc=True).strftime("%Y-%m-%dT%H:%M:%SZ")
+    pd.DataFrame({
+        "patient_id": [f"Q{i}" for i in range(12)], "index_time": utc, "task": "flu", "status": "ok",
+        "probability": np.linspace(0.05, 0.95, 12),
+    }).to_csv(tmp_path / "predictions.csv", index=False)
+    result = evaluate(tmp_path / "predictions.csv", tmp_path / "manifest.csv", tmp_path / "out", by=["ward"],
+                      settings=MetricSettings(n_resamples=50))
+    flu = result.metrics["tasks"]["flu"]
+    assert flu["overall"]["n"] == 12 and flu["overall"]["before_calibration"] is None
+    assert flu["overall"]["conformal"] is None and flu["availability"] is None and flu["ablation"] is None
+    assert len(flu["notes"]) == 4
+    assert flu["subgroups"]["ward"]["b"]["after_calibration"]["auroc"] == {
+        "value": None, "low": None, "high": None, "n": 4, "n_resamples": 0
+    }
+    report = result.report_path.read_text()
+    for section in ("overall", "roc", "calibration", "conformal", "availability", "subgroups", "ablation"):
+        assert f'id="flu-{section}"' in report
+    assert not re.search(r"https?://", report)
