@@ -290,7 +290,7 @@ def write_report(out: Path, tasks: list[TaskRows], metrics: dict[str, Any]) -> t
         f"{html.escape(str(metrics.get('manifest', '')))}; meddx {html.escape(metrics['meddx_version'])}.</p>"
         f"<p>Intervals: {settings['confidence']:.0%} percentile bootstrap over {settings['n_resamples']} resamples "
         f"(seed {settings['seed']}); ECE with {n_bins} equal-width bins (binary: positive class; multiclass: top label).</p>"
-        + _table(["task", "kind", "n", "AUROC", "ECE", "coverage"], summary_rows)
+        + _table(["task", "kind", "n", "AUROC (calibrated)", "ECE (calibrated)", "coverage"], summary_rows)
     )
     document = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>meddx evaluation</title>'
