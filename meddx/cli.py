@@ -16,7 +16,7 @@ from typing import Callable
 import click
 
 from meddx import __version__
-from meddx.errors import ConfigError, ManifestError, MeddxError
+from meddx.errors import ConfigError, ManifestError, MeddxError, PredictionsError
 
 BAD_INPUT = 2
 FAILURE = 1
@@ -29,7 +29,7 @@ def _handle_errors(command: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (ManifestError, ConfigError) as exc:
+        except (ManifestError, ConfigError, PredictionsError) as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(BAD_INPUT)
         except MeddxError as exc:
@@ -147,6 +147,45 @@ def demo(out: Path, workers: int | None, quiet: bool) -> None:
         shapes = ", ".join(f"{name} {tuple(t.shape[1:])}" for name, t in named.items())
         click.echo(f"  {modality.value:<12} {shapes}")
     click.echo(f"  presence     {tuple(batch.present.shape)}, {batch.present.float().mean():.0%} of patient-modalities present")
+
+
+@main.command("evaluate")
+@click.argument("predictions", type=click.Path(path_type=Path))
+@click.option("--manifest", required=True, type=click.Path(path_type=Path),
+              help="The cohort manifest with the label:<task> columns (joined on patient_id, index_time).")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for metrics.json, report.html and the PNG plots.")
+@click.option("--by", default="", help="Subgroup columns, comma-separated (e.g. sex,site).")
+@click.option("--bootstrap", "n_resamples", default=1000, show_default=True, type=click.IntRange(min=0),
+              help="Bootstrap resamples per interval (0: no intervals).")
+@click.option("--confidence", default=0.95, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Level of the intervals.")
+@click.option("--bins", "n_bins", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Equal-width bins of the ECE and the reliability diagram.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the bootstrap.")
+@_handle_errors
+def evaluate(predictions: Path, manifest: Path, out: Path, by: str, n_resamples: int, confidence: float,
+             n_bins: int, seed: int) -> None:
+    """Metrics (with bootstrap intervals), report.html and plots of a predictions file against its manifest."""
+    from meddx.evaluate import evaluate as run_evaluation
+    from meddx.metrics import MetricSettings
+
+    columns = [c.strip() for c in by.split(",") if c.strip()]
+    settings = MetricSettings(n_bins=n_bins, n_resamples=n_resamples, confidence=confidence, seed=seed)
+    result = run_evaluation(predictions, manifest, out, by=columns, settings=settings)
+    for name, task in result.metrics["tasks"].items():
+        after = task["overall"]["after_calibration"]
+        conformal = task["overall"]["conformal"] or {}
+        coverage = conformal.get("coverage", {}).get("value")
+        click.echo(
+            f"{name}: n {task['overall']['n']}, AUROC {_number(after['auroc']['value'])}, "
+            f"ECE {_number(after['ece']['value'])}, coverage {_number(coverage)}"
+        )
+    click.echo(f"wrote {result.metrics_path}, {result.report_path} and {len(result.plots)} plots")
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 if __name__ == "__main__":

@@ -75,3 +75,11 @@ class ConfigError(MeddxError):
 
 class ModelError(MeddxError):
     """A model folder is missing, corrupt, or from an unknown meddx version."""
+
+
+class NotFittedError(ModelError):
+    """A calibrator or conformal classifier was used before ``fit`` (or ``from_dict``)."""
+
+
+class PredictionsError(MeddxError):
+    """A predictions file (the input of ``meddx evaluate``) is unusable; the message says what to fix."""
