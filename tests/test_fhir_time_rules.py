@@ -31,16 +31,25 @@ def iso(delta_hours: float) -> str:
 
 
 def encounter(rid: str, status: str = "finished", **times: Any) -> dict:
-    return {"resourceType": "Encounter", "id": rid, "status": status, "subject": SUBJECT,
-            "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "IMP"},
-            "type": [{"coding": [{"system": SNOMED, "code": f"1{len(rid)}{ord(rid[-1])}"}]}], **times}
+    return {
+        "resourceType": "Encounter",
+        "id": rid,
+        "status": status,
+        "subject": SUBJECT,
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "IMP"},
+        "type": [{"coding": [{"system": SNOMED, "code": f"1{len(rid)}{ord(rid[-1])}"}]}],
+        **times,
+    }
 
 
 def condition(rid: str, verification: str = "confirmed", onset: str | None = None) -> dict:
     return {
-        "resourceType": "Condition", "id": rid, "subject": SUBJECT,
-        "verificationStatus": {"coding": [{
-            "system": "http://terminology.hl7.org/CodeSystem/condition-ver-status", "code": verification}]},
+        "resourceType": "Condition",
+        "id": rid,
+        "subject": SUBJECT,
+        "verificationStatus": {
+            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-ver-status", "code": verification}]
+        },
         "code": {"coding": [{"system": SNOMED, "code": "233604007"}]},
         "onsetDateTime": onset or iso(-48),
     }
@@ -49,33 +58,62 @@ def condition(rid: str, verification: str = "confirmed", onset: str | None = Non
 def observation(rid: str, status: str = "final", value: float = 12.0, **times: Any) -> dict:
     if not any(key.startswith("effective") for key in times):
         times["effectiveDateTime"] = iso(-5)
-    return {"resourceType": "Observation", "id": rid, "status": status, "subject": SUBJECT,
-            "code": {"coding": [{"system": LOINC, "code": "1988-5"}]},
-            "valueQuantity": {"value": value, "unit": "mg/L", "system": "http://unitsofmeasure.org", "code": "mg/L"},
-            **times}
+    return {
+        "resourceType": "Observation",
+        "id": rid,
+        "status": status,
+        "subject": SUBJECT,
+        "code": {"coding": [{"system": LOINC, "code": "1988-5"}]},
+        "valueQuantity": {"value": value, "unit": "mg/L", "system": "http://unitsofmeasure.org", "code": "mg/L"},
+        **times,
+    }
 
 
 def procedure(rid: str, status: str = "completed", **times: Any) -> dict:
     times = times or {"performedDateTime": iso(-3)}
-    return {"resourceType": "Procedure", "id": rid, "status": status, "subject": SUBJECT,
-            "code": {"coding": [{"system": SNOMED, "code": "399208008"}]}, **times}
+    return {
+        "resourceType": "Procedure",
+        "id": rid,
+        "status": status,
+        "subject": SUBJECT,
+        "code": {"coding": [{"system": SNOMED, "code": "399208008"}]},
+        **times,
+    }
 
 
 def med_request(rid: str, status: str = "active") -> dict:
-    return {"resourceType": "MedicationRequest", "id": rid, "status": status, "intent": "order",
-            "subject": SUBJECT, "authoredOn": iso(-10),
-            "medicationCodeableConcept": {"coding": [{"system": RXNORM, "code": "1191"}]}}
+    return {
+        "resourceType": "MedicationRequest",
+        "id": rid,
+        "status": status,
+        "intent": "order",
+        "subject": SUBJECT,
+        "authoredOn": iso(-10),
+        "medicationCodeableConcept": {"coding": [{"system": RXNORM, "code": "1191"}]},
+    }
 
 
 def med_statement(rid: str, status: str = "active", **times: Any) -> dict:
     times = times or {"effectiveDateTime": iso(-10)}
-    return {"resourceType": "MedicationStatement", "id": rid, "status": status, "subject": SUBJECT,
-            "medicationCodeableConcept": {"coding": [{"system": RXNORM, "code": "29046"}]}, **times}
+    return {
+        "resourceType": "MedicationStatement",
+        "id": rid,
+        "status": status,
+        "subject": SUBJECT,
+        "medicationCodeableConcept": {"coding": [{"system": RXNORM, "code": "29046"}]},
+        **times,
+    }
 
 
 def document(rid: str, status: str = "current", doc_status: str | None = None) -> dict:
-    doc = {"resourceType": "DocumentReference", "id": rid, "status": status, "subject": SUBJECT, "date": iso(-2),
-           "content": [{"attachment": {"contentType": "text/plain", "data": "Q291Z2gu"}}]}
+    doc = {
+        "resourceType": "DocumentReference",
+        "id": rid,
+        "status": status,
+        "subject": SUBJECT,
+        "date": iso(-2),
+        "content": [{"attachment": {"contentType": "text/plain", "data": "Q291Z2gu"}}],
+    }
     if doc_status:
         doc["docStatus"] = doc_status
     return doc
@@ -84,8 +122,11 @@ def document(rid: str, status: str = "current", doc_status: str | None = None) -
 def read(tmp_path: Path, *resources: dict, config: IngestConfig | None = None, index_time: datetime = INDEX):
     """Write an R4 Bundle of the patient and ``resources`` (validated first) and read it."""
     patient = {"resourceType": "Patient", "id": PID, "gender": "female", "birthDate": "1970-01-01"}
-    bundle = {"resourceType": "Bundle", "type": "collection",
-              "entry": [{"fullUrl": f"urn:uuid:{r['id']}", "resource": r} for r in (patient, *resources)]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [{"fullUrl": f"urn:uuid:{r['id']}", "resource": r} for r in (patient, *resources)],
+    }
     Bundle.model_validate(bundle)  # a real FHIR R4 Bundle, not something only meddx accepts
     path = tmp_path / "bundle.json"
     path.write_text(json.dumps(bundle))
@@ -125,8 +166,12 @@ def test_an_open_period_counts_from_its_start(tmp_path: Path) -> None:
         lambda end: observation("o1", effectivePeriod={"start": iso(-20), "end": end}),
         lambda end: {**condition("c1"), "onsetDateTime": None, "onsetPeriod": {"start": iso(-90), "end": end}},
     ],
-    ids=["Procedure.performedPeriod", "MedicationStatement.effectivePeriod", "Observation.effectivePeriod",
-         "Condition.onsetPeriod"],
+    ids=[
+        "Procedure.performedPeriod",
+        "MedicationStatement.effectivePeriod",
+        "Observation.effectivePeriod",
+        "Condition.onsetPeriod",
+    ],
 )
 def test_every_kind_of_period_counts_from_its_end(tmp_path: Path, make) -> None:
     resource = make(iso(+2))
@@ -193,9 +238,12 @@ def test_a_docstatus_entered_in_error_note_is_dropped(tmp_path: Path) -> None:
 def test_valid_statuses_are_kept(tmp_path: Path) -> None:
     record = read(
         tmp_path,
-        observation("o1", status="preliminary"), condition("c1", verification="provisional"),
-        procedure("p1", status="unknown"), encounter("e1", status="unknown", period={"start": iso(-3)}),
-        med_request("m1", status="on-hold"), med_statement("m2", status="unknown"),
+        observation("o1", status="preliminary"),
+        condition("c1", verification="provisional"),
+        procedure("p1", status="unknown"),
+        encounter("e1", status="unknown", period={"start": iso(-3)}),
+        med_request("m1", status="on-hold"),
+        med_statement("m2", status="unknown"),
     )
     assert record.meta["dropped_by_status"] == 0 and record.meta["n_events"] == 6
 
@@ -211,12 +259,22 @@ def test_a_medication_stopped_before_the_index_time_is_dropped(tmp_path: Path) -
 
 def test_an_r5_medication_request_stopped_after_the_index_time_is_kept(tmp_path: Path) -> None:
     def bundle(changed: str) -> dict:
-        request = {"resourceType": "MedicationRequest", "id": "m1", "status": "stopped", "intent": "order",
-                   "subject": SUBJECT, "authoredOn": iso(-100), "statusChanged": changed,
-                   "medication": {"concept": {"coding": [{"system": RXNORM, "code": "1191"}]}}}
-        return {"resourceType": "Bundle", "type": "collection",
-                "meta": {"profile": ["http://hl7.org/fhir/5.0/StructureDefinition/Bundle"]},
-                "entry": [{"resource": {"resourceType": "Patient", "id": PID}}, {"resource": request}]}
+        request = {
+            "resourceType": "MedicationRequest",
+            "id": "m1",
+            "status": "stopped",
+            "intent": "order",
+            "subject": SUBJECT,
+            "authoredOn": iso(-100),
+            "statusChanged": changed,
+            "medication": {"concept": {"coding": [{"system": RXNORM, "code": "1191"}]}},
+        }
+        return {
+            "resourceType": "Bundle",
+            "type": "collection",
+            "meta": {"profile": ["http://hl7.org/fhir/5.0/StructureDefinition/Bundle"]},
+            "entry": [{"resource": {"resourceType": "Patient", "id": PID}}, {"resource": request}],
+        }
 
     from fhir.resources.bundle import Bundle as R5Bundle
 

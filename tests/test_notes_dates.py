@@ -48,8 +48,10 @@ def texts(record) -> list[str]:
 def test_undated_files_in_a_folder_are_dropped_by_default(folder: Path) -> None:
     record = read(reader(), folder)
     assert texts(record) == ["Admitted with cough.", "Triage: fever."]  # time order
-    assert [e.time for e in record.events] == [parse_time("2024-03-01T23:59:59.999999Z"),
-                                                parse_time("2024-03-05T09:30:00Z")]
+    assert [e.time for e in record.events] == [
+        parse_time("2024-03-01T23:59:59.999999Z"),
+        parse_time("2024-03-05T09:30:00Z"),
+    ]
     meta = record.meta
     assert (meta["files_dated"], meta["files_undated"], meta["files_dropped_undated"]) == (3, 2, 2)
     assert meta["files_dropped_after_index"] == 1 and meta["dropped_after_index"] == 1
@@ -65,8 +67,9 @@ def test_undated_files_kept_count_as_written_at_the_index_time(folder: Path) -> 
     assert record.meta["note_times"] == ["2024-03-01T23:59:59.999999+00:00", "2024-03-05T09:30:00+00:00", None, None]
     # one 32-token chunk per note here; each chunk knows its note and its age at the index time
     assert record.meta["chunk_note"] == [0, 1, 2, 3]
-    assert record.meta["chunk_age_hours"] == pytest.approx([(INDEX - record.events[0].time).total_seconds() / 3600,
-                                                            4.5, 0.0, 0.0])
+    assert record.meta["chunk_age_hours"] == pytest.approx(
+        [(INDEX - record.events[0].time).total_seconds() / 3600, 4.5, 0.0, 0.0]
+    )
     assert record.meta["files_dropped_undated"] == 0 and record.time == parse_time("2024-03-05T09:30:00Z")
 
 

@@ -382,7 +382,7 @@ def _parse_dt(dt: str, zone: tzinfo) -> datetime | None:
         )
     except ValueError:
         return None
-    return wall_time_to_utc(datetime.combine(on, clock), _offset(offset) if offset else zone)
+    return wall_time_to_utc(datetime.combine(on, clock), (_offset(offset) if offset else None) or zone)
 
 
 def time_zone_rule(ds: Dataset, site_zone: tzinfo | None = None) -> str:

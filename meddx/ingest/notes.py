@@ -72,7 +72,9 @@ _NAME_DATE = re.compile(
     r"(?<!\d)(?P<y>\d{4})(?P<sep>-?)(?P<m>\d{2})(?P=sep)(?P<d>\d{2})"
     r"(?:[Tt](?P<H>\d{2})-?(?P<M>\d{2})(?:-?(?P<S>\d{2}))?(?P<z>Z|[+-]\d{2}:?\d{2})?)?(?!\d)"
 )
-_HEADER = re.compile(r"^\s*(?:date|note date|datetime|date/time|date of service)\s*:\s*(?P<value>.*?)\s*$", re.I)
+_HEADER = re.compile(
+    r"^\s*(?:date|note date|datetime|date/time|date of service)\s*:\s*(?P<value>.*?)\s*$", re.IGNORECASE
+)
 
 
 def bundled_text_model() -> Path:
