@@ -56,6 +56,7 @@ def cache_key(
     section = getattr(config, Modality(modality).value).model_dump(mode="json")
     if Modality(modality) == Modality.NOTES:  # notes also read the FHIR section's rules
         section = {"notes": section, "ehr": config.ehr.model_dump(mode="json")}
+    section = {"section": section, "site_timezone": config.site_timezone}  # every reader reads zone-less times in it
     payload = {
         "meddx": __version__,
         "modality": Modality(modality).value,

@@ -9,9 +9,10 @@ training did.
 
 from __future__ import annotations
 
+from datetime import tzinfo
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from meddx.errors import ConfigError
 
@@ -53,6 +54,11 @@ class NotesConfig(_Section):
     text_model: str | None = None  # a Hugging Face model folder; None = bundled all-MiniLM-L6-v2
     max_length: int = 128  # tokens per chunk
     max_chunks: int = 4
+    # What an undated file in a notes *folder* does (no date in its name, no "Date:" first line):
+    # "drop" (default: a folder may collect notes written after the index time), "keep" (taken as
+    # available at the index time), or "error". A file named directly in the manifest is always
+    # taken as available at the index time, as the manifest contract says.
+    undated: Literal["keep", "drop", "error"] = "drop"
 
 
 class DeviceLogConfig(_Section):
@@ -61,7 +67,8 @@ class DeviceLogConfig(_Section):
     step_minutes: float = 1.0
     window_hours: float = 6.0
     max_channels: int = 8  # channels kept in the fitted vocabulary
-    # Zone-less ISO 8601 timestamps are refused unless this says to read them as UTC.
+    # Zone-less ISO 8601 timestamps are refused unless this says to read them as UTC, or
+    # IngestConfig.site_timezone names the zone to read them in (assume_utc wins over it).
     assume_utc: bool = False
 
 
@@ -94,6 +101,27 @@ class IngestConfig(_Section):
     device_logs: DeviceLogConfig = Field(default_factory=DeviceLogConfig)
     audio: AudioConfig = Field(default_factory=AudioConfig)
     video: VideoConfig = Field(default_factory=VideoConfig)
+    # The IANA zone (e.g. "Europe/Berlin") of the site's clocks, for times written without a
+    # zone: DICOM times without TimezoneOffsetFromUTC, zone-less device-log timestamps, dates
+    # in note file names and headers, FHIR dates without a time. None: DICOM, notes and FHIR
+    # dates read them as UTC; device logs refuse them (unless device_logs.assume_utc).
+    site_timezone: str | None = None
+
+    @field_validator("site_timezone")
+    @classmethod
+    def _known_zone(cls, value: str | None) -> str | None:
+        if value is not None:
+            _zone(value)
+        return value
+
+    def site_zone(self) -> tzinfo | None:
+        """The :class:`zoneinfo.ZoneInfo` of ``site_timezone``, or None when it is not set.
+
+        Example:
+            >>> IngestConfig(site_timezone="Europe/Berlin").site_zone()
+            zoneinfo.ZoneInfo(key='Europe/Berlin')
+        """
+        return _zone(self.site_timezone) if self.site_timezone is not None else None
 
     @classmethod
     def from_dict(cls, data: dict) -> "IngestConfig":
@@ -117,3 +145,14 @@ class IngestConfig(_Section):
             audio=AudioConfig(sample_rate=8000, duration_s=8.0, n_mels=64, n_fft=512, hop_length=128),
             video=VideoConfig(n_frames=32, size=(112, 112)),
         )
+
+
+def _zone(name: str) -> tzinfo:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"site_timezone {name!r} is not an IANA time zone name; write it like 'Europe/Berlin' or 'UTC'"
+        ) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -234,7 +235,8 @@ def test_post_index_resources_never_reach_the_tensors(generated) -> None:
     _, records = generated
     pneumonia = f"condition:http://snomed.info/sct|{DISEASE_SNOMED[0]}"
     for record in records:
-        assert record.meta["dropped_after_index"] == 3  # the planted Condition, CRP and discharge note
+        # the planted Condition (refuted when the label is 0), CRP and discharge note
+        assert record.meta["dropped_after_index"] + record.meta["dropped_by_status"] == 3
         assert not any(e.code.endswith(DISEASE_SNOMED[0]) for e in record.events)
         assert not any("Discharge summary" in (e.text or "") for e in record.events)
     tensorizer = EhrTensorizer(SMALL).fit(records)
@@ -356,13 +358,25 @@ def test_another_patients_bundle(tmp_path: Path) -> None:
     assert "P0001" not in str(caught.value) and "P0002" not in str(caught.value)  # no identifiers
 
 
-def test_an_invalid_resource_in_a_bundle_names_type_id_and_field(tmp_path: Path) -> None:
+def test_an_invalid_resource_in_a_bundle_is_skipped_and_reported(tmp_path: Path) -> None:
     path = _bundle(tmp_path, "P1", seed=1)
+    good = _read(path, "P1")
     bundle = json.loads(path.read_text())
     obs = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Observation")
     obs["valueQuantity"]["value"] = "high"
     path.write_text(json.dumps(bundle))
-    with pytest.raises(IngestError, match=rf"Observation/{obs['id']} .*valueQuantity\.value") as caught:
+    record = _read(path, "P1")  # the rest of the patient's EHR is read
+    assert record.meta["skipped_resources"] == 1
+    assert record.meta["resources"]["Observation"] == good.meta["resources"]["Observation"] - 1
+    assert {k: n for k, n in record.meta["resources"].items() if k != "Observation"} == {
+        k: n for k, n in good.meta["resources"].items() if k != "Observation"
+    }
+    assert any(re.search(rf"Observation/{obs['id']} .*valueQuantity\.value", w) for w in record.warnings)
+    # only when nothing of the patient is valid is the read an error
+    for entry in bundle["entry"]:
+        entry["resource"]["meta"] = {"lastUpdated": "yesterday"}
+    path.write_text(json.dumps(bundle))
+    with pytest.raises(IngestError, match="no resource of the patient is valid FHIR") as caught:
         _read(path, "P1")
     assert caught.value.path == str(path)
 
@@ -432,10 +446,11 @@ def test_an_r5_bundle_is_read_with_r5_models(tmp_path: Path) -> None:
     assert ("encounter", "http://terminology.hl7.org/CodeSystem/v3-ActCode|IMP") in codes
     assert ("medication", f"{RXNORM}|1191") in codes
     assert record.meta["age_years"] == 53 and record.meta["sex"] == "male"
-    # without the declaration it is read as R4, where these elements do not exist
+    # without the declaration it is read as R4, where these elements do not exist: both are skipped
     path.write_text(json.dumps(_r5_bundle(declared=False)))
-    with pytest.raises(IngestError, match="fails FHIR R4B validation"):
-        _read(path, "R5P")
+    record = _read(path, "R5P")
+    assert record.meta["skipped_resources"] == 2 and record.events == []
+    assert sum("fails FHIR R4B validation" in w for w in record.warnings) == 2
 
 
 def test_url_only_and_undated_resources_are_counted(tmp_path: Path) -> None:

@@ -11,7 +11,11 @@ Accepted files (the format is chosen by the suffix, ``.csv``/``.tsv``/``.txt`` o
 Header names are case-insensitive; the time column may be called ``timestamp``,
 ``time`` or ``datetime``. Timestamps are ISO 8601 with a time zone
 (``2024-03-05T13:59:00Z``, ``...+01:00``) or epoch seconds. Zone-less ISO times are an
-:class:`~meddx.errors.IngestError` unless ``DeviceLogConfig.assume_utc`` is set.
+:class:`~meddx.errors.IngestError` (the default: a monitor's clock zone is a guess) unless
+the config says what they mean: ``IngestConfig.site_timezone`` reads them in the site's
+zone (daylight saving included; a wall time that happens twice is the later instant), and
+``DeviceLogConfig.assume_utc`` reads them as UTC (for monitors that log UTC without saying
+so; it wins over the site zone). ``meta["time_zone"]`` says which rule applied.
 
 How samples become the grid:
 
@@ -50,7 +54,7 @@ import gzip
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, NoReturn
 
@@ -60,7 +64,7 @@ import pandas as pd
 from meddx.config import DeviceLogConfig, IngestConfig
 from meddx.errors import ConfigError, IngestError
 from meddx.ingest.base import ArrayField, ArraySpec, Ingestor, IngestRequest, Tensorizer, register_ingestor
-from meddx.records import Modality, ModalityRecord
+from meddx.records import Modality, ModalityRecord, wall_time_to_utc
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -72,7 +76,10 @@ _TIME_COLUMNS = ("timestamp", "time", "datetime")
 _JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 _CSV_SUFFIXES = (".csv", ".tsv", ".txt")
 _MAX_EPOCH_SECONDS = 9.2e9  # the year 2262, the end of nanosecond timestamps
-_ZONELESS = "timestamp has no time zone; write it like 2024-03-05T14:00:00Z (or set device_logs.assume_utc)"
+_ZONELESS = (
+    "timestamp has no time zone; write it like 2024-03-05T14:00:00Z, or set the config's site_timezone "
+    "(or device_logs.assume_utc)"
+)
 _OUT_OF_RANGE = "a timestamp is outside the years 1678-2261; check the timestamp column"
 # A time of day followed by a zone designator: "...T13:59:00Z", "...13:59+01:00", "...13:59:00.5-0500".
 _ZONE_PATTERN = r"\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?\s*(?:[zZ]|[+-]\d{2}(?::?\d{2})?)$"
@@ -227,12 +234,15 @@ def _epoch_ns(seconds: np.ndarray, fail: Callable[[str], NoReturn]) -> np.ndarra
     return np.round(seconds * 1e9).astype(np.int64)
 
 
-def parse_timestamps(column: pd.Series, fail: Callable[[str], NoReturn], assume_utc: bool = False) -> np.ndarray:
+def parse_timestamps(
+    column: pd.Series, fail: Callable[[str], NoReturn], assume_utc: bool = False, zone: tzinfo | None = None
+) -> np.ndarray:
     """Timestamps of a log column written as text, as int64 UTC epoch nanoseconds.
 
     Accepts ISO 8601 with a zone (mixed offsets allowed) and epoch seconds. ``fail(reason)``
     is called (and must raise) for a missing, unparseable or zone-less value, naming the
-    1-based data row; zone-less values pass with ``assume_utc``, read as UTC.
+    1-based data row; zone-less values pass with ``assume_utc`` (read as UTC) or a ``zone``
+    (read in it).
 
     Example:
         >>> def fail(reason): raise ValueError(reason)
@@ -250,31 +260,62 @@ def parse_timestamps(column: pd.Series, fail: Callable[[str], NoReturn], assume_
     if not assume_utc:
         zoneless = ~text.str.contains(_ZONE_PATTERN, regex=True).to_numpy(dtype=bool, na_value=False)
         if zoneless.any():
-            fail(f"row {int(np.argmax(zoneless)) + 1}: {_ZONELESS}")
+            if zone is None:
+                fail(f"row {int(np.argmax(zoneless)) + 1}: {_ZONELESS}")
+            # utc=True read them as UTC wall times: read them again in the site zone
+            walls = pd.to_datetime(text[zoneless], format="ISO8601", errors="coerce")
+            try:
+                local = _localize_ns(walls, zone)
+            except pd.errors.OutOfBoundsDatetime:
+                fail(_OUT_OF_RANGE)
+            parsed = parsed.copy()
+            parsed[zoneless] = pd.to_datetime(local, unit="ns", utc=True)
     try:
         return parsed.dt.as_unit("ns").to_numpy(dtype="datetime64[ns]").view(np.int64)
     except pd.errors.OutOfBoundsDatetime:
         fail(_OUT_OF_RANGE)
 
 
-def _times_ns(column: "pa.ChunkedArray", fail: Callable[[str], NoReturn], assume_utc: bool) -> np.ndarray:
-    """The timestamp column as int64 UTC epoch nanoseconds, whatever type the reader gave it."""
+def _localize_ns(walls: pd.Series, zone: tzinfo) -> np.ndarray:
+    """Zone-less wall times read in ``zone``, as int64 UTC nanoseconds (the later instant when two fit)."""
+    walls = pd.Series(walls).dt.tz_localize(None) if getattr(walls.dt, "tz", None) else pd.Series(walls)
+    # ambiguous=False takes the standard-time reading, the later instant of a repeated hour;
+    # skipped wall times come back NaT and are read one by one, as meddx.records.wall_time_to_utc does.
+    local = walls.dt.tz_localize(zone, ambiguous=np.zeros(len(walls), dtype=bool), nonexistent="NaT")
+    out = local.dt.tz_convert("UTC").dt.as_unit("ns")
+    gaps = out.isna().to_numpy() & walls.notna().to_numpy()
+    if gaps.any():
+        out = out.copy()
+        out[gaps] = [pd.Timestamp(wall_time_to_utc(w.to_pydatetime(), zone)) for w in walls[gaps]]
+    return out.to_numpy(dtype="datetime64[ns]").view(np.int64)
+
+
+def _times_ns(
+    column: "pa.ChunkedArray", fail: Callable[[str], NoReturn], assume_utc: bool, zone: tzinfo | None = None
+) -> np.ndarray:
+    """The timestamp column as int64 UTC epoch nanoseconds, whatever type the reader gave it.
+
+    ``zone`` reads zone-less times (None refuses them, unless ``assume_utc``).
+    """
     import pyarrow as pa
 
     kind = column.type
     if pa.types.is_timestamp(kind):  # parsed by the CSV reader
         if column.null_count:
             fail(f"row {int(np.argmax(column.is_null().to_numpy())) + 1}: missing timestamp")
-        if kind.tz is None and not assume_utc:
+        if kind.tz is None and not assume_utc and zone is None:
             fail(f"row 1: {_ZONELESS}")
         try:  # the stored values are UTC instants (wall times when zone-less)
-            return column.cast(pa.timestamp("ns", tz=kind.tz)).cast(pa.int64()).to_numpy()
-        except pa.ArrowInvalid:
+            ns = column.cast(pa.timestamp("ns", tz=kind.tz)).cast(pa.int64()).to_numpy()
+            if kind.tz is None and not assume_utc and zone is not None:
+                ns = _localize_ns(pd.Series(pd.to_datetime(ns, unit="ns")), zone)
+            return ns
+        except (pa.ArrowInvalid, pd.errors.OutOfBoundsDatetime):
             fail(_OUT_OF_RANGE)
     if pa.types.is_integer(kind) or pa.types.is_floating(kind):
         return _epoch_ns(column.cast(pa.float64()).to_numpy(), fail)
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        return parse_timestamps(column.to_pandas(), fail, assume_utc)
+        return parse_timestamps(column.to_pandas(), fail, assume_utc, zone)
     if pa.types.is_null(kind):
         fail("row 1: missing timestamp")
     fail(f"the timestamp column holds {kind} values; write ISO 8601 with a time zone or epoch seconds")
@@ -572,11 +613,16 @@ class DeviceLogIngestor(Ingestor):
 
     def read(self, request: IngestRequest) -> ModalityRecord | None:
         path = Path(request.paths[self.modality])
-        return read_device_log(path, request.index_time, self.config.device_logs)
+        return read_device_log(path, request.index_time, self.config.device_logs, self.config.site_zone())
 
 
-def read_device_log(path: Path, index_time: datetime, config: DeviceLogConfig) -> ModalityRecord | None:
+def read_device_log(
+    path: Path, index_time: datetime, config: DeviceLogConfig, site_zone: tzinfo | None = None
+) -> ModalityRecord | None:
     """Read one log file onto the grid ending at ``index_time`` (see the module docstring).
+
+    ``site_zone`` reads zone-less timestamps (see the module docstring); None refuses them
+    unless ``config.assume_utc``.
 
     Raises:
         IngestError: the file is missing, empty, not CSV/JSONL, lacks the needed columns,
@@ -599,7 +645,7 @@ def read_device_log(path: Path, index_time: datetime, config: DeviceLogConfig) -
     time_column = next((c for c in _TIME_COLUMNS if c in columns), None)
     if time_column is None:
         fail(f"no timestamp column; expected one of {list(_TIME_COLUMNS)}, found {columns[:20]}")
-    t_ns = _times_ns(table.column(time_column), fail, config.assume_utc)  # (N,)
+    t_ns = _times_ns(table.column(time_column), fail, config.assume_utc, site_zone)  # (N,)
     ignored: list[str] = []
     units: dict[str, list[str]] | None = None
     if "channel" in columns or "value" in columns:
@@ -632,6 +678,7 @@ def read_device_log(path: Path, index_time: datetime, config: DeviceLogConfig) -
         "n_before_window": grid.n_before_window,
         "n_unreadable": n_unreadable,
         "n_implausible": {names[c]: int(n) for c, n in enumerate(grid.n_implausible) if n},
+        "time_zone": "assumed UTC" if config.assume_utc else ("site" if site_zone is not None else "required"),
     }
     if ignored:
         meta["ignored_columns"] = ignored

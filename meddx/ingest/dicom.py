@@ -58,12 +58,15 @@ lateral view give ``[True, True, False, ...]``); ``meta["kind"]`` is ``"2d"``. M
 than ``D`` slices: the first ``D`` by InstanceNumber are kept, with a warning.
 
 **Time and leakage.** A slice is placed in time by its acquisition, else series, else
-study date and time (:func:`meddx.ingest.dicom_io.dicom_time`: zone-less times are UTC
-unless ``TimezoneOffsetFromUTC`` says otherwise; a date without a time is the end of that
-day). Slices dated after the index time are dropped (before a series is chosen)
-via :func:`meddx.records.keep_available`; when none remain the ingestor returns ``None``
-(the modality is missing for that row), it does not raise. ``record.time`` is the latest
-kept slice time, or None when undated.
+study date and time (:func:`meddx.ingest.dicom_io.dicom_time`). DICOM times carry no zone:
+``TimezoneOffsetFromUTC`` gives it when present, else ``IngestConfig.site_timezone``, else
+they are read as UTC (``meta["time_zone"]`` says which); a date without a time is the end
+of that day. A series is dated as a whole, by its last slice; undated slices of a dated
+series take its time, and a series acquired after the index time is dropped whole (before
+one is chosen) via :func:`meddx.records.keep_available`, never kept in part
+(``meta["n_series_dropped_after_index"]``). When no series remains the ingestor returns
+``None`` (the modality is missing for that row), it does not raise. ``record.time`` is the
+kept series' time, or None when undated.
 
 **Privacy.** ``meta`` holds only StudyInstanceUID, SeriesInstanceUID, Modality, geometry,
 counts, transfer syntax and warnings; names, IDs and birth dates are never read into
@@ -302,7 +305,9 @@ class ImagingIngestor(Ingestor):
             raise IngestError(path, _IMAGING, "no such file or folder")
         if is_nifti(path):
             return self._read_nifti(path, config)
-        series = load_series(path, index_time=request.index_time, series_rule=config.series_rule)
+        series = load_series(
+            path, index_time=request.index_time, series_rule=config.series_rule, site_zone=self.config.site_zone()
+        )
         if series is None:
             return None
         native = series.shape

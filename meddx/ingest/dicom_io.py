@@ -16,10 +16,14 @@ Shared by the imaging ingestor (:mod:`meddx.ingest.dicom`, through
 **Time.** :func:`dicom_time` places an image in time by ``AcquisitionDateTime``, else
 ``AcquisitionDate``/``AcquisitionTime``, else ``SeriesDate``/``SeriesTime``, else
 ``StudyDate``/``StudyTime`` (enhanced multi-frame images: ``FrameAcquisitionDateTime`` per
-frame first). DICOM times carry no zone: they are read as UTC unless
-``TimezoneOffsetFromUTC`` (or an offset inside a DT value) says otherwise. A date without a
-time is taken as the end of that day, so a same-day image is never assumed to precede the
-index time.
+frame first). DICOM times carry no zone. The zone they are read in is, in this order: an
+offset inside a DT value (``20240305130000-0500``); ``TimezoneOffsetFromUTC`` (0008,0201);
+the site time zone (``IngestConfig.site_timezone``, an IANA name, daylight saving included);
+else UTC (what meddx always did; :func:`time_zone_rule` names the rule used, for
+``record.meta``). A date without a time is taken as the end of that day, so a same-day image
+is never assumed to precede the index time; a wall time that a daylight-saving change makes
+ambiguous is the later of its two instants, for the same reason. :func:`latest_time` dates a
+whole file (the latest of its own time and its frames' times).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import logging
 import re
 import warnings
 from contextlib import contextmanager
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import date, datetime, time, timedelta, timezone, tzinfo
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -41,7 +45,7 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from meddx.errors import IngestError
-from meddx.records import Modality
+from meddx.records import Modality, wall_time_to_utc
 
 _IMAGING = Modality.IMAGING.value
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -350,7 +354,7 @@ def _offset(text: str) -> timezone | None:
     return timezone(sign * timedelta(hours=int(match.group(2)), minutes=int(match.group(3))))
 
 
-def _parse_da_tm(da: str, tm: str, zone: timezone) -> datetime | None:
+def _parse_da_tm(da: str, tm: str, zone: tzinfo) -> datetime | None:
     day = _DA.match(da)
     if not day:
         return None
@@ -363,10 +367,10 @@ def _parse_da_tm(da: str, tm: str, zone: timezone) -> datetime | None:
             clock = time(int(match.group(1)), int(match.group(2) or 0), int(match.group(3) or 0), int(frac or 0))
     except ValueError:
         return None
-    return datetime.combine(on, clock, tzinfo=zone).astimezone(timezone.utc)
+    return wall_time_to_utc(datetime.combine(on, clock), zone)
 
 
-def _parse_dt(dt: str, zone: timezone) -> datetime | None:
+def _parse_dt(dt: str, zone: tzinfo) -> datetime | None:
     match = _DT.match(dt)
     if not match:
         return None
@@ -378,23 +382,39 @@ def _parse_dt(dt: str, zone: timezone) -> datetime | None:
         )
     except ValueError:
         return None
-    return datetime.combine(on, clock, tzinfo=_offset(offset) if offset else zone).astimezone(timezone.utc)
+    return wall_time_to_utc(datetime.combine(on, clock), (_offset(offset) if offset else None) or zone)
 
 
-def dicom_time(ds: Dataset, frame_item: Dataset | None = None) -> datetime | None:
+def time_zone_rule(ds: Dataset, site_zone: tzinfo | None = None) -> str:
+    """Which rule reads the zone-less times of a file: ``TimezoneOffsetFromUTC``, ``site``, or ``assumed UTC``.
+
+    Example:
+        >>> time_zone_rule(Dataset())
+        'assumed UTC'
+    """
+    if _offset(_first(ds, "TimezoneOffsetFromUTC")) is not None:
+        return "TimezoneOffsetFromUTC"
+    return "site" if site_zone is not None else "assumed UTC"
+
+
+def dicom_time(ds: Dataset, frame_item: Dataset | None = None, site_zone: tzinfo | None = None) -> datetime | None:
     """When an image was acquired (aware UTC), or None when undated.
 
     The order is ``FrameAcquisitionDateTime`` (of ``frame_item``, an enhanced image's
     per-frame group), ``AcquisitionDateTime``, ``AcquisitionDate``/``Time``,
-    ``SeriesDate``/``Time``, ``StudyDate``/``Time``. Zone-less values are UTC unless
-    ``TimezoneOffsetFromUTC`` is present; a date without a time means the end of that day.
+    ``SeriesDate``/``Time``, ``StudyDate``/``Time``. Zone-less values are read with
+    ``TimezoneOffsetFromUTC`` when present, else in ``site_zone``, else as UTC; a date
+    without a time means the end of that day.
 
     Example:
+        >>> from zoneinfo import ZoneInfo
         >>> ds = Dataset(); ds.StudyDate = "20240305"; ds.StudyTime = "140000"
         >>> dicom_time(ds).isoformat()
         '2024-03-05T14:00:00+00:00'
+        >>> dicom_time(ds, site_zone=ZoneInfo("Europe/Berlin")).isoformat()
+        '2024-03-05T13:00:00+00:00'
     """
-    zone = _offset(_first(ds, "TimezoneOffsetFromUTC")) or timezone.utc
+    zone = _zone_of(ds, site_zone)
     if frame_item is not None:
         content = frame_item.get("FrameContentSequence")
         if content:
@@ -410,3 +430,26 @@ def dicom_time(ds: Dataset, frame_item: Dataset | None = None) -> datetime | Non
         if found is not None:
             return found
     return None
+
+
+def latest_time(ds: Dataset, site_zone: tzinfo | None = None) -> datetime | None:
+    """When a whole file was complete: the latest of its own time and its frames' times, or None.
+
+    A multi-frame file is one acquisition: it is dated by its last frame, never kept in part.
+
+    Example:
+        >>> ds = Dataset(); ds.AcquisitionDateTime = "20240305140000"
+        >>> latest_time(ds).isoformat()
+        '2024-03-05T14:00:00+00:00'
+    """
+    times = [dicom_time(ds, site_zone=site_zone)]
+    for item in ds.get("PerFrameFunctionalGroupsSequence") or []:
+        content = item.get("FrameContentSequence")
+        if content:
+            times.append(_parse_dt(_first(content[0], "FrameAcquisitionDateTime"), _zone_of(ds, site_zone)))
+    dated = [t for t in times if t is not None]
+    return max(dated) if dated else None
+
+
+def _zone_of(ds: Dataset, site_zone: tzinfo | None) -> tzinfo:
+    return _offset(_first(ds, "TimezoneOffsetFromUTC")) or site_zone or timezone.utc

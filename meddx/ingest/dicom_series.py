@@ -7,8 +7,13 @@
 SR, RT plans...), are skipped. When the folder holds several series, ``series_rule`` picks
 one: ``most_slices`` (default: the series with the most slices, ties to the smallest
 SeriesInstanceUID) or ``first_uid`` (the smallest SeriesInstanceUID). ``info`` says which
-one and how many there were. Slices dated after the index time are dropped (before a
-series is chosen) via :func:`meddx.records.keep_available`.
+one and how many there were.
+
+**Time.** A series is dated as a whole, at its last dated slice (when it was complete):
+slices without any date or time take the series' time, and a series acquired after the
+index time is dropped whole (:func:`meddx.records.keep_available` over series, before one
+is chosen), never kept in part. Times are read by :func:`meddx.ingest.dicom_io.dicom_time`
+(``TimezoneOffsetFromUTC``, else the site time zone, else UTC).
 
 **Order and checks.** Slices are sorted by their position along the slice normal
 (``ImagePositionPatient · (row × column direction cosines)``), never by file name or
@@ -31,7 +36,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -52,6 +57,7 @@ from meddx.ingest.dicom_io import (
     looks_like_dicom,
     quiet_pydicom,
     read_dicom,
+    time_zone_rule,
     to_gray,
     transfer_syntax,
 )
@@ -106,7 +112,7 @@ class DicomSeries:
         spacing: native voxel spacing ``(z, y, x)`` in mm (z = median slice step).
         orientation: ImageOrientationPatient (6 direction cosines) or None.
         origin: ImagePositionPatient of the first slice, or None.
-        time: latest acquisition time of the kept slices (aware UTC), or None.
+        time: when the series was complete, its latest slice time (aware UTC), or None.
         is_2d: True for a single frame or a projection radiograph series (the 2D path).
         warnings: what a user should know (missing slices, dropped duplicates...).
         info: JSON-able facts for ``record.meta`` (UIDs, counts, transfer syntax; no PHI).
@@ -226,7 +232,7 @@ def _instance(ds: Dataset) -> int | None:
     return int(found[0]) if found is not None else None
 
 
-def _frames_of(ds: Dataset, file_index: int) -> list[_Frame]:
+def _frames_of(ds: Dataset, file_index: int, site_zone: tzinfo | None = None) -> list[_Frame]:
     """One :class:`_Frame` per frame, with its geometry, rescale and time."""
     n = _n_frames(ds)
     ipp = _floats(ds, "ImagePositionPatient", 3)
@@ -246,7 +252,7 @@ def _frames_of(ds: Dataset, file_index: int) -> list[_Frame]:
         pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing is not None else None,
         slope=slope,
         intercept=_number(ds, "RescaleIntercept", 0.0),
-        time=dicom_time(ds),
+        time=dicom_time(ds, site_zone=site_zone),
         instance=_instance(ds),
         modality_lut="ModalityLUTSequence" in ds and "RescaleSlope" not in ds,
     )
@@ -283,7 +289,7 @@ def _frames_of(ds: Dataset, file_index: int) -> list[_Frame]:
                 ),
                 slope=float(frame_slope[0]) if frame_slope is not None else base.slope,
                 intercept=float(frame_intercept[0]) if frame_intercept is not None else base.intercept,
-                time=dicom_time(ds, item) if item is not None else base.time,
+                time=dicom_time(ds, item, site_zone) if item is not None else base.time,
                 instance=base.instance,
                 modality_lut=base.modality_lut,
             )
@@ -309,16 +315,18 @@ def load_series(
     *,
     index_time: datetime | None = None,
     series_rule: str = "most_slices",
+    site_zone: tzinfo | None = None,
 ) -> DicomSeries | None:
     """Read a DICOM file or series folder into a sorted, checked :class:`DicomSeries`.
 
     Args:
         path: a DICOM file or a folder holding one (or several) series.
-        index_time: drop slices acquired after it (the leakage rule); None keeps all.
+        index_time: drop series acquired after it, whole (the leakage rule); None keeps all.
         series_rule: ``most_slices`` or ``first_uid`` (see the module docstring).
+        site_zone: the zone of DICOM times without ``TimezoneOffsetFromUTC``; None reads them as UTC.
 
     Returns:
-        The series, or None when every slice was acquired after ``index_time``.
+        The series, or None when every series was acquired after ``index_time``.
 
     Raises:
         IngestError: nothing readable, no image, or an inconsistent series.
@@ -332,10 +340,12 @@ def load_series(
     if not path.exists():
         raise IngestError(path, _IMAGING, "no such file or folder")
     with quiet_pydicom():  # header values are read lazily; keep pydicom from quoting them
-        return _load_series(path, index_time, series_rule)
+        return _load_series(path, index_time, series_rule, site_zone)
 
 
-def _load_series(path: Path, index_time: datetime | None, series_rule: str) -> DicomSeries | None:
+def _load_series(
+    path: Path, index_time: datetime | None, series_rule: str, site_zone: tzinfo | None
+) -> DicomSeries | None:
     candidates, skipped = _dicom_files(path)
     files: list[_File] = []
     frames: list[_Frame] = []
@@ -357,7 +367,7 @@ def _load_series(path: Path, index_time: datetime | None, series_rule: str) -> D
         try:
             entry = _File(file, ds, _first(ds, "SeriesInstanceUID"), int(ds.Rows), int(ds.Columns),
                           int(ds.get("SamplesPerPixel") or 1))
-            file_frames = _frames_of(ds, len(files))
+            file_frames = _frames_of(ds, len(files), site_zone)
         except (TypeError, ValueError) as exc:
             if path.is_file():
                 raise IngestError(file, _IMAGING, f"invalid image attributes: {_short(exc)}") from None
@@ -372,12 +382,17 @@ def _load_series(path: Path, index_time: datetime | None, series_rule: str) -> D
             f"{skipped} other file(s) skipped)",
         )
 
+    n_undated = _date_series_whole(frames, files)
     n_before = len(frames)
+    late_series = 0
     if index_time is not None:
-        frames, _ = keep_available(frames, index_time, time_of=lambda f: f.time)
+        series_times = {files[f.file].series_uid: f.time for f in frames}  # one time per series now
+        available, late_series = keep_available(sorted(series_times), index_time, time_of=series_times.__getitem__)
+        kept_uids = set(available)
+        frames = [f for f in frames if files[f.file].series_uid in kept_uids]
     dropped_late = n_before - len(frames)
     if not frames:
-        logger.info("imaging: all %d slice(s) of %s were acquired after the index time", n_before, path.name)
+        logger.info("imaging: every series of %s was acquired after the index time", path.name)
         return None
 
     counts = Counter(files[f.file].series_uid for f in frames)
@@ -409,7 +424,9 @@ def _load_series(path: Path, index_time: datetime | None, series_rule: str) -> D
     syntax_names = [UID(s).name for s in syntaxes]
     warnings_out = list(geometry_warnings)
     if dropped_late:
-        warnings_out.append(f"{dropped_late} slice(s) acquired after the index time were dropped")
+        warnings_out.append(
+            f"{late_series} series acquired after the index time dropped whole ({dropped_late} slice(s))"
+        )
     info: dict[str, Any] = {
         "study_uid": _first(first, "StudyInstanceUID") or None,
         "series_uid": chosen or None,
@@ -418,6 +435,9 @@ def _load_series(path: Path, index_time: datetime | None, series_rule: str) -> D
         "n_files": len(files),
         "n_skipped_files": skipped + no_pixels,
         "n_dropped_after_index": dropped_late,
+        "n_series_dropped_after_index": late_series,
+        "n_undated_slices": sum(n for uid, n in n_undated.items() if uid == chosen),
+        "time_zone": time_zone_rule(first, site_zone),
         "transfer_syntax": syntaxes[0] if len(syntaxes) == 1 else (syntaxes or None),
         "transfer_syntax_name": syntax_names[0] if len(syntax_names) == 1 else (syntax_names or None),
         "photometric": str(first.get("PhotometricInterpretation", "")),
@@ -440,6 +460,26 @@ def _load_series(path: Path, index_time: datetime | None, series_rule: str) -> D
         warnings=warnings_out,
         info=info,
     )
+
+
+def _date_series_whole(frames: list[_Frame], files: list[_File]) -> dict[str, int]:
+    """Give every slice its series' time (its latest slice time); returns undated slices per series.
+
+    A series is one acquisition: it is known once its last slice is, and a slice without a
+    date of its own belongs to it, so it takes that time too.
+    """
+    latest: dict[str, datetime | None] = {}
+    for f in frames:
+        uid = files[f.file].series_uid
+        known = latest.get(uid)
+        latest[uid] = f.time if known is None else (known if f.time is None else max(known, f.time))
+    undated: Counter = Counter()
+    for f in frames:
+        uid = files[f.file].series_uid
+        if f.time is None and latest[uid] is not None:
+            undated[uid] += 1
+        f.time = latest[uid]
+    return dict(undated)
 
 
 def _check_consistent(files: list[_File], frames: list[_Frame], where: Path) -> None:

@@ -13,9 +13,11 @@ What the ``video`` column may name:
 * a multi-frame DICOM (cine ultrasound, XA...): a ``.dcm``/``.dicom`` suffix or the
   ``DICM`` magic chooses this path. Frames are decoded with the imaging ingestor's
   decoder (:func:`meddx.ingest.dicom_io.decode_frames`, only the sampled frames of
-  compressed data), and ``record.time`` is the DICOM acquisition time (see
-  :func:`meddx.ingest.dicom_io.dicom_time`); a cine acquired after the index time gives
-  ``None`` (the modality is missing for that row).
+  compressed data). The clip is dated as a whole: ``record.time`` is its latest time, of
+  the file or of any frame (:func:`meddx.ingest.dicom_io.latest_time`; zone-less DICOM
+  times use ``TimezoneOffsetFromUTC``, else ``IngestConfig.site_timezone``, else UTC, as
+  ``meta["time_zone"]`` says). A cine acquired after the index time gives ``None`` (the
+  modality is missing for that row), never some of its frames.
 
 **Output record** (shapes from :class:`~meddx.config.VideoConfig`):
 
@@ -55,7 +57,15 @@ from meddx.config import ImagingConfig, VideoConfig
 from meddx.errors import IngestError
 from meddx.ingest.base import ArrayField, ArraySpec, ArrayTensorizer, Ingestor, IngestRequest, register_ingestor
 from meddx.ingest.dicom import apply_window, window_bounds
-from meddx.ingest.dicom_io import decode_frames, dicom_time, quiet_pydicom, read_dicom, to_gray, transfer_syntax
+from meddx.ingest.dicom_io import (
+    decode_frames,
+    latest_time,
+    quiet_pydicom,
+    read_dicom,
+    time_zone_rule,
+    to_gray,
+    transfer_syntax,
+)
 from meddx.records import Modality, ModalityRecord, is_available
 
 logger = logging.getLogger(__name__)
@@ -176,7 +186,8 @@ class VideoIngestor(Ingestor):
         config = self.config.video
         ds = read_dicom(path, _VIDEO)
         with quiet_pydicom():
-            acquired = dicom_time(ds)
+            site_zone = self.config.site_zone()
+            acquired = latest_time(ds, site_zone)
             if not is_available(acquired, request.index_time):
                 logger.info("video %s: cine acquired after the index time; skipped", path.name)
                 return None
@@ -198,6 +209,7 @@ class VideoIngestor(Ingestor):
                 "n_source_frames": n_total,
                 "n_kept_frames": len(wanted),
                 "frame_time_ms": _float_or_none(ds.get("FrameTime")),
+                "time_zone": time_zone_rule(ds, site_zone),
             }
         values = raw.astype(np.float32)
         if bits <= 8 and raw.dtype.kind == "u":
