@@ -79,9 +79,10 @@ def _cohort_summary(cohort) -> str:
     splits = {s: len(cohort.split(s)) for s in ("train", "val", "test")}
     tasks = ", ".join(f"{t.name} ({t.kind})" for t in cohort.tasks.values()) or "none"
     named = ", ".join(f"{m.value} {n}" for m, n in cohort.coverage().items())
+    warnings = "".join(f"\nwarning: {w}" for w in cohort.warnings)
     return (
         f"{cohort.path}: {len(cohort)} rows, splits {splits}, tasks: {tasks}\n"
-        f"files named per modality: {named}"
+        f"files named per modality: {named}{warnings}"
     )
 
 
