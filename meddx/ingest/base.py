@@ -127,6 +127,14 @@ class Ingestor(ABC):
             IngestError: the file is unreadable; the message names it and says why.
         """
 
+    def check(self) -> None:
+        """Raise :class:`ConfigError` when this reader cannot work with its config.
+
+        Called once in the parent process before a run reads any file, for the modalities
+        the run uses. Checks that are cheap belong in ``__init__``; this is for the costly
+        ones (loading a tokenizer). The default checks nothing.
+        """
+
     def tensorizer(self) -> Tensorizer:
         """A new, unfitted tensorizer for this modality with the same config."""
         return self.tensorizer_class(self.config)
