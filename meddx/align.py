@@ -17,7 +17,7 @@ import numpy as np
 
 from meddx import __version__
 from meddx.config import IngestConfig
-from meddx.errors import ConfigError, ModelError
+from meddx.errors import ConfigError, ModelError, NotFittedError
 from meddx.ingest.base import ArraySpec, Tensorizer, registered_ingestors
 from meddx.records import MODALITIES, Modality, PatientRecord, PatientTensors, TensorSpec
 
@@ -67,7 +67,9 @@ class Aligner:
         import torch
 
         if not self.fitted_:
-            raise ModelError("Aligner.transform called before fit(); fit it on training records or load a saved one")
+            raise NotFittedError(
+                "this Aligner is not fitted; call fit(training_records) or load a saved one before transform"
+            )
         tensors = {}
         for modality in MODALITIES:
             record = patient.records.get(modality)

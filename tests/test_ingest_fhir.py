@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from meddx.config import EhrConfig, IngestConfig
-from meddx.errors import ConfigError, IngestError, ModelError
+from meddx.errors import ConfigError, IngestError, NotFittedError
 from meddx.ingest.base import IngestRequest, registered_ingestors
 from meddx.ingest.ehr_tensorizer import EhrTensorizer
 from meddx.ingest.fhir import FhirIngestor, declared_version, release_of
@@ -318,7 +318,7 @@ def test_tensorizer_bins_codes_and_demographics(generated) -> None:
 
 def test_tensorizer_state_round_trip_and_unfitted_use(generated) -> None:
     _, records = generated
-    with pytest.raises(ModelError, match="not fitted"):
+    with pytest.raises(NotFittedError, match="not fitted"):
         EhrTensorizer(SMALL).transform(records[0])
     fitted = EhrTensorizer(SMALL).fit(records)
     state = json.loads(json.dumps(fitted.state_dict()))

@@ -58,7 +58,7 @@ import numpy as np
 import pandas as pd
 
 from meddx.config import DeviceLogConfig, IngestConfig
-from meddx.errors import ConfigError, IngestError
+from meddx.errors import ConfigError, IngestError, NotFittedError
 from meddx.ingest.base import ArraySpec, Ingestor, IngestRequest, Tensorizer, register_ingestor
 from meddx.records import Modality, ModalityRecord
 
@@ -485,7 +485,7 @@ class DeviceLogTensorizer(Tensorizer):
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "channels_"):
-            raise RuntimeError(
+            raise NotFittedError(
                 "this DeviceLogTensorizer is not fitted; call fit(training_records) or load_state_dict(state) first"
             )
 

@@ -40,7 +40,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
-from meddx.errors import IngestError
+from meddx.errors import IngestError, short_reason
 from meddx.records import Modality
 
 _IMAGING = Modality.IMAGING.value
@@ -146,7 +146,7 @@ def read_dicom(path: Path, modality: str = _IMAGING) -> Dataset:
             path, modality, "not a DICOM file (no DICM prefix and no DICOM element at the start)"
         ) from None
     except Exception as exc:  # pydicom raises many types on damaged files
-        raise IngestError(path, modality, f"not a readable DICOM file: {_short(exc)}") from None
+        raise IngestError(path, modality, f"not a readable DICOM file: {short_reason(exc)}") from None
 
 
 def has_pixels(ds: Dataset) -> bool:
@@ -188,7 +188,7 @@ def decode_frames(
         sop = ds.get("SOPClassUID")
         what = f" ({UID(str(sop)).name})" if sop else ""
         raise IngestError(path, modality, f"holds no pixel data{what}; it is not an image (or the file is truncated)")
-    n_frames = _n_frames(ds)
+    n_frames = frame_count(ds)
     uid = transfer_syntax(ds)
     if uid is None and "PixelData" in ds:
         # Preamble-less files sometimes lack the file meta; their encoding is known from how they parsed.
@@ -216,7 +216,7 @@ def decode_frames(
         try:
             array = pydicom.pixels.apply_color_lut(array, ds)
         except Exception as exc:
-            raise IngestError(path, modality, f"palette colour lookup failed: {_short(exc)}") from None
+            raise IngestError(path, modality, f"palette colour lookup failed: {short_reason(exc)}") from None
     if array.ndim == 2:  # a single frame that came back without its frame axis
         array = array[None]
     if array.ndim == 4 and array.shape[-1] == 1:
@@ -227,7 +227,7 @@ def decode_frames(
 
 
 def _decode_failure(uid: UID | None, exc: BaseException) -> str:
-    text = _short(exc)
+    text = short_reason(exc)
     if "less than expected" in text or "truncated" in text.lower():
         return f"truncated pixel data: {text}"
     if uid is None:
@@ -245,11 +245,6 @@ def _decode_failure(uid: UID | None, exc: BaseException) -> str:
             f"this syntax is decoded by {hint}"
         )
     return f"cannot decode pixel data ({uid.name}): {text}"
-
-
-def _short(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _DropAll(logging.Filter):
@@ -287,7 +282,8 @@ def quiet_pydicom() -> Iterator[None]:
                 pydicom_logger.removeFilter(_DROP_ALL)
 
 
-def _n_frames(ds: Dataset) -> int:
+def frame_count(ds: Dataset) -> int:
+    """``NumberOfFrames`` of a dataset; 1 when absent or unreadable."""
     try:
         return max(1, int(ds.get("NumberOfFrames") or 1))
     except (TypeError, ValueError):
@@ -320,7 +316,7 @@ def _text(value: Any) -> str:
     return str(getattr(value, "original_string", None) or value).strip()
 
 
-def _strings(ds: Dataset, keyword: str) -> list[str]:
+def element_strings(ds: Dataset, keyword: str) -> list[str]:
     """The values of a text-encoded element (DS, IS, DA, TM, DT, UI, CS, SH) as strings.
 
     Reads the raw bytes when pydicom has not converted the element yet: building DSfloat
@@ -337,8 +333,9 @@ def _strings(ds: Dataset, keyword: str) -> list[str]:
     return [_text(value)]
 
 
-def _first(ds: Dataset, keyword: str) -> str:
-    values = _strings(ds, keyword)
+def first_value(ds: Dataset, keyword: str) -> str:
+    """The first value of a text-encoded element as a string; ``""`` when absent."""
+    values = element_strings(ds, keyword)
     return values[0] if values else ""
 
 
@@ -394,19 +391,19 @@ def dicom_time(ds: Dataset, frame_item: Dataset | None = None) -> datetime | Non
         >>> dicom_time(ds).isoformat()
         '2024-03-05T14:00:00+00:00'
     """
-    zone = _offset(_first(ds, "TimezoneOffsetFromUTC")) or timezone.utc
+    zone = _offset(first_value(ds, "TimezoneOffsetFromUTC")) or timezone.utc
     if frame_item is not None:
         content = frame_item.get("FrameContentSequence")
         if content:
-            found = _parse_dt(_first(content[0], "FrameAcquisitionDateTime"), zone)
+            found = _parse_dt(first_value(content[0], "FrameAcquisitionDateTime"), zone)
             if found is not None:
                 return found
-    found = _parse_dt(_first(ds, "AcquisitionDateTime"), zone)
+    found = _parse_dt(first_value(ds, "AcquisitionDateTime"), zone)
     if found is not None:
         return found
     for date_kw, time_kw in _DATE_TIME_PAIRS:
-        day = _first(ds, date_kw)
-        found = _parse_da_tm(day, _first(ds, time_kw), zone) if day else None
+        day = first_value(ds, date_kw)
+        found = _parse_da_tm(day, first_value(ds, time_kw), zone) if day else None
         if found is not None:
             return found
     return None

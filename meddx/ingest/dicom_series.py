@@ -40,14 +40,13 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from meddx.errors import IngestError
+from meddx.errors import IngestError, short_reason
 from meddx.ingest.dicom_io import (
-    _first,
-    _n_frames,
-    _short,
-    _strings,
     decode_frames,
     dicom_time,
+    element_strings,
+    first_value,
+    frame_count,
     has_pixels,
     looks_like_dicom,
     quiet_pydicom,
@@ -55,7 +54,7 @@ from meddx.ingest.dicom_io import (
     to_gray,
     transfer_syntax,
 )
-from meddx.ingest.image_resize import _area_resize, _shrinks, resize_in_plane
+from meddx.ingest.image_resize import area_resize, resize_in_plane, shrinks_to
 from meddx.records import Modality, keep_available
 
 logger = logging.getLogger(__name__)
@@ -152,7 +151,7 @@ class DicomSeries:
         uniform = len({(f.rows, f.columns) for f in self.files}) == 1
         # Shrinking happens slice by slice as files are decoded, so the full-resolution float
         # volume never exists; growing (small images) resizes the whole stack afterwards.
-        stack_later = uniform and not _shrinks((rows, columns), size)
+        stack_later = uniform and not shrinks_to((rows, columns), size)
         out = np.empty((n, *((rows, columns) if stack_later else size)), dtype=np.float32)
         decoded: dict[int, np.ndarray] = {}
         left = Counter(f.file for f in self.frames)
@@ -160,8 +159,8 @@ class DicomSeries:
             pixels = self._pixels(frame, decoded, left)
             if stack_later or pixels.shape == size:
                 out[i] = pixels
-            elif _shrinks(pixels.shape, size):
-                out[i] = _area_resize(pixels, size)
+            elif shrinks_to(pixels.shape, size):
+                out[i] = area_resize(pixels, size)
             else:  # projection views of differing sizes
                 out[i] = resize_in_plane(np.asarray(pixels, dtype=np.float32)[None], size)[0]
         if stack_later:
@@ -199,7 +198,7 @@ def _floats(ds: Dataset | None, keyword: str, n: int) -> np.ndarray | None:
     if ds is None:
         return None
     try:
-        array = np.asarray([float(v) for v in _strings(ds, keyword)], dtype=np.float64)
+        array = np.asarray([float(v) for v in element_strings(ds, keyword)], dtype=np.float64)
     except ValueError:
         return None
     return array if array.shape == (n,) and np.all(np.isfinite(array)) else None
@@ -228,14 +227,14 @@ def _instance(ds: Dataset) -> int | None:
 
 def _frames_of(ds: Dataset, file_index: int) -> list[_Frame]:
     """One :class:`_Frame` per frame, with its geometry, rescale and time."""
-    n = _n_frames(ds)
+    n = frame_count(ds)
     ipp = _floats(ds, "ImagePositionPatient", 3)
     iop = _floats(ds, "ImageOrientationPatient", 6)
     spacing = _floats(ds, "PixelSpacing", 2)
     if spacing is None:
         spacing = _floats(ds, "ImagerPixelSpacing", 2)
     slope = _number(ds, "RescaleSlope", 1.0)
-    if _first(ds, "Modality") == "RTDOSE":
+    if first_value(ds, "Modality") == "RTDOSE":
         slope *= _number(ds, "DoseGridScaling", 1.0)
     base = _Frame(
         file=file_index,
@@ -355,12 +354,12 @@ def _load_series(path: Path, index_time: datetime | None, series_rule: str) -> D
             no_pixels += 1
             continue
         try:
-            entry = _File(file, ds, _first(ds, "SeriesInstanceUID"), int(ds.Rows), int(ds.Columns),
+            entry = _File(file, ds, first_value(ds, "SeriesInstanceUID"), int(ds.Rows), int(ds.Columns),
                           int(ds.get("SamplesPerPixel") or 1))
             file_frames = _frames_of(ds, len(files))
         except (TypeError, ValueError) as exc:
             if path.is_file():
-                raise IngestError(file, _IMAGING, f"invalid image attributes: {_short(exc)}") from None
+                raise IngestError(file, _IMAGING, f"invalid image attributes: {short_reason(exc)}") from None
             skipped += 1
             continue
         files.append(entry)
@@ -394,7 +393,7 @@ def _load_series(path: Path, index_time: datetime | None, series_rule: str) -> D
         f.file = remap[f.file]
 
     first = files[0].ds
-    modality = (_first(first, "Modality") or "OT").upper()
+    modality = (first_value(first, "Modality") or "OT").upper()
     if len(frames) == 1 or modality in _PROJECTION_MODALITIES:
         # Projection images are separate views (of any size), not slices of one volume.
         frames = sorted(frames, key=lambda f: _stored_order(f, files))
@@ -411,7 +410,7 @@ def _load_series(path: Path, index_time: datetime | None, series_rule: str) -> D
     if dropped_late:
         warnings_out.append(f"{dropped_late} slice(s) acquired after the index time were dropped")
     info: dict[str, Any] = {
-        "study_uid": _first(first, "StudyInstanceUID") or None,
+        "study_uid": first_value(first, "StudyInstanceUID") or None,
         "series_uid": chosen or None,
         "series_rule": series_rule,
         "n_series": len(uids),

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from meddx.errors import ConfigError, ModelError
+from meddx.errors import ConfigError, ModelError, NotFittedError
 from meddx.ingest.base import ArraySpec, Tensorizer
 from meddx.ingest.units import convert
 from meddx.records import Event, Modality, ModalityRecord, parse_time
@@ -133,7 +133,7 @@ class EhrTensorizer(Tensorizer):
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "lab_codes_"):
-            raise ModelError(
+            raise NotFittedError(
                 "EhrTensorizer is not fitted: call fit(train_records) or load_state_dict(saved_state) before transform"
             )
 
