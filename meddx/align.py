@@ -10,8 +10,9 @@ and transforms data exactly as training did.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +39,7 @@ class Aligner:
         }
         self.fitted_ = False
 
-    def fit(self, records: Iterable[PatientRecord]) -> "Aligner":
+    def fit(self, records: Iterable[PatientRecord]) -> Aligner:
         """Fit every tensorizer on the training patients' records."""
         per_modality: dict[Modality, list] = {m: [] for m in self.tensorizers}
         for patient in records:
@@ -58,7 +59,9 @@ class Aligner:
         import torch
 
         return {
-            m: {name: (shape, torch.from_numpy(np.zeros(0, dtype=dtype)).dtype) for name, (shape, dtype) in spec.items()}
+            m: {
+                name: (shape, torch.from_numpy(np.zeros(0, dtype=dtype)).dtype) for name, (shape, dtype) in spec.items()
+            }
             for m, spec in self.array_spec().items()
         }
 
@@ -90,7 +93,7 @@ class Aligner:
         }
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> "Aligner":
+    def from_state_dict(cls, state: dict[str, Any]) -> Aligner:
         try:
             config = IngestConfig.model_validate(state["config"])
             aligner = cls(config)
@@ -110,7 +113,7 @@ class Aligner:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Aligner":
+    def load(cls, path: str | Path) -> Aligner:
         path = Path(path)
         try:
             state = json.loads(path.read_text())

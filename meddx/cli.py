@@ -10,8 +10,8 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import click
 
@@ -167,15 +167,18 @@ def demo(out: Path, workers: int | None, quiet: bool) -> None:
     manifest = generate_cohort(out / "sample_data", n_patients=60, seed=7)
     cohort, report = _run_ingest(manifest, out / "cache", workers, quiet, out)
     records = list(report.patient_records())
-    train = [record for record, row in zip(records, cohort) if row.split == "train"]
+    train = [record for record, row in zip(records, cohort, strict=True) if row.split == "train"]
     aligner = Aligner().fit(train)  # vocabularies and scales from the training rows only
     batch = collate([aligner.transform(record) for record in records], aligner.tensor_spec())
     aligner.save(out / "aligner.json")
-    click.echo(f"\naligned {len(batch)} patients (fitted on {len(train)} training rows; state in {out / 'aligner.json'}):")
+    click.echo(
+        f"\naligned {len(batch)} patients (fitted on {len(train)} training rows; state in {out / 'aligner.json'}):"
+    )
     for modality, named in batch.tensors.items():
         shapes = ", ".join(f"{name} {tuple(t.shape[1:])}" for name, t in named.items())
         click.echo(f"  {modality.value:<12} {shapes}")
-    click.echo(f"  presence     {tuple(batch.present.shape)}, {batch.present.float().mean():.0%} of patient-modalities present")
+    present = batch.present.float().mean()
+    click.echo(f"  presence     {tuple(batch.present.shape)}, {present:.0%} of patient-modalities present")
 
 
 if __name__ == "__main__":

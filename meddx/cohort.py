@@ -22,10 +22,11 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -73,13 +74,13 @@ class ManifestRow(BaseModel):
     index_time: AwareDatetime = Field(
         description="ISO 8601 with time zone: the moment of prediction (epoch numbers are refused)"
     )
-    split: Optional[Literal["train", "val", "test"]] = None
-    imaging: Optional[str] = Field(None, description="DICOM file, DICOM series folder, or NIfTI file")
-    ehr: Optional[str] = Field(None, description="FHIR Bundle JSON file or Bulk FHIR NDJSON folder")
-    notes: Optional[str] = Field(None, description="text file or folder of text files")
-    device_logs: Optional[str] = Field(None, description="CSV or JSONL monitor/device log")
-    audio: Optional[str] = Field(None, description="WAV or FLAC file")
-    video: Optional[str] = Field(None, description="MP4/AVI file or multi-frame DICOM")
+    split: Literal["train", "val", "test"] | None = None
+    imaging: str | None = Field(None, description="DICOM file, DICOM series folder, or NIfTI file")
+    ehr: str | None = Field(None, description="FHIR Bundle JSON file or Bulk FHIR NDJSON folder")
+    notes: str | None = Field(None, description="text file or folder of text files")
+    device_logs: str | None = Field(None, description="CSV or JSONL monitor/device log")
+    audio: str | None = Field(None, description="WAV or FLAC file")
+    video: str | None = Field(None, description="MP4/AVI file or multi-frame DICOM")
 
     @field_validator("split", "imaging", "ehr", "notes", "device_logs", "audio", "video", mode="before")
     @classmethod
@@ -173,10 +174,10 @@ def _id_text(value: Any) -> Any:
     """A patient id as text: Parquet int columns (floats when they have gaps) give their digits."""
     if isinstance(value, bool) or _is_empty(value):
         return value
-    if isinstance(value, numbers.Integral):
+    if isinstance(value, numbers.Integral):  # exact, also past 2**53
         return str(int(value))
-    if isinstance(value, numbers.Real) and float(value).is_integer():
-        return str(int(value))
+    if isinstance(value, numbers.Real) and float(value).is_integer():  # an int column with gaps reads as floats
+        return str(int(float(value)))
     return value
 
 
@@ -204,7 +205,7 @@ def _read_table(path: Path) -> list[dict[str, Any]]:
     except Exception as exc:  # pandas/pyarrow raise many types for a malformed table
         raise ManifestError(path, [ManifestProblem(None, None, f"cannot read the table: {exc}")]) from None
     frame.columns = [str(c).strip() for c in frame.columns]
-    return frame.to_dict(orient="records")
+    return [{str(k): v for k, v in record.items()} for record in frame.to_dict(orient="records")]
 
 
 def _check_path(value: str, base: Path, row: int, column: str, problems: list[ManifestProblem]) -> Path | None:
@@ -231,7 +232,7 @@ def _label_text(value: Any) -> str | None:
     if isinstance(value, bool):
         return str(int(value))
     if isinstance(value, numbers.Real) and float(value).is_integer():
-        return str(int(value))
+        return str(int(float(value)))
     text = str(value).strip()
     if _is_number(text) and float(text).is_integer():
         return str(int(float(text)))
@@ -262,9 +263,7 @@ def _infer_task(name: str, values: list[tuple[int, str]], problems: list[Manifes
     else:
         classes = tuple(sorted({v for _, v in values}))
     if len(classes) == 1:
-        problems.append(
-            ManifestProblem(None, column, f"only one class ({classes[0]!r}); a task needs at least two")
-        )
+        problems.append(ManifestProblem(None, column, f"only one class ({classes[0]!r}); a task needs at least two"))
     return TaskSpec(name, "multiclass", classes)
 
 
@@ -284,17 +283,19 @@ def _split_problems(rows: list[CohortRow]) -> tuple[list[ManifestProblem], list[
             continue
         (first, at), *later = sorted(splits.items(), key=lambda item: item[1])
         forbidden = set().union(*(pair for pair in FORBIDDEN_SPLIT_PAIRS if pair <= splits.keys()))
-        for split, row in later:
+        for split, number in later:
             where = f"the same patient_id is in {first!r} at row {at} and in {split!r} here"
             if split in forbidden:
                 errors.append(
                     ManifestProblem(
-                        row, "split", f"{where}; a patient in both train and test makes the test figures"
-                        " optimistic: put all of a patient's rows in one split"
+                        number,
+                        "split",
+                        f"{where}; a patient in both train and test makes the test figures"
+                        " optimistic: put all of a patient's rows in one split",
                     )
                 )
             else:
-                warnings.append(ManifestProblem(row, "split", f"{where}; a patient's rows usually share one split"))
+                warnings.append(ManifestProblem(number, "split", f"{where}; a patient's rows usually share one split"))
     return errors, warnings
 
 
@@ -350,8 +351,8 @@ def load_cohort(path: str | Path) -> Cohort:
             parsed = ManifestRow.model_validate(fixed)
         except ValidationError as exc:
             for err in exc.errors():
-                column = str(err["loc"][0]) if err["loc"] else None
-                problems.append(ManifestProblem(number, column, _explain(column, raw.get(column or ""), err)))
+                where = str(err["loc"][0]) if err["loc"] else None
+                problems.append(ManifestProblem(number, where, _explain(where, raw.get(where or ""), err)))
             continue
         paths: dict[Modality, Path] = {}
         for modality in MODALITIES:
@@ -367,8 +368,10 @@ def load_cohort(path: str | Path) -> Cohort:
         if index_time is None or not _pandas_can_hold(index_time):
             problems.append(
                 ManifestProblem(
-                    number, "index_time", f"{raw.get('index_time')!r} is outside the times pandas can hold"
-                    " (1677-09-21 to 2262-04-11); write the real moment of prediction"
+                    number,
+                    "index_time",
+                    f"{raw.get('index_time')!r} is outside the times pandas can hold"
+                    " (1677-09-21 to 2262-04-11); write the real moment of prediction",
                 )
             )
             continue
@@ -381,9 +384,9 @@ def load_cohort(path: str | Path) -> Cohort:
         labels: dict[str, str | None] = {}
         for column in label_columns:
             task = column[len(LABEL_PREFIX) :]
-            labels[task] = _label_text(raw.get(column))
-            if labels[task] is not None:
-                label_values[task].append((number, labels[task]))
+            label = labels[task] = _label_text(raw.get(column))
+            if label is not None:
+                label_values[task].append((number, label))
         rows.append(
             CohortRow(
                 row=number,
@@ -395,19 +398,17 @@ def load_cohort(path: str | Path) -> Cohort:
                 extras={c: raw.get(c) for c in extra_columns},
             )
         )
-    tasks = {
-        name: _infer_task(name, values, problems) for name, values in label_values.items() if name.strip()
-    }
+    tasks = {name: _infer_task(name, values, problems) for name, values in label_values.items() if name.strip()}
     split_errors, warnings = _split_problems(rows)
     problems += split_errors
     if problems:
-        raise ManifestError(path, sorted(problems, key=lambda p: (p.row or 0)))
+        raise ManifestError(path, sorted(problems, key=lambda p: p.row or 0))
     for warning in warnings:
         logger.warning("manifest %s: %s", path, warning)
     return Cohort(path=path, rows=rows, tasks=tasks, extra_columns=extra_columns, warnings=warnings)
 
 
-def _explain(column: str | None, value: Any, err: dict[str, Any]) -> str:
+def _explain(column: str | None, value: Any, err: Any) -> str:
     """Turn a pydantic error into a sentence that says how to fix the cell."""
     shown = "empty" if _is_empty(value) else repr(value)
     if column == "index_time":

@@ -102,7 +102,7 @@ class IngestConfig(_Section):
     video: VideoConfig = Field(default_factory=VideoConfig)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "IngestConfig":
+    def from_dict(cls, data: dict) -> IngestConfig:
         """Build a config from plain data, raising :class:`ConfigError` on any problem.
 
         Both the structure (unknown keys, wrong types) and the values (:meth:`check`) are
@@ -124,7 +124,7 @@ class IngestConfig(_Section):
         return config.check()
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "IngestConfig":
+    def from_file(cls, path: str | Path) -> IngestConfig:
         """Read a YAML (``.yaml``/``.yml``) or JSON (``.json``) ingest config file.
 
         Raises:
@@ -197,7 +197,7 @@ class IngestConfig(_Section):
         percentiles("video.percentiles", self.video.percentiles)
         return found
 
-    def check(self) -> "IngestConfig":
+    def check(self) -> IngestConfig:
         """Raise :class:`ConfigError` listing every unusable value; return ``self`` when there is none.
 
         Example:
@@ -216,7 +216,7 @@ class IngestConfig(_Section):
         return self
 
     @classmethod
-    def gpu(cls) -> "IngestConfig":
+    def gpu(cls) -> IngestConfig:
         """Larger shapes for a GPU machine."""
         return cls(
             imaging=ImagingConfig(spatial_size=(64, 128, 128)),

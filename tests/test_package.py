@@ -64,3 +64,9 @@ def test_no_module_imports_another_modules_private_names() -> None:
                 if private:
                     found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.module} {private}")
     assert not found, "make these public in the module that owns them:\n" + "\n".join(found)
+
+
+def test_all_lists_every_lazy_name() -> None:
+    from meddx import _LAZY
+
+    assert set(_LAZY) <= set(meddx.__all__)

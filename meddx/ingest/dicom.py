@@ -94,7 +94,7 @@ from pathlib import Path
 
 import numpy as np
 
-from meddx.config import ImagingConfig, IngestConfig
+from meddx.config import ImagingConfig
 from meddx.errors import IngestError, short_reason
 from meddx.ingest.base import ArraySpec, ArrayTensorizer, Ingestor, IngestRequest, register_ingestor
 from meddx.ingest.dicom_series import load_series

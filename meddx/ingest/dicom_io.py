@@ -27,10 +27,11 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import date, datetime, time, timedelta, timezone
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pydicom

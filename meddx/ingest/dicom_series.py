@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, cast
 
 import numpy as np
 import pydicom
@@ -147,7 +148,7 @@ class DicomSeries:
             >>> hu = series.values()  # doctest: +SKIP
         """
         n, rows, columns = self.shape
-        size = tuple(in_plane or (rows, columns))
+        size: tuple[int, int] = (in_plane[0], in_plane[1]) if in_plane else (rows, columns)
         uniform = len({(f.rows, f.columns) for f in self.files}) == 1
         # Shrinking happens slice by slice as files are decoded, so the full-resolution float
         # volume never exists; growing (small images) resizes the whole stack afterwards.
@@ -397,7 +398,8 @@ def _load_series(path: Path, index_time: datetime | None, series_rule: str) -> D
     if len(frames) == 1 or modality in _PROJECTION_MODALITIES:
         # Projection images are separate views (of any size), not slices of one volume.
         frames = sorted(frames, key=lambda f: _stored_order(f, files))
-        geometry_warnings, z_spacing = [], _fallback_spacing(first)
+        geometry_warnings: list[str] = []
+        z_spacing = _fallback_spacing(first)
     else:
         _check_consistent(files, frames, path)
         frames, geometry_warnings, z_spacing = _sort_frames(frames, files, first)
@@ -475,7 +477,8 @@ def _sort_frames(frames: list[_Frame], files: list[_File], first: Dataset) -> tu
             notes.append("slices have no ImagePositionPatient/ImageOrientationPatient; ordered by InstanceNumber")
         return sorted(frames, key=lambda f: _stored_order(f, files)), notes, fallback
 
-    normal = np.cross(frames[0].orientation[:3], frames[0].orientation[3:])
+    orientation = cast(np.ndarray, frames[0].orientation)  # every frame has one (checked above)
+    normal = np.cross(orientation[:3], orientation[3:])
     positions = np.array([float(f.position @ normal) for f in frames])
     order = np.argsort(positions, kind="stable")
     ordered = [frames[i] for i in order]
@@ -484,7 +487,7 @@ def _sort_frames(frames: list[_Frame], files: list[_File], first: Dataset) -> tu
     keep[1:] = np.diff(positions) > _DUPLICATE_MM
     if not keep.all():
         notes.append(f"{int((~keep).sum())} slice(s) repeat a position already present and were dropped")
-        ordered = [f for f, k in zip(ordered, keep) if k]
+        ordered = [f for f, k in zip(ordered, keep, strict=True) if k]
         positions = positions[keep]
     if len(ordered) < 2:
         return ordered, notes, fallback

@@ -7,7 +7,8 @@ imaging ingestor fits a volume to its configured shape (:mod:`meddx.ingest.dicom
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -16,17 +17,17 @@ if TYPE_CHECKING:
 
 
 def _interp_mode(source: Sequence[int], target: Sequence[int]) -> str:
-    if all(t <= s for s, t in zip(source, target)):
+    if all(t <= s for s, t in zip(source, target, strict=True)):
         return "area"
     return {1: "linear", 2: "bilinear", 3: "trilinear"}[len(source)]
 
 
 def shrinks_to(source: Sequence[int], target: Sequence[int]) -> bool:
     """Whether ``target`` is a different shape no larger than ``source`` on every axis (area-average it)."""
-    return tuple(source) != tuple(target) and all(t <= s for s, t in zip(source, target))
+    return tuple(source) != tuple(target) and all(t <= s for s, t in zip(source, target, strict=True))
 
 
-def tensor_to_numpy(tensor: "torch.Tensor") -> np.ndarray:
+def tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
     """A (MONAI meta) tensor's values as a NumPy array on the CPU."""
     plain = tensor.as_tensor() if hasattr(tensor, "as_tensor") else tensor
     return plain.detach().cpu().numpy()
@@ -61,7 +62,7 @@ def resize_in_plane(slices: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     import torch
     from monai.transforms import Resize
 
-    anti_alias = any(t < s for s, t in zip(slices.shape[1:], size))
+    anti_alias = any(t < s for s, t in zip(slices.shape[1:], size, strict=True))
     tensor = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))
     return tensor_to_numpy(Resize(size, mode="bilinear", anti_aliasing=anti_alias)(tensor))
 
@@ -74,6 +75,6 @@ def resize_volume(values: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray
     if tuple(values.shape) == tuple(shape):
         return values
     mode = _interp_mode(values.shape, shape)
-    anti_alias = mode != "area" and any(t < s for s, t in zip(values.shape, shape))
+    anti_alias = mode != "area" and any(t < s for s, t in zip(values.shape, shape, strict=True))
     resized = Resize(shape, mode=mode, anti_aliasing=anti_alias)(torch.from_numpy(values)[None])
     return tensor_to_numpy(resized)[0]

@@ -23,19 +23,20 @@ import sys
 import tempfile
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from pathlib import Path
 from datetime import datetime, timezone
-from typing import Iterable, Iterator, Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from meddx.cache import RecordCache, cache_key
 from meddx.cohort import Cohort
 from meddx.config import IngestConfig
 from meddx.errors import ConfigError, IngestError, MeddxError
-from meddx.ingest.base import IngestRequest, Ingestor, build_ingestors
+from meddx.ingest.base import Ingestor, IngestRequest, build_ingestors
 from meddx.records import MODALITIES, Modality, PatientRecord
 
 logger = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ def _ingest_one(task: IngestTask) -> IngestOutcome:
     if _worker_cache is None or _worker_config is None:
         raise RuntimeError("_init_worker must run before _ingest_one")
     request = task.request
-    base = dict(
+    base: dict[str, Any] = dict(
         row=task.row,
         patient_id=request.patient_id,
         index_time=request.index_time.isoformat(),
@@ -237,10 +238,12 @@ def _run_parallel(
                     break
                 now = time.monotonic()
                 overdue = [f for f, (_, started) in inflight.items() if timeout is not None and now - started > timeout]
-                if overdue:
+                if overdue and timeout is not None:
                     for future in overdue:
                         task, _ = inflight.pop(future)
-                        logger.warning("row %d %s: the reader hung; stopped after %g s", task.row, task.modality, timeout)
+                        logger.warning(
+                            "row %d %s: the reader hung; stopped after %g s", task.row, task.modality, timeout
+                        )
                         yield _failure_outcome(task, _timed_out(timeout))
                     pending.extendleft(reversed([task for task, _ in inflight.values()]))  # innocent: run again
                     inflight.clear()
@@ -385,7 +388,7 @@ def ingest_cohort(
     plugins: tuple[str, ...] = (),
     task_timeout: float | None = DEFAULT_TASK_TIMEOUT,
     out_dir: str | Path | None = None,
-) -> "IngestReport":
+) -> IngestReport:
     """Read every modality of every row into a content-addressed cache.
 
     Args:
@@ -476,8 +479,13 @@ class IngestReport:
         columns = ["patient_id", "index_time", "modality", "path", "error"]
         frame = pd.DataFrame(
             [
-                {"patient_id": o.patient_id, "index_time": o.index_time, "modality": o.modality.value,
-                 "path": o.path, "error": o.error}
+                {
+                    "patient_id": o.patient_id,
+                    "index_time": o.index_time,
+                    "modality": o.modality.value,
+                    "path": o.path,
+                    "error": o.error,
+                }
                 for o in self.errors
             ],
             columns=columns,
@@ -494,8 +502,13 @@ class IngestReport:
         columns = ["patient_id", "index_time", "modality", "path", "warning"]
         frame = pd.DataFrame(
             [
-                {"patient_id": o.patient_id, "index_time": o.index_time, "modality": o.modality.value,
-                 "path": o.path, "warning": warning}
+                {
+                    "patient_id": o.patient_id,
+                    "index_time": o.index_time,
+                    "modality": o.modality.value,
+                    "path": o.path,
+                    "warning": warning,
+                }
                 for o, warning in self.warnings
             ],
             columns=columns,
