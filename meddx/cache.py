@@ -111,6 +111,17 @@ class RecordCache:
                 os.unlink(tmp)
         return path
 
+    def warnings(self, key: str) -> list[str]:
+        """The cached record's warnings, read from the file's header only (no arrays); [] when absent."""
+        from safetensors import safe_open
+
+        path = self._path(key)
+        if not path.is_file():
+            return []
+        with safe_open(str(path), framework="numpy") as handle:
+            header = handle.metadata() or {}
+        return list(json.loads(header.get("warnings", "[]")))
+
     def get(self, key: str) -> ModalityRecord | None:
         """The cached record, or None when absent."""
         from safetensors import safe_open

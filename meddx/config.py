@@ -4,13 +4,19 @@ These are pydantic models so that a typo in a pipeline file or ``config.json`` f
 loudly (``extra="forbid"``) and so that JSON Schemas can be exported from them. The
 defaults fit a 2-core CPU; larger shapes suit a GPU (see :meth:`IngestConfig.gpu`).
 The config travels with a model (``config.json``) so inference reads files exactly as
-training did.
+training did. A config file (YAML or JSON, ``meddx ingest --config FILE``) is read with
+:meth:`IngestConfig.from_file`; :meth:`IngestConfig.check` finds the values no reader can
+use (a window whose lower bound exceeds its upper one, a non-positive duration or size)
+before any file is read.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from datetime import tzinfo
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -30,8 +36,8 @@ class ImagingConfig(_Section):
     windows: dict[str, tuple[float, float]] = Field(
         default_factory=lambda: {"CT": (-1000.0, 1000.0), "default": (0.0, 0.0)}
     )
-    # A window whose upper bound is not above its lower bound (like "default") means a robust
-    # window: these percentiles of the image's own values.
+    # A window with equal bounds (like "default") means a robust window: these percentiles
+    # of the image's own values. A lower bound above the upper one is refused.
     percentiles: tuple[float, float] = (0.5, 99.5)
     # Which `windows` entry NIfTI files use (they carry no DICOM Modality); None = "default".
     nifti_modality: str | None = None
@@ -124,20 +130,121 @@ class IngestConfig(_Section):
         return _zone(self.site_timezone) if self.site_timezone is not None else None
 
     @classmethod
-    def from_dict(cls, data: dict) -> "IngestConfig":
+    def from_dict(cls, data: dict) -> IngestConfig:
         """Build a config from plain data, raising :class:`ConfigError` on any problem.
+
+        Both the structure (unknown keys, wrong types) and the values (:meth:`check`) are
+        validated.
 
         Example:
             >>> IngestConfig.from_dict({"video": {"n_frames": 8}}).video.n_frames
             8
         """
+        if not isinstance(data, dict):
+            raise ConfigError(f"an ingest config is a mapping of sections, got {type(data).__name__}")
         try:
-            return cls.model_validate(data)
+            config = cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(f"invalid ingest config: {exc}") from None
+            lines = "\n".join(
+                f"  - {'.'.join(str(part) for part in err['loc']) or '(top)'}: {err['msg']}" for err in exc.errors()
+            )
+            raise ConfigError(f"invalid ingest config; fix these and run again:\n{lines}") from None
+        return config.check()
 
     @classmethod
-    def gpu(cls) -> "IngestConfig":
+    def from_file(cls, path: str | Path) -> IngestConfig:
+        """Read a YAML (``.yaml``/``.yml``) or JSON (``.json``) ingest config file.
+
+        Raises:
+            ConfigError: the file is missing, unreadable, not YAML/JSON, or not a valid config;
+                the message names the file.
+
+        Example:
+            >>> IngestConfig.from_file("configs/gpu.yaml").imaging.spatial_size  # doctest: +SKIP
+            (64, 128, 128)
+        """
+        import yaml
+
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix not in (".yaml", ".yml", ".json"):
+            raise ConfigError(f"ingest config {path}: name a .yaml, .yml or .json file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"ingest config {path}: cannot read it ({exc})") from None
+        try:
+            data: Any = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
+        except (ValueError, yaml.YAMLError) as exc:
+            raise ConfigError(f"ingest config {path}: not valid {suffix[1:].upper()} ({exc})") from None
+        try:
+            return cls.from_dict({} if data is None else data)
+        except ConfigError as exc:
+            raise ConfigError(f"ingest config {path}: {exc}") from None
+
+    def problems(self) -> list[str]:
+        """Values no reader can use, one sentence each (empty when the config is usable)."""
+        found: list[str] = []
+
+        def positive(name: str, *values: float) -> None:
+            if not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values):
+                shown = values[0] if len(values) == 1 else values
+                found.append(f"{name} must be positive, got {shown}")
+
+        def percentiles(name: str, bounds: tuple[float, float]) -> None:
+            if not 0 <= bounds[0] < bounds[1] <= 100:
+                found.append(f"{name} must be (lower, upper) with 0 <= lower < upper <= 100, got {bounds}")
+
+        imaging = self.imaging
+        positive("imaging.spatial_size", *imaging.spatial_size)
+        if imaging.spacing_mm is not None:
+            positive("imaging.spacing_mm", *imaging.spacing_mm)
+        for key, (lower, upper) in imaging.windows.items():
+            if not (math.isfinite(lower) and math.isfinite(upper)) or lower > upper:
+                found.append(
+                    f"imaging.windows[{key!r}] is ({lower:g}, {upper:g}): write (lower, upper) with lower <= upper"
+                    " (equal bounds ask for a percentile window)"
+                )
+        percentiles("imaging.percentiles", imaging.percentiles)
+        positive("ehr.lookback_days", self.ehr.lookback_days)
+        positive("ehr.n_bins", self.ehr.n_bins)
+        positive("ehr.max_codes", self.ehr.max_codes)
+        positive("ehr.code_vocab_size", self.ehr.code_vocab_size)
+        if self.ehr.n_lab_features < 0:
+            found.append(f"ehr.n_lab_features must be 0 or more, got {self.ehr.n_lab_features}")
+        positive("notes.max_length", self.notes.max_length)
+        positive("notes.max_chunks", self.notes.max_chunks)
+        positive("device_logs.step_minutes", self.device_logs.step_minutes)
+        positive("device_logs.window_hours", self.device_logs.window_hours)
+        positive("device_logs.max_channels", self.device_logs.max_channels)
+        audio = self.audio
+        for name in ("sample_rate", "duration_s", "n_mels", "n_fft", "hop_length"):
+            positive(f"audio.{name}", getattr(audio, name))
+        positive("video.n_frames", self.video.n_frames)
+        positive("video.size", *self.video.size)
+        percentiles("video.percentiles", self.video.percentiles)
+        return found
+
+    def check(self) -> IngestConfig:
+        """Raise :class:`ConfigError` listing every unusable value; return ``self`` when there is none.
+
+        Example:
+            >>> IngestConfig(audio=AudioConfig(duration_s=0.0)).check()
+            Traceback (most recent call last):
+            ...
+            meddx.errors.ConfigError: the ingest config has 1 unusable value; fix it and run again:
+              - audio.duration_s must be positive, got 0.0
+        """
+        found = self.problems()
+        if found:
+            n = len(found)
+            lines = "\n".join(f"  - {p}" for p in found)
+            noun = "value; fix it" if n == 1 else "values; fix them"
+            raise ConfigError(f"the ingest config has {n} unusable {noun} and run again:\n{lines}")
+        return self
+
+    @classmethod
+    def gpu(cls) -> IngestConfig:
         """Larger shapes for a GPU machine."""
         return cls(
             imaging=ImagingConfig(spatial_size=(64, 128, 128)),

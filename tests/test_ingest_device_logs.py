@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from meddx.config import DeviceLogConfig, IngestConfig
-from meddx.errors import ConfigError, IngestError
+from meddx.errors import ConfigError, IngestError, NotFittedError
 from meddx.ingest.base import IngestRequest, registered_ingestors
 from meddx.ingest.device_logs import (
     DeviceLogIngestor,
@@ -390,7 +390,7 @@ def test_tensorizer_fits_a_vocabulary_normalises_and_round_trips(tmp_path: Path)
     records.append(read(tmp_path / "b.csv"))
     config = IngestConfig(device_logs=DeviceLogConfig(max_channels=3))
     tensorizer = DeviceLogTensorizer(config)
-    with pytest.raises(RuntimeError, match="not fitted"):
+    with pytest.raises(NotFittedError, match="not fitted"):
         tensorizer.transform(records[0])
     tensorizer.fit(records)
     # hr is in 2 records; the rest in 1 with ties broken by sample count, then name: etco2 is dropped

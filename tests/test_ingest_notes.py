@@ -16,7 +16,7 @@ from meddx.ingest.notes import NotesIngestor, bundled_text_model
 from meddx.records import Modality, PatientRecord, parse_time
 from meddx.synth import write_fhir_bundle, write_note
 
-SYNTHEA = Path(__file__).resolve().parents[2] / "shared" / "data" / "synthea-bulk-10"
+SYNTHEA = Path(__file__).resolve().parent / "data" / "synthea-bulk"
 INDEX = parse_time("2020-01-01T00:00:00Z")
 GEN_INDEX = datetime(2024, 3, 5, 14, tzinfo=timezone.utc)
 SMALL = IngestConfig(notes=NotesConfig(max_length=32, max_chunks=4))

@@ -53,16 +53,17 @@ from __future__ import annotations
 import gzip
 import logging
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 import pandas as pd
 
 from meddx.config import DeviceLogConfig, IngestConfig
-from meddx.errors import ConfigError, IngestError
+from meddx.errors import ConfigError, IngestError, NotFittedError
 from meddx.ingest.base import ArrayField, ArraySpec, Ingestor, IngestRequest, Tensorizer, register_ingestor
 from meddx.records import Modality, ModalityRecord, wall_time_to_utc
 
@@ -174,7 +175,7 @@ def _file_type(path: Path) -> str:
     return "jsonl" if head.startswith(b"{") else "csv"
 
 
-def _table_from_frame(frame: pd.DataFrame) -> "pa.Table":
+def _table_from_frame(frame: pd.DataFrame) -> pa.Table:
     """An Arrow table of a JSON Lines frame; a column mixing numbers and text becomes text."""
     import pyarrow as pa
 
@@ -187,7 +188,7 @@ def _table_from_frame(frame: pd.DataFrame) -> "pa.Table":
     return pa.table(columns)
 
 
-def _read_table(path: Path, fail: Callable[[str], NoReturn]) -> tuple["pa.Table", str]:
+def _read_table(path: Path, fail: Callable[[str], NoReturn]) -> tuple[pa.Table, str]:
     """Read the whole file once; returns ``(table with lower-cased column names, file_type)``."""
     import pyarrow as pa
     import pyarrow.csv as pa_csv
@@ -321,7 +322,7 @@ def _times_ns(
     fail(f"the timestamp column holds {kind} values; write ISO 8601 with a time zone or epoch seconds")
 
 
-def _floats(column: "pa.ChunkedArray") -> tuple[np.ndarray, int, bool]:
+def _floats(column: pa.ChunkedArray) -> tuple[np.ndarray, int, bool]:
     """``(values with NaN where empty, number of non-empty cells that are not numbers, is_text)``."""
     import pyarrow as pa
 
@@ -340,7 +341,7 @@ def _floats(column: "pa.ChunkedArray") -> tuple[np.ndarray, int, bool]:
 _Block = tuple["int | np.ndarray", np.ndarray]
 
 
-def _long_blocks(table: "pa.Table") -> tuple[list[_Block], list[str], int, dict[str, list[str]] | None]:
+def _long_blocks(table: pa.Table) -> tuple[list[_Block], list[str], int, dict[str, list[str]] | None]:
     """``timestamp,channel,value[,unit]`` -> one block; also names, unreadable count, units seen."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -377,7 +378,7 @@ def _long_blocks(table: "pa.Table") -> tuple[list[_Block], list[str], int, dict[
     return [(channel, value)], names, n_unreadable, units
 
 
-def _wide_blocks(table: "pa.Table", time_column: str) -> tuple[list[_Block], list[str], int, list[str]]:
+def _wide_blocks(table: pa.Table, time_column: str) -> tuple[list[_Block], list[str], int, list[str]]:
     """``timestamp,<channel>...`` -> one block per column; also names, unreadable count, text columns."""
     columns, ignored = [], []
     n_unreadable = 0
@@ -486,7 +487,7 @@ class DeviceLogTensorizer(Tensorizer):
             "mask": ArrayField(shape, "bool", "mask", of=("values",)),
         }
 
-    def fit(self, records: Iterable[ModalityRecord]) -> "DeviceLogTensorizer":
+    def fit(self, records: Iterable[ModalityRecord]) -> DeviceLogTensorizer:
         n_records: Counter[str] = Counter()
         n_samples: Counter[str] = Counter()
         sums: dict[str, float] = {}
@@ -529,7 +530,7 @@ class DeviceLogTensorizer(Tensorizer):
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "channels_"):
-            raise RuntimeError(
+            raise NotFittedError(
                 "this DeviceLogTensorizer is not fitted; call fit(training_records) or load_state_dict(state) first"
             )
 
@@ -567,7 +568,7 @@ class DeviceLogTensorizer(Tensorizer):
             "length": self._shape()[1],
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> "DeviceLogTensorizer":
+    def load_state_dict(self, state: dict[str, Any]) -> DeviceLogTensorizer:
         if not state:
             return self
         channels, mean, std = list(state["channels"]), list(state["mean"]), list(state["std"])
@@ -693,7 +694,7 @@ def read_device_log(
     mask = counts[observed] > 0  # (C, L)
     values = np.zeros(mask.shape, dtype=np.float32)
     values[mask] = (sums[observed][mask] / counts[observed][mask]).astype(np.float32)
-    meta["channels"] = [n for n, keep in zip(names, observed) if keep]
+    meta["channels"] = [n for n, keep in zip(names, observed, strict=True) if keep]
     warnings = []
     if meta["n_implausible"]:
         warnings.append(f"masked physiologically impossible values: {meta['n_implausible']}")

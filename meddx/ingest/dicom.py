@@ -97,12 +97,11 @@ from pathlib import Path
 
 import numpy as np
 
-from meddx.config import ImagingConfig, IngestConfig
-from meddx.errors import IngestError
+from meddx.config import ImagingConfig
+from meddx.errors import IngestError, short_reason
 from meddx.ingest.base import ArrayField, ArraySpec, ArrayTensorizer, Ingestor, IngestRequest, register_ingestor
-from meddx.ingest.dicom_io import _short
 from meddx.ingest.dicom_series import load_series
-from meddx.ingest.image_resize import _resize_volume, _to_numpy, resize_in_plane
+from meddx.ingest.image_resize import resize_in_plane, resize_volume, tensor_to_numpy
 from meddx.records import Modality, ModalityRecord
 
 logger = logging.getLogger(__name__)
@@ -142,7 +141,7 @@ def load_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float, float], list
             warnings.simplefilter("ignore")
             array, meta = reader.get_data(reader.read(str(path)))
     except Exception as exc:
-        raise IngestError(path, _IMAGING, f"not a readable NIfTI file: {_short(exc)}") from None
+        raise IngestError(path, _IMAGING, f"not a readable NIfTI file: {short_reason(exc)}") from None
     array = np.asarray(array, dtype=np.float32)
     affine = np.asarray(meta.get("affine", np.eye(4)), dtype=np.float64)
     notes = []
@@ -243,7 +242,7 @@ def _fit_volume(
         mask[:keep] = True
         return _Fitted(volume, mask, (spacing[0], spacing[1] * rows / height, spacing[2] * columns / width)), notes
     if config.spacing_mm is None:
-        volume = _resize_volume(windowed, (depth, height, width))
+        volume = resize_volume(windowed, (depth, height, width))
         out_spacing = (spacing[0] * n / depth, spacing[1] * rows / height, spacing[2] * columns / width)
         return _Fitted(volume.astype(np.float32, copy=False), np.ones(depth, dtype=bool), out_spacing), notes
 
@@ -251,11 +250,11 @@ def _fit_volume(
     from monai.transforms import ResizeWithPadOrCrop
 
     d = max(1, round(n * spacing[0] / config.spacing_mm[0]))
-    resampled = _resize_volume(windowed, (d, windowed.shape[1], windowed.shape[2]))
+    resampled = resize_volume(windowed, (d, windowed.shape[1], windowed.shape[2]))
     fit = ResizeWithPadOrCrop((depth, height, width), mode="constant", value=0.0)
-    volume = _to_numpy(fit(torch.from_numpy(np.ascontiguousarray(resampled))[None]))[0]
+    volume = tensor_to_numpy(fit(torch.from_numpy(np.ascontiguousarray(resampled))[None]))[0]
     # The same pad/crop along D applied to ones tells which output slices hold data.
-    real = _to_numpy(ResizeWithPadOrCrop((depth, 1, 1))(torch.ones((1, d, 1, 1))))[0, :, 0, 0] > 0.5
+    real = tensor_to_numpy(ResizeWithPadOrCrop((depth, 1, 1))(torch.ones((1, d, 1, 1))))[0, :, 0, 0] > 0.5
     if d > depth or resampled.shape[1] > height or resampled.shape[2] > width:
         notes.append(
             f"resampled volume {d}x{resampled.shape[1]}x{resampled.shape[2]} at {tuple(config.spacing_mm)} mm "

@@ -31,10 +31,11 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import date, datetime, time, timedelta, timezone, tzinfo
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -44,7 +45,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
-from meddx.errors import IngestError
+from meddx.errors import IngestError, short_reason
 from meddx.records import Modality, wall_time_to_utc
 
 _IMAGING = Modality.IMAGING.value
@@ -150,7 +151,7 @@ def read_dicom(path: Path, modality: str = _IMAGING) -> Dataset:
             path, modality, "not a DICOM file (no DICM prefix and no DICOM element at the start)"
         ) from None
     except Exception as exc:  # pydicom raises many types on damaged files
-        raise IngestError(path, modality, f"not a readable DICOM file: {_short(exc)}") from None
+        raise IngestError(path, modality, f"not a readable DICOM file: {short_reason(exc)}") from None
 
 
 def has_pixels(ds: Dataset) -> bool:
@@ -192,7 +193,7 @@ def decode_frames(
         sop = ds.get("SOPClassUID")
         what = f" ({UID(str(sop)).name})" if sop else ""
         raise IngestError(path, modality, f"holds no pixel data{what}; it is not an image (or the file is truncated)")
-    n_frames = _n_frames(ds)
+    n_frames = frame_count(ds)
     uid = transfer_syntax(ds)
     if uid is None and "PixelData" in ds:
         # Preamble-less files sometimes lack the file meta; their encoding is known from how they parsed.
@@ -220,7 +221,7 @@ def decode_frames(
         try:
             array = pydicom.pixels.apply_color_lut(array, ds)
         except Exception as exc:
-            raise IngestError(path, modality, f"palette colour lookup failed: {_short(exc)}") from None
+            raise IngestError(path, modality, f"palette colour lookup failed: {short_reason(exc)}") from None
     if array.ndim == 2:  # a single frame that came back without its frame axis
         array = array[None]
     if array.ndim == 4 and array.shape[-1] == 1:
@@ -231,7 +232,7 @@ def decode_frames(
 
 
 def _decode_failure(uid: UID | None, exc: BaseException) -> str:
-    text = _short(exc)
+    text = short_reason(exc)
     if "less than expected" in text or "truncated" in text.lower():
         return f"truncated pixel data: {text}"
     if uid is None:
@@ -249,11 +250,6 @@ def _decode_failure(uid: UID | None, exc: BaseException) -> str:
             f"this syntax is decoded by {hint}"
         )
     return f"cannot decode pixel data ({uid.name}): {text}"
-
-
-def _short(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _DropAll(logging.Filter):
@@ -291,7 +287,8 @@ def quiet_pydicom() -> Iterator[None]:
                 pydicom_logger.removeFilter(_DROP_ALL)
 
 
-def _n_frames(ds: Dataset) -> int:
+def frame_count(ds: Dataset) -> int:
+    """``NumberOfFrames`` of a dataset; 1 when absent or unreadable."""
     try:
         return max(1, int(ds.get("NumberOfFrames") or 1))
     except (TypeError, ValueError):
@@ -324,7 +321,7 @@ def _text(value: Any) -> str:
     return str(getattr(value, "original_string", None) or value).strip()
 
 
-def _strings(ds: Dataset, keyword: str) -> list[str]:
+def element_strings(ds: Dataset, keyword: str) -> list[str]:
     """The values of a text-encoded element (DS, IS, DA, TM, DT, UI, CS, SH) as strings.
 
     Reads the raw bytes when pydicom has not converted the element yet: building DSfloat
@@ -341,8 +338,9 @@ def _strings(ds: Dataset, keyword: str) -> list[str]:
     return [_text(value)]
 
 
-def _first(ds: Dataset, keyword: str) -> str:
-    values = _strings(ds, keyword)
+def first_value(ds: Dataset, keyword: str) -> str:
+    """The first value of a text-encoded element as a string; ``""`` when absent."""
+    values = element_strings(ds, keyword)
     return values[0] if values else ""
 
 
@@ -392,7 +390,7 @@ def time_zone_rule(ds: Dataset, site_zone: tzinfo | None = None) -> str:
         >>> time_zone_rule(Dataset())
         'assumed UTC'
     """
-    if _offset(_first(ds, "TimezoneOffsetFromUTC")) is not None:
+    if _offset(first_value(ds, "TimezoneOffsetFromUTC")) is not None:
         return "TimezoneOffsetFromUTC"
     return "site" if site_zone is not None else "assumed UTC"
 
@@ -418,15 +416,15 @@ def dicom_time(ds: Dataset, frame_item: Dataset | None = None, site_zone: tzinfo
     if frame_item is not None:
         content = frame_item.get("FrameContentSequence")
         if content:
-            found = _parse_dt(_first(content[0], "FrameAcquisitionDateTime"), zone)
+            found = _parse_dt(first_value(content[0], "FrameAcquisitionDateTime"), zone)
             if found is not None:
                 return found
-    found = _parse_dt(_first(ds, "AcquisitionDateTime"), zone)
+    found = _parse_dt(first_value(ds, "AcquisitionDateTime"), zone)
     if found is not None:
         return found
     for date_kw, time_kw in _DATE_TIME_PAIRS:
-        day = _first(ds, date_kw)
-        found = _parse_da_tm(day, _first(ds, time_kw), zone) if day else None
+        day = first_value(ds, date_kw)
+        found = _parse_da_tm(day, first_value(ds, time_kw), zone) if day else None
         if found is not None:
             return found
     return None
@@ -446,10 +444,10 @@ def latest_time(ds: Dataset, site_zone: tzinfo | None = None) -> datetime | None
     for item in ds.get("PerFrameFunctionalGroupsSequence") or []:
         content = item.get("FrameContentSequence")
         if content:
-            times.append(_parse_dt(_first(content[0], "FrameAcquisitionDateTime"), _zone_of(ds, site_zone)))
+            times.append(_parse_dt(first_value(content[0], "FrameAcquisitionDateTime"), _zone_of(ds, site_zone)))
     dated = [t for t in times if t is not None]
     return max(dated) if dated else None
 
 
 def _zone_of(ds: Dataset, site_zone: tzinfo | None) -> tzinfo:
-    return _offset(_first(ds, "TimezoneOffsetFromUTC")) or site_zone or timezone.utc
+    return _offset(first_value(ds, "TimezoneOffsetFromUTC")) or site_zone or timezone.utc

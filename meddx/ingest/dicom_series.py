@@ -35,24 +35,24 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, cast
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from meddx.errors import IngestError
+from meddx.errors import IngestError, short_reason
 from meddx.ingest.dicom_io import (
-    _first,
-    _n_frames,
-    _short,
-    _strings,
     decode_frames,
     dicom_time,
+    element_strings,
+    first_value,
+    frame_count,
     has_pixels,
     looks_like_dicom,
     quiet_pydicom,
@@ -61,7 +61,7 @@ from meddx.ingest.dicom_io import (
     to_gray,
     transfer_syntax,
 )
-from meddx.ingest.image_resize import _area_resize, _shrinks, resize_in_plane
+from meddx.ingest.image_resize import area_resize, resize_in_plane, shrinks_to
 from meddx.records import Modality, keep_available
 
 logger = logging.getLogger(__name__)
@@ -154,11 +154,11 @@ class DicomSeries:
             >>> hu = series.values()  # doctest: +SKIP
         """
         n, rows, columns = self.shape
-        size = tuple(in_plane or (rows, columns))
+        size: tuple[int, int] = (in_plane[0], in_plane[1]) if in_plane else (rows, columns)
         uniform = len({(f.rows, f.columns) for f in self.files}) == 1
         # Shrinking happens slice by slice as files are decoded, so the full-resolution float
         # volume never exists; growing (small images) resizes the whole stack afterwards.
-        stack_later = uniform and not _shrinks((rows, columns), size)
+        stack_later = uniform and not shrinks_to((rows, columns), size)
         out = np.empty((n, *((rows, columns) if stack_later else size)), dtype=np.float32)
         decoded: dict[int, np.ndarray] = {}
         left = Counter(f.file for f in self.frames)
@@ -166,8 +166,8 @@ class DicomSeries:
             pixels = self._pixels(frame, decoded, left)
             if stack_later or pixels.shape == size:
                 out[i] = pixels
-            elif _shrinks(pixels.shape, size):
-                out[i] = _area_resize(pixels, size)
+            elif shrinks_to(pixels.shape, size):
+                out[i] = area_resize(pixels, size)
             else:  # projection views of differing sizes
                 out[i] = resize_in_plane(np.asarray(pixels, dtype=np.float32)[None], size)[0]
         if stack_later:
@@ -205,7 +205,7 @@ def _floats(ds: Dataset | None, keyword: str, n: int) -> np.ndarray | None:
     if ds is None:
         return None
     try:
-        array = np.asarray([float(v) for v in _strings(ds, keyword)], dtype=np.float64)
+        array = np.asarray([float(v) for v in element_strings(ds, keyword)], dtype=np.float64)
     except ValueError:
         return None
     return array if array.shape == (n,) and np.all(np.isfinite(array)) else None
@@ -234,14 +234,14 @@ def _instance(ds: Dataset) -> int | None:
 
 def _frames_of(ds: Dataset, file_index: int, site_zone: tzinfo | None = None) -> list[_Frame]:
     """One :class:`_Frame` per frame, with its geometry, rescale and time."""
-    n = _n_frames(ds)
+    n = frame_count(ds)
     ipp = _floats(ds, "ImagePositionPatient", 3)
     iop = _floats(ds, "ImageOrientationPatient", 6)
     spacing = _floats(ds, "PixelSpacing", 2)
     if spacing is None:
         spacing = _floats(ds, "ImagerPixelSpacing", 2)
     slope = _number(ds, "RescaleSlope", 1.0)
-    if _first(ds, "Modality") == "RTDOSE":
+    if first_value(ds, "Modality") == "RTDOSE":
         slope *= _number(ds, "DoseGridScaling", 1.0)
     base = _Frame(
         file=file_index,
@@ -365,12 +365,12 @@ def _load_series(
             no_pixels += 1
             continue
         try:
-            entry = _File(file, ds, _first(ds, "SeriesInstanceUID"), int(ds.Rows), int(ds.Columns),
+            entry = _File(file, ds, first_value(ds, "SeriesInstanceUID"), int(ds.Rows), int(ds.Columns),
                           int(ds.get("SamplesPerPixel") or 1))
             file_frames = _frames_of(ds, len(files), site_zone)
         except (TypeError, ValueError) as exc:
             if path.is_file():
-                raise IngestError(file, _IMAGING, f"invalid image attributes: {_short(exc)}") from None
+                raise IngestError(file, _IMAGING, f"invalid image attributes: {short_reason(exc)}") from None
             skipped += 1
             continue
         files.append(entry)
@@ -409,11 +409,12 @@ def _load_series(
         f.file = remap[f.file]
 
     first = files[0].ds
-    modality = (_first(first, "Modality") or "OT").upper()
+    modality = (first_value(first, "Modality") or "OT").upper()
     if len(frames) == 1 or modality in _PROJECTION_MODALITIES:
         # Projection images are separate views (of any size), not slices of one volume.
         frames = sorted(frames, key=lambda f: _stored_order(f, files))
-        geometry_warnings, z_spacing = [], _fallback_spacing(first)
+        geometry_warnings: list[str] = []
+        z_spacing = _fallback_spacing(first)
     else:
         _check_consistent(files, frames, path)
         frames, geometry_warnings, z_spacing = _sort_frames(frames, files, first)
@@ -428,7 +429,7 @@ def _load_series(
             f"{late_series} series acquired after the index time dropped whole ({dropped_late} slice(s))"
         )
     info: dict[str, Any] = {
-        "study_uid": _first(first, "StudyInstanceUID") or None,
+        "study_uid": first_value(first, "StudyInstanceUID") or None,
         "series_uid": chosen or None,
         "series_rule": series_rule,
         "n_series": len(uids),
@@ -516,7 +517,8 @@ def _sort_frames(frames: list[_Frame], files: list[_File], first: Dataset) -> tu
             notes.append("slices have no ImagePositionPatient/ImageOrientationPatient; ordered by InstanceNumber")
         return sorted(frames, key=lambda f: _stored_order(f, files)), notes, fallback
 
-    normal = np.cross(frames[0].orientation[:3], frames[0].orientation[3:])
+    orientation = cast(np.ndarray, frames[0].orientation)  # every frame has one (checked above)
+    normal = np.cross(orientation[:3], orientation[3:])
     positions = np.array([float(f.position @ normal) for f in frames])
     order = np.argsort(positions, kind="stable")
     ordered = [frames[i] for i in order]
@@ -525,7 +527,7 @@ def _sort_frames(frames: list[_Frame], files: list[_File], first: Dataset) -> tu
     keep[1:] = np.diff(positions) > _DUPLICATE_MM
     if not keep.all():
         notes.append(f"{int((~keep).sum())} slice(s) repeat a position already present and were dropped")
-        ordered = [f for f, k in zip(ordered, keep) if k]
+        ordered = [f for f, k in zip(ordered, keep, strict=True) if k]
         positions = positions[keep]
     if len(ordered) < 2:
         return ordered, notes, fallback

@@ -9,11 +9,12 @@ model (``state_dict``), so that inference transforms exactly as training did; se
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
-from meddx.errors import ConfigError, ModelError
+from meddx.errors import ConfigError, ModelError, NotFittedError
 from meddx.ingest.base import ArrayField, ArraySpec, Tensorizer
 from meddx.ingest.units import convert
 from meddx.records import Event, Modality, ModalityRecord, parse_time
@@ -83,7 +84,7 @@ class EhrTensorizer(Tensorizer):
             "demographics": ArrayField((4,), "float32", "values"),
         }
 
-    def fit(self, records: Iterable[ModalityRecord]) -> "EhrTensorizer":
+    def fit(self, records: Iterable[ModalityRecord]) -> EhrTensorizer:
         records = list(records)
         cfg = self.config.ehr
         lab_records: Counter = Counter()
@@ -106,7 +107,7 @@ class EhrTensorizer(Tensorizer):
                 ages.append(float(record.meta["age_years"]))
         self.lab_codes_ = sorted(lab_records, key=lambda c: (-lab_records[c], -lab_values[c], c))[: cfg.n_lab_features]
         self.lab_units_ = [min(units[c], key=lambda u: (-units[c][u], u)) for c in self.lab_codes_]
-        unit_of = dict(zip(self.lab_codes_, self.lab_units_))
+        unit_of = dict(zip(self.lab_codes_, self.lab_units_, strict=True))
         values: dict[str, list[float]] = {c: [] for c in self.lab_codes_}
         for record in records:
             for event in record.events:
@@ -135,7 +136,7 @@ class EhrTensorizer(Tensorizer):
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "lab_codes_"):
-            raise ModelError(
+            raise NotFittedError(
                 "EhrTensorizer is not fitted: call fit(train_records) or load_state_dict(saved_state) before transform"
             )
 
@@ -150,8 +151,9 @@ class EhrTensorizer(Tensorizer):
         counts = np.zeros((f, b), np.float32)
         width = cfg.lookback_days / b
         code_events = []
-        for event in sorted((e for e in record.events if e.time is not None), key=lambda e: e.time):
-            age_days = (index_time - event.time).total_seconds() / 86400.0
+        dated = sorted(((e.time, e) for e in record.events if e.time is not None), key=lambda pair: pair[0])
+        for when, event in dated:
+            age_days = (index_time - when).total_seconds() / 86400.0
             if age_days < 0:
                 continue  # never happens for records from an ingestor; guards hand-made ones
             if event.kind in CODE_KINDS.values():
@@ -227,7 +229,7 @@ class EhrTensorizer(Tensorizer):
             "age_std_": self.age_std_,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> "EhrTensorizer":
+    def load_state_dict(self, state: dict[str, Any]) -> EhrTensorizer:
         if not state:
             return self  # an unfitted tensorizer was saved
         if state.get("version") != self.state_version:

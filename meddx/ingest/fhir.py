@@ -97,7 +97,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from meddx.config import IngestConfig
 from meddx.errors import IngestError
 from meddx.ingest.base import Ingestor, IngestRequest, register_ingestor
 from meddx.ingest.ehr_tensorizer import CODE_KINDS, EhrTensorizer

