@@ -109,16 +109,20 @@ def _run_ingest(
 
 @main.command("ingest")
 @click.argument("manifest", type=click.Path(path_type=Path))
-@click.option("--cache", "cache", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Cache folder for the ingested records; errors.csv is written there.")
+@click.option("--cache", "cache", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Cache folder for the ingested records; errors.csv is written there "
+                   "(default: $MEDDX_CACHE, else the user cache directory).")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Worker processes (default: up to 4; 0 = in this process).")
 @click.option("--task-timeout", type=click.FloatRange(min=0), default=None,
               help="Seconds one file may take before it is stopped and reported (default 600; 0 = no limit).")
 @quiet_option
 @_handle_errors
-def ingest(manifest: Path, cache: Path, workers: int | None, task_timeout: float | None, quiet: bool) -> None:
+def ingest(manifest: Path, cache: Path | None, workers: int | None, task_timeout: float | None, quiet: bool) -> None:
     """Read every modality of every row into a cache; print coverage and errors."""
+    from meddx.cache import default_cache_dir
+
+    cache = default_cache_dir(cache)
     _run_ingest(manifest, cache, workers, quiet, cache / "errors.csv", task_timeout)
 
 

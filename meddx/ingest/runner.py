@@ -124,7 +124,12 @@ def _ingest_one(task: IngestTask) -> IngestOutcome:
     ingestor = _worker_ingestors[task.modality]
     try:
         key = cache_key(
-            task.modality, ingestor.sources(request), request.patient_id, request.index_time.isoformat(), _worker_config
+            task.modality,
+            ingestor.sources(request),
+            request.patient_id,
+            request.index_time.isoformat(),
+            _worker_config,
+            reader=ingestor,
         )
         if key in _worker_cache:
             return IngestOutcome(**base, status="ok", key=key, cached=True)
