@@ -88,9 +88,10 @@ class CohortDataset(Dataset):
         self._entries = self._select(split, rows)
         if not self._entries:
             logger.warning("no rows of %s match split=%r rows=%s", self.index.manifest, split, rows)
-        # What __getitem__ needs, parsed once: (row, patient id, index time, labels, store key).
+        # What __getitem__ needs, parsed once: (row, patient id, index time, labels, store file).
         self._items = [
-            (e.row, e.patient_id, parse_time(e.index_time), {t: e.labels[t] for t in self.tasks}, e.key)
+            (e.row, e.patient_id, parse_time(e.index_time), {t: e.labels[t] for t in self.tasks},
+             None if e.key is None else str(self.store.path(e.key)))
             for e in self._entries
         ]
         self._aligner: Aligner | None = None
@@ -112,8 +113,8 @@ class CohortDataset(Dataset):
         return len(self._items)
 
     def __getitem__(self, i: int) -> PatientTensors:
-        row, patient_id, index_time, labels, key = self._items[i]
-        tensors = self.store.get(key) if key is not None else {}
+        row, patient_id, index_time, labels, path = self._items[i]
+        tensors = TensorStore.read(path) if path is not None else {}
         return PatientTensors(patient_id, index_time, tensors, row=row, labels=dict(labels))
 
     def collate(self, items: Sequence[PatientTensors]) -> PatientBatch:

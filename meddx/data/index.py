@@ -229,21 +229,28 @@ def source_signature(path: str | Path) -> str | None:
 
     Cheap (no bytes read), and enough to notice that a file was rewritten since it was prepared.
     """
-    path = Path(path)
     try:
-        if path.is_file():
-            stat = path.stat()
-            return f"{stat.st_size}:{stat.st_mtime_ns}"
-        if not path.is_dir():
-            return None
-        entries = []
-        for folder, _, files in os.walk(path):
-            for name in files:
-                stat = os.stat(os.path.join(folder, name))
-                entries.append((os.path.relpath(os.path.join(folder, name), path), stat.st_size, stat.st_mtime_ns))
+        stat = os.stat(path)
+    except OSError:
+        return None
+    if not os.path.isdir(path):
+        return f"{stat.st_size}:{stat.st_mtime_ns}"
+    entries: list[tuple[str, int, int]] = []
+    try:
+        _scan(str(path), "", entries)
     except OSError:
         return None
     return _digest(sorted(entries))
+
+
+def _scan(folder: str, prefix: str, entries: list[tuple[str, int, int]]) -> None:
+    with os.scandir(folder) as listing:
+        for entry in listing:
+            if entry.is_dir():
+                _scan(entry.path, f"{prefix}{entry.name}/", entries)
+            else:
+                stat = entry.stat()
+                entries.append((prefix + entry.name, stat.st_size, stat.st_mtime_ns))
 
 
 def label_index(task: TaskSpec, value: str | None) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
@@ -208,7 +209,7 @@ def _usable_index(path: Path) -> CohortIndex | None:
         logger.warning("%s; preparing again", exc)
         return None
     store = TensorStore(index.store_root(path))
-    missing = next((r.row for r in index.rows if r.key is not None and r.key not in store), None)
+    missing = next((r.row for r in index.rows if r.key is not None and not os.path.isfile(store.path(r.key))), None)
     if missing is not None:
         logger.warning("aligned tensors of row %d of %s are missing; preparing again", missing, index.manifest)
         return None

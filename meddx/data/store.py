@@ -114,10 +114,14 @@ class TensorStore:
         Raises:
             ModelError: the file is missing or unreadable (the store was pruned or moved).
         """
+        return self.read(self.path(key))
+
+    @staticmethod
+    def read(path: str | Path) -> dict[Modality, dict[str, "torch.Tensor"]]:
+        """The tensors of one store file (what :meth:`get` does once the path is known)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        path = self.path(key)
         try:
             flat = load_file(path)
         except (OSError, SafetensorError) as exc:  # missing, truncated or foreign file

@@ -6,6 +6,10 @@ files). A file that fails becomes an error outcome and the run goes on; a reader
 crashes its worker natively (a segfaulting decoder) is found by re-running the tasks
 that were in flight one at a time, reported, and the run goes on in a fresh pool; a
 reader that hangs past the task timeout is stopped and reported the same way.
+
+Workers are spawned (not forked), so a script that calls :func:`ingest_cohort` (or
+:func:`meddx.data.prepare_cohort`) with workers must guard its entry point with
+``if __name__ == "__main__":``.
 """
 
 from __future__ import annotations
