@@ -73,7 +73,7 @@ def test_index_rows_labels_splits_and_errors(prepared) -> None:
     everything = prepared.dataset()
     assert len(everything) == N_SAMPLE_ROWS + 1 and everything.rows == list(range(1, N_SAMPLE_ROWS + 2))
     manifest = pd.read_csv(prepared.report.cohort.path, dtype=str, keep_default_na=False)
-    for item, (_, line) in zip(all_items(everything), manifest.iterrows()):
+    for item, (_, line) in zip(all_items(everything), manifest.iterrows(), strict=True):
         assert item.patient_id == line["patient_id"]
         disease = int(line["label:disease"]) if line["label:disease"] else UNKNOWN_LABEL
         stage = ("mild", "severe").index(line["label:stage"]) if line["label:stage"] else UNKNOWN_LABEL
@@ -96,7 +96,7 @@ def test_items_equal_what_the_aligner_makes_from_the_ingest_cache(prepared) -> N
     by_row = {}
     for outcome in prepared.report.outcomes:
         by_row.setdefault(outcome.row, []).append(outcome)
-    for item, row in zip(all_items(dataset), prepared.report.cohort):
+    for item, row in zip(all_items(dataset), prepared.report.cohort, strict=True):
         record = PatientRecord(row.patient_id, row.index_time)
         for outcome in by_row.get(row.row, []):
             if outcome.status == "ok":
@@ -147,7 +147,7 @@ def test_the_fast_path_reads_no_source_file(cohort_copy: Path, shared_cache: Pat
     position = 0
     for batch in batches:
         for b in range(len(batch)):
-            row, labels, tensors = before[position]
+            _, labels, tensors = before[position]
             position += 1
             assert {t: int(v[b]) for t, v in batch.labels.items()} == labels
             for modality, named in tensors.items():

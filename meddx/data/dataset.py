@@ -28,7 +28,14 @@ from meddx.data.index import CohortIndex, IndexRow
 from meddx.data.store import TensorStore
 from meddx.errors import ConfigError
 from meddx.ingest.base import ArraySpec
-from meddx.records import Modality, PatientBatch, PatientTensors, TensorSpec, collate, parse_time
+from meddx.records import (
+    Modality,
+    PatientBatch,
+    PatientTensors,
+    TensorSpec,
+    collate,
+    parse_time,
+)
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -39,7 +39,12 @@ from meddx.data.index import (
 from meddx.data.store import TensorStore, aligner_hash, row_key
 from meddx.errors import ConfigError, MeddxError, ModelError
 from meddx.ingest.base import Tensorizer
-from meddx.ingest.runner import DEFAULT_TASK_TIMEOUT, IngestOutcome, IngestReport, ingest_cohort
+from meddx.ingest.runner import (
+    DEFAULT_TASK_TIMEOUT,
+    IngestOutcome,
+    IngestReport,
+    ingest_cohort,
+)
 from meddx.records import MODALITIES, PatientRecord
 
 if TYPE_CHECKING:
@@ -216,7 +221,8 @@ def _usable_index(path: Path) -> CohortIndex | None:
     for source, signature in index.sources.items():
         now = source_signature(source)
         if now is not None and now != signature:  # moved away (None) is fine: the store has its tensors
-            logger.info("%s changed since %s was prepared; preparing again", source, index.manifest)
+            # Source paths often hold patient identifiers: the log names the manifest only.
+            logger.info("a source named in %s changed since it was prepared; preparing again", index.manifest)
             return None
     return index
 

@@ -52,7 +52,7 @@ def aligner_hash(aligner: "Aligner") -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def row_key(record_keys: Mapping[Modality | str, str], aligner_digest: str) -> str:
+def row_key(record_keys: Mapping[Modality, str], aligner_digest: str) -> str:
     """The store key of one row: its records' ingest cache keys and the aligner hash.
 
     The record keys already include the patient id and the index time, which is all
