@@ -120,8 +120,9 @@ def _run_ingest(
 
 @main.command("ingest")
 @click.argument("manifest", type=click.Path(path_type=Path))
-@click.option("--cache", "cache", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Cache folder for the ingested records (runs on the same files may share it).")
+@click.option("--cache", "cache", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Cache folder for the ingested records, shared by runs on the same files "
+                   "(default: $MEDDX_CACHE, else the user cache directory).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Ingest config, YAML or JSON (see schemas/ingest_config.schema.json); default: CPU shapes.")
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -134,7 +135,7 @@ def _run_ingest(
 @_handle_errors
 def ingest(
     manifest: Path,
-    cache: Path,
+    cache: Path | None,
     config_file: Path | None,
     out: Path | None,
     workers: int | None,
@@ -146,9 +147,10 @@ def ingest(
     Everything that would fail every file (the config, the text model, the folders) is
     checked before any file is read (exit status 2).
     """
+    from meddx.cache import default_cache_dir
     from meddx.ingest.runner import new_run_folder
 
-    _run_ingest(manifest, cache, workers, quiet, out or new_run_folder(), task_timeout, config_file)
+    _run_ingest(manifest, default_cache_dir(cache), workers, quiet, out or new_run_folder(), task_timeout, config_file)
 
 
 @main.command("demo")

@@ -122,6 +122,14 @@ def test_a_missing_config_file_exits_2(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "none.yaml: cannot read it" in result.output
 
 
+def test_ingest_without_cache_uses_meddx_cache(tmp_path: Path) -> None:
+    manifest = generate_cohort(tmp_path / "cohort", n_patients=2, seed=3)
+    env = {"MEDDX_CACHE": str(tmp_path / "shared")}
+    result = CliRunner(env=env).invoke(main, ["ingest", str(manifest), "--workers", "0", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert any((tmp_path / "shared").rglob("*.safetensors")) and (tmp_path / "shared" / "errors.csv").is_file()
+
+
 def test_sample_data_command_and_validate(tmp_path: Path) -> None:
     runner = CliRunner()
     result = runner.invoke(main, ["sample-data", "--out", str(tmp_path / "s"), "--patients", "4", "--seed", "2"])

@@ -137,10 +137,14 @@ class Ingestor(ABC):
     Subclasses set ``modality`` and ``tensorizer_class`` and implement :meth:`read`.
     Instances are built once per worker process and reused for many files, so they may
     keep caches (a Bulk FHIR index, a tokenizer).
+
+    ``version`` is part of every cache key of the reader's records: bump it when a change
+    to the reader alters what it returns for the same file, so cached records are read again.
     """
 
     modality: ClassVar[Modality]
     tensorizer_class: ClassVar[type[Tensorizer]]
+    version: ClassVar[int] = 1
 
     def __init__(self, config: IngestConfig | None = None):
         self.config = config or IngestConfig()

@@ -12,6 +12,10 @@ values (:meth:`~meddx.config.IngestConfig.check`), each used reader's own check 
 notes tokenizer loads offline), and the cache and run folders can be written. A run's
 reports (``errors.csv``, ``warnings.csv``) go to its own folder, never into the cache
 that other runs share.
+
+Workers are spawned (not forked), so a script that calls :func:`ingest_cohort` (or
+:func:`meddx.data.prepare_cohort`) with workers must guard its entry point with
+``if __name__ == "__main__":``.
 """
 
 from __future__ import annotations
@@ -133,7 +137,12 @@ def _ingest_one(task: IngestTask) -> IngestOutcome:
     ingestor = _worker_ingestors[task.modality]
     try:
         key = cache_key(
-            task.modality, ingestor.sources(request), request.patient_id, request.index_time.isoformat(), _worker_config
+            task.modality,
+            ingestor.sources(request),
+            request.patient_id,
+            request.index_time.isoformat(),
+            _worker_config,
+            reader=ingestor,
         )
         if key in _worker_cache:
             return IngestOutcome(**base, status="ok", key=key, cached=True, warnings=tuple(_worker_cache.warnings(key)))
