@@ -125,9 +125,13 @@ def test_a_missing_config_file_exits_2(tmp_path: Path) -> None:
 def test_ingest_without_cache_uses_meddx_cache(tmp_path: Path) -> None:
     manifest = generate_cohort(tmp_path / "cohort", n_patients=2, seed=3)
     env = {"MEDDX_CACHE": str(tmp_path / "shared")}
-    result = CliRunner(env=env).invoke(main, ["ingest", str(manifest), "--workers", "0", "--quiet"])
+    result = CliRunner(env=env).invoke(
+        main, ["ingest", str(manifest), "--workers", "0", "--quiet", "--out", str(tmp_path / "run")]
+    )
     assert result.exit_code == 0, result.output
-    assert any((tmp_path / "shared").rglob("*.safetensors")) and (tmp_path / "shared" / "errors.csv").is_file()
+    assert any((tmp_path / "shared").rglob("*.safetensors"))
+    # the run's reports go to its own folder, never into the shared cache
+    assert (tmp_path / "run" / "errors.csv").is_file() and not (tmp_path / "shared" / "errors.csv").exists()
 
 
 def test_sample_data_command_and_validate(tmp_path: Path) -> None:
