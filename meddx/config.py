@@ -35,6 +35,8 @@ class ImagingConfig(_Section):
     # Which `windows` entry NIfTI files use (they carry no DICOM Modality); None = "default".
     nifti_modality: str | None = None
     series_rule: Literal["most_slices", "first_uid"] = "most_slices"
+    # Largest DICOM or NIfTI file read, in MiB (checked on disk before reading; each file of a folder).
+    max_file_mb: float = Field(2048.0, gt=0)
 
 
 class EhrConfig(_Section):
@@ -45,6 +47,9 @@ class EhrConfig(_Section):
     n_lab_features: int = 16  # the most frequent LOINC codes in the training rows
     max_codes: int = 64  # code tokens kept per patient (most recent first)
     code_vocab_size: int = 512  # codes kept in the fitted vocabulary (+ padding and OOV)
+    # Largest FHIR Bundle JSON file read, in MiB (a Bundle is parsed whole). Bulk NDJSON files
+    # are read line by line, never whole, and have no size limit.
+    max_file_mb: float = Field(1024.0, gt=0)
 
 
 class NotesConfig(_Section):
@@ -53,6 +58,7 @@ class NotesConfig(_Section):
     text_model: str | None = None  # a Hugging Face model folder; None = bundled all-MiniLM-L6-v2
     max_length: int = 128  # tokens per chunk
     max_chunks: int = 4
+    max_file_mb: float = Field(32.0, gt=0)  # largest note file read, in MiB (each file of a folder)
 
 
 class DeviceLogConfig(_Section):
@@ -63,6 +69,7 @@ class DeviceLogConfig(_Section):
     max_channels: int = 8  # channels kept in the fitted vocabulary
     # Zone-less ISO 8601 timestamps are refused unless this says to read them as UTC.
     assume_utc: bool = False
+    max_file_mb: float = Field(1024.0, gt=0)  # largest log file read, in MiB (the file is parsed whole)
 
 
 class AudioConfig(_Section):
@@ -73,6 +80,7 @@ class AudioConfig(_Section):
     n_mels: int = 32
     n_fft: int = 256
     hop_length: int = 64
+    max_file_mb: float = Field(1024.0, gt=0)  # largest audio file read, in MiB
 
 
 class VideoConfig(_Section):
@@ -83,6 +91,7 @@ class VideoConfig(_Section):
     color: Literal["gray", "rgb"] = "gray"
     # Robust window for DICOM cine frames of more than 8 bits (8-bit frames are divided by 255).
     percentiles: tuple[float, float] = (0.5, 99.5)
+    max_file_mb: float = Field(4096.0, gt=0)  # largest video or DICOM cine file read, in MiB
 
 
 class IngestConfig(_Section):

@@ -53,6 +53,7 @@ from meddx.config import IngestConfig
 from meddx.errors import IngestError
 from meddx.ingest.base import Ingestor, IngestRequest, register_ingestor
 from meddx.ingest.ehr_tensorizer import CODE_KINDS, EhrTensorizer
+from meddx.ingest.file_checks import check_source
 from meddx.ingest.fhir_bulk import BulkIndex, patient_reference_id
 from meddx.ingest.units import to_canonical
 from meddx.records import Event, Modality, ModalityRecord, keep_available
@@ -144,6 +145,8 @@ def release_of(version: str) -> str:
         >>> release_of("4.0.1"), release_of("R5")
         ('R4B', 'R5')
     """
+    if not isinstance(version, str):
+        raise UnsupportedFhirVersion(f"FHIR version {version!r} is not a string; write it like \"4.0.1\"")
     v = version.strip().upper()
     if v in ("R4", "R4B") or v.startswith(("4.0", "4.3")):
         return "R4B"
@@ -457,10 +460,12 @@ class FhirIngestor(Ingestor):
         """
         path = Path(path)
         types = set(USED_TYPES if resource_types is None else resource_types) | {"Patient"}
-        if not path.exists():
-            raise IngestError(
-                path, str(modality), "does not exist; give a FHIR Bundle JSON file or a Bulk export folder"
-            )
+        # A Bundle is parsed whole, so its size is limited; Bulk NDJSON is streamed line by line.
+        limit = None if path.suffix == ".ndjson" else self.config.ehr.max_file_mb
+        check_source(
+            path, str(modality), max_file_mb=limit, folder_ok=True,
+            expected="a FHIR Bundle JSON file or a Bulk export folder",
+        )
         warnings: list[str] = []
         counts: Counter = Counter({key: 0 for key in COUNT_KEYS})
         if path.is_dir() or path.suffix == ".ndjson":
@@ -555,6 +560,8 @@ def _bundle_raws(path: Path, patient_id: str, types: set[str], modality: Modalit
         raise IngestError(path, mod, f"cannot read it: {exc.strerror or exc}") from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
         raise IngestError(path, mod, f"not valid JSON ({exc}); a FHIR Bundle is one JSON object") from None
+    except RecursionError:
+        raise IngestError(path, mod, "JSON nested too deeply to be a FHIR Bundle") from None
     kind = data.get("resourceType") if isinstance(data, dict) else None
     if kind != "Bundle":
         raise IngestError(
