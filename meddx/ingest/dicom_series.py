@@ -7,7 +7,11 @@
 SR, RT plans...), are skipped. When the folder holds several series, ``series_rule`` picks
 one: ``most_slices`` (default: the series with the most slices, ties to the smallest
 SeriesInstanceUID) or ``first_uid`` (the smallest SeriesInstanceUID). ``info`` says which
-one and how many there were. Slices dated after the index time are dropped (before a
+one and how many there were. A series is one SeriesInstanceUID within one
+StudyInstanceUID and FrameOfReferenceUID: a UID reused by another study or frame of
+reference is another series, kept apart (with a warning), never merged. Images of more
+than one PatientID in a folder are an :class:`~meddx.errors.IngestError` (the IDs are
+compared, never printed), so the rule never picks across patients. Slices dated after the index time are dropped (before a
 series is chosen) via :func:`meddx.records.keep_available`.
 
 **Order and checks.** Slices are sorted by their position along the slice normal
@@ -41,6 +45,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from meddx.errors import IngestError
+from meddx.ingest.file_checks import check_source
 from meddx.ingest.dicom_io import (
     _first,
     _n_frames,
@@ -78,6 +83,13 @@ class _File:
     rows: int
     columns: int
     samples: int
+    study_uid: str = ""
+    frame_of_reference: str = ""
+
+    @property
+    def series_key(self) -> tuple[str, str, str]:
+        """What makes a series one series: a SeriesInstanceUID reused in another study or frame of reference is not it."""
+        return (self.series_uid, self.study_uid, self.frame_of_reference)
 
 
 @dataclass
@@ -309,6 +321,7 @@ def load_series(
     *,
     index_time: datetime | None = None,
     series_rule: str = "most_slices",
+    max_file_mb: float | None = None,
 ) -> DicomSeries | None:
     """Read a DICOM file or series folder into a sorted, checked :class:`DicomSeries`.
 
@@ -316,31 +329,36 @@ def load_series(
         path: a DICOM file or a folder holding one (or several) series.
         index_time: drop slices acquired after it (the leakage rule); None keeps all.
         series_rule: ``most_slices`` or ``first_uid`` (see the module docstring).
+        max_file_mb: refuse DICOM files larger than this (None: no limit).
 
     Returns:
         The series, or None when every slice was acquired after ``index_time``.
 
     Raises:
-        IngestError: nothing readable, no image, or an inconsistent series.
+        IngestError: nothing readable, no image, an inconsistent series, images of
+            several patients in one folder, or a file over ``max_file_mb``.
 
     Example:
         >>> series = load_series(Path("ct_series/"))  # doctest: +SKIP
         >>> series.spacing, series.values().shape  # doctest: +SKIP
         ((2.5, 0.7, 0.7), (12, 48, 48))
     """
-    path = Path(path)
-    if not path.exists():
-        raise IngestError(path, _IMAGING, "no such file or folder")
+    path = check_source(path, _IMAGING, max_file_mb=max_file_mb, folder_ok=True, expected="a DICOM file or folder")
     with quiet_pydicom():  # header values are read lazily; keep pydicom from quoting them
-        return _load_series(path, index_time, series_rule)
+        return _load_series(path, index_time, series_rule, max_file_mb)
 
 
-def _load_series(path: Path, index_time: datetime | None, series_rule: str) -> DicomSeries | None:
+def _load_series(
+    path: Path, index_time: datetime | None, series_rule: str, max_file_mb: float | None
+) -> DicomSeries | None:
     candidates, skipped = _dicom_files(path)
     files: list[_File] = []
     frames: list[_Frame] = []
     no_pixels = 0
+    patient_ids: set[str] = set()  # compared, never logged or kept: PatientID identifies a person
     for file in candidates:
+        if max_file_mb is not None:  # an oversized image fails the series rather than vanish from it
+            check_source(file, _IMAGING, max_file_mb=max_file_mb, expected="DICOM files")
         try:
             ds = read_dicom(file)
         except IngestError:
@@ -356,7 +374,8 @@ def _load_series(path: Path, index_time: datetime | None, series_rule: str) -> D
             continue
         try:
             entry = _File(file, ds, _first(ds, "SeriesInstanceUID"), int(ds.Rows), int(ds.Columns),
-                          int(ds.get("SamplesPerPixel") or 1))
+                          int(ds.get("SamplesPerPixel") or 1), _first(ds, "StudyInstanceUID"),
+                          _first(ds, "FrameOfReferenceUID"))
             file_frames = _frames_of(ds, len(files))
         except (TypeError, ValueError) as exc:
             if path.is_file():
@@ -365,11 +384,20 @@ def _load_series(path: Path, index_time: datetime | None, series_rule: str) -> D
             continue
         files.append(entry)
         frames.extend(file_frames)
+        patient_ids.add(_first(ds, "PatientID"))
     if not files:
         raise IngestError(
             path, _IMAGING,
             f"folder holds no DICOM image ({len(candidates)} DICOM-like file(s), {no_pixels} without pixel data, "
             f"{skipped} other file(s) skipped)",
+        )
+
+    if len(patient_ids) > 1:
+        empty = " (one of them empty)" if "" in patient_ids else ""
+        raise IngestError(
+            path, _IMAGING,
+            f"the folder holds images of {len(patient_ids)} different PatientID values{empty}: another patient's "
+            "series is mixed in; a series folder must hold one patient's images, so move the others out",
         )
 
     n_before = len(frames)
@@ -380,13 +408,16 @@ def _load_series(path: Path, index_time: datetime | None, series_rule: str) -> D
         logger.info("imaging: all %d slice(s) of %s were acquired after the index time", n_before, path.name)
         return None
 
-    counts = Counter(files[f.file].series_uid for f in frames)
-    uids = sorted(counts)
+    # One series per (SeriesInstanceUID, StudyInstanceUID, FrameOfReferenceUID): a UID reused
+    # by another study or frame of reference (a copy, a bad export) is another series.
+    counts = Counter(files[f.file].series_key for f in frames)
+    keys = sorted(counts)
     if series_rule == "first_uid":
-        chosen = uids[0]
+        chosen_key = keys[0]
     else:
-        chosen = min(uids, key=lambda uid: (-counts[uid], uid))
-    frames = [f for f in frames if files[f.file].series_uid == chosen]
+        chosen_key = min(keys, key=lambda key: (-counts[key], key))
+    chosen = chosen_key[0]
+    frames = [f for f in frames if files[f.file].series_key == chosen_key]
     series_files = sorted({f.file for f in frames})
     remap = {old: new for new, old in enumerate(series_files)}
     files = [files[i] for i in series_files]
@@ -414,7 +445,7 @@ def _load_series(path: Path, index_time: datetime | None, series_rule: str) -> D
         "study_uid": _first(first, "StudyInstanceUID") or None,
         "series_uid": chosen or None,
         "series_rule": series_rule,
-        "n_series": len(uids),
+        "n_series": len(keys),
         "n_files": len(files),
         "n_skipped_files": skipped + no_pixels,
         "n_dropped_after_index": dropped_late,
@@ -423,8 +454,15 @@ def _load_series(path: Path, index_time: datetime | None, series_rule: str) -> D
         "photometric": str(first.get("PhotometricInterpretation", "")),
         "geometry_warnings": geometry_warnings,
     }
-    if len(uids) > 1:
-        warnings_out.append(f"folder holds {len(uids)} series; kept {chosen} by the rule {series_rule!r}")
+    if len(keys) > 1:
+        warnings_out.append(f"folder holds {len(keys)} series; kept {chosen} by the rule {series_rule!r}")
+    reused = Counter(key[0] for key in keys)
+    for uid, n in sorted(reused.items()):
+        if n > 1:
+            warnings_out.append(
+                f"SeriesInstanceUID {uid} is used by {n} series of different StudyInstanceUID or "
+                "FrameOfReferenceUID; they were kept apart, not merged"
+            )
     orientation = frames[0].orientation
     origin = frames[0].position
     return DicomSeries(
@@ -457,6 +495,22 @@ def _check_consistent(files: list[_File], frames: list[_Frame], where: Path) -> 
         )
 
 
+def _unplaced_note(unplaced: list[_Frame], files: list[_File]) -> str:
+    """Why slices cannot be placed along the normal: elements missing, or present but not finite numbers."""
+    keywords = ("ImagePositionPatient", "ImageOrientationPatient")
+    invalid = sum(1 for f in unplaced if f.n_frames == 1 and any(k in files[f.file].ds for k in keywords))
+    missing = len(unplaced) - invalid
+    parts = []
+    if missing:
+        parts.append(f"{missing} slice(s) lack ImagePositionPatient/ImageOrientationPatient")
+    if invalid:
+        parts.append(
+            f"{invalid} slice(s) have ImagePositionPatient/ImageOrientationPatient values that are not "
+            "finite numbers (NaN, inf, text or the wrong count)"
+        )
+    return "; ".join(parts) + "; ordered by InstanceNumber"
+
+
 def _stored_order(frame: _Frame, files: list[_File]) -> tuple[int, str, int]:
     return (frame.instance if frame.instance is not None else 1 << 30, str(files[frame.file].path), frame.frame)
 
@@ -471,9 +525,10 @@ def _sort_frames(frames: list[_Frame], files: list[_File], first: Dataset) -> tu
     """Order slices along the normal; drop duplicate positions; report gaps and uneven steps."""
     notes: list[str] = []
     fallback = _fallback_spacing(first)
-    if any(f.position is None or f.orientation is None for f in frames):
+    unplaced = [f for f in frames if f.position is None or f.orientation is None]
+    if unplaced:
         if len(files) > 1:  # frames of one multi-frame file keep their stored order silently
-            notes.append("slices have no ImagePositionPatient/ImageOrientationPatient; ordered by InstanceNumber")
+            notes.append(_unplaced_note(unplaced, files))
         return sorted(frames, key=lambda f: _stored_order(f, files)), notes, fallback
 
     normal = np.cross(frames[0].orientation[:3], frames[0].orientation[3:])
