@@ -30,7 +30,10 @@ are dropped with :func:`meddx.records.keep_available`; undated clinical resource
 dropped too (nothing says they were known at the index time). Both are counted in meta.
 
 **What is kept.** Observations: numeric LOINC-coded values (and each component of a
-panel such as blood pressure) converted to a canonical unit (:mod:`meddx.ingest.units`).
+panel such as blood pressure) converted to a canonical unit (:mod:`meddx.ingest.units`);
+values that are not finite or outside the plausible range of their code
+(:func:`meddx.ingest.units.is_plausible`) are masked: left out, counted in
+``meta["implausible_values"]`` and reported in the record's warnings.
 Conditions, MedicationRequests/Statements, Procedures and Encounters: ``system|code``
 tokens. DocumentReference: ``text/plain`` attachments with inline ``data`` as note events.
 Patient: ``sex`` and ``age_years`` at the index time in ``meta`` (never the birth date).
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
@@ -55,7 +59,7 @@ from meddx.ingest.base import Ingestor, IngestRequest, register_ingestor
 from meddx.ingest.ehr_tensorizer import CODE_KINDS, EhrTensorizer
 from meddx.ingest.file_checks import check_source
 from meddx.ingest.fhir_bulk import BulkIndex, patient_reference_id
-from meddx.ingest.units import to_canonical
+from meddx.ingest.units import is_plausible, to_canonical
 from meddx.records import Event, Modality, ModalityRecord, keep_available
 
 logger = logging.getLogger(__name__)
@@ -104,6 +108,7 @@ COUNT_KEYS: tuple[str, ...] = (
     "url_only_attachments",
     "non_text_attachments",
     "undecodable_attachments",
+    "implausible_values",
 )
 
 
@@ -309,9 +314,15 @@ def _quantity_event(when: datetime, loinc: str, quantity: Any, integer: Any, cou
         value, unit = float(integer), ""
     else:
         return None
+    if not math.isfinite(value):
+        counts["implausible_values"] += 1
+        return None
     canonical = to_canonical(loinc, value, unit)
     if canonical is None:
         counts["unconvertible_units"] += 1
+        return None
+    if not is_plausible(loinc, canonical[0]):  # 1e308 in one patient must not wreck everyone's statistics
+        counts["implausible_values"] += 1
         return None
     return Event(when, "observation", f"{LOINC}|{loinc}", value=canonical[0], unit=canonical[1])
 
@@ -683,6 +694,11 @@ def _build_record(
         **{key: int(counts[key]) for key in COUNT_KEYS},
         "n_events": len(events),
     }
+    if counts["implausible_values"]:
+        warnings.append(
+            f"masked {counts['implausible_values']} lab value(s) that are not finite or outside the plausible range "
+            "of their LOINC code (meddx.ingest.units.PLAUSIBLE)"
+        )
     if counts["skipped_resources"]:
         logger.warning("%s: %d resource(s) skipped (see the record's warnings)", path, counts["skipped_resources"])
     return ModalityRecord(
