@@ -86,7 +86,7 @@ def run_readers(cases: list[tuple[str, dict[str, str]]], memory_limit: int = 0, 
     }
     command = [sys.executable, "-c", _CHILD, str(memory_limit), json.dumps(cases), P1_INDEX]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+        done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     except subprocess.TimeoutExpired as exc:
         finished = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         n = len(finished.splitlines())

@@ -103,8 +103,8 @@ from meddx.config import ImagingConfig, IngestConfig
 from meddx.errors import IngestError
 from meddx.ingest.base import ArraySpec, ArrayTensorizer, Ingestor, IngestRequest, register_ingestor
 from meddx.ingest.dicom_io import _short
-from meddx.ingest.file_checks import check_source
 from meddx.ingest.dicom_series import load_series
+from meddx.ingest.file_checks import check_source
 from meddx.ingest.image_resize import _resize_volume, _to_numpy, resize_in_plane
 from meddx.records import Modality, ModalityRecord
 

@@ -45,7 +45,6 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from meddx.errors import IngestError
-from meddx.ingest.file_checks import check_source
 from meddx.ingest.dicom_io import (
     _first,
     _n_frames,
@@ -60,6 +59,7 @@ from meddx.ingest.dicom_io import (
     to_gray,
     transfer_syntax,
 )
+from meddx.ingest.file_checks import check_source
 from meddx.ingest.image_resize import _area_resize, _shrinks, resize_in_plane
 from meddx.records import Modality, keep_available
 

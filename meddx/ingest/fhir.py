@@ -57,8 +57,8 @@ from meddx.config import IngestConfig
 from meddx.errors import IngestError
 from meddx.ingest.base import Ingestor, IngestRequest, register_ingestor
 from meddx.ingest.ehr_tensorizer import CODE_KINDS, EhrTensorizer
-from meddx.ingest.file_checks import check_source
 from meddx.ingest.fhir_bulk import BulkIndex, patient_reference_id
+from meddx.ingest.file_checks import check_source
 from meddx.ingest.units import is_plausible, to_canonical
 from meddx.records import Event, Modality, ModalityRecord, keep_available
 

@@ -118,14 +118,14 @@ def decode_text(data: bytes, path: Path, modality: str = "notes") -> str:
                     f"(invalid bytes at offset {exc.start}); re-save it as UTF-8"
                 ) from None
     if b"\x00" in data:
-        codec = _utf16_without_bom(data)
-        if codec is not None:
+        guess = _utf16_without_bom(data)
+        if guess is not None:
             try:
-                text = data.decode(codec)
+                text = data.decode(guess)
             except UnicodeDecodeError:
                 text = None
             if text is not None and "\x00" not in text:
-                logger.debug("%s: read as %s without a byte order mark", path.name, codec)
+                logger.debug("%s: read as %s without a byte order mark", path.name, guess)
                 return text
         raise IngestError(
             path, modality, "holds NUL bytes and is neither UTF-8 nor UTF-16/32 text: a binary file, not a text note"
@@ -232,7 +232,7 @@ class NotesIngestor(Ingestor):
                 if notes_path is None:
                     raise
                 warnings.append(f"no DocumentReference notes: {exc.path}: {exc.reason}")
-            except Exception as exc:  # a broken EHR file must not fail the good note files
+            except Exception as exc:  # noqa: BLE001  # a broken EHR file must not fail the good note files
                 reason = f"the FHIR reader failed on it ({type(exc).__name__}: {str(exc)[:200]})"
                 if notes_path is None:
                     raise IngestError(ehr_path, Modality.NOTES.value, reason) from None
