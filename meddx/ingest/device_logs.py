@@ -8,6 +8,10 @@ Accepted files (the format is chosen by the suffix, ``.csv``/``.tsv``/``.txt`` o
 * **JSONL** with the same fields, one object per line (long when the objects have
   ``channel`` and ``value`` keys, wide otherwise).
 
+Files over ``DeviceLogConfig.max_file_mb`` (the file is parsed whole) and paths that are
+not regular files (a FIFO, a device) are refused before reading; so is an index time
+outside the years 1678-2261, which nanosecond timestamps cannot hold.
+
 Header names are case-insensitive; the time column may be called ``timestamp``,
 ``time`` or ``datetime``. Timestamps are ISO 8601 with a time zone
 (``2024-03-05T13:59:00Z``, ``...+01:00``) or epoch seconds. Zone-less ISO times are an
@@ -27,7 +31,8 @@ How samples become the grid:
   at once on integer nanoseconds); rows older than the window are dropped too.
 * All samples of a channel that fall in one step, duplicate timestamps included, are
   combined by their **mean**. A step without a sample has ``mask`` False and value 0.
-* Rows may come in any order: the result does not depend on it.
+* Rows may come in any order: the result does not depend on it. A file mixing epoch
+  seconds and ISO 8601 text is refused (the message names the first row of each kind).
 * Channel names are canonicalised (:data:`KNOWN_CHANNELS`: ``HR``/``pulse`` ->
   ``heart_rate``, ``SpO2``/``SPO2`` -> ``spo2``...); other names are kept, lower-cased.
   Values of a known channel outside its physiological range (SpO2 above 100 or 0, a
@@ -65,6 +70,7 @@ import pandas as pd
 from meddx.config import DeviceLogConfig, IngestConfig
 from meddx.errors import ConfigError, IngestError, NotFittedError
 from meddx.ingest.base import ArrayField, ArraySpec, Ingestor, IngestRequest, Tensorizer, register_ingestor
+from meddx.ingest.file_checks import check_source
 from meddx.records import Modality, ModalityRecord, wall_time_to_utc
 
 if TYPE_CHECKING:
@@ -188,15 +194,14 @@ def _table_from_frame(frame: pd.DataFrame) -> pa.Table:
     return pa.table(columns)
 
 
-def _read_table(path: Path, fail: Callable[[str], NoReturn]) -> tuple[pa.Table, str]:
+def _read_table(
+    path: Path, fail: Callable[[str], NoReturn], max_file_mb: float | None = None
+) -> tuple["pa.Table", str]:
     """Read the whole file once; returns ``(table with lower-cased column names, file_type)``."""
     import pyarrow as pa
     import pyarrow.csv as pa_csv
 
-    if not path.exists():
-        fail("no such file; check the path in the manifest")
-    if not path.is_file():
-        fail("is a folder; device_logs needs one CSV or JSONL file")
+    check_source(path, _MODALITY, max_file_mb=max_file_mb, expected="one CSV or JSONL file")
     if path.stat().st_size == 0:
         fail("the file is empty")
     kind = _file_type(path)
@@ -255,7 +260,15 @@ def parse_timestamps(
     if numbers.notna().all():
         return _epoch_ns(numbers.to_numpy(dtype=np.float64, na_value=np.nan), fail)
     parsed = pd.to_datetime(text, format="ISO8601", errors="coerce", utc=True)
-    bad = parsed.isna().to_numpy()
+    is_number = numbers.notna().to_numpy()
+    is_iso = parsed.notna().to_numpy()
+    if is_number.any() and is_iso.any():
+        # Both kinds are valid alone; name the first row of each, not an arbitrary one.
+        fail(
+            f"timestamps mix epoch seconds (first in row {int(np.argmax(is_number)) + 1}) and ISO 8601 text "
+            f"(first in row {int(np.argmax(is_iso)) + 1}); write every timestamp the same way"
+        )
+    bad = ~is_iso
     if bad.any():
         fail(f"row {int(np.argmax(bad)) + 1}: timestamp is not ISO 8601 or epoch seconds")
     if not assume_utc:
@@ -457,6 +470,17 @@ def _accumulate(
     return grid
 
 
+def _index_ns(index_time: datetime, fail: Callable[[str], NoReturn]) -> int:
+    """The index time in UTC epoch nanoseconds; one outside 1678-2261 cannot be compared with log rows."""
+    try:
+        return int(pd.Timestamp(index_time).as_unit("ns").value)
+    except (pd.errors.OutOfBoundsDatetime, OverflowError, ValueError):
+        fail(
+            f"the row's index_time {index_time.isoformat()} is outside the years 1678-2261 that timestamps "
+            "can hold; check the manifest's index_time"
+        )
+
+
 # -------------------------------------------------------------------------- tensorizer
 
 
@@ -640,7 +664,8 @@ def read_device_log(
 
     length = grid_length(config)
     step_ns = int(round(config.step_minutes * 60e9))
-    table, kind = _read_table(path, fail)
+    index_ns = _index_ns(index_time, fail)
+    table, kind = _read_table(path, fail, config.max_file_mb)
     columns = table.column_names
 
     time_column = next((c for c in _TIME_COLUMNS if c in columns), None)
@@ -661,7 +686,6 @@ def read_device_log(
         layout = "wide"
         blocks, names, n_unreadable, ignored = _wide_blocks(table, time_column)
 
-    index_ns = int(pd.Timestamp(index_time).as_unit("ns").value)
     grid = _accumulate(t_ns, blocks, names, index_ns, step_ns, length)
     order = sorted(range(len(names)), key=names.__getitem__)  # channels in name order
     names = [names[i] for i in order]

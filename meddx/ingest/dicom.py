@@ -12,7 +12,11 @@ What the ``imaging`` column may name:
   pixel data (DICOMDIR, SR, RT plans...), are skipped. When the folder holds several
   series, ``ImagingConfig.series_rule`` picks one: ``most_slices`` (default: the series
   with the most slices, ties to the smallest SeriesInstanceUID) or ``first_uid`` (the
-  smallest SeriesInstanceUID). ``record.meta`` says which one and how many there were;
+  smallest SeriesInstanceUID). ``record.meta`` says which one and how many there were.
+  A series is one SeriesInstanceUID within one StudyInstanceUID and FrameOfReferenceUID:
+  two series that share a SeriesInstanceUID but not those are kept apart, never merged.
+  A folder holding images of more than one PatientID is an error (another patient's
+  series mixed in), so the rule never picks across patients; the IDs are never printed;
 * a NIfTI file (``.nii``, ``.nii.gz``), read with MONAI's ``NibabelReader``.
   Voxel axes (i, j, k) become (W, H, D); NIfTI files are undated and use the window named
   by ``ImagingConfig.nifti_modality``.
@@ -76,7 +80,8 @@ are silenced while reading.
 **Errors.** Every failure is an :class:`~meddx.errors.IngestError` naming the file and the
 reason: not a DICOM file, no pixel data, truncated pixel data, a transfer syntax no
 installed plugin decodes (the message names the syntax and the plugins that would), an
-inconsistent series.
+inconsistent series, several patients in one folder, a path that is not a regular file
+or folder (a FIFO, a device), a file over ``ImagingConfig.max_file_mb``.
 
 Example:
     >>> from meddx.ingest.base import IngestRequest
@@ -101,6 +106,7 @@ from meddx.config import ImagingConfig
 from meddx.errors import IngestError, short_reason
 from meddx.ingest.base import ArrayField, ArraySpec, ArrayTensorizer, Ingestor, IngestRequest, register_ingestor
 from meddx.ingest.dicom_series import load_series
+from meddx.ingest.file_checks import check_source
 from meddx.ingest.image_resize import resize_in_plane, resize_volume, tensor_to_numpy
 from meddx.records import Modality, ModalityRecord
 
@@ -300,12 +306,16 @@ class ImagingIngestor(Ingestor):
     def read(self, request: IngestRequest) -> ModalityRecord | None:
         path = Path(request.paths[Modality.IMAGING])
         config = self.config.imaging
-        if not path.exists():
-            raise IngestError(path, _IMAGING, "no such file or folder")
+        check_source(path, _IMAGING, max_file_mb=config.max_file_mb, folder_ok=True,
+                     expected="a DICOM file or series folder, or a NIfTI file")
         if is_nifti(path):
             return self._read_nifti(path, config)
         series = load_series(
-            path, index_time=request.index_time, series_rule=config.series_rule, site_zone=self.config.site_zone()
+            path,
+            index_time=request.index_time,
+            series_rule=config.series_rule,
+            site_zone=self.config.site_zone(),
+            max_file_mb=config.max_file_mb,
         )
         if series is None:
             return None

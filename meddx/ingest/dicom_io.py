@@ -29,7 +29,9 @@ whole file (the latest of its own time and its frames' times).
 from __future__ import annotations
 
 import logging
+import os
 import re
+import stat
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -46,6 +48,7 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from meddx.errors import IngestError, short_reason
+from meddx.ingest.file_checks import check_source
 from meddx.records import Modality, wall_time_to_utc
 
 _IMAGING = Modality.IMAGING.value
@@ -89,11 +92,17 @@ def _decoder_family(uid: UID) -> str | None:
 def looks_like_dicom(path: Path) -> bool:
     """Cheap check of the first bytes: a ``DICM`` prefix, or a DICOM tag where a preamble-less file starts.
 
+    The one DICOM sniffing rule of meddx: the imaging reader uses it to pick the DICOM
+    files of a folder, the video reader to tell a DICOM cine from a video file. Only 132
+    bytes are read, and only from a regular file (never from a FIFO or a device).
+
     Example:
         >>> looks_like_dicom(Path("notes.txt"))  # doctest: +SKIP
         False
     """
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
         with open(path, "rb") as handle:
             head = handle.read(132)
     except OSError:
@@ -113,24 +122,23 @@ def _starts_with_tag(head: bytes) -> bool:
     return little in (0x0002, 0x0008) or big == 0x0008
 
 
-def read_dicom(path: Path, modality: str = _IMAGING) -> Dataset:
+def read_dicom(path: Path, modality: str = _IMAGING, max_file_mb: float | None = None) -> Dataset:
     """Read one DICOM file, also without the preamble; pixel data is kept but not decoded.
 
     Args:
         path: the file.
         modality: the meddx modality reading it (named in errors).
+        max_file_mb: refuse a larger file before reading it (None: no limit).
 
     Raises:
-        IngestError: not a DICOM file, or unreadable.
+        IngestError: not a regular file, over the size limit, not a DICOM file, or unreadable.
 
     Example:
         >>> ds = read_dicom(Path("CT_small.dcm"))  # doctest: +SKIP
         >>> ds.Modality  # doctest: +SKIP
         'CT'
     """
-    path = Path(path)
-    if not path.exists():
-        raise IngestError(path, modality, "no such file")
+    path = check_source(path, modality, max_file_mb=max_file_mb, expected="a DICOM file")
     if path.stat().st_size == 0:
         raise IngestError(path, modality, "empty file")
     try:
@@ -227,8 +235,20 @@ def decode_frames(
     if array.ndim == 4 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim not in (3, 4) or (array.ndim == 4 and array.shape[-1] != 3):
-        raise IngestError(path, modality, f"unexpected pixel array shape {array.shape}")
+        raise IngestError(path, modality, _shape_mismatch(ds, array.shape))
     return array
+
+
+def _shape_mismatch(ds: Dataset, shape: tuple[int, ...]) -> str:
+    """Why decoded pixels have a shape meddx cannot use: what was found, what the header implies."""
+    rows, columns = ds.get("Rows", "?"), ds.get("Columns", "?")
+    samples = ds.get("SamplesPerPixel", 1)
+    expected = f"(frames, {rows}, {columns})" if str(samples) == "1" else f"(frames, {rows}, {columns}, 3)"
+    return (
+        f"pixel data decodes to an array of shape {tuple(shape)}, but meddx needs {expected}: "
+        f"NumberOfFrames={frame_count(ds)}, Rows={rows}, Columns={columns}, SamplesPerPixel={samples}, "
+        f"PhotometricInterpretation={ds.get('PhotometricInterpretation', '?')}; the header does not match the pixels"
+    )
 
 
 def _decode_failure(uid: UID | None, exc: BaseException) -> str:

@@ -7,7 +7,11 @@
 SR, RT plans...), are skipped. When the folder holds several series, ``series_rule`` picks
 one: ``most_slices`` (default: the series with the most slices, ties to the smallest
 SeriesInstanceUID) or ``first_uid`` (the smallest SeriesInstanceUID). ``info`` says which
-one and how many there were.
+one and how many there were. A series is one SeriesInstanceUID within one
+StudyInstanceUID and FrameOfReferenceUID: a UID reused by another study or frame of
+reference is another series, kept apart (with a warning), never merged. Images of more
+than one PatientID in a folder are an :class:`~meddx.errors.IngestError` (the IDs are
+compared, never printed), so the rule never picks across patients.
 
 **Time.** A series is dated as a whole, at its last dated slice (when it was complete):
 slices without any date or time take the series' time, and a series acquired after the
@@ -61,6 +65,7 @@ from meddx.ingest.dicom_io import (
     to_gray,
     transfer_syntax,
 )
+from meddx.ingest.file_checks import check_source
 from meddx.ingest.image_resize import area_resize, resize_in_plane, shrinks_to
 from meddx.records import Modality, keep_available
 
@@ -84,6 +89,13 @@ class _File:
     rows: int
     columns: int
     samples: int
+    study_uid: str = ""
+    frame_of_reference: str = ""
+
+    @property
+    def series_key(self) -> tuple[str, str, str]:
+        """What makes a series one series: a SeriesInstanceUID reused in another study or frame of reference is not it."""
+        return (self.series_uid, self.study_uid, self.frame_of_reference)
 
 
 @dataclass
@@ -316,6 +328,7 @@ def load_series(
     index_time: datetime | None = None,
     series_rule: str = "most_slices",
     site_zone: tzinfo | None = None,
+    max_file_mb: float | None = None,
 ) -> DicomSeries | None:
     """Read a DICOM file or series folder into a sorted, checked :class:`DicomSeries`.
 
@@ -324,33 +337,36 @@ def load_series(
         index_time: drop series acquired after it, whole (the leakage rule); None keeps all.
         series_rule: ``most_slices`` or ``first_uid`` (see the module docstring).
         site_zone: the zone of DICOM times without ``TimezoneOffsetFromUTC``; None reads them as UTC.
+        max_file_mb: refuse DICOM files larger than this (None: no limit).
 
     Returns:
         The series, or None when every series was acquired after ``index_time``.
 
     Raises:
-        IngestError: nothing readable, no image, or an inconsistent series.
+        IngestError: nothing readable, no image, an inconsistent series, images of
+            several patients in one folder, or a file over ``max_file_mb``.
 
     Example:
         >>> series = load_series(Path("ct_series/"))  # doctest: +SKIP
         >>> series.spacing, series.values().shape  # doctest: +SKIP
         ((2.5, 0.7, 0.7), (12, 48, 48))
     """
-    path = Path(path)
-    if not path.exists():
-        raise IngestError(path, _IMAGING, "no such file or folder")
+    path = check_source(path, _IMAGING, max_file_mb=max_file_mb, folder_ok=True, expected="a DICOM file or folder")
     with quiet_pydicom():  # header values are read lazily; keep pydicom from quoting them
-        return _load_series(path, index_time, series_rule, site_zone)
+        return _load_series(path, index_time, series_rule, site_zone, max_file_mb)
 
 
 def _load_series(
-    path: Path, index_time: datetime | None, series_rule: str, site_zone: tzinfo | None
+    path: Path, index_time: datetime | None, series_rule: str, site_zone: tzinfo | None, max_file_mb: float | None
 ) -> DicomSeries | None:
     candidates, skipped = _dicom_files(path)
     files: list[_File] = []
     frames: list[_Frame] = []
     no_pixels = 0
+    patient_ids: set[str] = set()  # compared, never logged or kept: PatientID identifies a person
     for file in candidates:
+        if max_file_mb is not None:  # an oversized image fails the series rather than vanish from it
+            check_source(file, _IMAGING, max_file_mb=max_file_mb, expected="DICOM files")
         try:
             ds = read_dicom(file)
         except IngestError:
@@ -366,7 +382,8 @@ def _load_series(
             continue
         try:
             entry = _File(file, ds, first_value(ds, "SeriesInstanceUID"), int(ds.Rows), int(ds.Columns),
-                          int(ds.get("SamplesPerPixel") or 1))
+                          int(ds.get("SamplesPerPixel") or 1), first_value(ds, "StudyInstanceUID"),
+                          first_value(ds, "FrameOfReferenceUID"))
             file_frames = _frames_of(ds, len(files), site_zone)
         except (TypeError, ValueError) as exc:
             if path.is_file():
@@ -375,6 +392,7 @@ def _load_series(
             continue
         files.append(entry)
         frames.extend(file_frames)
+        patient_ids.add(first_value(ds, "PatientID"))
     if not files:
         raise IngestError(
             path, _IMAGING,
@@ -382,26 +400,36 @@ def _load_series(
             f"{skipped} other file(s) skipped)",
         )
 
+    if len(patient_ids) > 1:
+        empty = " (one of them empty)" if "" in patient_ids else ""
+        raise IngestError(
+            path, _IMAGING,
+            f"the folder holds images of {len(patient_ids)} different PatientID values{empty}: another patient's "
+            "series is mixed in; a series folder must hold one patient's images, so move the others out",
+        )
     n_undated = _date_series_whole(frames, files)
     n_before = len(frames)
     late_series = 0
     if index_time is not None:
-        series_times = {files[f.file].series_uid: f.time for f in frames}  # one time per series now
+        series_times = {files[f.file].series_key: f.time for f in frames}  # one time per series now
         available, late_series = keep_available(sorted(series_times), index_time, time_of=series_times.__getitem__)
         kept_uids = set(available)
-        frames = [f for f in frames if files[f.file].series_uid in kept_uids]
+        frames = [f for f in frames if files[f.file].series_key in kept_uids]
     dropped_late = n_before - len(frames)
     if not frames:
         logger.info("imaging: every series of %s was acquired after the index time", path.name)
         return None
 
-    counts = Counter(files[f.file].series_uid for f in frames)
-    uids = sorted(counts)
+    # One series per (SeriesInstanceUID, StudyInstanceUID, FrameOfReferenceUID): a UID reused
+    # by another study or frame of reference (a copy, a bad export) is another series.
+    counts = Counter(files[f.file].series_key for f in frames)
+    keys = sorted(counts)
     if series_rule == "first_uid":
-        chosen = uids[0]
+        chosen_key = keys[0]
     else:
-        chosen = min(uids, key=lambda uid: (-counts[uid], uid))
-    frames = [f for f in frames if files[f.file].series_uid == chosen]
+        chosen_key = min(keys, key=lambda key: (-counts[key], key))
+    chosen = chosen_key[0]
+    frames = [f for f in frames if files[f.file].series_key == chosen_key]
     series_files = sorted({f.file for f in frames})
     remap = {old: new for new, old in enumerate(series_files)}
     files = [files[i] for i in series_files]
@@ -432,20 +460,27 @@ def _load_series(
         "study_uid": first_value(first, "StudyInstanceUID") or None,
         "series_uid": chosen or None,
         "series_rule": series_rule,
-        "n_series": len(uids),
+        "n_series": len(keys),
         "n_files": len(files),
         "n_skipped_files": skipped + no_pixels,
         "n_dropped_after_index": dropped_late,
         "n_series_dropped_after_index": late_series,
-        "n_undated_slices": sum(n for uid, n in n_undated.items() if uid == chosen),
+        "n_undated_slices": n_undated.get(chosen_key, 0),
         "time_zone": time_zone_rule(first, site_zone),
         "transfer_syntax": syntaxes[0] if len(syntaxes) == 1 else (syntaxes or None),
         "transfer_syntax_name": syntax_names[0] if len(syntax_names) == 1 else (syntax_names or None),
         "photometric": str(first.get("PhotometricInterpretation", "")),
         "geometry_warnings": geometry_warnings,
     }
-    if len(uids) > 1:
-        warnings_out.append(f"folder holds {len(uids)} series; kept {chosen} by the rule {series_rule!r}")
+    if len(keys) > 1:
+        warnings_out.append(f"folder holds {len(keys)} series; kept {chosen} by the rule {series_rule!r}")
+    reused = Counter(key[0] for key in keys)
+    for uid, n in sorted(reused.items()):
+        if n > 1:
+            warnings_out.append(
+                f"SeriesInstanceUID {uid} is used by {n} series of different StudyInstanceUID or "
+                "FrameOfReferenceUID; they were kept apart, not merged"
+            )
     orientation = frames[0].orientation
     origin = frames[0].position
     return DicomSeries(
@@ -463,20 +498,20 @@ def _load_series(
     )
 
 
-def _date_series_whole(frames: list[_Frame], files: list[_File]) -> dict[str, int]:
+def _date_series_whole(frames: list[_Frame], files: list[_File]) -> dict[tuple[str, str, str], int]:
     """Give every slice its series' time (its latest slice time); returns undated slices per series.
 
     A series is one acquisition: it is known once its last slice is, and a slice without a
     date of its own belongs to it, so it takes that time too.
     """
-    latest: dict[str, datetime | None] = {}
+    latest: dict[tuple[str, str, str], datetime | None] = {}
     for f in frames:
-        uid = files[f.file].series_uid
+        uid = files[f.file].series_key
         known = latest.get(uid)
         latest[uid] = f.time if known is None else (known if f.time is None else max(known, f.time))
     undated: Counter = Counter()
     for f in frames:
-        uid = files[f.file].series_uid
+        uid = files[f.file].series_key
         if f.time is None and latest[uid] is not None:
             undated[uid] += 1
         f.time = latest[uid]
@@ -498,6 +533,22 @@ def _check_consistent(files: list[_File], frames: list[_Frame], where: Path) -> 
         )
 
 
+def _unplaced_note(unplaced: list[_Frame], files: list[_File]) -> str:
+    """Why slices cannot be placed along the normal: elements missing, or present but not finite numbers."""
+    keywords = ("ImagePositionPatient", "ImageOrientationPatient")
+    invalid = sum(1 for f in unplaced if f.n_frames == 1 and any(k in files[f.file].ds for k in keywords))
+    missing = len(unplaced) - invalid
+    parts = []
+    if missing:
+        parts.append(f"{missing} slice(s) lack ImagePositionPatient/ImageOrientationPatient")
+    if invalid:
+        parts.append(
+            f"{invalid} slice(s) have ImagePositionPatient/ImageOrientationPatient values that are not "
+            "finite numbers (NaN, inf, text or the wrong count)"
+        )
+    return "; ".join(parts) + "; ordered by InstanceNumber"
+
+
 def _stored_order(frame: _Frame, files: list[_File]) -> tuple[int, str, int]:
     return (frame.instance if frame.instance is not None else 1 << 30, str(files[frame.file].path), frame.frame)
 
@@ -512,9 +563,10 @@ def _sort_frames(frames: list[_Frame], files: list[_File], first: Dataset) -> tu
     """Order slices along the normal; drop duplicate positions; report gaps and uneven steps."""
     notes: list[str] = []
     fallback = _fallback_spacing(first)
-    if any(f.position is None or f.orientation is None for f in frames):
+    unplaced = [f for f in frames if f.position is None or f.orientation is None]
+    if unplaced:
         if len(files) > 1:  # frames of one multi-frame file keep their stored order silently
-            notes.append("slices have no ImagePositionPatient/ImageOrientationPatient; ordered by InstanceNumber")
+            notes.append(_unplaced_note(unplaced, files))
         return sorted(frames, key=lambda f: _stored_order(f, files)), notes, fallback
 
     orientation = cast(np.ndarray, frames[0].orientation)  # every frame has one (checked above)

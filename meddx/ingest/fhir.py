@@ -78,7 +78,10 @@ skipped and reported as a record warning (``meta["skipped_resources"]``); the re
 patient's EHR is read. Only when every resource of the patient fails is the read an error.
 
 **What is kept.** Observations: numeric LOINC-coded values (and each component of a
-panel such as blood pressure) converted to a canonical unit (:mod:`meddx.ingest.units`).
+panel such as blood pressure) converted to a canonical unit (:mod:`meddx.ingest.units`);
+values that are not finite or outside the plausible range of their code
+(:func:`meddx.ingest.units.is_plausible`) are masked: left out, counted in
+``meta["implausible_values"]`` and reported in the record's warnings.
 Conditions, MedicationRequests/Statements, Procedures and Encounters: ``system|code``
 tokens. DocumentReference: ``text/plain`` attachments with inline ``data`` as note events.
 Patient: ``sex`` and ``age_years`` at the index time in ``meta`` (never the birth date).
@@ -89,6 +92,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
@@ -101,7 +105,8 @@ from meddx.errors import IngestError
 from meddx.ingest.base import Ingestor, IngestRequest, register_ingestor
 from meddx.ingest.ehr_tensorizer import CODE_KINDS, EhrTensorizer
 from meddx.ingest.fhir_bulk import BulkIndex, patient_reference_id
-from meddx.ingest.units import to_canonical
+from meddx.ingest.file_checks import check_source
+from meddx.ingest.units import is_plausible, to_canonical
 from meddx.records import Event, Modality, ModalityRecord, keep_available, wall_time_to_utc
 
 logger = logging.getLogger(__name__)
@@ -168,6 +173,7 @@ COUNT_KEYS: tuple[str, ...] = (
     "url_only_attachments",
     "non_text_attachments",
     "undecodable_attachments",
+    "implausible_values",
 )
 
 
@@ -209,6 +215,8 @@ def release_of(version: str) -> str:
         >>> release_of("4.0.1"), release_of("R5")
         ('R4B', 'R5')
     """
+    if not isinstance(version, str):
+        raise UnsupportedFhirVersion(f"FHIR version {version!r} is not a string; write it like \"4.0.1\"")
     v = version.strip().upper()
     if v in ("R4", "R4B") or v.startswith(("4.0", "4.3")):
         return "R4B"
@@ -443,9 +451,15 @@ def _quantity_event(when: datetime, loinc: str, quantity: Any, integer: Any, cou
         value, unit = float(integer), ""
     else:
         return None
+    if not math.isfinite(value):
+        counts["implausible_values"] += 1
+        return None
     canonical = to_canonical(loinc, value, unit)
     if canonical is None:
         counts["unconvertible_units"] += 1
+        return None
+    if not is_plausible(loinc, canonical[0]):  # 1e308 in one patient must not wreck everyone's statistics
+        counts["implausible_values"] += 1
         return None
     return Event(when, "observation", f"{LOINC}|{loinc}", value=canonical[0], unit=canonical[1])
 
@@ -594,10 +608,12 @@ class FhirIngestor(Ingestor):
         """
         path = Path(path)
         types = set(USED_TYPES if resource_types is None else resource_types) | {"Patient"}
-        if not path.exists():
-            raise IngestError(
-                path, str(modality), "does not exist; give a FHIR Bundle JSON file or a Bulk export folder"
-            )
+        # A Bundle is parsed whole, so its size is limited; Bulk NDJSON is streamed line by line.
+        limit = None if path.suffix == ".ndjson" else self.config.ehr.max_file_mb
+        check_source(
+            path, str(modality), max_file_mb=limit, folder_ok=True,
+            expected="a FHIR Bundle JSON file or a Bulk export folder",
+        )
         warnings: list[str] = []
         counts: Counter = Counter({key: 0 for key in COUNT_KEYS})
         if path.is_dir() or path.suffix == ".ndjson":
@@ -700,6 +716,8 @@ def _bundle_raws(path: Path, patient_id: str, types: set[str], modality: Modalit
         raise IngestError(path, mod, f"cannot read it: {exc.strerror or exc}") from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
         raise IngestError(path, mod, f"not valid JSON ({exc}); a FHIR Bundle is one JSON object") from None
+    except RecursionError:
+        raise IngestError(path, mod, "JSON nested too deeply to be a FHIR Bundle") from None
     kind = data.get("resourceType") if isinstance(data, dict) else None
     if kind != "Bundle":
         raise IngestError(
@@ -833,6 +851,11 @@ def _build_record(
         **{key: int(counts[key]) for key in COUNT_KEYS},
         "n_events": len(events),
     }
+    if counts["implausible_values"]:
+        warnings.append(
+            f"masked {counts['implausible_values']} lab value(s) that are not finite or outside the plausible range "
+            "of their LOINC code (meddx.ingest.units.PLAUSIBLE)"
+        )
     if counts["skipped_resources"]:
         logger.warning("%s: %d resource(s) skipped (see the record's warnings)", path, counts["skipped_resources"])
     return ModalityRecord(

@@ -1,10 +1,18 @@
 """The notes ingestor: clinician notes → token chunks for the text encoder.
 
-**Where notes come from.** The row's ``notes`` path (one UTF-8 text file, or a folder
-whose non-hidden files are all UTF-8 text, read in name order), and the ``text/plain``
+**Where notes come from.** The row's ``notes`` path (one text file, or a folder whose
+non-hidden regular files are all text, read in name order), and the ``text/plain``
 DocumentReference attachments of the row's ``ehr`` source (read through
 :class:`~meddx.ingest.fhir.FhirIngestor`, so Bundles and Bulk exports work the same and
 the same leakage rule applies: a DocumentReference counts at its ``date``).
+
+**Files.** Text is UTF-8 (with or without a BOM), or UTF-16/UTF-32 with a byte order mark,
+or UTF-16 without one when its NUL bytes show the byte order; anything else with NUL
+bytes is refused as binary. A note file over ``NotesConfig.max_file_mb`` (32 MiB by
+default), and anything that is not a regular file (a FIFO, a device), is refused before
+it is read. A broken ``ehr`` source does not fail notes that also come from files: the
+record is built from the files, with a warning naming the EHR file; without note files
+the error names the EHR file.
 
 **Time.** A date inside the text may be the date of a past event, so a text file is dated
 only where a date is written for that purpose (:func:`note_file_time`):
@@ -43,11 +51,13 @@ Face folder), without truncation, then cut into chunks of ``max_length`` tokens
 including the model's special tokens ([CLS] ... [SEP]). A chunk never spans two notes.
 When the notes need more than ``max_chunks`` chunks, the most recent notes win: notes
 are taken newest first, each from its beginning, until the chunks are used up; the kept
-chunks are then laid out oldest first, so padding is at the end.
+chunks are then laid out oldest first, so padding is at the end. Only as much of a long
+note is tokenised as the kept chunks need (see :meth:`NotesIngestor._windows`).
 """
 
 from __future__ import annotations
 
+import codecs
 import importlib.resources
 import logging
 import re
@@ -61,6 +71,7 @@ from meddx.config import IngestConfig, NotesConfig
 from meddx.errors import ConfigError, IngestError
 from meddx.ingest.base import ArrayField, ArraySpec, ArrayTensorizer, Ingestor, IngestRequest, register_ingestor
 from meddx.ingest.fhir import FhirIngestor
+from meddx.ingest.file_checks import check_source, regular_files
 from meddx.records import Event, Modality, ModalityRecord, keep_available, wall_time_to_utc
 
 logger = logging.getLogger(__name__)
@@ -112,21 +123,81 @@ def load_tokenizer(config: NotesConfig) -> Any:
     return tokenizer
 
 
-def read_text_file(path: Path, modality: str = "notes") -> str:
-    """A note file's text; UTF-8 (a BOM is allowed) or an IngestError naming the file.
+def read_text_file(path: Path, modality: str = "notes", max_file_mb: float | None = None) -> str:
+    """A note file's text, or an IngestError naming the file.
+
+    UTF-8 (a BOM is allowed), and UTF-16 or UTF-32 with a byte order mark, or UTF-16
+    without one when its NUL bytes say which byte order it is (what Windows tools write as
+    "Unicode"). The file must be a regular file of at most ``max_file_mb`` MiB.
 
     Example:
         >>> read_text_file(Path("note.txt"))  # doctest: +SKIP
         'Chief complaint: cough.'
     """
+    check_source(path, modality, max_file_mb=max_file_mb, expected="a UTF-8 text file")
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise IngestError(path, modality, f"cannot read it: {exc.strerror or exc}") from None
+    return decode_text(data, path, modality)
+
+
+# Byte order marks, longest first: the UTF-32 LE mark begins with the UTF-16 LE one.
+_BOMS: tuple[tuple[bytes, str], ...] = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
+def _utf16_without_bom(data: bytes) -> str | None:
+    """``utf-16-le``/``-be`` when the NUL bytes sit in one byte position of each pair, as in UTF-16 text."""
+    if len(data) < 2 or len(data) % 2:
+        return None
+    even, odd = data[0::2].count(0), data[1::2].count(0)
+    pairs = len(data) // 2
+    # Latin text in UTF-16 has a NUL in (nearly) every pair, always on the same side.
+    if odd >= 0.5 * pairs and even == 0:
+        return "utf-16-le"
+    if even >= 0.5 * pairs and odd == 0:
+        return "utf-16-be"
+    return None
+
+
+def decode_text(data: bytes, path: Path, modality: str = "notes") -> str:
+    """Decode a note's bytes (see :func:`read_text_file`); the error says what the bytes are.
+
+    Example:
+        >>> decode_text("Husten".encode("utf-16"), Path("note.txt"))
+        'Husten'
+    """
+    for bom, codec in _BOMS:
+        if data.startswith(bom):
+            try:
+                return data.decode(codec)
+            except UnicodeDecodeError as exc:
+                name = codec.replace("-sig", "").upper()
+                raise IngestError(
+                    path, modality, f"starts with a {name} byte order mark but is not valid {name} "
+                    f"(invalid bytes at offset {exc.start}); re-save it as UTF-8"
+                ) from None
     if b"\x00" in data:
-        raise IngestError(path, modality, "holds NUL bytes: a binary file, not a text note")
+        guess = _utf16_without_bom(data)
+        if guess is not None:
+            try:
+                text = data.decode(guess)
+            except UnicodeDecodeError:
+                text = None
+            if text is not None and "\x00" not in text:
+                logger.debug("%s: read as %s without a byte order mark", path.name, guess)
+                return text
+        raise IngestError(
+            path, modality, "holds NUL bytes and is neither UTF-8 nor UTF-16/32 text: a binary file, not a text note"
+        )
     try:
-        return data.decode("utf-8-sig")
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise IngestError(
             path, modality, f"is not UTF-8 text (invalid byte at offset {exc.start}); re-save it as UTF-8"
@@ -285,7 +356,12 @@ class NotesIngestor(Ingestor):
             except IngestError as exc:
                 if notes_path is None:
                     raise
-                warnings.append(f"no DocumentReference notes: {exc.reason}")
+                warnings.append(f"no DocumentReference notes: {exc.path}: {exc.reason}")
+            except Exception as exc:  # noqa: BLE001  # a broken EHR file must not fail the good note files
+                reason = f"the FHIR reader failed on it ({type(exc).__name__}: {str(exc)[:200]})"
+                if notes_path is None:
+                    raise IngestError(ehr_path, Modality.NOTES.value, reason) from None
+                warnings.append(f"no DocumentReference notes: {ehr_path}: {reason}")
             else:
                 documents = [e for e in ehr.events if e.kind == "note"]
                 meta["from_fhir"] = len(documents)
@@ -332,11 +408,11 @@ class NotesIngestor(Ingestor):
         self, path: Path, index_time: datetime, meta: dict[str, Any], warnings: list[str]
     ) -> list[Event]:
         """Dated and kept undated notes of a file or folder, counting what was dropped in ``meta``."""
-        if not path.exists():
-            raise IngestError(path, "notes", "does not exist; give a UTF-8 text file or a folder of them")
+        limit = self.config.notes.max_file_mb
+        check_source(path, "notes", max_file_mb=limit, folder_ok=True, expected="a UTF-8 text file or a folder of them")
         in_folder = path.is_dir()
         if in_folder:
-            files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+            files = regular_files(path)
             if not files:
                 raise IngestError(path, "notes", "the folder holds no note files")
         else:
@@ -346,7 +422,7 @@ class NotesIngestor(Ingestor):
         dated: list[Event] = []
         undated: list[Event] = []
         for file in files:
-            text = read_text_file(file)
+            text = read_text_file(file, max_file_mb=limit)
             when, problem = note_file_time(file, text, site_zone)
             if problem is not None:
                 warnings.append(f"{file.name}: {problem}; the file is undated")
@@ -379,6 +455,38 @@ class NotesIngestor(Ingestor):
             logger.info("notes %s: %d undated file(s) dropped", path.name, meta["files_dropped_undated"])
         return kept + undated
 
+    def _windows(self, text: str, room: int) -> list[tuple[list[int], list[int]]]:
+        """The note's ``max_length`` token windows from its beginning: at least ``room + 1`` when it has them.
+
+        Only a prefix of a long note is tokenised (cut at whitespace, so the tokens before
+        the cut are those of the whole text), longer each time it gives too few windows:
+        tokenising a whole 30 MB note to keep its first few hundred tokens would take
+        gigabytes of memory.
+        """
+        cfg = self.config.notes
+        chars = (room + 1) * cfg.max_length * 16  # ~4 characters per token in English text
+        while True:
+            cut = len(text) > chars
+            prefix = text
+            if cut:
+                space = max(text.rfind(" ", 0, chars), text.rfind("\n", 0, chars))
+                prefix = text[: space if space > 0 else chars]
+            # the tokenizer's own overflow: consecutive max_length windows, each with [CLS] ... [SEP]
+            encoded = self.tokenizer(
+                prefix,
+                max_length=cfg.max_length,
+                truncation=True,
+                padding="max_length",
+                return_overflowing_tokens=True,
+                return_attention_mask=True,
+            )
+            rows = list(zip(encoded["input_ids"], encoded["attention_mask"]))
+            if rows and isinstance(rows[0][0], int):  # a tokenizer without overflow windows gives one row
+                rows = [(encoded["input_ids"], encoded["attention_mask"])]
+            if not cut or len(rows) > room:
+                return rows
+            chars *= 4
+
     def _chunk(self, sections: list[Event]) -> tuple[dict[str, np.ndarray], list[int], bool, list[int]]:
         """Token chunks of the newest notes.
 
@@ -393,18 +501,7 @@ class NotesIngestor(Ingestor):
         for i in range(len(sections) - 1, -1, -1):  # newest first
             if room == 0:
                 break
-            # the tokenizer's own overflow: consecutive max_length windows, each with [CLS] ... [SEP]
-            encoded = tokenizer(
-                sections[i].text,
-                max_length=cfg.max_length,
-                truncation=True,
-                padding="max_length",
-                return_overflowing_tokens=True,
-                return_attention_mask=True,
-            )
-            rows = list(zip(encoded["input_ids"], encoded["attention_mask"], strict=True))
-            if rows and isinstance(rows[0][0], int):  # a tokenizer without overflow windows gives one row
-                rows = [(encoded["input_ids"], encoded["attention_mask"])]
+            rows = self._windows(sections[i].text or "", room)
             cut = cut or len(rows) > room
             picked.append((i, rows[:room]))
             room -= len(picked[-1][1])

@@ -10,8 +10,9 @@ What the ``video`` column may name:
   do decode, and a warning says how many did (a count lower than the truth cannot be
   noticed without decoding the rest: frames past it are then not sampled). Video files
   are undated (``record.time`` is None, so they are available at the index time);
-* a multi-frame DICOM (cine ultrasound, XA...): a ``.dcm``/``.dicom`` suffix or the
-  ``DICM`` magic chooses this path. Frames are decoded with the imaging ingestor's
+* a multi-frame DICOM (cine ultrasound, XA...): a ``.dcm``/``.dicom`` suffix, or what
+  the imaging reader recognises as DICOM (:func:`meddx.ingest.dicom_io.looks_like_dicom`:
+  the ``DICM`` prefix, or a Part 10 file without its preamble), chooses this path. Frames are decoded with the imaging ingestor's
   decoder (:func:`meddx.ingest.dicom_io.decode_frames`, only the sampled frames of
   compressed data). The clip is dated as a whole: ``record.time`` is its latest time, of
   the file or of any frame (:func:`meddx.ingest.dicom_io.latest_time`; zone-less DICOM
@@ -30,7 +31,8 @@ What the ``video`` column may name:
 Intensities: 8-bit frames are divided by 255; DICOM frames with more bits go through
 a robust percentile window (``VideoConfig.percentiles``), and MONOCHROME1 is inverted.
 
-Errors (:class:`~meddx.errors.IngestError` naming the file): missing or empty file, a file
+Errors (:class:`~meddx.errors.IngestError` naming the file): missing or empty file, a path
+that is not a regular file (a FIFO, a device), a file over ``VideoConfig.max_file_mb``, a file
 OpenCV cannot open, a clip with no decodable frame, and the DICOM errors of the imaging
 reader. Nothing loops without bound: the frame loop stops at the end of the stream, and
 OpenCV's open/read timeouts are set.
@@ -60,12 +62,14 @@ from meddx.ingest.dicom import apply_window, window_bounds
 from meddx.ingest.dicom_io import (
     decode_frames,
     latest_time,
+    looks_like_dicom,
     quiet_pydicom,
     read_dicom,
     time_zone_rule,
     to_gray,
     transfer_syntax,
 )
+from meddx.ingest.file_checks import check_source
 from meddx.records import Modality, ModalityRecord, is_available
 
 logger = logging.getLogger(__name__)
@@ -87,17 +91,6 @@ def sample_indices(n_available: int, n_wanted: int) -> np.ndarray:
     if n_available <= n_wanted:
         return np.arange(n_available)
     return np.unique(np.round(np.linspace(0, n_available - 1, n_wanted)).astype(int))
-
-
-def _is_dicom(path: Path) -> bool:
-    if path.suffix.lower() in _DICOM_SUFFIXES:
-        return True
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:] == b"DICM"
 
 
 class _FrameShaper:
@@ -163,13 +156,12 @@ class VideoIngestor(Ingestor):
 
     def read(self, request: IngestRequest) -> ModalityRecord | None:
         path = Path(request.paths[Modality.VIDEO])
-        if not path.is_file():
-            raise IngestError(path, _VIDEO, "no such file" if not path.exists() else "a folder, not a video file")
+        config = self.config.video
+        check_source(path, _VIDEO, max_file_mb=config.max_file_mb, expected="one video file (MP4, AVI) or a DICOM cine")
         if path.stat().st_size == 0:
             raise IngestError(path, _VIDEO, "empty file")
-        config = self.config.video
         shaper = _FrameShaper(config)
-        if _is_dicom(path):
+        if path.suffix.lower() in _DICOM_SUFFIXES or looks_like_dicom(path):
             return self._read_dicom(path, request, shaper)
         frames, n_total, notes = _read_video(path, config.n_frames, shaper)
         meta = {
