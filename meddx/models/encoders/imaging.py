@@ -95,7 +95,13 @@ def load_network_weights(trunk: nn.Module, path: str | Path) -> None:
     except (OSError, SafetensorError) as exc:
         raise ModelError(f"imaging.weights {path} cannot be read as safetensors: {exc}") from None
     target = trunk.net if isinstance(trunk, _ResNetTrunk) else trunk
-    missing, unexpected = target.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = target.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that differ
+        raise ModelError(
+            f"imaging.weights {path} do not fit the configured {type(target).__name__}: {str(exc)[:300]}; "
+            "check imaging.network and its widths"
+        ) from None
     if missing or unexpected:
         raise ModelError(
             f"imaging.weights {path} do not fit the configured {type(target).__name__}: "
