@@ -69,7 +69,7 @@ class EhrEncoderConfig(_Section):
 class DeviceLogEncoderConfig(_Section):
     """PatchTST-style: each channel cut into patches of ``patch_length`` steps, each patch a token."""
 
-    patch_length: int = Field(30, ge=1)
+    patch_length: int = Field(60, ge=1)
 
 
 class AudioEncoderConfig(_Section):
@@ -151,7 +151,7 @@ class BackboneConfig(_Section):
             n_heads=8,
             max_tokens_per_modality=128,
             imaging=ImagingEncoderConfig(network="resnet18", token_grid=(2, 2, 2)),
-            device_logs=DeviceLogEncoderConfig(patch_length=15),
+            device_logs=DeviceLogEncoderConfig(patch_length=30),
             audio=AudioEncoderConfig(patch_mels=16, patch_frames=16),
             video=VideoEncoderConfig(frame_features=128, temporal_layers=2),
         )
