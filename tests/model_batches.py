@@ -61,7 +61,7 @@ def sample_patients(n_rows: int = 3) -> list[PatientRecord]:
     for row in list(load_cohort(SAMPLE))[:n_rows]:
         patient = PatientRecord(row.patient_id, row.index_time)
         request = IngestRequest(row.patient_id, row.index_time, dict(row.paths))
-        for modality, reader in readers.items():
+        for reader in readers.values():
             if reader.wants(request):
                 record = reader.read(request)
                 if record is not None:

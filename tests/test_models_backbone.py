@@ -6,12 +6,12 @@ import itertools
 
 import pytest
 import torch
+from model_batches import fitted_aligner, random_patient, tiny_backbone_config
 
 from meddx.errors import ConfigError
 from meddx.models import BackboneOutput, FoundationBackbone
 from meddx.models.encoders.base import mask_like
 from meddx.records import MODALITIES, Modality, collate
-from model_batches import fitted_aligner, random_patient, tiny_backbone_config
 
 SUBSETS = [s for r in range(1, len(MODALITIES) + 1) for s in itertools.combinations(MODALITIES, r)]
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from model_batches import fitted_aligner, random_patient, tiny_backbone_config
 from safetensors.torch import load_file
 
 from meddx.align import Aligner
@@ -13,7 +14,6 @@ from meddx.errors import ModelError
 from meddx.models import FoundationBackbone
 from meddx.models.checkpoint import TEXT_PREFIX
 from meddx.records import MODALITIES, Modality, collate
-from model_batches import fitted_aligner, random_patient, tiny_backbone_config
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_batches import fitted_aligner, random_patient, tiny_backbone_config
 from safetensors.torch import save_file
 
 from meddx.errors import ConfigError, ModelError
 from meddx.ingest.base import ArrayField
 from meddx.models.encoders import EhrEncoder, ImagingEncoder, VideoEncoder
 from meddx.records import Modality, collate
-from model_batches import fitted_aligner, random_patient, tiny_backbone_config
 
 VOLUME_SPEC = {
     "volume": ArrayField((8, 16, 16), "float32"),
@@ -58,6 +58,11 @@ def test_imaging_weights_load_from_safetensors_only(tmp_path) -> None:
     other = tiny_backbone_config(imaging={"init_features": 6, "block_config": [1, 1]})
     with pytest.raises(ModelError, match="do not fit"):
         ImagingEncoder(other.model_copy(update={"imaging": other.imaging.model_copy(update={"weights": str(path)})}), VOLUME_SPEC)
+
+
+def test_a_network_too_deep_for_the_volume_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="too small for the densenet network"):
+        ImagingEncoder(tiny_backbone_config(imaging={"block_config": [2, 2, 2, 2]}), VOLUME_SPEC)
 
 
 def test_an_encoder_names_the_role_it_cannot_find() -> None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
+from model_batches import fitted_aligner, random_patient, tiny_backbone_config
 
 from meddx.models.encoders import NotesEncoder
 from meddx.models.text_cache import TextEmbeddingCache
 from meddx.records import Modality, collate
-from model_batches import fitted_aligner, random_patient, tiny_backbone_config
 
 
 def _counting(encoder: NotesEncoder) -> list[int]:

@@ -113,7 +113,10 @@ def _first_real_tokens(out: EncoderOutput, limit: int) -> EncoderOutput:
     if out.tokens.shape[1] <= limit:
         return out
     order = torch.argsort((~out.token_mask).to(torch.int8), dim=1, stable=True)[:, :limit]  # (P, limit)
-    take = lambda x: torch.gather(x, 1, order if x.dim() == 2 else order[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
+
+    def take(x: torch.Tensor) -> torch.Tensor:
+        return torch.gather(x, 1, order if x.dim() == 2 else order[..., None].expand(-1, -1, x.shape[-1]))
+
     return EncoderOutput(take(out.tokens), take(out.token_mask), take(out.token_age_hours))
 
 

@@ -27,7 +27,7 @@ class DeviceLogEncoder(ModalityEncoder):
         >>> from meddx.ingest.base import ArrayField
         >>> spec = {"values": ArrayField((2, 60), "float32"),
         ...         "mask": ArrayField((2, 60), "bool", "mask", of=("values",))}
-        >>> encoder = DeviceLogEncoder(BackboneConfig(d_model=16, n_heads=2), spec)
+        >>> encoder = DeviceLogEncoder(BackboneConfig(d_model=16, n_heads=2, device_logs={"patch_length": 30}), spec)
         >>> out = encoder({"values": torch.zeros(3, 2, 60), "mask": torch.ones(3, 2, 60, dtype=torch.bool)})
         >>> tuple(out.tokens.shape)  # 2 channels x 2 patches of 30 steps
         (3, 4, 16)

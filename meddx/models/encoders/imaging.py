@@ -118,7 +118,8 @@ class ImagingEncoder(ModalityEncoder):
         >>> from meddx.ingest.base import ArrayField
         >>> spec = {"volume": ArrayField((8, 16, 16), "float32"),
         ...         "slice_mask": ArrayField((8,), "bool", "mask", of=("volume",))}
-        >>> encoder = ImagingEncoder(BackboneConfig(d_model=16, n_heads=2), spec).eval()
+        >>> config = BackboneConfig(d_model=16, n_heads=2, imaging={"block_config": (1, 1)})
+        >>> encoder = ImagingEncoder(config, spec).eval()
         >>> out = encoder({"volume": torch.rand(2, 8, 16, 16), "slice_mask": torch.ones(2, 8, dtype=torch.bool)})
         >>> tuple(out.tokens.shape), tuple(out.token_mask.shape)
         ((2, 4, 16), (2, 4))
@@ -132,13 +133,27 @@ class ImagingEncoder(ModalityEncoder):
         self.spatial_dims = cfg.spatial_dims
         self.volume = find_one(self.modality, spec, "values", ndim=3)
         self.slice_mask = find_one(self.modality, spec, "mask", of=self.volume)
-        depth, height, width = self.field(self.volume).shape
-        if self.spatial_dims == 3 and min(depth, height, width) < 8:
-            raise ConfigError(f"imaging volume {depth}x{height}x{width} is too small for a 3D network (8 per side)")
         self.trunk = build_trunk(cfg)
+        self._check_fits(cfg)
         if cfg.weights is not None and load_weights:
             load_network_weights(self.trunk, cfg.weights)
         self.project = nn.Linear(self.trunk.channels, config.d_model)
+
+    def _check_fits(self, cfg: ImagingEncoderConfig) -> None:
+        """One dry pass of a blank volume, so a network too deep for the volume fails here, by name."""
+        depth, height, width = self.field(self.volume).shape
+        blank = torch.zeros(1, 1, depth, height, width) if self.spatial_dims == 3 else torch.zeros(1, 1, height, width)
+        self.trunk.eval()
+        try:
+            with torch.no_grad():
+                self.trunk(blank)
+        except RuntimeError as exc:
+            raise ConfigError(
+                f"imaging volume {depth}x{height}x{width} is too small for the {cfg.network} network "
+                f"({str(exc)[:120]}); use a larger imaging.spatial_size or fewer stages (block_config / layers)"
+            ) from None
+        finally:
+            self.trunk.train()
 
     def forward(self, arrays: dict[str, torch.Tensor]) -> EncoderOutput:
         volume = arrays[self.volume].float()  # (P, D, H, W)
