@@ -184,3 +184,9 @@ def test_a_batch_modality_without_an_encoder_is_refused(setup) -> None:
     backbone = FoundationBackbone(tiny_backbone_config(), spec).eval()
     with pytest.raises(ConfigError, match="no encoder for it"):
         backbone(_batch(aligner, [(Modality.AUDIO,)]))
+
+
+def test_the_text_model_must_match_the_notes_tokenizer(setup, tmp_path) -> None:
+    aligner, _, _ = setup
+    with pytest.raises(ConfigError, match="set both to the same folder"):
+        FoundationBackbone.from_aligner(tiny_backbone_config(text={"model": str(tmp_path)}), aligner)

@@ -120,6 +120,10 @@ def _first_real_tokens(out: EncoderOutput, limit: int) -> EncoderOutput:
     return EncoderOutput(take(out.tokens), take(out.token_mask), take(out.token_age_hours))
 
 
+def _model_path(model: str | None) -> Path | None:
+    return None if model is None else Path(model).expanduser().resolve()
+
+
 def _modality_indices(modalities: Iterable[Modality | str] | None) -> list[int]:
     if not modalities:
         return []
@@ -187,8 +191,24 @@ class FoundationBackbone(nn.Module):
     def from_aligner(
         cls, config: BackboneConfig, aligner: "Aligner", cache_dir: str | Path | None = None
     ) -> "FoundationBackbone":
-        """A backbone for the tensors a fitted aligner makes (its state is kept for saving)."""
+        """A backbone for the tensors a fitted aligner makes (its state is kept for saving).
+
+        Raises:
+            ConfigError: the notes were tokenised for another text model than ``config.text.model``.
+        """
+        tokenizer_model = aligner.config.notes.text_model
+        if _model_path(tokenizer_model) != _model_path(config.text.model):
+            raise ConfigError(
+                f"the aligner tokenises notes for text model {tokenizer_model or 'bundled all-MiniLM-L6-v2'} but "
+                f"text.model is {config.text.model or 'the bundled all-MiniLM-L6-v2'}; set both to the same folder"
+            )
         return cls(config, aligner.array_spec(), aligner.state_dict(), cache_dir)
+
+    def aligner(self) -> "Aligner | None":
+        """The fitted aligner saved with this backbone (None when it was built from a bare spec)."""
+        from meddx.align import Aligner
+
+        return None if self.aligner_state is None else Aligner.from_state_dict(self.aligner_state)
 
     @property
     def modalities(self) -> list[Modality]:
