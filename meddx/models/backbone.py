@@ -29,7 +29,7 @@ from torch import nn
 from meddx.errors import ConfigError
 from meddx.ingest.base import ArraySpec
 from meddx.models.config import BackboneConfig
-from meddx.models.encoders import ENCODERS, EncoderOutput, ModalityEncoder, NotesEncoder
+from meddx.models.encoders import ENCODERS, EncoderOutput, ImagingEncoder, ModalityEncoder, NotesEncoder
 from meddx.models.encoders.base import masked_mean, zero_where_not
 from meddx.records import MODALITIES, Modality, PatientBatch
 
@@ -97,6 +97,8 @@ class TimeEmbedding(nn.Module):
 
     The log scale tells an hour from a day and a month from a year with the same resolution.
     """
+
+    frequencies: torch.Tensor
 
     def __init__(self, d_model: int, n_frequencies: int = 16):
         super().__init__()
@@ -174,7 +176,7 @@ class FoundationBackbone(nn.Module):
             if modality is Modality.NOTES:
                 encoders[modality.value] = NotesEncoder(config, spec, cache_dir=cache_dir, text_config=_text_config)
             elif modality is Modality.IMAGING:
-                encoders[modality.value] = ENCODERS[modality](config, spec, load_weights=_load_external_weights)
+                encoders[modality.value] = ImagingEncoder(config, spec, load_weights=_load_external_weights)
             else:
                 encoders[modality.value] = ENCODERS[modality](config, spec)
         self.encoders = nn.ModuleDict(encoders)
@@ -209,6 +211,12 @@ class FoundationBackbone(nn.Module):
         from meddx.align import Aligner
 
         return None if self.aligner_state is None else Aligner.from_state_dict(self.aligner_state)
+
+    @property
+    def notes_encoder(self) -> NotesEncoder | None:
+        """The text encoder of the notes (None when the spec has no notes)."""
+        encoder = self.encoders["notes"] if "notes" in self.encoders else None
+        return encoder if isinstance(encoder, NotesEncoder) else None
 
     @property
     def modalities(self) -> list[Modality]:

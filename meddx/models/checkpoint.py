@@ -56,7 +56,7 @@ class BackboneCheckpoint(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    format: Literal["meddx-backbone"] = FORMAT
+    format: Literal["meddx-backbone"] = "meddx-backbone"
     format_version: int = FORMAT_VERSION
     meddx_version: str
     backbone: BackboneConfig
@@ -80,14 +80,16 @@ def save_backbone(backbone: "FoundationBackbone", folder: str | Path) -> Path:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    notes = backbone.encoders["notes"] if "notes" in backbone.encoders else None
+    notes = backbone.notes_encoder
     skip_text = notes is not None and notes.frozen and notes.bundled
     state = {
         k: v.detach().to("cpu").contiguous()
         for k, v in backbone.state_dict().items()
         if not (skip_text and k.startswith(TEXT_PREFIX))
     }
-    text_weights = "none" if notes is None else "bundled" if skip_text else "included"
+    text_weights: Literal["bundled", "included", "none"] = (
+        "none" if notes is None else "bundled" if skip_text else "included"
+    )
     checkpoint = BackboneCheckpoint(
         meddx_version=__version__,
         backbone=backbone.config,
@@ -95,7 +97,7 @@ def save_backbone(backbone: "FoundationBackbone", folder: str | Path) -> Path:
         aligner=backbone.aligner_state,
         text_weights=text_weights,
         text_model_version=None if notes is None else notes.version,
-        text_model_config=notes.text_config() if text_weights == "included" else None,
+        text_model_config=notes.text_config() if notes is not None and text_weights == "included" else None,
     )
     (folder / CONFIG_FILE).write_text(checkpoint.model_dump_json(indent=2) + "\n")
     save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": FORMAT, "meddx_version": __version__})
@@ -173,7 +175,7 @@ def load_backbone(
         _text_config=checkpoint.text_model_config,
         _load_external_weights=False,  # the imaging weights are in model.safetensors
     )
-    notes = backbone.encoders["notes"] if "notes" in backbone.encoders else None
+    notes = backbone.notes_encoder
     if checkpoint.text_weights == "bundled" and notes is not None and notes.version != checkpoint.text_model_version:
         logger.warning(
             "the bundled text model differs from the one %s was saved with; notes embeddings will differ "

@@ -33,8 +33,8 @@ class ImagingEncoderConfig(_Section):
 
     network: ImagingNetwork = "densenet"
     spatial_dims: Literal[2, 3] = 3
-    init_features: int = Field(8, ge=1)  # densenet
-    growth_rate: int = Field(8, ge=1)  # densenet
+    init_features: int = Field(default=8, ge=1)  # densenet
+    growth_rate: int = Field(default=8, ge=1)  # densenet
     block_config: tuple[int, ...] = (2, 2, 2)  # densenet: layers per dense block
     widths: tuple[int, int, int, int] = (8, 16, 32, 64)  # resnet: channels of its four stages
     layers: tuple[int, int, int, int] = (1, 1, 1, 1)  # resnet: blocks per stage
@@ -69,21 +69,21 @@ class EhrEncoderConfig(_Section):
 class DeviceLogEncoderConfig(_Section):
     """PatchTST-style: each channel cut into patches of ``patch_length`` steps, each patch a token."""
 
-    patch_length: int = Field(60, ge=1)
+    patch_length: int = Field(default=60, ge=1)
 
 
 class AudioEncoderConfig(_Section):
     """AST-style: the log-mel cut into ``patch_mels`` x ``patch_frames`` patches, each a token."""
 
-    patch_mels: int = Field(8, ge=1)
-    patch_frames: int = Field(16, ge=1)
+    patch_mels: int = Field(default=8, ge=1)
+    patch_frames: int = Field(default=16, ge=1)
 
 
 class VideoEncoderConfig(_Section):
     """A small CNN per frame and per frame difference (motion), then temporal layers over frames."""
 
-    frame_features: int = Field(32, ge=1)  # CNN feature width per frame (and per difference)
-    temporal_layers: int = Field(1, ge=0)
+    frame_features: int = Field(default=32, ge=1)  # CNN feature width per frame (and per difference)
+    temporal_layers: int = Field(default=1, ge=0)
 
 
 class BackboneConfig(_Section):
@@ -105,12 +105,12 @@ class BackboneConfig(_Section):
         256
     """
 
-    d_model: int = Field(64, ge=8)
-    n_layers: int = Field(2, ge=1)
-    n_heads: int = Field(4, ge=1)
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    modality_dropout: float = Field(0.3, ge=0.0, lt=1.0)
-    max_tokens_per_modality: int = Field(64, ge=1)
+    d_model: int = Field(default=64, ge=8)
+    n_layers: int = Field(default=2, ge=1)
+    n_heads: int = Field(default=4, ge=1)
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    modality_dropout: float = Field(default=0.3, ge=0.0, lt=1.0)
+    max_tokens_per_modality: int = Field(default=64, ge=1)
     imaging: ImagingEncoderConfig = Field(default_factory=ImagingEncoderConfig)
     text: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
     ehr: EhrEncoderConfig = Field(default_factory=EhrEncoderConfig)

@@ -41,7 +41,7 @@ class _DenseNetTrunk(nn.Module):
 
     def __init__(self, net: nn.Module, grid: tuple[int, ...], channels: int, spatial_dims: int):
         super().__init__()
-        self.features = net.features
+        self.features: nn.Module = net.features  # type: ignore[assignment]
         self.pool = (nn.AdaptiveAvgPool3d if spatial_dims == 3 else nn.AdaptiveAvgPool2d)(grid)
         self.channels = channels
 
@@ -49,12 +49,13 @@ class _DenseNetTrunk(nn.Module):
         return self.pool(torch.relu(self.features(x))).flatten(2)  # (N, C, T)
 
 
-def build_trunk(cfg: ImagingEncoderConfig) -> nn.Module:
+def build_trunk(cfg: ImagingEncoderConfig) -> "_ResNetTrunk | _DenseNetTrunk":
     """The MONAI network named by ``cfg.network``, returning ``(N, C, T)`` feature tokens."""
     from monai.networks import nets
 
     dims = cfg.spatial_dims
     grid = cfg.token_grid if dims == 3 else cfg.token_grid[1:]
+    net: nn.Module
     if cfg.network == "densenet121":
         net = nets.DenseNet121(spatial_dims=dims, in_channels=1, out_channels=1, norm=cfg.norm)
         channels = 1024
@@ -82,7 +83,7 @@ def build_trunk(cfg: ImagingEncoderConfig) -> nn.Module:
     return _DenseNetTrunk(net, grid, channels, dims)
 
 
-def load_network_weights(trunk: nn.Module, path: str | Path) -> None:
+def load_network_weights(trunk: "_ResNetTrunk | _DenseNetTrunk", path: str | Path) -> None:
     """Load a local safetensors file into the network; a pickle file or a mismatch raises ModelError."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
