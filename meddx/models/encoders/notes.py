@@ -158,14 +158,12 @@ class NotesEncoder(ModalityEncoder):
         attention = arrays[self.attention].bool()  # (P, K, L)
         chunks = arrays[self.chunk_mask].bool() & attention.any(dim=-1)  # (P, K)
         P, K, _ = ids.shape
-        hidden = None
+        hidden = torch.zeros(P, K, self.project.in_features, device=ids.device)  # (P, K, H)
         real = chunks.nonzero()  # (N, 2): only real chunks reach the text model
         if len(real):
-            embedded = self._chunk_embeddings(ids[real[:, 0], real[:, 1]], attention[real[:, 0], real[:, 1]])
-            hidden = embedded.new_zeros(P, K, embedded.shape[-1])
-            hidden[real[:, 0], real[:, 1]] = embedded
-        else:
-            hidden = torch.zeros(P, K, self.project.in_features, device=ids.device)
+            hidden[real[:, 0], real[:, 1]] = self._chunk_embeddings(
+                ids[real[:, 0], real[:, 1]], attention[real[:, 0], real[:, 1]]
+            )
         tokens = self.project(hidden)  # (P, K, D)
         if self.chunk_age is not None:
             age = arrays[self.chunk_age].float()
