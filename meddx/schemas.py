@@ -15,6 +15,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from meddx.cohort import ManifestRow
 from meddx.config import IngestConfig
+from meddx.models.checkpoint import BackboneCheckpoint
+from meddx.models.config import BackboneConfig
 
 
 _PROBABILITY_CELL = {"anyOf": [{"type": "number", "minimum": 0, "maximum": 1}, {"type": "null"}]}
@@ -75,6 +77,8 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "manifest_row.schema.json": ManifestRow,
     "prediction_row.schema.json": PredictionRow,
     "ingest_config.schema.json": IngestConfig,
+    "backbone_config.schema.json": BackboneConfig,
+    "backbone_checkpoint.schema.json": BackboneCheckpoint,  # config.json of a save_pretrained folder
 }
 
 
