@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LINT_STAMP := $(VENV)/.lint-installed
 
-.PHONY: demo test install sample-data schemas bench clean
+.PHONY: demo test lint install sample-data schemas bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,11 +15,21 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+$(LINT_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,lint]'
+	touch $(LINT_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/meddx demo --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# ruff (lint rules and format) and mypy over the library; settings in pyproject.toml.
+lint: $(LINT_STAMP)
+	$(VENV)/bin/ruff check meddx
+	$(VENV)/bin/ruff format --check meddx
+	$(VENV)/bin/mypy
 
 # Regenerate the committed sample cohort byte-for-byte.
 sample-data: $(STAMP)

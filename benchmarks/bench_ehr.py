@@ -1,6 +1,6 @@
 """Speed and memory of the Bulk FHIR (NDJSON) reader on a population of ~100k resources.
 
-The Synthea export in ``../shared/data/synthea-bulk-10`` (13 patients, ~7,160 resources)
+The trimmed Synthea export in ``tests/data/synthea-bulk`` (4 patients, 675 resources)
 is replicated ``--replicas`` times into a temporary folder, each copy with its patient ids
 rewritten (``r003-<uuid>``), so the folder holds many distinct patients in the same files,
 as a real Bulk export does. Figures printed:
@@ -14,7 +14,7 @@ as a real Bulk export does. Figures printed:
   between fetch and read is the cost of validation and extraction;
 * peak resident memory of the process (``resource.getrusage`` maxrss) after each step.
 
-Run: ``.venv/bin/python benchmarks/bench_ehr.py [--replicas 14] [--sample 40] [--all] [--json out.json]``
+Run: ``.venv/bin/python benchmarks/bench_ehr.py [--replicas 150] [--sample 40] [--all] [--json out.json]``
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from meddx.ingest.fhir import USED_TYPES, FhirIngestor
 from meddx.ingest.fhir_bulk import BulkIndex
 from meddx.records import parse_time
 
-SYNTHEA = Path(__file__).resolve().parents[2] / "shared" / "data" / "synthea-bulk-10"
+SYNTHEA = Path(__file__).resolve().parents[1] / "tests" / "data" / "synthea-bulk"
 INDEX_TIME = parse_time("2020-01-01T00:00:00Z")
 
 
@@ -66,7 +66,7 @@ def replicate(source: Path, out: Path, replicas: int) -> tuple[list[str], int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--replicas", type=int, default=14, help="copies of the 13-patient export (14 = ~100k lines)")
+    parser.add_argument("--replicas", type=int, default=150, help="copies of the 4-patient export (150 = ~100k lines)")
     parser.add_argument("--sample", type=int, default=40, help="patients read (random, seeded)")
     parser.add_argument("--all", action="store_true", help="read every patient instead of a sample")
     parser.add_argument("--seed", type=int, default=0)

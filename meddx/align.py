@@ -10,15 +10,16 @@ and transforms data exactly as training did.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
 from meddx import __version__
 from meddx.config import IngestConfig
-from meddx.errors import ConfigError, ModelError
+from meddx.errors import ConfigError, ModelError, NotFittedError
 from meddx.ingest.base import ArrayField, ArraySpec, Tensorizer, registered_ingestors
 from meddx.records import MODALITIES, Modality, ModalityRecord, PatientRecord, PatientTensors, TensorSpec
 
@@ -53,7 +54,7 @@ class Aligner:
         }
         self.fitted_ = False
 
-    def fit(self, records: Iterable[PatientRecord]) -> "Aligner":
+    def fit(self, records: Iterable[PatientRecord]) -> Aligner:
         """Fit every tensorizer on the training patients' records."""
         per_modality: dict[Modality, list] = {m: [] for m in self.tensorizers}
         for patient in records:
@@ -84,7 +85,9 @@ class Aligner:
         import torch
 
         if not self.fitted_:
-            raise ModelError("Aligner.transform called before fit(); fit it on training records or load a saved one")
+            raise NotFittedError(
+                "this Aligner is not fitted; call fit(training_records) or load a saved one before transform"
+            )
         tensors = {}
         for modality in MODALITIES:
             record = patient.records.get(modality)
@@ -106,7 +109,7 @@ class Aligner:
         }
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> "Aligner":
+    def from_state_dict(cls, state: dict[str, Any]) -> Aligner:
         try:
             config = IngestConfig.model_validate(state["config"])
             aligner = cls(config)
@@ -126,7 +129,7 @@ class Aligner:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Aligner":
+    def load(cls, path: str | Path) -> Aligner:
         path = Path(path)
         try:
             state = json.loads(path.read_text())

@@ -2,8 +2,12 @@
 
 A record is stored under a key made of everything that decides its content: the
 modality, the bytes of its source files, the index time, the patient id (a Bulk FHIR
-folder holds many patients), the ingest config section, and the meddx version. Change
-any of them and the key changes, so a stale entry is never read.
+folder holds many patients), the ingest config section, the reader's class and its
+``version``, and the meddx version. Change any of them and the key changes, so a stale
+entry is never read.
+
+Without an explicit folder the cache lives in :func:`default_cache_dir` (``MEDDX_CACHE``,
+else the user cache directory), so every run on the same files shares it.
 
 Each entry is one ``.safetensors`` file: the record's arrays as tensors, and its
 events, time, meta and warnings as JSON in the file's metadata header. Nothing is
@@ -18,6 +22,7 @@ import os
 import tempfile
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -25,7 +30,33 @@ from meddx import __version__
 from meddx.config import IngestConfig
 from meddx.records import Event, Modality, ModalityRecord, parse_time
 
+if TYPE_CHECKING:
+    from meddx.ingest.base import Ingestor
+
 _CHUNK = 1 << 20
+CACHE_ENV = "MEDDX_CACHE"
+
+
+def default_cache_dir(cache_dir: str | Path | None = None) -> Path:
+    """Where ingested records and aligned tensors are cached.
+
+    ``cache_dir`` when given, else the ``MEDDX_CACHE`` environment variable, else the
+    user cache directory (``platformdirs`` when installed, else ``~/.cache/meddx``).
+    Runs on the same files share it, so nothing is read twice.
+
+    Example:
+        >>> default_cache_dir("runs/cache").name
+        'cache'
+    """
+    if cache_dir is not None:
+        return Path(cache_dir)
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    try:
+        from platformdirs import user_cache_dir
+    except ImportError:
+        return Path.home() / ".cache" / "meddx"
+    return Path(user_cache_dir("meddx", appauthor=False))
 
 
 @lru_cache(maxsize=4096)
@@ -49,16 +80,30 @@ def source_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def reader_name(reader: "Ingestor | type[Ingestor]") -> str:
+    """``module.Class@version`` of an ingestor: a new reader or a bumped version is a new key."""
+    cls = reader if isinstance(reader, type) else type(reader)
+    return f"{cls.__module__}.{cls.__qualname__}@{cls.version}"
+
+
 def cache_key(
-    modality: Modality, sources: list[Path], patient_id: str, index_time_iso: str, config: IngestConfig
+    modality: Modality,
+    sources: list[Path],
+    patient_id: str,
+    index_time_iso: str,
+    config: IngestConfig,
+    *,
+    reader: "Ingestor | type[Ingestor]",
 ) -> str:
-    """The content address of one record."""
+    """The content address of one record read by ``reader`` (an ingestor or its class)."""
     section = getattr(config, Modality(modality).value).model_dump(mode="json")
     if Modality(modality) == Modality.NOTES:  # notes also read the FHIR section's rules
         section = {"notes": section, "ehr": config.ehr.model_dump(mode="json")}
+    section = {"section": section, "site_timezone": config.site_timezone}  # every reader reads zone-less times in it
     payload = {
         "meddx": __version__,
         "modality": Modality(modality).value,
+        "reader": reader_name(reader),
         "patient_id": patient_id,
         "index_time": index_time_iso,
         "config": section,
@@ -109,6 +154,17 @@ class RecordCache:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         return path
+
+    def warnings(self, key: str) -> list[str]:
+        """The cached record's warnings, read from the file's header only (no arrays); [] when absent."""
+        from safetensors import safe_open
+
+        path = self._path(key)
+        if not path.is_file():
+            return []
+        with safe_open(str(path), framework="numpy") as handle:
+            header = handle.metadata() or {}
+        return list(json.loads(header.get("warnings", "[]")))
 
     def get(self, key: str) -> ModalityRecord | None:
         """The cached record, or None when absent."""

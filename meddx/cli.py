@@ -10,13 +10,13 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import click
 
 from meddx import __version__
-from meddx.errors import ConfigError, ManifestError, MeddxError
+from meddx.errors import ConfigError, ManifestError, MeddxError, PredictionsError
 
 BAD_INPUT = 2
 FAILURE = 1
@@ -29,7 +29,7 @@ def _handle_errors(command: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (ManifestError, ConfigError) as exc:
+        except (ManifestError, ConfigError, PredictionsError) as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(BAD_INPUT)
         except MeddxError as exc:
@@ -79,47 +79,78 @@ def _cohort_summary(cohort) -> str:
     splits = {s: len(cohort.split(s)) for s in ("train", "val", "test")}
     tasks = ", ".join(f"{t.name} ({t.kind})" for t in cohort.tasks.values()) or "none"
     named = ", ".join(f"{m.value} {n}" for m, n in cohort.coverage().items())
+    warnings = "".join(f"\nwarning: {w}" for w in cohort.warnings)
     return (
         f"{cohort.path}: {len(cohort)} rows, splits {splits}, tasks: {tasks}\n"
-        f"files named per modality: {named}"
+        f"files named per modality: {named}{warnings}"
     )
 
 
 def _run_ingest(
-    manifest: Path, cache: Path, workers: int | None, quiet: bool, errors_csv: Path, task_timeout: float | None = None
+    manifest: Path,
+    cache: Path,
+    workers: int | None,
+    quiet: bool,
+    out: Path,
+    task_timeout: float | None = None,
+    config_file: Path | None = None,
 ):
     from meddx.cohort import load_cohort
+    from meddx.config import IngestConfig
     from meddx.ingest.runner import DEFAULT_TASK_TIMEOUT, ingest_cohort
 
+    config = IngestConfig.from_file(config_file) if config_file is not None else IngestConfig()
     cohort = load_cohort(manifest)
     click.echo(_cohort_summary(cohort))
     timeout = DEFAULT_TASK_TIMEOUT if task_timeout is None else (task_timeout or None)
-    report = ingest_cohort(cohort, cache, workers=workers, progress=not quiet, task_timeout=timeout)
-    report.write_errors(errors_csv)
+    report = ingest_cohort(
+        cohort, cache, config, workers=workers, progress=not quiet, task_timeout=timeout, out_dir=out
+    )
     click.echo("\ncoverage per modality:")
     click.echo(report.coverage_table())
-    n_errors = len(report.errors)
-    click.echo(f"\n{n_errors} ingest error{'s' if n_errors != 1 else ''}; details in {errors_csv}")
+    n_errors, n_warnings = len(report.errors), len(report.warnings)
+    click.echo(f"\n{n_errors} ingest error{'s' if n_errors != 1 else ''}; details in {out / 'errors.csv'}")
     for outcome in report.errors[:10]:
         click.echo(f"  row {outcome.row}: {outcome.error}")
     if n_errors > 10:
         click.echo(f"  ... and {n_errors - 10} more")
+    click.echo(f"{n_warnings} record warning{'s' if n_warnings != 1 else ''}; details in {out / 'warnings.csv'}")
     return cohort, report
 
 
 @main.command("ingest")
 @click.argument("manifest", type=click.Path(path_type=Path))
-@click.option("--cache", "cache", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Cache folder for the ingested records; errors.csv is written there.")
+@click.option("--cache", "cache", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Cache folder for the ingested records, shared by runs on the same files "
+                   "(default: $MEDDX_CACHE, else the user cache directory).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Ingest config, YAML or JSON (see schemas/ingest_config.schema.json); default: CPU shapes.")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="This run's folder for errors.csv, warnings.csv and the config used (default: a new runs/ingest-*).")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Worker processes (default: up to 4; 0 = in this process).")
 @click.option("--task-timeout", type=click.FloatRange(min=0), default=None,
               help="Seconds one file may take before it is stopped and reported (default 600; 0 = no limit).")
 @quiet_option
 @_handle_errors
-def ingest(manifest: Path, cache: Path, workers: int | None, task_timeout: float | None, quiet: bool) -> None:
-    """Read every modality of every row into a cache; print coverage and errors."""
-    _run_ingest(manifest, cache, workers, quiet, cache / "errors.csv", task_timeout)
+def ingest(
+    manifest: Path,
+    cache: Path | None,
+    config_file: Path | None,
+    out: Path | None,
+    workers: int | None,
+    task_timeout: float | None,
+    quiet: bool,
+) -> None:
+    """Read every modality of every row into a cache; print coverage, errors and warnings.
+
+    Everything that would fail every file (the config, the text model, the folders) is
+    checked before any file is read (exit status 2).
+    """
+    from meddx.cache import default_cache_dir
+    from meddx.ingest.runner import new_run_folder
+
+    _run_ingest(manifest, default_cache_dir(cache), workers, quiet, out or new_run_folder(), task_timeout, config_file)
 
 
 def _load_mapping(path: Path, what: str) -> dict:
@@ -261,17 +292,59 @@ def demo(out: Path, workers: int | None, quiet: bool) -> None:
 
     click.echo(f"generating the sample cohort (60 patients, seed 7) in {out / 'sample_data'}")
     manifest = generate_cohort(out / "sample_data", n_patients=60, seed=7)
-    cohort, report = _run_ingest(manifest, out / "cache", workers, quiet, out / "errors.csv")
+    cohort, report = _run_ingest(manifest, out / "cache", workers, quiet, out)
     records = list(report.patient_records())
-    train = [record for record, row in zip(records, cohort) if row.split == "train"]
+    train = [record for record, row in zip(records, cohort, strict=True) if row.split == "train"]
     aligner = Aligner().fit(train)  # vocabularies and scales from the training rows only
     batch = collate([aligner.transform(record) for record in records], aligner.tensor_spec())
     aligner.save(out / "aligner.json")
-    click.echo(f"\naligned {len(batch)} patients (fitted on {len(train)} training rows; state in {out / 'aligner.json'}):")
+    click.echo(
+        f"\naligned {len(batch)} patients (fitted on {len(train)} training rows; state in {out / 'aligner.json'}):"
+    )
     for modality, named in batch.tensors.items():
         shapes = ", ".join(f"{name} {tuple(t.shape[1:])}" for name, t in named.items())
         click.echo(f"  {modality.value:<12} {shapes}")
-    click.echo(f"  presence     {tuple(batch.present.shape)}, {batch.present.float().mean():.0%} of patient-modalities present")
+    present = batch.present.float().mean()
+    click.echo(f"  presence     {tuple(batch.present.shape)}, {present:.0%} of patient-modalities present")
+
+
+@main.command("evaluate")
+@click.argument("predictions", type=click.Path(path_type=Path))
+@click.option("--manifest", required=True, type=click.Path(path_type=Path),
+              help="The cohort manifest with the label:<task> columns (joined on patient_id, index_time).")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for metrics.json, report.html and the PNG plots.")
+@click.option("--by", default="", help="Subgroup columns, comma-separated (e.g. sex,site).")
+@click.option("--bootstrap", "n_resamples", default=1000, show_default=True, type=click.IntRange(min=0),
+              help="Bootstrap resamples per interval (0: no intervals).")
+@click.option("--confidence", default=0.95, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Level of the intervals.")
+@click.option("--bins", "n_bins", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Equal-width bins of the ECE and the reliability diagram.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the bootstrap.")
+@_handle_errors
+def evaluate(predictions: Path, manifest: Path, out: Path, by: str, n_resamples: int, confidence: float,
+             n_bins: int, seed: int) -> None:
+    """Metrics (with bootstrap intervals), report.html and plots of a predictions file against its manifest."""
+    from meddx.evaluate import evaluate as run_evaluation
+    from meddx.metrics import MetricSettings
+
+    columns = [c.strip() for c in by.split(",") if c.strip()]
+    settings = MetricSettings(n_bins=n_bins, n_resamples=n_resamples, confidence=confidence, seed=seed)
+    result = run_evaluation(predictions, manifest, out, by=columns, settings=settings)
+    for name, task in result.metrics["tasks"].items():
+        after = task["overall"]["after_calibration"]
+        conformal = task["overall"]["conformal"] or {}
+        coverage = conformal.get("coverage", {}).get("value")
+        click.echo(
+            f"{name}: n {task['overall']['n']}, AUROC {_number(after['auroc']['value'])}, "
+            f"ECE {_number(after['ece']['value'])}, coverage {_number(coverage)}"
+        )
+    click.echo(f"wrote {result.metrics_path}, {result.report_path} and {len(result.plots)} plots")
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 if __name__ == "__main__":

@@ -3,33 +3,58 @@
 :func:`load_cohort` reads a CSV or Parquet manifest, validates every row, and either
 returns a :class:`Cohort` or raises one :class:`~meddx.errors.ManifestError` listing
 every problem (row, column, reason) before any work starts.
+
+Strict where a silent guess would be wrong, lenient where the meaning is plain:
+
+* ``index_time`` is an ISO 8601 string with a time zone (or a zone-aware Parquet
+  timestamp). An epoch number is refused: it hides its unit and its zone. A time pandas
+  cannot hold (before 1677-09-21 or after 2262-04-11) is refused here, not in ingest.
+* ``patient_id`` integers (a Parquet int column, or floats when it has gaps) are read as
+  their digits: ``12``, never ``12.0``.
+* A ``label:<task>`` column is binary when its values are exactly a subset of {0, 1};
+  other integer codes (grades 0-4) or class names make it multiclass.
+* A patient in two splits is a warning (:attr:`Cohort.warnings`, also logged); in both
+  ``train`` and ``test`` it is an error, since test figures would be optimistic.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import numbers
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from meddx.errors import ManifestError, ManifestProblem
 from meddx.records import MODALITIES, Modality
 
+logger = logging.getLogger(__name__)
+
 REQUIRED_COLUMNS = ("patient_id", "index_time")
 SPLITS = ("train", "val", "test")
 LABEL_PREFIX = "label:"
 MODALITY_COLUMNS = tuple(m.value for m in MODALITIES)
+# Split pairs that make a patient's rows an error rather than a warning.
+FORBIDDEN_SPLIT_PAIRS = frozenset({frozenset({"train", "test"})})
+# datetime64[ns] bounds (pd.Timestamp.min / max), to the second inside them.
+PANDAS_TIME_RANGE = (
+    datetime(1677, 9, 21, 0, 12, 44, tzinfo=timezone.utc),
+    datetime(2262, 4, 11, 23, 47, 16, tzinfo=timezone.utc),
+)
+EPOCH_HINT = "an epoch number hides its unit and zone; write ISO 8601 with a zone, like 2024-03-05T14:00:00Z"
 
 
 class ManifestRow(BaseModel):
     """One manifest row as written in the file (the JSON Schema of the manifest).
 
-    Columns named ``label:<task>`` hold targets (0/1 for binary tasks, a class name for
-    multiclass tasks, empty for unknown); any other column is kept and copied to the
-    predictions.
+    Columns named ``label:<task>`` hold targets (0/1 for binary tasks, an integer class
+    code or a class name for multiclass tasks, empty for unknown); any other column is
+    kept and copied to the predictions.
     """
 
     model_config = ConfigDict(
@@ -37,27 +62,40 @@ class ManifestRow(BaseModel):
         json_schema_extra={
             "patternProperties": {
                 "^label:.+$": {
-                    "anyOf": [{"type": "string"}, {"type": "integer", "enum": [0, 1]}, {"type": "null"}],
-                    "description": "target of task <task>: 0/1 (binary) or a class name; empty = unknown",
+                    "anyOf": [{"type": "string"}, {"type": "integer"}, {"type": "null"}],
+                    "description": "target of task <task>: 0/1 (binary), an integer class code or a class name"
+                    " (multiclass); empty = unknown",
                 }
             }
         },
     )
 
     patient_id: str = Field(min_length=1, description="patient identifier (the FHIR Patient id for Bulk FHIR)")
-    index_time: AwareDatetime = Field(description="ISO 8601 with time zone: the moment of prediction")
-    split: Optional[Literal["train", "val", "test"]] = None
-    imaging: Optional[str] = Field(None, description="DICOM file, DICOM series folder, or NIfTI file")
-    ehr: Optional[str] = Field(None, description="FHIR Bundle JSON file or Bulk FHIR NDJSON folder")
-    notes: Optional[str] = Field(None, description="text file or folder of text files")
-    device_logs: Optional[str] = Field(None, description="CSV or JSONL monitor/device log")
-    audio: Optional[str] = Field(None, description="WAV or FLAC file")
-    video: Optional[str] = Field(None, description="MP4/AVI file or multi-frame DICOM")
+    index_time: AwareDatetime = Field(
+        description="ISO 8601 with time zone: the moment of prediction (epoch numbers are refused)"
+    )
+    split: Literal["train", "val", "test"] | None = None
+    imaging: str | None = Field(None, description="DICOM file, DICOM series folder, or NIfTI file")
+    ehr: str | None = Field(None, description="FHIR Bundle JSON file or Bulk FHIR NDJSON folder")
+    notes: str | None = Field(None, description="text file or folder of text files")
+    device_logs: str | None = Field(None, description="CSV or JSONL monitor/device log")
+    audio: str | None = Field(None, description="WAV or FLAC file")
+    video: str | None = Field(None, description="MP4/AVI file or multi-frame DICOM")
 
     @field_validator("split", "imaging", "ehr", "notes", "device_logs", "audio", "video", mode="before")
     @classmethod
     def _empty_is_missing(cls, value: Any) -> Any:
         return None if _is_empty(value) else value
+
+    @field_validator("index_time", mode="before")
+    @classmethod
+    def _no_epoch_numbers(cls, value: Any) -> Any:
+        # pydantic would read 1709647200 (or "1709647200") as epoch seconds in UTC
+        if isinstance(value, numbers.Real) and not isinstance(value, bool) and not _is_empty(value):
+            raise ValueError(EPOCH_HINT)
+        if isinstance(value, str) and _is_number(value):
+            raise ValueError(EPOCH_HINT)
+        return value
 
 
 @dataclass(frozen=True)
@@ -66,7 +104,7 @@ class TaskSpec:
 
     name: str
     kind: Literal["binary", "multiclass"]
-    classes: tuple[str, ...]  # ("0", "1") for binary tasks
+    classes: tuple[str, ...]  # ("0", "1") for binary tasks; integer codes in numeric order
 
 
 @dataclass(frozen=True)
@@ -86,6 +124,9 @@ class CohortRow:
 class Cohort:
     """Validated rows of a manifest, with the tasks its label columns define.
 
+    ``warnings`` lists what is allowed but suspicious (a patient in two splits); they are
+    also logged when the manifest is loaded.
+
     Example:
         >>> cohort = load_cohort("sample_data/manifest.csv")  # doctest: +SKIP
         >>> len(cohort), cohort.tasks["disease"].kind  # doctest: +SKIP
@@ -96,6 +137,7 @@ class Cohort:
     rows: list[CohortRow]
     tasks: dict[str, TaskSpec]
     extra_columns: list[str]
+    warnings: list[ManifestProblem] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -120,6 +162,30 @@ def _is_empty(value: Any) -> bool:
     return isinstance(value, str) and value.strip() == ""
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _id_text(value: Any) -> Any:
+    """A patient id as text: Parquet int columns (floats when they have gaps) give their digits."""
+    if isinstance(value, bool) or _is_empty(value):
+        return value
+    if isinstance(value, numbers.Integral):  # exact, also past 2**53
+        return str(int(value))
+    if isinstance(value, numbers.Real) and float(value).is_integer():  # an int column with gaps reads as floats
+        return str(int(float(value)))
+    return value
+
+
+def _pandas_can_hold(when: datetime) -> bool:
+    """Whether pandas' nanosecond timestamps (every table and time grid meddx makes) can hold ``when``."""
+    return PANDAS_TIME_RANGE[0] <= when <= PANDAS_TIME_RANGE[1]
+
+
 def _read_table(path: Path) -> list[dict[str, Any]]:
     import pandas as pd
 
@@ -139,7 +205,7 @@ def _read_table(path: Path) -> list[dict[str, Any]]:
     except Exception as exc:  # pandas/pyarrow raise many types for a malformed table
         raise ManifestError(path, [ManifestProblem(None, None, f"cannot read the table: {exc}")]) from None
     frame.columns = [str(c).strip() for c in frame.columns]
-    return frame.to_dict(orient="records")
+    return [{str(k): v for k, v in record.items()} for record in frame.to_dict(orient="records")]
 
 
 def _check_path(value: str, base: Path, row: int, column: str, problems: list[ManifestProblem]) -> Path | None:
@@ -160,47 +226,88 @@ def _check_path(value: str, base: Path, row: int, column: str, problems: list[Ma
 
 
 def _label_text(value: Any) -> str | None:
+    """A label as text; integer-valued numbers (``1.0`` from a Parquet float column) as digits."""
     if _is_empty(value):
         return None
-    if isinstance(value, float) and value.is_integer():
+    if isinstance(value, bool):
         return str(int(value))
-    return str(value).strip()
+    if isinstance(value, numbers.Real) and float(value).is_integer():
+        return str(int(float(value)))
+    text = str(value).strip()
+    if _is_number(text) and float(text).is_integer():
+        return str(int(float(text)))
+    return text
 
 
 def _infer_task(name: str, values: list[tuple[int, str]], problems: list[ManifestProblem]) -> TaskSpec:
-    """Binary when any value is numeric (then every value must be 0 or 1), else multiclass."""
+    """Binary when the values are a subset of {0, 1}; integer codes or class names are multiclass."""
     column = LABEL_PREFIX + name
-
-    def numeric(text: str) -> bool:
-        try:
-            float(text)
-            return True
-        except ValueError:
-            return False
-
-    if any(numeric(v) for _, v in values):
+    numeric = [(row, v) for row, v in values if _is_number(v)]
+    if numeric:
+        found = len(problems)
         for row, v in values:
-            if not numeric(v) or float(v) not in (0.0, 1.0):
+            if not _is_number(v):
                 problems.append(
-                    ManifestProblem(row, column, f"{v!r} is not a binary label; write 0, 1 or leave it empty")
+                    ManifestProblem(row, column, f"{v!r} is a class name in a column of integer codes; use one kind")
                 )
-        return TaskSpec(name, "binary", ("0", "1"))
-    classes = tuple(sorted({v for _, v in values}))
+            elif not float(v).is_integer():
+                problems.append(
+                    ManifestProblem(row, column, f"{v!r} is not a class; write 0/1, an integer code or a class name")
+                )
+        if len(problems) > found:  # the classes are unclear until those are fixed
+            return TaskSpec(name, "multiclass", tuple(sorted({v for _, v in values})))
+        codes = {v for _, v in numeric if float(v).is_integer()}
+        if codes <= {"0", "1"}:
+            return TaskSpec(name, "binary", ("0", "1"))
+        classes = tuple(sorted(codes, key=int))
+    else:
+        classes = tuple(sorted({v for _, v in values}))
     if len(classes) == 1:
-        problems.append(
-            ManifestProblem(None, column, f"only one class ({classes[0]!r}); a task needs at least two")
-        )
+        problems.append(ManifestProblem(None, column, f"only one class ({classes[0]!r}); a task needs at least two"))
     return TaskSpec(name, "multiclass", classes)
+
+
+def _split_problems(rows: list[CohortRow]) -> tuple[list[ManifestProblem], list[ManifestProblem]]:
+    """(errors, warnings) for patients whose rows are in more than one split.
+
+    Each is reported on the first row of the later split; messages name rows, never the
+    patient id (an identifier).
+    """
+    first_row: dict[str, dict[str, int]] = {}  # patient -> split -> its first row in that split
+    for row in rows:
+        if row.split is not None:
+            first_row.setdefault(row.patient_id, {}).setdefault(row.split, row.row)
+    errors, warnings = [], []
+    for splits in first_row.values():
+        if len(splits) < 2:
+            continue
+        (first, at), *later = sorted(splits.items(), key=lambda item: item[1])
+        forbidden = set().union(*(pair for pair in FORBIDDEN_SPLIT_PAIRS if pair <= splits.keys()))
+        for split, number in later:
+            where = f"the same patient_id is in {first!r} at row {at} and in {split!r} here"
+            if split in forbidden:
+                errors.append(
+                    ManifestProblem(
+                        number,
+                        "split",
+                        f"{where}; a patient in both train and test makes the test figures"
+                        " optimistic: put all of a patient's rows in one split",
+                    )
+                )
+            else:
+                warnings.append(ManifestProblem(number, "split", f"{where}; a patient's rows usually share one split"))
+    return errors, warnings
 
 
 def load_cohort(path: str | Path) -> Cohort:
     """Read and validate a cohort manifest.
 
     Args:
-        path: a ``.csv`` or ``.parquet`` manifest (columns: see DESIGN.md / README).
+        path: a ``.csv`` or ``.parquet`` manifest (columns: see the README and docs/design.md).
 
     Returns:
-        The validated :class:`Cohort`.
+        The validated :class:`Cohort`; its ``warnings`` (also logged) list what is allowed
+        but suspicious.
 
     Raises:
         ManifestError: listing every problem found (row, column, reason).
@@ -237,14 +344,15 @@ def load_cohort(path: str | Path) -> Cohort:
     label_values: dict[str, list[tuple[int, str]]] = {c[len(LABEL_PREFIX) :]: [] for c in label_columns}
     for number, raw in enumerate(table, start=1):
         fixed = {k: raw.get(k) for k in ("patient_id", "index_time", "split", *MODALITY_COLUMNS)}
+        fixed["patient_id"] = _id_text(fixed["patient_id"])
         if isinstance(fixed["index_time"], str):
             fixed["index_time"] = fixed["index_time"].strip()
         try:
             parsed = ManifestRow.model_validate(fixed)
         except ValidationError as exc:
             for err in exc.errors():
-                column = str(err["loc"][0]) if err["loc"] else None
-                problems.append(ManifestProblem(number, column, _explain(column, raw.get(column or ""), err)))
+                where = str(err["loc"][0]) if err["loc"] else None
+                problems.append(ManifestProblem(number, where, _explain(where, raw.get(where or ""), err)))
             continue
         paths: dict[Modality, Path] = {}
         for modality in MODALITIES:
@@ -253,7 +361,20 @@ def load_cohort(path: str | Path) -> Cohort:
                 resolved = _check_path(value, base, number, modality.value, problems)
                 if resolved is not None:
                     paths[modality] = resolved
-        index_time = parsed.index_time.astimezone(timezone.utc)
+        try:
+            index_time = parsed.index_time.astimezone(timezone.utc)  # overflows near year 1 and 9999
+        except OverflowError:
+            index_time = None
+        if index_time is None or not _pandas_can_hold(index_time):
+            problems.append(
+                ManifestProblem(
+                    number,
+                    "index_time",
+                    f"{raw.get('index_time')!r} is outside the times pandas can hold"
+                    " (1677-09-21 to 2262-04-11); write the real moment of prediction",
+                )
+            )
+            continue
         key = (parsed.patient_id, index_time)
         if key in seen:
             problems.append(
@@ -263,9 +384,9 @@ def load_cohort(path: str | Path) -> Cohort:
         labels: dict[str, str | None] = {}
         for column in label_columns:
             task = column[len(LABEL_PREFIX) :]
-            labels[task] = _label_text(raw.get(column))
-            if labels[task] is not None:
-                label_values[task].append((number, labels[task]))
+            label = labels[task] = _label_text(raw.get(column))
+            if label is not None:
+                label_values[task].append((number, label))
         rows.append(
             CohortRow(
                 row=number,
@@ -277,20 +398,24 @@ def load_cohort(path: str | Path) -> Cohort:
                 extras={c: raw.get(c) for c in extra_columns},
             )
         )
-    tasks = {
-        name: _infer_task(name, values, problems) for name, values in label_values.items() if name.strip()
-    }
+    tasks = {name: _infer_task(name, values, problems) for name, values in label_values.items() if name.strip()}
+    split_errors, warnings = _split_problems(rows)
+    problems += split_errors
     if problems:
-        raise ManifestError(path, problems)
-    return Cohort(path=path, rows=rows, tasks=tasks, extra_columns=extra_columns)
+        raise ManifestError(path, sorted(problems, key=lambda p: p.row or 0))
+    for warning in warnings:
+        logger.warning("manifest %s: %s", path, warning)
+    return Cohort(path=path, rows=rows, tasks=tasks, extra_columns=extra_columns, warnings=warnings)
 
 
-def _explain(column: str | None, value: Any, err: dict[str, Any]) -> str:
+def _explain(column: str | None, value: Any, err: Any) -> str:
     """Turn a pydantic error into a sentence that says how to fix the cell."""
     shown = "empty" if _is_empty(value) else repr(value)
     if column == "index_time":
         if err["type"] == "timezone_aware":
             return f"{shown} has no time zone; write it like 2024-03-05T14:00:00Z"
+        if err["type"] == "value_error" and str(err.get("ctx", {}).get("error")) == EPOCH_HINT:
+            return f"{shown} is a number: {EPOCH_HINT}"
         return f"{shown} is not an ISO 8601 time; write it like 2024-03-05T14:00:00Z"
     if column == "split":
         return f"{shown} is not a split; use one of {', '.join(SPLITS)} or leave it empty"

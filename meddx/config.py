@@ -4,14 +4,21 @@ These are pydantic models so that a typo in a pipeline file or ``config.json`` f
 loudly (``extra="forbid"``) and so that JSON Schemas can be exported from them. The
 defaults fit a 2-core CPU; larger shapes suit a GPU (see :meth:`IngestConfig.gpu`).
 The config travels with a model (``config.json``) so inference reads files exactly as
-training did.
+training did. A config file (YAML or JSON, ``meddx ingest --config FILE``) is read with
+:meth:`IngestConfig.from_file`; :meth:`IngestConfig.check` finds the values no reader can
+use (a window whose lower bound exceeds its upper one, a non-positive duration or size)
+before any file is read.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+import math
+from datetime import tzinfo
+from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from meddx.errors import ConfigError
 
@@ -29,12 +36,14 @@ class ImagingConfig(_Section):
     windows: dict[str, tuple[float, float]] = Field(
         default_factory=lambda: {"CT": (-1000.0, 1000.0), "default": (0.0, 0.0)}
     )
-    # A window whose upper bound is not above its lower bound (like "default") means a robust
-    # window: these percentiles of the image's own values.
+    # A window with equal bounds (like "default") means a robust window: these percentiles
+    # of the image's own values. A lower bound above the upper one is refused.
     percentiles: tuple[float, float] = (0.5, 99.5)
     # Which `windows` entry NIfTI files use (they carry no DICOM Modality); None = "default".
     nifti_modality: str | None = None
     series_rule: Literal["most_slices", "first_uid"] = "most_slices"
+    # Largest DICOM or NIfTI file read, in MiB (checked on disk before reading; each file of a folder).
+    max_file_mb: float = Field(2048.0, gt=0)
 
 
 class EhrConfig(_Section):
@@ -45,6 +54,9 @@ class EhrConfig(_Section):
     n_lab_features: int = 16  # the most frequent LOINC codes in the training rows
     max_codes: int = 64  # code tokens kept per patient (most recent first)
     code_vocab_size: int = 512  # codes kept in the fitted vocabulary (+ padding and OOV)
+    # Largest FHIR Bundle JSON file read, in MiB (a Bundle is parsed whole). Bulk NDJSON files
+    # are read line by line, never whole, and have no size limit.
+    max_file_mb: float = Field(1024.0, gt=0)
 
 
 class NotesConfig(_Section):
@@ -53,6 +65,12 @@ class NotesConfig(_Section):
     text_model: str | None = None  # a Hugging Face model folder; None = bundled all-MiniLM-L6-v2
     max_length: int = 128  # tokens per chunk
     max_chunks: int = 4
+    # What an undated file in a notes *folder* does (no date in its name, no "Date:" first line):
+    # "drop" (default: a folder may collect notes written after the index time), "keep" (taken as
+    # available at the index time), or "error". A file named directly in the manifest is always
+    # taken as available at the index time, as the manifest contract says.
+    undated: Literal["keep", "drop", "error"] = "drop"
+    max_file_mb: float = Field(32.0, gt=0)  # largest note file read, in MiB (each file of a folder)
 
 
 class DeviceLogConfig(_Section):
@@ -61,8 +79,10 @@ class DeviceLogConfig(_Section):
     step_minutes: float = 1.0
     window_hours: float = 6.0
     max_channels: int = 8  # channels kept in the fitted vocabulary
-    # Zone-less ISO 8601 timestamps are refused unless this says to read them as UTC.
+    # Zone-less ISO 8601 timestamps are refused unless this says to read them as UTC, or
+    # IngestConfig.site_timezone names the zone to read them in (assume_utc wins over it).
     assume_utc: bool = False
+    max_file_mb: float = Field(1024.0, gt=0)  # largest log file read, in MiB (the file is parsed whole)
 
 
 class AudioConfig(_Section):
@@ -73,6 +93,7 @@ class AudioConfig(_Section):
     n_mels: int = 32
     n_fft: int = 256
     hop_length: int = 64
+    max_file_mb: float = Field(1024.0, gt=0)  # largest audio file read, in MiB
 
 
 class VideoConfig(_Section):
@@ -83,6 +104,7 @@ class VideoConfig(_Section):
     color: Literal["gray", "rgb"] = "gray"
     # Robust window for DICOM cine frames of more than 8 bits (8-bit frames are divided by 255).
     percentiles: tuple[float, float] = (0.5, 99.5)
+    max_file_mb: float = Field(4096.0, gt=0)  # largest video or DICOM cine file read, in MiB
 
 
 class IngestConfig(_Section):
@@ -94,22 +116,144 @@ class IngestConfig(_Section):
     device_logs: DeviceLogConfig = Field(default_factory=DeviceLogConfig)
     audio: AudioConfig = Field(default_factory=AudioConfig)
     video: VideoConfig = Field(default_factory=VideoConfig)
+    # The IANA zone (e.g. "Europe/Berlin") of the site's clocks, for times written without a
+    # zone: DICOM times without TimezoneOffsetFromUTC, zone-less device-log timestamps, dates
+    # in note file names and headers, FHIR dates without a time. None: DICOM, notes and FHIR
+    # dates read them as UTC; device logs refuse them (unless device_logs.assume_utc).
+    site_timezone: str | None = None
+
+    @field_validator("site_timezone")
+    @classmethod
+    def _known_zone(cls, value: str | None) -> str | None:
+        if value is not None:
+            _zone(value)
+        return value
+
+    def site_zone(self) -> tzinfo | None:
+        """The :class:`zoneinfo.ZoneInfo` of ``site_timezone``, or None when it is not set.
+
+        Example:
+            >>> IngestConfig(site_timezone="Europe/Berlin").site_zone()
+            zoneinfo.ZoneInfo(key='Europe/Berlin')
+        """
+        return _zone(self.site_timezone) if self.site_timezone is not None else None
 
     @classmethod
-    def from_dict(cls, data: dict) -> "IngestConfig":
+    def from_dict(cls, data: dict) -> IngestConfig:
         """Build a config from plain data, raising :class:`ConfigError` on any problem.
+
+        Both the structure (unknown keys, wrong types) and the values (:meth:`check`) are
+        validated.
 
         Example:
             >>> IngestConfig.from_dict({"video": {"n_frames": 8}}).video.n_frames
             8
         """
+        if not isinstance(data, dict):
+            raise ConfigError(f"an ingest config is a mapping of sections, got {type(data).__name__}")
         try:
-            return cls.model_validate(data)
+            config = cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(f"invalid ingest config: {exc}") from None
+            lines = "\n".join(
+                f"  - {'.'.join(str(part) for part in err['loc']) or '(top)'}: {err['msg']}" for err in exc.errors()
+            )
+            raise ConfigError(f"invalid ingest config; fix these and run again:\n{lines}") from None
+        return config.check()
 
     @classmethod
-    def gpu(cls) -> "IngestConfig":
+    def from_file(cls, path: str | Path) -> IngestConfig:
+        """Read a YAML (``.yaml``/``.yml``) or JSON (``.json``) ingest config file.
+
+        Raises:
+            ConfigError: the file is missing, unreadable, not YAML/JSON, or not a valid config;
+                the message names the file.
+
+        Example:
+            >>> IngestConfig.from_file("configs/gpu.yaml").imaging.spatial_size  # doctest: +SKIP
+            (64, 128, 128)
+        """
+        import yaml
+
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix not in (".yaml", ".yml", ".json"):
+            raise ConfigError(f"ingest config {path}: name a .yaml, .yml or .json file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"ingest config {path}: cannot read it ({exc})") from None
+        try:
+            data: Any = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
+        except (ValueError, yaml.YAMLError) as exc:
+            raise ConfigError(f"ingest config {path}: not valid {suffix[1:].upper()} ({exc})") from None
+        try:
+            return cls.from_dict({} if data is None else data)
+        except ConfigError as exc:
+            raise ConfigError(f"ingest config {path}: {exc}") from None
+
+    def problems(self) -> list[str]:
+        """Values no reader can use, one sentence each (empty when the config is usable)."""
+        found: list[str] = []
+
+        def positive(name: str, *values: float) -> None:
+            if not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values):
+                shown = values[0] if len(values) == 1 else values
+                found.append(f"{name} must be positive, got {shown}")
+
+        def percentiles(name: str, bounds: tuple[float, float]) -> None:
+            if not 0 <= bounds[0] < bounds[1] <= 100:
+                found.append(f"{name} must be (lower, upper) with 0 <= lower < upper <= 100, got {bounds}")
+
+        imaging = self.imaging
+        positive("imaging.spatial_size", *imaging.spatial_size)
+        if imaging.spacing_mm is not None:
+            positive("imaging.spacing_mm", *imaging.spacing_mm)
+        for key, (lower, upper) in imaging.windows.items():
+            if not (math.isfinite(lower) and math.isfinite(upper)) or lower > upper:
+                found.append(
+                    f"imaging.windows[{key!r}] is ({lower:g}, {upper:g}): write (lower, upper) with lower <= upper"
+                    " (equal bounds ask for a percentile window)"
+                )
+        percentiles("imaging.percentiles", imaging.percentiles)
+        positive("ehr.lookback_days", self.ehr.lookback_days)
+        positive("ehr.n_bins", self.ehr.n_bins)
+        positive("ehr.max_codes", self.ehr.max_codes)
+        positive("ehr.code_vocab_size", self.ehr.code_vocab_size)
+        if self.ehr.n_lab_features < 0:
+            found.append(f"ehr.n_lab_features must be 0 or more, got {self.ehr.n_lab_features}")
+        positive("notes.max_length", self.notes.max_length)
+        positive("notes.max_chunks", self.notes.max_chunks)
+        positive("device_logs.step_minutes", self.device_logs.step_minutes)
+        positive("device_logs.window_hours", self.device_logs.window_hours)
+        positive("device_logs.max_channels", self.device_logs.max_channels)
+        audio = self.audio
+        for name in ("sample_rate", "duration_s", "n_mels", "n_fft", "hop_length"):
+            positive(f"audio.{name}", getattr(audio, name))
+        positive("video.n_frames", self.video.n_frames)
+        positive("video.size", *self.video.size)
+        percentiles("video.percentiles", self.video.percentiles)
+        return found
+
+    def check(self) -> IngestConfig:
+        """Raise :class:`ConfigError` listing every unusable value; return ``self`` when there is none.
+
+        Example:
+            >>> IngestConfig(audio=AudioConfig(duration_s=0.0)).check()
+            Traceback (most recent call last):
+            ...
+            meddx.errors.ConfigError: the ingest config has 1 unusable value; fix it and run again:
+              - audio.duration_s must be positive, got 0.0
+        """
+        found = self.problems()
+        if found:
+            n = len(found)
+            lines = "\n".join(f"  - {p}" for p in found)
+            noun = "value; fix it" if n == 1 else "values; fix them"
+            raise ConfigError(f"the ingest config has {n} unusable {noun} and run again:\n{lines}")
+        return self
+
+    @classmethod
+    def gpu(cls) -> IngestConfig:
         """Larger shapes for a GPU machine."""
         return cls(
             imaging=ImagingConfig(spatial_size=(64, 128, 128)),
@@ -117,3 +261,14 @@ class IngestConfig(_Section):
             audio=AudioConfig(sample_rate=8000, duration_s=8.0, n_mels=64, n_fft=512, hop_length=128),
             video=VideoConfig(n_frames=32, size=(112, 112)),
         )
+
+
+def _zone(name: str) -> tzinfo:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"site_timezone {name!r} is not an IANA time zone name; write it like 'Europe/Berlin' or 'UTC'"
+        ) from None

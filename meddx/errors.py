@@ -15,6 +15,17 @@ class MeddxError(Exception):
     """Base class of every error meddx raises on purpose."""
 
 
+def short_reason(exc: BaseException, limit: int = 300) -> str:
+    """A library exception's message on one line, cut to ``limit`` characters, for a meddx message.
+
+    Example:
+        >>> short_reason(ValueError("bad\n  header"))
+        'bad header'
+    """
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 @dataclass(frozen=True)
 class ManifestProblem:
     """One thing wrong with a manifest: where (row, column) and why."""
@@ -75,3 +86,15 @@ class ConfigError(MeddxError):
 
 class ModelError(MeddxError):
     """A model folder is missing, corrupt, or from an unknown meddx version."""
+
+
+class NotFittedError(ModelError):
+    """A tensorizer, aligner, calibrator or conformal classifier was used before ``fit`` (or
+    before loading a fitted state).
+
+    Every fitted meddx object raises this one type, whatever it is.
+    """
+
+
+class PredictionsError(MeddxError):
+    """A predictions file (the input of ``meddx evaluate``) is unusable; the message says what to fix."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timezone, tzinfo
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
@@ -83,6 +83,22 @@ def parse_time(value: str | datetime | float | int, *, assume_utc: bool = False)
             raise ValueError(f"time {value!r} has no time zone; write it like 2024-03-05T14:00:00Z")
         dt = dt.replace(tzinfo=timezone.utc)
     return dt.astimezone(timezone.utc)
+
+
+def wall_time_to_utc(wall: datetime, zone: tzinfo) -> datetime:
+    """The UTC instant of a zone-less wall-clock time read in ``zone``; the later one when two fit.
+
+    In the hour the clocks go back a wall time happens twice, and one skipped when they go
+    forward has two readings: the later instant is taken, so that an item is never placed
+    earlier than it could have happened (the leakage rule errs on the safe side).
+
+    Example:
+        >>> from zoneinfo import ZoneInfo
+        >>> wall_time_to_utc(datetime(2024, 10, 27, 2, 30), ZoneInfo("Europe/Berlin")).isoformat()
+        '2024-10-27T01:30:00+00:00'
+    """
+    naive = wall.replace(tzinfo=None)
+    return max(naive.replace(tzinfo=zone, fold=fold).astimezone(timezone.utc) for fold in (0, 1))
 
 
 def is_available(time: datetime | None, index_time: datetime) -> bool:

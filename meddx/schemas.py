@@ -15,23 +15,59 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from meddx.cohort import ManifestRow
 from meddx.config import IngestConfig
+from meddx.models.checkpoint import BackboneCheckpoint
+from meddx.models.config import BackboneConfig
+
+
+_PROBABILITY_CELL = {"anyOf": [{"type": "number", "minimum": 0, "maximum": 1}, {"type": "null"}]}
 
 
 class PredictionRow(BaseModel):
     """One row of ``predictions.parquet`` / ``predictions.csv``: a patient, an index time, a task.
 
-    Extra manifest columns (``sex``, ``site``...) are copied after these.
+    Binary tasks use ``probability``/``raw_probability`` (of class 1) and the classes ``0``/``1``.
+    Multiclass tasks also carry ``probability:<class>`` and ``raw_probability:<class>`` for every
+    class (each row sums to 1); their ``probability`` is that of the predicted class. Optional
+    ``ablation:<modality>`` (binary) or ``ablation:<modality>:<class>`` (multiclass) hold the
+    calibrated probabilities with that modality withheld, empty where it was absent. Extra
+    manifest columns (``sex``, ``site``...) are copied after these.
     """
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "patternProperties": {
+                "^probability:.+$": {**_PROBABILITY_CELL, "description": "calibrated probability of class <class>"},
+                "^raw_probability:.+$": {**_PROBABILITY_CELL, "description": "uncalibrated probability of class <class>"},
+                "^ablation:.+$": {
+                    **_PROBABILITY_CELL,
+                    "description": "calibrated probability (binary: of class 1; multiclass ablation:<modality>:<class>: "
+                    "of <class>) with <modality> withheld; empty where it was absent",
+                },
+                "^contribution:.+$": {
+                    "anyOf": [{"type": "number"}, {"type": "null"}],
+                    "description": "change of the task's logit when that present modality is withheld",
+                },
+            }
+        },
+    )
 
     patient_id: str
     index_time: AwareDatetime
     task: str
-    probability: Optional[float] = Field(None, ge=0, le=1, description="calibrated probability of the positive class")
-    raw_probability: Optional[float] = Field(None, ge=0, le=1, description="uncalibrated model probability")
+    probability: Optional[float] = Field(
+        None, ge=0, le=1,
+        description="calibrated probability: of class 1 (binary) or of the predicted class (multiclass)",
+    )
+    raw_probability: Optional[float] = Field(
+        None, ge=0, le=1, description="uncalibrated model probability, same class as `probability`"
+    )
     prediction: Optional[str] = Field(None, description="predicted class (0/1 for binary tasks)")
-    prediction_set: Optional[str] = Field(None, description="conformal set at the model's alpha, '|'-joined classes")
+    prediction_set: Optional[str] = Field(
+        None,
+        description="conformal set at the model's alpha: class names '|'-joined ('0', '1', '0|1' for binary); "
+        "empty = the empty set, or no set when every row of the task is empty",
+    )
     modalities: str = Field("", description="modalities used, '|'-joined")
     modality_errors: str = Field("", description="modalities that failed to ingest, '|'-joined")
     status: Literal["ok", "error"]
@@ -41,6 +77,8 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "manifest_row.schema.json": ManifestRow,
     "prediction_row.schema.json": PredictionRow,
     "ingest_config.schema.json": IngestConfig,
+    "backbone_config.schema.json": BackboneConfig,
+    "backbone_checkpoint.schema.json": BackboneCheckpoint,  # config.json of a save_pretrained folder
 }
 
 

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from meddx.cache import RecordCache, cache_key
+from meddx.cache import RecordCache, cache_key, default_cache_dir, reader_name
 from meddx.config import IngestConfig
+from meddx.ingest.audio import AudioIngestor
 from meddx.records import Event, Modality, ModalityRecord, parse_time
 
 INDEX = parse_time("2024-03-05T14:00:00Z")
@@ -45,11 +46,41 @@ def test_key_changes_with_content_config_patient_and_time(tmp_path: Path) -> Non
     source = tmp_path / "a.wav"
     source.write_bytes(b"one")
     config = IngestConfig()
-    key = cache_key(Modality.AUDIO, [source], "p1", INDEX.isoformat(), config)
-    assert key == cache_key(Modality.AUDIO, [source], "p1", INDEX.isoformat(), config)
-    assert key != cache_key(Modality.AUDIO, [source], "p2", INDEX.isoformat(), config)
-    assert key != cache_key(Modality.AUDIO, [source], "p1", "2024-03-06T00:00:00+00:00", config)
-    assert key != cache_key(Modality.AUDIO, [source], "p1", INDEX.isoformat(), IngestConfig.from_dict({"audio": {"n_mels": 16}}))
-    assert key == cache_key(Modality.AUDIO, [source], "p1", INDEX.isoformat(), IngestConfig.from_dict({"video": {"n_frames": 4}}))
+
+    def key_of(patient: str = "p1", time: str = INDEX.isoformat(), cfg: IngestConfig = config) -> str:
+        return cache_key(Modality.AUDIO, [source], patient, time, cfg, reader=AudioIngestor)
+
+    key = key_of()
+    assert key == key_of()
+    assert key != key_of(patient="p2")
+    assert key != key_of(time="2024-03-06T00:00:00+00:00")
+    assert key != key_of(cfg=IngestConfig.from_dict({"audio": {"n_mels": 16}}))
+    assert key == key_of(cfg=IngestConfig.from_dict({"video": {"n_frames": 4}}))
     source.write_bytes(b"three")
-    assert key != cache_key(Modality.AUDIO, [source], "p1", INDEX.isoformat(), config)
+    assert key != key_of()
+
+
+def test_key_changes_with_the_reader_class_and_its_version(tmp_path: Path) -> None:
+    source = tmp_path / "a.wav"
+    source.write_bytes(b"one")
+
+    class PatchedAudio(AudioIngestor):
+        version = AudioIngestor.version + 1
+
+    def key_of(reader) -> str:
+        return cache_key(Modality.AUDIO, [source], "p1", INDEX.isoformat(), IngestConfig(), reader=reader)
+
+    assert key_of(AudioIngestor) == key_of(AudioIngestor(IngestConfig()))  # class or instance alike
+    assert key_of(PatchedAudio) != key_of(AudioIngestor)
+    PatchedAudio.version += 1
+    bumped = key_of(PatchedAudio)
+    assert bumped != key_of(AudioIngestor) and reader_name(PatchedAudio).endswith(f"@{AudioIngestor.version + 2}")
+
+
+def test_default_cache_dir_prefers_the_argument_then_the_environment(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MEDDX_CACHE", str(tmp_path / "env"))
+    assert default_cache_dir(tmp_path / "given") == tmp_path / "given"
+    assert default_cache_dir() == tmp_path / "env"
+    monkeypatch.delenv("MEDDX_CACHE")
+    fallback = default_cache_dir()
+    assert fallback.is_absolute() and "meddx" in fallback.parts and fallback != tmp_path / "env"

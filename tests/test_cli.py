@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from click.testing import CliRunner
 
 from meddx.cli import main
+from meddx.config import IngestConfig
 from meddx.synth import generate_cohort
 
 
@@ -16,13 +18,120 @@ def test_ingest_reports_coverage_and_keeps_going_past_a_bad_file(tmp_path: Path)
     rows = pd.read_csv(manifest, dtype=str, keep_default_na=False)
     broken = next(p for p in rows["audio"] if p)
     (manifest.parent / broken).write_bytes(b"RIFF\x00\x00not really a wave file")
-    result = CliRunner().invoke(main, ["ingest", str(manifest), "--cache", str(tmp_path / "cache"), "--workers", "0", "--quiet"])
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    args = ["ingest", str(manifest), "--cache", str(cache), "--out", str(run), "--workers", "0", "--quiet"]
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "coverage per modality" in result.output and "1 ingest error" in result.output
-    errors = pd.read_csv(tmp_path / "cache" / "errors.csv")
+    errors = pd.read_csv(run / "errors.csv")
     assert len(errors) == 1 and errors.loc[0, "modality"] == "audio" and errors.loc[0, "path"] == broken
     assert broken in errors.loc[0, "error"]
-    assert any((tmp_path / "cache").rglob("*.safetensors"))
+    assert any(cache.rglob("*.safetensors"))
+    assert not list(cache.rglob("*.csv"))  # the shared cache holds cache entries only
+
+
+def test_record_warnings_go_to_the_runs_own_folder_also_from_the_cache(tmp_path: Path) -> None:
+    manifest = generate_cohort(tmp_path / "cohort", n_patients=3, seed=11)
+    cache = tmp_path / "cache"
+    runner = CliRunner()
+    outputs = {}
+    for run in ("first", "second"):  # the second run finds every record in the shared cache
+        args = ["ingest", str(manifest), "--cache", str(cache), "--out", str(tmp_path / run), "--workers", "0", "--quiet"]
+        result = runner.invoke(main, args)
+        assert result.exit_code == 0, result.output
+        outputs[run] = pd.read_csv(tmp_path / run / "warnings.csv")
+    first, second = outputs["first"], outputs["second"]
+    assert list(first.columns) == ["patient_id", "index_time", "modality", "path", "warning"]
+    # the synthetic monitor logs hold a few impossible SpO2 values, masked and reported
+    assert len(first) >= 1 and set(first.modality) == {"device_logs"}
+    assert first["warning"].str.contains("physiologically impossible").all()
+    pd.testing.assert_frame_equal(first, second)
+    assert f"{len(first)} record warning" in result.output
+    assert (tmp_path / "first" / "errors.csv").is_file() and (tmp_path / "first" / "ingest_config.json").is_file()
+
+
+def test_ingest_without_out_makes_a_new_run_folder(tmp_path: Path, monkeypatch) -> None:
+    manifest = generate_cohort(tmp_path / "cohort", n_patients=1, seed=3)
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        result = CliRunner().invoke(main, ["ingest", str(manifest), "--cache", "cache", "--workers", "0", "--quiet"])
+        assert result.exit_code == 0, result.output
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2 and all(r.name.startswith("ingest-") and (r / "errors.csv").is_file() for r in runs)
+
+
+def test_ingest_config_file_sets_the_shapes(tmp_path: Path) -> None:
+    manifest = generate_cohort(tmp_path / "cohort", n_patients=1, seed=3)
+    config = tmp_path / "ingest.yaml"
+    config.write_text("audio:\n  duration_s: 1.0\n  n_mels: 16\nvideo:\n  n_frames: 4\n  size: [16, 16]\n")
+    run = tmp_path / "run"
+    args = ["ingest", str(manifest), "--cache", str(tmp_path / "cache"), "--config", str(config), "--out", str(run),
+            "--workers", "0", "--quiet"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    used = IngestConfig.model_validate_json((run / "ingest_config.json").read_text())
+    assert used.audio.n_mels == 16 and used.video.size == (16, 16) and used.imaging == IngestConfig().imaging
+    as_json = tmp_path / "ingest.json"
+    as_json.write_text(used.model_dump_json())
+    assert IngestConfig.from_file(as_json) == used
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("video:\n  n_frame: 4\n", "video.n_frame: Extra inputs are not permitted"),
+        ("imaging:\n  windows:\n    CT: [1000, -1000]\n", "imaging.windows['CT'] is (1000, -1000)"),
+        ("audio:\n  duration_s: 0\n", "audio.duration_s must be positive"),
+        ("device_logs:\n  window_hours: -6\n", "device_logs.window_hours must be positive"),
+        ("notes:\n  text_model: /nowhere/model\n", "has no tokenizer that loads offline"),
+        ("video: [unclosed\n", "not valid YAML"),
+        ("- a list\n", "a mapping of sections"),
+    ],
+    ids=["unknown-key", "window", "duration", "window-hours", "text-model", "yaml", "not-a-mapping"],
+)
+def test_an_unusable_config_stops_ingest_before_any_work(tmp_path: Path, text: str, says: str) -> None:
+    manifest = generate_cohort(tmp_path / "cohort", n_patients=2, seed=3)
+    config = tmp_path / "ingest.yaml"
+    config.write_text(text)
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    args = ["ingest", str(manifest), "--cache", str(cache), "--config", str(config), "--out", str(run), "--workers", "0"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert says in result.output
+    if "tokenizer" not in says:  # found while reading the file: the message names it
+        assert str(config) in result.output
+    assert not cache.exists() and not run.exists()  # nothing was read or written
+
+
+def test_a_cache_that_cannot_be_written_stops_ingest_up_front(tmp_path: Path) -> None:
+    manifest = generate_cohort(tmp_path / "cohort", n_patients=2, seed=3)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    run = tmp_path / "run"
+    args = ["ingest", str(manifest), "--cache", str(blocker / "cache"), "--out", str(run), "--workers", "0", "--quiet"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert f"--cache {blocker / 'cache'}: cannot write there" in result.output
+    assert "coverage" not in result.output and not run.exists()
+
+
+def test_a_missing_config_file_exits_2(tmp_path: Path) -> None:
+    manifest = generate_cohort(tmp_path / "cohort", n_patients=1, seed=3)
+    args = ["ingest", str(manifest), "--cache", str(tmp_path / "c"), "--config", str(tmp_path / "none.yaml")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "none.yaml: cannot read it" in result.output
+
+
+def test_ingest_without_cache_uses_meddx_cache(tmp_path: Path) -> None:
+    manifest = generate_cohort(tmp_path / "cohort", n_patients=2, seed=3)
+    env = {"MEDDX_CACHE": str(tmp_path / "shared")}
+    result = CliRunner(env=env).invoke(
+        main, ["ingest", str(manifest), "--workers", "0", "--quiet", "--out", str(tmp_path / "run")]
+    )
+    assert result.exit_code == 0, result.output
+    assert any((tmp_path / "shared").rglob("*.safetensors"))
+    # the run's reports go to its own folder, never into the shared cache
+    assert (tmp_path / "run" / "errors.csv").is_file() and not (tmp_path / "shared" / "errors.csv").exists()
 
 
 def test_sample_data_command_and_validate(tmp_path: Path) -> None:

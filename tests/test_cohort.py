@@ -73,7 +73,7 @@ def test_every_problem_is_listed_at_once(folder: Path, tmp_path: Path) -> None:
         "p5,2024-03-05T14:00:00Z,train,,../outside.wav,0,mild,F\n"  # climbs out of the folder
         "p6,2024-03-05T14:00:00Z,train,,,1,mild,F\n"
         "p6,2024-03-05T14:00:00Z,train,,,1,severe,F\n"  # duplicate (patient_id, index_time)
-        "p7,2024-03-05T14:00:00Z,train,,,2,severe,F\n"  # not a binary label
+        "p7,2024-03-05T14:00:00Z,train,,,0.5,severe,F\n"  # not a class
         ",2024-03-05T14:00:00Z,train,,,1,severe,F\n",  # empty patient id
     )
     with pytest.raises(ManifestError) as caught:
@@ -85,7 +85,7 @@ def test_every_problem_is_listed_at_once(folder: Path, tmp_path: Path) -> None:
     assert "does not exist" in problems[(4, "imaging")]
     assert "climbs out of the manifest folder" in problems[(5, "audio")]
     assert "duplicate of row 6" in problems[(7, "index_time")]
-    assert "not a binary label" in problems[(8, "label:disease")]
+    assert "'0.5' is not a class" in problems[(8, "label:disease")]
     assert "patient_id is empty" in problems[(9, "patient_id")]
     assert len(caught.value.problems) == 8
     message = str(caught.value)
@@ -126,3 +126,120 @@ def test_cli_exits_2_and_lists_problems(folder: Path, command: str) -> None:
 def test_cli_missing_manifest_exits_2(folder: Path) -> None:
     result = CliRunner().invoke(main, ["validate", str(folder / "nope.csv")])
     assert result.exit_code == 2 and "file not found" in result.output
+
+
+# ------------------------------------------------------- strict where it must be, lenient where it can
+
+
+@pytest.mark.parametrize("epoch", ["1709647200", "1709647200.5"])
+def test_an_epoch_index_time_in_a_csv_is_refused_with_how_to_write_it(folder: Path, epoch: str) -> None:
+    path = write(folder, f"p1,{epoch},train,,,1,mild,F\np2,2024-03-05T14:00:00Z,train,,,0,severe,F\n")
+    with pytest.raises(ManifestError) as caught:
+        load_cohort(path)
+    problem = {(p.row, p.column): p.reason for p in caught.value.problems}[(1, "index_time")]
+    assert "epoch number" in problem and "2024-03-05T14:00:00Z" in problem
+
+
+@pytest.mark.parametrize("values", [[1709647200, 1709650800], [1709647200.0, 1709650800.5]], ids=["int", "float"])
+def test_an_epoch_index_time_column_in_parquet_is_refused(folder: Path, values: list) -> None:
+    frame = pd.DataFrame({"patient_id": ["p1", "p2"], "index_time": values})
+    frame.to_parquet(folder / "manifest.parquet")
+    with pytest.raises(ManifestError) as caught:
+        load_cohort(folder / "manifest.parquet")
+    assert [(p.row, p.column) for p in caught.value.problems] == [(1, "index_time"), (2, "index_time")]
+    assert all("epoch number" in p.reason for p in caught.value.problems)
+
+
+def test_a_zone_aware_parquet_timestamp_column_is_accepted_and_a_naive_one_refused(folder: Path) -> None:
+    aware = pd.DataFrame({"patient_id": ["p1"], "index_time": pd.to_datetime(["2024-03-05T15:00:00+01:00"])})
+    aware.to_parquet(folder / "aware.parquet")
+    assert load_cohort(folder / "aware.parquet").rows[0].index_time.isoformat() == "2024-03-05T14:00:00+00:00"
+    naive = pd.DataFrame({"patient_id": ["p1"], "index_time": pd.to_datetime(["2024-03-05T14:00:00"])})
+    naive.to_parquet(folder / "naive.parquet")
+    with pytest.raises(ManifestError, match="has no time zone"):
+        load_cohort(folder / "naive.parquet")
+
+
+@pytest.mark.parametrize("when", ["0001-01-01T00:00:00Z", "9999-12-31T23:00:00-05:00", "1500-06-01T00:00:00Z"])
+def test_an_index_time_pandas_cannot_hold_fails_in_validate(folder: Path, when: str) -> None:
+    path = write(folder, f"p1,{when},train,,,1,mild,F\np2,2024-03-05T14:00:00Z,train,,,0,severe,F\n")
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "row 1, column 'index_time'" in result.output and "outside the times pandas can hold" in result.output
+
+
+def test_integer_coded_grades_are_a_multiclass_task(folder: Path) -> None:
+    body = "".join(f"p{g}{k},2024-03-05T14:00:00Z,train,,,{g},,F\n" for g in (4, 0, 2, 1, 3, 10) for k in "ab")
+    cohort = load_cohort(write(folder, body, header="patient_id,index_time,split,imaging,audio,label:grade,label:stage,sex\n"))
+    grade = cohort.tasks["grade"]
+    assert grade.kind == "multiclass" and grade.classes == ("0", "1", "2", "3", "4", "10")  # numeric order
+    assert cohort.rows[0].labels["grade"] == "4"
+
+
+def test_integer_grades_from_parquet_with_gaps_are_multiclass_and_binary_needs_exactly_0_and_1(folder: Path) -> None:
+    frame = pd.DataFrame(
+        {
+            "patient_id": ["p1", "p2", "p3", "p4"],
+            "index_time": ["2024-03-05T14:00:00Z"] * 4,
+            "label:grade": [0, 3, None, 2],  # a float column because of the gap
+            "label:disease": [1, 0, 0, None],
+            "label:only_ones": [1, 1, None, 1],
+        }
+    )
+    frame.to_parquet(folder / "manifest.parquet")
+    cohort = load_cohort(folder / "manifest.parquet")
+    assert cohort.tasks["grade"].kind == "multiclass" and cohort.tasks["grade"].classes == ("0", "2", "3")
+    assert cohort.tasks["disease"].kind == "binary" and cohort.tasks["only_ones"].kind == "binary"
+    assert [r.labels["grade"] for r in cohort] == ["0", "3", None, "2"]
+
+
+def test_class_names_and_codes_mixed_in_one_column_are_refused(folder: Path) -> None:
+    path = write(folder, "p1,2024-03-05T14:00:00Z,train,,,1,mild,F\np2,2024-03-05T14:00:00Z,train,,,0,2,F\n")
+    with pytest.raises(ManifestError) as caught:
+        load_cohort(path)
+    assert [(p.row, p.column) for p in caught.value.problems] == [(1, "label:stage")]
+    assert "class name in a column of integer codes" in caught.value.problems[0].reason
+
+
+@pytest.mark.parametrize("ids", [[12, 345], [12.0, None]], ids=["int", "float-with-gap"])
+def test_integer_patient_ids_from_parquet_are_strings(folder: Path, ids: list) -> None:
+    frame = pd.DataFrame({"patient_id": ids + [7], "index_time": ["2024-03-05T14:00:00Z"] * 3})
+    frame.to_parquet(folder / "manifest.parquet")
+    if None in ids:
+        with pytest.raises(ManifestError) as caught:
+            load_cohort(folder / "manifest.parquet")
+        assert [(p.row, p.column) for p in caught.value.problems] == [(2, "patient_id")]
+        return
+    assert [r.patient_id for r in load_cohort(folder / "manifest.parquet")] == ["12", "345", "7"]
+
+
+def test_a_patient_in_train_and_val_is_a_warning(folder: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = write(
+        folder,
+        "p1,2024-03-05T14:00:00Z,train,,,1,mild,F\n"
+        "p2,2024-03-05T14:00:00Z,train,,,0,severe,F\n"
+        "p1,2024-04-05T14:00:00Z,val,,,1,mild,F\n",
+    )
+    with caplog.at_level("WARNING", logger="meddx.cohort"):
+        cohort = load_cohort(path)
+    (warning,) = cohort.warnings
+    assert (warning.row, warning.column) == (3, "split") and "'train' at row 1" in warning.reason
+    assert "'train' at row 1" in caplog.text and "p1" not in warning.reason  # rows, never the patient id
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 0 and "warning: row 3, column 'split'" in result.output
+
+
+def test_a_patient_in_train_and_test_is_an_error(folder: Path) -> None:
+    path = write(
+        folder,
+        "p1,2024-03-05T14:00:00Z,test,,,1,mild,F\n"
+        "p2,2024-03-05T14:00:00Z,train,,,0,severe,F\n"
+        "p1,2024-04-05T14:00:00Z,train,,,1,mild,F\n"
+        "p3,2024-04-05T14:00:00Z,val,,,1,mild,F\n"
+        "p3,2024-04-06T14:00:00Z,test,,,1,mild,F\n",
+    )
+    with pytest.raises(ManifestError) as caught:
+        load_cohort(path)
+    (problem,) = caught.value.problems
+    assert (problem.row, problem.column) == (3, "split")
+    assert "in 'test' at row 1 and in 'train' here" in problem.reason and "one split" in problem.reason

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from meddx.config import DeviceLogConfig, IngestConfig
-from meddx.errors import ConfigError, IngestError
+from meddx.errors import ConfigError, IngestError, NotFittedError
 from meddx.ingest.base import IngestRequest, registered_ingestors
 from meddx.ingest.device_logs import (
     DeviceLogIngestor,
@@ -288,6 +288,33 @@ def test_zone_less_times_are_refused_unless_configured(tmp_path: Path) -> None:
         read(tmp_path / "mixed.csv")
     record = read(tmp_path / "naive.csv", DeviceLogConfig(assume_utc=True))
     assert record.arrays["values"][0, -1] == pytest.approx(80.0)
+    assert record.meta["time_zone"] == "assumed UTC"
+
+
+def test_zone_less_times_are_read_in_the_site_time_zone(tmp_path: Path) -> None:
+    from zoneinfo import ZoneInfo
+
+    berlin = ZoneInfo("Europe/Berlin")  # UTC+1 in March before the switch: 14:59:30 is 13:59:30Z
+    (tmp_path / "naive.csv").write_text("timestamp,hr\n2024-03-05T14:59:30,80\n2024-03-05T15:30:00,99\n")
+    (tmp_path / "naive.jsonl").write_text(
+        '{"timestamp": "2024-03-05T14:59:30", "hr": 80}\n{"timestamp": "2024-03-05T13:58:10Z", "hr": 70}\n'
+    )
+    for name in ("naive.csv", "naive.jsonl"):  # Arrow's parsed timestamps and text timestamps
+        record = read_device_log(tmp_path / name, INDEX, CONFIG, site_zone=berlin)
+        assert record.time == parse_time("2024-03-05T13:59:30Z"), name
+        assert record.arrays["values"][0, -1] == pytest.approx(80.0) and record.meta["time_zone"] == "site"
+    assert read_device_log(tmp_path / "naive.csv", INDEX, CONFIG, berlin).meta["n_after_index"] == 1
+    # read as UTC, 14:59:30 is after the index time: nothing in the window
+    assert read_device_log(tmp_path / "naive.csv", INDEX, DeviceLogConfig(assume_utc=True), berlin) is None
+    # through the ingestor and the config; the hour the clocks go back is read as its later instant
+    (tmp_path / "autumn.csv").write_text("timestamp,hr\n2024-10-27T02:30:00,75\n")
+    index = parse_time("2024-10-27T01:30:00Z")
+    request = IngestRequest("p1", index, {Modality.DEVICE_LOGS: tmp_path / "autumn.csv"})
+    record = DeviceLogIngestor(IngestConfig(site_timezone="Europe/Berlin")).read(request)
+    assert record.time == index
+    assert DeviceLogIngestor(IngestConfig(site_timezone="Europe/Berlin")).read(
+        IngestRequest("p1", index - timedelta(seconds=1), request.paths)
+    ) is None
 
 
 # --------------------------------------------------------------------------- bad files
@@ -363,7 +390,7 @@ def test_tensorizer_fits_a_vocabulary_normalises_and_round_trips(tmp_path: Path)
     records.append(read(tmp_path / "b.csv"))
     config = IngestConfig(device_logs=DeviceLogConfig(max_channels=3))
     tensorizer = DeviceLogTensorizer(config)
-    with pytest.raises(RuntimeError, match="not fitted"):
+    with pytest.raises(NotFittedError, match="not fitted"):
         tensorizer.transform(records[0])
     tensorizer.fit(records)
     # hr is in 2 records; the rest in 1 with ties broken by sample count, then name: etco2 is dropped

@@ -18,7 +18,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGLSLossless, MPEG4HP41
 
 from meddx.config import ImagingConfig, IngestConfig
-from meddx.errors import IngestError
+from meddx.errors import ConfigError, IngestError
 from meddx.ingest.base import IngestRequest
 from meddx.ingest.dicom import ImagingIngestor
 from meddx.ingest.dicom_io import decode_frames, dicom_time, read_dicom
@@ -286,13 +286,105 @@ def test_series_acquired_after_the_index_time_is_excluded(tmp_path: Path) -> Non
     ct_series(tmp_path / "late", acquisition_time=INDEX + timedelta(hours=2))
     assert read(tmp_path / "late", index_time=INDEX) is None
 
-    # Slices are 0.5 s apart: an index time 2.2 s into the acquisition keeps the first five.
+    # Slices are 0.5 s apart (the last at +5.5 s): an index time during the acquisition drops
+    # the whole series, never the slices acquired after it alone.
     ct_series(tmp_path / "during")
-    index = ACQUIRED + timedelta(seconds=2.2)
+    assert read(tmp_path / "during", index_time=ACQUIRED + timedelta(seconds=2.2)) is None
+    assert read(tmp_path / "during", index_time=ACQUIRED + timedelta(seconds=5.4)) is None
+    index = ACQUIRED + timedelta(seconds=5.5)
     record = read(tmp_path / "during", index_time=index)
-    assert record.meta["n_slices"] == 5 and record.meta["n_dropped_after_index"] == 7
-    assert record.time == ACQUIRED + timedelta(seconds=2.0)
-    PatientRecord("p1", index).add(record)  # nothing after the index time reached the record
+    assert record.meta["n_slices"] == 12 and record.meta["n_dropped_after_index"] == 0
+    assert record.time == index  # the series is dated by its last slice
+    PatientRecord("p1", index).add(record)
+
+
+def _strip_times(path: Path) -> None:
+    """Remove every date and time element from a DICOM file (an undated instance)."""
+    ds = pydicom.dcmread(path)
+    for keyword in ("StudyDate", "StudyTime", "SeriesDate", "SeriesTime", "AcquisitionDate", "AcquisitionTime",
+                    "ContentDate", "ContentTime", "AcquisitionDateTime"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.save_as(path)
+
+
+def test_undated_instances_take_their_series_time_and_straddle_nothing(tmp_path: Path) -> None:
+    files = sorted(ct_series(tmp_path / "mixed", shuffle=False))
+    undated = files[-4:]  # the last slices (by name) lose every date: their series dates them
+    for path in undated:
+        _strip_times(path)
+    dated_times = sorted(dicom_time(pydicom.dcmread(p)) for p in files[:-4])
+    assert all(dicom_time(pydicom.dcmread(p)) is None for p in undated)
+    last_dated = dated_times[-1]
+    # An index time between the dated slices: the whole series (dated and undated slices) goes.
+    assert read(tmp_path / "mixed", index_time=dated_times[2]) is None
+    # At the series' time the whole series is kept, undated slices included, at that time.
+    record = read(tmp_path / "mixed", index_time=last_dated)
+    assert record.meta["n_slices"] == 12 and record.meta["n_undated_slices"] == 4
+    assert record.time == last_dated
+    PatientRecord("p1", last_dated).add(record)
+    series = load_series(tmp_path / "mixed")
+    assert {f.time for f in series.frames} == {last_dated}
+
+
+def test_a_later_series_is_dropped_whole_and_the_rule_picks_among_the_rest(tmp_path: Path) -> None:
+    ct_series(tmp_path / "two" / "early", seed=1, n_slices=6)
+    ct_series(tmp_path / "two" / "late", seed=2, n_slices=10, acquisition_time=INDEX + timedelta(minutes=5))
+    everything = read(tmp_path / "two")  # index time far away: most slices wins
+    assert everything.meta["n_slices"] == 10 and everything.meta["n_series"] == 2
+    record = read(tmp_path / "two", index_time=INDEX)
+    assert record.meta["n_slices"] == 6 and record.meta["n_series_dropped_after_index"] == 1
+    assert record.meta["n_dropped_after_index"] == 10
+    assert any("dropped whole" in w for w in record.warnings)
+
+
+def _ct_small_at(folder: Path, study_time: str, offset: str | None) -> Path:
+    """pydicom's CT_small.dcm, re-dated: the same wall time in its Study/Series/Acquisition fields."""
+    ds = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+    for date_kw, time_kw in (("StudyDate", "StudyTime"), ("SeriesDate", "SeriesTime"),
+                             ("AcquisitionDate", "AcquisitionTime"), ("ContentDate", "ContentTime")):
+        setattr(ds, date_kw, "20240115")
+        setattr(ds, time_kw, study_time)
+    if "AcquisitionDateTime" in ds:
+        del ds.AcquisitionDateTime
+    if offset is None:
+        if "TimezoneOffsetFromUTC" in ds:
+            del ds.TimezoneOffsetFromUTC
+    else:
+        ds.TimezoneOffsetFromUTC = offset
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "ct.dcm"
+    ds.save_as(path)
+    return path
+
+
+def test_zone_less_dicom_times_use_the_site_time_zone(tmp_path: Path) -> None:
+    path = _ct_small_at(tmp_path / "plain", "100000", offset=None)  # 10:00 wall time, no zone
+    berlin = IngestConfig(site_timezone="Europe/Berlin")  # UTC+1 in January: 09:00Z
+    index = parse_time("2024-01-15T09:30:00Z")
+    assert read(path, index_time=index) is None  # read as UTC (the default), 10:00Z is after 09:30Z
+    record = read(path, berlin, index_time=index)
+    assert record.time == parse_time("2024-01-15T09:00:00Z") and record.meta["time_zone"] == "site"
+    assert read(path, index_time=parse_time("2024-01-15T10:00:00Z")).meta["time_zone"] == "assumed UTC"
+    assert read(path, IngestConfig(site_timezone="America/New_York"), index_time=index) is None  # 15:00Z
+
+    # TimezoneOffsetFromUTC wins over the site zone
+    offset = _ct_small_at(tmp_path / "offset", "100000", offset="-0500")
+    record = read(offset, berlin, index_time=parse_time("2024-01-15T15:00:00Z"))
+    assert record.time == parse_time("2024-01-15T15:00:00Z") and record.meta["time_zone"] == "TimezoneOffsetFromUTC"
+    assert read(offset, berlin, index_time=index) is None
+
+
+def test_site_time_zone_follows_daylight_saving_and_is_validated() -> None:
+    ds = pydicom.Dataset()
+    ds.StudyDate, ds.StudyTime = "20240715", "100000"
+    from zoneinfo import ZoneInfo
+
+    assert dicom_time(ds, site_zone=ZoneInfo("Europe/Berlin")) == parse_time("2024-07-15T08:00:00Z")  # CEST
+    ds.StudyDate, ds.StudyTime = "20241027", "023000"  # happens twice in Berlin: the later instant
+    assert dicom_time(ds, site_zone=ZoneInfo("Europe/Berlin")) == parse_time("2024-10-27T01:30:00Z")
+    with pytest.raises(ConfigError, match="not an IANA time zone"):
+        IngestConfig.from_dict({"site_timezone": "Berlin"})
 
 
 def test_resampling_to_a_spacing_pads_and_masks(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from meddx.ingest.notes import NotesIngestor, bundled_text_model
 from meddx.records import Modality, PatientRecord, parse_time
 from meddx.synth import write_fhir_bundle, write_note
 
-SYNTHEA = Path(__file__).resolve().parents[2] / "shared" / "data" / "synthea-bulk-10"
+SYNTHEA = Path(__file__).resolve().parent / "data" / "synthea-bulk"
 INDEX = parse_time("2020-01-01T00:00:00Z")
 GEN_INDEX = datetime(2024, 3, 5, 14, tzinfo=timezone.utc)
 SMALL = IngestConfig(notes=NotesConfig(max_length=32, max_chunks=4))
@@ -74,15 +74,16 @@ def test_a_long_note_is_chunked_with_a_chunk_mask(reader, tmp_path: Path) -> Non
     assert (record.arrays["input_ids"][:, 0] == cls_id).all() and (record.arrays["input_ids"][:, -1] == sep_id).all()
 
 
-def test_a_folder_of_notes_in_name_order(reader, tmp_path: Path) -> None:
+def test_a_folder_of_notes_in_name_order(tmp_path: Path) -> None:
     folder = tmp_path / "notes"
     folder.mkdir()
     (folder / "b.txt").write_text("second note")
     (folder / "a.txt").write_text("first note")
     (folder / ".hidden").write_bytes(b"\xff\xfe")
+    reader = NotesIngestor(IngestConfig(notes=NotesConfig(max_length=32, max_chunks=4, undated="keep")))
     record = reader.read(_request({Modality.NOTES: folder}))
     assert [e.text for e in record.events] == ["first note", "second note"]
-    assert record.meta["from_files"] == 2
+    assert record.meta["from_files"] == 2 and record.meta["files_undated"] == 2
 
 
 def test_a_non_utf8_note_is_an_error_naming_the_file(reader, tmp_path: Path) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import cv2
@@ -151,3 +151,38 @@ def test_dicom_cine_is_found_by_its_magic_and_respects_the_index_time(tmp_path: 
     acquired = dicom_acquired(CINE)
     assert read(unnamed, index_time=acquired).meta["source_format"] == "dicom"
     assert read(unnamed, index_time=parse_time("2000-01-01T00:00:00Z")) is None  # acquired after the index time
+
+
+def test_a_cine_is_dated_by_its_last_frame_and_the_site_time_zone(tmp_path: Path) -> None:
+    """Per-frame acquisition times (an enhanced cine) date the clip whole: never some frames only."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    ds = pydicom.dcmread(CINE)
+    for keyword in ("StudyDate", "StudyTime", "SeriesDate", "SeriesTime", "AcquisitionDateTime",
+                    "TimezoneOffsetFromUTC"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    frames = []
+    for i in range(int(ds.NumberOfFrames)):  # 30 frames, one second apart from 10:00:00 wall time
+        content = Dataset()
+        content.FrameAcquisitionDateTime = f"202403051000{i:02d}"
+        item = Dataset()
+        item.FrameContentSequence = Sequence([content])
+        frames.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    path = tmp_path / "cine.dcm"
+    ds.save_as(path)
+    last = parse_time("2024-03-05T10:00:29Z")
+    assert read(path, index_time=last - timedelta(seconds=1)) is None  # 29 of 30 frames were known: not enough
+    record = read(path, index_time=last)
+    assert record.time == last and record.meta["time_zone"] == "assumed UTC"
+    assert record.arrays["frame_mask"].all()
+    # the same wall times at a site in New York (UTC-5 in March before the switch)
+    site = IngestConfig(site_timezone="America/New_York")
+    assert read(path, site, index_time=last) is None
+    record = read(path, site, index_time=last + timedelta(hours=5))
+    assert record.time == last + timedelta(hours=5) and record.meta["time_zone"] == "site"
+    ds.TimezoneOffsetFromUTC = "+0100"  # the file's own offset wins over the site zone
+    ds.save_as(path)
+    assert read(path, site, index_time=last - timedelta(hours=1)).time == last - timedelta(hours=1)

@@ -1,10 +1,13 @@
 """Audio (auscultation, cough, voice): a fixed-duration log-mel spectrogram with a frame mask.
 
 Any file soundfile (libsndfile) reads is accepted: WAV (8/16/24/32-bit integer, float,
-u-law/A-law, RF64, WAVEX), FLAC, OGG..., at any sample rate and channel count. The steps:
+u-law/A-law, RF64, WAVEX), FLAC, OGG..., at a sample rate from 500 Hz to 1 MHz and with
+1 to 64 channels; a header outside those bounds is corrupt or forged and refused
+(:func:`check_header`), as are files over ``AudioConfig.max_file_mb`` and paths that are
+not regular files. The steps:
 
 1. read with soundfile as float32, only the centred ``duration_s`` of a longer recording;
-2. mix to mono (mean over channels); NaN/inf samples (float files) are set to 0, counted
+2. mix to mono (mean over channels, block by block); NaN/inf samples (float files) are set to 0, counted
    in ``meta["n_nonfinite"]`` and reported in ``record.warnings``;
 3. resample to ``AudioConfig.sample_rate`` with torchaudio's windowed-sinc resampler (see
    :meth:`AudioIngestor.resample`);
@@ -36,6 +39,7 @@ import numpy as np
 from meddx.config import AudioConfig, IngestConfig
 from meddx.errors import ConfigError, IngestError
 from meddx.ingest.base import ArrayField, ArraySpec, ArrayTensorizer, Ingestor, IngestRequest, register_ingestor
+from meddx.ingest.file_checks import check_source
 from meddx.records import Modality, ModalityRecord
 
 if TYPE_CHECKING:  # torch/torchaudio are imported lazily: they cost seconds at CLI start
@@ -48,6 +52,58 @@ _MODALITY = Modality.AUDIO.value
 # (8, 11.025, 16, 22.05, 44.1, 48, 96 kHz...) is exact; an odd rate such as 44101 Hz is
 # approximated to < 1e-6 relative, which keeps torchaudio's kernel (ratio terms squared) small.
 _MAX_RATIO_TERM = 2000
+MIN_SAMPLE_RATE = 500  # Hz; the bounds of a plausible header (see check_header)
+MAX_SAMPLE_RATE = 1_000_000
+MAX_CHANNELS = 64
+_BLOCK_FRAMES = 1 << 16
+
+
+def check_header(path: Path, sample_rate: int, channels: int) -> None:
+    """Refuse a header no real recording has (a corrupt or forged file).
+
+    Sample rates from :data:`MIN_SAMPLE_RATE` (500 Hz) to :data:`MAX_SAMPLE_RATE` (1 MHz)
+    and 1 to :data:`MAX_CHANNELS` (64) channels are accepted: that covers phonocardiograms
+    and telephony at the low end, ultrasonic and high-resolution recorders at the top, and
+    microphone arrays.
+
+    Raises:
+        IngestError: the rate or channel count is outside those bounds.
+
+    Example:
+        >>> check_header(Path("lung.wav"), 4000, 1)
+    """
+    if not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
+        raise IngestError(
+            path, _MODALITY, f"the header claims a sample rate of {sample_rate} Hz, outside the "
+            f"{MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz of real recordings: a corrupt or forged header; re-export the file"
+        )
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise IngestError(
+            path, _MODALITY, f"the header claims {channels} channels, outside 1-{MAX_CHANNELS}: a corrupt or forged "
+            "header; re-export the file"
+        )
+
+
+def _read_mono(sound: Any, frames: int) -> np.ndarray:
+    """Up to ``frames`` frames from the current position, mixed to mono block by block.
+
+    Reading all channels at once would hold ``frames x channels`` floats; blocks keep the
+    memory to the mono result.
+    """
+    out = np.empty(frames, dtype=np.float32)
+    done = 0
+    while done < frames:
+        block = sound.read(min(_BLOCK_FRAMES, frames - done), dtype="float32", always_2d=True)  # (t, channels)
+        if block.shape[0] == 0:
+            break
+        mono = block[:, 0].copy()  # summing columns is ~30x faster than mean(axis=1)
+        for channel in range(1, block.shape[1]):
+            mono += block[:, channel]
+        if block.shape[1] > 1:
+            mono /= block.shape[1]
+        out[done : done + mono.shape[0]] = mono
+        done += mono.shape[0]
+    return out[:done]
 
 
 def n_samples(config: AudioConfig) -> int:
@@ -147,13 +203,11 @@ class AudioIngestor(Ingestor):
         """
         import soundfile
 
-        if not path.exists():
-            raise IngestError(path, _MODALITY, "no such file; check the path in the manifest")
-        if not path.is_file():
-            raise IngestError(path, _MODALITY, "is a folder; audio needs one file (WAV, FLAC...)")
+        check_source(path, _MODALITY, max_file_mb=self.config.audio.max_file_mb, expected="one file (WAV, FLAC...)")
         try:
             with soundfile.SoundFile(path) as sound:
                 rate, channels, frames = sound.samplerate, sound.channels, sound.frames
+                check_header(path, rate, channels)
                 meta: dict[str, Any] = {
                     "orig_sample_rate": int(rate),
                     "orig_channels": int(channels),
@@ -164,20 +218,13 @@ class AudioIngestor(Ingestor):
                 wanted = math.ceil(self.config.audio.duration_s * rate)
                 if frames > wanted and sound.seekable():
                     sound.seek((frames - wanted) // 2)
-                    data = sound.read(wanted, dtype="float32", always_2d=True)
-                else:
-                    data = sound.read(dtype="float32", always_2d=True)
+                wave = _read_mono(sound, wanted)  # (T,)
         except (soundfile.SoundFileError, RuntimeError, ValueError, TypeError, OSError) as exc:
             raise IngestError(
                 path, _MODALITY, f"soundfile cannot read it ({exc}); convert it to WAV or FLAC"
             ) from None
-        if data.shape[0] == 0 or data.shape[1] == 0:
+        if wave.shape[0] == 0:
             raise IngestError(path, _MODALITY, "the file holds no audio samples (zero length)")
-        wave = data[:, 0].copy()  # (T,) mono; summing columns is ~30x faster than mean(axis=1)
-        for channel in range(1, data.shape[1]):
-            wave += data[:, channel]
-        if data.shape[1] > 1:
-            wave /= data.shape[1]
         warnings: list[str] = []
         bad = ~np.isfinite(wave)
         meta["n_nonfinite"] = int(bad.sum())

@@ -13,10 +13,11 @@ modality has exactly one ingestor and a second registration raises.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
 
@@ -88,7 +89,7 @@ class Tensorizer(ABC):
     def __init__(self, config: IngestConfig):
         self.config = config
 
-    def fit(self, records: Iterable[ModalityRecord]) -> "Tensorizer":
+    def fit(self, records: Iterable[ModalityRecord]) -> Tensorizer:
         """Learn vocabularies / normalisation from training records."""
         return self
 
@@ -104,7 +105,7 @@ class Tensorizer(ABC):
         """JSON-able fitted state (empty for stateless tensorizers)."""
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> "Tensorizer":
+    def load_state_dict(self, state: dict[str, Any]) -> Tensorizer:
         """Restore what :meth:`state_dict` returned."""
         return self
 
@@ -136,10 +137,14 @@ class Ingestor(ABC):
     Subclasses set ``modality`` and ``tensorizer_class`` and implement :meth:`read`.
     Instances are built once per worker process and reused for many files, so they may
     keep caches (a Bulk FHIR index, a tokenizer).
+
+    ``version`` is part of every cache key of the reader's records: bump it when a change
+    to the reader alters what it returns for the same file, so cached records are read again.
     """
 
     modality: ClassVar[Modality]
     tensorizer_class: ClassVar[type[Tensorizer]]
+    version: ClassVar[int] = 1
 
     def __init__(self, config: IngestConfig | None = None):
         self.config = config or IngestConfig()
@@ -159,6 +164,15 @@ class Ingestor(ABC):
         Raises:
             IngestError: the file is unreadable; the message names it and says why.
         """
+
+    def check(self) -> None:
+        """Raise :class:`ConfigError` when this reader cannot work with its config.
+
+        Called once in the parent process before a run reads any file, for the modalities
+        the run uses. Checks that are cheap belong in ``__init__``; this is for the costly
+        ones (loading a tokenizer). The default checks nothing.
+        """
+        return None
 
     def tensorizer(self) -> Tensorizer:
         """A new, unfitted tensorizer for this modality with the same config."""

@@ -8,10 +8,18 @@ Accepted files (the format is chosen by the suffix, ``.csv``/``.tsv``/``.txt`` o
 * **JSONL** with the same fields, one object per line (long when the objects have
   ``channel`` and ``value`` keys, wide otherwise).
 
+Files over ``DeviceLogConfig.max_file_mb`` (the file is parsed whole) and paths that are
+not regular files (a FIFO, a device) are refused before reading; so is an index time
+outside the years 1678-2261, which nanosecond timestamps cannot hold.
+
 Header names are case-insensitive; the time column may be called ``timestamp``,
 ``time`` or ``datetime``. Timestamps are ISO 8601 with a time zone
 (``2024-03-05T13:59:00Z``, ``...+01:00``) or epoch seconds. Zone-less ISO times are an
-:class:`~meddx.errors.IngestError` unless ``DeviceLogConfig.assume_utc`` is set.
+:class:`~meddx.errors.IngestError` (the default: a monitor's clock zone is a guess) unless
+the config says what they mean: ``IngestConfig.site_timezone`` reads them in the site's
+zone (daylight saving included; a wall time that happens twice is the later instant), and
+``DeviceLogConfig.assume_utc`` reads them as UTC (for monitors that log UTC without saying
+so; it wins over the site zone). ``meta["time_zone"]`` says which rule applied.
 
 How samples become the grid:
 
@@ -23,7 +31,8 @@ How samples become the grid:
   at once on integer nanoseconds); rows older than the window are dropped too.
 * All samples of a channel that fall in one step, duplicate timestamps included, are
   combined by their **mean**. A step without a sample has ``mask`` False and value 0.
-* Rows may come in any order: the result does not depend on it.
+* Rows may come in any order: the result does not depend on it. A file mixing epoch
+  seconds and ISO 8601 text is refused (the message names the first row of each kind).
 * Channel names are canonicalised (:data:`KNOWN_CHANNELS`: ``HR``/``pulse`` ->
   ``heart_rate``, ``SpO2``/``SPO2`` -> ``spo2``...); other names are kept, lower-cased.
   Values of a known channel outside its physiological range (SpO2 above 100 or 0, a
@@ -49,18 +58,20 @@ from __future__ import annotations
 import gzip
 import logging
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, tzinfo
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 import pandas as pd
 
 from meddx.config import DeviceLogConfig, IngestConfig
-from meddx.errors import ConfigError, IngestError
+from meddx.errors import ConfigError, IngestError, NotFittedError
 from meddx.ingest.base import ArrayField, ArraySpec, Ingestor, IngestRequest, Tensorizer, register_ingestor
-from meddx.records import Modality, ModalityRecord
+from meddx.ingest.file_checks import check_source
+from meddx.records import Modality, ModalityRecord, wall_time_to_utc
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -72,7 +83,10 @@ _TIME_COLUMNS = ("timestamp", "time", "datetime")
 _JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 _CSV_SUFFIXES = (".csv", ".tsv", ".txt")
 _MAX_EPOCH_SECONDS = 9.2e9  # the year 2262, the end of nanosecond timestamps
-_ZONELESS = "timestamp has no time zone; write it like 2024-03-05T14:00:00Z (or set device_logs.assume_utc)"
+_ZONELESS = (
+    "timestamp has no time zone; write it like 2024-03-05T14:00:00Z, or set the config's site_timezone "
+    "(or device_logs.assume_utc)"
+)
 _OUT_OF_RANGE = "a timestamp is outside the years 1678-2261; check the timestamp column"
 # A time of day followed by a zone designator: "...T13:59:00Z", "...13:59+01:00", "...13:59:00.5-0500".
 _ZONE_PATTERN = r"\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?\s*(?:[zZ]|[+-]\d{2}(?::?\d{2})?)$"
@@ -167,7 +181,7 @@ def _file_type(path: Path) -> str:
     return "jsonl" if head.startswith(b"{") else "csv"
 
 
-def _table_from_frame(frame: pd.DataFrame) -> "pa.Table":
+def _table_from_frame(frame: pd.DataFrame) -> pa.Table:
     """An Arrow table of a JSON Lines frame; a column mixing numbers and text becomes text."""
     import pyarrow as pa
 
@@ -180,15 +194,14 @@ def _table_from_frame(frame: pd.DataFrame) -> "pa.Table":
     return pa.table(columns)
 
 
-def _read_table(path: Path, fail: Callable[[str], NoReturn]) -> tuple["pa.Table", str]:
+def _read_table(
+    path: Path, fail: Callable[[str], NoReturn], max_file_mb: float | None = None
+) -> tuple["pa.Table", str]:
     """Read the whole file once; returns ``(table with lower-cased column names, file_type)``."""
     import pyarrow as pa
     import pyarrow.csv as pa_csv
 
-    if not path.exists():
-        fail("no such file; check the path in the manifest")
-    if not path.is_file():
-        fail("is a folder; device_logs needs one CSV or JSONL file")
+    check_source(path, _MODALITY, max_file_mb=max_file_mb, expected="one CSV or JSONL file")
     if path.stat().st_size == 0:
         fail("the file is empty")
     kind = _file_type(path)
@@ -227,12 +240,15 @@ def _epoch_ns(seconds: np.ndarray, fail: Callable[[str], NoReturn]) -> np.ndarra
     return np.round(seconds * 1e9).astype(np.int64)
 
 
-def parse_timestamps(column: pd.Series, fail: Callable[[str], NoReturn], assume_utc: bool = False) -> np.ndarray:
+def parse_timestamps(
+    column: pd.Series, fail: Callable[[str], NoReturn], assume_utc: bool = False, zone: tzinfo | None = None
+) -> np.ndarray:
     """Timestamps of a log column written as text, as int64 UTC epoch nanoseconds.
 
     Accepts ISO 8601 with a zone (mixed offsets allowed) and epoch seconds. ``fail(reason)``
     is called (and must raise) for a missing, unparseable or zone-less value, naming the
-    1-based data row; zone-less values pass with ``assume_utc``, read as UTC.
+    1-based data row; zone-less values pass with ``assume_utc`` (read as UTC) or a ``zone``
+    (read in it).
 
     Example:
         >>> def fail(reason): raise ValueError(reason)
@@ -244,43 +260,82 @@ def parse_timestamps(column: pd.Series, fail: Callable[[str], NoReturn], assume_
     if numbers.notna().all():
         return _epoch_ns(numbers.to_numpy(dtype=np.float64, na_value=np.nan), fail)
     parsed = pd.to_datetime(text, format="ISO8601", errors="coerce", utc=True)
-    bad = parsed.isna().to_numpy()
+    is_number = numbers.notna().to_numpy()
+    is_iso = parsed.notna().to_numpy()
+    if is_number.any() and is_iso.any():
+        # Both kinds are valid alone; name the first row of each, not an arbitrary one.
+        fail(
+            f"timestamps mix epoch seconds (first in row {int(np.argmax(is_number)) + 1}) and ISO 8601 text "
+            f"(first in row {int(np.argmax(is_iso)) + 1}); write every timestamp the same way"
+        )
+    bad = ~is_iso
     if bad.any():
         fail(f"row {int(np.argmax(bad)) + 1}: timestamp is not ISO 8601 or epoch seconds")
     if not assume_utc:
         zoneless = ~text.str.contains(_ZONE_PATTERN, regex=True).to_numpy(dtype=bool, na_value=False)
         if zoneless.any():
-            fail(f"row {int(np.argmax(zoneless)) + 1}: {_ZONELESS}")
+            if zone is None:
+                fail(f"row {int(np.argmax(zoneless)) + 1}: {_ZONELESS}")
+            # utc=True read them as UTC wall times: read them again in the site zone
+            walls = pd.to_datetime(text[zoneless], format="ISO8601", errors="coerce")
+            try:
+                local = _localize_ns(walls, zone)
+            except pd.errors.OutOfBoundsDatetime:
+                fail(_OUT_OF_RANGE)
+            parsed = parsed.copy()
+            parsed[zoneless] = pd.to_datetime(local, unit="ns", utc=True)
     try:
         return parsed.dt.as_unit("ns").to_numpy(dtype="datetime64[ns]").view(np.int64)
     except pd.errors.OutOfBoundsDatetime:
         fail(_OUT_OF_RANGE)
 
 
-def _times_ns(column: "pa.ChunkedArray", fail: Callable[[str], NoReturn], assume_utc: bool) -> np.ndarray:
-    """The timestamp column as int64 UTC epoch nanoseconds, whatever type the reader gave it."""
+def _localize_ns(walls: pd.Series, zone: tzinfo) -> np.ndarray:
+    """Zone-less wall times read in ``zone``, as int64 UTC nanoseconds (the later instant when two fit)."""
+    walls = pd.Series(walls).dt.tz_localize(None) if getattr(walls.dt, "tz", None) else pd.Series(walls)
+    # ambiguous=False takes the standard-time reading, the later instant of a repeated hour;
+    # skipped wall times come back NaT and are read one by one, as meddx.records.wall_time_to_utc does.
+    local = walls.dt.tz_localize(zone, ambiguous=np.zeros(len(walls), dtype=bool), nonexistent="NaT")
+    out = local.dt.tz_convert("UTC").dt.as_unit("ns")
+    gaps = out.isna().to_numpy() & walls.notna().to_numpy()
+    if gaps.any():
+        out = out.copy()
+        out[gaps] = [pd.Timestamp(wall_time_to_utc(w.to_pydatetime(), zone)) for w in walls[gaps]]
+    return out.to_numpy(dtype="datetime64[ns]").view(np.int64)
+
+
+def _times_ns(
+    column: "pa.ChunkedArray", fail: Callable[[str], NoReturn], assume_utc: bool, zone: tzinfo | None = None
+) -> np.ndarray:
+    """The timestamp column as int64 UTC epoch nanoseconds, whatever type the reader gave it.
+
+    ``zone`` reads zone-less times (None refuses them, unless ``assume_utc``).
+    """
     import pyarrow as pa
 
     kind = column.type
     if pa.types.is_timestamp(kind):  # parsed by the CSV reader
         if column.null_count:
             fail(f"row {int(np.argmax(column.is_null().to_numpy())) + 1}: missing timestamp")
-        if kind.tz is None and not assume_utc:
+        if kind.tz is None and not assume_utc and zone is None:
             fail(f"row 1: {_ZONELESS}")
         try:  # the stored values are UTC instants (wall times when zone-less)
-            return column.cast(pa.timestamp("ns", tz=kind.tz)).cast(pa.int64()).to_numpy()
-        except pa.ArrowInvalid:
+            ns = column.cast(pa.timestamp("ns", tz=kind.tz)).cast(pa.int64()).to_numpy()
+            if kind.tz is None and not assume_utc and zone is not None:
+                ns = _localize_ns(pd.Series(pd.to_datetime(ns, unit="ns")), zone)
+            return ns
+        except (pa.ArrowInvalid, pd.errors.OutOfBoundsDatetime):
             fail(_OUT_OF_RANGE)
     if pa.types.is_integer(kind) or pa.types.is_floating(kind):
         return _epoch_ns(column.cast(pa.float64()).to_numpy(), fail)
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        return parse_timestamps(column.to_pandas(), fail, assume_utc)
+        return parse_timestamps(column.to_pandas(), fail, assume_utc, zone)
     if pa.types.is_null(kind):
         fail("row 1: missing timestamp")
     fail(f"the timestamp column holds {kind} values; write ISO 8601 with a time zone or epoch seconds")
 
 
-def _floats(column: "pa.ChunkedArray") -> tuple[np.ndarray, int, bool]:
+def _floats(column: pa.ChunkedArray) -> tuple[np.ndarray, int, bool]:
     """``(values with NaN where empty, number of non-empty cells that are not numbers, is_text)``."""
     import pyarrow as pa
 
@@ -299,7 +354,7 @@ def _floats(column: "pa.ChunkedArray") -> tuple[np.ndarray, int, bool]:
 _Block = tuple["int | np.ndarray", np.ndarray]
 
 
-def _long_blocks(table: "pa.Table") -> tuple[list[_Block], list[str], int, dict[str, list[str]] | None]:
+def _long_blocks(table: pa.Table) -> tuple[list[_Block], list[str], int, dict[str, list[str]] | None]:
     """``timestamp,channel,value[,unit]`` -> one block; also names, unreadable count, units seen."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -336,7 +391,7 @@ def _long_blocks(table: "pa.Table") -> tuple[list[_Block], list[str], int, dict[
     return [(channel, value)], names, n_unreadable, units
 
 
-def _wide_blocks(table: "pa.Table", time_column: str) -> tuple[list[_Block], list[str], int, list[str]]:
+def _wide_blocks(table: pa.Table, time_column: str) -> tuple[list[_Block], list[str], int, list[str]]:
     """``timestamp,<channel>...`` -> one block per column; also names, unreadable count, text columns."""
     columns, ignored = [], []
     n_unreadable = 0
@@ -415,6 +470,17 @@ def _accumulate(
     return grid
 
 
+def _index_ns(index_time: datetime, fail: Callable[[str], NoReturn]) -> int:
+    """The index time in UTC epoch nanoseconds; one outside 1678-2261 cannot be compared with log rows."""
+    try:
+        return int(pd.Timestamp(index_time).as_unit("ns").value)
+    except (pd.errors.OutOfBoundsDatetime, OverflowError, ValueError):
+        fail(
+            f"the row's index_time {index_time.isoformat()} is outside the years 1678-2261 that timestamps "
+            "can hold; check the manifest's index_time"
+        )
+
+
 # -------------------------------------------------------------------------- tensorizer
 
 
@@ -445,7 +511,7 @@ class DeviceLogTensorizer(Tensorizer):
             "mask": ArrayField(shape, "bool", "mask", of=("values",)),
         }
 
-    def fit(self, records: Iterable[ModalityRecord]) -> "DeviceLogTensorizer":
+    def fit(self, records: Iterable[ModalityRecord]) -> DeviceLogTensorizer:
         n_records: Counter[str] = Counter()
         n_samples: Counter[str] = Counter()
         sums: dict[str, float] = {}
@@ -488,7 +554,7 @@ class DeviceLogTensorizer(Tensorizer):
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "channels_"):
-            raise RuntimeError(
+            raise NotFittedError(
                 "this DeviceLogTensorizer is not fitted; call fit(training_records) or load_state_dict(state) first"
             )
 
@@ -526,7 +592,7 @@ class DeviceLogTensorizer(Tensorizer):
             "length": self._shape()[1],
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> "DeviceLogTensorizer":
+    def load_state_dict(self, state: dict[str, Any]) -> DeviceLogTensorizer:
         if not state:
             return self
         channels, mean, std = list(state["channels"]), list(state["mean"]), list(state["std"])
@@ -572,11 +638,16 @@ class DeviceLogIngestor(Ingestor):
 
     def read(self, request: IngestRequest) -> ModalityRecord | None:
         path = Path(request.paths[self.modality])
-        return read_device_log(path, request.index_time, self.config.device_logs)
+        return read_device_log(path, request.index_time, self.config.device_logs, self.config.site_zone())
 
 
-def read_device_log(path: Path, index_time: datetime, config: DeviceLogConfig) -> ModalityRecord | None:
+def read_device_log(
+    path: Path, index_time: datetime, config: DeviceLogConfig, site_zone: tzinfo | None = None
+) -> ModalityRecord | None:
     """Read one log file onto the grid ending at ``index_time`` (see the module docstring).
+
+    ``site_zone`` reads zone-less timestamps (see the module docstring); None refuses them
+    unless ``config.assume_utc``.
 
     Raises:
         IngestError: the file is missing, empty, not CSV/JSONL, lacks the needed columns,
@@ -593,13 +664,14 @@ def read_device_log(path: Path, index_time: datetime, config: DeviceLogConfig) -
 
     length = grid_length(config)
     step_ns = int(round(config.step_minutes * 60e9))
-    table, kind = _read_table(path, fail)
+    index_ns = _index_ns(index_time, fail)
+    table, kind = _read_table(path, fail, config.max_file_mb)
     columns = table.column_names
 
     time_column = next((c for c in _TIME_COLUMNS if c in columns), None)
     if time_column is None:
         fail(f"no timestamp column; expected one of {list(_TIME_COLUMNS)}, found {columns[:20]}")
-    t_ns = _times_ns(table.column(time_column), fail, config.assume_utc)  # (N,)
+    t_ns = _times_ns(table.column(time_column), fail, config.assume_utc, site_zone)  # (N,)
     ignored: list[str] = []
     units: dict[str, list[str]] | None = None
     if "channel" in columns or "value" in columns:
@@ -614,7 +686,6 @@ def read_device_log(path: Path, index_time: datetime, config: DeviceLogConfig) -
         layout = "wide"
         blocks, names, n_unreadable, ignored = _wide_blocks(table, time_column)
 
-    index_ns = int(pd.Timestamp(index_time).as_unit("ns").value)
     grid = _accumulate(t_ns, blocks, names, index_ns, step_ns, length)
     order = sorted(range(len(names)), key=names.__getitem__)  # channels in name order
     names = [names[i] for i in order]
@@ -632,6 +703,7 @@ def read_device_log(path: Path, index_time: datetime, config: DeviceLogConfig) -
         "n_before_window": grid.n_before_window,
         "n_unreadable": n_unreadable,
         "n_implausible": {names[c]: int(n) for c, n in enumerate(grid.n_implausible) if n},
+        "time_zone": "assumed UTC" if config.assume_utc else ("site" if site_zone is not None else "required"),
     }
     if ignored:
         meta["ignored_columns"] = ignored
@@ -646,7 +718,7 @@ def read_device_log(path: Path, index_time: datetime, config: DeviceLogConfig) -
     mask = counts[observed] > 0  # (C, L)
     values = np.zeros(mask.shape, dtype=np.float32)
     values[mask] = (sums[observed][mask] / counts[observed][mask]).astype(np.float32)
-    meta["channels"] = [n for n, keep in zip(names, observed) if keep]
+    meta["channels"] = [n for n, keep in zip(names, observed, strict=True) if keep]
     warnings = []
     if meta["n_implausible"]:
         warnings.append(f"masked physiologically impossible values: {meta['n_implausible']}")

@@ -12,7 +12,11 @@ What the ``imaging`` column may name:
   pixel data (DICOMDIR, SR, RT plans...), are skipped. When the folder holds several
   series, ``ImagingConfig.series_rule`` picks one: ``most_slices`` (default: the series
   with the most slices, ties to the smallest SeriesInstanceUID) or ``first_uid`` (the
-  smallest SeriesInstanceUID). ``record.meta`` says which one and how many there were;
+  smallest SeriesInstanceUID). ``record.meta`` says which one and how many there were.
+  A series is one SeriesInstanceUID within one StudyInstanceUID and FrameOfReferenceUID:
+  two series that share a SeriesInstanceUID but not those are kept apart, never merged.
+  A folder holding images of more than one PatientID is an error (another patient's
+  series mixed in), so the rule never picks across patients; the IDs are never printed;
 * a NIfTI file (``.nii``, ``.nii.gz``), read with MONAI's ``NibabelReader``.
   Voxel axes (i, j, k) become (W, H, D); NIfTI files are undated and use the window named
   by ``ImagingConfig.nifti_modality``.
@@ -58,12 +62,15 @@ lateral view give ``[True, True, False, ...]``); ``meta["kind"]`` is ``"2d"``. M
 than ``D`` slices: the first ``D`` by InstanceNumber are kept, with a warning.
 
 **Time and leakage.** A slice is placed in time by its acquisition, else series, else
-study date and time (:func:`meddx.ingest.dicom_io.dicom_time`: zone-less times are UTC
-unless ``TimezoneOffsetFromUTC`` says otherwise; a date without a time is the end of that
-day). Slices dated after the index time are dropped (before a series is chosen)
-via :func:`meddx.records.keep_available`; when none remain the ingestor returns ``None``
-(the modality is missing for that row), it does not raise. ``record.time`` is the latest
-kept slice time, or None when undated.
+study date and time (:func:`meddx.ingest.dicom_io.dicom_time`). DICOM times carry no zone:
+``TimezoneOffsetFromUTC`` gives it when present, else ``IngestConfig.site_timezone``, else
+they are read as UTC (``meta["time_zone"]`` says which); a date without a time is the end
+of that day. A series is dated as a whole, by its last slice; undated slices of a dated
+series take its time, and a series acquired after the index time is dropped whole (before
+one is chosen) via :func:`meddx.records.keep_available`, never kept in part
+(``meta["n_series_dropped_after_index"]``). When no series remains the ingestor returns
+``None`` (the modality is missing for that row), it does not raise. ``record.time`` is the
+kept series' time, or None when undated.
 
 **Privacy.** ``meta`` holds only StudyInstanceUID, SeriesInstanceUID, Modality, geometry,
 counts, transfer syntax and warnings; names, IDs and birth dates are never read into
@@ -73,7 +80,8 @@ are silenced while reading.
 **Errors.** Every failure is an :class:`~meddx.errors.IngestError` naming the file and the
 reason: not a DICOM file, no pixel data, truncated pixel data, a transfer syntax no
 installed plugin decodes (the message names the syntax and the plugins that would), an
-inconsistent series.
+inconsistent series, several patients in one folder, a path that is not a regular file
+or folder (a FIFO, a device), a file over ``ImagingConfig.max_file_mb``.
 
 Example:
     >>> from meddx.ingest.base import IngestRequest
@@ -94,12 +102,12 @@ from pathlib import Path
 
 import numpy as np
 
-from meddx.config import ImagingConfig, IngestConfig
-from meddx.errors import IngestError
+from meddx.config import ImagingConfig
+from meddx.errors import IngestError, short_reason
 from meddx.ingest.base import ArrayField, ArraySpec, ArrayTensorizer, Ingestor, IngestRequest, register_ingestor
-from meddx.ingest.dicom_io import _short
 from meddx.ingest.dicom_series import load_series
-from meddx.ingest.image_resize import _resize_volume, _to_numpy, resize_in_plane
+from meddx.ingest.file_checks import check_source
+from meddx.ingest.image_resize import resize_in_plane, resize_volume, tensor_to_numpy
 from meddx.records import Modality, ModalityRecord
 
 logger = logging.getLogger(__name__)
@@ -139,7 +147,7 @@ def load_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float, float], list
             warnings.simplefilter("ignore")
             array, meta = reader.get_data(reader.read(str(path)))
     except Exception as exc:
-        raise IngestError(path, _IMAGING, f"not a readable NIfTI file: {_short(exc)}") from None
+        raise IngestError(path, _IMAGING, f"not a readable NIfTI file: {short_reason(exc)}") from None
     array = np.asarray(array, dtype=np.float32)
     affine = np.asarray(meta.get("affine", np.eye(4)), dtype=np.float64)
     notes = []
@@ -240,7 +248,7 @@ def _fit_volume(
         mask[:keep] = True
         return _Fitted(volume, mask, (spacing[0], spacing[1] * rows / height, spacing[2] * columns / width)), notes
     if config.spacing_mm is None:
-        volume = _resize_volume(windowed, (depth, height, width))
+        volume = resize_volume(windowed, (depth, height, width))
         out_spacing = (spacing[0] * n / depth, spacing[1] * rows / height, spacing[2] * columns / width)
         return _Fitted(volume.astype(np.float32, copy=False), np.ones(depth, dtype=bool), out_spacing), notes
 
@@ -248,11 +256,11 @@ def _fit_volume(
     from monai.transforms import ResizeWithPadOrCrop
 
     d = max(1, round(n * spacing[0] / config.spacing_mm[0]))
-    resampled = _resize_volume(windowed, (d, windowed.shape[1], windowed.shape[2]))
+    resampled = resize_volume(windowed, (d, windowed.shape[1], windowed.shape[2]))
     fit = ResizeWithPadOrCrop((depth, height, width), mode="constant", value=0.0)
-    volume = _to_numpy(fit(torch.from_numpy(np.ascontiguousarray(resampled))[None]))[0]
+    volume = tensor_to_numpy(fit(torch.from_numpy(np.ascontiguousarray(resampled))[None]))[0]
     # The same pad/crop along D applied to ones tells which output slices hold data.
-    real = _to_numpy(ResizeWithPadOrCrop((depth, 1, 1))(torch.ones((1, d, 1, 1))))[0, :, 0, 0] > 0.5
+    real = tensor_to_numpy(ResizeWithPadOrCrop((depth, 1, 1))(torch.ones((1, d, 1, 1))))[0, :, 0, 0] > 0.5
     if d > depth or resampled.shape[1] > height or resampled.shape[2] > width:
         notes.append(
             f"resampled volume {d}x{resampled.shape[1]}x{resampled.shape[2]} at {tuple(config.spacing_mm)} mm "
@@ -298,11 +306,17 @@ class ImagingIngestor(Ingestor):
     def read(self, request: IngestRequest) -> ModalityRecord | None:
         path = Path(request.paths[Modality.IMAGING])
         config = self.config.imaging
-        if not path.exists():
-            raise IngestError(path, _IMAGING, "no such file or folder")
+        check_source(path, _IMAGING, max_file_mb=config.max_file_mb, folder_ok=True,
+                     expected="a DICOM file or series folder, or a NIfTI file")
         if is_nifti(path):
             return self._read_nifti(path, config)
-        series = load_series(path, index_time=request.index_time, series_rule=config.series_rule)
+        series = load_series(
+            path,
+            index_time=request.index_time,
+            series_rule=config.series_rule,
+            site_zone=self.config.site_zone(),
+            max_file_mb=config.max_file_mb,
+        )
         if series is None:
             return None
         native = series.shape

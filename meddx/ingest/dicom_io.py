@@ -16,21 +16,28 @@ Shared by the imaging ingestor (:mod:`meddx.ingest.dicom`, through
 **Time.** :func:`dicom_time` places an image in time by ``AcquisitionDateTime``, else
 ``AcquisitionDate``/``AcquisitionTime``, else ``SeriesDate``/``SeriesTime``, else
 ``StudyDate``/``StudyTime`` (enhanced multi-frame images: ``FrameAcquisitionDateTime`` per
-frame first). DICOM times carry no zone: they are read as UTC unless
-``TimezoneOffsetFromUTC`` (or an offset inside a DT value) says otherwise. A date without a
-time is taken as the end of that day, so a same-day image is never assumed to precede the
-index time.
+frame first). DICOM times carry no zone. The zone they are read in is, in this order: an
+offset inside a DT value (``20240305130000-0500``); ``TimezoneOffsetFromUTC`` (0008,0201);
+the site time zone (``IngestConfig.site_timezone``, an IANA name, daylight saving included);
+else UTC (what meddx always did; :func:`time_zone_rule` names the rule used, for
+``record.meta``). A date without a time is taken as the end of that day, so a same-day image
+is never assumed to precede the index time; a wall time that a daylight-saving change makes
+ambiguous is the later of its two instants, for the same reason. :func:`latest_time` dates a
+whole file (the latest of its own time and its frames' times).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import stat
 import warnings
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import date, datetime, time, timedelta, timezone, tzinfo
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -40,8 +47,9 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
-from meddx.errors import IngestError
-from meddx.records import Modality
+from meddx.errors import IngestError, short_reason
+from meddx.ingest.file_checks import check_source
+from meddx.records import Modality, wall_time_to_utc
 
 _IMAGING = Modality.IMAGING.value
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -84,11 +92,17 @@ def _decoder_family(uid: UID) -> str | None:
 def looks_like_dicom(path: Path) -> bool:
     """Cheap check of the first bytes: a ``DICM`` prefix, or a DICOM tag where a preamble-less file starts.
 
+    The one DICOM sniffing rule of meddx: the imaging reader uses it to pick the DICOM
+    files of a folder, the video reader to tell a DICOM cine from a video file. Only 132
+    bytes are read, and only from a regular file (never from a FIFO or a device).
+
     Example:
         >>> looks_like_dicom(Path("notes.txt"))  # doctest: +SKIP
         False
     """
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
         with open(path, "rb") as handle:
             head = handle.read(132)
     except OSError:
@@ -108,24 +122,23 @@ def _starts_with_tag(head: bytes) -> bool:
     return little in (0x0002, 0x0008) or big == 0x0008
 
 
-def read_dicom(path: Path, modality: str = _IMAGING) -> Dataset:
+def read_dicom(path: Path, modality: str = _IMAGING, max_file_mb: float | None = None) -> Dataset:
     """Read one DICOM file, also without the preamble; pixel data is kept but not decoded.
 
     Args:
         path: the file.
         modality: the meddx modality reading it (named in errors).
+        max_file_mb: refuse a larger file before reading it (None: no limit).
 
     Raises:
-        IngestError: not a DICOM file, or unreadable.
+        IngestError: not a regular file, over the size limit, not a DICOM file, or unreadable.
 
     Example:
         >>> ds = read_dicom(Path("CT_small.dcm"))  # doctest: +SKIP
         >>> ds.Modality  # doctest: +SKIP
         'CT'
     """
-    path = Path(path)
-    if not path.exists():
-        raise IngestError(path, modality, "no such file")
+    path = check_source(path, modality, max_file_mb=max_file_mb, expected="a DICOM file")
     if path.stat().st_size == 0:
         raise IngestError(path, modality, "empty file")
     try:
@@ -146,7 +159,7 @@ def read_dicom(path: Path, modality: str = _IMAGING) -> Dataset:
             path, modality, "not a DICOM file (no DICM prefix and no DICOM element at the start)"
         ) from None
     except Exception as exc:  # pydicom raises many types on damaged files
-        raise IngestError(path, modality, f"not a readable DICOM file: {_short(exc)}") from None
+        raise IngestError(path, modality, f"not a readable DICOM file: {short_reason(exc)}") from None
 
 
 def has_pixels(ds: Dataset) -> bool:
@@ -188,7 +201,7 @@ def decode_frames(
         sop = ds.get("SOPClassUID")
         what = f" ({UID(str(sop)).name})" if sop else ""
         raise IngestError(path, modality, f"holds no pixel data{what}; it is not an image (or the file is truncated)")
-    n_frames = _n_frames(ds)
+    n_frames = frame_count(ds)
     uid = transfer_syntax(ds)
     if uid is None and "PixelData" in ds:
         # Preamble-less files sometimes lack the file meta; their encoding is known from how they parsed.
@@ -216,18 +229,30 @@ def decode_frames(
         try:
             array = pydicom.pixels.apply_color_lut(array, ds)
         except Exception as exc:
-            raise IngestError(path, modality, f"palette colour lookup failed: {_short(exc)}") from None
+            raise IngestError(path, modality, f"palette colour lookup failed: {short_reason(exc)}") from None
     if array.ndim == 2:  # a single frame that came back without its frame axis
         array = array[None]
     if array.ndim == 4 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim not in (3, 4) or (array.ndim == 4 and array.shape[-1] != 3):
-        raise IngestError(path, modality, f"unexpected pixel array shape {array.shape}")
+        raise IngestError(path, modality, _shape_mismatch(ds, array.shape))
     return array
 
 
+def _shape_mismatch(ds: Dataset, shape: tuple[int, ...]) -> str:
+    """Why decoded pixels have a shape meddx cannot use: what was found, what the header implies."""
+    rows, columns = ds.get("Rows", "?"), ds.get("Columns", "?")
+    samples = ds.get("SamplesPerPixel", 1)
+    expected = f"(frames, {rows}, {columns})" if str(samples) == "1" else f"(frames, {rows}, {columns}, 3)"
+    return (
+        f"pixel data decodes to an array of shape {tuple(shape)}, but meddx needs {expected}: "
+        f"NumberOfFrames={frame_count(ds)}, Rows={rows}, Columns={columns}, SamplesPerPixel={samples}, "
+        f"PhotometricInterpretation={ds.get('PhotometricInterpretation', '?')}; the header does not match the pixels"
+    )
+
+
 def _decode_failure(uid: UID | None, exc: BaseException) -> str:
-    text = _short(exc)
+    text = short_reason(exc)
     if "less than expected" in text or "truncated" in text.lower():
         return f"truncated pixel data: {text}"
     if uid is None:
@@ -245,11 +270,6 @@ def _decode_failure(uid: UID | None, exc: BaseException) -> str:
             f"this syntax is decoded by {hint}"
         )
     return f"cannot decode pixel data ({uid.name}): {text}"
-
-
-def _short(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _DropAll(logging.Filter):
@@ -287,7 +307,8 @@ def quiet_pydicom() -> Iterator[None]:
                 pydicom_logger.removeFilter(_DROP_ALL)
 
 
-def _n_frames(ds: Dataset) -> int:
+def frame_count(ds: Dataset) -> int:
+    """``NumberOfFrames`` of a dataset; 1 when absent or unreadable."""
     try:
         return max(1, int(ds.get("NumberOfFrames") or 1))
     except (TypeError, ValueError):
@@ -320,7 +341,7 @@ def _text(value: Any) -> str:
     return str(getattr(value, "original_string", None) or value).strip()
 
 
-def _strings(ds: Dataset, keyword: str) -> list[str]:
+def element_strings(ds: Dataset, keyword: str) -> list[str]:
     """The values of a text-encoded element (DS, IS, DA, TM, DT, UI, CS, SH) as strings.
 
     Reads the raw bytes when pydicom has not converted the element yet: building DSfloat
@@ -337,8 +358,9 @@ def _strings(ds: Dataset, keyword: str) -> list[str]:
     return [_text(value)]
 
 
-def _first(ds: Dataset, keyword: str) -> str:
-    values = _strings(ds, keyword)
+def first_value(ds: Dataset, keyword: str) -> str:
+    """The first value of a text-encoded element as a string; ``""`` when absent."""
+    values = element_strings(ds, keyword)
     return values[0] if values else ""
 
 
@@ -350,7 +372,7 @@ def _offset(text: str) -> timezone | None:
     return timezone(sign * timedelta(hours=int(match.group(2)), minutes=int(match.group(3))))
 
 
-def _parse_da_tm(da: str, tm: str, zone: timezone) -> datetime | None:
+def _parse_da_tm(da: str, tm: str, zone: tzinfo) -> datetime | None:
     day = _DA.match(da)
     if not day:
         return None
@@ -363,10 +385,10 @@ def _parse_da_tm(da: str, tm: str, zone: timezone) -> datetime | None:
             clock = time(int(match.group(1)), int(match.group(2) or 0), int(match.group(3) or 0), int(frac or 0))
     except ValueError:
         return None
-    return datetime.combine(on, clock, tzinfo=zone).astimezone(timezone.utc)
+    return wall_time_to_utc(datetime.combine(on, clock), zone)
 
 
-def _parse_dt(dt: str, zone: timezone) -> datetime | None:
+def _parse_dt(dt: str, zone: tzinfo) -> datetime | None:
     match = _DT.match(dt)
     if not match:
         return None
@@ -378,35 +400,74 @@ def _parse_dt(dt: str, zone: timezone) -> datetime | None:
         )
     except ValueError:
         return None
-    return datetime.combine(on, clock, tzinfo=_offset(offset) if offset else zone).astimezone(timezone.utc)
+    return wall_time_to_utc(datetime.combine(on, clock), (_offset(offset) if offset else None) or zone)
 
 
-def dicom_time(ds: Dataset, frame_item: Dataset | None = None) -> datetime | None:
+def time_zone_rule(ds: Dataset, site_zone: tzinfo | None = None) -> str:
+    """Which rule reads the zone-less times of a file: ``TimezoneOffsetFromUTC``, ``site``, or ``assumed UTC``.
+
+    Example:
+        >>> time_zone_rule(Dataset())
+        'assumed UTC'
+    """
+    if _offset(first_value(ds, "TimezoneOffsetFromUTC")) is not None:
+        return "TimezoneOffsetFromUTC"
+    return "site" if site_zone is not None else "assumed UTC"
+
+
+def dicom_time(ds: Dataset, frame_item: Dataset | None = None, site_zone: tzinfo | None = None) -> datetime | None:
     """When an image was acquired (aware UTC), or None when undated.
 
     The order is ``FrameAcquisitionDateTime`` (of ``frame_item``, an enhanced image's
     per-frame group), ``AcquisitionDateTime``, ``AcquisitionDate``/``Time``,
-    ``SeriesDate``/``Time``, ``StudyDate``/``Time``. Zone-less values are UTC unless
-    ``TimezoneOffsetFromUTC`` is present; a date without a time means the end of that day.
+    ``SeriesDate``/``Time``, ``StudyDate``/``Time``. Zone-less values are read with
+    ``TimezoneOffsetFromUTC`` when present, else in ``site_zone``, else as UTC; a date
+    without a time means the end of that day.
 
     Example:
+        >>> from zoneinfo import ZoneInfo
         >>> ds = Dataset(); ds.StudyDate = "20240305"; ds.StudyTime = "140000"
         >>> dicom_time(ds).isoformat()
         '2024-03-05T14:00:00+00:00'
+        >>> dicom_time(ds, site_zone=ZoneInfo("Europe/Berlin")).isoformat()
+        '2024-03-05T13:00:00+00:00'
     """
-    zone = _offset(_first(ds, "TimezoneOffsetFromUTC")) or timezone.utc
+    zone = _zone_of(ds, site_zone)
     if frame_item is not None:
         content = frame_item.get("FrameContentSequence")
         if content:
-            found = _parse_dt(_first(content[0], "FrameAcquisitionDateTime"), zone)
+            found = _parse_dt(first_value(content[0], "FrameAcquisitionDateTime"), zone)
             if found is not None:
                 return found
-    found = _parse_dt(_first(ds, "AcquisitionDateTime"), zone)
+    found = _parse_dt(first_value(ds, "AcquisitionDateTime"), zone)
     if found is not None:
         return found
     for date_kw, time_kw in _DATE_TIME_PAIRS:
-        day = _first(ds, date_kw)
-        found = _parse_da_tm(day, _first(ds, time_kw), zone) if day else None
+        day = first_value(ds, date_kw)
+        found = _parse_da_tm(day, first_value(ds, time_kw), zone) if day else None
         if found is not None:
             return found
     return None
+
+
+def latest_time(ds: Dataset, site_zone: tzinfo | None = None) -> datetime | None:
+    """When a whole file was complete: the latest of its own time and its frames' times, or None.
+
+    A multi-frame file is one acquisition: it is dated by its last frame, never kept in part.
+
+    Example:
+        >>> ds = Dataset(); ds.AcquisitionDateTime = "20240305140000"
+        >>> latest_time(ds).isoformat()
+        '2024-03-05T14:00:00+00:00'
+    """
+    times = [dicom_time(ds, site_zone=site_zone)]
+    for item in ds.get("PerFrameFunctionalGroupsSequence") or []:
+        content = item.get("FrameContentSequence")
+        if content:
+            times.append(_parse_dt(first_value(content[0], "FrameAcquisitionDateTime"), _zone_of(ds, site_zone)))
+    dated = [t for t in times if t is not None]
+    return max(dated) if dated else None
+
+
+def _zone_of(ds: Dataset, site_zone: tzinfo | None) -> tzinfo:
+    return _offset(first_value(ds, "TimezoneOffsetFromUTC")) or site_zone or timezone.utc

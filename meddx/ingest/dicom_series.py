@@ -7,8 +7,17 @@
 SR, RT plans...), are skipped. When the folder holds several series, ``series_rule`` picks
 one: ``most_slices`` (default: the series with the most slices, ties to the smallest
 SeriesInstanceUID) or ``first_uid`` (the smallest SeriesInstanceUID). ``info`` says which
-one and how many there were. Slices dated after the index time are dropped (before a
-series is chosen) via :func:`meddx.records.keep_available`.
+one and how many there were. A series is one SeriesInstanceUID within one
+StudyInstanceUID and FrameOfReferenceUID: a UID reused by another study or frame of
+reference is another series, kept apart (with a warning), never merged. Images of more
+than one PatientID in a folder are an :class:`~meddx.errors.IngestError` (the IDs are
+compared, never printed), so the rule never picks across patients.
+
+**Time.** A series is dated as a whole, at its last dated slice (when it was complete):
+slices without any date or time take the series' time, and a series acquired after the
+index time is dropped whole (:func:`meddx.records.keep_available` over series, before one
+is chosen), never kept in part. Times are read by :func:`meddx.ingest.dicom_io.dicom_time`
+(``TimezoneOffsetFromUTC``, else the site time zone, else UTC).
 
 **Order and checks.** Slices are sorted by their position along the slice normal
 (``ImagePositionPatient · (row × column direction cosines)``), never by file name or
@@ -30,32 +39,34 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, tzinfo
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, cast
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from meddx.errors import IngestError
+from meddx.errors import IngestError, short_reason
 from meddx.ingest.dicom_io import (
-    _first,
-    _n_frames,
-    _short,
-    _strings,
     decode_frames,
     dicom_time,
+    element_strings,
+    first_value,
+    frame_count,
     has_pixels,
     looks_like_dicom,
     quiet_pydicom,
     read_dicom,
+    time_zone_rule,
     to_gray,
     transfer_syntax,
 )
-from meddx.ingest.image_resize import _area_resize, _shrinks, resize_in_plane
+from meddx.ingest.file_checks import check_source
+from meddx.ingest.image_resize import area_resize, resize_in_plane, shrinks_to
 from meddx.records import Modality, keep_available
 
 logger = logging.getLogger(__name__)
@@ -78,6 +89,13 @@ class _File:
     rows: int
     columns: int
     samples: int
+    study_uid: str = ""
+    frame_of_reference: str = ""
+
+    @property
+    def series_key(self) -> tuple[str, str, str]:
+        """What makes a series one series: a SeriesInstanceUID reused in another study or frame of reference is not it."""
+        return (self.series_uid, self.study_uid, self.frame_of_reference)
 
 
 @dataclass
@@ -106,7 +124,7 @@ class DicomSeries:
         spacing: native voxel spacing ``(z, y, x)`` in mm (z = median slice step).
         orientation: ImageOrientationPatient (6 direction cosines) or None.
         origin: ImagePositionPatient of the first slice, or None.
-        time: latest acquisition time of the kept slices (aware UTC), or None.
+        time: when the series was complete, its latest slice time (aware UTC), or None.
         is_2d: True for a single frame or a projection radiograph series (the 2D path).
         warnings: what a user should know (missing slices, dropped duplicates...).
         info: JSON-able facts for ``record.meta`` (UIDs, counts, transfer syntax; no PHI).
@@ -148,11 +166,11 @@ class DicomSeries:
             >>> hu = series.values()  # doctest: +SKIP
         """
         n, rows, columns = self.shape
-        size = tuple(in_plane or (rows, columns))
+        size: tuple[int, int] = (in_plane[0], in_plane[1]) if in_plane else (rows, columns)
         uniform = len({(f.rows, f.columns) for f in self.files}) == 1
         # Shrinking happens slice by slice as files are decoded, so the full-resolution float
         # volume never exists; growing (small images) resizes the whole stack afterwards.
-        stack_later = uniform and not _shrinks((rows, columns), size)
+        stack_later = uniform and not shrinks_to((rows, columns), size)
         out = np.empty((n, *((rows, columns) if stack_later else size)), dtype=np.float32)
         decoded: dict[int, np.ndarray] = {}
         left = Counter(f.file for f in self.frames)
@@ -160,8 +178,8 @@ class DicomSeries:
             pixels = self._pixels(frame, decoded, left)
             if stack_later or pixels.shape == size:
                 out[i] = pixels
-            elif _shrinks(pixels.shape, size):
-                out[i] = _area_resize(pixels, size)
+            elif shrinks_to(pixels.shape, size):
+                out[i] = area_resize(pixels, size)
             else:  # projection views of differing sizes
                 out[i] = resize_in_plane(np.asarray(pixels, dtype=np.float32)[None], size)[0]
         if stack_later:
@@ -199,7 +217,7 @@ def _floats(ds: Dataset | None, keyword: str, n: int) -> np.ndarray | None:
     if ds is None:
         return None
     try:
-        array = np.asarray([float(v) for v in _strings(ds, keyword)], dtype=np.float64)
+        array = np.asarray([float(v) for v in element_strings(ds, keyword)], dtype=np.float64)
     except ValueError:
         return None
     return array if array.shape == (n,) and np.all(np.isfinite(array)) else None
@@ -226,16 +244,16 @@ def _instance(ds: Dataset) -> int | None:
     return int(found[0]) if found is not None else None
 
 
-def _frames_of(ds: Dataset, file_index: int) -> list[_Frame]:
+def _frames_of(ds: Dataset, file_index: int, site_zone: tzinfo | None = None) -> list[_Frame]:
     """One :class:`_Frame` per frame, with its geometry, rescale and time."""
-    n = _n_frames(ds)
+    n = frame_count(ds)
     ipp = _floats(ds, "ImagePositionPatient", 3)
     iop = _floats(ds, "ImageOrientationPatient", 6)
     spacing = _floats(ds, "PixelSpacing", 2)
     if spacing is None:
         spacing = _floats(ds, "ImagerPixelSpacing", 2)
     slope = _number(ds, "RescaleSlope", 1.0)
-    if _first(ds, "Modality") == "RTDOSE":
+    if first_value(ds, "Modality") == "RTDOSE":
         slope *= _number(ds, "DoseGridScaling", 1.0)
     base = _Frame(
         file=file_index,
@@ -246,7 +264,7 @@ def _frames_of(ds: Dataset, file_index: int) -> list[_Frame]:
         pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing is not None else None,
         slope=slope,
         intercept=_number(ds, "RescaleIntercept", 0.0),
-        time=dicom_time(ds),
+        time=dicom_time(ds, site_zone=site_zone),
         instance=_instance(ds),
         modality_lut="ModalityLUTSequence" in ds and "RescaleSlope" not in ds,
     )
@@ -283,7 +301,7 @@ def _frames_of(ds: Dataset, file_index: int) -> list[_Frame]:
                 ),
                 slope=float(frame_slope[0]) if frame_slope is not None else base.slope,
                 intercept=float(frame_intercept[0]) if frame_intercept is not None else base.intercept,
-                time=dicom_time(ds, item) if item is not None else base.time,
+                time=dicom_time(ds, item, site_zone) if item is not None else base.time,
                 instance=base.instance,
                 modality_lut=base.modality_lut,
             )
@@ -309,38 +327,46 @@ def load_series(
     *,
     index_time: datetime | None = None,
     series_rule: str = "most_slices",
+    site_zone: tzinfo | None = None,
+    max_file_mb: float | None = None,
 ) -> DicomSeries | None:
     """Read a DICOM file or series folder into a sorted, checked :class:`DicomSeries`.
 
     Args:
         path: a DICOM file or a folder holding one (or several) series.
-        index_time: drop slices acquired after it (the leakage rule); None keeps all.
+        index_time: drop series acquired after it, whole (the leakage rule); None keeps all.
         series_rule: ``most_slices`` or ``first_uid`` (see the module docstring).
+        site_zone: the zone of DICOM times without ``TimezoneOffsetFromUTC``; None reads them as UTC.
+        max_file_mb: refuse DICOM files larger than this (None: no limit).
 
     Returns:
-        The series, or None when every slice was acquired after ``index_time``.
+        The series, or None when every series was acquired after ``index_time``.
 
     Raises:
-        IngestError: nothing readable, no image, or an inconsistent series.
+        IngestError: nothing readable, no image, an inconsistent series, images of
+            several patients in one folder, or a file over ``max_file_mb``.
 
     Example:
         >>> series = load_series(Path("ct_series/"))  # doctest: +SKIP
         >>> series.spacing, series.values().shape  # doctest: +SKIP
         ((2.5, 0.7, 0.7), (12, 48, 48))
     """
-    path = Path(path)
-    if not path.exists():
-        raise IngestError(path, _IMAGING, "no such file or folder")
+    path = check_source(path, _IMAGING, max_file_mb=max_file_mb, folder_ok=True, expected="a DICOM file or folder")
     with quiet_pydicom():  # header values are read lazily; keep pydicom from quoting them
-        return _load_series(path, index_time, series_rule)
+        return _load_series(path, index_time, series_rule, site_zone, max_file_mb)
 
 
-def _load_series(path: Path, index_time: datetime | None, series_rule: str) -> DicomSeries | None:
+def _load_series(
+    path: Path, index_time: datetime | None, series_rule: str, site_zone: tzinfo | None, max_file_mb: float | None
+) -> DicomSeries | None:
     candidates, skipped = _dicom_files(path)
     files: list[_File] = []
     frames: list[_Frame] = []
     no_pixels = 0
+    patient_ids: set[str] = set()  # compared, never logged or kept: PatientID identifies a person
     for file in candidates:
+        if max_file_mb is not None:  # an oversized image fails the series rather than vanish from it
+            check_source(file, _IMAGING, max_file_mb=max_file_mb, expected="DICOM files")
         try:
             ds = read_dicom(file)
         except IngestError:
@@ -355,16 +381,18 @@ def _load_series(path: Path, index_time: datetime | None, series_rule: str) -> D
             no_pixels += 1
             continue
         try:
-            entry = _File(file, ds, _first(ds, "SeriesInstanceUID"), int(ds.Rows), int(ds.Columns),
-                          int(ds.get("SamplesPerPixel") or 1))
-            file_frames = _frames_of(ds, len(files))
+            entry = _File(file, ds, first_value(ds, "SeriesInstanceUID"), int(ds.Rows), int(ds.Columns),
+                          int(ds.get("SamplesPerPixel") or 1), first_value(ds, "StudyInstanceUID"),
+                          first_value(ds, "FrameOfReferenceUID"))
+            file_frames = _frames_of(ds, len(files), site_zone)
         except (TypeError, ValueError) as exc:
             if path.is_file():
-                raise IngestError(file, _IMAGING, f"invalid image attributes: {_short(exc)}") from None
+                raise IngestError(file, _IMAGING, f"invalid image attributes: {short_reason(exc)}") from None
             skipped += 1
             continue
         files.append(entry)
         frames.extend(file_frames)
+        patient_ids.add(first_value(ds, "PatientID"))
     if not files:
         raise IngestError(
             path, _IMAGING,
@@ -372,21 +400,36 @@ def _load_series(path: Path, index_time: datetime | None, series_rule: str) -> D
             f"{skipped} other file(s) skipped)",
         )
 
+    if len(patient_ids) > 1:
+        empty = " (one of them empty)" if "" in patient_ids else ""
+        raise IngestError(
+            path, _IMAGING,
+            f"the folder holds images of {len(patient_ids)} different PatientID values{empty}: another patient's "
+            "series is mixed in; a series folder must hold one patient's images, so move the others out",
+        )
+    n_undated = _date_series_whole(frames, files)
     n_before = len(frames)
+    late_series = 0
     if index_time is not None:
-        frames, _ = keep_available(frames, index_time, time_of=lambda f: f.time)
+        series_times = {files[f.file].series_key: f.time for f in frames}  # one time per series now
+        available, late_series = keep_available(sorted(series_times), index_time, time_of=series_times.__getitem__)
+        kept_uids = set(available)
+        frames = [f for f in frames if files[f.file].series_key in kept_uids]
     dropped_late = n_before - len(frames)
     if not frames:
-        logger.info("imaging: all %d slice(s) of %s were acquired after the index time", n_before, path.name)
+        logger.info("imaging: every series of %s was acquired after the index time", path.name)
         return None
 
-    counts = Counter(files[f.file].series_uid for f in frames)
-    uids = sorted(counts)
+    # One series per (SeriesInstanceUID, StudyInstanceUID, FrameOfReferenceUID): a UID reused
+    # by another study or frame of reference (a copy, a bad export) is another series.
+    counts = Counter(files[f.file].series_key for f in frames)
+    keys = sorted(counts)
     if series_rule == "first_uid":
-        chosen = uids[0]
+        chosen_key = keys[0]
     else:
-        chosen = min(uids, key=lambda uid: (-counts[uid], uid))
-    frames = [f for f in frames if files[f.file].series_uid == chosen]
+        chosen_key = min(keys, key=lambda key: (-counts[key], key))
+    chosen = chosen_key[0]
+    frames = [f for f in frames if files[f.file].series_key == chosen_key]
     series_files = sorted({f.file for f in frames})
     remap = {old: new for new, old in enumerate(series_files)}
     files = [files[i] for i in series_files]
@@ -394,11 +437,12 @@ def _load_series(path: Path, index_time: datetime | None, series_rule: str) -> D
         f.file = remap[f.file]
 
     first = files[0].ds
-    modality = (_first(first, "Modality") or "OT").upper()
+    modality = (first_value(first, "Modality") or "OT").upper()
     if len(frames) == 1 or modality in _PROJECTION_MODALITIES:
         # Projection images are separate views (of any size), not slices of one volume.
         frames = sorted(frames, key=lambda f: _stored_order(f, files))
-        geometry_warnings, z_spacing = [], _fallback_spacing(first)
+        geometry_warnings: list[str] = []
+        z_spacing = _fallback_spacing(first)
     else:
         _check_consistent(files, frames, path)
         frames, geometry_warnings, z_spacing = _sort_frames(frames, files, first)
@@ -409,22 +453,34 @@ def _load_series(path: Path, index_time: datetime | None, series_rule: str) -> D
     syntax_names = [UID(s).name for s in syntaxes]
     warnings_out = list(geometry_warnings)
     if dropped_late:
-        warnings_out.append(f"{dropped_late} slice(s) acquired after the index time were dropped")
+        warnings_out.append(
+            f"{late_series} series acquired after the index time dropped whole ({dropped_late} slice(s))"
+        )
     info: dict[str, Any] = {
-        "study_uid": _first(first, "StudyInstanceUID") or None,
+        "study_uid": first_value(first, "StudyInstanceUID") or None,
         "series_uid": chosen or None,
         "series_rule": series_rule,
-        "n_series": len(uids),
+        "n_series": len(keys),
         "n_files": len(files),
         "n_skipped_files": skipped + no_pixels,
         "n_dropped_after_index": dropped_late,
+        "n_series_dropped_after_index": late_series,
+        "n_undated_slices": n_undated.get(chosen_key, 0),
+        "time_zone": time_zone_rule(first, site_zone),
         "transfer_syntax": syntaxes[0] if len(syntaxes) == 1 else (syntaxes or None),
         "transfer_syntax_name": syntax_names[0] if len(syntax_names) == 1 else (syntax_names or None),
         "photometric": str(first.get("PhotometricInterpretation", "")),
         "geometry_warnings": geometry_warnings,
     }
-    if len(uids) > 1:
-        warnings_out.append(f"folder holds {len(uids)} series; kept {chosen} by the rule {series_rule!r}")
+    if len(keys) > 1:
+        warnings_out.append(f"folder holds {len(keys)} series; kept {chosen} by the rule {series_rule!r}")
+    reused = Counter(key[0] for key in keys)
+    for uid, n in sorted(reused.items()):
+        if n > 1:
+            warnings_out.append(
+                f"SeriesInstanceUID {uid} is used by {n} series of different StudyInstanceUID or "
+                "FrameOfReferenceUID; they were kept apart, not merged"
+            )
     orientation = frames[0].orientation
     origin = frames[0].position
     return DicomSeries(
@@ -442,6 +498,26 @@ def _load_series(path: Path, index_time: datetime | None, series_rule: str) -> D
     )
 
 
+def _date_series_whole(frames: list[_Frame], files: list[_File]) -> dict[tuple[str, str, str], int]:
+    """Give every slice its series' time (its latest slice time); returns undated slices per series.
+
+    A series is one acquisition: it is known once its last slice is, and a slice without a
+    date of its own belongs to it, so it takes that time too.
+    """
+    latest: dict[tuple[str, str, str], datetime | None] = {}
+    for f in frames:
+        uid = files[f.file].series_key
+        known = latest.get(uid)
+        latest[uid] = f.time if known is None else (known if f.time is None else max(known, f.time))
+    undated: Counter = Counter()
+    for f in frames:
+        uid = files[f.file].series_key
+        if f.time is None and latest[uid] is not None:
+            undated[uid] += 1
+        f.time = latest[uid]
+    return dict(undated)
+
+
 def _check_consistent(files: list[_File], frames: list[_Frame], where: Path) -> None:
     sizes = Counter((f.rows, f.columns) for f in files)
     if len(sizes) > 1:
@@ -455,6 +531,22 @@ def _check_consistent(files: list[_File], frames: list[_Frame], where: Path) -> 
         raise IngestError(
             where, _IMAGING, "inconsistent series: slices differ in ImageOrientationPatient (a localizer mixed in?)"
         )
+
+
+def _unplaced_note(unplaced: list[_Frame], files: list[_File]) -> str:
+    """Why slices cannot be placed along the normal: elements missing, or present but not finite numbers."""
+    keywords = ("ImagePositionPatient", "ImageOrientationPatient")
+    invalid = sum(1 for f in unplaced if f.n_frames == 1 and any(k in files[f.file].ds for k in keywords))
+    missing = len(unplaced) - invalid
+    parts = []
+    if missing:
+        parts.append(f"{missing} slice(s) lack ImagePositionPatient/ImageOrientationPatient")
+    if invalid:
+        parts.append(
+            f"{invalid} slice(s) have ImagePositionPatient/ImageOrientationPatient values that are not "
+            "finite numbers (NaN, inf, text or the wrong count)"
+        )
+    return "; ".join(parts) + "; ordered by InstanceNumber"
 
 
 def _stored_order(frame: _Frame, files: list[_File]) -> tuple[int, str, int]:
@@ -471,12 +563,14 @@ def _sort_frames(frames: list[_Frame], files: list[_File], first: Dataset) -> tu
     """Order slices along the normal; drop duplicate positions; report gaps and uneven steps."""
     notes: list[str] = []
     fallback = _fallback_spacing(first)
-    if any(f.position is None or f.orientation is None for f in frames):
+    unplaced = [f for f in frames if f.position is None or f.orientation is None]
+    if unplaced:
         if len(files) > 1:  # frames of one multi-frame file keep their stored order silently
-            notes.append("slices have no ImagePositionPatient/ImageOrientationPatient; ordered by InstanceNumber")
+            notes.append(_unplaced_note(unplaced, files))
         return sorted(frames, key=lambda f: _stored_order(f, files)), notes, fallback
 
-    normal = np.cross(frames[0].orientation[:3], frames[0].orientation[3:])
+    orientation = cast(np.ndarray, frames[0].orientation)  # every frame has one (checked above)
+    normal = np.cross(orientation[:3], orientation[3:])
     positions = np.array([float(f.position @ normal) for f in frames])
     order = np.argsort(positions, kind="stable")
     ordered = [frames[i] for i in order]
@@ -485,7 +579,7 @@ def _sort_frames(frames: list[_Frame], files: list[_File], first: Dataset) -> tu
     keep[1:] = np.diff(positions) > _DUPLICATE_MM
     if not keep.all():
         notes.append(f"{int((~keep).sum())} slice(s) repeat a position already present and were dropped")
-        ordered = [f for f, k in zip(ordered, keep) if k]
+        ordered = [f for f, k in zip(ordered, keep, strict=True) if k]
         positions = positions[keep]
     if len(ordered) < 2:
         return ordered, notes, fallback

@@ -8,14 +8,16 @@ model (``state_dict``), so that inference transforms exactly as training did; se
 
 from __future__ import annotations
 
+import math
 from collections import Counter
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
-from meddx.errors import ConfigError, ModelError
+from meddx.errors import ConfigError, ModelError, NotFittedError
 from meddx.ingest.base import ArrayField, ArraySpec, Tensorizer
-from meddx.ingest.units import convert
+from meddx.ingest.units import convert, is_plausible
 from meddx.records import Event, Modality, ModalityRecord, parse_time
 
 # resource type -> event kind of its code token. FhirIngestor names code events by it and the
@@ -38,8 +40,14 @@ class EhrTensorizer(Tensorizer):
 
     Fitted on training records: the ``n_lab_features`` LOINC codes found in the most
     records (ties: more values, then code), each with its unit (the most common one) and
-    mean/std; a vocabulary of the ``code_vocab_size`` code tokens (``kind:system|code``)
-    found in the most records; the mean/std of age.
+    a robust centre and scale (``lab_mean_`` holds the median, ``lab_std_`` the
+    interquartile range / 1.349, which equals the standard deviation for normal data;
+    the scaled median absolute deviation, then the standard deviation, when the IQR is 0),
+    so that one absurd value cannot shift every patient's features; a vocabulary of the
+    ``code_vocab_size`` code tokens (``kind:system|code``) found in the most records; the
+    mean/std of age. Lab values that are not finite or not plausible for their code
+    (:func:`meddx.ingest.units.is_plausible`) are masked in ``fit`` and ``transform``
+    alike (the EHR reader already leaves them out and counts them).
 
     Arrays (F = ``n_lab_features``, B = ``n_bins``, C = ``max_codes``):
 
@@ -83,7 +91,7 @@ class EhrTensorizer(Tensorizer):
             "demographics": ArrayField((4,), "float32", "values"),
         }
 
-    def fit(self, records: Iterable[ModalityRecord]) -> "EhrTensorizer":
+    def fit(self, records: Iterable[ModalityRecord]) -> EhrTensorizer:
         records = list(records)
         cfg = self.config.ehr
         lab_records: Counter = Counter()
@@ -106,16 +114,17 @@ class EhrTensorizer(Tensorizer):
                 ages.append(float(record.meta["age_years"]))
         self.lab_codes_ = sorted(lab_records, key=lambda c: (-lab_records[c], -lab_values[c], c))[: cfg.n_lab_features]
         self.lab_units_ = [min(units[c], key=lambda u: (-units[c][u], u)) for c in self.lab_codes_]
-        unit_of = dict(zip(self.lab_codes_, self.lab_units_))
+        unit_of = dict(zip(self.lab_codes_, self.lab_units_, strict=True))
         values: dict[str, list[float]] = {c: [] for c in self.lab_codes_}
         for record in records:
             for event in record.events:
                 if event.code in unit_of and event.kind == "observation" and event.value is not None:
                     value = self._in_unit(event, unit_of[event.code])
-                    if value is not None:
+                    if value is not None and _plausible(event, value, unit_of[event.code]):
                         values[event.code].append(value)
-        self.lab_mean_ = [float(np.mean(values[c])) if values[c] else 0.0 for c in self.lab_codes_]
-        self.lab_std_ = [_safe_std(values[c]) for c in self.lab_codes_]
+        centres_scales = [robust_centre_scale(values[c]) for c in self.lab_codes_]
+        self.lab_mean_ = [centre for centre, _ in centres_scales]
+        self.lab_std_ = [scale for _, scale in centres_scales]
         self.code_vocab_ = sorted(code_records, key=lambda k: (-code_records[k], k))[: cfg.code_vocab_size]
         self.age_mean_ = float(np.mean(ages)) if ages else 0.0
         self.age_std_ = _safe_std(ages)
@@ -125,6 +134,8 @@ class EhrTensorizer(Tensorizer):
     @staticmethod
     def _in_unit(event: Event, unit: str) -> float | None:
         value = float(event.value)  # type: ignore[arg-type]  # callers pass observations with a value
+        if not math.isfinite(value):
+            return None
         if (event.unit or "") == unit:
             return value
         return convert(value, event.unit or "", unit, loinc=event.code.rpartition("|")[2])
@@ -135,7 +146,7 @@ class EhrTensorizer(Tensorizer):
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "lab_codes_"):
-            raise ModelError(
+            raise NotFittedError(
                 "EhrTensorizer is not fitted: call fit(train_records) or load_state_dict(saved_state) before transform"
             )
 
@@ -150,8 +161,9 @@ class EhrTensorizer(Tensorizer):
         counts = np.zeros((f, b), np.float32)
         width = cfg.lookback_days / b
         code_events = []
-        for event in sorted((e for e in record.events if e.time is not None), key=lambda e: e.time):
-            age_days = (index_time - event.time).total_seconds() / 86400.0
+        dated = sorted(((e.time, e) for e in record.events if e.time is not None), key=lambda pair: pair[0])
+        for when, event in dated:
+            age_days = (index_time - when).total_seconds() / 86400.0
             if age_days < 0:
                 continue  # never happens for records from an ingestor; guards hand-made ones
             if event.kind in CODE_KINDS.values():
@@ -161,7 +173,7 @@ class EhrTensorizer(Tensorizer):
             if event.kind != "observation" or pos is None or event.value is None or age_days > cfg.lookback_days:
                 continue
             value = self._in_unit(event, self.lab_units_[pos])
-            if value is None:
+            if value is None or not _plausible(event, value, self.lab_units_[pos]):
                 continue
             bin_ = b - 1 - min(int(age_days // width), b - 1)
             values[pos, bin_] = (value - self.lab_mean_[pos]) / self.lab_std_[pos]  # later events overwrite
@@ -227,7 +239,7 @@ class EhrTensorizer(Tensorizer):
             "age_std_": self.age_std_,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> "EhrTensorizer":
+    def load_state_dict(self, state: dict[str, Any]) -> EhrTensorizer:
         if not state:
             return self  # an unfitted tensorizer was saved
         if state.get("version") != self.state_version:
@@ -242,6 +254,31 @@ class EhrTensorizer(Tensorizer):
             setattr(self, name, state[name])
         self._index()
         return self
+
+
+def _plausible(event: Event, value: float, unit: str) -> bool:
+    return is_plausible(event.code.rpartition("|")[2], value, unit)
+
+
+def robust_centre_scale(values: list[float]) -> tuple[float, float]:
+    """Median and a robust scale of lab values; ``(0, 1)`` without values.
+
+    The scale is the interquartile range / 1.349 (the standard deviation of normal data),
+    else 1.4826 x the median absolute deviation, else the standard deviation, else 1.
+
+    Example:
+        >>> robust_centre_scale([1.0, 2.0, 3.0, 4.0, 1e300])
+        (3.0, 1.4825796886582654)
+    """
+    if not values:
+        return 0.0, 1.0
+    array = np.asarray(values, dtype=np.float64)
+    centre = float(np.median(array))
+    q1, q3 = np.percentile(array, [25, 75])
+    for scale in ((q3 - q1) / 1.349, 1.4826 * float(np.median(np.abs(array - centre)))):
+        if np.isfinite(scale) and scale > 1e-6:
+            return centre, float(scale)
+    return centre, _safe_std(values)
 
 
 def _safe_std(values: list[float]) -> float:

@@ -17,20 +17,71 @@ R4 and R4B are validated with ``fhir.resources.R4B``; 5.0.x and R5 with the top-
 ``fhir.resources`` models (R5). Any other version (DSTU2 ``1.0.2``, STU3 ``3.0.x``...)
 is refused with an :class:`~meddx.errors.IngestError`.
 
-**When a resource happened.** The first of these that is set places it in time:
-``effective[x]``, ``onset[x]``, ``performed[x]`` / ``occurrence[x]``, ``authoredOn``,
-``period`` / ``actualPeriod`` (start), ``issued``, ``recordedDate`` / ``recorded``,
-``dateAsserted``, ``date``; but never before it was recorded (``issued``, ``recordedDate``:
-a lab resulted after the index time was not known at it). A DocumentReference is placed
-by its ``date`` only. Periods
-count from their start. A date without a time counts as the end of that day (UTC), a
-partial date (``2020``, ``2020-05``) as the end of that year or month, so an item is
-never placed earlier than it could have happened. Resources dated after the index time
-are dropped with :func:`meddx.records.keep_available`; undated clinical resources are
-dropped too (nothing says they were known at the index time). Both are counted in meta.
+**When a resource became known.** A resource counts from when it was complete and known.
+The first of these that is set places it in time: ``effective[x]``, ``onset[x]``,
+``performed[x]`` / ``occurrence[x]``, ``authoredOn``, ``period`` / ``actualPeriod``,
+``issued``, ``recordedDate`` / ``recorded``, ``dateAsserted``, ``date``; but never before it
+was recorded (``issued``, ``recordedDate``: a lab resulted after the index time was not
+known at it). A DocumentReference is placed by its ``date`` only.
+
+* **A period counts from its end** (``effectivePeriod``, ``Encounter.period``,
+  ``Procedure.performedPeriod``, ``Condition.onsetPeriod``...): an encounter that ended
+  after the index time, or a medication taken until after it, is not known as it is written
+  at the index time (its end is future information). **An open period** (a start, no end:
+  an encounter in progress, a medication still taken) counts from its start: what it says
+  (its code, that it began) was known then, and it says nothing about its end.
+* A date without a time counts as the end of that day, a partial date (``2020``,
+  ``2020-05``) as the end of that year or month, so an item is never placed earlier than it
+  could have happened. Those days end in ``IngestConfig.site_timezone`` when it is set,
+  else in UTC (as do the rare dateTimes written without a zone).
+
+Resources dated after the index time are dropped with :func:`meddx.records.keep_available`;
+undated clinical resources are dropped too (nothing says they were known at the index
+time). Both are counted in meta.
+
+**Retracted and never-happened resources** do not become features; they are counted in
+``meta["dropped_by_status"]`` (and per ``Type/status`` in ``meta["dropped_by_status_detail"]``).
+The table (:data:`RETRACTED_STATUSES`, R4/R4B and R5 codes):
+
+=================== ==================== =====================================================
+resource            element              dropped values
+=================== ==================== =====================================================
+Observation         status               entered-in-error, cancelled
+Condition           verificationStatus   entered-in-error, refuted
+Procedure           status               entered-in-error, not-done, preparation
+Encounter           status               entered-in-error, cancelled, planned
+MedicationRequest   status               entered-in-error, cancelled, draft; stopped (see below)
+MedicationStatement status               entered-in-error, not-taken, intended, draft; stopped
+DocumentReference   status, docStatus    entered-in-error
+=================== ==================== =====================================================
+
+We hold only the current version of each resource, so a status that says it has not
+happened yet (``planned``, ``preparation``, ``draft``, ``intended``) means it had not happened
+at the index time either. ``stopped`` medications are dropped when the stop is dated at or
+before the index time (R5 ``MedicationRequest.statusChanged``, or the end of
+``MedicationStatement.effectivePeriod``): the patient was no longer on them. A stop dated
+after the index time, or not dated, keeps the medication (it was prescribed at the index
+time). ``unknown`` statuses are kept: in every type read here FHIR defines ``unknown`` as
+"the source does not know which status applies", not as "did not happen".
+
+**Amended and corrected values.** An ``amended`` or ``corrected`` Observation (or an
+``amended`` DocumentReference ``docStatus``) holds the value as corrected, and the value
+known at the index time is not recoverable from the current version. Such a resource is
+used only when the time this version was made available is known and at or before the
+index time: ``Observation.issued`` (FHIR: "the date and time this version was made
+available"), else ``meta.lastUpdated``; it then counts from that time. Without either it
+is dropped and counted (``Observation/amended`` in ``dropped_by_status_detail``): the
+correction may have come after the index time.
+
+**Invalid resources.** A resource that fails validation (in a Bundle or a Bulk export) is
+skipped and reported as a record warning (``meta["skipped_resources"]``); the rest of the
+patient's EHR is read. Only when every resource of the patient fails is the read an error.
 
 **What is kept.** Observations: numeric LOINC-coded values (and each component of a
-panel such as blood pressure) converted to a canonical unit (:mod:`meddx.ingest.units`).
+panel such as blood pressure) converted to a canonical unit (:mod:`meddx.ingest.units`);
+values that are not finite or outside the plausible range of their code
+(:func:`meddx.ingest.units.is_plausible`) are masked: left out, counted in
+``meta["implausible_values"]`` and reported in the record's warnings.
 Conditions, MedicationRequests/Statements, Procedures and Encounters: ``system|code``
 tokens. DocumentReference: ``text/plain`` attachments with inline ``data`` as note events.
 Patient: ``sex`` and ``age_years`` at the index time in ``meta`` (never the birth date).
@@ -41,21 +92,22 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import date, datetime, time, timedelta, timezone, tzinfo
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from meddx.config import IngestConfig
 from meddx.errors import IngestError
 from meddx.ingest.base import Ingestor, IngestRequest, register_ingestor
 from meddx.ingest.ehr_tensorizer import CODE_KINDS, EhrTensorizer
 from meddx.ingest.fhir_bulk import BulkIndex, patient_reference_id
-from meddx.ingest.units import to_canonical
-from meddx.records import Event, Modality, ModalityRecord, keep_available
+from meddx.ingest.file_checks import check_source
+from meddx.ingest.units import is_plausible, to_canonical
+from meddx.records import Event, Modality, ModalityRecord, keep_available, wall_time_to_utc
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +141,23 @@ TIME_FIELDS_BY_TYPE: dict[str, tuple[str, ...]] = {"DocumentReference": ("date",
 # when a result or diagnosis was recorded; a resource is known no earlier than this
 RECORDED_FIELDS: tuple[str, ...] = ("issued", "recordedDate", "recorded")
 
+# Status values that say a resource was retracted or never happened, per type and element
+# (see the module docstring). Condition.verificationStatus is a CodeableConcept: its codes count.
+RETRACTED_STATUSES: dict[str, dict[str, frozenset[str]]] = {
+    "Observation": {"status": frozenset({"entered-in-error", "cancelled"})},
+    "Condition": {"verificationStatus": frozenset({"entered-in-error", "refuted"})},
+    "Procedure": {"status": frozenset({"entered-in-error", "not-done", "preparation"})},
+    "Encounter": {"status": frozenset({"entered-in-error", "cancelled", "planned"})},
+    "MedicationRequest": {"status": frozenset({"entered-in-error", "cancelled", "draft"})},
+    "MedicationStatement": {"status": frozenset({"entered-in-error", "not-taken", "intended", "draft"})},
+    "DocumentReference": {"status": frozenset({"entered-in-error"}), "docStatus": frozenset({"entered-in-error"})},
+}
+# Statuses under which the current version's value may differ from the one known at the index time.
+AMENDED_STATUSES: dict[str, tuple[str, frozenset[str]]] = {
+    "Observation": ("status", frozenset({"amended", "corrected"})),
+    "DocumentReference": ("docStatus", frozenset({"amended"})),
+}
+
 _PROFILE_VERSION = re.compile(
     r"^https?://hl7\.org/fhir/(\d+\.\d+(?:\.\d+)?|R\d+B?|DSTU\d|STU\d)/StructureDefinition/", re.IGNORECASE
 )
@@ -96,6 +165,7 @@ _PROFILE_VERSION = re.compile(
 # count names kept in record.meta (always present, so tables of records line up)
 COUNT_KEYS: tuple[str, ...] = (
     "skipped_resources",
+    "dropped_by_status",
     "dropped_undated",
     "observations_without_value",
     "unconvertible_units",
@@ -103,6 +173,7 @@ COUNT_KEYS: tuple[str, ...] = (
     "url_only_attachments",
     "non_text_attachments",
     "undecodable_attachments",
+    "implausible_values",
 )
 
 
@@ -144,6 +215,8 @@ def release_of(version: str) -> str:
         >>> release_of("4.0.1"), release_of("R5")
         ('R4B', 'R5')
     """
+    if not isinstance(version, str):
+        raise UnsupportedFhirVersion(f"FHIR version {version!r} is not a string; write it like \"4.0.1\"")
     v = version.strip().upper()
     if v in ("R4", "R4B") or v.startswith(("4.0", "4.3")):
         return "R4B"
@@ -223,54 +296,126 @@ def _validate(raw: _Raw) -> Any:
         raise _BadResource(f"{_label(data, raw.where)} fails FHIR {raw.release} validation: {problems}{more}") from None
 
 
-def _as_utc(value: Any) -> datetime | None:
-    """An aware UTC datetime from a FHIR date/dateTime/instant (latest instant it can mean)."""
+def _as_utc(value: Any, zone: tzinfo | None = None) -> datetime | None:
+    """An aware UTC datetime from a FHIR date/dateTime/instant (latest instant it can mean).
+
+    Zone-less values (dates, partial dates, a dateTime without an offset) are read in
+    ``zone`` (the site time zone), else UTC.
+    """
+    zone = zone or timezone.utc
     if value is None:
         return None
     if isinstance(value, datetime):
-        dt = value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
-        return dt.astimezone(timezone.utc)
+        if value.tzinfo is None or value.utcoffset() is None:
+            return wall_time_to_utc(value, zone)
+        return value.astimezone(timezone.utc)
     if isinstance(value, date):
-        return datetime.combine(value, time.max, tzinfo=timezone.utc)
+        return wall_time_to_utc(datetime.combine(value, time.max), zone)
     if isinstance(value, str):  # partial dates: "2020" or "2020-05"
         parts = value.split("-")
         try:
             year = int(parts[0])
             if len(parts) == 1:
-                return datetime(year, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc)
+                return wall_time_to_utc(datetime(year, 12, 31, 23, 59, 59, 999999), zone)
             month = int(parts[1])
             first_of_next = date(year + (month == 12), month % 12 + 1, 1)
-            return datetime.combine(first_of_next, time.min, tzinfo=timezone.utc) - timedelta(microseconds=1)
+            return wall_time_to_utc(datetime.combine(first_of_next, time.min) - timedelta(microseconds=1), zone)
         except (ValueError, IndexError):
             return None
     return None
 
 
-def _first_time(model: Any, names: tuple[str, ...]) -> datetime | None:
+def _first_time(model: Any, names: tuple[str, ...], zone: tzinfo | None = None) -> datetime | None:
     for name in names:
         value = getattr(model, name, None)
         if value is None:
             continue
-        if hasattr(value, "start") and hasattr(value, "end"):  # a Period
-            value = value.start or value.end
-        when = _as_utc(value)
+        if hasattr(value, "start") and hasattr(value, "end"):  # a Period: known when it ended
+            value = value.end or value.start  # an open period: known at its start (module docstring)
+        when = _as_utc(value, zone)
         if when is not None:
             return when
     return None
 
 
-def resource_time(model: Any, resource_type: str) -> datetime | None:
+def resource_time(model: Any, resource_type: str, zone: tzinfo | None = None) -> datetime | None:
     """When a validated resource became known, by the documented order of time elements.
 
-    A lab drawn before the index time but resulted after it, or a condition with an
-    onset before the index time but recorded after it, was not known at the index
-    time: the later of "happened" and "recorded" (``issued``, ``recordedDate``) counts.
+    A period counts from its end (from its start when it is open). A lab drawn before
+    the index time but resulted after it, or a condition with an onset before the index
+    time but recorded after it, was not known at the index time: the later of "happened"
+    and "recorded" (``issued``, ``recordedDate``) counts.
+
+    Args:
+        model: a validated ``fhir.resources`` model.
+        resource_type: its type.
+        zone: the site time zone for zone-less dates; None reads them as UTC.
+
+    Example:
+        >>> from fhir.resources.R4B.encounter import Encounter
+        >>> enc = Encounter.model_validate({"resourceType": "Encounter", "status": "finished",
+        ...     "class": {"code": "IMP"}, "period": {"start": "2024-03-01T08:00:00Z", "end": "2024-03-04T10:00:00Z"}})
+        >>> resource_time(enc, "Encounter").isoformat()
+        '2024-03-04T10:00:00+00:00'
     """
-    happened = _first_time(model, TIME_FIELDS_BY_TYPE.get(resource_type, TIME_FIELDS))
+    happened = _first_time(model, TIME_FIELDS_BY_TYPE.get(resource_type, TIME_FIELDS), zone)
     if happened is None or resource_type in TIME_FIELDS_BY_TYPE:
         return happened
-    recorded = _first_time(model, RECORDED_FIELDS)
+    recorded = _first_time(model, RECORDED_FIELDS, zone)
     return max(happened, recorded) if recorded is not None else happened
+
+
+def _status_codes(model: Any, element: str) -> set[str]:
+    value = getattr(model, element, None)
+    if isinstance(value, str):
+        return {value}
+    return {c.code for c in getattr(value, "coding", None) or [] if c.code}  # a CodeableConcept
+
+
+def status_verdict(model: Any, resource_type: str, index_time: datetime, zone: tzinfo | None = None) -> str | None:
+    """Why a resource must not become a feature at ``index_time`` (``"Type/status"``), or None.
+
+    Applies :data:`RETRACTED_STATUSES`, the ``stopped`` rule for medications and the
+    ``amended``/``corrected`` rule (see the module docstring).
+
+    Example:
+        >>> from fhir.resources.R4B.procedure import Procedure
+        >>> proc = Procedure.model_validate({"resourceType": "Procedure", "status": "not-done",
+        ...                                  "subject": {"reference": "Patient/p1"}})
+        >>> status_verdict(proc, "Procedure", datetime(2024, 1, 1, tzinfo=timezone.utc))
+        'Procedure/not-done'
+    """
+    for element, dropped in RETRACTED_STATUSES.get(resource_type, {}).items():
+        hit = sorted(_status_codes(model, element) & dropped)
+        if hit:
+            return f"{resource_type}/{hit[0]}"
+    if resource_type in ("MedicationRequest", "MedicationStatement") and getattr(model, "status", None) == "stopped":
+        period = getattr(model, "effectivePeriod", None)
+        stopped = _as_utc(getattr(model, "statusChanged", None), zone) or _as_utc(
+            getattr(period, "end", None), zone
+        )
+        if stopped is not None and stopped <= index_time:
+            return f"{resource_type}/stopped"
+    if resource_type in AMENDED_STATUSES and version_time(model, resource_type, zone) is None:
+        element, amended = AMENDED_STATUSES[resource_type]
+        hit = sorted(_status_codes(model, element) & amended)
+        if hit:
+            return f"{resource_type}/{hit[0]}"
+    return None
+
+
+def version_time(model: Any, resource_type: str, zone: tzinfo | None = None) -> datetime | None:
+    """When the current version of a resource was made available: ``issued``, else ``meta.lastUpdated``."""
+    issued = _as_utc(getattr(model, "issued", None), zone) if resource_type == "Observation" else None
+    meta = getattr(model, "meta", None)
+    return issued or _as_utc(getattr(meta, "lastUpdated", None), zone)
+
+
+def _is_amended(model: Any, resource_type: str) -> bool:
+    if resource_type not in AMENDED_STATUSES:
+        return False
+    element, amended = AMENDED_STATUSES[resource_type]
+    return bool(_status_codes(model, element) & amended)
 
 
 def _token(concept: Any) -> str | None:
@@ -306,9 +451,15 @@ def _quantity_event(when: datetime, loinc: str, quantity: Any, integer: Any, cou
         value, unit = float(integer), ""
     else:
         return None
+    if not math.isfinite(value):
+        counts["implausible_values"] += 1
+        return None
     canonical = to_canonical(loinc, value, unit)
     if canonical is None:
         counts["unconvertible_units"] += 1
+        return None
+    if not is_plausible(loinc, canonical[0]):  # 1e308 in one patient must not wreck everyone's statistics
+        counts["implausible_values"] += 1
         return None
     return Event(when, "observation", f"{LOINC}|{loinc}", value=canonical[0], unit=canonical[1])
 
@@ -384,7 +535,7 @@ def _note_events(model: Any, when: datetime, counts: Counter, where: str, warnin
     return events
 
 
-def _demographics(model: Any, index_time: datetime, warnings: list[str]) -> _Demographics:
+def _demographics(model: Any, index_time: datetime, warnings: list[str], zone: tzinfo | None = None) -> _Demographics:
     sex = model.gender if model.gender in ("male", "female", "other", "unknown") else "unknown"
     out = _Demographics(sex=sex)
     birth = model.birthDate
@@ -398,7 +549,7 @@ def _demographics(model: Any, index_time: datetime, warnings: list[str]) -> _Dem
             warnings.append("the index time precedes the patient's birth date; age left unknown")
         else:
             out.age_years = age
-    death = _as_utc(getattr(model, "deceasedDateTime", None))
+    death = _as_utc(getattr(model, "deceasedDateTime", None), zone)
     out.deceased_at_index = death is not None and death <= index_time
     return out
 
@@ -457,10 +608,12 @@ class FhirIngestor(Ingestor):
         """
         path = Path(path)
         types = set(USED_TYPES if resource_types is None else resource_types) | {"Patient"}
-        if not path.exists():
-            raise IngestError(
-                path, str(modality), "does not exist; give a FHIR Bundle JSON file or a Bulk export folder"
-            )
+        # A Bundle is parsed whole, so its size is limited; Bulk NDJSON is streamed line by line.
+        limit = None if path.suffix == ".ndjson" else self.config.ehr.max_file_mb
+        check_source(
+            path, str(modality), max_file_mb=limit, folder_ok=True,
+            expected="a FHIR Bundle JSON file or a Bulk export folder",
+        )
         warnings: list[str] = []
         counts: Counter = Counter({key: 0 for key in COUNT_KEYS})
         if path.is_dir() or path.suffix == ".ndjson":
@@ -469,19 +622,27 @@ class FhirIngestor(Ingestor):
         else:
             source_kind = "bundle"
             raws = _bundle_raws(path, patient_id, types, modality)
+        zone = self.config.site_zone()
         parsed: list[_Parsed] = []
+        invalid: list[str] = []
         for raw in raws:
             try:
                 model = _validate(raw)
-            except _BadResource as bad:
-                if source_kind == "bundle":
-                    raise IngestError(path, str(modality), str(bad)) from None
+            except _BadResource as bad:  # one bad resource does not fail the patient's EHR
                 counts["skipped_resources"] += 1
+                invalid.append(str(bad))
                 warnings.append(f"skipped {bad}")
                 continue
             kind = raw.data["resourceType"]
-            parsed.append(_Parsed(kind, model, resource_time(model, kind), raw.where))
-        return _build_record(path, modality, patient_id, index_time, parsed, counts, warnings, source_kind)
+            when = resource_time(model, kind, zone)
+            if when is not None and _is_amended(model, kind):
+                known = version_time(model, kind, zone)
+                when = max(when, known) if known is not None else when
+            parsed.append(_Parsed(kind, model, when, raw.where))
+        if invalid and not parsed:
+            more = f" (and {len(invalid) - 1} more)" if len(invalid) > 1 else ""
+            raise IngestError(path, str(modality), f"no resource of the patient is valid FHIR: {invalid[0]}{more}")
+        return _build_record(path, modality, patient_id, index_time, parsed, counts, warnings, source_kind, zone)
 
     # ------------------------------------------------------------------ Bulk
 
@@ -555,6 +716,8 @@ def _bundle_raws(path: Path, patient_id: str, types: set[str], modality: Modalit
         raise IngestError(path, mod, f"cannot read it: {exc.strerror or exc}") from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
         raise IngestError(path, mod, f"not valid JSON ({exc}); a FHIR Bundle is one JSON object") from None
+    except RecursionError:
+        raise IngestError(path, mod, "JSON nested too deeply to be a FHIR Bundle") from None
     kind = data.get("resourceType") if isinstance(data, dict) else None
     if kind != "Bundle":
         raise IngestError(
@@ -633,14 +796,25 @@ def _build_record(
     counts: Counter,
     warnings: list[str],
     source_kind: str,
+    zone: tzinfo | None = None,
 ) -> ModalityRecord:
     demographics = _Demographics()
     patient = next((p for p in parsed if p.resource_type == "Patient" and p.model.id == patient_id), None)
     if patient is not None:
-        demographics = _demographics(patient.model, index_time, warnings)
+        demographics = _demographics(patient.model, index_time, warnings, zone)
     else:
         warnings.append("no Patient resource for this patient: sex and age unknown")
     clinical = [p for p in parsed if p.resource_type != "Patient"]
+    by_status: Counter = Counter()
+    standing = []
+    for p in clinical:
+        verdict = status_verdict(p.model, p.resource_type, index_time, zone)
+        if verdict is None:
+            standing.append(p)
+        else:
+            by_status[verdict] += 1
+    counts["dropped_by_status"] += sum(by_status.values())
+    clinical = standing
     dated = [p for p in clinical if p.time is not None]
     counts["dropped_undated"] += len(clinical) - len(dated)
     kept, _ = keep_available(dated, index_time, time_of=lambda p: p.time)
@@ -673,9 +847,15 @@ def _build_record(
         "resources": dict(sorted(resources.items())),
         "dropped_after_index": sum(dropped_by_type.values()),
         "dropped_after_index_by_type": dict(sorted(dropped_by_type.items())),
+        "dropped_by_status_detail": dict(sorted(by_status.items())),
         **{key: int(counts[key]) for key in COUNT_KEYS},
         "n_events": len(events),
     }
+    if counts["implausible_values"]:
+        warnings.append(
+            f"masked {counts['implausible_values']} lab value(s) that are not finite or outside the plausible range "
+            "of their LOINC code (meddx.ingest.units.PLAUSIBLE)"
+        )
     if counts["skipped_resources"]:
         logger.warning("%s: %d resource(s) skipped (see the record's warnings)", path, counts["skipped_resources"])
     return ModalityRecord(

@@ -199,7 +199,7 @@ def _first_resource_type(path: Path) -> str | None:
             if raw.strip():
                 try:
                     value = json.loads(raw)
-                except ValueError:
+                except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
                     return None
                 kind = value.get("resourceType") if isinstance(value, dict) else None
                 return kind if isinstance(kind, str) else None
@@ -216,7 +216,7 @@ def _capability_version(path: Path) -> str | None:
             with open(candidate, "rb") as handle:
                 text = handle.read().strip()
             value = json.loads(text.splitlines()[0] if candidate.suffix == ".ndjson" else text)
-        except (OSError, ValueError, IndexError):
+        except (OSError, ValueError, IndexError, RecursionError):
             continue
         if isinstance(value, dict) and value.get("resourceType") == "CapabilityStatement":
             version = value.get("fhirVersion")
@@ -238,6 +238,9 @@ def _index_file(path: Path, first_type: str, resource_types: set[str]) -> _FileI
                 resource = json.loads(raw)
             except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError; messages hold no content
                 index.broken.append((start, number, f"not valid JSON ({exc})"))
+                continue
+            except RecursionError:
+                index.broken.append((start, number, "JSON nested too deeply"))
                 continue
             if not isinstance(resource, dict):
                 index.broken.append((start, number, "not a JSON object"))

@@ -7,7 +7,8 @@ imaging ingestor fits a volume to its configured shape (:mod:`meddx.ingest.dicom
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -16,21 +17,23 @@ if TYPE_CHECKING:
 
 
 def _interp_mode(source: Sequence[int], target: Sequence[int]) -> str:
-    if all(t <= s for s, t in zip(source, target)):
+    if all(t <= s for s, t in zip(source, target, strict=True)):
         return "area"
     return {1: "linear", 2: "bilinear", 3: "trilinear"}[len(source)]
 
 
-def _shrinks(source: Sequence[int], target: Sequence[int]) -> bool:
-    return tuple(source) != tuple(target) and all(t <= s for s, t in zip(source, target))
+def shrinks_to(source: Sequence[int], target: Sequence[int]) -> bool:
+    """Whether ``target`` is a different shape no larger than ``source`` on every axis (area-average it)."""
+    return tuple(source) != tuple(target) and all(t <= s for s, t in zip(source, target, strict=True))
 
 
-def _to_numpy(tensor: "torch.Tensor") -> np.ndarray:
+def tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A (MONAI meta) tensor's values as a NumPy array on the CPU."""
     plain = tensor.as_tensor() if hasattr(tensor, "as_tensor") else tensor
     return plain.detach().cpu().numpy()
 
 
-def _area_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def area_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Area-average one 2D image down to ``size`` (OpenCV ``INTER_AREA``), as float32."""
     import cv2
 
@@ -51,26 +54,27 @@ def resize_in_plane(slices: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """
     if tuple(slices.shape[1:]) == tuple(size):
         return slices
-    if _shrinks(slices.shape[1:], size):
+    if shrinks_to(slices.shape[1:], size):
         out = np.empty((slices.shape[0], *size), dtype=np.float32)
         for i, image in enumerate(slices):
-            out[i] = _area_resize(image, size)
+            out[i] = area_resize(image, size)
         return out
     import torch
     from monai.transforms import Resize
 
-    anti_alias = any(t < s for s, t in zip(slices.shape[1:], size))
+    anti_alias = any(t < s for s, t in zip(slices.shape[1:], size, strict=True))
     tensor = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))
-    return _to_numpy(Resize(size, mode="bilinear", anti_aliasing=anti_alias)(tensor))
+    return tensor_to_numpy(Resize(size, mode="bilinear", anti_aliasing=anti_alias)(tensor))
 
 
-def _resize_volume(values: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+def resize_volume(values: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Resize a ``(D, H, W)`` volume to ``shape`` with MONAI ``Resize`` (area when shrinking every axis)."""
     import torch
     from monai.transforms import Resize
 
     if tuple(values.shape) == tuple(shape):
         return values
     mode = _interp_mode(values.shape, shape)
-    anti_alias = mode != "area" and any(t < s for s, t in zip(values.shape, shape))
+    anti_alias = mode != "area" and any(t < s for s, t in zip(values.shape, shape, strict=True))
     resized = Resize(shape, mode=mode, anti_aliasing=anti_alias)(torch.from_numpy(values)[None])
-    return _to_numpy(resized)[0]
+    return tensor_to_numpy(resized)[0]

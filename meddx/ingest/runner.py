@@ -6,6 +6,16 @@ files). A file that fails becomes an error outcome and the run goes on; a reader
 crashes its worker natively (a segfaulting decoder) is found by re-running the tasks
 that were in flight one at a time, reported, and the run goes on in a fresh pool; a
 reader that hangs past the task timeout is stopped and reported the same way.
+
+Before any file is read, :func:`check_run` makes sure the run can work: the config's
+values (:meth:`~meddx.config.IngestConfig.check`), each used reader's own check (the
+notes tokenizer loads offline), and the cache and run folders can be written. A run's
+reports (``errors.csv``, ``warnings.csv``) go to its own folder, never into the cache
+that other runs share.
+
+Workers are spawned (not forked), so a script that calls :func:`ingest_cohort` (or
+:func:`meddx.data.prepare_cohort`) with workers must guard its entry point with
+``if __name__ == "__main__":``.
 """
 
 from __future__ import annotations
@@ -14,20 +24,23 @@ import importlib
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import Any, Literal
 
 from meddx.cache import RecordCache, cache_key
 from meddx.cohort import Cohort
 from meddx.config import IngestConfig
-from meddx.errors import IngestError, MeddxError
-from meddx.ingest.base import IngestRequest, Ingestor, build_ingestors
+from meddx.errors import ConfigError, IngestError, MeddxError
+from meddx.ingest.base import Ingestor, IngestRequest, build_ingestors
 from meddx.records import MODALITIES, Modality, PatientRecord
 
 logger = logging.getLogger(__name__)
@@ -114,7 +127,7 @@ def _ingest_one(task: IngestTask) -> IngestOutcome:
     if _worker_cache is None or _worker_config is None:
         raise RuntimeError("_init_worker must run before _ingest_one")
     request = task.request
-    base = dict(
+    base: dict[str, Any] = dict(
         row=task.row,
         patient_id=request.patient_id,
         index_time=request.index_time.isoformat(),
@@ -124,10 +137,15 @@ def _ingest_one(task: IngestTask) -> IngestOutcome:
     ingestor = _worker_ingestors[task.modality]
     try:
         key = cache_key(
-            task.modality, ingestor.sources(request), request.patient_id, request.index_time.isoformat(), _worker_config
+            task.modality,
+            ingestor.sources(request),
+            request.patient_id,
+            request.index_time.isoformat(),
+            _worker_config,
+            reader=ingestor,
         )
         if key in _worker_cache:
-            return IngestOutcome(**base, status="ok", key=key, cached=True)
+            return IngestOutcome(**base, status="ok", key=key, cached=True, warnings=tuple(_worker_cache.warnings(key)))
         record = ingestor.read(request)
         if record is None:
             return IngestOutcome(**base, status="empty")
@@ -229,10 +247,12 @@ def _run_parallel(
                     break
                 now = time.monotonic()
                 overdue = [f for f, (_, started) in inflight.items() if timeout is not None and now - started > timeout]
-                if overdue:
+                if overdue and timeout is not None:
                     for future in overdue:
                         task, _ = inflight.pop(future)
-                        logger.warning("row %d %s: the reader hung; stopped after %g s", task.row, task.modality, timeout)
+                        logger.warning(
+                            "row %d %s: the reader hung; stopped after %g s", task.row, task.modality, timeout
+                        )
                         yield _failure_outcome(task, _timed_out(timeout))
                     pending.extendleft(reversed([task for task, _ in inflight.values()]))  # innocent: run again
                     inflight.clear()
@@ -301,6 +321,73 @@ def default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+# ----------------------------------------------------------------- before the run
+
+
+def ensure_writable_folder(folder: str | Path, what: str) -> Path:
+    """Create ``folder`` if needed and prove a file can be written in it.
+
+    Args:
+        folder: the folder.
+        what: how the user named it, for the message (``"--cache"``, ``"--out"``).
+
+    Raises:
+        ConfigError: the folder cannot be created or written; the message names it.
+
+    Example:
+        >>> ensure_writable_folder("runs/cache", "--cache")  # doctest: +SKIP
+        PosixPath('runs/cache')
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder) as probe:
+            probe.write(b"meddx")
+    except OSError as exc:
+        raise ConfigError(
+            f"{what} {folder}: cannot write there ({exc.strerror or exc}); choose a folder you can write"
+        ) from None
+    return folder
+
+
+def new_run_folder(root: str | Path = "runs", prefix: str = "ingest") -> Path:
+    """A fresh folder name under ``root`` for one run's reports (not created here).
+
+    Example:
+        >>> new_run_folder().name  # doctest: +SKIP
+        'ingest-20240305T140000Z'
+    """
+    root = Path(root)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    candidate = root / f"{prefix}-{stamp}"
+    n = 1
+    while candidate.exists():
+        n += 1
+        candidate = root / f"{prefix}-{stamp}-{n}"
+    return candidate
+
+
+def check_run(
+    config: IngestConfig,
+    ingestors: dict[Modality, Ingestor],
+    tasks: list[IngestTask],
+    cache_dir: str | Path,
+    out_dir: str | Path | None = None,
+) -> None:
+    """Everything that would fail every file, checked once before any file is read.
+
+    Raises:
+        ConfigError: an unusable config value, a reader that cannot work with the config
+            (a text model that does not load offline), or a folder that cannot be written.
+    """
+    config.check()
+    for modality in sorted({task.modality for task in tasks}, key=MODALITIES.index):
+        ingestors[modality].check()
+    ensure_writable_folder(cache_dir, "--cache")
+    if out_dir is not None:
+        ensure_writable_folder(out_dir, "--out")
+
+
 def ingest_cohort(
     cohort: Cohort,
     cache_dir: str | Path,
@@ -309,20 +396,26 @@ def ingest_cohort(
     progress: bool = True,
     plugins: tuple[str, ...] = (),
     task_timeout: float | None = DEFAULT_TASK_TIMEOUT,
-) -> "IngestReport":
+    out_dir: str | Path | None = None,
+) -> IngestReport:
     """Read every modality of every row into a content-addressed cache.
 
     Args:
         cohort: a validated cohort (:func:`meddx.cohort.load_cohort`).
-        cache_dir: where records are cached (safetensors files).
+        cache_dir: where records are cached (safetensors files); runs may share it.
         config: shapes and rules of every reader; defaults fit a 2-core CPU.
         workers: parallel worker processes (0 = in this process).
         progress: show a progress bar.
         plugins: importable modules that register custom ingestors (see :func:`run_tasks`).
         task_timeout: seconds one file may take in a worker (None: no limit).
+        out_dir: this run's own folder; when given, ``errors.csv``, ``warnings.csv`` and
+            ``ingest_config.json`` are written there.
 
     Returns:
         An :class:`IngestReport` with one outcome per (row, modality).
+
+    Raises:
+        ConfigError: the run cannot work (:func:`check_run`); nothing was read.
 
     Example:
         >>> report = ingest_cohort(load_cohort("sample_data/manifest.csv"), "runs/cache")  # doctest: +SKIP
@@ -331,10 +424,17 @@ def ingest_cohort(
     config = config or IngestConfig()
     for module in plugins:
         importlib.import_module(module)
-    ingestors = build_ingestors(config)
+    ingestors = build_ingestors(config)  # readers check their own cheap settings here
     tasks = tasks_for(cohort, ingestors)
+    check_run(config, ingestors, tasks, cache_dir, out_dir)
     outcomes = run_tasks(tasks, cache_dir, config, workers, progress, plugins, task_timeout)
-    return IngestReport(cohort=cohort, cache_dir=Path(cache_dir), outcomes=outcomes)
+    report = IngestReport(cohort=cohort, cache_dir=Path(cache_dir), outcomes=outcomes)
+    if out_dir is not None:
+        out = Path(out_dir)
+        report.write_errors(out / "errors.csv")
+        report.write_warnings(out / "warnings.csv")
+        (out / "ingest_config.json").write_text(config.model_dump_json(indent=2) + "\n")
+    return report
 
 
 @dataclass
@@ -348,6 +448,11 @@ class IngestReport:
     @property
     def errors(self) -> list[IngestOutcome]:
         return [o for o in self.outcomes if o.status == "error"]
+
+    @property
+    def warnings(self) -> list[tuple[IngestOutcome, str]]:
+        """Every record warning (a folder holding two series, a skipped resource), with its outcome."""
+        return [(o, warning) for o in self.outcomes for warning in o.warnings]
 
     def coverage(self):
         """A pandas table, one row per modality: rows naming it, ok, empty, errors, cached."""
@@ -383,9 +488,37 @@ class IngestReport:
         columns = ["patient_id", "index_time", "modality", "path", "error"]
         frame = pd.DataFrame(
             [
-                {"patient_id": o.patient_id, "index_time": o.index_time, "modality": o.modality.value,
-                 "path": o.path, "error": o.error}
+                {
+                    "patient_id": o.patient_id,
+                    "index_time": o.index_time,
+                    "modality": o.modality.value,
+                    "path": o.path,
+                    "error": o.error,
+                }
                 for o in self.errors
+            ],
+            columns=columns,
+        )
+        frame.to_csv(path, index=False)
+        return path
+
+    def write_warnings(self, path: str | Path) -> Path:
+        """Write ``warnings.csv``: patient_id, index_time, modality, path, warning (one row per warning)."""
+        import pandas as pd
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        columns = ["patient_id", "index_time", "modality", "path", "warning"]
+        frame = pd.DataFrame(
+            [
+                {
+                    "patient_id": o.patient_id,
+                    "index_time": o.index_time,
+                    "modality": o.modality.value,
+                    "path": o.path,
+                    "warning": warning,
+                }
+                for o, warning in self.warnings
             ],
             columns=columns,
         )

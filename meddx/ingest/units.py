@@ -16,6 +16,11 @@ Two small tables do it:
   :data:`MOLAR_MASS` (g/mol) lets mass and substance concentrations of one analyte
   convert into each other (glucose mg/dL <-> mmol/L, creatinine mg/dL <-> umol/L...).
 
+:data:`PLAUSIBLE` bounds each canonical code's values to what a living patient (or a
+working analyser) can give, wide enough for the extreme cases that do occur (glucose of
+2600 mg/dL, leukocytes of 1000 x 10^3/uL); :func:`is_plausible` also refuses non-finite
+values, and values of other codes beyond 1e15 in magnitude.
+
 LOINC codes not in :data:`CANONICAL` keep the unit they arrive in (spelling normalised);
 the EHR tensorizer then fits the most common unit of each code on the training records
 and converts into it with the same tables.
@@ -276,3 +281,73 @@ def to_canonical(loinc: str, value: float, unit: str | None) -> tuple[float, str
         return float(value), unit
     converted = convert(value, unit, canonical, loinc=loinc)
     return None if converted is None else (converted, canonical)
+
+
+# canonical code -> (lowest, highest) value a living patient can have, in the canonical unit
+PLAUSIBLE: dict[str, tuple[float, float]] = {
+    "6690-2": (0.0, 1000.0),
+    "777-3": (0.0, 5000.0),
+    "789-8": (0.0, 20.0),
+    "1988-5": (0.0, 2000.0),
+    "30522-7": (0.0, 2000.0),
+    "33959-8": (0.0, 5000.0),
+    "718-7": (0.0, 30.0),
+    "1751-7": (0.0, 15.0),
+    "2885-2": (0.0, 30.0),
+    "2339-0": (0.0, 5000.0),
+    "2345-7": (0.0, 5000.0),
+    "41653-7": (0.0, 5000.0),
+    "2160-0": (0.0, 100.0),
+    "3094-0": (0.0, 1000.0),
+    "2093-3": (0.0, 5000.0),
+    "18262-6": (0.0, 5000.0),
+    "13457-7": (0.0, 5000.0),
+    "2085-9": (0.0, 5000.0),
+    "2571-8": (0.0, 50000.0),
+    "17861-6": (0.0, 50.0),
+    "1975-2": (0.0, 200.0),
+    "2524-7": (0.0, 100.0),
+    "32693-4": (0.0, 100.0),
+    "2951-2": (0.0, 300.0),
+    "2823-3": (0.0, 30.0),
+    "2075-0": (0.0, 300.0),
+    "2028-9": (0.0, 100.0),
+    "1963-8": (0.0, 100.0),
+    "8310-5": (10.0, 50.0),
+    "8331-1": (10.0, 50.0),
+    "8867-4": (0.0, 400.0),
+    "9279-1": (0.0, 200.0),
+    "8480-6": (0.0, 400.0),
+    "8462-4": (0.0, 300.0),
+    "2708-6": (0.0, 100.0),
+    "59408-5": (0.0, 100.0),
+    "29463-7": (0.0, 1000.0),
+    "8302-2": (0.0, 300.0),
+    "39156-5": (0.0, 300.0),
+}
+MAX_MAGNITUDE = 1e15  # codes without a PLAUSIBLE entry: beyond this no unit makes sense of a value
+
+
+def is_plausible(loinc: str, value: float, unit: str | None = None) -> bool:
+    """Whether a lab value can be real: finite, and inside :data:`PLAUSIBLE` for its code.
+
+    The range applies to values in the code's canonical unit; pass ``unit`` when the value
+    is in another one and it is converted first (a value that does not convert is judged
+    by magnitude only).
+
+    Example:
+        >>> is_plausible("2345-7", 95.0), is_plausible("2345-7", 1e308), is_plausible("99999-9", float("nan"))
+        (True, False, False)
+    """
+    if not math.isfinite(value):
+        return False
+    bounds = PLAUSIBLE.get(loinc)
+    canonical = CANONICAL.get(loinc)
+    if bounds is not None and unit is not None and canonical is not None and normalize_unit(unit) != canonical:
+        converted = convert(value, unit, canonical, loinc=loinc)
+        if converted is None:
+            return abs(value) <= MAX_MAGNITUDE
+        value = converted
+    if bounds is None:
+        return abs(value) <= MAX_MAGNITUDE
+    return bounds[0] <= value <= bounds[1]

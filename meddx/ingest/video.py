@@ -10,12 +10,15 @@ What the ``video`` column may name:
   do decode, and a warning says how many did (a count lower than the truth cannot be
   noticed without decoding the rest: frames past it are then not sampled). Video files
   are undated (``record.time`` is None, so they are available at the index time);
-* a multi-frame DICOM (cine ultrasound, XA...): a ``.dcm``/``.dicom`` suffix or the
-  ``DICM`` magic chooses this path. Frames are decoded with the imaging ingestor's
+* a multi-frame DICOM (cine ultrasound, XA...): a ``.dcm``/``.dicom`` suffix, or what
+  the imaging reader recognises as DICOM (:func:`meddx.ingest.dicom_io.looks_like_dicom`:
+  the ``DICM`` prefix, or a Part 10 file without its preamble), chooses this path. Frames are decoded with the imaging ingestor's
   decoder (:func:`meddx.ingest.dicom_io.decode_frames`, only the sampled frames of
-  compressed data), and ``record.time`` is the DICOM acquisition time (see
-  :func:`meddx.ingest.dicom_io.dicom_time`); a cine acquired after the index time gives
-  ``None`` (the modality is missing for that row).
+  compressed data). The clip is dated as a whole: ``record.time`` is its latest time, of
+  the file or of any frame (:func:`meddx.ingest.dicom_io.latest_time`; zone-less DICOM
+  times use ``TimezoneOffsetFromUTC``, else ``IngestConfig.site_timezone``, else UTC, as
+  ``meta["time_zone"]`` says). A cine acquired after the index time gives ``None`` (the
+  modality is missing for that row), never some of its frames.
 
 **Output record** (shapes from :class:`~meddx.config.VideoConfig`):
 
@@ -28,7 +31,8 @@ What the ``video`` column may name:
 Intensities: 8-bit frames are divided by 255; DICOM frames with more bits go through
 a robust percentile window (``VideoConfig.percentiles``), and MONOCHROME1 is inverted.
 
-Errors (:class:`~meddx.errors.IngestError` naming the file): missing or empty file, a file
+Errors (:class:`~meddx.errors.IngestError` naming the file): missing or empty file, a path
+that is not a regular file (a FIFO, a device), a file over ``VideoConfig.max_file_mb``, a file
 OpenCV cannot open, a clip with no decodable frame, and the DICOM errors of the imaging
 reader. Nothing loops without bound: the frame loop stops at the end of the stream, and
 OpenCV's open/read timeouts are set.
@@ -55,7 +59,17 @@ from meddx.config import ImagingConfig, VideoConfig
 from meddx.errors import IngestError
 from meddx.ingest.base import ArrayField, ArraySpec, ArrayTensorizer, Ingestor, IngestRequest, register_ingestor
 from meddx.ingest.dicom import apply_window, window_bounds
-from meddx.ingest.dicom_io import decode_frames, dicom_time, quiet_pydicom, read_dicom, to_gray, transfer_syntax
+from meddx.ingest.dicom_io import (
+    decode_frames,
+    latest_time,
+    looks_like_dicom,
+    quiet_pydicom,
+    read_dicom,
+    time_zone_rule,
+    to_gray,
+    transfer_syntax,
+)
+from meddx.ingest.file_checks import check_source
 from meddx.records import Modality, ModalityRecord, is_available
 
 logger = logging.getLogger(__name__)
@@ -77,17 +91,6 @@ def sample_indices(n_available: int, n_wanted: int) -> np.ndarray:
     if n_available <= n_wanted:
         return np.arange(n_available)
     return np.unique(np.round(np.linspace(0, n_available - 1, n_wanted)).astype(int))
-
-
-def _is_dicom(path: Path) -> bool:
-    if path.suffix.lower() in _DICOM_SUFFIXES:
-        return True
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:] == b"DICM"
 
 
 class _FrameShaper:
@@ -153,13 +156,12 @@ class VideoIngestor(Ingestor):
 
     def read(self, request: IngestRequest) -> ModalityRecord | None:
         path = Path(request.paths[Modality.VIDEO])
-        if not path.is_file():
-            raise IngestError(path, _VIDEO, "no such file" if not path.exists() else "a folder, not a video file")
+        config = self.config.video
+        check_source(path, _VIDEO, max_file_mb=config.max_file_mb, expected="one video file (MP4, AVI) or a DICOM cine")
         if path.stat().st_size == 0:
             raise IngestError(path, _VIDEO, "empty file")
-        config = self.config.video
         shaper = _FrameShaper(config)
-        if _is_dicom(path):
+        if path.suffix.lower() in _DICOM_SUFFIXES or looks_like_dicom(path):
             return self._read_dicom(path, request, shaper)
         frames, n_total, notes = _read_video(path, config.n_frames, shaper)
         meta = {
@@ -176,7 +178,8 @@ class VideoIngestor(Ingestor):
         config = self.config.video
         ds = read_dicom(path, _VIDEO)
         with quiet_pydicom():
-            acquired = dicom_time(ds)
+            site_zone = self.config.site_zone()
+            acquired = latest_time(ds, site_zone)
             if not is_available(acquired, request.index_time):
                 logger.info("video %s: cine acquired after the index time; skipped", path.name)
                 return None
@@ -198,6 +201,7 @@ class VideoIngestor(Ingestor):
                 "n_source_frames": n_total,
                 "n_kept_frames": len(wanted),
                 "frame_time_ms": _float_or_none(ds.get("FrameTime")),
+                "time_zone": time_zone_rule(ds, site_zone),
             }
         values = raw.astype(np.float32)
         if bits <= 8 and raw.dtype.kind == "u":

@@ -1,0 +1,611 @@
+"""Calibrated probabilities and conformal prediction sets, fitted on validation rows only.
+
+Three scikit-learn-style estimators, each ``fit(...) -> self`` with fitted attributes ending
+in ``_`` and a JSON form (``to_dict`` / ``from_dict``) for ``calibration.json``:
+
+- :class:`TemperatureScaler`: one temperature that divides the logits, chosen to minimise the
+  negative log-likelihood (Guo et al. 2017). Keeps the ranking, so AUROC is unchanged.
+- :class:`IsotonicCalibrator`: scikit-learn's ``IsotonicRegression`` on the model's probability
+  (binary), one-vs-rest and renormalised (multiclass).
+- :class:`ConformalClassifier`: split-conformal prediction sets ("LAC": score = 1 - p(true class))
+  with the finite-sample quantile, and Mondrian thresholds per modality-availability group,
+  because a prediction made with a modality missing is less reliable than one made with all.
+
+:class:`TaskCalibration` bundles a task's calibrator and conformal classifier;
+:func:`save_calibration` / :func:`load_calibration` write and read a model folder's
+``calibration.json``.
+
+Shapes: a binary task gives one logit per row ``(N,)`` and a multiclass task ``(N, C)``; labels
+are class indices ``(N,)`` (0/1 for binary tasks). Rows with an unknown label must be dropped by
+the caller before ``fit``.
+
+Example:
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> logits = rng.normal(0, 3, 500)
+    >>> labels = (rng.random(500) < 1 / (1 + np.exp(-logits / 2))).astype(int)
+    >>> scaler = TemperatureScaler().fit(logits, labels)
+    >>> probabilities = scaler.transform(logits)                       # (N,) positive class
+    >>> conformal = ConformalClassifier(alpha=0.1).fit(probabilities, labels, availability=np.zeros(500, int))
+    >>> conformal.predict_set(probabilities[:3], availability=np.zeros(3, int)).shape
+    (3, 2)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from meddx.errors import ConfigError, ModelError, NotFittedError
+
+CALIBRATION_FORMAT = 1  # version of the JSON written by to_dict; from_dict refuses others
+
+ALL_PRESENT = "all present"
+ONE_MISSING = "one missing"
+TWO_OR_MORE_MISSING = "two or more missing"
+DEFAULT_GROUPS: dict[int, str] = {0: ALL_PRESENT, 1: ONE_MISSING, 2: TWO_OR_MORE_MISSING}
+
+# What identifies a row's availability group: a presence mask (N, M) bool, a number of missing
+# modalities (N,) int, or group names (N,) str.
+Availability = np.ndarray
+GroupSpec = Mapping[int, str] | Callable[[np.ndarray], Any] | None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * logits))  # stable for large |logits|
+
+
+def _check_logits(logits: Any, name: str = "logits") -> np.ndarray:
+    array = np.asarray(logits, dtype=np.float64)
+    if array.ndim == 2 and array.shape[1] == 1:
+        array = array[:, 0]
+    if array.ndim not in (1, 2) or array.shape[0] == 0:
+        raise ConfigError(
+            f"{name} must be (N,) for a binary task or (N, C) for a multiclass one with N > 0; got shape {array.shape}"
+        )
+    if not np.all(np.isfinite(array)):
+        raise ConfigError(f"{name} hold NaN or infinite values; drop those rows first")
+    return array
+
+
+def _check_labels(labels: Any, n_rows: int, n_classes: int) -> np.ndarray:
+    array = np.asarray(labels)
+    if array.shape != (n_rows,):
+        raise ConfigError(f"labels must be (N,) = ({n_rows},) class indices; got shape {array.shape}")
+    if array.dtype.kind == "f":
+        if np.isnan(array).any():
+            raise ConfigError("labels hold NaN (unknown labels); drop those rows before fitting")
+        if not np.all(array == np.round(array)):
+            raise ConfigError("labels must be integer class indices (0/1 for a binary task)")
+    array = array.astype(np.int64)
+    if array.min() < 0 or array.max() >= n_classes:
+        raise ConfigError(f"labels must lie in 0..{n_classes - 1}; got {array.min()}..{array.max()}")
+    return array
+
+
+def _as_class_probabilities(probabilities: Any) -> np.ndarray:
+    """(N,) positive-class probabilities or (N, C) class probabilities -> (N, C)."""
+    array = np.asarray(probabilities, dtype=np.float64)
+    if array.ndim == 1:
+        array = np.stack([1.0 - array, array], axis=1)
+    if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] < 2:
+        raise ConfigError(
+            f"probabilities must be (N,) positive-class or (N, C) class probabilities; got shape {array.shape}"
+        )
+    if not np.all(np.isfinite(array)) or array.min() < 0 or array.max() > 1:
+        raise ConfigError("probabilities must lie in [0, 1] and be finite")
+    return array
+
+
+def _check_format(data: Mapping[str, Any], kind: str) -> None:
+    if data.get("type") != kind:
+        raise ConfigError(f"expected a {kind!r} calibration entry, got type {data.get('type')!r}")
+    if data.get("format") != CALIBRATION_FORMAT:
+        raise ConfigError(
+            f"calibration format {data.get('format')!r} is not supported (this meddx reads format {CALIBRATION_FORMAT}); "
+            "refit the calibration with this version"
+        )
+
+
+# --------------------------------------------------------------------------- temperature
+
+
+class TemperatureScaler:
+    """Temperature scaling: ``p = softmax(logits / T)`` (binary: ``sigmoid(logit / T)``).
+
+    ``T`` minimises the negative log-likelihood on validation rows. The search runs on
+    ``log T`` (bounded to ``[1/max_temperature, max_temperature]``); the NLL is convex in ``1/T``,
+    so the bounded scalar search finds the optimum.
+
+    Args:
+        max_temperature: upper bound of ``T`` (and ``1/max_temperature`` the lower one).
+
+    Attributes:
+        temperature_: the fitted temperature.
+        n_fitted_: number of rows it was fitted on.
+        nll_before_, nll_after_: mean NLL at ``T = 1`` and at ``temperature_``.
+
+    Example:
+        >>> scaler = TemperatureScaler().fit(val_logits, val_labels)  # doctest: +SKIP
+        >>> scaler.transform(test_logits)                               # doctest: +SKIP
+    """
+
+    kind = "temperature"
+
+    def __init__(self, max_temperature: float = 100.0):
+        self.max_temperature = max_temperature
+
+    @staticmethod
+    def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+        scaled = logits / temperature
+        if scaled.ndim == 1:  # binary: -log sigmoid(z) for y=1, -log sigmoid(-z) for y=0
+            signed = np.where(labels == 1, scaled, -scaled)
+            return float(np.mean(np.logaddexp(0.0, -signed)))
+        log_norm = np.logaddexp.reduce(scaled, axis=1)
+        return float(np.mean(log_norm - scaled[np.arange(len(labels)), labels]))
+
+    def fit(self, logits: Any, labels: Any) -> TemperatureScaler:
+        """Fit the temperature on validation logits (never training rows).
+
+        Args:
+            logits: ``(N,)`` binary logits or ``(N, C)`` multiclass logits.
+            labels: ``(N,)`` class indices.
+
+        Returns:
+            self
+        """
+        from scipy.optimize import minimize_scalar
+
+        if not self.max_temperature > 1:
+            raise ConfigError(f"max_temperature must be > 1; got {self.max_temperature}")
+        logits = _check_logits(logits)
+        labels = _check_labels(labels, len(logits), 2 if logits.ndim == 1 else logits.shape[1])
+        bound = math.log(self.max_temperature)
+        result = minimize_scalar(
+            lambda log_t: self._nll(logits, labels, math.exp(log_t)),
+            bounds=(-bound, bound),
+            method="bounded",
+            options={"xatol": 1e-7},
+        )
+        self.temperature_ = float(math.exp(result.x))
+        self.n_fitted_ = len(labels)
+        self.n_classes_ = 2 if logits.ndim == 1 else int(logits.shape[1])
+        self.nll_before_ = self._nll(logits, labels, 1.0)
+        self.nll_after_ = self._nll(logits, labels, self.temperature_)
+        return self
+
+    def transform(self, logits: Any) -> np.ndarray:
+        """Calibrated probabilities: ``(N,)`` positive class (binary) or ``(N, C)``."""
+        if not hasattr(self, "temperature_"):
+            raise NotFittedError("TemperatureScaler is not fitted; call fit(val_logits, val_labels) first")
+        logits = _check_logits(logits)
+        scaled = logits / self.temperature_
+        return _sigmoid(scaled) if scaled.ndim == 1 else _softmax(scaled)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able state (for ``calibration.json``)."""
+        if not hasattr(self, "temperature_"):
+            raise NotFittedError("TemperatureScaler is not fitted; nothing to save")
+        return {
+            "type": self.kind,
+            "format": CALIBRATION_FORMAT,
+            "temperature": self.temperature_,
+            "n_fitted": self.n_fitted_,
+            "n_classes": self.n_classes_,
+            "nll_before": self.nll_before_,
+            "nll_after": self.nll_after_,
+            "max_temperature": self.max_temperature,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TemperatureScaler:
+        """Rebuild a fitted scaler from :meth:`to_dict` output."""
+        _check_format(data, cls.kind)
+        scaler = cls(max_temperature=float(data["max_temperature"]))
+        scaler.temperature_ = float(data["temperature"])
+        scaler.n_fitted_ = int(data["n_fitted"])
+        scaler.n_classes_ = int(data["n_classes"])
+        scaler.nll_before_ = float(data["nll_before"])
+        scaler.nll_after_ = float(data["nll_after"])
+        return scaler
+
+
+# --------------------------------------------------------------------------- isotonic
+
+
+class IsotonicCalibrator:
+    """Isotonic regression (scikit-learn) of the label on the model's probability.
+
+    Binary: one ``IsotonicRegression`` on ``sigmoid(logit)``. Multiclass: one per class on the
+    softmax probability of that class against the rest, then each row renormalised to sum to 1
+    (a row where every class maps to 0 keeps the uncalibrated softmax). Takes logits like
+    :class:`TemperatureScaler` so the two are interchangeable. Unlike temperature scaling it can
+    change the ranking (ties), and it needs more validation rows to be stable.
+
+    Attributes:
+        thresholds_: per class (one for binary), the ``(x, y)`` knots of the fitted step-linear map.
+        n_fitted_: number of rows it was fitted on.
+
+    Example:
+        >>> calibrator = IsotonicCalibrator().fit(val_logits, val_labels)  # doctest: +SKIP
+        >>> calibrator.transform(test_logits)                                # doctest: +SKIP
+    """
+
+    kind = "isotonic"
+
+    def fit(self, logits: Any, labels: Any) -> IsotonicCalibrator:
+        """Fit on validation logits ``(N,)`` or ``(N, C)`` and class indices ``(N,)``; returns self."""
+        from sklearn.isotonic import IsotonicRegression
+
+        logits = _check_logits(logits)
+        n_classes = 2 if logits.ndim == 1 else logits.shape[1]
+        labels = _check_labels(labels, len(logits), n_classes)
+        columns = [_sigmoid(logits)] if logits.ndim == 1 else list(_softmax(logits).T)
+        targets = [labels == 1] if logits.ndim == 1 else [labels == c for c in range(n_classes)]
+        self.thresholds_: list[tuple[np.ndarray, np.ndarray]] = []
+        for x, y in zip(columns, targets):
+            fitted = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(x, y.astype(np.float64))
+            self.thresholds_.append((fitted.X_thresholds_.copy(), fitted.y_thresholds_.copy()))
+        self.n_fitted_ = len(labels)
+        self.n_classes_ = int(n_classes)
+        return self
+
+    @staticmethod
+    def _apply(x: np.ndarray, knots: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        # What IsotonicRegression.predict does with out_of_bounds="clip": linear between knots.
+        return np.interp(x, knots[0], knots[1])
+
+    def transform(self, logits: Any) -> np.ndarray:
+        """Calibrated probabilities: ``(N,)`` positive class (binary) or ``(N, C)``."""
+        if not hasattr(self, "thresholds_"):
+            raise NotFittedError("IsotonicCalibrator is not fitted; call fit(val_logits, val_labels) first")
+        logits = _check_logits(logits)
+        if logits.ndim == 1:
+            return self._apply(_sigmoid(logits), self.thresholds_[0])
+        if logits.shape[1] != self.n_classes_:
+            raise ConfigError(f"fitted on {self.n_classes_} classes, got logits for {logits.shape[1]}")
+        softmax = _softmax(logits)
+        mapped = np.stack([self._apply(softmax[:, c], k) for c, k in enumerate(self.thresholds_)], axis=1)
+        totals = mapped.sum(axis=1, keepdims=True)
+        return np.where(totals > 0, mapped / np.where(totals > 0, totals, 1.0), softmax)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able state (for ``calibration.json``)."""
+        if not hasattr(self, "thresholds_"):
+            raise NotFittedError("IsotonicCalibrator is not fitted; nothing to save")
+        return {
+            "type": self.kind,
+            "format": CALIBRATION_FORMAT,
+            "n_fitted": self.n_fitted_,
+            "n_classes": self.n_classes_,
+            "knots": [{"x": x.tolist(), "y": y.tolist()} for x, y in self.thresholds_],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> IsotonicCalibrator:
+        """Rebuild a fitted calibrator from :meth:`to_dict` output."""
+        _check_format(data, cls.kind)
+        calibrator = cls()
+        calibrator.thresholds_ = [
+            (np.asarray(k["x"], dtype=np.float64), np.asarray(k["y"], dtype=np.float64)) for k in data["knots"]
+        ]
+        calibrator.n_fitted_ = int(data["n_fitted"])
+        calibrator.n_classes_ = int(data["n_classes"])
+        return calibrator
+
+
+def calibrator_from_dict(data: Mapping[str, Any]) -> TemperatureScaler | IsotonicCalibrator:
+    """Rebuild whichever calibrator ``data`` describes (its ``type`` field)."""
+    if data.get("type") == TemperatureScaler.kind:
+        return TemperatureScaler.from_dict(data)
+    if data.get("type") == IsotonicCalibrator.kind:
+        return IsotonicCalibrator.from_dict(data)
+    raise ConfigError(
+        f"unknown calibrator type {data.get('type')!r}; expected {TemperatureScaler.kind!r} or {IsotonicCalibrator.kind!r}"
+    )
+
+
+# --------------------------------------------------------------------------- availability groups
+
+
+def availability_groups(availability: Any, groups: GroupSpec = None) -> np.ndarray:
+    """One availability-group name per row.
+
+    Args:
+        availability: a presence mask ``(N, M)`` bool (True = modality present), a number of
+            missing modalities ``(N,)`` int, or group names ``(N,)`` str (used as they are).
+        groups: ``None`` for the default ("all present", "one missing", "two or more missing");
+            a mapping from number missing to group name, where a number above the largest key
+            belongs to the largest key's group ("or more"); or a function called with
+            ``availability`` as given that returns one name per row.
+
+    Returns:
+        ``(N,)`` array of group names (str).
+
+    Example:
+        >>> availability_groups(np.array([[1, 1, 1], [1, 0, 1], [0, 0, 1]], bool)).tolist()
+        ['all present', 'one missing', 'two or more missing']
+    """
+    array = np.asarray(availability)
+    if callable(groups):
+        names = np.asarray(groups(availability)).astype(str)
+        if names.shape != (array.shape[0],):
+            raise ConfigError(f"the groups function must return one name per row ({array.shape[0]}); got {names.shape}")
+        return names
+    if array.ndim == 1 and array.dtype.kind in "USO":
+        return array.astype(str)
+    if array.ndim == 2:
+        n_missing = (~array.astype(bool)).sum(axis=1)
+    elif array.ndim == 1 and array.dtype.kind in "iub":
+        n_missing = array.astype(np.int64)
+    else:
+        raise ConfigError(
+            "availability must be a presence mask (N, M) bool, a number missing (N,) int or group names (N,) str; "
+            f"got shape {array.shape} dtype {array.dtype}"
+        )
+    if n_missing.size and n_missing.min() < 0:
+        raise ConfigError("a number of missing modalities cannot be negative")
+    mapping = dict(DEFAULT_GROUPS if groups is None else groups)
+    if not mapping or any(not isinstance(k, (int, np.integer)) or k < 0 for k in mapping):
+        raise ConfigError(f"groups must map numbers missing (int >= 0) to names; got {mapping!r}")
+    keys = sorted(mapping)
+    if keys[0] != 0:
+        raise ConfigError(f"groups must name the group of rows with nothing missing (key 0); got keys {keys}")
+    # Each count goes to the largest key not above it: {0: a, 1: b, 2: c} puts 5 missing in c.
+    index = np.searchsorted(np.asarray(keys), n_missing, side="right") - 1
+    names = np.asarray([mapping[k] for k in keys], dtype=object)
+    return names[index].astype(str)
+
+
+# --------------------------------------------------------------------------- conformal
+
+
+def conformal_threshold(scores: np.ndarray, alpha: float) -> float:
+    """Split-conformal threshold: the ``ceil((n+1)(1-alpha))``-th smallest score.
+
+    Returns ``inf`` when ``n`` is too small for that rank to exist (then every class is in
+    every set, which is the only way to guarantee ``1 - alpha`` coverage).
+    """
+    n = len(scores)
+    rank = math.ceil((n + 1) * (1 - alpha))
+    if rank > n:
+        return math.inf
+    return float(np.sort(scores)[rank - 1])
+
+
+class ConformalClassifier:
+    """Split-conformal prediction sets with Mondrian thresholds per availability group.
+
+    Score of a class: ``1 - p(class)``; a class is in the set when its score is at most the
+    threshold. Fitted on validation rows (calibrated probabilities and true labels), the
+    pooled threshold gives coverage >= ``1 - alpha`` over exchangeable rows; the per-group
+    thresholds give it within each availability group. A group with fewer than
+    ``min_group_size`` validation rows, or one not seen in fitting, uses the pooled threshold.
+
+    Args:
+        alpha: miscoverage rate (0.1 -> sets hold the true class at least 90% of the time).
+        groups: how availability becomes a group, see :func:`availability_groups`.
+        min_group_size: fewest validation rows for a group to get its own threshold.
+
+    Attributes:
+        threshold_: pooled threshold (``inf``: every class is always in the set).
+        group_thresholds_: group name -> threshold used for that group.
+        group_sizes_: group name -> validation rows seen in it.
+        n_fitted_, n_classes_: validation rows and classes fitted on.
+
+    Example:
+        >>> conformal = ConformalClassifier(alpha=0.1).fit(val_probs, val_labels, availability=val_mask)  # doctest: +SKIP
+        >>> sets = conformal.predict_set(test_probs, availability=test_mask)  # (N, C) bool  # doctest: +SKIP
+    """
+
+    kind = "conformal"
+
+    def __init__(self, alpha: float = 0.1, groups: GroupSpec = None, min_group_size: int = 50):
+        self.alpha = alpha
+        self.groups = groups
+        self.min_group_size = min_group_size
+
+    def fit(self, probabilities: Any, labels: Any, availability: Any = None) -> ConformalClassifier:
+        """Fit thresholds on validation rows.
+
+        Args:
+            probabilities: ``(N,)`` positive-class or ``(N, C)`` calibrated probabilities.
+            labels: ``(N,)`` class indices.
+            availability: per row, see :func:`availability_groups`; ``None`` fits the pooled
+                threshold only.
+
+        Returns:
+            self
+        """
+        if not 0 < self.alpha < 1:
+            raise ConfigError(f"alpha must lie in (0, 1); got {self.alpha}")
+        if self.min_group_size < 1:
+            raise ConfigError(f"min_group_size must be >= 1; got {self.min_group_size}")
+        probabilities = _as_class_probabilities(probabilities)
+        labels = _check_labels(labels, len(probabilities), probabilities.shape[1])
+        scores = 1.0 - probabilities[np.arange(len(labels)), labels]  # (N,)
+        self.n_fitted_ = len(labels)
+        self.n_classes_ = int(probabilities.shape[1])
+        self.threshold_ = conformal_threshold(scores, self.alpha)
+        self.group_thresholds_: dict[str, float] = {}
+        self.group_sizes_: dict[str, int] = {}
+        self.group_pooled_: dict[str, bool] = {}  # True where the group fell back to the pooled threshold
+        if availability is not None:
+            names = self._group_names(availability, len(labels))
+            for name in sorted(set(names.tolist())):
+                members = scores[names == name]
+                self.group_sizes_[name] = len(members)
+                pooled = len(members) < self.min_group_size
+                self.group_pooled_[name] = pooled
+                self.group_thresholds_[name] = self.threshold_ if pooled else conformal_threshold(members, self.alpha)
+        return self
+
+    def _group_names(self, availability: Any, n_rows: int) -> np.ndarray:
+        names = availability_groups(availability, self.groups)
+        if len(names) != n_rows:
+            raise ConfigError(f"availability has {len(names)} rows but the probabilities have {n_rows}")
+        return names
+
+    def thresholds_for(self, availability: Any = None, n_rows: int | None = None) -> np.ndarray:
+        """The threshold each row gets: its group's, else the pooled one. ``(N,)``."""
+        if not hasattr(self, "threshold_"):
+            raise NotFittedError("ConformalClassifier is not fitted; call fit(val_probs, val_labels) first")
+        if availability is None:
+            if n_rows is None:
+                raise ConfigError("give availability or n_rows")
+            return np.full(n_rows, self.threshold_)
+        names = availability_groups(availability, self.groups)
+        return np.asarray([self.group_thresholds_.get(name, self.threshold_) for name in names], dtype=np.float64)
+
+    def predict_set(self, probabilities: Any, availability: Any = None) -> np.ndarray:
+        """Prediction sets ``(N, C)`` bool: class ``c`` is in row ``i``'s set when ``1 - p[i, c] <= q_i``.
+
+        A set can be empty (no class is probable enough) or hold every class.
+        """
+        probabilities = _as_class_probabilities(probabilities)
+        if probabilities.shape[1] != getattr(self, "n_classes_", probabilities.shape[1]):
+            raise ConfigError(f"fitted on {self.n_classes_} classes, got probabilities for {probabilities.shape[1]}")
+        thresholds = self.thresholds_for(availability, len(probabilities))
+        if len(thresholds) != len(probabilities):
+            raise ConfigError(f"availability has {len(thresholds)} rows but the probabilities have {len(probabilities)}")
+        return (1.0 - probabilities) <= thresholds[:, None]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able state; an infinite threshold is written as ``null`` (every class in the set)."""
+        if not hasattr(self, "threshold_"):
+            raise NotFittedError("ConformalClassifier is not fitted; nothing to save")
+
+        def finite(value: float) -> float | None:
+            return None if math.isinf(value) else value
+
+        if self.groups is None or isinstance(self.groups, Mapping):
+            mapping = DEFAULT_GROUPS if self.groups is None else self.groups
+            grouping: Any = {"by": "number_missing", "names": {str(k): v for k, v in mapping.items()}}
+        else:
+            grouping = {"by": "custom", "function": getattr(self.groups, "__qualname__", repr(self.groups))}
+        return {
+            "type": self.kind,
+            "format": CALIBRATION_FORMAT,
+            "score": "1 - p(class)",
+            "alpha": self.alpha,
+            "n_fitted": self.n_fitted_,
+            "n_classes": self.n_classes_,
+            "threshold": finite(self.threshold_),
+            "min_group_size": self.min_group_size,
+            "grouping": grouping,
+            "groups": {
+                name: {
+                    "threshold": finite(self.group_thresholds_[name]),
+                    "n_fitted": self.group_sizes_[name],
+                    "pooled": self.group_pooled_[name],
+                }
+                for name in self.group_thresholds_
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], groups: GroupSpec = None) -> ConformalClassifier:
+        """Rebuild from :meth:`to_dict` output.
+
+        Args:
+            data: the saved dictionary.
+            groups: the grouping function again when it was a custom one (functions are not
+                saved); without it, pass group names as ``availability`` when predicting.
+        """
+        _check_format(data, cls.kind)
+        grouping = data.get("grouping", {})
+        if groups is None and grouping.get("by") == "number_missing":
+            groups = {int(k): v for k, v in grouping["names"].items()}
+
+        def threshold(value: float | None) -> float:
+            return math.inf if value is None else float(value)
+
+        conformal = cls(alpha=float(data["alpha"]), groups=groups, min_group_size=int(data["min_group_size"]))
+        conformal.threshold_ = threshold(data["threshold"])
+        conformal.n_fitted_ = int(data["n_fitted"])
+        conformal.n_classes_ = int(data["n_classes"])
+        conformal.group_thresholds_ = {n: threshold(g["threshold"]) for n, g in data["groups"].items()}
+        conformal.group_sizes_ = {n: int(g["n_fitted"]) for n, g in data["groups"].items()}
+        conformal.group_pooled_ = {n: bool(g["pooled"]) for n, g in data["groups"].items()}
+        return conformal
+
+
+# --------------------------------------------------------------------------- calibration.json
+
+CALIBRATION_FILE = "calibration.json"
+
+
+@dataclass
+class TaskCalibration:
+    """What one task's probabilities go through: a calibrator, then (optionally) conformal sets.
+
+    Example:
+        >>> entry = TaskCalibration(("0", "1"), TemperatureScaler().fit(val_logits, val_labels))  # doctest: +SKIP
+        >>> save_calibration("model_dir", {"disease": entry})                                       # doctest: +SKIP
+    """
+
+    classes: tuple[str, ...]
+    calibrator: TemperatureScaler | IsotonicCalibrator
+    conformal: ConformalClassifier | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "classes": list(self.classes),
+            "calibrator": self.calibrator.to_dict(),
+            "conformal": None if self.conformal is None else self.conformal.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], groups: GroupSpec = None) -> TaskCalibration:
+        conformal = data.get("conformal")
+        return cls(
+            classes=tuple(str(c) for c in data["classes"]),
+            calibrator=calibrator_from_dict(data["calibrator"]),
+            conformal=None if conformal is None else ConformalClassifier.from_dict(conformal, groups=groups),
+        )
+
+
+def save_calibration(folder: str | Path, tasks: Mapping[str, TaskCalibration]) -> Path:
+    """Write ``calibration.json`` (format, then one entry per task) into a model folder."""
+    path = Path(folder) / CALIBRATION_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = {"format": CALIBRATION_FORMAT, "tasks": {name: entry.to_dict() for name, entry in tasks.items()}}
+    path.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
+    return path
+
+
+def load_calibration(folder: str | Path, groups: GroupSpec = None) -> dict[str, TaskCalibration]:
+    """Read ``calibration.json`` from a model folder.
+
+    Raises:
+        ModelError: the file is missing, not JSON, or from an unknown format.
+    """
+    path = Path(folder) / CALIBRATION_FILE
+    try:
+        document = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"{path} not found; a model folder holds calibration.json next to config.json") from None
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read {path}: {exc}") from None
+    if not isinstance(document, dict) or document.get("format") != CALIBRATION_FORMAT:
+        found = document.get("format") if isinstance(document, dict) else None
+        raise ModelError(f"{path} has calibration format {found!r}; this meddx reads format {CALIBRATION_FORMAT}")
+    try:
+        return {name: TaskCalibration.from_dict(entry, groups) for name, entry in document["tasks"].items()}
+    except (KeyError, TypeError, ConfigError) as exc:
+        raise ModelError(f"{path} is not a valid calibration file: {exc}") from None

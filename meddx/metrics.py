@@ -1,0 +1,365 @@
+"""Discrimination, calibration and conformal metrics, with bootstrap confidence intervals.
+
+Inputs follow one convention: ``labels`` are class indices ``(N,)`` (0/1 for a binary task);
+``probabilities`` are ``(N,)`` positive-class probabilities for a binary task or ``(N, C)``
+class probabilities for a multiclass one; ``sets`` are ``(N, C)`` bool prediction sets.
+
+| metric | binary | multiclass |
+| --- | --- | --- |
+| ``auroc`` | ROC AUC of the positive class | macro one-vs-rest ROC AUC |
+| ``auprc`` | average precision of the positive class | macro one-vs-rest average precision |
+| ``brier`` | mean ``(p - y)^2`` | mean over rows of ``sum_c (p_c - [y = c])^2`` |
+| ``ece`` | positive-class reliability, equal-width bins | top-label confidence vs accuracy |
+| ``coverage`` | share of rows whose set holds the true class | same |
+| ``mean_set_size`` | mean number of classes per set | same |
+
+A metric that is undefined on the rows given (AUROC with one class present) is ``nan``.
+AUROC and average precision are computed here with numpy rather than by calling
+scikit-learn, because the bootstrap calls them a thousand times per table and the numpy form is
+about twenty times faster; ``tests/test_metrics.py`` checks they equal scikit-learn's
+``roc_auc_score`` and ``average_precision_score`` (ties included).
+
+Example:
+    >>> import numpy as np
+    >>> labels = np.array([0, 0, 1, 1]); probabilities = np.array([0.1, 0.4, 0.35, 0.8])
+    >>> auroc(labels, probabilities)
+    0.75
+    >>> estimate = bootstrap(lambda rows: auroc(labels[rows], probabilities[rows]), 4, n_resamples=200)
+    >>> round(estimate.value, 2)
+    0.75
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from meddx.errors import ConfigError
+
+DEFAULT_BINS = 10
+DEFAULT_RESAMPLES = 1000
+DEFAULT_CONFIDENCE = 0.95
+PROBABILITY_METRICS = ("auroc", "auprc", "brier", "ece")
+CONFORMAL_METRICS = ("coverage", "mean_set_size")
+
+
+# --------------------------------------------------------------------------- point metrics
+
+
+def _binary_auroc(positive: np.ndarray, scores: np.ndarray) -> float:
+    """Mann-Whitney form of the ROC AUC (ties count one half): equal to the trapezoidal AUC."""
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    # Average 1-based ranks of tied scores (scipy's rankdata, without its per-call overhead).
+    order = np.argsort(scores, kind="mergesort")
+    ordered = scores[order]
+    first = np.r_[True, ordered[1:] != ordered[:-1]]
+    starts = np.flatnonzero(first)
+    ends = np.r_[starts[1:], len(scores)]
+    ranks = np.empty(len(scores))
+    ranks[order] = ((starts + ends + 1) / 2)[np.cumsum(first) - 1]
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _binary_average_precision(positive: np.ndarray, scores: np.ndarray) -> float:
+    """Average precision as scikit-learn computes it: sum over thresholds of (R_k - R_{k-1}) P_k."""
+    n_pos = int(positive.sum())
+    if n_pos == 0 or n_pos == len(positive):
+        return math.nan  # undefined without both classes (scikit-learn warns and returns 0 or 1)
+    order = np.argsort(-scores, kind="mergesort")
+    sorted_scores = scores[order]
+    hits = positive[order].astype(np.float64)
+    last_of_tie = np.r_[np.flatnonzero(np.diff(sorted_scores)), len(scores) - 1]
+    true_pos = np.cumsum(hits)[last_of_tie]
+    precision = true_pos / (last_of_tie + 1)
+    recall = true_pos / n_pos
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def _one_vs_rest(labels: np.ndarray, probabilities: np.ndarray, binary: Callable) -> float:
+    labels = np.asarray(labels)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    if probabilities.ndim == 1:
+        return binary(labels == 1, probabilities)
+    values = [binary(labels == c, probabilities[:, c]) for c in range(probabilities.shape[1])]
+    return float(np.mean(values))  # nan when any class is absent, as for the macro average
+
+
+def auroc(labels: Any, probabilities: Any) -> float:
+    """ROC AUC (binary) or macro one-vs-rest ROC AUC (multiclass); ``nan`` if a class is absent."""
+    return _one_vs_rest(labels, probabilities, _binary_auroc)
+
+
+def auprc(labels: Any, probabilities: Any) -> float:
+    """Average precision (binary) or its macro one-vs-rest mean (multiclass); ``nan`` if a class is absent."""
+    return _one_vs_rest(labels, probabilities, _binary_average_precision)
+
+
+def brier(labels: Any, probabilities: Any) -> float:
+    """Brier score: mean ``(p - y)^2`` (binary); mean ``sum_c (p_c - [y=c])^2`` (multiclass)."""
+    labels = np.asarray(labels)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    if len(labels) == 0:
+        return math.nan
+    if probabilities.ndim == 1:
+        return float(np.mean((probabilities - labels) ** 2))
+    one_hot = np.eye(probabilities.shape[1])[labels]
+    return float(np.mean(np.sum((probabilities - one_hot) ** 2, axis=1)))
+
+
+def _confidence_and_correct(labels: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if probabilities.ndim == 1:  # binary: the positive class's probability against its frequency
+        return probabilities, (labels == 1).astype(np.float64)
+    predicted = probabilities.argmax(axis=1)  # multiclass: top-label confidence against accuracy
+    return probabilities.max(axis=1), (predicted == labels).astype(np.float64)
+
+
+@dataclass(frozen=True)
+class ReliabilityCurve:
+    """Per equal-width bin: mean confidence, observed frequency (accuracy) and row count."""
+
+    edges: np.ndarray  # (B + 1,)
+    confidence: np.ndarray  # (B,) nan for empty bins
+    frequency: np.ndarray  # (B,) nan for empty bins
+    count: np.ndarray  # (B,)
+
+
+def reliability_curve(labels: Any, probabilities: Any, n_bins: int = DEFAULT_BINS) -> ReliabilityCurve:
+    """Bin rows by confidence into ``n_bins`` equal-width bins ``[a, b)`` (the last one closed).
+
+    Binary: the positive-class probability against how often the label is 1. Multiclass: the
+    top class's probability against how often that class is right.
+    """
+    if n_bins < 1:
+        raise ConfigError(f"n_bins must be >= 1; got {n_bins}")
+    labels = np.asarray(labels)
+    confidence, correct = _confidence_and_correct(labels, np.asarray(probabilities, dtype=np.float64))
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    index = np.clip(np.searchsorted(edges, confidence, side="right") - 1, 0, n_bins - 1)
+    count = np.bincount(index, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_confidence = np.bincount(index, weights=confidence, minlength=n_bins) / count
+        frequency = np.bincount(index, weights=correct, minlength=n_bins) / count
+    return ReliabilityCurve(edges, mean_confidence, frequency, count)
+
+
+def ece(labels: Any, probabilities: Any, n_bins: int = DEFAULT_BINS) -> float:
+    """Expected calibration error: ``sum_b (n_b / N) |frequency_b - confidence_b|`` over equal-width bins."""
+    curve = reliability_curve(labels, probabilities, n_bins)
+    total = curve.count.sum()
+    if total == 0:
+        return math.nan
+    filled = curve.count > 0
+    gaps = np.abs(curve.frequency[filled] - curve.confidence[filled])
+    return float(np.sum(curve.count[filled] / total * gaps))
+
+
+def coverage(labels: Any, sets: Any) -> float:
+    """Share of rows whose prediction set holds the true class."""
+    sets = np.asarray(sets, dtype=bool)
+    if len(sets) == 0:
+        return math.nan
+    return float(np.mean(sets[np.arange(len(sets)), np.asarray(labels)]))
+
+
+def mean_set_size(sets: Any) -> float:
+    """Mean number of classes per prediction set."""
+    sets = np.asarray(sets, dtype=bool)
+    return float(sets.sum(axis=1).mean()) if len(sets) else math.nan
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A metric on the rows given, with a percentile bootstrap interval.
+
+    ``value``/``low``/``high`` are ``None`` when the metric is undefined; ``low``/``high`` are
+    ``None`` when fewer than half the resamples gave a defined value (too few rows or a rare
+    class). ``n_resamples`` counts the resamples that did.
+    """
+
+    value: float | None
+    low: float | None
+    high: float | None
+    n: int
+    n_resamples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _finite_or_none(value: float) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def bootstrap(
+    statistic: Callable[[np.ndarray], float],
+    n_rows: int,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    confidence: float = DEFAULT_CONFIDENCE,
+    seed: int = 0,
+) -> Estimate:
+    """Percentile bootstrap of ``statistic(row_indices)`` over rows drawn with replacement.
+
+    Resamples on which the statistic is undefined (``nan``, e.g. a resample holding one class)
+    are left out; the interval is given only when at least half of them are defined.
+
+    Args:
+        statistic: maps an index array into the rows to a number (``nan`` when undefined).
+        n_rows: number of rows.
+        n_resamples: bootstrap resamples (0 gives the value without an interval).
+        confidence: interval level (0.95 -> 2.5th and 97.5th percentiles).
+        seed: seed of the resampling (same seed, same interval).
+
+    Returns:
+        The :class:`Estimate`.
+    """
+    if not 0 < confidence < 1:
+        raise ConfigError(f"confidence must lie in (0, 1); got {confidence}")
+    if n_resamples < 0:
+        raise ConfigError(f"n_resamples must be >= 0; got {n_resamples}")
+    if n_rows == 0:
+        return Estimate(None, None, None, 0, 0)
+    value = _finite_or_none(statistic(np.arange(n_rows)))
+    rng = np.random.default_rng(seed)
+    draws = [statistic(rng.integers(0, n_rows, n_rows)) for _ in range(n_resamples)]
+    defined = np.asarray([d for d in draws if math.isfinite(d)], dtype=np.float64)
+    if value is None or n_resamples == 0 or len(defined) < n_resamples / 2:
+        return Estimate(value, None, None, n_rows, len(defined))
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(defined, [tail, 100 - tail])
+    return Estimate(value, float(low), float(high), n_rows, len(defined))
+
+
+# --------------------------------------------------------------------------- tables
+
+
+@dataclass(frozen=True)
+class MetricSettings:
+    """How tables are computed: bins of the ECE, bootstrap resamples, interval level, seed."""
+
+    n_bins: int = DEFAULT_BINS
+    n_resamples: int = DEFAULT_RESAMPLES
+    confidence: float = DEFAULT_CONFIDENCE
+    seed: int = 0
+
+
+DEFAULT_SETTINGS = MetricSettings()
+
+
+def _on_rows(
+    function: Callable[[np.ndarray, np.ndarray], float], labels: np.ndarray, probabilities: np.ndarray
+) -> Callable[[np.ndarray], float]:
+    return lambda rows: function(labels[rows], probabilities[rows])
+
+
+def probability_metrics(
+    labels: np.ndarray, probabilities: np.ndarray, settings: MetricSettings = DEFAULT_SETTINGS
+) -> dict[str, dict[str, Any]]:
+    """AUROC, AUPRC, Brier and ECE of one set of probabilities, each with its interval."""
+    functions: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+        "auroc": auroc,
+        "auprc": auprc,
+        "brier": brier,
+        "ece": lambda y, p: ece(y, p, settings.n_bins),
+    }
+    return {
+        name: bootstrap(
+            _on_rows(function, labels, probabilities),
+            len(labels),
+            settings.n_resamples,
+            settings.confidence,
+            settings.seed,
+        ).to_dict()
+        for name, function in functions.items()
+    }
+
+
+def conformal_metrics(
+    labels: np.ndarray, sets: np.ndarray, settings: MetricSettings = DEFAULT_SETTINGS
+) -> dict[str, dict[str, Any]]:
+    """Coverage and mean set size of prediction sets, each with its interval."""
+    return {
+        "coverage": bootstrap(
+            lambda rows: coverage(labels[rows], sets[rows]), len(labels), settings.n_resamples,
+            settings.confidence, settings.seed,
+        ).to_dict(),
+        "mean_set_size": bootstrap(
+            lambda rows: mean_set_size(sets[rows]), len(labels), settings.n_resamples,
+            settings.confidence, settings.seed,
+        ).to_dict(),
+    }
+
+
+def metric_table(
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    raw_probabilities: np.ndarray | None = None,
+    sets: np.ndarray | None = None,
+    settings: MetricSettings = DEFAULT_SETTINGS,
+) -> dict[str, Any]:
+    """Every metric of one group of rows: before and after calibration, and of the conformal sets.
+
+    Args:
+        labels: ``(N,)`` class indices.
+        probabilities: calibrated probabilities, ``(N,)`` or ``(N, C)``.
+        raw_probabilities: uncalibrated ones, same shape; ``None`` leaves "before" out.
+        sets: ``(N, C)`` bool prediction sets; ``None`` leaves "conformal" out.
+        settings: bins, resamples, interval level and seed.
+
+    Returns:
+        ``{"n", "after_calibration", "before_calibration", "conformal"}`` (the last two ``None``
+        when not given); every metric is an :class:`Estimate` as a dict.
+
+    Example:
+        >>> table = metric_table(labels, calibrated, raw, sets)  # doctest: +SKIP
+        >>> table["after_calibration"]["ece"]["value"]            # doctest: +SKIP
+    """
+    labels = np.asarray(labels)
+    return {
+        "n": len(labels),
+        "after_calibration": probability_metrics(labels, np.asarray(probabilities, dtype=np.float64), settings),
+        "before_calibration": None
+        if raw_probabilities is None
+        else probability_metrics(labels, np.asarray(raw_probabilities, dtype=np.float64), settings),
+        "conformal": None if sets is None else conformal_metrics(labels, np.asarray(sets, dtype=bool), settings),
+    }
+
+
+def grouped_tables(
+    groups: Sequence[Any] | np.ndarray,
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    raw_probabilities: np.ndarray | None = None,
+    sets: np.ndarray | None = None,
+    settings: MetricSettings = DEFAULT_SETTINGS,
+) -> dict[str, dict[str, Any]]:
+    """:func:`metric_table` per distinct value of ``groups`` (one per row); empty cells become "(missing)"."""
+    names = np.asarray(["(missing)" if _is_missing(g) else str(g) for g in groups], dtype=object)
+    tables = {}
+    for name in sorted(set(names.tolist())):
+        rows = np.flatnonzero(names == name)
+        tables[name] = metric_table(
+            labels[rows],
+            probabilities[rows],
+            None if raw_probabilities is None else raw_probabilities[rows],
+            None if sets is None else sets[rows],
+            settings,
+        )
+    return tables
+
+
+def _is_missing(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return isinstance(value, str) and not value.strip()

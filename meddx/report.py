@@ -1,0 +1,302 @@
+"""The evaluation report: PNG plots and one self-contained ``report.html``.
+
+Plots per task: ROC curve, reliability diagram (before and after calibration), subgroup bars
+(AUROC and coverage with their intervals, per availability group and ``--by`` value) and, when
+present, modality-ablation bars. They are drawn with matplotlib's Agg canvas (no display, no
+global backend switch), written as PNG files and embedded in the HTML as base64, so the report
+opens from disk with no network: no external URL, no script, no stylesheet from elsewhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from meddx.metrics import reliability_curve
+from meddx.predictions import TaskRows
+
+REPORT_FILE = "report.html"
+METRIC_NAMES = {"auroc": "AUROC", "auprc": "AUPRC", "brier": "Brier", "ece": "ECE"}
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 72em; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+th { background: #f3f3f3; }
+img { max-width: 100%; }
+.note { color: #666; font-style: italic; }
+section.task { border-top: 2px solid #444; margin-top: 2em; }
+"""
+
+
+def slug(name: str) -> str:
+    """A file- and id-safe form of a task name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "task"
+
+
+def fmt(estimate: dict[str, Any] | None, digits: int = 3) -> str:
+    """``0.812 [0.781, 0.843]``; ``-`` when undefined; the value alone without an interval."""
+    if not estimate or estimate.get("value") is None:
+        return "-"
+    text = f"{estimate['value']:.{digits}f}"
+    if estimate.get("low") is not None:
+        text += f" [{estimate['low']:.{digits}f}, {estimate['high']:.{digits}f}]"
+    return text
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _figure(width: float, height: float, ncols: int = 1):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, ncols, squeeze=False)[0]
+    return figure, axes
+
+
+def _save(figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, format="png", metadata={"Software": None})  # no URL in the file's metadata
+    return path
+
+
+def plot_roc(task: TaskRows, path: Path) -> Path:
+    """ROC curve after calibration (and before, when raw probabilities exist); one-vs-rest per class."""
+    from sklearn.metrics import roc_curve
+
+    figure, (axis,) = _figure(5, 4.5)
+    axis.plot([0, 1], [0, 1], color="#aaa", linestyle=":", linewidth=1)
+    curves = [("calibrated", task.probabilities)]
+    if task.raw_probabilities is not None:
+        curves.append(("raw", task.raw_probabilities))
+    for label, probabilities in curves:
+        style = "-" if label == "calibrated" else "--"
+        if task.kind == "binary":
+            if len(np.unique(task.labels)) == 2:
+                fpr, tpr, _ = roc_curve(task.labels, probabilities)
+                axis.plot(fpr, tpr, linestyle=style, label=label)
+        else:
+            for c, name in enumerate(task.classes):
+                positive = task.labels == c
+                if label == "calibrated" and 0 < positive.sum() < len(positive):
+                    fpr, tpr, _ = roc_curve(positive, probabilities[:, c])
+                    axis.plot(fpr, tpr, label=f"{name} vs rest")
+    axis.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC: {task.name}",
+             xlim=(0, 1), ylim=(0, 1.01))
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(loc="lower right", fontsize="small")
+    return _save(figure, path)
+
+
+def plot_reliability(task: TaskRows, metrics: dict[str, Any], n_bins: int, path: Path) -> Path:
+    """Reliability diagrams side by side: before and after calibration."""
+    panels = [("after calibration", task.probabilities, metrics["overall"]["after_calibration"])]
+    if task.raw_probabilities is not None:
+        panels.insert(0, ("before calibration", task.raw_probabilities, metrics["overall"]["before_calibration"]))
+    figure, axes = _figure(4.5 * len(panels), 4.5, len(panels))
+    which = "positive class" if task.kind == "binary" else "top label"
+    for axis, (title, probabilities, table) in zip(axes, panels):
+        curve = reliability_curve(task.labels, probabilities, n_bins)
+        centres = (curve.edges[:-1] + curve.edges[1:]) / 2
+        filled = curve.count > 0
+        axis.bar(centres[filled], curve.frequency[filled], width=1 / n_bins, edgecolor="#345", alpha=0.7,
+                 label="observed")
+        axis.plot(curve.confidence[filled], curve.confidence[filled], "o", color="#c33", markersize=3,
+                  label="mean confidence")
+        axis.plot([0, 1], [0, 1], color="#888", linestyle=":", linewidth=1)
+        axis.set(xlim=(0, 1), ylim=(0, 1), xlabel=f"predicted probability ({which})",
+                 ylabel="observed frequency" if task.kind == "binary" else "accuracy",
+                 title=f"{title}: ECE {fmt(table['ece'])}")
+        axis.title.set_fontsize("small")
+        axis.legend(loc="upper left", fontsize="small")
+    return _save(figure, path)
+
+
+def _group_rows(metrics: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    rows = []
+    if metrics.get("availability"):
+        rows += [(f"availability: {g}", t) for g, t in metrics["availability"]["groups"].items()]
+    for column, groups in metrics["subgroups"].items():
+        rows += [(f"{column} = {g}", t) for g, t in groups.items()]
+    return rows
+
+
+def _bars(axis, names: list[str], estimates: list[dict[str, Any] | None], title: str) -> None:
+    values = np.array([e["value"] if e and e["value"] is not None else np.nan for e in estimates], dtype=float)
+    low = np.array([e["low"] if e and e["low"] is not None else v for e, v in zip(estimates, values)], dtype=float)
+    high = np.array([e["high"] if e and e["high"] is not None else v for e, v in zip(estimates, values)], dtype=float)
+    positions = np.arange(len(names))
+    shown = np.nan_to_num(values)
+    axis.barh(positions, shown, color="#4a7", xerr=np.nan_to_num([shown - low, high - shown]), capsize=3)
+    axis.set_yticks(positions, names, fontsize="small")
+    axis.invert_yaxis()
+    axis.set(xlim=(0, 1), title=title)
+
+
+def plot_subgroups(task: TaskRows, metrics: dict[str, Any], path: Path) -> Path | None:
+    """Horizontal bars per availability group and subgroup: AUROC, and coverage when sets exist."""
+    rows = _group_rows(metrics)
+    if not rows:
+        return None
+    names = [f"{name} (n={table['n']})" for name, table in rows]
+    with_sets = task.sets is not None
+    figure, axes = _figure(5 * (2 if with_sets else 1) + 1, 1.2 + 0.35 * len(rows), 2 if with_sets else 1)
+    _bars(axes[0], names, [t["after_calibration"]["auroc"] for _, t in rows], f"AUROC: {task.name}")
+    if with_sets:
+        _bars(axes[1], names, [t["conformal"]["coverage"] for _, t in rows], "conformal coverage")
+        axes[1].set_yticks(np.arange(len(names)), [""] * len(names))
+    return _save(figure, path)
+
+
+def plot_ablation(task: TaskRows, metrics: dict[str, Any], path: Path) -> Path | None:
+    """AUROC with all modalities against AUROC with each one withheld (rows where it was present)."""
+    ablation = metrics.get("ablation")
+    if not ablation:
+        return None
+    modalities = list(ablation)
+    figure, (axis,) = _figure(6, 1.5 + 0.5 * len(modalities))
+    positions = np.arange(len(modalities))
+    full = [ablation[m]["full"]["auroc"]["value"] or 0.0 for m in modalities]
+    withheld = [ablation[m]["withheld"]["auroc"]["value"] or 0.0 for m in modalities]
+    axis.barh(positions - 0.2, full, height=0.4, color="#4a7", label="all modalities")
+    axis.barh(positions + 0.2, withheld, height=0.4, color="#c84", label="modality withheld")
+    axis.set_yticks(positions, [f"{m} (n={ablation[m]['n']})" for m in modalities], fontsize="small")
+    axis.invert_yaxis()
+    axis.set(xlim=(0, 1), xlabel="AUROC", title=f"modality ablation: {task.name}")
+    axis.legend(loc="lower right", fontsize="small")
+    return _save(figure, path)
+
+
+# --------------------------------------------------------------------------- HTML
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _image(path: Path | None, alt: str) -> str:
+    if path is None:
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{html.escape(text)}</p>'
+
+
+def _group_table(groups: dict[str, dict[str, Any]]) -> str:
+    header = ["group", "n", *(f"{n} (calibrated)" for n in METRIC_NAMES.values()), "coverage", "mean set size"]
+    rows = []
+    for name, table in groups.items():
+        after = table["after_calibration"]
+        conformal = table["conformal"] or {}
+        rows.append([name, str(table["n"]), *(fmt(after[k]) for k in METRIC_NAMES),
+                     fmt(conformal.get("coverage")), fmt(conformal.get("mean_set_size"), 2)])
+    return _table(header, rows)
+
+
+def _section(section_id: str, title: str, body: str) -> str:
+    return f'<section id="{section_id}"><h3>{html.escape(title)}</h3>{body}</section>'
+
+
+def _task_html(task: TaskRows, metrics: dict[str, Any], plots: dict[str, Path | None]) -> str:
+    s = slug(task.name)
+    overall = metrics["overall"]
+    before = overall["before_calibration"] or {}
+    rows = [[label, fmt(before.get(key)), fmt(overall["after_calibration"][key])] for key, label in METRIC_NAMES.items()]
+    counts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in metrics["counts"].items())
+    parts = [
+        _section(f"{s}-overall", "Overall", f"<p>{html.escape(counts)}</p>"
+                 + _table(["metric", "before calibration", "after calibration"], rows)),
+        _section(f"{s}-roc", "ROC curve", _image(plots["roc"], f"ROC curve of {task.name}")),
+        _section(f"{s}-calibration", "Calibration (reliability diagram)",
+                 _image(plots["reliability"], f"reliability diagram of {task.name}")),
+    ]
+    conformal = overall["conformal"]
+    if conformal is None:
+        body = _note("no prediction sets for this task")
+    else:
+        lines = [["overall", str(overall["n"]), fmt(conformal["coverage"]), fmt(conformal["mean_set_size"], 2)]]
+        for name, table in (metrics["availability"] or {}).get("groups", {}).items():
+            lines.append([name, str(table["n"]), fmt(table["conformal"]["coverage"]),
+                          fmt(table["conformal"]["mean_set_size"], 2)])
+        body = _table(["rows", "n", "coverage", "mean set size"], lines)
+    parts.append(_section(f"{s}-conformal", "Conformal prediction sets", body))
+    if metrics["availability"] is None:
+        body = _note("no 'modalities' column: rows cannot be grouped by availability")
+    else:
+        used = ", ".join(metrics["availability"]["modalities"]) or "none"
+        body = (f"<p>Missing modalities are counted against those the rows use: {html.escape(used)}.</p>"
+                + _group_table(metrics["availability"]["groups"]))
+    parts.append(_section(f"{s}-availability", "Availability groups", body))
+    if metrics["subgroups"]:
+        body = "".join(f"<h4>{html.escape(column)}</h4>" + _group_table(groups)
+                       for column, groups in metrics["subgroups"].items())
+    else:
+        body = _note("no subgroup columns were named (meddx evaluate --by COLUMN,...)")
+    body += _image(plots["subgroups"], f"subgroup bars of {task.name}")
+    parts.append(_section(f"{s}-subgroups", "Subgroups", body))
+    ablation = metrics["ablation"]
+    if ablation is None:
+        body = _note("No modality-ablation columns in the predictions (ablation:<modality>); "
+                     "a model that predicts with each present modality withheld fills them.")
+    else:
+        rows = [[m, str(a["n"]), fmt(a["full"]["auroc"]), fmt(a["withheld"]["auroc"]), fmt(a["auroc_drop"]),
+                 fmt(a["withheld"]["ece"])] for m, a in ablation.items()]
+        body = _table(["withheld modality", "n (rows with it)", "AUROC all", "AUROC withheld", "AUROC drop",
+                       "ECE withheld"], rows) + _image(plots["ablation"], f"modality ablation of {task.name}")
+    parts.append(_section(f"{s}-ablation", "Modality ablation", body))
+    notes = "".join(_note(n) for n in metrics["notes"])
+    title = f"Task {task.name} ({task.kind}: {', '.join(task.classes)})"
+    return f'<section class="task" id="task-{s}"><h2>{html.escape(title)}</h2>{notes}{"".join(parts)}</section>'
+
+
+def write_report(out: Path, tasks: list[TaskRows], metrics: dict[str, Any]) -> tuple[Path, list[Path]]:
+    """Write the PNG plots and ``report.html`` into ``out``; returns the report and the plots."""
+    written: list[Path] = []
+    sections = []
+    n_bins = metrics["settings"]["n_bins"]
+    for task in tasks:
+        task_metrics = metrics["tasks"][task.name]
+        s = slug(task.name)
+        plots = {
+            "roc": plot_roc(task, out / f"roc_{s}.png"),
+            "reliability": plot_reliability(task, task_metrics, n_bins, out / f"reliability_{s}.png"),
+            "subgroups": plot_subgroups(task, task_metrics, out / f"subgroups_{s}.png"),
+            "ablation": plot_ablation(task, task_metrics, out / f"ablation_{s}.png"),
+        }
+        written += [p for p in plots.values() if p is not None]
+        sections.append(_task_html(task, task_metrics, plots))
+    settings = metrics["settings"]
+    summary_rows = [
+        [name, t["kind"], str(t["overall"]["n"]), fmt(t["overall"]["after_calibration"]["auroc"]),
+         fmt(t["overall"]["after_calibration"]["ece"]),
+         fmt((t["overall"]["conformal"] or {}).get("coverage"))]
+        for name, t in metrics["tasks"].items()
+    ]
+    summary = (
+        f"<p>Predictions: {html.escape(str(metrics.get('predictions', '')))}; manifest: "
+        f"{html.escape(str(metrics.get('manifest', '')))}; meddx {html.escape(metrics['meddx_version'])}.</p>"
+        f"<p>Intervals: {settings['confidence']:.0%} percentile bootstrap over {settings['n_resamples']} resamples "
+        f"(seed {settings['seed']}); ECE with {n_bins} equal-width bins (binary: positive class; multiclass: top label).</p>"
+        + _table(["task", "kind", "n", "AUROC (calibrated)", "ECE (calibrated)", "coverage"], summary_rows)
+    )
+    document = (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>meddx evaluation</title>'
+        f"<style>{STYLE}</style></head><body><h1>meddx evaluation</h1>"
+        f'<section id="summary"><h2>Summary</h2>{summary}</section>{"".join(sections)}</body></html>\n'
+    )
+    report = out / REPORT_FILE
+    report.write_text(document, encoding="utf-8")
+    return report, written
