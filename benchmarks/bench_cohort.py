@@ -1,4 +1,4 @@
-"""The generated cohort the model benchmarks share (1800 patients, seed 11), made once.
+"""The generated cohort the model benchmarks share (3000 patients, seed 11), made once.
 
 It lives under ``benchmarks/out/`` (ignored by git); delete the folder to make it again.
 Generating and ingesting it the first time takes several minutes on a 2-core machine.
@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 OUT = Path(__file__).resolve().parent / "out"
-N_PATIENTS = 1800
+N_PATIENTS = 3000
 SEED = 11
 
 

@@ -63,6 +63,11 @@ _LAZY: dict[str, str] = {
     ),
     **dict.fromkeys(("IngestReport", "ingest_cohort"), "meddx.ingest.runner"),
     **dict.fromkeys(("generate_cohort",), "meddx.synth"),
+    **dict.fromkeys(("CohortDataset", "PreparedCohort", "prepare_cohort"), "meddx.data"),
+    **dict.fromkeys(("BackboneConfig", "FoundationBackbone"), "meddx.models"),
+    **dict.fromkeys(("DiagnosisModel",), "meddx.models.diagnosis"),
+    **dict.fromkeys(("finetune",), "meddx.train"),
+    **dict.fromkeys(("pretrain",), "meddx.pretrain"),
 }
 
 __all__ = [
@@ -102,6 +107,14 @@ __all__ = [
     "register_ingestor",
     "registered_ingestors",
     "unregister_ingestor",
+    "BackboneConfig",
+    "CohortDataset",
+    "DiagnosisModel",
+    "FoundationBackbone",
+    "PreparedCohort",
+    "finetune",
+    "prepare_cohort",
+    "pretrain",
 ]
 
 
@@ -146,3 +159,8 @@ if TYPE_CHECKING:  # static checkers see the real objects
         parse_time,
     )
     from meddx.synth import generate_cohort
+    from meddx.data import CohortDataset, PreparedCohort, prepare_cohort
+    from meddx.models import BackboneConfig, FoundationBackbone
+    from meddx.models.diagnosis import DiagnosisModel
+    from meddx.pretrain import pretrain
+    from meddx.train import finetune

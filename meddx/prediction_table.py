@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
+from meddx.models.diagnosis import probabilities_from_logits
 from meddx.records import MODALITIES, PatientBatch
 
 if TYPE_CHECKING:
@@ -44,8 +45,6 @@ def task_rows(
     for task, spec in model.tasks.items():
         raw = logits[task]
         calibrated = model.calibrated(task, raw)
-        from meddx.models.diagnosis import probabilities_from_logits
-
         uncalibrated = probabilities_from_logits(raw, spec.kind)
         if spec.kind == "binary":
             predicted = (calibrated >= 0.5).astype(int)
@@ -54,8 +53,9 @@ def task_rows(
             predicted = calibrated.argmax(axis=1)
             class_probs = calibrated
         sets = None
-        if task in model.conformal:
-            sets = model.conformal[task].predict_set(class_probs if spec.kind != "binary" else calibrated, present)
+        entry = model.calibration.get(task)
+        if entry is not None and entry.conformal is not None:
+            sets = entry.conformal.predict_set(class_probs if spec.kind != "binary" else calibrated, present)
         for i in range(len(batch)):
             row: dict[str, Any] = {
                 "patient_id": batch.patient_ids[i],
@@ -116,7 +116,9 @@ def prediction_frame(
         logits, withheld = model.batch_logits(batch.to(device), ablations=contributions)
         rows += task_rows(model, batch, logits, withheld, contributions)
     frame = pd.DataFrame(rows)
-    extras = dataset.extras_frame() if hasattr(dataset, "extras_frame") else None
-    if extras is not None and len(frame):
-        frame = frame.merge(extras, left_on="_row", right_index=True, how="left")
+    if len(frame):
+        # the manifest's own columns ride along (sex, site...), and which modalities failed to ingest
+        table = dataset.table().drop(columns=["patient_id", "index_time", "split", "modalities"], errors="ignore")
+        table = table.drop(columns=[c for c in table.columns if c.startswith("label:")])
+        frame = frame.merge(table, left_on="_row", right_on="row", how="left").drop(columns=["row"])
     return frame.drop(columns=["_row"], errors="ignore")

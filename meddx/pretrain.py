@@ -91,6 +91,7 @@ def pretrain(
 
     from meddx.checkpoint import load_module, load_optimizer, save_module, save_optimizer, write_progress
     from meddx.data import prepare_cohort
+    from meddx.data.store import aligner_hash
     from meddx.models import BackboneConfig, FoundationBackbone
     from meddx.models.pretraining import PretrainingObjectives
 
@@ -102,7 +103,7 @@ def pretrain(
     torch.manual_seed(seed)
 
     prepared = prepare_cohort(cohort, cache_dir=cache_dir, config=ingest_config, workers=workers, progress=progress)
-    dataset = prepared.dataset(split=None)
+    dataset = prepared.dataset(split=None).with_inputs()
     if len(dataset) < 2:
         raise ConfigError(f"pretraining needs at least 2 rows with some modality; the cohort has {len(dataset)}")
 
@@ -111,13 +112,13 @@ def pretrain(
         if not (checkpoint / "progress.json").is_file():
             raise ModelError(f"--resume: no checkpoint in {checkpoint}; run without --resume to start")
         backbone = FoundationBackbone.from_pretrained(checkpoint)
-        if backbone.aligner_state_hash() != prepared.aligner_hash:
+        if aligner_hash(backbone.aligner()) != aligner_hash(prepared.aligner):
             raise ModelError(
                 f"--resume: the checkpoint in {checkpoint} was made for other tensors (another cohort fit or "
                 "config); start again without --resume or in a new --out folder"
             )
     else:
-        backbone = FoundationBackbone(backbone_config or BackboneConfig(), prepared.aligner)
+        backbone = FoundationBackbone.from_aligner(backbone_config or BackboneConfig(), prepared.aligner)
     objectives = PretrainingObjectives(backbone).to(device)
     optimizer = torch.optim.AdamW(objectives.parameters_to_train(), lr=learning_rate, weight_decay=weight_decay)
     if resume:
@@ -157,7 +158,7 @@ def pretrain(
             optimizer.step()
             steps += 1
             for name in sums:
-                sums[name] += float(getattr(losses, name))
+                sums[name] += float(getattr(losses, name).detach())
             bar.set_postfix(masked=f"{float(losses.masked):.3f}", contrastive=f"{float(losses.contrastive):.3f}")
         if steps == 0 or not math.isfinite(sums["total"]):
             raise ModelError(f"pretraining epoch {epoch + 1} gave no finite loss; lower the learning rate")

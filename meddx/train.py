@@ -130,7 +130,7 @@ def calibrate(
     device: str = "cpu",
 ) -> dict[str, Any]:
     """Fit each task's calibrator and conformal sets on the validation rows; returns their figures."""
-    from meddx.calibration import ConformalClassifier, IsotonicCalibrator, TemperatureScaler
+    from meddx.calibration import ConformalClassifier, IsotonicCalibrator, TaskCalibration, TemperatureScaler
     from meddx.metrics import auroc, ece
     from meddx.models.diagnosis import probabilities_from_logits
 
@@ -146,12 +146,12 @@ def calibrate(
             continue
         x, y = logits[task][known], labels[task][known]
         calibrator = (TemperatureScaler() if method == "temperature" else IsotonicCalibrator()).fit(x, y)
-        model.calibrators[task] = calibrator
         raw = probabilities_from_logits(x, spec.kind)
         calibrated = calibrator.transform(x)
-        model.conformal[task] = ConformalClassifier(alpha=alpha, min_group_size=min_group_size).fit(
+        conformal = ConformalClassifier(alpha=alpha, min_group_size=min_group_size).fit(
             calibrated, y, availability=present[known]
         )
+        model.calibration[task] = TaskCalibration(spec.classes, calibrator, conformal)
         figures[task] = {
             "val_rows": int(known.sum()),
             "auroc": float(auroc(y, raw)),
@@ -273,17 +273,18 @@ def finetune(
 
     if isinstance(backbone, (str, Path)):
         backbone = FoundationBackbone.from_pretrained(backbone)
-    aligner = backbone.aligner if backbone is not None else None
+    aligner = backbone.aligner() if backbone is not None else None
     prepared = prepare_cohort(
         cohort, cache_dir=cache_dir, config=ingest_config, aligner=aligner, workers=workers,
         progress=progress and rank == 0,
     )
-    train, val = prepared.dataset(split="train", tasks=chosen), prepared.dataset(split="val", tasks=chosen)
+    train = prepared.dataset(split="train", tasks=list(chosen)).with_inputs()
+    val = prepared.dataset(split="val", tasks=list(chosen)).with_inputs()
     for name, part in (("train", train), ("val", val)):
         if len(part) == 0:
             raise ConfigError(f"{cohort.path}: no {name} rows with any usable modality; check the split column")
     if backbone is None:
-        backbone = FoundationBackbone(backbone_config or BackboneConfig(), prepared.aligner)
+        backbone = FoundationBackbone.from_aligner(backbone_config or BackboneConfig(), prepared.aligner)
     model = DiagnosisModel(backbone, chosen).to(device)
     if mode == "lora":
         from meddx.models.adapters import add_lora

@@ -128,6 +128,18 @@ class CohortDataset(Dataset):
         """``collate_fn`` for a ``DataLoader``: :func:`~meddx.records.collate` checked against the spec."""
         return collate(items, self.tensor_spec)
 
+    def with_inputs(self) -> "CohortDataset":
+        """The same rows less those where no modality could be read (nothing for a model to see).
+
+        Training and pretraining use this; batch diagnosis keeps such rows to report them.
+        """
+        rows = [e.row for e in self._entries if e.key is not None]
+        return CohortDataset(self.index_path, split=self.split, tasks=list(self.tasks), rows=rows)
+
+    def label_array(self) -> dict[str, np.ndarray]:
+        """Task -> int64 ``(N,)`` class index of every item (:data:`~meddx.records.UNKNOWN_LABEL` if unknown)."""
+        return {task: np.array([item[3][task] for item in self._items], dtype=np.int64) for task in self.tasks}
+
     @property
     def rows(self) -> list[int]:
         """Manifest row (1-based) of each item, in item order."""

@@ -10,7 +10,7 @@ from typing import Any
 
 from meddx.models.config import BackboneConfig
 
-__all__ = ["BackboneConfig", "BackboneOutput", "EncodedBatch", "FoundationBackbone"]
+__all__ = ["BackboneConfig", "BackboneOutput", "DiagnosisModel", "EncodedBatch", "FoundationBackbone"]
 
 
 def __getattr__(name: str) -> Any:
@@ -18,4 +18,8 @@ def __getattr__(name: str) -> Any:
         from meddx.models import backbone
 
         return getattr(backbone, name)
+    if name == "DiagnosisModel":
+        from meddx.models.diagnosis import DiagnosisModel
+
+        return DiagnosisModel
     raise AttributeError(f"module 'meddx.models' has no attribute {name!r}")

@@ -21,6 +21,8 @@ from meddx.errors import ConfigError
 if TYPE_CHECKING:
     from meddx.models.diagnosis import DiagnosisModel
 
+FUSION_MODULE = "fusion"  # FoundationBackbone.fusion, the nn.TransformerEncoder
+TEXT_MODULE = "encoders.notes.text_model"  # the Hugging Face text model inside the notes encoder
 LORA_MARK = "lora_"
 BASE_LAYER = ".base_layer"
 DEFAULT_ADAPTER: dict[str, Any] = {"r": 8, "alpha": 16, "dropout": 0.05, "text_encoder": False}
@@ -37,8 +39,8 @@ def lora_targets(model: "DiagnosisModel", text_encoder: bool) -> list[str]:
     for name, module in model.backbone.named_modules():
         if not isinstance(module, nn.Linear):
             continue
-        in_fusion = name.startswith(model.backbone.fusion_module_name() + ".")
-        in_text = text_encoder and name.startswith(model.backbone.text_module_name() + ".") and (
+        in_fusion = name.startswith(FUSION_MODULE + ".")
+        in_text = text_encoder and name.startswith(TEXT_MODULE + ".") and (
             name.endswith(".query") or name.endswith(".value")
         )
         if in_fusion or in_text:
@@ -68,8 +70,9 @@ def add_lora(model: "DiagnosisModel", adapter: dict[str, Any]) -> dict[str, Any]
     inject_adapter_in_model(config, model)
     for name, parameter in model.named_parameters():
         parameter.requires_grad = LORA_MARK in name or name.startswith("heads.")
-    if settings["text_encoder"]:
-        model.backbone.disable_frozen_cache()  # the text encoder's outputs now change with training
+    notes = model.backbone.notes_encoder
+    if settings["text_encoder"] and notes is not None:
+        notes.cache = None  # the text encoder's outputs now change with training: nothing to reuse
     model.adapter = {**settings, "targets": targets}
     return model.adapter
 
@@ -89,15 +92,3 @@ def split_adapter_weights(model: nn.Module) -> tuple[dict[str, torch.Tensor], di
             base[key.replace(BASE_LAYER, "")] = value
     return base, adapter
 
-
-def to_model_keys(weights: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Rename saved base weights to the names they have in a model with adapters injected."""
-    renamed = {}
-    for key in model.state_dict():
-        original = key.replace(BASE_LAYER, "")
-        if original in weights:
-            renamed[key] = weights[original]
-    for key, value in weights.items():
-        if LORA_MARK in key:
-            renamed[key] = value
-    return renamed

@@ -33,6 +33,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 TEXT_PREFIX = "encoders.notes.text_model."
+HEADS_PREFIX = "heads."
 
 
 class ArrayFieldModel(BaseModel):
@@ -65,6 +66,9 @@ class BackboneCheckpoint(BaseModel):
     text_weights: Literal["bundled", "included", "none"]  # none: the spec has no notes
     text_model_version: str | None = None
     text_model_config: dict[str, Any] | None = None  # rebuilds an included text model without its folder
+    # A fine-tuned DiagnosisModel's tasks, heads and adapter (meddx.models.diagnosis); None for a bare backbone.
+    # Its head weights sit in model.safetensors under "heads.", which a bare backbone load leaves out.
+    diagnosis: dict[str, Any] | None = None
 
 
 def _major(version: str) -> int:
@@ -74,8 +78,24 @@ def _major(version: str) -> int:
         raise ModelError(f"meddx_version {version!r} in {CONFIG_FILE} is not a version number") from None
 
 
-def save_backbone(backbone: "FoundationBackbone", folder: str | Path) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` into ``folder`` (created if needed)."""
+def save_backbone(
+    backbone: "FoundationBackbone",
+    folder: str | Path,
+    *,
+    state: dict[str, Any] | None = None,
+    extra_tensors: dict[str, Any] | None = None,
+    diagnosis: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` into ``folder`` (created if needed).
+
+    Args:
+        backbone: the model.
+        folder: where to write.
+        state: the backbone weights to write (default ``backbone.state_dict()``); a model with
+            LoRA adapters passes its base weights under their plain names.
+        extra_tensors: more weights for ``model.safetensors`` (a diagnosis model's ``heads.*``).
+        diagnosis: the diagnosis part of ``config.json`` (tasks, heads, adapter).
+    """
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -84,9 +104,10 @@ def save_backbone(backbone: "FoundationBackbone", folder: str | Path) -> Path:
     skip_text = notes is not None and notes.frozen and notes.bundled
     state = {
         k: v.detach().to("cpu").contiguous()
-        for k, v in backbone.state_dict().items()
+        for k, v in (backbone.state_dict() if state is None else state).items()
         if not (skip_text and k.startswith(TEXT_PREFIX))
     }
+    state.update({k: v.detach().to("cpu").contiguous() for k, v in (extra_tensors or {}).items()})
     text_weights: Literal["bundled", "included", "none"] = (
         "none" if notes is None else "bundled" if skip_text else "included"
     )
@@ -98,6 +119,7 @@ def save_backbone(backbone: "FoundationBackbone", folder: str | Path) -> Path:
         text_weights=text_weights,
         text_model_version=None if notes is None else notes.version,
         text_model_config=notes.text_config() if notes is not None and text_weights == "included" else None,
+        diagnosis=diagnosis,
     )
     (folder / CONFIG_FILE).write_text(checkpoint.model_dump_json(indent=2) + "\n")
     save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": FORMAT, "meddx_version": __version__})
@@ -187,6 +209,8 @@ def load_backbone(
     except (OSError, SafetensorError) as exc:
         raise ModelError(f"{folder / WEIGHTS_FILE} is not a readable safetensors file: {exc}") from None
     expected = set(backbone.state_dict())
+    if checkpoint.diagnosis is not None:  # a fine-tuned model's folder: its heads load elsewhere
+        state = {k: v for k, v in state.items() if not k.startswith(HEADS_PREFIX)}
     if checkpoint.text_weights == "bundled":
         expected = {k for k in expected if not k.startswith(TEXT_PREFIX)}
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)

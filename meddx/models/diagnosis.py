@@ -40,14 +40,13 @@ from meddx.records import MODALITIES, Modality, PatientBatch
 if TYPE_CHECKING:
     import pandas as pd
 
-    from meddx.calibration import ConformalClassifier, IsotonicCalibrator, TemperatureScaler
+    from meddx.calibration import TaskCalibration
     from meddx.data import CohortDataset
     from meddx.models.backbone import FoundationBackbone
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "meddx.diagnosis-model/1"
-CALIBRATION_FILE = "calibration.json"
 METRICS_FILE = "metrics.json"
 ADAPTER_FILE = "adapter.safetensors"
 
@@ -70,10 +69,11 @@ class DiagnosisModel(nn.Module):
         head_dropout: dropout inside each head.
 
     Attributes:
-        calibrators: task -> fitted temperature scaler or isotonic calibrator (empty until calibrated).
-        conformal: task -> fitted :class:`~meddx.calibration.ConformalClassifier`.
+        calibration: task -> :class:`~meddx.calibration.TaskCalibration` (calibrator and conformal
+            sets, fitted on validation rows); empty until calibrated.
         metrics: validation figures written to ``metrics.json``.
         training_info: how it was fine-tuned (mode, epochs, rows), kept in ``config.json``.
+        adapter: the LoRA settings when adapters were added (``lora`` mode), else None.
     """
 
     def __init__(self, backbone: "FoundationBackbone", tasks: Mapping[str, TaskSpec], head_dropout: float = 0.1):
@@ -84,45 +84,54 @@ class DiagnosisModel(nn.Module):
         self.tasks = dict(tasks)
         self.head_dropout = head_dropout
         self.heads = DiagnosisHeads(backbone.config.d_model, self.tasks, head_dropout)
-        self.calibrators: dict[str, TemperatureScaler | IsotonicCalibrator] = {}
-        self.conformal: dict[str, ConformalClassifier] = {}
+        self.calibration: dict[str, TaskCalibration] = {}
         self.metrics: dict[str, Any] = {}
         self.training_info: dict[str, Any] = {}
-        self.adapter: dict[str, Any] | None = None  # the LoRA config when adapters were added
+        self.adapter: dict[str, Any] | None = None
+
+    @property
+    def aligner(self):
+        """The fitted aligner the model's tensors are made with (from the backbone)."""
+        return self.backbone.aligner()
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, batch: PatientBatch, withhold: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Logits per task; ``withhold`` (bool ``(B, M)``) hides modalities from the backbone."""
-        return self.heads(self.backbone(batch, withhold=withhold).pooled)
+    def forward(self, batch: PatientBatch, drop: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Logits per task; ``drop`` (bool ``(B, M)``) hides modalities from the fusion."""
+        return self.heads(self.backbone(batch, drop=drop).pooled)
 
     @torch.no_grad()
     def batch_logits(self, batch: PatientBatch, ablations: bool = True) -> tuple[dict, dict]:
-        """Logits of a batch, and per modality the logits with that modality withheld.
+        """Logits of a batch, and per present modality the logits with that modality withheld.
+
+        The encoders run once; only the fusion runs again per withheld modality.
 
         Returns:
             ``(logits, withheld)``: task -> ``(B,)``/``(B, C)`` arrays, and modality -> task -> the
             same with that modality withheld (rows that lacked it are unchanged).
         """
-        logits = {t: v.float().cpu().numpy() for t, v in self(batch).items()}
+        encoded = self.backbone.encode(batch)
+        none = torch.zeros_like(encoded.present)
+        logits = {t: v.float().cpu().numpy() for t, v in self.heads(self.backbone.fuse(encoded, drop=none).pooled).items()}
         withheld: dict[Modality, dict[str, np.ndarray]] = {}
         if ablations:
             for j, modality in enumerate(MODALITIES):
-                if not batch.present[:, j].any():
+                if not encoded.present[:, j].any():
                     continue
-                hide = torch.zeros_like(batch.present)
-                hide[:, j] = batch.present[:, j]
-                withheld[modality] = {t: v.float().cpu().numpy() for t, v in self(batch, withhold=hide).items()}
+                hide = none.clone()
+                hide[:, j] = True
+                pooled = self.backbone.fuse(encoded, drop=hide).pooled
+                withheld[modality] = {t: v.float().cpu().numpy() for t, v in self.heads(pooled).items()}
         return logits, withheld
 
     # ------------------------------------------------------------- calibration
 
     def calibrated(self, task: str, logits: np.ndarray) -> np.ndarray:
         """Calibrated probabilities of a task from its logits (uncalibrated when not fitted)."""
-        calibrator = self.calibrators.get(task)
-        if calibrator is None:
+        entry = self.calibration.get(task)
+        if entry is None:
             return probabilities_from_logits(logits, self.tasks[task].kind)
-        return calibrator.transform(logits)
+        return entry.calibrator.transform(logits)
 
     # --------------------------------------------------------------- predicting
 
@@ -145,7 +154,7 @@ class DiagnosisModel(nn.Module):
             split: only rows of this split (``test``, ...); None = every row.
             batch_size: patients per forward pass.
             contributions: add ``contribution:<modality>`` and ``ablation:<modality>`` columns
-                (one more forward pass per modality).
+                (one more fusion pass per modality).
             cache_dir, workers, progress: for ingesting a cohort.
             device: where the model runs.
         """
@@ -159,17 +168,14 @@ class DiagnosisModel(nn.Module):
 
         if isinstance(data, CohortDataset):
             return data
-        prepared = prepare_cohort(
-            data, cache_dir=cache_dir, aligner=self.backbone.aligner, workers=workers, progress=progress
-        )
+        prepared = prepare_cohort(data, cache_dir=cache_dir, aligner=self.aligner, workers=workers, progress=progress)
         return prepared.dataset(split=split)
 
     # -------------------------------------------------------------- persistence
 
-    def config_dict(self) -> dict[str, Any]:
-        """What ``config.json`` holds: the backbone's config plus the diagnosis part."""
-        config = self.backbone.config_dict()
-        config["diagnosis"] = {
+    def diagnosis_config(self) -> dict[str, Any]:
+        """The diagnosis part of ``config.json``: tasks, heads, adapter, how it was trained."""
+        return {
             "format": FORMAT,
             "meddx": __version__,
             "tasks": {name: {"kind": t.kind, "classes": list(t.classes)} for name, t in self.tasks.items()},
@@ -177,85 +183,80 @@ class DiagnosisModel(nn.Module):
             "adapter": self.adapter,
             "training": self.training_info,
         }
-        return config
 
     def save_pretrained(self, folder: str | Path) -> Path:
-        """Write the model folder (see the module docstring); returns it."""
+        """Write the model folder (see the module docstring); returns it.
+
+        ``model.safetensors`` is a backbone checkpoint plus ``heads.*``, so
+        ``FoundationBackbone.from_pretrained`` also reads a fine-tuned model's backbone.
+        """
+        from meddx.calibration import save_calibration
         from meddx.checkpoint import atomic_save_tensors, atomic_write_text
         from meddx.models.adapters import split_adapter_weights
+        from meddx.models.checkpoint import save_backbone
 
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         base, adapter = split_adapter_weights(self)
-        atomic_save_tensors(base, folder / "model.safetensors", metadata={"format": "pt"})
+        backbone_state = {k.removeprefix("backbone."): v for k, v in base.items() if k.startswith("backbone.")}
+        heads = {k: v for k, v in base.items() if k.startswith("heads.")}
+        save_backbone(self.backbone, folder, state=backbone_state, extra_tensors=heads,
+                      diagnosis=self.diagnosis_config())
         if adapter:
             atomic_save_tensors(adapter, folder / ADAPTER_FILE, metadata={"format": "pt"})
         elif (folder / ADAPTER_FILE).exists():
             (folder / ADAPTER_FILE).unlink()
-        atomic_write_text(json.dumps(self.config_dict(), indent=2, sort_keys=True), folder / "config.json")
-        calibration = {
-            task: {
-                "calibrator": self.calibrators[task].to_dict() if task in self.calibrators else None,
-                "conformal": self.conformal[task].to_dict() if task in self.conformal else None,
-            }
-            for task in self.tasks
-        }
-        atomic_write_text(json.dumps(calibration, indent=2, sort_keys=True), folder / CALIBRATION_FILE)
-        atomic_write_text(json.dumps(self.metrics, indent=2, sort_keys=True), folder / METRICS_FILE)
+        save_calibration(folder, self.calibration)
+        atomic_write_text(json.dumps(self.metrics, indent=2, sort_keys=True, default=float), folder / METRICS_FILE)
         return folder
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> "DiagnosisModel":
+    def from_pretrained(cls, folder: str | Path, cache_dir: str | Path | None = None) -> "DiagnosisModel":
         """Load a folder written by :meth:`save_pretrained`.
 
         Raises:
-            ModelError: a missing or foreign file, a pickle checkpoint, an unknown format.
+            ModelError: a missing or foreign file, a pickle checkpoint, an unknown format, or a
+                backbone folder without heads.
         """
-        from meddx.calibration import ConformalClassifier, calibrator_from_dict
-        from meddx.models.adapters import add_lora, to_model_keys
+        from safetensors.torch import load_file
+
+        from meddx.calibration import load_calibration
+        from meddx.models.adapters import add_lora
         from meddx.models.backbone import FoundationBackbone
+        from meddx.models.checkpoint import HEADS_PREFIX, WEIGHTS_FILE, read_checkpoint
 
         folder = Path(folder)
-        config = FoundationBackbone.read_config(folder)
-        diagnosis = config.get("diagnosis")
-        if not isinstance(diagnosis, dict):
+        diagnosis = read_checkpoint(folder).diagnosis
+        if diagnosis is None:
             raise ModelError(
                 f"{folder} holds a backbone without diagnostic heads; fine-tune it first "
                 "(meddx finetune MANIFEST --backbone FOLDER) or load it with FoundationBackbone.from_pretrained"
             )
         if diagnosis.get("format") != FORMAT:
             raise ModelError(
-                f"{folder}/config.json is a diagnosis model of format {diagnosis.get('format')!r}; this meddx "
-                f"({__version__}) reads {FORMAT!r}: upgrade meddx or re-train the model"
+                f"{folder}/config.json holds a diagnosis model of format {diagnosis.get('format')!r}; this meddx "
+                f"({__version__}) reads {FORMAT!r}: install the meddx that wrote it, or fine-tune again"
             )
-        tasks = {
-            name: TaskSpec(name, spec["kind"], tuple(spec["classes"])) for name, spec in diagnosis["tasks"].items()
-        }
-        backbone = FoundationBackbone.from_config_dict(config)
-        model = cls(backbone, tasks, head_dropout=diagnosis.get("head_dropout", 0.1))
+        tasks = {name: TaskSpec(name, t["kind"], tuple(t["classes"])) for name, t in diagnosis["tasks"].items()}
+        model = cls(FoundationBackbone.from_pretrained(folder, cache_dir), tasks, diagnosis.get("head_dropout", 0.1))
+        heads = {k.removeprefix(HEADS_PREFIX): v for k, v in load_file(str(folder / WEIGHTS_FILE)).items()
+                 if k.startswith(HEADS_PREFIX)}
+        try:
+            model.heads.load_state_dict(heads)
+        except RuntimeError as exc:
+            raise ModelError(f"{folder / WEIGHTS_FILE}: the head weights do not fit config.json ({exc})") from None
         if diagnosis.get("adapter"):
             add_lora(model, diagnosis["adapter"])
-        weights = FoundationBackbone.read_weights(folder / "model.safetensors")
-        if diagnosis.get("adapter"):
-            weights.update(FoundationBackbone.read_weights(folder / ADAPTER_FILE))
-        missing, unexpected = model.load_state_dict(to_model_keys(weights, model), strict=False)
-        missing = [k for k in missing if not backbone.is_external_weight(k.removeprefix("backbone."))]
-        if missing or unexpected:
-            raise ModelError(
-                f"{folder}/model.safetensors does not match its config.json (missing {missing[:3]}, unexpected "
-                f"{unexpected[:3]}); the folder was changed by hand or written by another model"
-            )
+            if not (folder / ADAPTER_FILE).is_file():
+                raise ModelError(f"{folder} was fine-tuned with LoRA but has no {ADAPTER_FILE}; copy the whole folder")
+            adapter = load_file(str(folder / ADAPTER_FILE))
+            _, unexpected = model.load_state_dict(adapter, strict=False)
+            lora_keys = {k for k in model.state_dict() if "lora_" in k}
+            if unexpected or set(adapter) != lora_keys:
+                raise ModelError(f"{folder / ADAPTER_FILE} does not fit the adapter described in config.json")
+        model.adapter = diagnosis.get("adapter")
         model.training_info = diagnosis.get("training", {})
-        calibration_path = folder / CALIBRATION_FILE
-        if calibration_path.is_file():
-            calibration = json.loads(calibration_path.read_text())
-            for task, parts in calibration.items():
-                if parts.get("calibrator"):
-                    model.calibrators[task] = calibrator_from_dict(parts["calibrator"])
-                if parts.get("conformal"):
-                    model.conformal[task] = ConformalClassifier.from_dict(parts["conformal"])
-        metrics_path = folder / METRICS_FILE
-        if metrics_path.is_file():
-            model.metrics = json.loads(metrics_path.read_text())
+        model.calibration = load_calibration(folder)
+        metrics = folder / METRICS_FILE
+        model.metrics = json.loads(metrics.read_text()) if metrics.is_file() else {}
         model.eval()
         return model

@@ -112,15 +112,15 @@ class PretrainingObjectives(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def forward(self, batch: PatientBatch, generator: torch.Generator | None = None) -> PretrainingLosses:
-        full = self.backbone(batch)
-        encoded = full.encoder_embeddings  # (B, M, D), each modality from its own encoder only
-        present = full.modality_mask  # (B, M)
+        encoded_batch = self.backbone.encode(batch)  # the encoders run once for both objectives
+        encoded = encoded_batch.encoder_embeddings.float()  # (B, M, D), each modality from its own encoder only
+        present = encoded_batch.present  # (B, M)
         zero = encoded.sum() * 0.0  # keeps the graph (and the device) when a loss has nothing to do
 
         hidden = choose_hidden_modalities(present, generator)  # (B, M)
         masked = zero
         if hidden.any():
-            withheld = self.backbone(batch, withhold=hidden)
+            withheld = self.backbone.fuse(encoded_batch, drop=hidden)
             target = encoded.detach()
             losses = []
             for j, modality in enumerate(MODALITIES):
