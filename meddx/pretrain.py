@@ -132,7 +132,10 @@ def pretrain(
     generator = torch.Generator().manual_seed(seed)
     use_amp = device.startswith("cuda")
     for epoch in range(len(done), epochs):
-        generator.manual_seed(seed * 100_003 + epoch)  # each epoch's shuffle and masks do not depend on resuming
+        # each epoch's shuffle, masks and dropout depend on (seed, epoch) only, so a resumed run
+        # goes on exactly as an uninterrupted one would
+        generator.manual_seed(seed * 100_003 + epoch)
+        torch.manual_seed(seed * 100_003 + epoch)
         loader = DataLoader(
             dataset,
             batch_size=batch_size,

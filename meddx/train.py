@@ -212,6 +212,7 @@ def finetune(
     calibration: str = "temperature",
     min_group_size: int = 50,
     lora: dict[str, Any] | None = None,
+    head_dropout: float = 0.1,
     workers: int | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -237,6 +238,7 @@ def finetune(
         calibration: ``temperature`` or ``isotonic``.
         min_group_size: fewest validation rows for a Mondrian group's own conformal threshold.
         lora: LoRA settings (``r``, ``alpha``, ``dropout``, ``text_encoder``) in ``lora`` mode.
+        head_dropout: dropout inside each head.
         workers: ingestion worker processes.
         resume: carry on from ``out_dir/checkpoint``.
         progress: show progress bars.
@@ -285,7 +287,7 @@ def finetune(
             raise ConfigError(f"{cohort.path}: no {name} rows with any usable modality; check the split column")
     if backbone is None:
         backbone = FoundationBackbone.from_aligner(backbone_config or BackboneConfig(), prepared.aligner)
-    model = DiagnosisModel(backbone, chosen).to(device)
+    model = DiagnosisModel(backbone, chosen, head_dropout=head_dropout).to(device)
     if mode == "lora":
         from meddx.models.adapters import add_lora
 
@@ -395,6 +397,20 @@ def _resume(out_dir, module, optimizer, stopper: _EarlyStopping) -> int:
     return int(progress["epoch"])
 
 
+def _keep_frozen_statistics(module) -> None:
+    """Batch-norm layers whose weights are frozen keep their running statistics too (eval mode).
+
+    Otherwise LoRA training would still change the base model through its running means.
+    """
+    import torch
+
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm) and not any(
+            p.requires_grad for p in layer.parameters()
+        ):
+            layer.eval()
+
+
 def _fit_end_to_end(model, train, val, epochs, batch_size, learning_rate, patience, seed, weights, device, world,
                     rank, out_dir, resume, progress) -> dict[str, Any]:
     """``full`` and ``lora``: backbone passes every step; DDP when launched by torchrun."""
@@ -420,6 +436,8 @@ def _fit_end_to_end(model, train, val, epochs, batch_size, learning_rate, patien
         sampler.set_epoch(epoch)
         torch.manual_seed(seed * 1_000 + epoch * 10 + rank)  # modality dropout and dropout, per epoch and rank
         model.train()
+        if model.adapter is not None:
+            _keep_frozen_statistics(model.backbone)
         for batch in tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress or rank != 0,
                           leave=False):
             batch = batch.to(device, non_blocking=True)
@@ -428,7 +446,9 @@ def _fit_end_to_end(model, train, val, epochs, batch_size, learning_rate, patien
             loss = _loss(model, logits, batch.labels, weights)
             if loss is None:
                 loss = sum(v.sum() for v in logits.values()) * 0.0  # every rank must join the all-reduce
-            optimizer.zero_grad(set_to_none=True)
+            # zeros, not None: DDP gives a parameter unused in a batch a zero gradient, so a single
+            # process must too (AdamW treats "no gradient" and "zero gradient" differently)
+            optimizer.zero_grad(set_to_none=False)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
