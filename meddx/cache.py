@@ -1,7 +1,8 @@
 """Content-addressed cache of ingested records (safetensors files).
 
 A record is stored under a key made of everything that decides its content: the
-modality, the bytes of its source files, the index time, the patient id (a Bulk FHIR
+modality, the bytes of its source files (for a DICOMweb source: its UIDs and a hash of
+the server's URL), the index time, the patient id (a Bulk FHIR
 folder holds many patients), the ingest config section, and the meddx version. Change
 any of them and the key changes, so a stale entry is never read.
 
@@ -16,6 +17,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -23,6 +25,7 @@ import numpy as np
 
 from meddx import __version__
 from meddx.config import IngestConfig
+from meddx.dicomweb.ref import DicomWebRef, server_id
 from meddx.records import Event, Modality, ModalityRecord, parse_time
 
 _CHUNK = 1 << 20
@@ -49,8 +52,25 @@ def source_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def remote_digest(ref: DicomWebRef, config: IngestConfig) -> str:
+    """Key part of a DICOMweb source: its UIDs and the server's id (a hash of its URL), never the bytes.
+
+    DICOM instances do not change under their UIDs, so a run whose records are cached asks
+    the server nothing. A study reference is keyed by the study: a series added to the
+    study later is not seen until the cache entry is removed.
+    """
+    from meddx.dicomweb.client import server_url
+
+    text = f"dicomweb|{server_id(server_url(config.dicomweb))}|{ref.study_uid}|{ref.series_uid or ''}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def cache_key(
-    modality: Modality, sources: list[Path], patient_id: str, index_time_iso: str, config: IngestConfig
+    modality: Modality,
+    sources: Sequence[Path | DicomWebRef],
+    patient_id: str,
+    index_time_iso: str,
+    config: IngestConfig,
 ) -> str:
     """The content address of one record."""
     section = getattr(config, Modality(modality).value).model_dump(mode="json")
@@ -63,7 +83,7 @@ def cache_key(
         "patient_id": patient_id,
         "index_time": index_time_iso,
         "config": section,
-        "sources": [source_digest(p) for p in sources],
+        "sources": [remote_digest(p, config) if isinstance(p, DicomWebRef) else source_digest(p) for p in sources],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
