@@ -228,7 +228,7 @@ def pacs() -> None:
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The manifest CSV to write (patient_id, index_time, imaging).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Ingest config (YAML/JSON): its dicomweb section names the server, site_timezone the clocks' zone.")
+              help="Ingest config (YAML/JSON): its dicomweb section names the server, site_timezone the zone.")
 @click.option("--index-offset", default=60.0, show_default=True, type=click.FloatRange(min=0),
               help="Minutes after the study's date and time that make each row's index time.")
 @_handle_errors

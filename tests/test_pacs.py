@@ -202,7 +202,9 @@ def test_a_stopped_server_is_one_error_per_row_and_the_run_goes_on(
             },
         )
     )
-    report = ingest_cohort(cohort, tmp_path / "cache", _config(server), workers=0, progress=False, out_dir=tmp_path / "run")
+    report = ingest_cohort(
+        cohort, tmp_path / "cache", _config(server), workers=0, progress=False, out_dir=tmp_path / "run"
+    )
     by_patient = {o.patient_id: o for o in report.outcomes}
     assert by_patient["P3"].status == "ok"
     for pid in ("P1", "P2"):
@@ -229,8 +231,20 @@ def test_a_wrong_password_is_reported_once_before_anything_is_read(
     config_file = tmp_path / "ingest.json"
     config_file.write_text(_config(pacs).model_dump_json())
     result = CliRunner().invoke(
-        main, ["ingest", str(manifest), "--cache", str(tmp_path / "cache"), "--config", str(config_file),
-               "--out", str(tmp_path / "run"), "--workers", "0", "--quiet"]
+        main,
+        [
+            "ingest",
+            str(manifest),
+            "--cache",
+            str(tmp_path / "cache"),
+            "--config",
+            str(config_file),
+            "--out",
+            str(tmp_path / "run"),
+            "--workers",
+            "0",
+            "--quiet",
+        ],
     )
     assert result.exit_code == 2
     assert result.output.count("refused the credentials") == 1
@@ -267,8 +281,21 @@ def test_pacs_manifest_finds_the_studies_of_a_date_range(pacs, studies, logged_i
     config_file.write_text(json.dumps({"dicomweb": {"url": pacs.url}, "site_timezone": "Europe/Berlin"}))
     out = tmp_path / "manifest.csv"
     result = CliRunner().invoke(
-        main, ["pacs", "manifest", "--modality", "ct", "--since", "2024-03-01", "--until", "2024-03-31",
-               "--out", str(out), "--config", str(config_file)]
+        main,
+        [
+            "pacs",
+            "manifest",
+            "--modality",
+            "ct",
+            "--since",
+            "2024-03-01",
+            "--until",
+            "2024-03-31",
+            "--out",
+            str(out),
+            "--config",
+            str(config_file),
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "2 CT studies found" in result.output
@@ -313,16 +340,39 @@ def test_prediction_srs_are_stored_and_read_back_valid(pacs, studies, logged_in,
     series_uid = generate_uid()
     srs, sources = [], {}
     predictions = [
-        {"patient_id": "P1", "index_time": "2024-03-06T09:00:00Z", "task": "disease", "probability": 0.83,
-         "raw_probability": 0.9, "prediction": "1", "prediction_set": "1", "status": "ok"},
-        {"patient_id": "P2", "index_time": "2024-03-07T10:30:00Z", "task": "disease", "probability": 0.41,
-         "raw_probability": 0.3, "prediction": "0", "prediction_set": "0|1", "status": "ok"},
+        {
+            "patient_id": "P1",
+            "index_time": "2024-03-06T09:00:00Z",
+            "task": "disease",
+            "probability": 0.83,
+            "raw_probability": 0.9,
+            "prediction": "1",
+            "prediction_set": "1",
+            "status": "ok",
+        },
+        {
+            "patient_id": "P2",
+            "index_time": "2024-03-07T10:30:00Z",
+            "task": "disease",
+            "probability": 0.41,
+            "raw_probability": 0.3,
+            "prediction": "0",
+            "prediction_set": "0|1",
+            "status": "ok",
+        },
     ]
     for number, row in enumerate(predictions, start=1):
         files = sorted((studies[row["patient_id"]].folder / "series0").glob("*.dcm"))
         sources[row["patient_id"]] = [pydicom.dcmread(p, stop_before_pixels=True) for p in files]
-        srs.append(build_prediction_sr(sources[row["patient_id"]], row, ModelInfo("meddx-test", "0.1.0"),
-                                       series_instance_uid=series_uid, instance_number=number))
+        srs.append(
+            build_prediction_sr(
+                sources[row["patient_id"]],
+                row,
+                ModelInfo("meddx-test", "0.1.0"),
+                series_instance_uid=series_uid,
+                instance_number=number,
+            )
+        )
     client = connect(_config(pacs).dicomweb)
     stored = store_srs(client, srs)
     assert stored == [str(sr.SOPInstanceUID) for sr in srs]
@@ -366,7 +416,9 @@ def test_a_failed_prediction_row_makes_no_sr(studies) -> None:
     with pytest.raises(PredictionsError, match="status 'ok'"):
         build_prediction_sr(source, row, ModelInfo("m", "1"))
     with pytest.raises(PredictionsError, match="PatientID"):
-        build_prediction_sr(source, {**row, "status": "ok", "probability": 0.5, "patient_id": "P2"}, ModelInfo("m", "1"))
+        build_prediction_sr(
+            source, {**row, "status": "ok", "probability": 0.5, "patient_id": "P2"}, ModelInfo("m", "1")
+        )
 
 
 def _walk(items):
@@ -455,7 +507,13 @@ def test_a_dicomweb_cache_key_is_its_uids_and_server(monkeypatch: pytest.MonkeyP
 def test_series_are_tried_in_the_order_of_the_series_rule() -> None:
     from meddx.dicomweb.store import SeriesEntry, order_series
 
-    entries = [SeriesEntry("1.9", "CT", 40), SeriesEntry("1.5", "CT", 80), SeriesEntry("1.7", "CT", 80),
-               SeriesEntry("1.3", "CT", 10), SeriesEntry("1.1", "SR", 500), SeriesEntry("1.2", "KO", 1)]
+    entries = [
+        SeriesEntry("1.9", "CT", 40),
+        SeriesEntry("1.5", "CT", 80),
+        SeriesEntry("1.7", "CT", 80),
+        SeriesEntry("1.3", "CT", 10),
+        SeriesEntry("1.1", "SR", 500),
+        SeriesEntry("1.2", "KO", 1),
+    ]
     assert [e.series_uid for e in order_series(entries, "most_slices")] == ["1.5", "1.7", "1.9", "1.3"]
     assert [e.series_uid for e in order_series(entries, "first_uid")] == ["1.3", "1.5", "1.7", "1.9"]

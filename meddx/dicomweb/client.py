@@ -149,7 +149,9 @@ def describe_failure(exc: BaseException, config: DicomWebConfig, url: str) -> st
     if isinstance(exc, requests.Timeout):
         return f"the DICOMweb server at {where} did not answer within {config.timeout_s:g} s ({tried})"
     if isinstance(exc, requests.ConnectionError):
-        return f"cannot reach the DICOMweb server at {where} ({tried}); check dicomweb.url and that the server is running"
+        return (
+            f"cannot reach the DICOMweb server at {where} ({tried}); check dicomweb.url and that the server is running"
+        )
     return f"unexpected answer from the DICOMweb server at {where}: {type(exc).__name__}"
 
 

@@ -89,8 +89,9 @@ class SeriesStore:
         root: the store's folder; default ``config.cache_dir``.
 
     Example:
-        >>> store = SeriesStore(DicomWebConfig(url="http://127.0.0.1:8042/dicom-web"), "runs/cache/dicomweb")  # doctest: +SKIP
-        >>> folder = store.series_folder(parse_dicomweb_ref("dicomweb:studies/1.2.3"))  # doctest: +SKIP
+        >>> config = DicomWebConfig(url="http://127.0.0.1:8042/dicom-web")
+        >>> store = SeriesStore(config, "runs/cache/dicomweb")  # doctest: +SKIP
+        >>> folder = store.fetch("1.2.3", store.candidates(DicomWebRef("1.2.3"), "most_slices")[0])  # doctest: +SKIP
     """
 
     def __init__(self, config: DicomWebConfig, root: str | Path | None = None):

@@ -193,8 +193,15 @@ def build_prediction_sr(
 # modules (type 2: present, maybe empty, which many real files and the synthetic ones are not).
 _IDENTITY = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 _TYPE_2 = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-    "ReferringPhysicianName", "StudyID", "AccessionNumber",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
 )
 
 
@@ -206,9 +213,9 @@ def _evidence(source: Dataset) -> Dataset:
     for keyword in _IDENTITY:
         if keyword not in source:
             raise PredictionsError(f"a source instance lacks {keyword}; pass the series' DICOM instances")
-        setattr(copy, keyword, source.data_element(keyword).value)
+        setattr(copy, keyword, getattr(source, keyword))
     for keyword in _TYPE_2:
-        setattr(copy, keyword, source.data_element(keyword).value if keyword in source else "")
+        setattr(copy, keyword, getattr(source, keyword) if keyword in source else "")
     return copy
 
 

@@ -83,7 +83,9 @@ def tasks_for(cohort: Cohort, ingestors: dict[Modality, Ingestor]) -> list[Inges
         for modality in MODALITIES:
             ingestor = ingestors.get(modality)
             if ingestor is not None and ingestor.wants(request):
-                path = row.paths.get(modality) or row.remote.get(modality) or next(iter(ingestor.sources(request)), None)
+                path = (
+                    row.paths.get(modality) or row.remote.get(modality) or next(iter(ingestor.sources(request)), None)
+                )
                 tasks.append(IngestTask(row.row, modality, request, _display(path, cohort.path.parent)))
     return tasks
 
