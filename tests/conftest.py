@@ -6,99 +6,21 @@ them); where they are absent, the tests that need the server are skipped with th
 
 from __future__ import annotations
 
-import json
-import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-ORTHANC = shutil.which("Orthanc")
-DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+from meddx.dicomweb.orthanc import OrthancServer, orthanc_available
+
 NO_ORTHANC = (
     "Orthanc with its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb);"
     " the PACS tests need a real server"
 )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class OrthancServer:
-    """One Orthanc process with authentication on, storing in ``folder``; :meth:`stop` ends it."""
-
-    user = "meddx-test"
-    password = "pacs-secret-7"
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}/dicom-web"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> OrthancServer:
-        import requests
-
-        storage = self.folder / "storage"
-        storage.mkdir(parents=True, exist_ok=True)
-        config = {
-            "Name": "meddx-test",
-            "HttpPort": self.port,
-            "DicomPort": _free_port(),
-            "DicomServerEnabled": False,
-            "StorageDirectory": str(storage),
-            "IndexDirectory": str(storage),
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": True,
-            "RegisteredUsers": {self.user: self.password},
-            "Plugins": [str(DICOMWEB_PLUGIN)],
-            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-        }
-        config_path = self.folder / "orthanc.json"
-        config_path.write_text(json.dumps(config))
-        log = open(self.folder / "orthanc.log", "wb")  # noqa: SIM115 (kept open for the process)
-        self.process = subprocess.Popen([str(ORTHANC), str(config_path)], stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"Orthanc exited at start; see {self.folder / 'orthanc.log'}")
-            try:
-                answer = requests.get(f"{self.url}/studies", auth=(self.user, self.password), timeout=1)
-                if answer.status_code == 200:
-                    return self
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"Orthanc did not answer within 30 s; see {self.folder / 'orthanc.log'}")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def client(self, password: str | None = None):
-        """A dicomweb-client for uploading test data (the library's own client is under test elsewhere)."""
-        import requests
-        from dicomweb_client import DICOMwebClient
-
-        session = requests.Session()
-        session.auth = (self.user, password or self.password)
-        return DICOMwebClient(self.url, session=session)
-
-
 def _needs_orthanc() -> None:
-    if ORTHANC is None or not DICOMWEB_PLUGIN.is_file():
+    if not orthanc_available():
         pytest.skip(NO_ORTHANC)
     pytest.importorskip("dicomweb_client", reason="dicomweb-client is not installed (pip install 'meddx[pacs]')")
 

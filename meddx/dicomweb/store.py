@@ -10,7 +10,8 @@ A series folder appears only once every instance is written (it is filled under 
 name and renamed), so a folder that exists is complete and is read as it is. The files are
 the instances as the server stores them (WADO-RS with ``transfer-syntax=*``), read back by
 the same series assembly as any folder (:func:`meddx.ingest.dicom_series.load_series`), so
-tensors are identical to reading the original files from disk.
+tensors are identical to reading the original files from disk. The bytes are written as
+the server sent them, never parsed and re-encoded.
 
 **Which series of a study.** QIDO-RS lists the study's series; series of non-image
 modalities (SR, KO, PR...; meddx's own prediction reports among them) are left out, and the
@@ -21,16 +22,20 @@ or ``first_uid``. The reader takes the first of them that was acquired by the in
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import pydicom
 
 from meddx.config import DicomWebConfig
 from meddx.dicomweb.client import connect, describe_failure, server_url
@@ -181,17 +186,15 @@ class SeriesStore:
             return target
         ref = DicomWebRef(study_uid, series_uid)
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{series_uid}.partial-"))
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{series_uid}.staging-"))
         try:
             n = 0
-            for n, dataset in enumerate(self.client.iter_series(study_uid, series_uid, media_types=AS_STORED), 1):
-                sop_uid = str(dataset.get("SOPInstanceUID", ""))
-                name = f"{sop_uid}.dcm" if is_uid(sop_uid) else f"instance-{n:06d}.dcm"
-                dataset.save_as(partial / name, enforce_file_format=True)
+            for n, (sop_uid, write) in enumerate(self._instances(study_uid, series_uid), 1):
+                write(staging / (f"{sop_uid}.dcm" if is_uid(sop_uid) else f"instance-{n:06d}.dcm"))
             if n == 0:
                 raise IngestError(str(ref), _IMAGING, "the DICOMweb server returned no instances for this series")
             try:
-                os.rename(partial, target)
+                os.rename(staging, target)
             except OSError:  # another worker stored it meanwhile: theirs is complete too
                 if not target.is_dir():
                     raise
@@ -205,9 +208,38 @@ class SeriesStore:
                 str(ref), _IMAGING, f"could not store the retrieved series ({type(exc).__name__}: {short_reason(exc)})"
             ) from None
         finally:
-            if partial.exists():
-                shutil.rmtree(partial, ignore_errors=True)
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
         return target
+
+    def _instances(self, study_uid: str, series_uid: str) -> Iterator[tuple[str, Callable[[Path], Any]]]:
+        """(SOPInstanceUID, a function writing the instance to a path) for each instance, streamed by WADO-RS.
+
+        The parts of the multipart answer are written as the server sent them (its Part 10
+        bytes), which is several times faster than parsing and re-encoding each dataset; the
+        multipart splitting is ``dicomweb-client``'s. Should a future client lack that helper,
+        the public ``iter_series`` is used instead.
+        """
+        client = self.client
+        split = getattr(client, "_decode_multipart_message", None)
+        if split is None:
+            for dataset in client.iter_series(study_uid, series_uid, media_types=AS_STORED):
+                yield str(dataset.get("SOPInstanceUID", "")), partial(_save_dataset, dataset)
+            return
+        response = client._session.get(
+            f"{self.url}/studies/{study_uid}/series/{series_uid}",
+            headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
+            stream=True,
+            timeout=self.config.timeout_s,
+        )
+        response.raise_for_status()
+        if response.headers.get("Content-Type", "").startswith("application/dicom"):  # one part, not wrapped
+            parts: Iterable[bytes] = [response.content]
+        else:
+            parts = split(response, stream=True)
+        for part in parts:
+            header = pydicom.dcmread(io.BytesIO(part), stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+            yield str(header.get("SOPInstanceUID", "")), partial(_write_bytes, bytes(part))
 
     def prefetch(self, refs: Iterable[DicomWebRef], series_rule: str, progress: bool = False) -> dict[DicomWebRef, str]:
         """Retrieve the preferred series of every reference, ``max_concurrency`` at a time.
@@ -236,6 +268,14 @@ class SeriesStore:
                     failed[ref] = error
                 bar.update(1)
         return failed
+
+
+def _save_dataset(dataset: Any, path: Path) -> None:
+    dataset.save_as(path, enforce_file_format=True)
+
+
+def _write_bytes(data: bytes, path: Path) -> None:
+    path.write_bytes(data)
 
 
 def _write_atomic(path: Path, text: str) -> None:
