@@ -22,7 +22,7 @@ NO_ORTHANC = (
 def _needs_orthanc() -> None:
     if not orthanc_available():
         pytest.skip(NO_ORTHANC)
-    pytest.importorskip("dicomweb_client", reason="dicomweb-client is not installed (pip install 'meddx[pacs]')")
+    pytest.importorskip("dicomweb_client", reason="dicomweb-client is not installed (pip install dicomweb-client)")
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
-INSTALL_HINT = "install the DICOMweb extra: pip install 'meddx[pacs]' (dicomweb-client, highdicom)"
+INSTALL_HINT = "install meddx's dependencies (pip install dicomweb-client highdicom)"
 
 
 class DicomWebAuthError(ConfigError):
