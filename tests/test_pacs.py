@@ -490,12 +490,13 @@ def test_credentials_never_go_in_the_config() -> None:
 
 def test_a_dicomweb_cache_key_is_its_uids_and_server(monkeypatch: pytest.MonkeyPatch) -> None:
     from meddx.cache import cache_key
+    from meddx.ingest.dicom import ImagingIngestor
 
     ref = DicomWebRef("1.2.3", "1.2.3.4")
 
     def key(url: str, ref: DicomWebRef = ref) -> str:
         config = IngestConfig(dicomweb=DicomWebConfig(url=url))
-        return cache_key(Modality.IMAGING, [ref], "p1", "2024-03-05T14:00:00+00:00", config)
+        return cache_key(Modality.IMAGING, [ref], "p1", "2024-03-05T14:00:00+00:00", config, reader=ImagingIngestor)
 
     assert key("http://pacs:8042/dicom-web") == key("http://PACS:8042/dicom-web/")
     assert key("http://pacs:8042/dicom-web") != key("http://other:8042/dicom-web")
