@@ -1,10 +1,10 @@
 """Content-addressed cache of ingested records (safetensors files).
 
 A record is stored under a key made of everything that decides its content: the
-modality, the bytes of its source files, the index time, the patient id (a Bulk FHIR
-folder holds many patients), the ingest config section, the reader's class and its
-``version``, and the meddx version. Change any of them and the key changes, so a stale
-entry is never read.
+modality, the bytes of its source files (for a DICOMweb source: its UIDs and a hash of
+the server's URL), the index time, the patient id (a Bulk FHIR folder holds many
+patients), the ingest config section, the reader's class and its ``version``, and the
+meddx version. Change any of them and the key changes, so a stale entry is never read.
 
 Without an explicit folder the cache lives in :func:`default_cache_dir` (``MEDDX_CACHE``,
 else the user cache directory), so every run on the same files shares it.
@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +29,7 @@ import numpy as np
 
 from meddx import __version__
 from meddx.config import IngestConfig
+from meddx.dicomweb.ref import DicomWebRef, server_id
 from meddx.records import Event, Modality, ModalityRecord, parse_time
 
 if TYPE_CHECKING:
@@ -84,11 +86,22 @@ def reader_name(reader: "Ingestor | type[Ingestor]") -> str:
     """``module.Class@version`` of an ingestor: a new reader or a bumped version is a new key."""
     cls = reader if isinstance(reader, type) else type(reader)
     return f"{cls.__module__}.{cls.__qualname__}@{cls.version}"
+def remote_digest(ref: DicomWebRef, config: IngestConfig) -> str:
+    """Key part of a DICOMweb source: its UIDs and the server's id (a hash of its URL), never the bytes.
+
+    DICOM instances do not change under their UIDs, so a run whose records are cached asks
+    the server nothing. A study reference is keyed by the study: a series added to the
+    study later is not seen until the cache entry is removed.
+    """
+    from meddx.dicomweb.client import server_url
+
+    text = f"dicomweb|{server_id(server_url(config.dicomweb))}|{ref.study_uid}|{ref.series_uid or ''}"
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def cache_key(
     modality: Modality,
-    sources: list[Path],
+    sources: Sequence[Path | DicomWebRef],
     patient_id: str,
     index_time_iso: str,
     config: IngestConfig,
@@ -107,7 +120,7 @@ def cache_key(
         "patient_id": patient_id,
         "index_time": index_time_iso,
         "config": section,
-        "sources": [source_digest(p) for p in sources],
+        "sources": [remote_digest(p, config) if isinstance(p, DicomWebRef) else source_digest(p) for p in sources],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

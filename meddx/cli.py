@@ -343,6 +343,46 @@ def evaluate(predictions: Path, manifest: Path, out: Path, by: str, n_resamples:
     click.echo(f"wrote {result.metrics_path}, {result.report_path} and {len(result.plots)} plots")
 
 
+@main.group("pacs")
+def pacs() -> None:
+    """Work with a PACS over DICOMweb (server and credentials from --config and the environment)."""
+
+
+@pacs.command("manifest")
+@click.option("--modality", required=True, help="DICOM Modality the studies must hold (CT, MR, CR...).")
+@click.option("--since", required=True, type=click.DateTime(["%Y-%m-%d"]), help="First StudyDate, YYYY-MM-DD.")
+@click.option("--until", default=None, type=click.DateTime(["%Y-%m-%d"]), help="Last StudyDate (inclusive).")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The manifest CSV to write (patient_id, index_time, imaging).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Ingest config (YAML/JSON): its dicomweb section names the server, site_timezone the zone.")
+@click.option("--index-offset", default=60.0, show_default=True, type=click.FloatRange(min=0),
+              help="Minutes after the study's date and time that make each row's index time.")
+@_handle_errors
+def pacs_manifest(modality: str, since, until, out: Path, config_file: Path | None, index_offset: float) -> None:
+    """Query the PACS (QIDO-RS) and write one manifest row per study found, ready for ingest and diagnosis."""
+    from datetime import timedelta
+
+    from meddx.config import IngestConfig
+    from meddx.dicomweb.query import pacs_manifest as query
+
+    config = IngestConfig.from_file(config_file) if config_file is not None else IngestConfig()
+    if until is not None and until < since:
+        raise ConfigError(f"--until {until:%Y-%m-%d} is before --since {since:%Y-%m-%d}")
+    found = query(
+        config.dicomweb,
+        modality,
+        since.date(),
+        until.date() if until is not None else None,
+        site_zone=config.site_zone(),
+        index_offset=timedelta(minutes=index_offset),
+    )
+    found.write(out)
+    left_out = "".join(f"; {n} left out ({why})" for why, n in found.skipped.items())
+    click.echo(f"{found.n_studies} {modality.upper()} stud{'y' if found.n_studies == 1 else 'ies'} found{left_out}")
+    click.echo(f"wrote {len(found.rows)} row{'s' if len(found.rows) != 1 else ''} to {out}")
+
+
 def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 

@@ -13,6 +13,10 @@ Strict where a silent guess would be wrong, lenient where the meaning is plain:
   their digits: ``12``, never ``12.0``.
 * A ``label:<task>`` column is binary when its values are exactly a subset of {0, 1};
   other integer codes (grades 0-4) or class names make it multiclass.
+* An ``imaging`` cell may name a study or series on the configured DICOMweb server
+  (``dicomweb:studies/<uid>[/series/<uid>]``): it is parsed (UIDs checked) into
+  :attr:`CohortRow.remote`, not checked as a path; the server itself comes from the ingest
+  config, never from the manifest.
 * A patient in two splits is a warning (:attr:`Cohort.warnings`, also logged); in both
   ``train`` and ``test`` it is an error, since test figures would be optimistic.
 """
@@ -30,6 +34,7 @@ from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from meddx.dicomweb.ref import DicomWebRef, is_dicomweb_ref, parse_dicomweb_ref
 from meddx.errors import ManifestError, ManifestProblem
 from meddx.records import MODALITIES, Modality
 
@@ -75,7 +80,11 @@ class ManifestRow(BaseModel):
         description="ISO 8601 with time zone: the moment of prediction (epoch numbers are refused)"
     )
     split: Literal["train", "val", "test"] | None = None
-    imaging: str | None = Field(None, description="DICOM file, DICOM series folder, or NIfTI file")
+    imaging: str | None = Field(
+        None,
+        description="DICOM file, DICOM series folder, NIfTI file, or dicomweb:studies/<StudyInstanceUID>"
+        "[/series/<SeriesInstanceUID>] on the configured DICOMweb server (PACS)",
+    )
     ehr: str | None = Field(None, description="FHIR Bundle JSON file or Bulk FHIR NDJSON folder")
     notes: str | None = Field(None, description="text file or folder of text files")
     device_logs: str | None = Field(None, description="CSV or JSONL monitor/device log")
@@ -118,6 +127,7 @@ class CohortRow:
     paths: dict[Modality, Path]  # present modalities only
     labels: dict[str, str | None]  # task -> "0"/"1" or class name; None = unknown
     extras: dict[str, Any] = field(default_factory=dict)
+    remote: dict[Modality, DicomWebRef] = field(default_factory=dict)  # dicomweb: sources (imaging only)
 
 
 @dataclass
@@ -150,8 +160,8 @@ class Cohort:
         return [r for r in self.rows if r.split == name]
 
     def coverage(self) -> dict[Modality, int]:
-        """How many rows name a file for each modality."""
-        return {m: sum(m in r.paths for r in self.rows) for m in MODALITIES}
+        """How many rows name a source (a file, or a DICOMweb study or series) for each modality."""
+        return {m: sum(m in r.paths or m in r.remote for r in self.rows) for m in MODALITIES}
 
 
 def _is_empty(value: Any) -> bool:
@@ -355,9 +365,20 @@ def load_cohort(path: str | Path) -> Cohort:
                 problems.append(ManifestProblem(number, where, _explain(where, raw.get(where or ""), err)))
             continue
         paths: dict[Modality, Path] = {}
+        remote: dict[Modality, DicomWebRef] = {}
         for modality in MODALITIES:
             value = getattr(parsed, modality.value)
-            if value is not None:
+            if value is not None and is_dicomweb_ref(value):
+                if modality != Modality.IMAGING:
+                    problems.append(
+                        ManifestProblem(number, modality.value, "dicomweb: references are read for imaging only")
+                    )
+                    continue
+                try:
+                    remote[modality] = parse_dicomweb_ref(value)
+                except ValueError as exc:
+                    problems.append(ManifestProblem(number, modality.value, str(exc)))
+            elif value is not None:
                 resolved = _check_path(value, base, number, modality.value, problems)
                 if resolved is not None:
                     paths[modality] = resolved
@@ -396,6 +417,7 @@ def load_cohort(path: str | Path) -> Cohort:
                 paths=paths,
                 labels=labels,
                 extras={c: raw.get(c) for c in extra_columns},
+                remote=remote,
             )
         )
     tasks = {name: _infer_task(name, values, problems) for name, values in label_values.items() if name.strip()}

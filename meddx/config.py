@@ -107,6 +107,45 @@ class VideoConfig(_Section):
     max_file_mb: float = Field(4096.0, gt=0)  # largest video or DICOM cine file read, in MiB
 
 
+class DicomWebConfig(_Section):
+    """Where ``dicomweb:`` manifest cells are fetched from (a PACS speaking DICOMweb).
+
+    Credentials are never written here nor in the manifest: they are read from the
+    environment variables this section names, and never reach a log, an error, a report
+    or a cache key. A URL carrying ``user:password@`` is refused for that reason.
+    """
+
+    # Base URL of the DICOMweb service (e.g. "https://pacs.example.org/dicom-web");
+    # None: read from the environment variable named by url_env.
+    url: str | None = None
+    url_env: str = "MEDDX_DICOMWEB_URL"
+    username_env: str = "MEDDX_DICOMWEB_USER"  # unset: no authentication
+    password_env: str = "MEDDX_DICOMWEB_PASSWORD"
+    timeout_s: float = 30.0  # connect and read timeout of one request
+    retries: int = 3  # extra tries on connection errors and HTTP 408/429/500/502/503/504
+    backoff_s: float = 0.5  # waits grow as backoff_s * 2**(try - 1) between tries
+    max_concurrency: int = 4  # series retrieved at once before the readers run
+    # Where retrieved instances are kept (DICOM files under <server>/<study>/<series>/);
+    # None: the "dicomweb" folder of the ingest cache.
+    cache_dir: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _no_credentials_in_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            from urllib.parse import urlsplit
+
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("dicomweb.url must be an http(s) URL like https://pacs.example.org/dicom-web")
+            if parts.username is not None or parts.password is not None:
+                raise ValueError(
+                    "dicomweb.url must not carry credentials; put them in the environment variables named by "
+                    "dicomweb.username_env and dicomweb.password_env"
+                )
+        return value
+
+
 class IngestConfig(_Section):
     """Everything that decides the shape and meaning of the tensors."""
 
@@ -116,6 +155,7 @@ class IngestConfig(_Section):
     device_logs: DeviceLogConfig = Field(default_factory=DeviceLogConfig)
     audio: AudioConfig = Field(default_factory=AudioConfig)
     video: VideoConfig = Field(default_factory=VideoConfig)
+    dicomweb: DicomWebConfig = Field(default_factory=DicomWebConfig)
     # The IANA zone (e.g. "Europe/Berlin") of the site's clocks, for times written without a
     # zone: DICOM times without TimezoneOffsetFromUTC, zone-less device-log timestamps, dates
     # in note file names and headers, FHIR dates without a time. None: DICOM, notes and FHIR
@@ -232,6 +272,10 @@ class IngestConfig(_Section):
         positive("video.n_frames", self.video.n_frames)
         positive("video.size", *self.video.size)
         percentiles("video.percentiles", self.video.percentiles)
+        positive("dicomweb.timeout_s", self.dicomweb.timeout_s)
+        positive("dicomweb.max_concurrency", self.dicomweb.max_concurrency)
+        if self.dicomweb.retries < 0 or self.dicomweb.backoff_s < 0:
+            found.append("dicomweb.retries and dicomweb.backoff_s must be 0 or more")
         return found
 
     def check(self) -> IngestConfig:

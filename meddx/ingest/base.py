@@ -13,8 +13,8 @@ modality has exactly one ingestor and a second registration raises.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar, Literal, NamedTuple
@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Literal, NamedTuple
 import numpy as np
 
 from meddx.config import IngestConfig
+from meddx.dicomweb.ref import DicomWebRef
 from meddx.errors import ConfigError
 from meddx.records import Modality, ModalityRecord
 
@@ -70,11 +71,13 @@ class IngestRequest:
         index_time: the moment of prediction (aware UTC); nothing after it may be kept.
         paths: absolute paths of every modality the row names (all of them, because
             some readers look beyond their own column: notes also come from FHIR).
+        remote: sources on a DICOMweb server (``dicomweb:`` cells; imaging only).
     """
 
     patient_id: str
     index_time: datetime
     paths: dict[Modality, Path]
+    remote: dict[Modality, DicomWebRef] = field(default_factory=dict)
 
 
 class Tensorizer(ABC):
@@ -153,8 +156,8 @@ class Ingestor(ABC):
         """Whether this row has anything for this ingestor to read."""
         return self.modality in request.paths
 
-    def sources(self, request: IngestRequest) -> list[Path]:
-        """The files or folders :meth:`read` uses for this row (they key the cache)."""
+    def sources(self, request: IngestRequest) -> Sequence[Path | DicomWebRef]:
+        """The files or folders (or DICOMweb references) :meth:`read` uses for this row (they key the cache)."""
         return [request.paths[self.modality]] if self.modality in request.paths else []
 
     @abstractmethod

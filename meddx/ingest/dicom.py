@@ -17,6 +17,13 @@ What the ``imaging`` column may name:
   two series that share a SeriesInstanceUID but not those are kept apart, never merged.
   A folder holding images of more than one PatientID is an error (another patient's
   series mixed in), so the rule never picks across patients; the IDs are never printed;
+* ``dicomweb:studies/<uid>[/series/<uid>]``: a study or series on the configured DICOMweb
+  server (``IngestConfig.dicomweb``). QIDO-RS lists the study's image series, ordered by the
+  same ``series_rule`` (instances counted as slices); WADO-RS retrieves the first one acquired
+  by the index time into the series store (:mod:`meddx.dicomweb.store`, under the ingest cache),
+  which is then read exactly as a folder, so the tensors equal those of the same files on
+  disk. A stored series is never fetched again. Errors (server unreachable, HTTP 404, 401)
+  are an :class:`IngestError` for that row naming the reference, never the credentials;
 * a NIfTI file (``.nii``, ``.nii.gz``), read with MONAI's ``NibabelReader``.
   Voxel axes (i, j, k) become (W, H, D); NIfTI files are undated and use the window named
   by ``ImagingConfig.nifti_modality``.
@@ -97,18 +104,24 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from meddx.config import ImagingConfig
+from meddx.config import ImagingConfig, IngestConfig
+from meddx.dicomweb.ref import DicomWebRef
 from meddx.errors import IngestError, short_reason
 from meddx.ingest.base import ArrayField, ArraySpec, ArrayTensorizer, Ingestor, IngestRequest, register_ingestor
-from meddx.ingest.dicom_series import load_series
+from meddx.ingest.dicom_series import DicomSeries, load_series
 from meddx.ingest.file_checks import check_source
 from meddx.ingest.image_resize import resize_in_plane, resize_volume, tensor_to_numpy
 from meddx.records import Modality, ModalityRecord
+
+if TYPE_CHECKING:
+    from meddx.dicomweb.store import SeriesStore
 
 logger = logging.getLogger(__name__)
 
@@ -303,9 +316,23 @@ class ImagingIngestor(Ingestor):
     modality = Modality.IMAGING
     tensorizer_class = ImagingTensorizer
 
+    def __init__(self, config: IngestConfig | None = None):
+        super().__init__(config)
+        self._store: SeriesStore | None = None  # made on the first dicomweb: row
+
+    def wants(self, request: IngestRequest) -> bool:
+        return Modality.IMAGING in request.paths or Modality.IMAGING in request.remote
+
+    def sources(self, request: IngestRequest) -> Sequence[Path | DicomWebRef]:
+        if Modality.IMAGING in request.remote:
+            return [request.remote[Modality.IMAGING]]
+        return super().sources(request)
+
     def read(self, request: IngestRequest) -> ModalityRecord | None:
-        path = Path(request.paths[Modality.IMAGING])
         config = self.config.imaging
+        if Modality.IMAGING in request.remote:
+            return self._read_dicomweb(request.remote[Modality.IMAGING], request)
+        path = Path(request.paths[Modality.IMAGING])
         check_source(path, _IMAGING, max_file_mb=config.max_file_mb, folder_ok=True,
                      expected="a DICOM file or series folder, or a NIfTI file")
         if is_nifti(path):
@@ -319,6 +346,44 @@ class ImagingIngestor(Ingestor):
         )
         if series is None:
             return None
+        return self._record(series, str(path), path.name)
+
+    def _read_dicomweb(self, ref: DicomWebRef, request: IngestRequest) -> ModalityRecord | None:
+        """A study or series on the PACS: retrieved into the series store (once), then read as a folder.
+
+        The candidates are the study's image series in ``series_rule`` order (or the one series
+        named); the first acquired by the index time is kept, as the rule keeps for a folder.
+        """
+        if self._store is None:
+            from meddx.dicomweb.store import SeriesStore
+
+            self._store = SeriesStore(self.config.dicomweb)
+        candidates = self._store.candidates(ref, self.config.imaging.series_rule)
+        for tried, series_uid in enumerate(candidates):
+            folder = self._store.fetch(ref.study_uid, series_uid)
+            series = load_series(
+                folder,
+                index_time=request.index_time,
+                series_rule=self.config.imaging.series_rule,
+                site_zone=self.config.site_zone(),
+            )
+            if series is None:  # acquired after the index time: the rule's next choice
+                continue
+            if tried:
+                series.warnings.append(f"{tried} series of the study acquired after the index time passed over")
+            if len(candidates) > 1:
+                series.warnings.append(
+                    f"study holds {len(candidates)} image series; kept {series_uid} by the rule"
+                    f" {self.config.imaging.series_rule!r}"
+                )
+            record = self._record(series, str(ref), f"series {series_uid}")
+            record.meta["dicomweb"] = {"n_image_series": len(candidates), "n_passed_over": tried}
+            return record
+        return None
+
+    def _record(self, series: DicomSeries, source: str, name: str) -> ModalityRecord:
+        """Window and fit an assembled series into the configured volume."""
+        config = self.config.imaging
         native = series.shape
         in_plane = _in_plane_target(native, series.spacing, config, series.is_2d)
         values = series.values(in_plane)
@@ -345,10 +410,10 @@ class ImagingIngestor(Ingestor):
             "warnings": record_warnings,
         }
         for note in record_warnings:
-            logger.info("imaging %s: %s", path.name, note)
+            logger.info("imaging %s: %s", name, note)
         return ModalityRecord(
             modality=Modality.IMAGING,
-            source=str(path),
+            source=source,
             arrays={"volume": fitted.volume, "slice_mask": fitted.slice_mask},
             time=series.time,
             meta=meta,

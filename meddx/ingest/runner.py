@@ -9,7 +9,8 @@ reader that hangs past the task timeout is stopped and reported the same way.
 
 Before any file is read, :func:`check_run` makes sure the run can work: the config's
 values (:meth:`~meddx.config.IngestConfig.check`), each used reader's own check (the
-notes tokenizer loads offline), and the cache and run folders can be written. A run's
+notes tokenizer loads offline), the cache and run folders can be written, and, when rows
+name ``dicomweb:`` sources, that the DICOMweb server takes the credentials. A run's
 reports (``errors.csv``, ``warnings.csv``) go to its own folder, never into the cache
 that other runs share.
 
@@ -39,8 +40,9 @@ from typing import Any, Literal
 from meddx.cache import RecordCache, cache_key
 from meddx.cohort import Cohort
 from meddx.config import IngestConfig
+from meddx.dicomweb.ref import DicomWebRef
 from meddx.errors import ConfigError, IngestError, MeddxError
-from meddx.ingest.base import Ingestor, IngestRequest, build_ingestors
+from meddx.ingest.base import Ingestor, IngestRequest, build_ingestors, registered_ingestors
 from meddx.records import MODALITIES, Modality, PatientRecord
 
 logger = logging.getLogger(__name__)
@@ -81,18 +83,22 @@ def tasks_for(cohort: Cohort, ingestors: dict[Modality, Ingestor]) -> list[Inges
     """One task per row and modality that the row gives an ingestor something to read."""
     tasks = []
     for row in cohort:
-        request = IngestRequest(row.patient_id, row.index_time, dict(row.paths))
+        request = IngestRequest(row.patient_id, row.index_time, dict(row.paths), dict(row.remote))
         for modality in MODALITIES:
             ingestor = ingestors.get(modality)
             if ingestor is not None and ingestor.wants(request):
-                path = row.paths.get(modality) or next(iter(ingestor.sources(request)), None)
+                path = (
+                    row.paths.get(modality) or row.remote.get(modality) or next(iter(ingestor.sources(request)), None)
+                )
                 tasks.append(IngestTask(row.row, modality, request, _display(path, cohort.path.parent)))
     return tasks
 
 
-def _display(path: Path | None, base: Path) -> str:
+def _display(path: Path | DicomWebRef | None, base: Path) -> str:
     if path is None:
         return ""
+    if isinstance(path, DicomWebRef):
+        return str(path)
     try:
         return str(path.relative_to(base))
     except ValueError:
@@ -386,6 +392,61 @@ def check_run(
     ensure_writable_folder(cache_dir, "--cache")
     if out_dir is not None:
         ensure_writable_folder(out_dir, "--out")
+    if any(task.request.remote for task in tasks):
+        from meddx.dicomweb.client import check_server
+
+        check_server(config.dicomweb)  # refused credentials stop the run here, reported once
+
+
+def with_dicomweb_store(config: IngestConfig, cache_dir: str | Path) -> IngestConfig:
+    """The config with ``dicomweb.cache_dir`` set to ``<cache_dir>/dicomweb`` when it is not set."""
+    if config.dicomweb.cache_dir is not None:
+        return config
+    store = str(Path(cache_dir).resolve() / "dicomweb")
+    return config.model_copy(update={"dicomweb": config.dicomweb.model_copy(update={"cache_dir": store})})
+
+
+def prefetch_remote(
+    tasks: list[IngestTask], cache_dir: str | Path, config: IngestConfig, progress: bool = True
+) -> dict[tuple[int, Modality], IngestOutcome]:
+    """Retrieve the DICOMweb series the tasks need, ``dicomweb.max_concurrency`` at a time, before the readers run.
+
+    Tasks whose record is cached already are skipped (a second run asks the server nothing).
+
+    Returns:
+        An error outcome for each task whose series could not be retrieved (not to be read again).
+    """
+    from meddx.dicomweb.store import SeriesStore
+
+    cache = RecordCache(cache_dir)
+    readers = registered_ingestors()
+    wanted: dict[DicomWebRef, list[IngestTask]] = {}
+    for task in tasks:
+        ref = task.request.remote.get(task.modality)
+        if ref is None:
+            continue
+        key = cache_key(task.modality, [ref], task.request.patient_id, task.request.index_time.isoformat(), config,
+                        reader=readers[task.modality])
+        if key not in cache:
+            wanted.setdefault(ref, []).append(task)
+    if not wanted:
+        return {}
+    failed = SeriesStore(config.dicomweb).prefetch(wanted, config.imaging.series_rule, progress=progress)
+    outcomes = {}
+    for ref, reason in failed.items():
+        for task in wanted[ref]:
+            outcomes[(task.row, task.modality)] = IngestOutcome(
+                row=task.row,
+                patient_id=task.request.patient_id,
+                index_time=task.request.index_time.isoformat(),
+                modality=task.modality,
+                path=task.display_path,
+                status="error",
+                error=reason,
+            )
+    if failed:
+        logger.warning("dicomweb: %d of %d series could not be retrieved (see errors.csv)", len(failed), len(wanted))
+    return outcomes
 
 
 def ingest_cohort(
@@ -414,20 +475,29 @@ def ingest_cohort(
     Returns:
         An :class:`IngestReport` with one outcome per (row, modality).
 
+    Rows whose ``imaging`` is a ``dicomweb:`` reference have their series retrieved first
+    (:func:`prefetch_remote`, into ``<cache_dir>/dicomweb`` unless ``dicomweb.cache_dir`` says
+    otherwise); a reference that cannot be retrieved is one error for each of its rows.
+
     Raises:
-        ConfigError: the run cannot work (:func:`check_run`); nothing was read.
+        ConfigError: the run cannot work (:func:`check_run`: also a DICOMweb server that refuses
+            the credentials); nothing was read.
 
     Example:
         >>> report = ingest_cohort(load_cohort("sample_data/manifest.csv"), "runs/cache")  # doctest: +SKIP
         >>> print(report.coverage_table())  # doctest: +SKIP
     """
-    config = config or IngestConfig()
+    config = with_dicomweb_store(config or IngestConfig(), cache_dir)
     for module in plugins:
         importlib.import_module(module)
     ingestors = build_ingestors(config)  # readers check their own cheap settings here
     tasks = tasks_for(cohort, ingestors)
     check_run(config, ingestors, tasks, cache_dir, out_dir)
-    outcomes = run_tasks(tasks, cache_dir, config, workers, progress, plugins, task_timeout)
+    failed = prefetch_remote(tasks, cache_dir, config, progress) if any(t.request.remote for t in tasks) else {}
+    to_read = [task for task in tasks if (task.row, task.modality) not in failed]
+    order = {(t.row, t.modality): i for i, t in enumerate(tasks)}
+    outcomes = run_tasks(to_read, cache_dir, config, workers, progress, plugins, task_timeout) + list(failed.values())
+    outcomes.sort(key=lambda o: order[(o.row, o.modality)])
     report = IngestReport(cohort=cohort, cache_dir=Path(cache_dir), outcomes=outcomes)
     if out_dir is not None:
         out = Path(out_dir)

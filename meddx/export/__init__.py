@@ -1,0 +1,1 @@
+"""Exports of predictions to hospital systems (DICOM Structured Reports for the PACS)."""
