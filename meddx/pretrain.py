@@ -53,7 +53,7 @@ def pretrain(
     learning_rate: float = 1e-3,
     weight_decay: float = 0.01,
     seed: int = 0,
-    backbone_config: "BackboneConfig | None" = None,
+    backbone_config: BackboneConfig | None = None,
     ingest_config: IngestConfig | None = None,
     cache_dir: str | Path | None = None,
     workers: int | None = None,

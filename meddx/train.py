@@ -32,8 +32,9 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -93,7 +94,7 @@ def mean_auroc(tasks: dict[str, TaskSpec], logits: dict[str, np.ndarray], labels
     return float(np.mean(scores)) if scores else float("nan")
 
 
-def dataset_outputs(model: "DiagnosisModel", dataset: "CohortDataset", batch_size: int, device: str):
+def dataset_outputs(model: DiagnosisModel, dataset: CohortDataset, batch_size: int, device: str):
     """Logits, labels and presence of every row (eval mode, no gradient)."""
     import torch
     from torch.utils.data import DataLoader
@@ -121,8 +122,8 @@ def dataset_outputs(model: "DiagnosisModel", dataset: "CohortDataset", batch_siz
 
 
 def calibrate(
-    model: "DiagnosisModel",
-    val: "CohortDataset",
+    model: DiagnosisModel,
+    val: CohortDataset,
     method: str = "temperature",
     alpha: float = 0.1,
     min_group_size: int = 50,
@@ -164,7 +165,7 @@ def calibrate(
 # ----------------------------------------------------------------- training
 
 
-def _class_weights(train: "CohortDataset", tasks: dict[str, TaskSpec]) -> dict[str, "torch.Tensor"]:
+def _class_weights(train: CohortDataset, tasks: dict[str, TaskSpec]) -> dict[str, torch.Tensor]:
     import torch
 
     from meddx.models.heads import class_weights_from, n_outputs
@@ -176,7 +177,7 @@ def _class_weights(train: "CohortDataset", tasks: dict[str, TaskSpec]) -> dict[s
     }
 
 
-def _loss(model, logits: dict, labels: dict, weights: dict) -> "torch.Tensor | None":
+def _loss(model, logits: dict, labels: dict, weights: dict) -> torch.Tensor | None:
     from meddx.models.heads import task_loss
 
     losses = []
@@ -200,8 +201,8 @@ def finetune(
     tasks: Sequence[str] | None = None,
     mode: Mode = "head",
     epochs: int | None = None,
-    backbone: "str | Path | FoundationBackbone | None" = None,
-    backbone_config: "BackboneConfig | None" = None,
+    backbone: str | Path | FoundationBackbone | None = None,
+    backbone_config: BackboneConfig | None = None,
     ingest_config: IngestConfig | None = None,
     cache_dir: str | Path | None = None,
     batch_size: int = 32,
@@ -217,7 +218,7 @@ def finetune(
     resume: bool = False,
     progress: bool = True,
     device: str | None = None,
-) -> "DiagnosisModel":
+) -> DiagnosisModel:
     """Fine-tune a :class:`~meddx.models.diagnosis.DiagnosisModel` on a labelled cohort.
 
     Args:

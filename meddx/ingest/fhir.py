@@ -95,11 +95,12 @@ import logging
 import math
 import re
 from collections import Counter, OrderedDict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone, tzinfo
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from meddx.errors import IngestError
 from meddx.ingest.base import Ingestor, IngestRequest, register_ingestor
@@ -228,7 +229,7 @@ def release_of(version: str) -> str:
     )
 
 
-@lru_cache(maxsize=None)
+@cache
 def _model_class(release: str, resource_type: str) -> type:
     # imported here: fhir.resources costs a noticeable fraction of a second at CLI start
     if release == "R5":

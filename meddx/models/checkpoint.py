@@ -79,7 +79,7 @@ def _major(version: str) -> int:
 
 
 def save_backbone(
-    backbone: "FoundationBackbone",
+    backbone: FoundationBackbone,
     folder: str | Path,
     *,
     state: dict[str, Any] | None = None,
@@ -180,8 +180,8 @@ def read_checkpoint(folder: str | Path) -> BackboneCheckpoint:
 
 
 def load_backbone(
-    cls: type["FoundationBackbone"], folder: str | Path, cache_dir: str | Path | None = None
-) -> "FoundationBackbone":
+    cls: type[FoundationBackbone], folder: str | Path, cache_dir: str | Path | None = None
+) -> FoundationBackbone:
     """Build the backbone ``config.json`` describes and load ``model.safetensors`` into it."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file

@@ -86,7 +86,7 @@ class PretrainingObjectives(nn.Module):
 
     def __init__(
         self,
-        backbone: "FoundationBackbone",
+        backbone: FoundationBackbone,
         temperature: float = 0.1,
         masked_weight: float = 1.0,
         contrastive_weight: float = 1.0,

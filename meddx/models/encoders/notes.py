@@ -120,7 +120,7 @@ class NotesEncoder(ModalityEncoder):
         self.cache = TextEmbeddingCache(cache_dir, self.version) if self.frozen else None
         self.project = nn.Linear(hidden, config.d_model)
 
-    def train(self, mode: bool = True) -> "NotesEncoder":
+    def train(self, mode: bool = True) -> NotesEncoder:
         super().train(mode)
         if self.frozen:
             self.text_model.eval()  # a frozen encoder is deterministic: dropout off, so caching is exact
