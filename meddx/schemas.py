@@ -37,11 +37,15 @@ class PredictionRow(BaseModel):
         json_schema_extra={
             "patternProperties": {
                 "^probability:.+$": {**_PROBABILITY_CELL, "description": "calibrated probability of class <class>"},
-                "^raw_probability:.+$": {**_PROBABILITY_CELL, "description": "uncalibrated probability of class <class>"},
+                "^raw_probability:.+$": {
+                    **_PROBABILITY_CELL,
+                    "description": "uncalibrated probability of class <class>",
+                },
                 "^ablation:.+$": {
                     **_PROBABILITY_CELL,
-                    "description": "calibrated probability (binary: of class 1; multiclass ablation:<modality>:<class>: "
-                    "of <class>) with <modality> withheld; empty where it was absent",
+                    "description": "calibrated probability (binary: of class 1; "
+                    "multiclass ablation:<modality>:<class>: of <class>) with <modality> withheld; "
+                    "empty where it was absent",
                 },
                 "^contribution:.+$": {
                     "anyOf": [{"type": "number"}, {"type": "null"}],

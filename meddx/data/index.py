@@ -257,7 +257,8 @@ def label_index(task: TaskSpec, value: str | None) -> int:
     """Class index of a manifest label cell; :data:`UNKNOWN_LABEL` when empty.
 
     Example:
-        >>> label_index(TaskSpec("disease", "binary", ("0", "1")), "1"), label_index(TaskSpec("d", "binary", ("0", "1")), None)
+        >>> task = TaskSpec("disease", "binary", ("0", "1"))
+        >>> label_index(task, "1"), label_index(task, None)
         (1, -1)
     """
     if value is None:

@@ -48,7 +48,9 @@ def aligner_hash(aligner: Aligner) -> str:
     """
     payload = {
         "state": aligner.state_dict(),
-        "tensorizers": {m.value: f"{type(t).__module__}.{type(t).__qualname__}" for m, t in aligner.tensorizers.items()},
+        "tensorizers": {
+            m.value: f"{type(t).__module__}.{type(t).__qualname__}" for m, t in aligner.tensorizers.items()
+        },
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

@@ -184,7 +184,7 @@ class BulkIndex:
                 continue
             with open(f.path, "rb") as handle:
                 if offsets is not None:
-                    for offset, number in zip(offsets, f.numbers[patient_id]):
+                    for offset, number in zip(offsets, f.numbers[patient_id], strict=True):
                         handle.seek(offset)
                         yield BulkLine(f.path, number, f.resource_type, handle.readline())
                 for offset, number in suspects:

@@ -133,7 +133,8 @@ def _modality_indices(modalities: Iterable[Modality | str] | None) -> list[int]:
     try:
         return [MODALITIES.index(Modality(m)) for m in modalities]
     except ValueError:
-        raise ConfigError(f"unknown modality in {list(modalities)}; choose from {[m.value for m in MODALITIES]}") from None
+        choices = [m.value for m in MODALITIES]
+        raise ConfigError(f"unknown modality in {list(modalities)}; choose from {choices}") from None
 
 
 class FoundationBackbone(nn.Module):

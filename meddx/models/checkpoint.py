@@ -114,7 +114,9 @@ def save_backbone(
     checkpoint = BackboneCheckpoint(
         meddx_version=__version__,
         backbone=backbone.config,
-        array_spec={m: {n: ArrayFieldModel(**f._asdict()) for n, f in s.items()} for m, s in backbone.array_spec.items()},
+        array_spec={
+            m: {n: ArrayFieldModel(**f._asdict()) for n, f in s.items()} for m, s in backbone.array_spec.items()
+        },
         aligner=backbone.aligner_state,
         text_weights=text_weights,
         text_model_version=None if notes is None else notes.version,

@@ -77,7 +77,13 @@ def build_trunk(cfg: ImagingEncoderConfig) -> _ResNetTrunk | _DenseNetTrunk:
     else:
         widths, layers = ((64, 128, 256, 512), (2, 2, 2, 2)) if cfg.network == "resnet18" else (cfg.widths, cfg.layers)
         net = nets.ResNet(
-            "basic", list(layers), list(widths), spatial_dims=dims, n_input_channels=1, feed_forward=False, norm=cfg.norm
+            "basic",
+            list(layers),
+            list(widths),
+            spatial_dims=dims,
+            n_input_channels=1,
+            feed_forward=False,
+            norm=cfg.norm,
         )
         return _ResNetTrunk(net, grid, widths[-1], dims)
     return _DenseNetTrunk(net, grid, channels, dims)

@@ -148,8 +148,8 @@ class NotesEncoder(ModalityEncoder):
             index = torch.tensor(todo, device=ids.device)
             with torch.no_grad():
                 fresh = self._embed(ids[index], mask[index])
-            self.cache.put({keys[n]: e for n, e in zip(todo, fresh)})
-            for n, e in zip(todo, fresh):
+            self.cache.put({keys[n]: e for n, e in zip(todo, fresh, strict=True)})
+            for n, e in zip(todo, fresh, strict=True):
                 found[n] = e
         return torch.stack([e.to(ids.device) for e in found])  # type: ignore[union-attr]
 
