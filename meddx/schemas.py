@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic.config import JsonDict
 
 from meddx.cohort import ManifestRow
 from meddx.config import IngestConfig
 from meddx.models.checkpoint import BackboneCheckpoint
 from meddx.models.config import BackboneConfig
 
-_PROBABILITY_CELL = {"anyOf": [{"type": "number", "minimum": 0, "maximum": 1}, {"type": "null"}]}
+_PROBABILITY_CELL: JsonDict = {"anyOf": [{"type": "number", "minimum": 0, "maximum": 1}, {"type": "null"}]}
 
 
 class PredictionRow(BaseModel):

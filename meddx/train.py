@@ -426,7 +426,7 @@ def _fit_end_to_end(model, train, val, epochs, batch_size, learning_rate, patien
     if world > 1:
         stepper = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     # the same sampler with one replica gives a single process the same global batches as N ranks
-    sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    sampler: DistributedSampler[int] = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=seed)
     per_rank = max(1, batch_size // world)
     loader = DataLoader(train, batch_size=per_rank, sampler=sampler, collate_fn=train.collate,
                         pin_memory=device.startswith("cuda"))

@@ -446,9 +446,9 @@ def _accumulate(
         grid.n_after_index += n_present - n_available
         grid.n_before_window += n_available - rows.size
         value, t = values[rows], t_ns[rows]
-        which = channel[rows] if per_row else channel
+        which = channel[rows] if isinstance(channel, np.ndarray) else channel  # isinstance: per_row, for mypy
         plausible = (value >= low[which]) & (value <= high[which]) & np.isfinite(value)
-        if per_row:
+        if isinstance(which, np.ndarray):
             grid.n_implausible += np.bincount(which[~plausible], minlength=n_channels)
             which = which[plausible]
         else:
