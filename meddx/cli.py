@@ -278,6 +278,65 @@ def finetune_command(
     click.echo(f"model written to {out}")
 
 
+@main.command("diagnose")
+@click.argument("manifest", type=click.Path(path_type=Path))
+@click.option("--model", "model", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="A fine-tuned model folder (meddx finetune).")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for predictions.parquet/.csv, risk_assessments.ndjson, errors.csv and run.json.")
+@click.option("--split", default=None, help="Only rows of this split (e.g. test); default: every row.")
+@click.option("--cache", "cache", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Ingest cache (default: MEDDX_CACHE, else the user cache directory).")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Ingestion worker processes (default: up to 4; 0 = in this process).")
+@click.option("--resume", is_flag=True, help="Keep the finished chunks of a killed run in OUT and do the rest.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Patients per forward pass.")
+@click.option("--chunk-size", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Rows ingested ahead of the model at a time (the unit of --resume).")
+@click.option("--no-contributions", is_flag=True, help="Skip the contribution:/ablation: columns (faster).")
+@click.option("--task-timeout", type=click.FloatRange(min=0), default=None,
+              help="Seconds one file may take before it is stopped and reported (default 600; 0 = no limit).")
+@click.option("--engine", type=click.Choice(["local"]), default="local", show_default=True,
+              help="Where ingestion runs: local worker processes.")
+@click.option("--device", default="cpu", show_default=True, help="Where the model runs (cpu, cuda).")
+@quiet_option
+@_handle_errors
+def diagnose_command(
+    manifest: Path, model: Path, out: Path, split: str | None, cache: Path | None, workers: int | None, resume: bool,
+    batch_size: int, chunk_size: int, no_contributions: bool, task_timeout: float | None, engine: str, device: str,
+    quiet: bool,
+) -> None:
+    """Calibrated diagnoses for every row of a cohort: predictions, FHIR RiskAssessments, errors.
+
+    The cohort streams through in chunks (memory does not grow with it); ingestion runs in
+    worker processes while the model runs. A killed run finishes with --resume.
+    """
+    from meddx.diagnose import diagnose
+    from meddx.ingest.runner import DEFAULT_TASK_TIMEOUT
+
+    timeout = DEFAULT_TASK_TIMEOUT if task_timeout is None else (task_timeout or None)
+    result = diagnose(
+        manifest, model, out, split=split, cache_dir=cache, workers=workers, resume=resume, batch_size=batch_size,
+        chunk_size=chunk_size, contributions=not no_contributions, task_timeout=timeout, engine=engine,
+        device=device, progress=not quiet,
+    )
+    click.echo(_diagnose_summary(result))
+
+
+def _diagnose_summary(result) -> str:
+    counts, timings = result.counts, result.timings
+    return (
+        f"diagnosed {counts.get('diagnosed_rows', 0)} of {counts.get('rows', 0)} rows "
+        f"({counts.get('undiagnosed_rows', 0)} without any usable input); "
+        f"{counts.get('ingest_errors', 0)} ingest error{'s' if counts.get('ingest_errors', 0) != 1 else ''} "
+        f"in {result.errors}\n"
+        f"predictions: {result.predictions} and {result.predictions_csv.name}; "
+        f"{counts.get('risk_assessments', 0)} FHIR RiskAssessments: {result.risk_assessments}\n"
+        f"run details: {result.run} ({timings.get('total', 0.0):.1f} s)"
+    )
+
+
 @main.command("demo")
 @click.option("--out", "out", default=Path("runs/demo"), show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
