@@ -414,7 +414,8 @@ def _csv_cell(text: str) -> str:
 # ----------------------------------------------------------------- the run
 
 
-def _provenance(model: DiagnosisModel, folder: Path, sha256: str) -> ModelProvenance:
+def model_provenance(model: DiagnosisModel, folder: Path, sha256: str) -> ModelProvenance:
+    """What the FHIR resources say about a loaded model folder (name, hash, version, alpha per task)."""
     from meddx.export.fhir import ModelProvenance
 
     alpha = {t: (c.conformal.alpha if c.conformal is not None else None) for t, c in model.calibration.items()}
@@ -511,7 +512,7 @@ def diagnose(
     net = DiagnosisModel.from_pretrained(model_dir, cache_dir=cache_root / "text-embeddings")
     net.eval().to(device)
     sha256 = file_sha256(weights)
-    provenance = _provenance(net, model_dir, sha256)
+    provenance = model_provenance(net, model_dir, sha256)
     classes = {name: tuple(spec.classes) for name, spec in net.tasks.items()}
 
     chunks = [(k, rows[i : i + chunk_size]) for k, i in enumerate(range(0, len(rows), chunk_size))]

@@ -29,11 +29,12 @@ from meddx.ingest.runner import (
     IngestOutcome,
     IngestTask,
     WorkerPool,
-    _failure_outcome,
-    _ingest_one,
-    _init_worker,
     check_run,
+    failure_outcome,
+    ingest_one,
+    init_worker,
     tasks_for,
+    worker_cache,
 )
 from meddx.records import MODALITIES, Modality, PatientRecord
 
@@ -114,7 +115,7 @@ def _init_stream_worker(
     from meddx.align import Aligner
     from meddx.data.store import aligner_hash
 
-    _init_worker(config_json, cache_root, plugins, in_worker=in_worker)
+    init_worker(config_json, cache_root, plugins, in_worker=in_worker)
     _worker_aligner = Aligner.from_state_dict(json.loads(aligner_json))
     _worker_aligner_digest = aligner_hash(_worker_aligner)
     _worker_store = TensorStore(store_root)
@@ -122,9 +123,8 @@ def _init_stream_worker(
 
 def _align_one(task: AlignTask) -> AlignOutcome:
     """Align one row into the store (or find it there); never raises for a bad record."""
-    from meddx.ingest import runner
-
-    if _worker_aligner is None or _worker_store is None or runner._worker_cache is None:
+    cache = worker_cache()
+    if _worker_aligner is None or _worker_store is None or cache is None:
         raise RuntimeError("_init_stream_worker must run before _align_one")
     key = row_key({Modality(m): k for m, k in task.records.items()}, _worker_aligner_digest)
     if key in _worker_store:
@@ -133,7 +133,7 @@ def _align_one(task: AlignTask) -> AlignOutcome:
 
     patient = PatientRecord(task.patient_id, parse_time(task.index_time))
     for modality, record_key in task.records.items():
-        record = runner._worker_cache.get(record_key)
+        record = cache.get(record_key)
         if record is None:
             return AlignOutcome(task.row, None, f"{modality}: its cached record vanished; run again")
         patient.add(record)
@@ -146,13 +146,13 @@ def _align_one(task: AlignTask) -> AlignOutcome:
 
 
 def _stream_work(task: IngestTask | AlignTask) -> IngestOutcome | AlignOutcome:
-    return _align_one(task) if isinstance(task, AlignTask) else _ingest_one(task)
+    return _align_one(task) if isinstance(task, AlignTask) else ingest_one(task)
 
 
 def _stream_failed(task: IngestTask | AlignTask, reason: str) -> IngestOutcome | AlignOutcome:
     if isinstance(task, AlignTask):
         return AlignOutcome(task.row, None, f"aligning {reason}")
-    return _failure_outcome(task, reason)
+    return failure_outcome(task, reason)
 
 
 class _InlinePool:

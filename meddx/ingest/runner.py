@@ -106,7 +106,8 @@ _worker_cache: RecordCache | None = None
 _worker_config: IngestConfig | None = None
 
 
-def _init_worker(config_json: str, cache_root: str, plugins: tuple[str, ...] = (), in_worker: bool = True) -> None:
+def init_worker(config_json: str, cache_root: str, plugins: tuple[str, ...] = (), in_worker: bool = True) -> None:
+    """Build this worker's ingestors and cache (the initializer of every ingest worker process)."""
     global _worker_ingestors, _worker_cache, _worker_config
     if in_worker:
         # Workers share the cores: one math thread each avoids oversubscription (audio
@@ -122,10 +123,15 @@ def _init_worker(config_json: str, cache_root: str, plugins: tuple[str, ...] = (
     _worker_cache = RecordCache(cache_root)
 
 
-def _ingest_one(task: IngestTask) -> IngestOutcome:
-    """Read (or find in the cache) one record; never raises for a bad file."""
+def worker_cache() -> RecordCache | None:
+    """The record cache of this worker process (None before :func:`init_worker` ran)."""
+    return _worker_cache
+
+
+def ingest_one(task: IngestTask) -> IngestOutcome:
+    """Read (or find in the cache) one record, in a worker; never raises for a bad file."""
     if _worker_cache is None or _worker_config is None:
-        raise RuntimeError("_init_worker must run before _ingest_one")
+        raise RuntimeError("init_worker must run before ingest_one")
     request = task.request
     base: dict[str, Any] = dict(
         row=task.row,
@@ -165,7 +171,8 @@ def _ingest_one(task: IngestTask) -> IngestOutcome:
         )
 
 
-def _failure_outcome(task: IngestTask, reason: str) -> IngestOutcome:
+def failure_outcome(task: IngestTask, reason: str) -> IngestOutcome:
+    """The error outcome of a task that crashed or hung its worker."""
     return IngestOutcome(
         row=task.row,
         patient_id=task.request.patient_id,
@@ -224,9 +231,9 @@ class WorkerPool:
         workers: int,
         initargs: tuple,
         timeout: float | None = DEFAULT_TASK_TIMEOUT,
-        initializer: Callable[..., None] = _init_worker,
-        work: Callable[[Any], Any] = _ingest_one,
-        failed: Callable[[Any, str], Any] = _failure_outcome,
+        initializer: Callable[..., None] = init_worker,
+        work: Callable[[Any], Any] = ingest_one,
+        failed: Callable[[Any, str], Any] = failure_outcome,
     ):
         self.workers = max(1, workers)
         self.initargs = initargs
@@ -367,8 +374,8 @@ def run_tasks(
     initargs = (config.model_dump_json(), str(cache_dir), tuple(plugins))
     order = {(t.row, t.modality): i for i, t in enumerate(tasks)}
     if workers <= 0:
-        _init_worker(*initargs, in_worker=False)
-        stream: Iterable[IngestOutcome] = (_ingest_one(t) for t in tasks)
+        init_worker(*initargs, in_worker=False)
+        stream: Iterable[IngestOutcome] = (ingest_one(t) for t in tasks)
     else:
         stream = _run_parallel(tasks, min(workers, max(len(tasks), 1)), initargs, task_timeout)
     outcomes = []
