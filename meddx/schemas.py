@@ -19,7 +19,6 @@ from meddx.models.checkpoint import BackboneCheckpoint
 from meddx.models.config import BackboneConfig
 from meddx.pipelines import Pipeline
 
-
 _PROBABILITY_CELL = {"anyOf": [{"type": "number", "minimum": 0, "maximum": 1}, {"type": "null"}]}
 
 
