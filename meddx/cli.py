@@ -278,34 +278,124 @@ def finetune_command(
     click.echo(f"model written to {out}")
 
 
+@main.command("diagnose")
+@click.argument("manifest", type=click.Path(path_type=Path))
+@click.option("--model", "model", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="A fine-tuned model folder (meddx finetune).")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for predictions.parquet/.csv, risk_assessments.ndjson, errors.csv and run.json.")
+@click.option("--split", default=None, help="Only rows of this split (e.g. test); default: every row.")
+@click.option("--cache", "cache", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Ingest cache (default: MEDDX_CACHE, else the user cache directory).")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Ingestion worker processes (default: up to 4; 0 = in this process).")
+@click.option("--resume", is_flag=True, help="Keep the finished chunks of a killed run in OUT and do the rest.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Patients per forward pass.")
+@click.option("--chunk-size", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Rows ingested ahead of the model at a time (the unit of --resume).")
+@click.option("--no-contributions", is_flag=True, help="Skip the contribution:/ablation: columns (faster).")
+@click.option("--task-timeout", type=click.FloatRange(min=0), default=None,
+              help="Seconds one file may take before it is stopped and reported (default 600; 0 = no limit).")
+@click.option("--engine", type=click.Choice(["local"]), default="local", show_default=True,
+              help="Where ingestion runs: local worker processes.")
+@click.option("--device", default="cpu", show_default=True, help="Where the model runs (cpu, cuda).")
+@quiet_option
+@_handle_errors
+def diagnose_command(
+    manifest: Path, model: Path, out: Path, split: str | None, cache: Path | None, workers: int | None, resume: bool,
+    batch_size: int, chunk_size: int, no_contributions: bool, task_timeout: float | None, engine: str, device: str,
+    quiet: bool,
+) -> None:
+    """Calibrated diagnoses for every row of a cohort: predictions, FHIR RiskAssessments, errors.
+
+    The cohort streams through in chunks (memory does not grow with it); ingestion runs in
+    worker processes while the model runs. A killed run finishes with --resume.
+    """
+    from meddx.diagnose import diagnose
+    from meddx.ingest.runner import DEFAULT_TASK_TIMEOUT
+
+    timeout = DEFAULT_TASK_TIMEOUT if task_timeout is None else (task_timeout or None)
+    result = diagnose(
+        manifest, model, out, split=split, cache_dir=cache, workers=workers, resume=resume, batch_size=batch_size,
+        chunk_size=chunk_size, contributions=not no_contributions, task_timeout=timeout, engine=engine,
+        device=device, progress=not quiet,
+    )
+    click.echo(_diagnose_summary(result))
+
+
+def _diagnose_summary(result) -> str:
+    counts, timings = result.counts, result.timings
+    return (
+        f"diagnosed {counts.get('diagnosed_rows', 0)} of {counts.get('rows', 0)} rows "
+        f"({counts.get('undiagnosed_rows', 0)} without any usable input); "
+        f"{counts.get('ingest_errors', 0)} ingest error{'s' if counts.get('ingest_errors', 0) != 1 else ''} "
+        f"in {result.errors}\n"
+        f"predictions: {result.predictions} and {result.predictions_csv.name}; "
+        f"{counts.get('risk_assessments', 0)} FHIR RiskAssessments: {result.risk_assessments}\n"
+        f"run details: {result.run} ({timings.get('total', 0.0):.1f} s)"
+    )
+
+
 @main.command("demo")
 @click.option("--out", "out", default=Path("runs/demo"), show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
-@click.option("--workers", type=click.IntRange(min=0), default=None, help="Worker processes.")
+@click.option("--cache", "cache", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Ingest cache (default: OUT/cache).")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Ingestion worker processes.")
 @quiet_option
 @_handle_errors
-def demo(out: Path, workers: int | None, quiet: bool) -> None:
-    """End to end on the sample cohort: generate, validate, ingest, align into tensors."""
-    from meddx.align import Aligner
-    from meddx.records import collate
-    from meddx.synth import generate_cohort
+def demo(out: Path, cache: Path | None, workers: int | None, quiet: bool) -> None:
+    """The whole job on the sample cohort: generate it, fine-tune, calibrate, diagnose the test split, evaluate.
 
-    click.echo(f"generating the sample cohort (60 patients, seed 7) in {out / 'sample_data'}")
-    manifest = generate_cohort(out / "sample_data", n_patients=60, seed=7)
-    cohort, report = _run_ingest(manifest, out / "cache", workers, quiet, out)
-    records = list(report.patient_records())
-    train = [record for record, row in zip(records, cohort, strict=True) if row.split == "train"]
-    aligner = Aligner().fit(train)  # vocabularies and scales from the training rows only
-    batch = collate([aligner.transform(record) for record in records], aligner.tensor_spec())
-    aligner.save(out / "aligner.json")
-    click.echo(
-        f"\naligned {len(batch)} patients (fitted on {len(train)} training rows; state in {out / 'aligner.json'}):"
-    )
-    for modality, named in batch.tensors.items():
-        shapes = ", ".join(f"{name} {tuple(t.shape[1:])}" for name, t in named.items())
-        click.echo(f"  {modality.value:<12} {shapes}")
-    present = batch.present.float().mean()
-    click.echo(f"  presence     {tuple(batch.present.shape)}, {present:.0%} of patient-modalities present")
+    The same steps as pipelines/demo.yaml (meddx run pipelines/demo.yaml).
+    """
+    import json
+    import time
+
+    from meddx.pipelines import demo_pipeline, run_pipeline
+
+    started = time.perf_counter()
+    resolved = demo_pipeline(out, cache)
+    results = run_pipeline(resolved, workers=workers, progress=not quiet, echo=click.echo)
+    diagnosed = next(r for k, r in results.items() if k.endswith("-diagnose"))
+    evaluation = next(r for k, r in results.items() if k.endswith("-evaluate"))
+    click.echo(f"\ndone in {time.perf_counter() - started:.0f} s.")
+    click.echo(_diagnose_summary(diagnosed))
+    for name, task in json.loads(evaluation.metrics_path.read_text())["tasks"].items():
+        after = task["overall"]["after_calibration"]
+        coverage = (task["overall"]["conformal"] or {}).get("coverage", {}).get("value")
+        click.echo(f"test split, {name}: AUROC {_number(after['auroc']['value'])}, "
+                   f"ECE {_number(after['ece']['value'])}, conformal coverage {_number(coverage)} "
+                   f"(n {task['overall']['n']})")
+    click.echo(f"report: {evaluation.report_path}")
+
+
+@main.command("run")
+@click.argument("pipeline", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "out", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="The run folder, {out} in the file (default: the file's out).")
+@click.option("--cache", "cache", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="The ingest cache, {cache} in the file (default: the file's cache, else OUT/cache).")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Ingestion worker processes.")
+@click.option("--check", is_flag=True, help="Only check the file (exit status 2 listing every problem).")
+@quiet_option
+@_handle_errors
+def run_command(pipeline: Path, out: Path | None, cache: Path | None, workers: int | None, check: bool,
+                quiet: bool) -> None:
+    """Run a pipeline file (pipelines/*.yaml): its steps in order, after checking all of it.
+
+    Every problem of the file (schema: schemas/pipeline.schema.json; inputs that no earlier step
+    writes; unknown placeholders) is listed before any step runs (exit status 2).
+    """
+    from meddx.pipelines import read_pipeline, run_pipeline
+
+    resolved = read_pipeline(pipeline, out=out, cache=cache)
+    if check:
+        click.echo(f"{pipeline}: {len(resolved.steps)} step(s), no problems")
+        return
+    run_pipeline(resolved, workers=workers, progress=not quiet, echo=click.echo)
+    click.echo(f"pipeline {resolved.pipeline.name} done; outputs in {resolved.out}")
 
 
 @main.command("evaluate")

@@ -18,6 +18,7 @@ from meddx.cohort import ManifestRow
 from meddx.config import IngestConfig
 from meddx.models.checkpoint import BackboneCheckpoint
 from meddx.models.config import BackboneConfig
+from meddx.pipelines import Pipeline
 
 _PROBABILITY_CELL: JsonDict = {"anyOf": [{"type": "number", "minimum": 0, "maximum": 1}, {"type": "null"}]}
 
@@ -83,6 +84,7 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "ingest_config.schema.json": IngestConfig,
     "backbone_config.schema.json": BackboneConfig,
     "backbone_checkpoint.schema.json": BackboneCheckpoint,  # config.json of a save_pretrained folder
+    "pipeline.schema.json": Pipeline,  # pipelines/*.yaml, run by `meddx run`
 }
 
 

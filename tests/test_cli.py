@@ -148,7 +148,13 @@ def test_bad_arguments_exit_2() -> None:
 
 
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
-    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "demo"), "--quiet", "--workers", "2"])
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(main, ["demo", "--out", str(out), "--quiet", "--workers", "2"])
     assert result.exit_code == 0, result.output
-    assert "0 ingest errors" in result.output and "aligned 60 patients" in result.output
-    assert (tmp_path / "demo" / "aligner.json").is_file() and (tmp_path / "demo" / "errors.csv").is_file()
+    assert "diagnosed 12 of 12 rows" in result.output and "0 ingest errors" in result.output
+    assert "test split, disease: AUROC" in result.output
+    assert f"report: {out / 'evaluation' / 'report.html'}" in result.output
+    predictions = pd.read_parquet(out / "diagnose" / "predictions.parquet")
+    assert len(predictions) == 12 and predictions["probability"].between(0, 1).all()
+    assert (out / "diagnose" / "risk_assessments.ndjson").is_file() and (out / "evaluation" / "report.html").is_file()
+    assert (out / "model" / "model.safetensors").is_file() and (out / "sample_data" / "manifest.csv").is_file()

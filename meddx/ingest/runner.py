@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
@@ -112,7 +112,8 @@ _worker_cache: RecordCache | None = None
 _worker_config: IngestConfig | None = None
 
 
-def _init_worker(config_json: str, cache_root: str, plugins: tuple[str, ...] = (), in_worker: bool = True) -> None:
+def init_worker(config_json: str, cache_root: str, plugins: tuple[str, ...] = (), in_worker: bool = True) -> None:
+    """Build this worker's ingestors and cache (the initializer of every ingest worker process)."""
     global _worker_ingestors, _worker_cache, _worker_config
     if in_worker:
         # Workers share the cores: one math thread each avoids oversubscription (audio
@@ -128,10 +129,15 @@ def _init_worker(config_json: str, cache_root: str, plugins: tuple[str, ...] = (
     _worker_cache = RecordCache(cache_root)
 
 
-def _ingest_one(task: IngestTask) -> IngestOutcome:
-    """Read (or find in the cache) one record; never raises for a bad file."""
+def worker_cache() -> RecordCache | None:
+    """The record cache of this worker process (None before :func:`init_worker` ran)."""
+    return _worker_cache
+
+
+def ingest_one(task: IngestTask) -> IngestOutcome:
+    """Read (or find in the cache) one record, in a worker; never raises for a bad file."""
     if _worker_cache is None or _worker_config is None:
-        raise RuntimeError("_init_worker must run before _ingest_one")
+        raise RuntimeError("init_worker must run before ingest_one")
     request = task.request
     base: dict[str, Any] = dict(
         row=task.row,
@@ -171,7 +177,8 @@ def _ingest_one(task: IngestTask) -> IngestOutcome:
         )
 
 
-def _failure_outcome(task: IngestTask, reason: str) -> IngestOutcome:
+def failure_outcome(task: IngestTask, reason: str) -> IngestOutcome:
+    """The error outcome of a task that crashed or hung its worker."""
     return IngestOutcome(
         row=task.row,
         patient_id=task.request.patient_id,
@@ -193,13 +200,6 @@ def _timed_out(timeout: float) -> str:
 # ----------------------------------------------------------------- scheduling
 
 
-def _new_pool(workers: int, initargs: tuple) -> ProcessPoolExecutor:
-    import multiprocessing
-
-    context = multiprocessing.get_context("spawn")  # no fork of a parent holding threads/torch
-    return ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=initargs)
-
-
 def _kill(pool: ProcessPoolExecutor) -> None:
     """Stop a pool whose worker hangs: the executor has no per-task cancel once a task runs."""
     for process in list((getattr(pool, "_processes", None) or {}).values()):
@@ -207,82 +207,151 @@ def _kill(pool: ProcessPoolExecutor) -> None:
     pool.shutdown(wait=False, cancel_futures=True)
 
 
+class WorkerPool:
+    """Long-lived spawned worker processes, reused by every :meth:`run` until one crashes or hangs.
+
+    At most ``workers`` tasks are in flight, so that a crash or a hang implicates only those.
+    Each in-flight task has a worker of its own, so its run time counts from its submission
+    (for a worker's first task, that includes the worker's start-up: a few seconds).
+    A task past ``timeout`` is reported and the pool killed; the tasks that were in flight
+    beside it go back in the queue. After a crash, the tasks that were in flight are re-run
+    one by one: the one that breaks a pool alone is the culprit. A fresh pool replaces a
+    killed one; otherwise the same processes serve every call (batch diagnosis calls
+    :meth:`run` once per chunk of rows).
+
+    Args:
+        workers: worker processes.
+        initargs: arguments of ``initializer`` in each worker.
+        timeout: seconds one task may take (None: no limit).
+        initializer: runs once in each new worker (default: builds the ingestors and cache).
+        work: the function each task is given to in a worker (must be importable).
+        failed: ``(task, reason) -> outcome`` for a task that crashed or hung its worker.
+
+    Example:
+        >>> with WorkerPool(2, (config.model_dump_json(), "runs/cache", ())) as pool:  # doctest: +SKIP
+        ...     outcomes = list(pool.run(tasks))
+    """
+
+    def __init__(
+        self,
+        workers: int,
+        initargs: tuple,
+        timeout: float | None = DEFAULT_TASK_TIMEOUT,
+        initializer: Callable[..., None] = init_worker,
+        work: Callable[[Any], Any] = ingest_one,
+        failed: Callable[[Any, str], Any] = failure_outcome,
+    ):
+        self.workers = max(1, workers)
+        self.initargs = initargs
+        self.timeout = timeout
+        self.initializer = initializer
+        self.work = work
+        self.failed = failed
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _new_pool(self, size: int) -> ProcessPoolExecutor:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # no fork of a parent holding threads/torch
+        return ProcessPoolExecutor(size, mp_context=context, initializer=self.initializer, initargs=self.initargs)
+
+    def run(self, tasks: Iterable[Any]) -> Iterator[Any]:
+        """Outcomes of ``tasks`` in the order they finish; never raises for a bad task."""
+        pending = deque(tasks)
+        timeout = self.timeout
+        while pending:
+            if self._pool is None:
+                self._pool = self._new_pool(self.workers)
+            pool = self._pool
+            inflight: dict = {}  # future -> (task, submitted at)
+            suspects: list = []
+            stop = False
+            try:
+                while (pending or inflight) and not stop:
+                    while pending and len(inflight) < self.workers:
+                        task = pending.popleft()
+                        try:
+                            inflight[pool.submit(self.work, task)] = (task, time.monotonic())
+                        except BrokenProcessPool:  # a worker died since the last wait
+                            pending.appendleft(task)
+                            stop = True
+                            break
+                    if not inflight:
+                        break
+                    wait_for = None
+                    if timeout is not None:
+                        first_deadline = min(started for _, started in inflight.values()) + timeout
+                        wait_for = max(0.0, first_deadline - time.monotonic())
+                    done, _ = wait(inflight, timeout=wait_for, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        task, _ = inflight.pop(future)
+                        try:
+                            yield future.result()
+                        except BrokenProcessPool:
+                            stop = True
+                            suspects.append(task)
+                    if stop:
+                        suspects.extend(task for task, _ in inflight.values())
+                        break
+                    now = time.monotonic()
+                    overdue = [
+                        f for f, (_, started) in inflight.items() if timeout is not None and now - started > timeout
+                    ]
+                    if overdue and timeout is not None:
+                        for future in overdue:
+                            task, _ = inflight.pop(future)
+                            logger.warning(
+                                "row %d %s: the reader hung; stopped after %g s",
+                                getattr(task, "row", -1),
+                                getattr(task, "modality", "align"),
+                                timeout,
+                            )
+                            yield self.failed(task, _timed_out(timeout))
+                        pending.extendleft(reversed([task for task, _ in inflight.values()]))  # innocent: run again
+                        inflight.clear()
+                        stop = True
+            finally:
+                if stop or pending or inflight:  # stopped, or the caller left early: not reused
+                    _kill(pool)
+                    self._pool = None
+            for task in suspects:
+                yield self._run_alone(task)
+
+    def _run_alone(self, task: Any) -> Any:
+        solo = self._new_pool(1)
+        try:
+            outcome = solo.submit(self.work, task).result(timeout=self.timeout)
+        except BrokenProcessPool:
+            logger.warning(
+                "row %d %s: the task crashed its worker process",
+                getattr(task, "row", -1),
+                getattr(task, "modality", "align"),
+            )
+            outcome = self.failed(task, CRASHED)
+        except FutureTimeout:
+            outcome = self.failed(task, _timed_out(self.timeout or 0.0))
+        _kill(solo)
+        return outcome
+
+    def close(self) -> None:
+        """Stop the worker processes (waits for none: every run has finished its tasks)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
 def _run_parallel(
     tasks: list[IngestTask], workers: int, initargs: tuple, timeout: float | None
 ) -> Iterator[IngestOutcome]:
-    """Keep at most ``workers`` tasks in flight, so that a crash or a hang implicates only those.
-
-    Each in-flight task has a worker of its own, so its run time counts from its submission
-    (for a worker's first task, that includes the worker's start-up: a few seconds).
-    A task past ``timeout`` is reported and its pool killed; the tasks that were in flight
-    beside it go back in the queue. After a crash, the tasks that were in flight are re-run
-    one by one: the one that breaks a pool alone is the culprit.
-    """
-    pending = deque(tasks)
-    while pending:
-        pool = _new_pool(workers, initargs)
-        inflight: dict = {}  # future -> (task, submitted at)
-        suspects: list[IngestTask] = []
-        stop = False
-        try:
-            while (pending or inflight) and not stop:
-                while pending and len(inflight) < workers:
-                    task = pending.popleft()
-                    try:
-                        inflight[pool.submit(_ingest_one, task)] = (task, time.monotonic())
-                    except BrokenProcessPool:  # a worker died since the last wait
-                        pending.appendleft(task)
-                        stop = True
-                        break
-                if not inflight:
-                    break
-                wait_for = None
-                if timeout is not None:
-                    first_deadline = min(started for _, started in inflight.values()) + timeout
-                    wait_for = max(0.0, first_deadline - time.monotonic())
-                done, _ = wait(inflight, timeout=wait_for, return_when=FIRST_COMPLETED)
-                for future in done:
-                    task, _ = inflight.pop(future)
-                    try:
-                        yield future.result()
-                    except BrokenProcessPool:
-                        stop = True
-                        suspects.append(task)
-                if stop:
-                    suspects.extend(task for task, _ in inflight.values())
-                    break
-                now = time.monotonic()
-                overdue = [f for f, (_, started) in inflight.items() if timeout is not None and now - started > timeout]
-                if overdue and timeout is not None:
-                    for future in overdue:
-                        task, _ = inflight.pop(future)
-                        logger.warning(
-                            "row %d %s: the reader hung; stopped after %g s", task.row, task.modality, timeout
-                        )
-                        yield _failure_outcome(task, _timed_out(timeout))
-                    pending.extendleft(reversed([task for task, _ in inflight.values()]))  # innocent: run again
-                    inflight.clear()
-                    stop = True
-        finally:
-            if stop:
-                _kill(pool)
-            else:
-                pool.shutdown(wait=True)
-        for task in suspects:
-            yield _run_alone(task, initargs, timeout)
-
-
-def _run_alone(task: IngestTask, initargs: tuple, timeout: float | None) -> IngestOutcome:
-    solo = _new_pool(1, initargs)
-    try:
-        outcome = solo.submit(_ingest_one, task).result(timeout=timeout)
-    except BrokenProcessPool:
-        logger.warning("row %d %s: the reader crashed its worker process", task.row, task.modality)
-        outcome = _failure_outcome(task, CRASHED)
-    except FutureTimeout:
-        outcome = _failure_outcome(task, _timed_out(timeout or 0.0))
-    _kill(solo)
-    return outcome
+    """Every task through one :class:`WorkerPool` (see there for crashes and hangs)."""
+    with WorkerPool(workers, initargs, timeout) as pool:
+        yield from pool.run(tasks)
 
 
 def run_tasks(
@@ -311,8 +380,8 @@ def run_tasks(
     initargs = (config.model_dump_json(), str(cache_dir), tuple(plugins))
     order = {(t.row, t.modality): i for i, t in enumerate(tasks)}
     if workers <= 0:
-        _init_worker(*initargs, in_worker=False)
-        stream: Iterable[IngestOutcome] = (_ingest_one(t) for t in tasks)
+        init_worker(*initargs, in_worker=False)
+        stream: Iterable[IngestOutcome] = (ingest_one(t) for t in tasks)
     else:
         stream = _run_parallel(tasks, min(workers, max(len(tasks), 1)), initargs, task_timeout)
     outcomes = []

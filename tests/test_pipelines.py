@@ -1,0 +1,80 @@
+"""Pipeline files: every committed one validates, a bad one is refused whole, demo.yaml runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pandas as pd
+import pytest
+import yaml
+from click.testing import CliRunner
+from conftest import REPO
+
+from meddx.cli import main
+from meddx.errors import ConfigError
+from meddx.pipelines import DEMO_YAML, Pipeline, read_pipeline
+
+PIPELINES = sorted((REPO / "pipelines").glob("*.yaml"))
+SCHEMA = json.loads((REPO / "schemas" / "pipeline.schema.json").read_text())
+
+
+def test_the_four_pipelines_are_there() -> None:
+    assert {p.name for p in PIPELINES} == {"demo.yaml", "batch_diagnosis.yaml", "finetune.yaml", "pretrain.yaml"}
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.name)
+def test_every_pipeline_file_validates(path: Path) -> None:
+    data = yaml.safe_load(path.read_text())
+    jsonschema.validate(data, SCHEMA)
+    resolved = read_pipeline(path, out="runs/somewhere", check_inputs=False)
+    assert resolved.steps and not resolved.problems(check_inputs=False)
+    assert all("{" not in str(v) for step in resolved.steps for _, v in step)  # every placeholder filled
+
+
+def test_demo_yaml_is_what_meddx_demo_runs() -> None:
+    committed = Pipeline.model_validate(yaml.safe_load((REPO / "pipelines" / "demo.yaml").read_text()))
+    assert committed == Pipeline.model_validate(yaml.safe_load(DEMO_YAML))
+
+
+def test_a_bad_pipeline_is_refused_before_any_work_with_every_problem(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "version: 2\nname: bad\nout: x\nsteps:\n"
+        "  - step: finetune\n    manifest: m.csv\n    out: '{out}/model'\n    mode: fast\n"
+        "  - step: evaluate\n    predictions: p.parquet\n    manifest: m.csv\n    out: e\n    extra: 1\n"
+        "  - step: transmogrify\n"
+    )
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["run", str(bad), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    for says in ("4 problems", "version: Input should be 1", "steps.0.finetune.mode", "steps.1.evaluate.extra",
+                 "steps.2: Input tag 'transmogrify'"):
+        assert says in result.output
+    assert not out.exists()
+
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(
+        "version: 1\nname: m\nout: x\nsteps:\n"
+        f"  - step: diagnose\n    manifest: {tmp_path / 'none.csv'}\n    model: '{{out}}/model'\n    out: '{{outt}}'\n"
+        "  - step: evaluate\n    predictions: '{out}/d/predictions.parquet'\n    manifest: m.csv\n    out: '{out}/e'\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        read_pipeline(missing, out=out)
+    message = str(caught.value)
+    assert "5 problems" in message and "unknown placeholder(s) {outt}" in message
+    assert "steps.0.manifest" in message and "steps.0.model" in message and "steps.1.predictions" in message
+    assert not out.exists()
+
+
+def test_demo_yaml_runs(tmp_path: Path, sample_cache: Path) -> None:
+    out = tmp_path / "demo"
+    args = ["run", str(REPO / "pipelines" / "demo.yaml"), "--out", str(out), "--cache", str(sample_cache),
+            "--workers", "2", "--quiet"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "[4/4] evaluate" in result.output and "pipeline demo done" in result.output
+    predictions = pd.read_parquet(out / "diagnose" / "predictions.parquet")
+    assert len(predictions) == 12 and (predictions.status == "ok").all()
+    assert (out / "evaluation" / "report.html").is_file() and (out / "model" / "calibration.json").is_file()
