@@ -136,6 +136,7 @@ if TYPE_CHECKING:  # static checkers see the real objects
     from meddx.cache import RecordCache
     from meddx.cohort import Cohort, CohortRow, TaskSpec, load_cohort
     from meddx.config import IngestConfig
+    from meddx.data import CohortDataset, PreparedCohort, prepare_cohort
     from meddx.ingest import (
         Ingestor,
         IngestRequest,
@@ -145,6 +146,9 @@ if TYPE_CHECKING:  # static checkers see the real objects
         unregister_ingestor,
     )
     from meddx.ingest.runner import IngestReport, ingest_cohort
+    from meddx.models import BackboneConfig, FoundationBackbone
+    from meddx.models.diagnosis import DiagnosisModel
+    from meddx.pretrain import pretrain
     from meddx.records import (
         MODALITIES,
         Event,
@@ -159,8 +163,4 @@ if TYPE_CHECKING:  # static checkers see the real objects
         parse_time,
     )
     from meddx.synth import generate_cohort
-    from meddx.data import CohortDataset, PreparedCohort, prepare_cohort
-    from meddx.models import BackboneConfig, FoundationBackbone
-    from meddx.models.diagnosis import DiagnosisModel
-    from meddx.pretrain import pretrain
     from meddx.train import finetune

@@ -82,7 +82,7 @@ def source_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def reader_name(reader: "Ingestor | type[Ingestor]") -> str:
+def reader_name(reader: Ingestor | type[Ingestor]) -> str:
     """``module.Class@version`` of an ingestor: a new reader or a bumped version is a new key."""
     cls = reader if isinstance(reader, type) else type(reader)
     return f"{cls.__module__}.{cls.__qualname__}@{cls.version}"
@@ -106,7 +106,7 @@ def cache_key(
     index_time_iso: str,
     config: IngestConfig,
     *,
-    reader: "Ingestor | type[Ingestor]",
+    reader: Ingestor | type[Ingestor],
 ) -> str:
     """The content address of one record read by ``reader`` (an ingestor or its class)."""
     section = getattr(config, Modality(modality).value).model_dump(mode="json")

@@ -117,8 +117,8 @@ def _check_format(data: Mapping[str, Any], kind: str) -> None:
         raise ConfigError(f"expected a {kind!r} calibration entry, got type {data.get('type')!r}")
     if data.get("format") != CALIBRATION_FORMAT:
         raise ConfigError(
-            f"calibration format {data.get('format')!r} is not supported (this meddx reads format {CALIBRATION_FORMAT}); "
-            "refit the calibration with this version"
+            f"calibration format {data.get('format')!r} is not supported "
+            f"(this meddx reads format {CALIBRATION_FORMAT}); refit the calibration with this version"
         )
 
 
@@ -258,7 +258,7 @@ class IsotonicCalibrator:
         columns = [_sigmoid(logits)] if logits.ndim == 1 else list(_softmax(logits).T)
         targets = [labels == 1] if logits.ndim == 1 else [labels == c for c in range(n_classes)]
         self.thresholds_: list[tuple[np.ndarray, np.ndarray]] = []
-        for x, y in zip(columns, targets):
+        for x, y in zip(columns, targets, strict=True):
             fitted = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(x, y.astype(np.float64))
             self.thresholds_.append((fitted.X_thresholds_.copy(), fitted.y_thresholds_.copy()))
         self.n_fitted_ = len(labels)
@@ -316,7 +316,8 @@ def calibrator_from_dict(data: Mapping[str, Any]) -> TemperatureScaler | Isotoni
     if data.get("type") == IsotonicCalibrator.kind:
         return IsotonicCalibrator.from_dict(data)
     raise ConfigError(
-        f"unknown calibrator type {data.get('type')!r}; expected {TemperatureScaler.kind!r} or {IsotonicCalibrator.kind!r}"
+        f"unknown calibrator type {data.get('type')!r}; "
+        f"expected {TemperatureScaler.kind!r} or {IsotonicCalibrator.kind!r}"
     )
 
 
@@ -409,7 +410,8 @@ class ConformalClassifier:
         n_fitted_, n_classes_: validation rows and classes fitted on.
 
     Example:
-        >>> conformal = ConformalClassifier(alpha=0.1).fit(val_probs, val_labels, availability=val_mask)  # doctest: +SKIP
+        >>> conformal = ConformalClassifier(alpha=0.1)  # doctest: +SKIP
+        >>> conformal = conformal.fit(val_probs, val_labels, availability=val_mask)  # doctest: +SKIP
         >>> sets = conformal.predict_set(test_probs, availability=test_mask)  # (N, C) bool  # doctest: +SKIP
     """
 
@@ -482,7 +484,9 @@ class ConformalClassifier:
             raise ConfigError(f"fitted on {self.n_classes_} classes, got probabilities for {probabilities.shape[1]}")
         thresholds = self.thresholds_for(availability, len(probabilities))
         if len(thresholds) != len(probabilities):
-            raise ConfigError(f"availability has {len(thresholds)} rows but the probabilities have {len(probabilities)}")
+            raise ConfigError(
+                f"availability has {len(thresholds)} rows but the probabilities have {len(probabilities)}"
+            )
         return (1.0 - probabilities) <= thresholds[:, None]
 
     def to_dict(self) -> dict[str, Any]:

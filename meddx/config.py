@@ -43,7 +43,7 @@ class ImagingConfig(_Section):
     nifti_modality: str | None = None
     series_rule: Literal["most_slices", "first_uid"] = "most_slices"
     # Largest DICOM or NIfTI file read, in MiB (checked on disk before reading; each file of a folder).
-    max_file_mb: float = Field(2048.0, gt=0)
+    max_file_mb: float = Field(default=2048.0, gt=0)
 
 
 class EhrConfig(_Section):
@@ -56,7 +56,7 @@ class EhrConfig(_Section):
     code_vocab_size: int = 512  # codes kept in the fitted vocabulary (+ padding and OOV)
     # Largest FHIR Bundle JSON file read, in MiB (a Bundle is parsed whole). Bulk NDJSON files
     # are read line by line, never whole, and have no size limit.
-    max_file_mb: float = Field(1024.0, gt=0)
+    max_file_mb: float = Field(default=1024.0, gt=0)
 
 
 class NotesConfig(_Section):
@@ -70,7 +70,7 @@ class NotesConfig(_Section):
     # available at the index time), or "error". A file named directly in the manifest is always
     # taken as available at the index time, as the manifest contract says.
     undated: Literal["keep", "drop", "error"] = "drop"
-    max_file_mb: float = Field(32.0, gt=0)  # largest note file read, in MiB (each file of a folder)
+    max_file_mb: float = Field(default=32.0, gt=0)  # largest note file read, in MiB (each file of a folder)
 
 
 class DeviceLogConfig(_Section):
@@ -82,7 +82,7 @@ class DeviceLogConfig(_Section):
     # Zone-less ISO 8601 timestamps are refused unless this says to read them as UTC, or
     # IngestConfig.site_timezone names the zone to read them in (assume_utc wins over it).
     assume_utc: bool = False
-    max_file_mb: float = Field(1024.0, gt=0)  # largest log file read, in MiB (the file is parsed whole)
+    max_file_mb: float = Field(default=1024.0, gt=0)  # largest log file read, in MiB (the file is parsed whole)
 
 
 class AudioConfig(_Section):
@@ -93,7 +93,7 @@ class AudioConfig(_Section):
     n_mels: int = 32
     n_fft: int = 256
     hop_length: int = 64
-    max_file_mb: float = Field(1024.0, gt=0)  # largest audio file read, in MiB
+    max_file_mb: float = Field(default=1024.0, gt=0)  # largest audio file read, in MiB
 
 
 class VideoConfig(_Section):
@@ -104,7 +104,7 @@ class VideoConfig(_Section):
     color: Literal["gray", "rgb"] = "gray"
     # Robust window for DICOM cine frames of more than 8 bits (8-bit frames are divided by 255).
     percentiles: tuple[float, float] = (0.5, 99.5)
-    max_file_mb: float = Field(4096.0, gt=0)  # largest video or DICOM cine file read, in MiB
+    max_file_mb: float = Field(default=4096.0, gt=0)  # largest video or DICOM cine file read, in MiB
 
 
 class DicomWebConfig(_Section):

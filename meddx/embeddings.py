@@ -29,15 +29,15 @@ class CohortEmbeddings:
         labels: task -> int64 ``(N,)`` class index, -1 where unknown.
     """
 
-    pooled: "torch.Tensor"
-    present: "torch.Tensor"
-    rows: "torch.Tensor"
-    labels: dict[str, "torch.Tensor"]
+    pooled: torch.Tensor
+    present: torch.Tensor
+    rows: torch.Tensor
+    labels: dict[str, torch.Tensor]
 
 
 def compute_embeddings(
-    backbone: "FoundationBackbone",
-    dataset: "CohortDataset",
+    backbone: FoundationBackbone,
+    dataset: CohortDataset,
     batch_size: int = 64,
     device: str = "cpu",
     loader_workers: int = 0,

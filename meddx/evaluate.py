@@ -8,7 +8,9 @@ column, each with a percentile bootstrap interval; and, when the predictions car
 
 Example:
     >>> from meddx.evaluate import evaluate
-    >>> result = evaluate("runs/demo/predictions.parquet", "sample_data/manifest.csv", "runs/eval", by=["sex"])  # doctest: +SKIP
+    >>> result = evaluate(  # doctest: +SKIP
+    ...     "runs/demo/predictions.parquet", "sample_data/manifest.csv", "runs/eval", by=["sex"]
+    ... )
     >>> result.metrics["tasks"]["disease"]["overall"]["after_calibration"]["auroc"]  # doctest: +SKIP
     {'value': 0.84, 'low': 0.79, 'high': 0.88, 'n': 600, 'n_resamples': 1000}
 """

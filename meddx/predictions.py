@@ -148,7 +148,9 @@ def load_task_rows(predictions: str | Path, manifest: str | Path, by: Sequence[s
         ConfigError: a ``--by`` column exists in neither file.
 
     Example:
-        >>> tasks = load_task_rows("runs/demo/predictions.csv", "sample_data/manifest.csv", by=["sex"])  # doctest: +SKIP
+        >>> tasks = load_task_rows(  # doctest: +SKIP
+        ...     "runs/demo/predictions.csv", "sample_data/manifest.csv", by=["sex"]
+        ... )
         >>> tasks[0].name, tasks[0].labels.shape  # doctest: +SKIP
     """
     import pandas as pd
@@ -162,13 +164,15 @@ def load_task_rows(predictions: str | Path, manifest: str | Path, by: Sequence[s
     times = pd.to_datetime(frame["index_time"].map(lambda v: None if _is_empty(v) else v), utc=True,
                            format="ISO8601", errors="coerce")
     _refuse(path, np.flatnonzero(times.isna().to_numpy()), "index_time is not an ISO 8601 time with a time zone")
-    keys = list(zip(frame["patient_id"], (t.isoformat() for t in times)))
+    keys = list(zip(frame["patient_id"], (t.isoformat() for t in times), strict=True))
     by_key = {(row.patient_id, pd.Timestamp(row.index_time).isoformat()): row for row in cohort}
     unmatched = np.flatnonzero([key not in by_key for key in keys])
     _refuse(path, unmatched, f"no manifest row in {cohort.path} has this patient_id and index_time")
-    duplicated = np.flatnonzero(pd.Series([(*k, t) for k, t in zip(keys, frame["task"])]).duplicated().to_numpy())
+    keyed_tasks = pd.Series([(*k, t) for k, t in zip(keys, frame["task"], strict=True)])
+    duplicated = np.flatnonzero(keyed_tasks.duplicated().to_numpy())
     _refuse(path, duplicated, "a second row for the same patient_id, index_time and task")
-    _refuse(path, np.flatnonzero(~frame["status"].isin(STATUSES).to_numpy()), f"status must be one of {', '.join(STATUSES)}")
+    bad_status = np.flatnonzero(~frame["status"].isin(STATUSES).to_numpy())
+    _refuse(path, bad_status, f"status must be one of {', '.join(STATUSES)}")
     manifest_rows = [by_key[key] for key in keys]
 
     for column in by:
@@ -233,10 +237,11 @@ def _task_rows(path: Path, frame, rows: np.ndarray, spec, manifest_rows: list, b
             if set(classes) <= set(raw_classes)
             else None
         )
-        unknown = sorted({t for t, keep in zip(labels_text, labelled & ok) if keep and t not in classes})
+        unknown = sorted({t for t, keep in zip(labels_text, labelled & ok, strict=True) if keep and t not in classes})
         if unknown:
             raise PredictionsError(
-                f"{path}: task {task!r} has manifest labels {unknown} without a {CLASS_PROBABILITY_PREFIX}<class> column"
+                f"{path}: task {task!r} has manifest labels {unknown} "
+                f"without a {CLASS_PROBABILITY_PREFIX}<class> column"
             )
 
     has_probability = ~np.isnan(probabilities.reshape(len(rows), -1)).any(axis=1)
@@ -320,6 +325,6 @@ def _availability(sub, ok: np.ndarray, index: np.ndarray) -> tuple[list[str], np
     from meddx.records import MODALITIES
 
     order = [m.value for m in MODALITIES]
-    seen = set().union(*(present for present, keep in zip(used, ok) if keep))
+    seen = set().union(*(present for present, keep in zip(used, ok, strict=True) if keep))
     every = sorted(seen, key=lambda m: (order.index(m) if m in order else len(order), m))
     return every, np.asarray([len(every) - len(used[i] & set(every)) for i in index], dtype=np.int64)

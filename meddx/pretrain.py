@@ -53,7 +53,7 @@ def pretrain(
     learning_rate: float = 1e-3,
     weight_decay: float = 0.01,
     seed: int = 0,
-    backbone_config: "BackboneConfig | None" = None,
+    backbone_config: BackboneConfig | None = None,
     ingest_config: IngestConfig | None = None,
     cache_dir: str | Path | None = None,
     workers: int | None = None,
@@ -112,7 +112,8 @@ def pretrain(
         if not (checkpoint / "progress.json").is_file():
             raise ModelError(f"--resume: no checkpoint in {checkpoint}; run without --resume to start")
         backbone = FoundationBackbone.from_pretrained(checkpoint)
-        if aligner_hash(backbone.aligner()) != aligner_hash(prepared.aligner):
+        saved_aligner = backbone.aligner()
+        if saved_aligner is None or aligner_hash(saved_aligner) != aligner_hash(prepared.aligner):
             raise ModelError(
                 f"--resume: the checkpoint in {checkpoint} was made for other tensors (another cohort fit or "
                 "config); start again without --resume or in a new --out folder"

@@ -14,10 +14,11 @@ holds something dated after the index time.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone, tzinfo
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -167,7 +168,7 @@ class Event:
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "Event":
+    def from_json(cls, data: Mapping[str, Any]) -> Event:
         time = data.get("time")
         return cls(
             time=parse_time(time) if time else None,
@@ -254,12 +255,12 @@ class PatientTensors:
 
     patient_id: str
     index_time: datetime
-    tensors: dict[Modality, dict[str, "torch.Tensor"]] = field(default_factory=dict)
+    tensors: dict[Modality, dict[str, torch.Tensor]] = field(default_factory=dict)
     row: int = -1
     labels: dict[str, int] = field(default_factory=dict)
 
     @property
-    def present(self) -> "torch.Tensor":
+    def present(self) -> torch.Tensor:
         """Bool mask over :data:`MODALITIES`, shape ``(M,)``."""
         import torch
 
@@ -290,24 +291,24 @@ class PatientBatch:
 
     patient_ids: list[str]
     index_times: list[datetime]
-    tensors: dict[Modality, dict[str, "torch.Tensor"]]
-    present: "torch.Tensor"
-    rows: "torch.Tensor | None" = None
-    labels: dict[str, "torch.Tensor"] = field(default_factory=dict)
+    tensors: dict[Modality, dict[str, torch.Tensor]]
+    present: torch.Tensor
+    rows: torch.Tensor | None = None
+    labels: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.patient_ids)
 
     @property
-    def label_mask(self) -> dict[str, "torch.Tensor"]:
+    def label_mask(self) -> dict[str, torch.Tensor]:
         """Task -> bool ``(B,)``: True where the label is known."""
         return {task: labels != UNKNOWN_LABEL for task, labels in self.labels.items()}
 
-    def rows_with(self, modality: Modality) -> "torch.Tensor":
+    def rows_with(self, modality: Modality) -> torch.Tensor:
         """Batch positions (int64 ``(P_m,)``) of the patients that have ``modality``."""
         return self.present[:, MODALITIES.index(Modality(modality))].nonzero().flatten()
 
-    def to(self, device: "str | torch.device", non_blocking: bool = False) -> "PatientBatch":
+    def to(self, device: str | torch.device, non_blocking: bool = False) -> PatientBatch:
         """Move every tensor to ``device``."""
         return PatientBatch(
             self.patient_ids,
@@ -318,7 +319,7 @@ class PatientBatch:
             {t: v.to(device, non_blocking=non_blocking) for t, v in self.labels.items()},
         )
 
-    def pin_memory(self) -> "PatientBatch":
+    def pin_memory(self) -> PatientBatch:
         """Pinned host copies, for ``DataLoader(pin_memory=True)``."""
         return PatientBatch(
             self.patient_ids,

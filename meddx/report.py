@@ -103,7 +103,7 @@ def plot_reliability(task: TaskRows, metrics: dict[str, Any], n_bins: int, path:
         panels.insert(0, ("before calibration", task.raw_probabilities, metrics["overall"]["before_calibration"]))
     figure, axes = _figure(4.5 * len(panels), 4.5, len(panels))
     which = "positive class" if task.kind == "binary" else "top label"
-    for axis, (title, probabilities, table) in zip(axes, panels):
+    for axis, (title, probabilities, table) in zip(axes, panels, strict=True):
         curve = reliability_curve(task.labels, probabilities, n_bins)
         centres = (curve.edges[:-1] + curve.edges[1:]) / 2
         filled = curve.count > 0
@@ -131,8 +131,9 @@ def _group_rows(metrics: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 def _bars(axis, names: list[str], estimates: list[dict[str, Any] | None], title: str) -> None:
     values = np.array([e["value"] if e and e["value"] is not None else np.nan for e in estimates], dtype=float)
-    low = np.array([e["low"] if e and e["low"] is not None else v for e, v in zip(estimates, values)], dtype=float)
-    high = np.array([e["high"] if e and e["high"] is not None else v for e, v in zip(estimates, values)], dtype=float)
+    pairs = list(zip(estimates, values, strict=True))
+    low = np.array([e["low"] if e and e["low"] is not None else v for e, v in pairs], dtype=float)
+    high = np.array([e["high"] if e and e["high"] is not None else v for e, v in pairs], dtype=float)
     positions = np.arange(len(names))
     shown = np.nan_to_num(values)
     axis.barh(positions, shown, color="#4a7", xerr=np.nan_to_num([shown - low, high - shown]), capsize=3)
@@ -214,7 +215,8 @@ def _task_html(task: TaskRows, metrics: dict[str, Any], plots: dict[str, Path | 
     s = slug(task.name)
     overall = metrics["overall"]
     before = overall["before_calibration"] or {}
-    rows = [[label, fmt(before.get(key)), fmt(overall["after_calibration"][key])] for key, label in METRIC_NAMES.items()]
+    after = overall["after_calibration"]
+    rows = [[label, fmt(before.get(key)), fmt(after[key])] for key, label in METRIC_NAMES.items()]
     counts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in metrics["counts"].items())
     parts = [
         _section(f"{s}-overall", "Overall", f"<p>{html.escape(counts)}</p>"
@@ -289,7 +291,8 @@ def write_report(out: Path, tasks: list[TaskRows], metrics: dict[str, Any]) -> t
         f"<p>Predictions: {html.escape(str(metrics.get('predictions', '')))}; manifest: "
         f"{html.escape(str(metrics.get('manifest', '')))}; meddx {html.escape(metrics['meddx_version'])}.</p>"
         f"<p>Intervals: {settings['confidence']:.0%} percentile bootstrap over {settings['n_resamples']} resamples "
-        f"(seed {settings['seed']}); ECE with {n_bins} equal-width bins (binary: positive class; multiclass: top label).</p>"
+        f"(seed {settings['seed']}); ECE with {n_bins} equal-width bins "
+        "(binary: positive class; multiclass: top label).</p>"
         + _table(["task", "kind", "n", "AUROC (calibrated)", "ECE (calibrated)", "coverage"], summary_rows)
     )
     document = (

@@ -9,17 +9,17 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic.config import JsonDict
 
 from meddx.cohort import ManifestRow
 from meddx.config import IngestConfig
 from meddx.models.checkpoint import BackboneCheckpoint
 from meddx.models.config import BackboneConfig
 
-
-_PROBABILITY_CELL = {"anyOf": [{"type": "number", "minimum": 0, "maximum": 1}, {"type": "null"}]}
+_PROBABILITY_CELL: JsonDict = {"anyOf": [{"type": "number", "minimum": 0, "maximum": 1}, {"type": "null"}]}
 
 
 class PredictionRow(BaseModel):
@@ -38,11 +38,15 @@ class PredictionRow(BaseModel):
         json_schema_extra={
             "patternProperties": {
                 "^probability:.+$": {**_PROBABILITY_CELL, "description": "calibrated probability of class <class>"},
-                "^raw_probability:.+$": {**_PROBABILITY_CELL, "description": "uncalibrated probability of class <class>"},
+                "^raw_probability:.+$": {
+                    **_PROBABILITY_CELL,
+                    "description": "uncalibrated probability of class <class>",
+                },
                 "^ablation:.+$": {
                     **_PROBABILITY_CELL,
-                    "description": "calibrated probability (binary: of class 1; multiclass ablation:<modality>:<class>: "
-                    "of <class>) with <modality> withheld; empty where it was absent",
+                    "description": "calibrated probability (binary: of class 1; "
+                    "multiclass ablation:<modality>:<class>: of <class>) with <modality> withheld; "
+                    "empty where it was absent",
                 },
                 "^contribution:.+$": {
                     "anyOf": [{"type": "number"}, {"type": "null"}],
@@ -55,15 +59,15 @@ class PredictionRow(BaseModel):
     patient_id: str
     index_time: AwareDatetime
     task: str
-    probability: Optional[float] = Field(
+    probability: float | None = Field(
         None, ge=0, le=1,
         description="calibrated probability: of class 1 (binary) or of the predicted class (multiclass)",
     )
-    raw_probability: Optional[float] = Field(
+    raw_probability: float | None = Field(
         None, ge=0, le=1, description="uncalibrated model probability, same class as `probability`"
     )
-    prediction: Optional[str] = Field(None, description="predicted class (0/1 for binary tasks)")
-    prediction_set: Optional[str] = Field(
+    prediction: str | None = Field(None, description="predicted class (0/1 for binary tasks)")
+    prediction_set: str | None = Field(
         None,
         description="conformal set at the model's alpha: class names '|'-joined ('0', '1', '0|1' for binary); "
         "empty = the empty set, or no set when every row of the task is empty",

@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless, generate_uid
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, RLELossless, generate_uid
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ DISEASE_SNOMED = ("233604007", "Pneumonia (disorder)")
 
 _BASE_DATE = datetime(2024, 1, 1, tzinfo=timezone.utc)
 _UID_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's root; entropy makes each UID deterministic
-_IMPLEMENTATION_UID = _UID_ROOT + "8842.1"
+_IMPLEMENTATION_UID = UID(_UID_ROOT + "8842.1")
 _SNOMED = "http://snomed.info/sct"
 _LOINC = "http://loinc.org"
 _UCUM = "http://unitsofmeasure.org"
@@ -850,7 +850,7 @@ def write_pulse_video(
     yy, xx = np.mgrid[0:size, 0:size]
     dist = np.hypot(yy - cy, xx - cx)
 
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, (size, size), True)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*fourcc), fps, (size, size), True)
     if not writer.isOpened():
         raise RuntimeError(f"OpenCV cannot write {fourcc} video to {path}")
     try:

@@ -33,8 +33,9 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -94,7 +95,7 @@ def mean_auroc(tasks: dict[str, TaskSpec], logits: dict[str, np.ndarray], labels
     return float(np.mean(scores)) if scores else float("nan")
 
 
-def dataset_outputs(model: "DiagnosisModel", dataset: "CohortDataset", batch_size: int, device: str):
+def dataset_outputs(model: DiagnosisModel, dataset: CohortDataset, batch_size: int, device: str):
     """Logits, labels and presence of every row (eval mode, no gradient)."""
     import torch
     from torch.utils.data import DataLoader
@@ -122,8 +123,8 @@ def dataset_outputs(model: "DiagnosisModel", dataset: "CohortDataset", batch_siz
 
 
 def calibrate(
-    model: "DiagnosisModel",
-    val: "CohortDataset",
+    model: DiagnosisModel,
+    val: CohortDataset,
     method: str = "temperature",
     alpha: float = 0.1,
     min_group_size: int = 50,
@@ -165,7 +166,7 @@ def calibrate(
 # ----------------------------------------------------------------- training
 
 
-def _class_weights(train: "CohortDataset", tasks: dict[str, TaskSpec]) -> dict[str, "torch.Tensor"]:
+def _class_weights(train: CohortDataset, tasks: dict[str, TaskSpec]) -> dict[str, torch.Tensor]:
     import torch
 
     from meddx.models.heads import class_weights_from, n_outputs
@@ -177,7 +178,7 @@ def _class_weights(train: "CohortDataset", tasks: dict[str, TaskSpec]) -> dict[s
     }
 
 
-def _loss(model, logits: dict, labels: dict, weights: dict) -> "torch.Tensor | None":
+def _loss(model, logits: dict, labels: dict, weights: dict) -> torch.Tensor | None:
     from meddx.models.heads import task_loss
 
     losses = []
@@ -201,8 +202,8 @@ def finetune(
     tasks: Sequence[str] | None = None,
     mode: Mode = "auto",
     epochs: int | None = None,
-    backbone: "str | Path | FoundationBackbone | None" = None,
-    backbone_config: "BackboneConfig | None" = None,
+    backbone: str | Path | FoundationBackbone | None = None,
+    backbone_config: BackboneConfig | None = None,
     ingest_config: IngestConfig | None = None,
     cache_dir: str | Path | None = None,
     batch_size: int = 32,
@@ -218,7 +219,7 @@ def finetune(
     resume: bool = False,
     progress: bool = True,
     device: str | None = None,
-) -> "DiagnosisModel":
+) -> DiagnosisModel:
     """Fine-tune a :class:`~meddx.models.diagnosis.DiagnosisModel` on a labelled cohort.
 
     Args:
@@ -428,7 +429,7 @@ def _fit_end_to_end(model, train, val, epochs, batch_size, learning_rate, patien
     if world > 1:
         stepper = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     # the same sampler with one replica gives a single process the same global batches as N ranks
-    sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    sampler: DistributedSampler[int] = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=seed)
     per_rank = max(1, batch_size // world)
     loader = DataLoader(train, batch_size=per_rank, sampler=sampler, collate_fn=train.collate,
                         pin_memory=device.startswith("cuda"))

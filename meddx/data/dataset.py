@@ -16,8 +16,9 @@ Example:
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -128,7 +129,7 @@ class CohortDataset(Dataset):
         """``collate_fn`` for a ``DataLoader``: :func:`~meddx.records.collate` checked against the spec."""
         return collate(items, self.tensor_spec)
 
-    def with_inputs(self) -> "CohortDataset":
+    def with_inputs(self) -> CohortDataset:
         """The same rows less those where no modality could be read (nothing for a model to see).
 
         Training and pretraining use this; batch diagnosis keeps such rows to report them.
@@ -146,7 +147,7 @@ class CohortDataset(Dataset):
         return [entry.row for entry in self._entries]
 
     @property
-    def aligner(self) -> "Aligner":
+    def aligner(self) -> Aligner:
         """The fitted :class:`~meddx.align.Aligner` the tensors were made with (built on first use)."""
         if self._aligner is None:
             from meddx.align import Aligner
@@ -154,7 +155,7 @@ class CohortDataset(Dataset):
             self._aligner = Aligner.from_state_dict(self.index.aligner)
         return self._aligner
 
-    def table(self) -> "pd.DataFrame":
+    def table(self) -> pd.DataFrame:
         """One line per item: row, patient_id, index_time, split, modalities, errors, labels, extra columns."""
         import pandas as pd
 

@@ -106,7 +106,7 @@ class CohortIndex:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], path: str | Path = "index") -> "CohortIndex":
+    def from_json(cls, data: dict[str, Any], path: str | Path = "index") -> CohortIndex:
         if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
             found = data.get("format") if isinstance(data, dict) else type(data).__name__
             raise ModelError(
@@ -147,7 +147,7 @@ class CohortIndex:
         return path
 
     @classmethod
-    def read(cls, path: str | Path) -> "CohortIndex":
+    def read(cls, path: str | Path) -> CohortIndex:
         """Read an index file.
 
         Raises:
@@ -257,7 +257,8 @@ def label_index(task: TaskSpec, value: str | None) -> int:
     """Class index of a manifest label cell; :data:`UNKNOWN_LABEL` when empty.
 
     Example:
-        >>> label_index(TaskSpec("disease", "binary", ("0", "1")), "1"), label_index(TaskSpec("d", "binary", ("0", "1")), None)
+        >>> task = TaskSpec("disease", "binary", ("0", "1"))
+        >>> label_index(task, "1"), label_index(task, None)
         (1, -1)
     """
     if value is None:

@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from meddx.cache import RecordCache, default_cache_dir
 from meddx.cohort import Cohort, TaskSpec, load_cohort
@@ -68,14 +69,14 @@ class PreparedCohort:
         report: the ingest report when this call ingested; None when it found the index.
     """
 
-    aligner: "Aligner"
+    aligner: Aligner
     index_path: Path
     tasks: dict[str, TaskSpec]
     report: IngestReport | None = None
 
     def dataset(
         self, split: str | None = None, tasks: Sequence[str] | None = None, rows: Sequence[int] | None = None
-    ) -> "CohortDataset":
+    ) -> CohortDataset:
         """A :class:`~meddx.data.dataset.CohortDataset` over this cohort (see its arguments)."""
         from meddx.data.dataset import CohortDataset
 
@@ -86,7 +87,7 @@ def prepare_cohort(
     cohort_or_manifest_path: Cohort | str | Path,
     cache_dir: str | Path | None = None,
     config: IngestConfig | None = None,
-    aligner: "Aligner | None" = None,
+    aligner: Aligner | None = None,
     workers: int | None = None,
     progress: bool = True,
     fit_split: str | None = "train",
@@ -239,7 +240,7 @@ def _needs_fit(tensorizer: Tensorizer) -> bool:
 
 
 def _records_for_fit(
-    cohort: Cohort, by_row: dict[int, list[IngestOutcome]], rows: set[int], cache: RecordCache, aligner: "Aligner"
+    cohort: Cohort, by_row: dict[int, list[IngestOutcome]], rows: set[int], cache: RecordCache, aligner: Aligner
 ) -> Iterator[PatientRecord]:
     """The fit rows' records, lazily, and only of modalities whose tensorizer learns something
     (so fitting never holds every training volume in memory)."""
@@ -259,7 +260,7 @@ def _records_for_fit(
 def _align_rows(
     cohort: Cohort,
     by_row: dict[int, list[IngestOutcome]],
-    aligner: "Aligner",
+    aligner: Aligner,
     digest: str,
     store: TensorStore,
     cache: RecordCache,

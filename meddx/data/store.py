@@ -21,8 +21,9 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from meddx import __version__
 from meddx.errors import ModelError
@@ -37,7 +38,7 @@ STORE_FORMAT = "meddx-aligned-tensors/1"
 _SEPARATOR = "/"
 
 
-def aligner_hash(aligner: "Aligner") -> str:
+def aligner_hash(aligner: Aligner) -> str:
     """SHA-256 of the fitted aligner state (JSON, sorted keys) and its tensorizer classes.
 
     Example:
@@ -47,7 +48,9 @@ def aligner_hash(aligner: "Aligner") -> str:
     """
     payload = {
         "state": aligner.state_dict(),
-        "tensorizers": {m.value: f"{type(t).__module__}.{type(t).__qualname__}" for m, t in aligner.tensorizers.items()},
+        "tensorizers": {
+            m.value: f"{type(t).__module__}.{type(t).__qualname__}" for m, t in aligner.tensorizers.items()
+        },
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -108,7 +111,7 @@ class TensorStore:
                 os.unlink(tmp)
         return path
 
-    def get(self, key: str) -> dict[Modality, dict[str, "torch.Tensor"]]:
+    def get(self, key: str) -> dict[Modality, dict[str, torch.Tensor]]:
         """One row's tensors, per modality.
 
         Raises:
@@ -117,7 +120,7 @@ class TensorStore:
         return self.read(self.path(key))
 
     @staticmethod
-    def read(path: str | Path) -> dict[Modality, dict[str, "torch.Tensor"]]:
+    def read(path: str | Path) -> dict[Modality, dict[str, torch.Tensor]]:
         """The tensors of one store file (what :meth:`get` does once the path is known)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file

@@ -196,7 +196,7 @@ def _table_from_frame(frame: pd.DataFrame) -> pa.Table:
 
 def _read_table(
     path: Path, fail: Callable[[str], NoReturn], max_file_mb: float | None = None
-) -> tuple["pa.Table", str]:
+) -> tuple[pa.Table, str]:
     """Read the whole file once; returns ``(table with lower-cased column names, file_type)``."""
     import pyarrow as pa
     import pyarrow.csv as pa_csv
@@ -305,7 +305,7 @@ def _localize_ns(walls: pd.Series, zone: tzinfo) -> np.ndarray:
 
 
 def _times_ns(
-    column: "pa.ChunkedArray", fail: Callable[[str], NoReturn], assume_utc: bool, zone: tzinfo | None = None
+    column: pa.ChunkedArray, fail: Callable[[str], NoReturn], assume_utc: bool, zone: tzinfo | None = None
 ) -> np.ndarray:
     """The timestamp column as int64 UTC epoch nanoseconds, whatever type the reader gave it.
 
@@ -446,9 +446,9 @@ def _accumulate(
         grid.n_after_index += n_present - n_available
         grid.n_before_window += n_available - rows.size
         value, t = values[rows], t_ns[rows]
-        which = channel[rows] if per_row else channel
+        which = channel[rows] if isinstance(channel, np.ndarray) else channel  # isinstance: per_row, for mypy
         plausible = (value >= low[which]) & (value <= high[which]) & np.isfinite(value)
-        if per_row:
+        if isinstance(which, np.ndarray):
             grid.n_implausible += np.bincount(which[~plausible], minlength=n_channels)
             which = which[plausible]
         else:

@@ -94,7 +94,10 @@ class _File:
 
     @property
     def series_key(self) -> tuple[str, str, str]:
-        """What makes a series one series: a SeriesInstanceUID reused in another study or frame of reference is not it."""
+        """What makes a series one series.
+
+        A SeriesInstanceUID reused in another study or frame of reference is not the same series.
+        """
         return (self.series_uid, self.study_uid, self.frame_of_reference)
 
 

@@ -95,11 +95,12 @@ import logging
 import math
 import re
 from collections import Counter, OrderedDict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone, tzinfo
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, cast
 
 from meddx.errors import IngestError
 from meddx.ingest.base import Ingestor, IngestRequest, register_ingestor
@@ -108,6 +109,9 @@ from meddx.ingest.fhir_bulk import BulkIndex, patient_reference_id
 from meddx.ingest.file_checks import check_source
 from meddx.ingest.units import is_plausible, to_canonical
 from meddx.records import Event, Modality, ModalityRecord, keep_available, wall_time_to_utc
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 logger = logging.getLogger(__name__)
 
@@ -228,8 +232,8 @@ def release_of(version: str) -> str:
     )
 
 
-@lru_cache(maxsize=None)
-def _model_class(release: str, resource_type: str) -> type:
+@cache
+def _model_class(release: str, resource_type: str) -> type[BaseModel]:
     # imported here: fhir.resources costs a noticeable fraction of a second at CLI start
     if release == "R5":
         from fhir.resources import get_fhir_model_class
@@ -834,7 +838,7 @@ def _build_record(
                 counts["uncoded_resources"] += 1
             else:
                 events.append(Event(when, CODE_KINDS[item.resource_type], code))
-    events.sort(key=lambda e: e.time)  # every event here is dated
+    events.sort(key=lambda e: cast(datetime, e.time))  # every event here is dated (built from a kept time)
     resources = Counter(p.resource_type for p in kept)
     if patient is not None:
         resources["Patient"] += 1

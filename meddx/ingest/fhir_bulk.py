@@ -26,9 +26,10 @@ import json
 import logging
 import os
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ class BulkIndex:
         return (str(root),) + tuple(entries)
 
     @classmethod
-    def build(cls, root: Path, resource_types: set[str]) -> "BulkIndex":
+    def build(cls, root: Path, resource_types: set[str]) -> BulkIndex:
         """Scan ``root`` once, indexing lines whose type is in ``resource_types``.
 
         Raises:
@@ -183,7 +184,7 @@ class BulkIndex:
                 continue
             with open(f.path, "rb") as handle:
                 if offsets is not None:
-                    for offset, number in zip(offsets, f.numbers[patient_id]):
+                    for offset, number in zip(offsets, f.numbers[patient_id], strict=True):
                         handle.seek(offset)
                         yield BulkLine(f.path, number, f.resource_type, handle.readline())
                 for offset, number in suspects:

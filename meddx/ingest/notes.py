@@ -480,7 +480,7 @@ class NotesIngestor(Ingestor):
                 return_overflowing_tokens=True,
                 return_attention_mask=True,
             )
-            rows = list(zip(encoded["input_ids"], encoded["attention_mask"]))
+            rows = list(zip(encoded["input_ids"], encoded["attention_mask"], strict=True))
             if rows and isinstance(rows[0][0], int):  # a tokenizer without overflow windows gives one row
                 rows = [(encoded["input_ids"], encoded["attention_mask"])]
             if not cut or len(rows) > room:

@@ -12,11 +12,12 @@ What the ``video`` column may name:
   are undated (``record.time`` is None, so they are available at the index time);
 * a multi-frame DICOM (cine ultrasound, XA...): a ``.dcm``/``.dicom`` suffix, or what
   the imaging reader recognises as DICOM (:func:`meddx.ingest.dicom_io.looks_like_dicom`:
-  the ``DICM`` prefix, or a Part 10 file without its preamble), chooses this path. Frames are decoded with the imaging ingestor's
-  decoder (:func:`meddx.ingest.dicom_io.decode_frames`, only the sampled frames of
-  compressed data). The clip is dated as a whole: ``record.time`` is its latest time, of
-  the file or of any frame (:func:`meddx.ingest.dicom_io.latest_time`; zone-less DICOM
-  times use ``TimezoneOffsetFromUTC``, else ``IngestConfig.site_timezone``, else UTC, as
+  the ``DICM`` prefix, or a Part 10 file without its preamble), chooses this path. Frames
+  are decoded with the imaging ingestor's decoder
+  (:func:`meddx.ingest.dicom_io.decode_frames`, only the sampled frames of compressed
+  data). The clip is dated as a whole: ``record.time`` is its latest time, of the file or
+  of any frame (:func:`meddx.ingest.dicom_io.latest_time`; zone-less DICOM times use
+  ``TimezoneOffsetFromUTC``, else ``IngestConfig.site_timezone``, else UTC, as
   ``meta["time_zone"]`` says). A cine acquired after the index time gives ``None`` (the
   modality is missing for that row), never some of its frames.
 

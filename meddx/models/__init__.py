@@ -6,9 +6,13 @@ without torch; the modules that need torch load on first use, so the CLI does no
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meddx.models.config import BackboneConfig
+
+if TYPE_CHECKING:  # static checkers see the real classes; at run time __getattr__ loads them
+    from meddx.models.backbone import BackboneOutput, EncodedBatch, FoundationBackbone
+    from meddx.models.diagnosis import DiagnosisModel
 
 __all__ = ["BackboneConfig", "BackboneOutput", "DiagnosisModel", "EncodedBatch", "FoundationBackbone"]
 

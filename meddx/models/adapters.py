@@ -28,7 +28,7 @@ BASE_LAYER = ".base_layer"
 DEFAULT_ADAPTER: dict[str, Any] = {"r": 8, "alpha": 16, "dropout": 0.05, "text_encoder": False}
 
 
-def lora_targets(model: "DiagnosisModel", text_encoder: bool) -> list[str]:
+def lora_targets(model: DiagnosisModel, text_encoder: bool) -> list[str]:
     """Full names of the linear layers that get adapters.
 
     The fusion transformer's attention output and feed-forward projections always; the text
@@ -50,7 +50,7 @@ def lora_targets(model: "DiagnosisModel", text_encoder: bool) -> list[str]:
     return targets
 
 
-def add_lora(model: "DiagnosisModel", adapter: dict[str, Any]) -> dict[str, Any]:
+def add_lora(model: DiagnosisModel, adapter: dict[str, Any]) -> dict[str, Any]:
     """Inject LoRA layers into ``model`` in place and freeze the backbone; returns the adapter config used.
 
     The heads stay trainable. ``adapter`` keys: ``r``, ``alpha``, ``dropout``, ``text_encoder``

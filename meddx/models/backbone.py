@@ -19,9 +19,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -132,7 +133,8 @@ def _modality_indices(modalities: Iterable[Modality | str] | None) -> list[int]:
     try:
         return [MODALITIES.index(Modality(m)) for m in modalities]
     except ValueError:
-        raise ConfigError(f"unknown modality in {list(modalities)}; choose from {[m.value for m in MODALITIES]}") from None
+        choices = [m.value for m in MODALITIES]
+        raise ConfigError(f"unknown modality in {list(modalities)}; choose from {choices}") from None
 
 
 class FoundationBackbone(nn.Module):
@@ -191,8 +193,8 @@ class FoundationBackbone(nn.Module):
 
     @classmethod
     def from_aligner(
-        cls, config: BackboneConfig, aligner: "Aligner", cache_dir: str | Path | None = None
-    ) -> "FoundationBackbone":
+        cls, config: BackboneConfig, aligner: Aligner, cache_dir: str | Path | None = None
+    ) -> FoundationBackbone:
         """A backbone for the tensors a fitted aligner makes (its state is kept for saving).
 
         Raises:
@@ -206,7 +208,7 @@ class FoundationBackbone(nn.Module):
             )
         return cls(config, aligner.array_spec(), aligner.state_dict(), cache_dir)
 
-    def aligner(self) -> "Aligner | None":
+    def aligner(self) -> Aligner | None:
         """The fitted aligner saved with this backbone (None when it was built from a bare spec)."""
         from meddx.align import Aligner
 
@@ -266,8 +268,8 @@ class FoundationBackbone(nn.Module):
     def fuse(
         self,
         encoded: EncodedBatch,
-        drop: "set[Modality | str] | list[Modality | str] | torch.Tensor | None" = None,
-        withhold: "Iterable[Modality | str] | None" = None,
+        drop: set[Modality | str] | list[Modality | str] | torch.Tensor | None = None,
+        withhold: Iterable[Modality | str] | None = None,
     ) -> BackboneOutput:
         """The fusion transformer over encoded tokens (see :meth:`forward` for ``drop`` and ``withhold``)."""
         keep = encoded.present.clone()  # (B, M)
@@ -319,8 +321,8 @@ class FoundationBackbone(nn.Module):
     def forward(
         self,
         batch: PatientBatch,
-        drop: "set[Modality | str] | list[Modality | str] | torch.Tensor | None" = None,
-        withhold: "Iterable[Modality | str] | None" = None,
+        drop: set[Modality | str] | list[Modality | str] | torch.Tensor | None = None,
+        withhold: Iterable[Modality | str] | None = None,
     ) -> BackboneOutput:
         """Encode and fuse a batch.
 
@@ -347,7 +349,7 @@ class FoundationBackbone(nn.Module):
         return save_backbone(self, folder)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, cache_dir: str | Path | None = None) -> "FoundationBackbone":
+    def from_pretrained(cls, folder: str | Path, cache_dir: str | Path | None = None) -> FoundationBackbone:
         """Load what :meth:`save_pretrained` wrote; refuses pickle, unknown formats and newer meddx majors.
 
         Raises:

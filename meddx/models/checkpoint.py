@@ -79,7 +79,7 @@ def _major(version: str) -> int:
 
 
 def save_backbone(
-    backbone: "FoundationBackbone",
+    backbone: FoundationBackbone,
     folder: str | Path,
     *,
     state: dict[str, Any] | None = None,
@@ -114,7 +114,9 @@ def save_backbone(
     checkpoint = BackboneCheckpoint(
         meddx_version=__version__,
         backbone=backbone.config,
-        array_spec={m: {n: ArrayFieldModel(**f._asdict()) for n, f in s.items()} for m, s in backbone.array_spec.items()},
+        array_spec={
+            m: {n: ArrayFieldModel(**f._asdict()) for n, f in s.items()} for m, s in backbone.array_spec.items()
+        },
         aligner=backbone.aligner_state,
         text_weights=text_weights,
         text_model_version=None if notes is None else notes.version,
@@ -180,8 +182,8 @@ def read_checkpoint(folder: str | Path) -> BackboneCheckpoint:
 
 
 def load_backbone(
-    cls: type["FoundationBackbone"], folder: str | Path, cache_dir: str | Path | None = None
-) -> "FoundationBackbone":
+    cls: type[FoundationBackbone], folder: str | Path, cache_dir: str | Path | None = None
+) -> FoundationBackbone:
     """Build the backbone ``config.json`` describes and load ``model.safetensors`` into it."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file

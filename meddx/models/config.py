@@ -119,13 +119,13 @@ class BackboneConfig(_Section):
     video: VideoEncoderConfig = Field(default_factory=VideoEncoderConfig)
 
     @model_validator(mode="after")
-    def _heads_divide_width(self) -> "BackboneConfig":
+    def _heads_divide_width(self) -> BackboneConfig:
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads={self.n_heads} must divide d_model={self.d_model}")
         return self
 
     @classmethod
-    def from_dict(cls, data: dict) -> "BackboneConfig":
+    def from_dict(cls, data: dict) -> BackboneConfig:
         """Build a config from plain data, raising :class:`ConfigError` on any problem.
 
         Example:
@@ -138,7 +138,7 @@ class BackboneConfig(_Section):
             raise ConfigError(f"invalid backbone config: {exc}") from None
 
     @classmethod
-    def gpu(cls) -> "BackboneConfig":
+    def gpu(cls) -> BackboneConfig:
         """A larger backbone for a GPU (pair it with ``IngestConfig.gpu()``).
 
         Width 256, 6 fusion layers of 8 heads, a ResNet-18 imaging network with 8 tokens, finer

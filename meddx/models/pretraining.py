@@ -22,7 +22,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +86,7 @@ class PretrainingObjectives(nn.Module):
 
     def __init__(
         self,
-        backbone: "FoundationBackbone",
+        backbone: FoundationBackbone,
         temperature: float = 0.1,
         masked_weight: float = 1.0,
         contrastive_weight: float = 1.0,
@@ -122,11 +122,13 @@ class PretrainingObjectives(nn.Module):
         if hidden.any():
             withheld = self.backbone.fuse(encoded_batch, drop=hidden)
             target = encoded.detach()
+            # nn.ModuleDict types its items as plain Module; this entry is the ModuleDict built in __init__
+            predictors = cast(nn.ModuleDict, self.heads["predictors"])
             losses = []
             for j, modality in enumerate(MODALITIES):
                 who = hidden[:, j]  # (B,)
                 if who.any():
-                    prediction = self.heads["predictors"][modality.value](withheld.pooled[who])  # (n, D)
+                    prediction = predictors[modality.value](withheld.pooled[who])  # (n, D)
                     losses.append(1.0 - F.cosine_similarity(prediction, target[who, j], dim=-1))
             masked = torch.cat(losses).mean()
 

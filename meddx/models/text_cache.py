@@ -24,7 +24,10 @@ def chunk_keys(version: str, ids: torch.Tensor, mask: torch.Tensor) -> list[str]
     ids_np = ids.detach().to("cpu", torch.int64).contiguous().numpy()
     mask_np = mask.detach().to("cpu", torch.bool).contiguous().numpy()
     prefix = version.encode()
-    return [hashlib.sha256(prefix + i.tobytes() + m.tobytes()).hexdigest() for i, m in zip(ids_np, mask_np)]
+    return [
+        hashlib.sha256(prefix + i.tobytes() + m.tobytes()).hexdigest()
+        for i, m in zip(ids_np, mask_np, strict=True)
+    ]
 
 
 class TextEmbeddingCache:

@@ -83,7 +83,8 @@ class EhrEncoder(ModalityEncoder):
         P, F, B, _ = values.shape
         bin_age = arrays[self.lab_age].float() if self.lab_age else record_age.expand(P, B)  # (P, B)
         if self.per_bin:
-            tokens = torch.einsum("pfbv,fvd->pfbd", values, self.lab_weight) + self.lab_bias[:, None] + self.bin_embedding
+            tokens = torch.einsum("pfbv,fvd->pfbd", values, self.lab_weight)  # (P, F, B, D)
+            tokens = tokens + self.lab_bias[:, None] + self.bin_embedding
             age = bin_age[:, None, :].expand(P, F, B)
             return EncoderOutput(tokens.reshape(P, F * B, -1), mask.reshape(P, F * B), age.reshape(P, F * B))
         inputs = torch.cat([values, mask.unsqueeze(-1).float()], dim=-1).reshape(P, F, -1)  # (P, F, B*(V+1))
@@ -104,8 +105,8 @@ class EhrEncoder(ModalityEncoder):
             arrays[self.code_age].float() if self.code_age else record_age.expand_as(ids).float(),
         )
         parts = []
-        for name, project in zip(self.context, self.context_project):
+        for name, project in zip(self.context, self.context_project, strict=True):
             token = project(arrays[name].float().reshape(P, -1)).unsqueeze(1)  # (P, 1, D)
             parts.append(EncoderOutput(token, torch.ones(P, 1, dtype=torch.bool, device=ids.device), record_age))
         parts += [self._labs(arrays, record_age), codes]
-        return EncoderOutput(*(torch.cat(items, dim=1) for items in zip(*parts)))
+        return EncoderOutput(*(torch.cat(items, dim=1) for items in zip(*parts, strict=True)))

@@ -49,7 +49,7 @@ class _DenseNetTrunk(nn.Module):
         return self.pool(torch.relu(self.features(x))).flatten(2)  # (N, C, T)
 
 
-def build_trunk(cfg: ImagingEncoderConfig) -> "_ResNetTrunk | _DenseNetTrunk":
+def build_trunk(cfg: ImagingEncoderConfig) -> _ResNetTrunk | _DenseNetTrunk:
     """The MONAI network named by ``cfg.network``, returning ``(N, C, T)`` feature tokens."""
     from monai.networks import nets
 
@@ -77,13 +77,19 @@ def build_trunk(cfg: ImagingEncoderConfig) -> "_ResNetTrunk | _DenseNetTrunk":
     else:
         widths, layers = ((64, 128, 256, 512), (2, 2, 2, 2)) if cfg.network == "resnet18" else (cfg.widths, cfg.layers)
         net = nets.ResNet(
-            "basic", list(layers), list(widths), spatial_dims=dims, n_input_channels=1, feed_forward=False, norm=cfg.norm
+            "basic",
+            list(layers),
+            list(widths),
+            spatial_dims=dims,
+            n_input_channels=1,
+            feed_forward=False,
+            norm=cfg.norm,
         )
         return _ResNetTrunk(net, grid, widths[-1], dims)
     return _DenseNetTrunk(net, grid, channels, dims)
 
 
-def load_network_weights(trunk: "_ResNetTrunk | _DenseNetTrunk", path: str | Path) -> None:
+def load_network_weights(trunk: _ResNetTrunk | _DenseNetTrunk, path: str | Path) -> None:
     """Load a local safetensors file into the network; a pickle file or a mismatch raises ModelError."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file

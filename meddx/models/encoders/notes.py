@@ -120,7 +120,7 @@ class NotesEncoder(ModalityEncoder):
         self.cache = TextEmbeddingCache(cache_dir, self.version) if self.frozen else None
         self.project = nn.Linear(hidden, config.d_model)
 
-    def train(self, mode: bool = True) -> "NotesEncoder":
+    def train(self, mode: bool = True) -> NotesEncoder:
         super().train(mode)
         if self.frozen:
             self.text_model.eval()  # a frozen encoder is deterministic: dropout off, so caching is exact
@@ -148,8 +148,8 @@ class NotesEncoder(ModalityEncoder):
             index = torch.tensor(todo, device=ids.device)
             with torch.no_grad():
                 fresh = self._embed(ids[index], mask[index])
-            self.cache.put({keys[n]: e for n, e in zip(todo, fresh)})
-            for n, e in zip(todo, fresh):
+            self.cache.put({keys[n]: e for n, e in zip(todo, fresh, strict=True)})
+            for n, e in zip(todo, fresh, strict=True):
                 found[n] = e
         return torch.stack([e.to(ids.device) for e in found])  # type: ignore[union-attr]
 
