@@ -229,8 +229,9 @@ def pretrain_command(
 @click.option("--tasks", default=None, help="Comma-separated tasks (default: every label:<task> column).")
 @click.option("--backbone", default=None, type=click.Path(file_okay=False, path_type=Path),
               help="A pretrained backbone folder (meddx pretrain); default: a new backbone.")
-@click.option("--mode", type=click.Choice(["head", "full", "lora"]), default="head", show_default=True,
-              help="head: frozen backbone; full: train everything; lora: LoRA adapters.")
+@click.option("--mode", type=click.Choice(["auto", "head", "full", "lora"]), default="auto", show_default=True,
+              help="head: frozen backbone; full: train everything; lora: LoRA adapters; "
+                   "auto: head with --backbone, else full.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="At most this many epochs (default per mode).")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--lr", "learning_rate", default=None, type=click.FloatRange(min=0, min_open=True),

@@ -7,9 +7,10 @@ validation rows only, and saves the model folder.
 
 Modes:
 
-* ``head`` (default): the backbone is frozen; its embeddings are computed once and the heads are
-  trained on them, so an epoch costs microseconds per patient. With a pretrained backbone this is
-  the best validation AUROC per CPU second (see ``docs/finetuning.md``).
+* ``auto`` (default): ``head`` when a pretrained backbone is given, else ``full`` (a backbone with
+  fresh weights has nothing worth freezing); see ``docs/finetuning.md`` for the measurements.
+* ``head``: the backbone is frozen; its embeddings are computed once and the heads are trained on
+  them, so an epoch costs microseconds per patient.
 * ``full``: everything trains (modality dropout on), one backbone pass per patient and epoch.
 * ``lora``: LoRA adapters (``peft``) on the fusion transformer (and optionally the text encoder);
   base weights untouched, so one backbone serves many tasks and sites.
@@ -52,8 +53,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-Mode = Literal["head", "full", "lora"]
-MODES: tuple[str, ...] = ("head", "full", "lora")
+Mode = Literal["auto", "head", "full", "lora"]
+MODES: tuple[str, ...] = ("auto", "head", "full", "lora")
 # Chosen on the fine-tuning benchmark (benchmarks/bench_finetune.py): see docs/finetuning.md.
 DEFAULT_EPOCHS = {"head": 200, "full": 15, "lora": 15}
 DEFAULT_LEARNING_RATE = {"head": 3e-3, "full": 1e-3, "lora": 2e-3}
@@ -199,7 +200,7 @@ def finetune(
     out_dir: str | Path | None = None,
     *,
     tasks: Sequence[str] | None = None,
-    mode: Mode = "head",
+    mode: Mode = "auto",
     epochs: int | None = None,
     backbone: str | Path | FoundationBackbone | None = None,
     backbone_config: BackboneConfig | None = None,
@@ -225,7 +226,7 @@ def finetune(
         cohort: a cohort or the path of its manifest, with ``label:<task>`` columns.
         out_dir: where the model folder goes (None: nothing is written; no checkpoints).
         tasks: which tasks (default: every label column).
-        mode: ``head``, ``full`` or ``lora`` (module docstring).
+        mode: ``auto``, ``head``, ``full`` or ``lora`` (module docstring).
         epochs: at most this many (early stopping may stop sooner); default per mode.
         backbone: a pretrained backbone folder or object; default: a new one (``backbone_config``).
         backbone_config: sizes of a new backbone.
@@ -260,6 +261,8 @@ def finetune(
 
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+    if mode == "auto":
+        mode = "head" if backbone is not None else "full"
     epochs = DEFAULT_EPOCHS[mode] if epochs is None else epochs
     learning_rate = DEFAULT_LEARNING_RATE[mode] if learning_rate is None else learning_rate
     if epochs < 1 or batch_size < 1 or patience < 1:

@@ -1,0 +1,183 @@
+"""Is the fused model worth it, and can its probabilities be trusted? One table.
+
+On the shared generated cohort (``bench_cohort.py``: 3000 patients, its split column gives
+1800 train / 600 val / 600 test), everything fitted on train, calibrated on val, scored on test:
+
+* **fused**: ``meddx.finetune`` on all six modalities;
+* **each single modality**, trained the same way on a manifest that names only that modality;
+* **late fusion**: one logistic regression per modality on its flattened (pooled) tensors, C picked on
+  val, logits averaged over the modalities a patient has (HAIM-style baseline).
+
+For the fused model it also reports ECE (10 bins) before and after temperature scaling and the
+conformal coverage at alpha 0.1, overall and per availability group with at least 100 test rows.
+
+Run: ``.venv/bin/python benchmarks/bench_finetune.py [--mode full] [--epochs 6]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import pandas as pd
+from bench_cohort import OUT, bench_cohort
+
+MODALITIES = ("imaging", "ehr", "notes", "device_logs", "audio", "video")
+
+
+def only(manifest, modality: str):
+    """A manifest naming only one modality (the other cells emptied), beside the original."""
+    frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    for other in MODALITIES:
+        if other != modality:
+            frame[other] = ""
+    path = manifest.parent / f"only-{modality}.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+def test_scores(model, manifest, cache) -> dict:
+    """AUROC, ECE before/after calibration and conformal coverage on the test split."""
+    from meddx.metrics import auroc, coverage, ece
+
+    predictions = model.predict(manifest, split="test", cache_dir=cache, workers=2, contributions=False)
+    labels = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    labels = labels.set_index("patient_id")["label:disease"]
+    y = predictions["patient_id"].map(labels).astype(int).to_numpy()
+    p, raw = predictions["probability"].to_numpy(), predictions["raw_probability"].to_numpy()
+    sets = np.stack([predictions["prediction_set"].fillna("").map(lambda s, c=c: c in s.split("|"))
+                     for c in ("0", "1")], axis=1)
+    n_missing = predictions["modalities"].map(lambda s: 6 - len(s.split("|")))
+    groups = np.where(n_missing == 0, "all present", np.where(n_missing == 1, "one missing", "two or more missing"))
+    per_group = {g: (int((groups == g).sum()), coverage(y[groups == g], sets[groups == g])) for g in np.unique(groups)}
+    return {"auroc": auroc(y, p), "ece_before": ece(y, raw), "ece_after": ece(y, p), "coverage": coverage(y, sets),
+            "groups": per_group, "rows": len(y)}
+
+
+def pooled_features(dataset, modality: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flattened, average-pooled tensors of one modality: ``(features, labels, has_modality)``."""
+    import torch
+    import torch.nn.functional as F
+
+    from meddx.records import Modality
+
+    rows, labels, has = [], [], []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        labels.append(item.labels["disease"])
+        arrays = item.tensors.get(Modality(modality))
+        has.append(arrays is not None)
+        if arrays is None:
+            rows.append(None)
+            continue
+        parts = []
+        for name, tensor in sorted(arrays.items()):
+            t = tensor.float()
+            if name == "volume":
+                t = F.avg_pool3d(t[None, None], 4)[0, 0]
+            elif name == "frames":
+                t = F.avg_pool2d(t[:, 0], 8)
+            elif name == "input_ids":  # token ids are categories: a hashed bag of tokens
+                ids = tensor[tensor > 0].long() % 2048
+                t = torch.bincount(ids, minlength=2048).float()
+            elif name == "attention_mask":
+                continue
+            elif name in ("values", "mask") and t.dim() == 2 and t.shape[1] > 60:
+                t = F.avg_pool1d(t[None], 10)[0]
+            elif name == "log_mel":
+                t = F.avg_pool1d(t[None], 4)[0]
+            elif name == "code_ids":
+                t = torch.bincount(tensor.long(), minlength=600).float()
+            parts.append(t.flatten())
+        rows.append(torch.cat(parts).numpy())
+    width = next(len(r) for r in rows if r is not None)
+    x = np.stack([r if r is not None else np.zeros(width, np.float32) for r in rows])
+    return x, np.array(labels), np.array(has)
+
+
+def late_fusion(prepared) -> float:
+    """Test AUROC of per-modality logistic regressions with averaged logits."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    sets = {s: prepared.dataset(split=s) for s in ("train", "val", "test")}
+    total, count, y_test = None, None, None
+    for modality in MODALITIES:
+        data = {s: pooled_features(d, modality) for s, d in sets.items()}
+        (xt, yt, ht), (xv, yv, hv), (xs, ys, hs) = data["train"], data["val"], data["test"]
+        best = None
+        for c in (0.001, 0.01, 0.1):
+            model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=3000))
+            model.fit(xt[ht], yt[ht])
+            score = roc_auc_score(yv[hv], model.decision_function(xv[hv]))
+            if best is None or score > best[0]:
+                best = (score, model)
+        logits = np.where(hs, best[1].decision_function(xs), 0.0)
+        total = logits if total is None else total + logits
+        count = hs.astype(float) if count is None else count + hs
+        y_test = ys
+        print(f"  late fusion: {modality} logistic regression, val AUROC {best[0]:.3f}")
+    return float(roc_auc_score(y_test, total / np.maximum(count, 1)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", default="full", choices=["head", "full", "lora"])
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--skip-singles", action="store_true", help="only the fused model and late fusion")
+    args = parser.parse_args()
+
+    import torch
+
+    from meddx.data import prepare_cohort
+    from meddx.train import finetune
+
+    torch.set_num_threads(2)
+    manifest = bench_cohort()
+    cache = OUT / "cache"
+    prepared = prepare_cohort(manifest, cache_dir=cache, workers=2, progress=False)
+    print(f"cohort: {manifest} (train/val/test from its split column)")
+
+    table = []
+    started = time.perf_counter()
+    fused = finetune(manifest, OUT / "fused", mode=args.mode, epochs=args.epochs, cache_dir=cache, workers=2,
+                     progress=False, seed=0)
+    fused_seconds = time.perf_counter() - started
+    scores = test_scores(fused, manifest, cache)
+    table.append(("fused (all six)", scores["auroc"], scores["ece_before"], scores["ece_after"],
+                  scores["coverage"], fused_seconds))
+    if not args.skip_singles:
+        for modality in MODALITIES:
+            single_manifest = only(manifest, modality)
+            started = time.perf_counter()
+            model = finetune(single_manifest, OUT / f"single-{modality}", mode=args.mode, epochs=args.epochs,
+                             cache_dir=cache, workers=2, progress=False, seed=0)
+            seconds = time.perf_counter() - started
+            s = test_scores(model, single_manifest, cache)
+            table.append((modality, s["auroc"], s["ece_before"], s["ece_after"], s["coverage"], seconds))
+    started = time.perf_counter()
+    late = late_fusion(prepared)
+    table.append(("late fusion (LR per modality)", late, float("nan"), float("nan"), float("nan"),
+                  time.perf_counter() - started))
+
+    print()
+    print(f"mode={args.mode}, at most {args.epochs} epochs; test split of {scores['rows']} patients")
+    print(f"{'model':<32}{'AUROC':>8}{'ECE raw':>9}{'ECE cal':>9}{'cover':>8}{'fit s':>8}")
+    for name, auc, e0, e1, cov, seconds in table:
+        print(f"{name:<32}{auc:>8.3f}{e0:>9.3f}{e1:>9.3f}{cov:>8.3f}{seconds:>8.0f}")
+    print("\nconformal coverage of the fused model per availability group (alpha 0.1):")
+    for group, (n, cov) in scores["groups"].items():
+        note = "" if n >= 100 else "  (fewer than 100 rows: not judged)"
+        print(f"  {group:<22} {n:>4} rows  coverage {cov:.3f}{note}")
+    singles = [row for row in table[1:-1]]
+    if singles:
+        best_single = max(singles, key=lambda r: r[1])
+        print(f"\nfused - best single ({best_single[0]}): {table[0][1] - best_single[1]:+.3f}")
+    print(f"fused - late fusion: {table[0][1] - late:+.3f}")
+
+
+if __name__ == "__main__":  # ingestion spawns worker processes
+    main()
