@@ -86,6 +86,8 @@ def reader_name(reader: Ingestor | type[Ingestor]) -> str:
     """``module.Class@version`` of an ingestor: a new reader or a bumped version is a new key."""
     cls = reader if isinstance(reader, type) else type(reader)
     return f"{cls.__module__}.{cls.__qualname__}@{cls.version}"
+
+
 def remote_digest(ref: DicomWebRef, config: IngestConfig) -> str:
     """Key part of a DICOMweb source: its UIDs and the server's id (a hash of its URL), never the bytes.
 

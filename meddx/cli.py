@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import click
 
@@ -120,17 +121,40 @@ def _run_ingest(
 
 @main.command("ingest")
 @click.argument("manifest", type=click.Path(path_type=Path))
-@click.option("--cache", "cache", default=None, type=click.Path(file_okay=False, path_type=Path),
-              help="Cache folder for the ingested records, shared by runs on the same files "
-                   "(default: $MEDDX_CACHE, else the user cache directory).")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Ingest config, YAML or JSON (see schemas/ingest_config.schema.json); default: CPU shapes.")
-@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="This run's folder for errors.csv, warnings.csv and the config used (default: a new runs/ingest-*).")
-@click.option("--workers", type=click.IntRange(min=0), default=None,
-              help="Worker processes (default: up to 4; 0 = in this process).")
-@click.option("--task-timeout", type=click.FloatRange(min=0), default=None,
-              help="Seconds one file may take before it is stopped and reported (default 600; 0 = no limit).")
+@click.option(
+    "--cache",
+    "cache",
+    default=None,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Cache folder for the ingested records, shared by runs on the same files "
+    "(default: $MEDDX_CACHE, else the user cache directory).",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Ingest config, YAML or JSON (see schemas/ingest_config.schema.json); default: CPU shapes.",
+)
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="This run's folder for errors.csv, warnings.csv and the config used (default: a new runs/ingest-*).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Worker processes (default: up to 4; 0 = in this process).",
+)
+@click.option(
+    "--task-timeout",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Seconds one file may take before it is stopped and reported (default 600; 0 = no limit).",
+)
 @quiet_option
 @_handle_errors
 def ingest(
@@ -185,26 +209,61 @@ def _backbone_config(path: Path | None):
 
 @main.command("pretrain")
 @click.argument("manifest", type=click.Path(path_type=Path))
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for the pretrained backbone (config.json, model.safetensors) and its checkpoint.")
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for the pretrained backbone (config.json, model.safetensors) and its checkpoint.",
+)
 @click.option("--epochs", default=5, show_default=True, type=click.IntRange(min=1), help="Passes over the cohort.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=2), help="Patients per step.")
-@click.option("--lr", "learning_rate", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="AdamW learning rate.")
+@click.option(
+    "--lr",
+    "learning_rate",
+    default=1e-3,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="AdamW learning rate.",
+)
 @click.option("--seed", default=0, show_default=True, type=int, help="Seeds weights, shuffling and masking.")
-@click.option("--cache", "cache", default=None, type=click.Path(file_okay=False, path_type=Path),
-              help="Ingest cache (default: MEDDX_CACHE, else the user cache directory).")
-@click.option("--config", "ingest_config", default=None, type=click.Path(dir_okay=False, path_type=Path),
-              help="Ingest config (JSON or YAML): tensor shapes and reading rules.")
-@click.option("--backbone-config", default=None, type=click.Path(dir_okay=False, path_type=Path),
-              help="Backbone config (JSON or YAML): model sizes (see BackboneConfig).")
+@click.option(
+    "--cache",
+    "cache",
+    default=None,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Ingest cache (default: MEDDX_CACHE, else the user cache directory).",
+)
+@click.option(
+    "--config",
+    "ingest_config",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Ingest config (JSON or YAML): tensor shapes and reading rules.",
+)
+@click.option(
+    "--backbone-config",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Backbone config (JSON or YAML): model sizes (see BackboneConfig).",
+)
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Ingestion worker processes.")
 @click.option("--resume", is_flag=True, help="Carry on from OUT/checkpoint (written after every epoch).")
 @quiet_option
 @_handle_errors
 def pretrain_command(
-    manifest: Path, out: Path, epochs: int, batch_size: int, learning_rate: float, seed: int, cache: Path | None,
-    ingest_config: Path | None, backbone_config: Path | None, workers: int | None, resume: bool, quiet: bool,
+    manifest: Path,
+    out: Path,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    cache: Path | None,
+    ingest_config: Path | None,
+    backbone_config: Path | None,
+    workers: int | None,
+    resume: bool,
+    quiet: bool,
 ) -> None:
     """Self-supervised pretraining of the backbone on a cohort (labels not needed)."""
     from meddx.config import IngestConfig
@@ -212,100 +271,229 @@ def pretrain_command(
 
     ingest = IngestConfig.from_dict(_load_mapping(ingest_config, "ingest config")) if ingest_config else None
     result = pretrain(
-        manifest, out, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-        backbone_config=_backbone_config(backbone_config), ingest_config=ingest, cache_dir=cache, workers=workers, resume=resume,
+        manifest,
+        out,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        seed=seed,
+        backbone_config=_backbone_config(backbone_config),
+        ingest_config=ingest,
+        cache_dir=cache,
+        workers=workers,
+        resume=resume,
         progress=not quiet,
     )
     for number, figures in enumerate(result.epochs, start=1):
-        click.echo(f"epoch {number}: loss {figures['total']:.4f} (masked {figures['masked']:.4f}, "
-                   f"contrastive {figures['contrastive']:.4f}), {figures['seconds']:.1f} s")
+        click.echo(
+            f"epoch {number}: loss {figures['total']:.4f} (masked {figures['masked']:.4f}, "
+            f"contrastive {figures['contrastive']:.4f}), {figures['seconds']:.1f} s"
+        )
     click.echo(f"pretrained backbone written to {result.out_dir} (load it with FoundationBackbone.from_pretrained)")
 
 
 @main.command("finetune")
 @click.argument("manifest", type=click.Path(path_type=Path))
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for the model (config.json, model.safetensors, calibration.json, metrics.json).")
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for the model (config.json, model.safetensors, calibration.json, metrics.json).",
+)
 @click.option("--tasks", default=None, help="Comma-separated tasks (default: every label:<task> column).")
-@click.option("--backbone", default=None, type=click.Path(file_okay=False, path_type=Path),
-              help="A pretrained backbone folder (meddx pretrain); default: a new backbone.")
-@click.option("--mode", type=click.Choice(["auto", "head", "full", "lora"]), default="auto", show_default=True,
-              help="head: frozen backbone; full: train everything; lora: LoRA adapters; "
-                   "auto: head with --backbone, else full.")
+@click.option(
+    "--backbone",
+    default=None,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="A pretrained backbone folder (meddx pretrain); default: a new backbone.",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["auto", "head", "full", "lora"]),
+    default="auto",
+    show_default=True,
+    help="head: frozen backbone; full: train everything; lora: LoRA adapters; auto: head with --backbone, else full.",
+)
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="At most this many epochs (default per mode).")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--lr", "learning_rate", default=None, type=click.FloatRange(min=0, min_open=True),
-              help="AdamW learning rate (default per mode).")
-@click.option("--patience", default=5, show_default=True, type=click.IntRange(min=1),
-              help="Epochs without a better validation AUROC before stopping.")
-@click.option("--alpha", default=0.1, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
-              help="Conformal miscoverage: sets hold the true class 1-alpha of the time.")
-@click.option("--calibration", type=click.Choice(["temperature", "isotonic"]), default="temperature",
-              show_default=True)
+@click.option(
+    "--lr",
+    "learning_rate",
+    default=None,
+    type=click.FloatRange(min=0, min_open=True),
+    help="AdamW learning rate (default per mode).",
+)
+@click.option(
+    "--patience",
+    default=5,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Epochs without a better validation AUROC before stopping.",
+)
+@click.option(
+    "--alpha",
+    default=0.1,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="Conformal miscoverage: sets hold the true class 1-alpha of the time.",
+)
+@click.option("--calibration", type=click.Choice(["temperature", "isotonic"]), default="temperature", show_default=True)
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--cache", "cache", default=None, type=click.Path(file_okay=False, path_type=Path),
-              help="Ingest cache (default: MEDDX_CACHE, else the user cache directory).")
-@click.option("--config", "ingest_config", default=None, type=click.Path(dir_okay=False, path_type=Path),
-              help="Ingest config (JSON or YAML) for a new backbone.")
-@click.option("--backbone-config", default=None, type=click.Path(dir_okay=False, path_type=Path),
-              help="Backbone config (JSON or YAML) for a new backbone.")
+@click.option(
+    "--cache",
+    "cache",
+    default=None,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Ingest cache (default: MEDDX_CACHE, else the user cache directory).",
+)
+@click.option(
+    "--config",
+    "ingest_config",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Ingest config (JSON or YAML) for a new backbone.",
+)
+@click.option(
+    "--backbone-config",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Backbone config (JSON or YAML) for a new backbone.",
+)
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Ingestion worker processes.")
 @click.option("--resume", is_flag=True, help="Carry on from OUT/checkpoint.")
 @quiet_option
 @_handle_errors
 def finetune_command(
-    manifest: Path, out: Path, tasks: str | None, backbone: Path | None, mode: str, epochs: int | None,
-    batch_size: int, learning_rate: float | None, patience: int, alpha: float, calibration: str, seed: int,
-    cache: Path | None, ingest_config: Path | None, backbone_config: Path | None, workers: int | None,
-    resume: bool, quiet: bool,
+    manifest: Path,
+    out: Path,
+    tasks: str | None,
+    backbone: Path | None,
+    mode: str,
+    epochs: int | None,
+    batch_size: int,
+    learning_rate: float | None,
+    patience: int,
+    alpha: float,
+    calibration: str,
+    seed: int,
+    cache: Path | None,
+    ingest_config: Path | None,
+    backbone_config: Path | None,
+    workers: int | None,
+    resume: bool,
+    quiet: bool,
 ) -> None:
     """Fine-tune diagnostic heads on a labelled cohort, then calibrate them on its validation rows."""
     from meddx.config import IngestConfig
-    from meddx.train import finetune
+    from meddx.train import Mode, finetune
 
     ingest = IngestConfig.from_dict(_load_mapping(ingest_config, "ingest config")) if ingest_config else None
     model = finetune(
-        manifest, out, tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None, mode=mode,
-        epochs=epochs, backbone=backbone, backbone_config=_backbone_config(backbone_config), ingest_config=ingest,
-        cache_dir=cache, batch_size=batch_size, learning_rate=learning_rate, patience=patience, seed=seed,
-        alpha=alpha, calibration=calibration, workers=workers, resume=resume, progress=not quiet,
+        manifest,
+        out,
+        tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
+        mode=cast("Mode", mode),  # click.Choice has checked it
+        epochs=epochs,
+        backbone=backbone,
+        backbone_config=_backbone_config(backbone_config),
+        ingest_config=ingest,
+        cache_dir=cache,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        patience=patience,
+        seed=seed,
+        alpha=alpha,
+        calibration=calibration,
+        workers=workers,
+        resume=resume,
+        progress=not quiet,
     )
     info = model.training_info
-    click.echo(f"fine-tuned ({info['mode']}) on {info['rows']['train']} training rows in {info['fit_seconds']:.1f} s; "
-               f"best epoch {info['best_epoch']} of {info['epochs_run']}")
+    click.echo(
+        f"fine-tuned ({info['mode']}) on {info['rows']['train']} training rows in {info['fit_seconds']:.1f} s; "
+        f"best epoch {info['best_epoch']} of {info['epochs_run']}"
+    )
     for task, figures in model.metrics["validation"]["per_task"].items():
-        click.echo(f"  {task}: validation AUROC {figures['auroc']:.3f}, ECE {figures['ece_before']:.3f} -> "
-                   f"{figures['ece_after']:.3f} after calibration ({figures['val_rows']} rows)")
+        click.echo(
+            f"  {task}: validation AUROC {figures['auroc']:.3f}, ECE {figures['ece_before']:.3f} -> "
+            f"{figures['ece_after']:.3f} after calibration ({figures['val_rows']} rows)"
+        )
     click.echo(f"model written to {out}")
 
 
 @main.command("diagnose")
 @click.argument("manifest", type=click.Path(path_type=Path))
-@click.option("--model", "model", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="A fine-tuned model folder (meddx finetune).")
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for predictions.parquet/.csv, risk_assessments.ndjson, errors.csv and run.json.")
+@click.option(
+    "--model",
+    "model",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="A fine-tuned model folder (meddx finetune).",
+)
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for predictions.parquet/.csv, risk_assessments.ndjson, errors.csv and run.json.",
+)
 @click.option("--split", default=None, help="Only rows of this split (e.g. test); default: every row.")
-@click.option("--cache", "cache", default=None, type=click.Path(file_okay=False, path_type=Path),
-              help="Ingest cache (default: MEDDX_CACHE, else the user cache directory).")
-@click.option("--workers", type=click.IntRange(min=0), default=None,
-              help="Ingestion worker processes (default: up to 4; 0 = in this process).")
+@click.option(
+    "--cache",
+    "cache",
+    default=None,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Ingest cache (default: MEDDX_CACHE, else the user cache directory).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Ingestion worker processes (default: up to 4; 0 = in this process).",
+)
 @click.option("--resume", is_flag=True, help="Keep the finished chunks of a killed run in OUT and do the rest.")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
-              help="Patients per forward pass.")
-@click.option("--chunk-size", default=256, show_default=True, type=click.IntRange(min=1),
-              help="Rows ingested ahead of the model at a time (the unit of --resume).")
+@click.option(
+    "--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Patients per forward pass."
+)
+@click.option(
+    "--chunk-size",
+    default=256,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Rows ingested ahead of the model at a time (the unit of --resume).",
+)
 @click.option("--no-contributions", is_flag=True, help="Skip the contribution:/ablation: columns (faster).")
-@click.option("--task-timeout", type=click.FloatRange(min=0), default=None,
-              help="Seconds one file may take before it is stopped and reported (default 600; 0 = no limit).")
-@click.option("--engine", type=click.Choice(["local"]), default="local", show_default=True,
-              help="Where ingestion runs: local worker processes.")
+@click.option(
+    "--task-timeout",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Seconds one file may take before it is stopped and reported (default 600; 0 = no limit).",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["local"]),
+    default="local",
+    show_default=True,
+    help="Where ingestion runs: local worker processes.",
+)
 @click.option("--device", default="cpu", show_default=True, help="Where the model runs (cpu, cuda).")
 @quiet_option
 @_handle_errors
 def diagnose_command(
-    manifest: Path, model: Path, out: Path, split: str | None, cache: Path | None, workers: int | None, resume: bool,
-    batch_size: int, chunk_size: int, no_contributions: bool, task_timeout: float | None, engine: str, device: str,
+    manifest: Path,
+    model: Path,
+    out: Path,
+    split: str | None,
+    cache: Path | None,
+    workers: int | None,
+    resume: bool,
+    batch_size: int,
+    chunk_size: int,
+    no_contributions: bool,
+    task_timeout: float | None,
+    engine: str,
+    device: str,
     quiet: bool,
 ) -> None:
     """Calibrated diagnoses for every row of a cohort: predictions, FHIR RiskAssessments, errors.
@@ -318,9 +506,20 @@ def diagnose_command(
 
     timeout = DEFAULT_TASK_TIMEOUT if task_timeout is None else (task_timeout or None)
     result = diagnose(
-        manifest, model, out, split=split, cache_dir=cache, workers=workers, resume=resume, batch_size=batch_size,
-        chunk_size=chunk_size, contributions=not no_contributions, task_timeout=timeout, engine=engine,
-        device=device, progress=not quiet,
+        manifest,
+        model,
+        out,
+        split=split,
+        cache_dir=cache,
+        workers=workers,
+        resume=resume,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        contributions=not no_contributions,
+        task_timeout=timeout,
+        engine=engine,
+        device=device,
+        progress=not quiet,
     )
     click.echo(_diagnose_summary(result))
 
@@ -339,10 +538,21 @@ def _diagnose_summary(result) -> str:
 
 
 @main.command("demo")
-@click.option("--out", "out", default=Path("runs/demo"), show_default=True,
-              type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
-@click.option("--cache", "cache", default=None, type=click.Path(file_okay=False, path_type=Path),
-              help="Ingest cache (default: OUT/cache).")
+@click.option(
+    "--out",
+    "out",
+    default=Path("runs/demo"),
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output folder.",
+)
+@click.option(
+    "--cache",
+    "cache",
+    default=None,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Ingest cache (default: OUT/cache).",
+)
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Ingestion worker processes.")
 @quiet_option
 @_handle_errors
@@ -366,24 +576,37 @@ def demo(out: Path, cache: Path | None, workers: int | None, quiet: bool) -> Non
     for name, task in json.loads(evaluation.metrics_path.read_text())["tasks"].items():
         after = task["overall"]["after_calibration"]
         coverage = (task["overall"]["conformal"] or {}).get("coverage", {}).get("value")
-        click.echo(f"test split, {name}: AUROC {_number(after['auroc']['value'])}, "
-                   f"ECE {_number(after['ece']['value'])}, conformal coverage {_number(coverage)} "
-                   f"(n {task['overall']['n']})")
+        click.echo(
+            f"test split, {name}: AUROC {_number(after['auroc']['value'])}, "
+            f"ECE {_number(after['ece']['value'])}, conformal coverage {_number(coverage)} "
+            f"(n {task['overall']['n']})"
+        )
     click.echo(f"report: {evaluation.report_path}")
 
 
 @main.command("run")
 @click.argument("pipeline", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--out", "out", default=None, type=click.Path(file_okay=False, path_type=Path),
-              help="The run folder, {out} in the file (default: the file's out).")
-@click.option("--cache", "cache", default=None, type=click.Path(file_okay=False, path_type=Path),
-              help="The ingest cache, {cache} in the file (default: the file's cache, else OUT/cache).")
+@click.option(
+    "--out",
+    "out",
+    default=None,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The run folder, {out} in the file (default: the file's out).",
+)
+@click.option(
+    "--cache",
+    "cache",
+    default=None,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The ingest cache, {cache} in the file (default: the file's cache, else OUT/cache).",
+)
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Ingestion worker processes.")
 @click.option("--check", is_flag=True, help="Only check the file (exit status 2 listing every problem).")
 @quiet_option
 @_handle_errors
-def run_command(pipeline: Path, out: Path | None, cache: Path | None, workers: int | None, check: bool,
-                quiet: bool) -> None:
+def run_command(
+    pipeline: Path, out: Path | None, cache: Path | None, workers: int | None, check: bool, quiet: bool
+) -> None:
     """Run a pipeline file (pipelines/*.yaml): its steps in order, after checking all of it.
 
     Every problem of the file (schema: schemas/pipeline.schema.json; inputs that no earlier step
@@ -401,21 +624,48 @@ def run_command(pipeline: Path, out: Path | None, cache: Path | None, workers: i
 
 @main.command("evaluate")
 @click.argument("predictions", type=click.Path(path_type=Path))
-@click.option("--manifest", required=True, type=click.Path(path_type=Path),
-              help="The cohort manifest with the label:<task> columns (joined on patient_id, index_time).")
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for metrics.json, report.html and the PNG plots.")
+@click.option(
+    "--manifest",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The cohort manifest with the label:<task> columns (joined on patient_id, index_time).",
+)
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for metrics.json, report.html and the PNG plots.",
+)
 @click.option("--by", default="", help="Subgroup columns, comma-separated (e.g. sex,site).")
-@click.option("--bootstrap", "n_resamples", default=1000, show_default=True, type=click.IntRange(min=0),
-              help="Bootstrap resamples per interval (0: no intervals).")
-@click.option("--confidence", default=0.95, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
-              help="Level of the intervals.")
-@click.option("--bins", "n_bins", default=10, show_default=True, type=click.IntRange(min=1),
-              help="Equal-width bins of the ECE and the reliability diagram.")
+@click.option(
+    "--bootstrap",
+    "n_resamples",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Bootstrap resamples per interval (0: no intervals).",
+)
+@click.option(
+    "--confidence",
+    default=0.95,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="Level of the intervals.",
+)
+@click.option(
+    "--bins",
+    "n_bins",
+    default=10,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Equal-width bins of the ECE and the reliability diagram.",
+)
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the bootstrap.")
 @_handle_errors
-def evaluate(predictions: Path, manifest: Path, out: Path, by: str, n_resamples: int, confidence: float,
-             n_bins: int, seed: int) -> None:
+def evaluate(
+    predictions: Path, manifest: Path, out: Path, by: str, n_resamples: int, confidence: float, n_bins: int, seed: int
+) -> None:
     """Metrics (with bootstrap intervals), report.html and plots of a predictions file against its manifest."""
     from meddx.evaluate import evaluate as run_evaluation
     from meddx.metrics import MetricSettings
@@ -443,12 +693,27 @@ def pacs() -> None:
 @click.option("--modality", required=True, help="DICOM Modality the studies must hold (CT, MR, CR...).")
 @click.option("--since", required=True, type=click.DateTime(["%Y-%m-%d"]), help="First StudyDate, YYYY-MM-DD.")
 @click.option("--until", default=None, type=click.DateTime(["%Y-%m-%d"]), help="Last StudyDate (inclusive).")
-@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="The manifest CSV to write (patient_id, index_time, imaging).")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Ingest config (YAML/JSON): its dicomweb section names the server, site_timezone the zone.")
-@click.option("--index-offset", default=60.0, show_default=True, type=click.FloatRange(min=0),
-              help="Minutes after the study's date and time that make each row's index time.")
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The manifest CSV to write (patient_id, index_time, imaging).",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Ingest config (YAML/JSON): its dicomweb section names the server, site_timezone the zone.",
+)
+@click.option(
+    "--index-offset",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Minutes after the study's date and time that make each row's index time.",
+)
 @_handle_errors
 def pacs_manifest(modality: str, since, until, out: Path, config_file: Path | None, index_offset: float) -> None:
     """Query the PACS (QIDO-RS) and write one manifest row per study found, ready for ingest and diagnosis."""

@@ -289,12 +289,18 @@ def conformal_metrics(
     """Coverage and mean set size of prediction sets, each with its interval."""
     return {
         "coverage": bootstrap(
-            lambda rows: coverage(labels[rows], sets[rows]), len(labels), settings.n_resamples,
-            settings.confidence, settings.seed,
+            lambda rows: coverage(labels[rows], sets[rows]),
+            len(labels),
+            settings.n_resamples,
+            settings.confidence,
+            settings.seed,
         ).to_dict(),
         "mean_set_size": bootstrap(
-            lambda rows: mean_set_size(sets[rows]), len(labels), settings.n_resamples,
-            settings.confidence, settings.seed,
+            lambda rows: mean_set_size(sets[rows]),
+            len(labels),
+            settings.n_resamples,
+            settings.confidence,
+            settings.seed,
         ).to_dict(),
     }
 

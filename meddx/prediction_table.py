@@ -9,7 +9,8 @@ when withheld).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 SET_SEPARATOR = "|"
 
 
-def _batches(dataset: "CohortDataset", batch_size: int) -> Iterator[PatientBatch]:
+def _batches(dataset: CohortDataset, batch_size: int) -> Iterator[PatientBatch]:
     from torch.utils.data import DataLoader
 
     yield from DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=dataset.collate)
@@ -37,7 +38,7 @@ def _chosen(logits: np.ndarray, kind: str, predicted: np.ndarray) -> np.ndarray:
 
 
 def task_rows(
-    model: "DiagnosisModel", batch: PatientBatch, logits: dict, withheld: dict, contributions: bool
+    model: DiagnosisModel, batch: PatientBatch, logits: dict, withheld: dict, contributions: bool
 ) -> list[dict[str, Any]]:
     """Prediction rows of one batch, every task."""
     present = batch.present.cpu().numpy()  # (B, M)
@@ -76,9 +77,7 @@ def task_rows(
                     row[f"probability:{name}"] = float(calibrated[i, c])
                     row[f"raw_probability:{name}"] = float(uncalibrated[i, c])
             if sets is not None:
-                row["prediction_set"] = SET_SEPARATOR.join(
-                    name for c, name in enumerate(spec.classes) if sets[i, c]
-                )
+                row["prediction_set"] = SET_SEPARATOR.join(name for c, name in enumerate(spec.classes) if sets[i, c])
             rows.append(row)
         if contributions:
             base = _chosen(raw, spec.kind, predicted)
@@ -101,12 +100,12 @@ def task_rows(
 
 
 def prediction_frame(
-    model: "DiagnosisModel",
-    dataset: "CohortDataset",
+    model: DiagnosisModel,
+    dataset: CohortDataset,
     batch_size: int = 64,
     contributions: bool = True,
     device: str = "cpu",
-) -> "pd.DataFrame":
+) -> pd.DataFrame:
     """The predictions table of every row of ``dataset`` (model in eval mode)."""
     import pandas as pd
 

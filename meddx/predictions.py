@@ -161,8 +161,9 @@ def load_task_rows(predictions: str | Path, manifest: str | Path, by: Sequence[s
     frame = read_predictions(path)
     cohort = load_cohort(manifest)
 
-    times = pd.to_datetime(frame["index_time"].map(lambda v: None if _is_empty(v) else v), utc=True,
-                           format="ISO8601", errors="coerce")
+    times = pd.to_datetime(
+        frame["index_time"].map(lambda v: None if _is_empty(v) else v), utc=True, format="ISO8601", errors="coerce"
+    )
     _refuse(path, np.flatnonzero(times.isna().to_numpy()), "index_time is not an ISO 8601 time with a time zone")
     keys = list(zip(frame["patient_id"], (t.isoformat() for t in times), strict=True))
     by_key = {(row.patient_id, pd.Timestamp(row.index_time).isoformat()): row for row in cohort}
@@ -205,7 +206,7 @@ def _refuse(path: Path, bad_rows: np.ndarray, reason: str) -> None:
 def _class_columns(frame, rows: np.ndarray, prefix: str) -> list[str]:
     """Per-class columns that hold a value for this task's rows (other tasks may share the file)."""
     return [
-        c[len(prefix):]
+        c[len(prefix) :]
         for c in frame.columns
         if c.startswith(prefix) and frame[c].iloc[rows].map(lambda v: not _is_empty(v)).any()
     ]
@@ -253,8 +254,10 @@ def _task_rows(path: Path, frame, rows: np.ndarray, spec, manifest_rows: list, b
     modalities, n_missing = _availability(sub, ok, index)
     subgroups = {
         column: np.asarray(
-            [manifest_rows[i].extras.get(column) if column in manifest_rows[i].extras else sub[column].iloc[i]
-             for i in index],
+            [
+                manifest_rows[i].extras.get(column) if column in manifest_rows[i].extras else sub[column].iloc[i]
+                for i in index
+            ],
             dtype=object,
         )
         for column in by

@@ -179,4 +179,3 @@ def pretrain(
     backbone.save_pretrained(out_dir)
     write_progress({"epochs": done, "seed": seed, "rows": len(dataset)}, out_dir / "pretraining.json")
     return PretrainResult(out_dir=out_dir, epochs=done)
-

@@ -114,7 +114,9 @@ T = TypeVar("T")
 
 
 def keep_available(
-    items: Iterable[T], index_time: datetime, time_of: Callable[[T], datetime | None] = lambda x: x.time  # type: ignore[attr-defined]
+    items: Iterable[T],
+    index_time: datetime,
+    time_of: Callable[[T], datetime | None] = lambda x: x.time,  # type: ignore[attr-defined]
 ) -> tuple[list[T], int]:
     """Split items by the leakage rule; returns ``(kept, n_dropped)``.
 

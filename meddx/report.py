@@ -89,8 +89,13 @@ def plot_roc(task: TaskRows, path: Path) -> Path:
                 if label == "calibrated" and 0 < positive.sum() < len(positive):
                     fpr, tpr, _ = roc_curve(positive, probabilities[:, c])
                     axis.plot(fpr, tpr, label=f"{name} vs rest")
-    axis.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC: {task.name}",
-             xlim=(0, 1), ylim=(0, 1.01))
+    axis.set(
+        xlabel="false positive rate",
+        ylabel="true positive rate",
+        title=f"ROC: {task.name}",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
     if axis.get_legend_handles_labels()[0]:
         axis.legend(loc="lower right", fontsize="small")
     return _save(figure, path)
@@ -107,14 +112,20 @@ def plot_reliability(task: TaskRows, metrics: dict[str, Any], n_bins: int, path:
         curve = reliability_curve(task.labels, probabilities, n_bins)
         centres = (curve.edges[:-1] + curve.edges[1:]) / 2
         filled = curve.count > 0
-        axis.bar(centres[filled], curve.frequency[filled], width=1 / n_bins, edgecolor="#345", alpha=0.7,
-                 label="observed")
-        axis.plot(curve.confidence[filled], curve.confidence[filled], "o", color="#c33", markersize=3,
-                  label="mean confidence")
+        axis.bar(
+            centres[filled], curve.frequency[filled], width=1 / n_bins, edgecolor="#345", alpha=0.7, label="observed"
+        )
+        axis.plot(
+            curve.confidence[filled], curve.confidence[filled], "o", color="#c33", markersize=3, label="mean confidence"
+        )
         axis.plot([0, 1], [0, 1], color="#888", linestyle=":", linewidth=1)
-        axis.set(xlim=(0, 1), ylim=(0, 1), xlabel=f"predicted probability ({which})",
-                 ylabel="observed frequency" if task.kind == "binary" else "accuracy",
-                 title=f"{title}: ECE {fmt(table['ece'])}")
+        axis.set(
+            xlim=(0, 1),
+            ylim=(0, 1),
+            xlabel=f"predicted probability ({which})",
+            ylabel="observed frequency" if task.kind == "binary" else "accuracy",
+            title=f"{title}: ECE {fmt(table['ece'])}",
+        )
         axis.title.set_fontsize("small")
         axis.legend(loc="upper left", fontsize="small")
     return _save(figure, path)
@@ -202,8 +213,15 @@ def _group_table(groups: dict[str, dict[str, Any]]) -> str:
     for name, table in groups.items():
         after = table["after_calibration"]
         conformal = table["conformal"] or {}
-        rows.append([name, str(table["n"]), *(fmt(after[k]) for k in METRIC_NAMES),
-                     fmt(conformal.get("coverage")), fmt(conformal.get("mean_set_size"), 2)])
+        rows.append(
+            [
+                name,
+                str(table["n"]),
+                *(fmt(after[k]) for k in METRIC_NAMES),
+                fmt(conformal.get("coverage")),
+                fmt(conformal.get("mean_set_size"), 2),
+            ]
+        )
     return _table(header, rows)
 
 
@@ -219,11 +237,17 @@ def _task_html(task: TaskRows, metrics: dict[str, Any], plots: dict[str, Path | 
     rows = [[label, fmt(before.get(key)), fmt(after[key])] for key, label in METRIC_NAMES.items()]
     counts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in metrics["counts"].items())
     parts = [
-        _section(f"{s}-overall", "Overall", f"<p>{html.escape(counts)}</p>"
-                 + _table(["metric", "before calibration", "after calibration"], rows)),
+        _section(
+            f"{s}-overall",
+            "Overall",
+            f"<p>{html.escape(counts)}</p>" + _table(["metric", "before calibration", "after calibration"], rows),
+        ),
         _section(f"{s}-roc", "ROC curve", _image(plots["roc"], f"ROC curve of {task.name}")),
-        _section(f"{s}-calibration", "Calibration (reliability diagram)",
-                 _image(plots["reliability"], f"reliability diagram of {task.name}")),
+        _section(
+            f"{s}-calibration",
+            "Calibration (reliability diagram)",
+            _image(plots["reliability"], f"reliability diagram of {task.name}"),
+        ),
     ]
     conformal = overall["conformal"]
     if conformal is None:
@@ -231,33 +255,53 @@ def _task_html(task: TaskRows, metrics: dict[str, Any], plots: dict[str, Path | 
     else:
         lines = [["overall", str(overall["n"]), fmt(conformal["coverage"]), fmt(conformal["mean_set_size"], 2)]]
         for name, table in (metrics["availability"] or {}).get("groups", {}).items():
-            lines.append([name, str(table["n"]), fmt(table["conformal"]["coverage"]),
-                          fmt(table["conformal"]["mean_set_size"], 2)])
+            lines.append(
+                [
+                    name,
+                    str(table["n"]),
+                    fmt(table["conformal"]["coverage"]),
+                    fmt(table["conformal"]["mean_set_size"], 2),
+                ]
+            )
         body = _table(["rows", "n", "coverage", "mean set size"], lines)
     parts.append(_section(f"{s}-conformal", "Conformal prediction sets", body))
     if metrics["availability"] is None:
         body = _note("no 'modalities' column: rows cannot be grouped by availability")
     else:
         used = ", ".join(metrics["availability"]["modalities"]) or "none"
-        body = (f"<p>Missing modalities are counted against those the rows use: {html.escape(used)}.</p>"
-                + _group_table(metrics["availability"]["groups"]))
+        body = f"<p>Missing modalities are counted against those the rows use: {html.escape(used)}.</p>" + _group_table(
+            metrics["availability"]["groups"]
+        )
     parts.append(_section(f"{s}-availability", "Availability groups", body))
     if metrics["subgroups"]:
-        body = "".join(f"<h4>{html.escape(column)}</h4>" + _group_table(groups)
-                       for column, groups in metrics["subgroups"].items())
+        body = "".join(
+            f"<h4>{html.escape(column)}</h4>" + _group_table(groups) for column, groups in metrics["subgroups"].items()
+        )
     else:
         body = _note("no subgroup columns were named (meddx evaluate --by COLUMN,...)")
     body += _image(plots["subgroups"], f"subgroup bars of {task.name}")
     parts.append(_section(f"{s}-subgroups", "Subgroups", body))
     ablation = metrics["ablation"]
     if ablation is None:
-        body = _note("No modality-ablation columns in the predictions (ablation:<modality>); "
-                     "a model that predicts with each present modality withheld fills them.")
+        body = _note(
+            "No modality-ablation columns in the predictions (ablation:<modality>); "
+            "a model that predicts with each present modality withheld fills them."
+        )
     else:
-        rows = [[m, str(a["n"]), fmt(a["full"]["auroc"]), fmt(a["withheld"]["auroc"]), fmt(a["auroc_drop"]),
-                 fmt(a["withheld"]["ece"])] for m, a in ablation.items()]
-        body = _table(["withheld modality", "n (rows with it)", "AUROC all", "AUROC withheld", "AUROC drop",
-                       "ECE withheld"], rows) + _image(plots["ablation"], f"modality ablation of {task.name}")
+        rows = [
+            [
+                m,
+                str(a["n"]),
+                fmt(a["full"]["auroc"]),
+                fmt(a["withheld"]["auroc"]),
+                fmt(a["auroc_drop"]),
+                fmt(a["withheld"]["ece"]),
+            ]
+            for m, a in ablation.items()
+        ]
+        body = _table(
+            ["withheld modality", "n (rows with it)", "AUROC all", "AUROC withheld", "AUROC drop", "ECE withheld"], rows
+        ) + _image(plots["ablation"], f"modality ablation of {task.name}")
     parts.append(_section(f"{s}-ablation", "Modality ablation", body))
     notes = "".join(_note(n) for n in metrics["notes"])
     title = f"Task {task.name} ({task.kind}: {', '.join(task.classes)})"
@@ -282,9 +326,14 @@ def write_report(out: Path, tasks: list[TaskRows], metrics: dict[str, Any]) -> t
         sections.append(_task_html(task, task_metrics, plots))
     settings = metrics["settings"]
     summary_rows = [
-        [name, t["kind"], str(t["overall"]["n"]), fmt(t["overall"]["after_calibration"]["auroc"]),
-         fmt(t["overall"]["after_calibration"]["ece"]),
-         fmt((t["overall"]["conformal"] or {}).get("coverage"))]
+        [
+            name,
+            t["kind"],
+            str(t["overall"]["n"]),
+            fmt(t["overall"]["after_calibration"]["auroc"]),
+            fmt(t["overall"]["after_calibration"]["ece"]),
+            fmt((t["overall"]["conformal"] or {}).get("coverage")),
+        ]
         for name, t in metrics["tasks"].items()
     ]
     summary = (

@@ -61,7 +61,9 @@ class PredictionRow(BaseModel):
     index_time: AwareDatetime
     task: str
     probability: float | None = Field(
-        None, ge=0, le=1,
+        None,
+        ge=0,
+        le=1,
         description="calibrated probability: of class 1 (binary) or of the predicted class (multiclass)",
     )
     raw_probability: float | None = Field(

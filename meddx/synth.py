@@ -217,9 +217,11 @@ def write_ct_series(
     zz, yy, xx = np.mgrid[0:n_slices, 0:size, 0:size].astype(np.float64)
     body = ((yy - cy) / ay) ** 2 + ((xx - cx) / ax) ** 2 <= 1.0
     bone = (yy - (cy + 0.65 * ay)) ** 2 + (xx - cx) ** 2 <= bone_r**2
-    lesion_d2 = ((zz - lesion_c[0]) * thickness) ** 2 + ((yy - lesion_c[1]) * spacing) ** 2 + (
-        (xx - lesion_c[2]) * spacing
-    ) ** 2
+    lesion_d2 = (
+        ((zz - lesion_c[0]) * thickness) ** 2
+        + ((yy - lesion_c[1]) * spacing) ** 2
+        + ((xx - lesion_c[2]) * spacing) ** 2
+    )
     lesion = body & ~bone & (lesion_d2 <= lesion_r_mm**2)
 
     hu = np.where(body, 40.0 + tissue_noise, -1000.0 + air_noise)
@@ -456,7 +458,10 @@ def write_fhir_bundle(
         wbc = max(1.0, 8.0 + 2.2 * severity + rng.normal(0.0, 1.8))
         resources.append(
             observation(
-                "6690-2", "Leukocytes [#/volume] in Blood by Automated count", when, "laboratory",
+                "6690-2",
+                "Leukocytes [#/volume] in Blood by Automated count",
+                when,
+                "laboratory",
                 valueQuantity=_quantity(round(wbc, 1), "10*3/uL"),
             )
         )
@@ -464,7 +469,10 @@ def write_fhir_bundle(
         crp = crp_mg_l / 10.0 if crp_unit == "mg/dL" else crp_mg_l
         resources.append(
             observation(
-                "1988-5", "C reactive protein [Mass/volume] in Serum or Plasma", when, "laboratory",
+                "1988-5",
+                "C reactive protein [Mass/volume] in Serum or Plasma",
+                when,
+                "laboratory",
                 valueQuantity=_quantity(round(crp, 2), crp_unit),
             )
         )
@@ -476,15 +484,23 @@ def write_fhir_bundle(
         heart_rate = 82 + 7 * severity + rng.normal(0.0, 8.0)
         spo2 = min(100.0, 96.5 - 1.2 * severity + rng.normal(0.0, 1.2))
         resources.append(
-            observation("8310-5", "Body temperature", when, "vital-signs",
-                        valueQuantity=_quantity(round(temp, 1), temperature_unit))
+            observation(
+                "8310-5",
+                "Body temperature",
+                when,
+                "vital-signs",
+                valueQuantity=_quantity(round(temp, 1), temperature_unit),
+            )
         )
         resources.append(
             observation("8867-4", "Heart rate", when, "vital-signs", valueQuantity=_quantity(round(heart_rate), "/min"))
         )
         resources.append(
             observation(
-                "59408-5", "Oxygen saturation in Arterial blood by Pulse oximetry", when, "vital-signs",
+                "59408-5",
+                "Oxygen saturation in Arterial blood by Pulse oximetry",
+                when,
+                "vital-signs",
                 valueQuantity=_quantity(round(spo2), "%"),
             )
         )
@@ -492,12 +508,19 @@ def write_fhir_bundle(
         diastolic = 0.6 * systolic + rng.normal(0.0, 6.0)
         resources.append(
             observation(
-                "85354-9", "Blood pressure panel with all children optional", when, "vital-signs",
+                "85354-9",
+                "Blood pressure panel with all children optional",
+                when,
+                "vital-signs",
                 component=[
-                    {"code": {"coding": [_coding(_LOINC, "8480-6", "Systolic blood pressure")]},
-                     "valueQuantity": _quantity(round(systolic), "mm[Hg]")},
-                    {"code": {"coding": [_coding(_LOINC, "8462-4", "Diastolic blood pressure")]},
-                     "valueQuantity": _quantity(round(diastolic), "mm[Hg]")},
+                    {
+                        "code": {"coding": [_coding(_LOINC, "8480-6", "Systolic blood pressure")]},
+                        "valueQuantity": _quantity(round(systolic), "mm[Hg]"),
+                    },
+                    {
+                        "code": {"coding": [_coding(_LOINC, "8462-4", "Diastolic blood pressure")]},
+                        "valueQuantity": _quantity(round(diastolic), "mm[Hg]"),
+                    },
                 ],
             )
         )
@@ -553,12 +576,17 @@ def write_fhir_bundle(
             "onsetDateTime": _iso(index_time + timedelta(hours=int(rng.integers(2, 48)))),
         },
         observation(
-            "1988-5", "C reactive protein [Mass/volume] in Serum or Plasma",
-            index_time + timedelta(hours=int(rng.integers(6, 30))), "laboratory",
+            "1988-5",
+            "C reactive protein [Mass/volume] in Serum or Plasma",
+            index_time + timedelta(hours=int(rng.integers(6, 30))),
+            "laboratory",
             valueQuantity=_quantity(250.0 if label else 2.0, "mg/L"),
         ),
         _document(
-            new_id(), subject, index_time + timedelta(days=int(rng.integers(2, 7))), "Discharge summary",
+            new_id(),
+            subject,
+            index_time + timedelta(days=int(rng.integers(2, 7))),
+            "Discharge summary",
             "Discharge summary. Final diagnosis: community-acquired pneumonia, treated with antibiotics."
             if label
             else "Discharge summary. Pneumonia was ruled out; discharged home.",
@@ -663,8 +691,12 @@ def write_note(path: str | Path, *, severity: float, rng: np.random.Generator) -
         "",
         "Exam: " + (f"crackles at the {side} lung base." if crackles else "lungs clear to auscultation bilaterally."),
         "",
-        "Assessment/Plan: " + str(rng.choice(["Labs and imaging ordered.", "Chest imaging and bloods sent.",
-                                               "Observe; reassess after results."])),
+        "Assessment/Plan: "
+        + str(
+            rng.choice(
+                ["Labs and imaging ordered.", "Chest imaging and bloods sent.", "Observe; reassess after results."]
+            )
+        ),
     ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -933,15 +965,28 @@ def _write_modality(modality: str, plan: _PatientPlan, folder: Path, rng: np.ran
     severity = plan.views[modality]
     if modality == "imaging":
         write_ct_series(
-            folder / "ct", severity=severity, rng=rng, acquisition_time=plan.acquisition_time,
-            patient_id=plan.patient_id, rle=plan.rle, patient_name=plan.name,
+            folder / "ct",
+            severity=severity,
+            rng=rng,
+            acquisition_time=plan.acquisition_time,
+            patient_id=plan.patient_id,
+            rle=plan.rle,
+            patient_name=plan.name,
         )
         return folder / "ct"
     if modality == "ehr":
         return write_fhir_bundle(
-            folder / "ehr.json", patient_id=plan.patient_id, severity=severity, rng=rng, index_time=plan.index_time,
-            sex=plan.sex, age=plan.age, crp_unit=plan.crp_unit, temperature_unit=plan.temperature_unit,
-            label=plan.label, patient_name=plan.name,
+            folder / "ehr.json",
+            patient_id=plan.patient_id,
+            severity=severity,
+            rng=rng,
+            index_time=plan.index_time,
+            sex=plan.sex,
+            age=plan.age,
+            crp_unit=plan.crp_unit,
+            temperature_unit=plan.temperature_unit,
+            label=plan.label,
+            patient_name=plan.name,
         )
     if modality == "notes":
         return write_note(folder / "note.txt", severity=severity, rng=rng)
@@ -951,7 +996,11 @@ def _write_modality(modality: str, plan: _PatientPlan, folder: Path, rng: np.ran
         )
     if modality == "audio":
         return write_lung_sound(
-            folder / "lung_sound.wav", severity=severity, rng=rng, sample_rate=plan.sample_rate, seconds=2.5,
+            folder / "lung_sound.wav",
+            severity=severity,
+            rng=rng,
+            sample_rate=plan.sample_rate,
+            seconds=2.5,
             channels=plan.audio_channels,
         )
     if modality == "video":

@@ -109,8 +109,7 @@ def dataset_outputs(model: DiagnosisModel, dataset: CohortDataset, batch_size: i
             out = model(batch.to(device))
             for task in model.tasks:
                 logits[task].append(out[task].float().cpu().numpy())
-                labels[task].append(batch.labels[task].numpy() if task in batch.labels else
-                                    np.full(len(batch), -1))
+                labels[task].append(batch.labels[task].numpy() if task in batch.labels else np.full(len(batch), -1))
             present.append(batch.present.numpy())
     return (
         {t: np.concatenate(v) for t, v in logits.items()},
@@ -143,8 +142,9 @@ def calibrate(
     for task, spec in model.tasks.items():
         known = labels[task] >= 0
         if known.sum() < 10 or len(np.unique(labels[task][known])) < 2:
-            logger.warning("task %s: %d validation labels; left uncalibrated and without conformal sets",
-                           task, int(known.sum()))
+            logger.warning(
+                "task %s: %d validation labels; left uncalibrated and without conformal sets", task, int(known.sum())
+            )
             continue
         x, y = logits[task][known], labels[task][known]
         calibrator = (TemperatureScaler() if method == "temperature" else IsotonicCalibrator()).fit(x, y)
@@ -173,8 +173,7 @@ def _class_weights(train: CohortDataset, tasks: dict[str, TaskSpec]) -> dict[str
 
     labels = train.label_array()  # task -> (N,) int64, -1 unknown
     return {
-        task: class_weights_from(torch.as_tensor(labels[task]), max(2, n_outputs(spec)))
-        for task, spec in tasks.items()
+        task: class_weights_from(torch.as_tensor(labels[task]), max(2, n_outputs(spec))) for task, spec in tasks.items()
     }
 
 
@@ -281,7 +280,11 @@ def finetune(
         backbone = FoundationBackbone.from_pretrained(backbone)
     aligner = backbone.aligner() if backbone is not None else None
     prepared = prepare_cohort(
-        cohort, cache_dir=cache_dir, config=ingest_config, aligner=aligner, workers=workers,
+        cohort,
+        cache_dir=cache_dir,
+        config=ingest_config,
+        aligner=aligner,
+        workers=workers,
         progress=progress and rank == 0,
     )
     train = prepared.dataset(split="train", tasks=list(chosen)).with_inputs()
@@ -303,19 +306,56 @@ def finetune(
     weights = {t: w.to(device) for t, w in _class_weights(train, chosen).items()}
     started = time.perf_counter()
     history = (
-        _fit_heads_on_embeddings(model, train, val, epochs, batch_size, learning_rate, patience, seed, weights,
-                                 device, world, rank, out_dir, resume, progress)
+        _fit_heads_on_embeddings(
+            model,
+            train,
+            val,
+            epochs,
+            batch_size,
+            learning_rate,
+            patience,
+            seed,
+            weights,
+            device,
+            world,
+            rank,
+            out_dir,
+            resume,
+            progress,
+        )
         if mode == "head"
-        else _fit_end_to_end(model, train, val, epochs, batch_size, learning_rate, patience, seed, weights,
-                             device, world, rank, out_dir, resume, progress)
+        else _fit_end_to_end(
+            model,
+            train,
+            val,
+            epochs,
+            batch_size,
+            learning_rate,
+            patience,
+            seed,
+            weights,
+            device,
+            world,
+            rank,
+            out_dir,
+            resume,
+            progress,
+        )
     )
     fit_seconds = time.perf_counter() - started
 
     calibration_figures = calibrate(model, val, calibration, alpha, min_group_size, device=device)
     model.training_info = {
-        "mode": mode, "epochs_run": len(history["val_auroc"]), "best_epoch": history["best_epoch"],
-        "learning_rate": learning_rate, "batch_size": batch_size, "seed": seed, "world_size": world,
-        "rows": {"train": len(train), "val": len(val)}, "calibration": calibration, "alpha": alpha,
+        "mode": mode,
+        "epochs_run": len(history["val_auroc"]),
+        "best_epoch": history["best_epoch"],
+        "learning_rate": learning_rate,
+        "batch_size": batch_size,
+        "seed": seed,
+        "world_size": world,
+        "rows": {"train": len(train), "val": len(val)},
+        "calibration": calibration,
+        "alpha": alpha,
         "fit_seconds": round(fit_seconds, 2),
     }
     model.metrics = {
@@ -358,8 +398,11 @@ class _EarlyStopping:
         return epoch - self.best_epoch >= self.patience
 
     def summary(self) -> dict[str, Any]:
-        return {"val_auroc": self.history, "best_epoch": self.best_epoch + 1,
-                "best_val_auroc": self.best if math.isfinite(self.best) else None}
+        return {
+            "val_auroc": self.history,
+            "best_epoch": self.best_epoch + 1,
+            "best_val_auroc": self.best if math.isfinite(self.best) else None,
+        }
 
 
 def _checkpoint(out_dir, module, optimizer, stopper: _EarlyStopping, epoch: int, rank: int) -> None:
@@ -376,8 +419,15 @@ def _checkpoint(out_dir, module, optimizer, stopper: _EarlyStopping, epoch: int,
 
         atomic_save_tensors(stopper.best_state, folder / "best.safetensors")
     save_optimizer(optimizer, folder / "optimizer.safetensors")
-    write_progress({"epoch": epoch + 1, "history": stopper.history, "best_epoch": stopper.best_epoch,
-                    "best": stopper.best if math.isfinite(stopper.best) else None}, folder / "progress.json")
+    write_progress(
+        {
+            "epoch": epoch + 1,
+            "history": stopper.history,
+            "best_epoch": stopper.best_epoch,
+            "best": stopper.best if math.isfinite(stopper.best) else None,
+        },
+        folder / "progress.json",
+    )
 
 
 def _resume(out_dir, module, optimizer, stopper: _EarlyStopping) -> int:
@@ -415,8 +465,23 @@ def _keep_frozen_statistics(module) -> None:
             layer.eval()
 
 
-def _fit_end_to_end(model, train, val, epochs, batch_size, learning_rate, patience, seed, weights, device, world,
-                    rank, out_dir, resume, progress) -> dict[str, Any]:
+def _fit_end_to_end(
+    model,
+    train,
+    val,
+    epochs,
+    batch_size,
+    learning_rate,
+    patience,
+    seed,
+    weights,
+    device,
+    world,
+    rank,
+    out_dir,
+    resume,
+    progress,
+) -> dict[str, Any]:
     """``full`` and ``lora``: backbone passes every step; DDP when launched by torchrun."""
     import torch
     from torch.utils.data import DataLoader
@@ -431,8 +496,9 @@ def _fit_end_to_end(model, train, val, epochs, batch_size, learning_rate, patien
     # the same sampler with one replica gives a single process the same global batches as N ranks
     sampler: DistributedSampler[int] = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=seed)
     per_rank = max(1, batch_size // world)
-    loader = DataLoader(train, batch_size=per_rank, sampler=sampler, collate_fn=train.collate,
-                        pin_memory=device.startswith("cuda"))
+    loader = DataLoader(
+        train, batch_size=per_rank, sampler=sampler, collate_fn=train.collate, pin_memory=device.startswith("cuda")
+    )
     stopper = _EarlyStopping(patience)
     start = _resume(out_dir, model, optimizer, stopper) if resume else 0
     use_amp = device.startswith("cuda")
@@ -442,8 +508,7 @@ def _fit_end_to_end(model, train, val, epochs, batch_size, learning_rate, patien
         model.train()
         if model.adapter is not None:
             _keep_frozen_statistics(model.backbone)
-        for batch in tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress or rank != 0,
-                          leave=False):
+        for batch in tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress or rank != 0, leave=False):
             batch = batch.to(device, non_blocking=True)
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
                 logits = stepper(batch)
@@ -465,8 +530,23 @@ def _fit_end_to_end(model, train, val, epochs, batch_size, learning_rate, patien
     return stopper.summary()
 
 
-def _fit_heads_on_embeddings(model, train, val, epochs, batch_size, learning_rate, patience, seed, weights, device,
-                             world, rank, out_dir, resume, progress) -> dict[str, Any]:
+def _fit_heads_on_embeddings(
+    model,
+    train,
+    val,
+    epochs,
+    batch_size,
+    learning_rate,
+    patience,
+    seed,
+    weights,
+    device,
+    world,
+    rank,
+    out_dir,
+    resume,
+    progress,
+) -> dict[str, Any]:
     """``head``: embeddings once (frozen backbone, eval mode), then many cheap epochs over them.
 
     Under torchrun every rank fits the heads on the same embeddings (they take seconds; splitting

@@ -98,8 +98,13 @@ class CohortDataset(Dataset):
             logger.warning("no rows of %s match split=%r rows=%s", self.index.manifest, split, rows)
         # What __getitem__ needs, parsed once: (row, patient id, index time, labels, store file).
         self._items = [
-            (e.row, e.patient_id, parse_time(e.index_time), {t: e.labels[t] for t in self.tasks},
-             None if e.key is None else str(self.store.path(e.key)))
+            (
+                e.row,
+                e.patient_id,
+                parse_time(e.index_time),
+                {t: e.labels[t] for t in self.tasks},
+                None if e.key is None else str(self.store.path(e.key)),
+            )
             for e in self._entries
         ]
         self._aligner: Aligner | None = None

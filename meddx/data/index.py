@@ -121,9 +121,7 @@ class CohortIndex:
                 aligner=data["aligner"],
                 aligner_hash=data["aligner_hash"],
                 store=data["store"],
-                tasks={
-                    name: TaskSpec(name, t["kind"], tuple(t["classes"])) for name, t in data["tasks"].items()
-                },
+                tasks={name: TaskSpec(name, t["kind"], tuple(t["classes"])) for name, t in data["tasks"].items()},
                 extra_columns=list(data["extra_columns"]),
                 array_spec={
                     Modality(m): {
@@ -194,8 +192,15 @@ def manifest_identity(cohort_or_path: Cohort | str | Path) -> tuple[str, str]:
     if isinstance(cohort_or_path, Cohort):
         cohort = cohort_or_path
         rows = [
-            [r.row, r.patient_id, r.index_time.isoformat(), r.split, {m.value: str(p) for m, p in r.paths.items()},
-             r.labels, json_safe(r.extras)]
+            [
+                r.row,
+                r.patient_id,
+                r.index_time.isoformat(),
+                r.split,
+                {m.value: str(p) for m, p in r.paths.items()},
+                r.labels,
+                json_safe(r.extras),
+            ]
             for r in cohort
         ]
         return str(cohort.path), _digest({"cohort": rows, "tasks": {n: asdict(t) for n, t in cohort.tasks.items()}})
@@ -211,8 +216,14 @@ def manifest_identity(cohort_or_path: Cohort | str | Path) -> tuple[str, str]:
 
 def index_name(manifest_digest: str, config: IngestConfig, aligner_digest: str) -> str:
     """File stem of the index of (manifest content, config, aligner state)."""
-    return _digest({"format": INDEX_FORMAT, "manifest": manifest_digest, "config": config.model_dump(mode="json"),
-                    "aligner": aligner_digest})
+    return _digest(
+        {
+            "format": INDEX_FORMAT,
+            "manifest": manifest_digest,
+            "config": config.model_dump(mode="json"),
+            "aligner": aligner_digest,
+        }
+    )
 
 
 def fit_pointer_name(manifest_digest: str, config: IngestConfig, fit_split: str | None) -> str:
@@ -220,8 +231,15 @@ def fit_pointer_name(manifest_digest: str, config: IngestConfig, fit_split: str 
 
     It lets a reopen without an aligner find its index without ingesting to refit one.
     """
-    return "fit-" + _digest({"format": INDEX_FORMAT, "meddx": __version__, "manifest": manifest_digest,
-                             "config": config.model_dump(mode="json"), "fit_split": fit_split})
+    return "fit-" + _digest(
+        {
+            "format": INDEX_FORMAT,
+            "meddx": __version__,
+            "manifest": manifest_digest,
+            "config": config.model_dump(mode="json"),
+            "fit_split": fit_split,
+        }
+    )
 
 
 def source_signature(path: str | Path) -> str | None:

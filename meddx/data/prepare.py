@@ -151,9 +151,7 @@ def prepare_cohort(
             return PreparedCohort(aligner or Aligner.from_state_dict(found.aligner), known, found.tasks)
 
     cohort = (
-        cohort_or_manifest_path
-        if isinstance(cohort_or_manifest_path, Cohort)
-        else load_cohort(cohort_or_manifest_path)
+        cohort_or_manifest_path if isinstance(cohort_or_manifest_path, Cohort) else load_cohort(cohort_or_manifest_path)
     )
     report = ingest_cohort(cohort, cache_root, config, workers, progress, plugins, task_timeout)
     # Signatures taken after ingesting: a file rewritten later makes the index stale.

@@ -74,13 +74,18 @@ def check_header(path: Path, sample_rate: int, channels: int) -> None:
     """
     if not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
         raise IngestError(
-            path, _MODALITY, f"the header claims a sample rate of {sample_rate} Hz, outside the "
-            f"{MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz of real recordings: a corrupt or forged header; re-export the file"
+            path,
+            _MODALITY,
+            f"the header claims a sample rate of {sample_rate} Hz, outside the "
+            f"{MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz of real recordings: a corrupt or forged header; "
+            "re-export the file",
         )
     if not 1 <= channels <= MAX_CHANNELS:
         raise IngestError(
-            path, _MODALITY, f"the header claims {channels} channels, outside 1-{MAX_CHANNELS}: a corrupt or forged "
-            "header; re-export the file"
+            path,
+            _MODALITY,
+            f"the header claims {channels} channels, outside 1-{MAX_CHANNELS}: a corrupt or forged "
+            "header; re-export the file",
         )
 
 
@@ -220,9 +225,7 @@ class AudioIngestor(Ingestor):
                     sound.seek((frames - wanted) // 2)
                 wave = _read_mono(sound, wanted)  # (T,)
         except (soundfile.SoundFileError, RuntimeError, ValueError, TypeError, OSError) as exc:
-            raise IngestError(
-                path, _MODALITY, f"soundfile cannot read it ({exc}); convert it to WAV or FLAC"
-            ) from None
+            raise IngestError(path, _MODALITY, f"soundfile cannot read it ({exc}); convert it to WAV or FLAC") from None
         if wave.shape[0] == 0:
             raise IngestError(path, _MODALITY, "the file holds no audio samples (zero length)")
         warnings: list[str] = []

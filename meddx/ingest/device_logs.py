@@ -194,9 +194,7 @@ def _table_from_frame(frame: pd.DataFrame) -> pa.Table:
     return pa.table(columns)
 
 
-def _read_table(
-    path: Path, fail: Callable[[str], NoReturn], max_file_mb: float | None = None
-) -> tuple[pa.Table, str]:
+def _read_table(path: Path, fail: Callable[[str], NoReturn], max_file_mb: float | None = None) -> tuple[pa.Table, str]:
     """Read the whole file once; returns ``(table with lower-cased column names, file_type)``."""
     import pyarrow as pa
     import pyarrow.csv as pa_csv

@@ -333,8 +333,13 @@ class ImagingIngestor(Ingestor):
         if Modality.IMAGING in request.remote:
             return self._read_dicomweb(request.remote[Modality.IMAGING], request)
         path = Path(request.paths[Modality.IMAGING])
-        check_source(path, _IMAGING, max_file_mb=config.max_file_mb, folder_ok=True,
-                     expected="a DICOM file or series folder, or a NIfTI file")
+        check_source(
+            path,
+            _IMAGING,
+            max_file_mb=config.max_file_mb,
+            folder_ok=True,
+            expected="a DICOM file or series folder, or a NIfTI file",
+        )
         if is_nifti(path):
             return self._read_nifti(path, config)
         series = load_series(

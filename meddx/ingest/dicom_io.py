@@ -174,9 +174,7 @@ def transfer_syntax(ds: Dataset) -> UID | None:
     return UID(str(uid)) if uid else None
 
 
-def decode_frames(
-    ds: Dataset, path: Path, modality: str = _IMAGING, frames: Sequence[int] | None = None
-) -> np.ndarray:
+def decode_frames(ds: Dataset, path: Path, modality: str = _IMAGING, frames: Sequence[int] | None = None) -> np.ndarray:
     """Decode pixel data to ``(F, H, W)`` or ``(F, H, W, 3)`` (RGB); shared by imaging and video.
 
     YBR colour becomes RGB (pydicom does it), palette colour is looked up to RGB. No
@@ -395,8 +393,10 @@ def _parse_dt(dt: str, zone: tzinfo) -> datetime | None:
     year, month, day, hour, minute, second, frac, offset = match.groups()
     try:
         on = date(int(year), int(month), int(day))
-        clock = _END_OF_DAY if hour is None else time(
-            int(hour), int(minute or 0), int(second or 0), int((frac or "").ljust(6, "0") or 0)
+        clock = (
+            _END_OF_DAY
+            if hour is None
+            else time(int(hour), int(minute or 0), int(second or 0), int((frac or "").ljust(6, "0") or 0))
         )
     except ValueError:
         return None

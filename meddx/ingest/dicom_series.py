@@ -384,9 +384,16 @@ def _load_series(
             no_pixels += 1
             continue
         try:
-            entry = _File(file, ds, first_value(ds, "SeriesInstanceUID"), int(ds.Rows), int(ds.Columns),
-                          int(ds.get("SamplesPerPixel") or 1), first_value(ds, "StudyInstanceUID"),
-                          first_value(ds, "FrameOfReferenceUID"))
+            entry = _File(
+                file,
+                ds,
+                first_value(ds, "SeriesInstanceUID"),
+                int(ds.Rows),
+                int(ds.Columns),
+                int(ds.get("SamplesPerPixel") or 1),
+                first_value(ds, "StudyInstanceUID"),
+                first_value(ds, "FrameOfReferenceUID"),
+            )
             file_frames = _frames_of(ds, len(files), site_zone)
         except (TypeError, ValueError) as exc:
             if path.is_file():
@@ -398,7 +405,8 @@ def _load_series(
         patient_ids.add(first_value(ds, "PatientID"))
     if not files:
         raise IngestError(
-            path, _IMAGING,
+            path,
+            _IMAGING,
             f"folder holds no DICOM image ({len(candidates)} DICOM-like file(s), {no_pixels} without pixel data, "
             f"{skipped} other file(s) skipped)",
         )
@@ -406,7 +414,8 @@ def _load_series(
     if len(patient_ids) > 1:
         empty = " (one of them empty)" if "" in patient_ids else ""
         raise IngestError(
-            path, _IMAGING,
+            path,
+            _IMAGING,
             f"the folder holds images of {len(patient_ids)} different PatientID values{empty}: another patient's "
             "series is mixed in; a series folder must hold one patient's images, so move the others out",
         )

@@ -220,7 +220,7 @@ def release_of(version: str) -> str:
         ('R4B', 'R5')
     """
     if not isinstance(version, str):
-        raise UnsupportedFhirVersion(f"FHIR version {version!r} is not a string; write it like \"4.0.1\"")
+        raise UnsupportedFhirVersion(f'FHIR version {version!r} is not a string; write it like "4.0.1"')
     v = version.strip().upper()
     if v in ("R4", "R4B") or v.startswith(("4.0", "4.3")):
         return "R4B"
@@ -395,9 +395,7 @@ def status_verdict(model: Any, resource_type: str, index_time: datetime, zone: t
             return f"{resource_type}/{hit[0]}"
     if resource_type in ("MedicationRequest", "MedicationStatement") and getattr(model, "status", None) == "stopped":
         period = getattr(model, "effectivePeriod", None)
-        stopped = _as_utc(getattr(model, "statusChanged", None), zone) or _as_utc(
-            getattr(period, "end", None), zone
-        )
+        stopped = _as_utc(getattr(model, "statusChanged", None), zone) or _as_utc(getattr(period, "end", None), zone)
         if stopped is not None and stopped <= index_time:
             return f"{resource_type}/stopped"
     if resource_type in AMENDED_STATUSES and version_time(model, resource_type, zone) is None:
@@ -615,7 +613,10 @@ class FhirIngestor(Ingestor):
         # A Bundle is parsed whole, so its size is limited; Bulk NDJSON is streamed line by line.
         limit = None if path.suffix == ".ndjson" else self.config.ehr.max_file_mb
         check_source(
-            path, str(modality), max_file_mb=limit, folder_ok=True,
+            path,
+            str(modality),
+            max_file_mb=limit,
+            folder_ok=True,
             expected="a FHIR Bundle JSON file or a Bulk export folder",
         )
         warnings: list[str] = []

@@ -107,9 +107,7 @@ def check_source(
             return path
         raise IngestError(path, modality, f"is a folder; {modality} needs {expected}")
     if not stat.S_ISREG(info.st_mode):
-        raise IngestError(
-            path, modality, f"is {file_kind(info.st_mode)}, not a regular file; name {expected}"
-        )
+        raise IngestError(path, modality, f"is {file_kind(info.st_mode)}, not a regular file; name {expected}")
     if max_file_mb is not None and info.st_size > max_file_mb * _MB:
         raise IngestError(path, modality, size_limit_reason(info.st_size, max_file_mb, modality))
     return path

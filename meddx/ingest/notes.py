@@ -180,8 +180,10 @@ def decode_text(data: bytes, path: Path, modality: str = "notes") -> str:
             except UnicodeDecodeError as exc:
                 name = codec.replace("-sig", "").upper()
                 raise IngestError(
-                    path, modality, f"starts with a {name} byte order mark but is not valid {name} "
-                    f"(invalid bytes at offset {exc.start}); re-save it as UTF-8"
+                    path,
+                    modality,
+                    f"starts with a {name} byte order mark but is not valid {name} "
+                    f"(invalid bytes at offset {exc.start}); re-save it as UTF-8",
                 ) from None
     if b"\x00" in data:
         guess = _utf16_without_bom(data)

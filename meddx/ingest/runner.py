@@ -494,8 +494,14 @@ def prefetch_remote(
         ref = task.request.remote.get(task.modality)
         if ref is None:
             continue
-        key = cache_key(task.modality, [ref], task.request.patient_id, task.request.index_time.isoformat(), config,
-                        reader=readers[task.modality])
+        key = cache_key(
+            task.modality,
+            [ref],
+            task.request.patient_id,
+            task.request.index_time.isoformat(),
+            config,
+            reader=readers[task.modality],
+        )
         if key not in cache:
             wanted.setdefault(ref, []).append(task)
     if not wanted:

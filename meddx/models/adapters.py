@@ -40,8 +40,8 @@ def lora_targets(model: DiagnosisModel, text_encoder: bool) -> list[str]:
         if not isinstance(module, nn.Linear):
             continue
         in_fusion = name.startswith(FUSION_MODULE + ".")
-        in_text = text_encoder and name.startswith(TEXT_MODULE + ".") and (
-            name.endswith(".query") or name.endswith(".value")
+        in_text = (
+            text_encoder and name.startswith(TEXT_MODULE + ".") and (name.endswith(".query") or name.endswith(".value"))
         )
         if in_fusion or in_text:
             targets.append(f"backbone.{name}")
@@ -64,8 +64,11 @@ def add_lora(model: DiagnosisModel, adapter: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"unknown LoRA settings {sorted(unknown)}; known: {sorted(DEFAULT_ADAPTER)}")
     targets = settings.get("targets") or lora_targets(model, bool(settings["text_encoder"]))
     config = LoraConfig(
-        r=int(settings["r"]), lora_alpha=int(settings["alpha"]), lora_dropout=float(settings["dropout"]),
-        target_modules=targets, bias="none",
+        r=int(settings["r"]),
+        lora_alpha=int(settings["alpha"]),
+        lora_dropout=float(settings["dropout"]),
+        target_modules=targets,
+        bias="none",
     )
     inject_adapter_in_model(config, model)
     for name, parameter in model.named_parameters():
@@ -91,4 +94,3 @@ def split_adapter_weights(model: nn.Module) -> tuple[dict[str, torch.Tensor], di
         else:
             base[key.replace(BASE_LAYER, "")] = value
     return base, adapter
-

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -76,7 +77,7 @@ class DiagnosisModel(nn.Module):
         adapter: the LoRA settings when adapters were added (``lora`` mode), else None.
     """
 
-    def __init__(self, backbone: "FoundationBackbone", tasks: Mapping[str, TaskSpec], head_dropout: float = 0.1):
+    def __init__(self, backbone: FoundationBackbone, tasks: Mapping[str, TaskSpec], head_dropout: float = 0.1):
         super().__init__()
         if not tasks:
             raise ConfigError("a DiagnosisModel needs at least one task (a label:<task> column in the manifest)")
@@ -112,7 +113,9 @@ class DiagnosisModel(nn.Module):
         """
         encoded = self.backbone.encode(batch)
         none = torch.zeros_like(encoded.present)
-        logits = {t: v.float().cpu().numpy() for t, v in self.heads(self.backbone.fuse(encoded, drop=none).pooled).items()}
+        logits = {
+            t: v.float().cpu().numpy() for t, v in self.heads(self.backbone.fuse(encoded, drop=none).pooled).items()
+        }
         withheld: dict[Modality, dict[str, np.ndarray]] = {}
         if ablations:
             for j, modality in enumerate(MODALITIES):
@@ -137,7 +140,7 @@ class DiagnosisModel(nn.Module):
 
     def predict(
         self,
-        data: "Cohort | str | Path | CohortDataset",
+        data: Cohort | str | Path | CohortDataset,
         *,
         split: str | None = None,
         batch_size: int = 64,
@@ -146,7 +149,7 @@ class DiagnosisModel(nn.Module):
         workers: int | None = None,
         progress: bool = False,
         device: str = "cpu",
-    ) -> "pd.DataFrame":
+    ) -> pd.DataFrame:
         """One row per (patient, index time, task), with the columns of the predictions contract.
 
         Args:
@@ -163,7 +166,7 @@ class DiagnosisModel(nn.Module):
         dataset = self._dataset(data, split, cache_dir, workers, progress)
         return prediction_frame(self, dataset, batch_size=batch_size, contributions=contributions, device=device)
 
-    def _dataset(self, data, split, cache_dir, workers, progress) -> "CohortDataset":
+    def _dataset(self, data, split, cache_dir, workers, progress) -> CohortDataset:
         from meddx.data import CohortDataset, prepare_cohort
 
         if isinstance(data, CohortDataset):
@@ -199,8 +202,9 @@ class DiagnosisModel(nn.Module):
         base, adapter = split_adapter_weights(self)
         backbone_state = {k.removeprefix("backbone."): v for k, v in base.items() if k.startswith("backbone.")}
         heads = {k: v for k, v in base.items() if k.startswith("heads.")}
-        save_backbone(self.backbone, folder, state=backbone_state, extra_tensors=heads,
-                      diagnosis=self.diagnosis_config())
+        save_backbone(
+            self.backbone, folder, state=backbone_state, extra_tensors=heads, diagnosis=self.diagnosis_config()
+        )
         if adapter:
             atomic_save_tensors(adapter, folder / ADAPTER_FILE, metadata={"format": "pt"})
         elif (folder / ADAPTER_FILE).exists():
@@ -210,7 +214,7 @@ class DiagnosisModel(nn.Module):
         return folder
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, cache_dir: str | Path | None = None) -> "DiagnosisModel":
+    def from_pretrained(cls, folder: str | Path, cache_dir: str | Path | None = None) -> DiagnosisModel:
         """Load a folder written by :meth:`save_pretrained`.
 
         Raises:
@@ -238,8 +242,11 @@ class DiagnosisModel(nn.Module):
             )
         tasks = {name: TaskSpec(name, t["kind"], tuple(t["classes"])) for name, t in diagnosis["tasks"].items()}
         model = cls(FoundationBackbone.from_pretrained(folder, cache_dir), tasks, diagnosis.get("head_dropout", 0.1))
-        heads = {k.removeprefix(HEADS_PREFIX): v for k, v in load_file(str(folder / WEIGHTS_FILE)).items()
-                 if k.startswith(HEADS_PREFIX)}
+        heads = {
+            k.removeprefix(HEADS_PREFIX): v
+            for k, v in load_file(str(folder / WEIGHTS_FILE)).items()
+            if k.startswith(HEADS_PREFIX)
+        }
         try:
             model.heads.load_state_dict(heads)
         except RuntimeError as exc:

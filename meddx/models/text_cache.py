@@ -25,8 +25,7 @@ def chunk_keys(version: str, ids: torch.Tensor, mask: torch.Tensor) -> list[str]
     mask_np = mask.detach().to("cpu", torch.bool).contiguous().numpy()
     prefix = version.encode()
     return [
-        hashlib.sha256(prefix + i.tobytes() + m.tobytes()).hexdigest()
-        for i, m in zip(ids_np, mask_np, strict=True)
+        hashlib.sha256(prefix + i.tobytes() + m.tobytes()).hexdigest() for i, m in zip(ids_np, mask_np, strict=True)
     ]
 
 
