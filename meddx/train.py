@@ -304,6 +304,8 @@ def finetune(
             parameter.requires_grad = False
 
     weights = {t: w.to(device) for t, w in _class_weights(train, chosen).items()}
+    for task, task_weights in weights.items():
+        model.heads.set_class_weights(task, task_weights)
     started = time.perf_counter()
     history = (
         _fit_heads_on_embeddings(

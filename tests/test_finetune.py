@@ -17,11 +17,11 @@ from model_batches import SAMPLE, tiny_backbone_config, tiny_ingest_config
 from safetensors.torch import load_file
 
 from meddx.cli import main
-from meddx.cohort import load_cohort
+from meddx.cohort import TaskSpec, load_cohort
 from meddx.errors import ConfigError, ModelError
 from meddx.models import FoundationBackbone
 from meddx.models.diagnosis import DiagnosisModel
-from meddx.models.heads import class_weights_from, task_loss
+from meddx.models.heads import DiagnosisHeads, class_weights_from, task_loss
 from meddx.pretrain import pretrain
 from meddx.splits import with_splits
 from meddx.train import finetune
@@ -49,6 +49,27 @@ def test_unknown_labels_stay_out_of_the_loss() -> None:
     assert task_loss(logits, labels, torch.zeros(3, dtype=torch.bool), "binary", None) is None
     weights = class_weights_from(torch.tensor([0, 0, 0, 1, -1]), 2)
     assert weights[1] > weights[0]  # the rare class weighs more
+
+
+def test_heads_remove_the_class_weight_shift_outside_training() -> None:
+    """A weighted loss learns log-odds + log(pos_weight); eval-mode logits estimate the real probability."""
+    torch.manual_seed(0)
+    labels = (torch.rand(20000) < 0.3).long()
+    pooled = torch.zeros(20000, 4)  # nothing to learn but the base rate
+    heads = DiagnosisHeads(4, {"t": TaskSpec("t", "binary", ("0", "1"))}, dropout=0.0)
+    weights = torch.tensor([0.5, 1.5])
+    heads.set_class_weights("t", weights)
+    optimizer = torch.optim.Adam([p for p in heads.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(300):
+        heads.train()
+        loss = task_loss(heads(pooled)["t"], labels, labels >= 0, "binary", weights)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    heads.train()
+    assert torch.sigmoid(heads(pooled)["t"]).mean() > 0.5  # the weighted optimum: odds tripled
+    heads.eval()
+    assert float(torch.sigmoid(heads(pooled)["t"]).mean()) == pytest.approx(float(labels.float().mean()), abs=0.01)
 
 
 def test_head_mode_gives_a_calibrated_model_and_contract_predictions(base) -> None:

@@ -72,7 +72,7 @@ def add_lora(model: DiagnosisModel, adapter: dict[str, Any]) -> dict[str, Any]:
     )
     inject_adapter_in_model(config, model)
     for name, parameter in model.named_parameters():
-        parameter.requires_grad = LORA_MARK in name or name.startswith("heads.")
+        parameter.requires_grad = LORA_MARK in name or name.startswith("heads.heads.")  # not the logit offsets
     notes = model.backbone.notes_encoder
     if settings["text_encoder"] and notes is not None:
         notes.cache = None  # the text encoder's outputs now change with training: nothing to reuse

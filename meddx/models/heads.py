@@ -29,6 +29,12 @@ def n_outputs(task: TaskSpec) -> int:
 class DiagnosisHeads(nn.Module):
     """One small head per task: LayerNorm, dropout and a linear map of the pooled embedding.
 
+    Class weights shift what a weighted loss learns: its optimal logit is the true log-odds plus
+    ``log(pos_weight)`` (binary), or the true log-probability plus ``log(w_c)`` (multiclass). A
+    temperature cannot undo a shift, so each task keeps that offset (``logit_offset``, set by
+    :meth:`set_class_weights`) and the heads subtract it outside training: the logits that
+    calibration and predictions see estimate the real class probabilities.
+
     Args:
         d_model: width of the pooled embedding.
         tasks: task name -> :class:`~meddx.cohort.TaskSpec`.
@@ -44,12 +50,25 @@ class DiagnosisHeads(nn.Module):
                 for name, task in self.tasks.items()
             }
         )
+        self.logit_offset = nn.ParameterDict(
+            {name: nn.Parameter(torch.zeros(n_outputs(task)), requires_grad=False) for name, task in self.tasks.items()}
+        )
+
+    def set_class_weights(self, task: str, weights: torch.Tensor) -> None:
+        """Record the class weights a task is trained with (see the class docstring)."""
+        if self.tasks[task].kind == "binary":
+            offset = torch.log(weights[1] / weights[0]).reshape(1)
+        else:
+            offset = torch.log(weights)
+        self.logit_offset[task].data.copy_(offset.to(self.logit_offset[task].device))
 
     def forward(self, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Logits per task: ``(B,)`` binary, ``(B, C)`` multiclass."""
+        """Logits per task: ``(B,)`` binary, ``(B, C)`` multiclass (class-weight offset removed outside training)."""
         out = {}
         for name, head in self.heads.items():
             logits = head(pooled)  # (B, 1) or (B, C)
+            if not self.training:
+                logits = logits - self.logit_offset[name]
             out[name] = logits.squeeze(-1) if self.tasks[name].kind == "binary" else logits
         return out
 
