@@ -18,6 +18,7 @@ Run: ``.venv/bin/python benchmarks/bench_pretrain.py [--epochs 8] [--seeds 0 1 2
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import numpy as np
@@ -105,17 +106,22 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         t0 = time.perf_counter()
-        result = pretrain(unlabelled, OUT / f"pretrained-seed{seed}", epochs=args.epochs, seed=seed,
-                          cache_dir=cache, workers=args.workers, progress=False)
-        pretrain_s = time.perf_counter() - t0
-        pretrained = FoundationBackbone.from_pretrained(result.out_dir)
+        folder = OUT / f"pretrained-seed{seed}"
+        done = folder / "pretraining.json"
+        if done.is_file() and len(json.loads(done.read_text())["epochs"]) == args.epochs:
+            epochs = json.loads(done.read_text())["epochs"]  # this pretraining ran already: reuse it
+        else:
+            epochs = pretrain(unlabelled, folder, epochs=args.epochs, seed=seed, cache_dir=cache,
+                              workers=args.workers, progress=False).epochs
+        pretrain_s = sum(e["seconds"] for e in epochs)
+        pretrained = FoundationBackbone.from_pretrained(folder)
         pretrained_auc = probe_auroc(compute_embeddings(pretrained, train_set), compute_embeddings(pretrained, test_set))
 
         torch.manual_seed(seed)
-        scratch = FoundationBackbone(BackboneConfig(), base.aligner)
+        scratch = FoundationBackbone.from_aligner(BackboneConfig(), base.aligner)
         scratch_probe = probe_auroc(compute_embeddings(scratch, train_set), compute_embeddings(scratch, test_set))
         scratch_e2e = end_to_end_auroc(scratch, train_set, test_set, seed)
-        last = result.epochs[-1]
+        last = epochs[-1]
         rows.append((seed, pretrained_auc, scratch_probe, scratch_e2e))
         print(f"seed {seed}: pretrained+probe {pretrained_auc:.3f} | scratch+probe {scratch_probe:.3f} | "
               f"scratch end-to-end {scratch_e2e:.3f} | pretraining {pretrain_s:.0f} s, last epoch losses "
