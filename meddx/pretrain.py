@@ -89,11 +89,11 @@ def pretrain(
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from meddx.checkpoint import load_module, load_optimizer, save_module, save_optimizer, write_progress
     from meddx.data import prepare_cohort
     from meddx.data.store import aligner_hash
     from meddx.models import BackboneConfig, FoundationBackbone
     from meddx.models.pretraining import PretrainingObjectives
+    from meddx.training_state import load_module, load_optimizer, save_module, save_optimizer, write_progress
 
     if epochs < 1 or batch_size < 2:
         raise ConfigError(f"need epochs >= 1 and batch_size >= 2, got epochs={epochs}, batch_size={batch_size}")

@@ -409,7 +409,7 @@ class _EarlyStopping:
 
 def _checkpoint(out_dir, module, optimizer, stopper: _EarlyStopping, epoch: int, rank: int) -> None:
     """Write what training needs to carry on (the trained module, the best weights, optimizer, progress)."""
-    from meddx.checkpoint import save_module, save_optimizer, write_progress
+    from meddx.training_state import save_module, save_optimizer, write_progress
 
     if out_dir is None or rank != 0:
         return
@@ -417,7 +417,7 @@ def _checkpoint(out_dir, module, optimizer, stopper: _EarlyStopping, epoch: int,
     folder.mkdir(parents=True, exist_ok=True)
     save_module(module, folder / "last.safetensors")
     if stopper.best_state is not None:
-        from meddx.checkpoint import atomic_save_tensors
+        from meddx.training_state import atomic_save_tensors
 
         atomic_save_tensors(stopper.best_state, folder / "best.safetensors")
     save_optimizer(optimizer, folder / "optimizer.safetensors")
@@ -436,7 +436,7 @@ def _resume(out_dir, module, optimizer, stopper: _EarlyStopping) -> int:
     """Load the checkpoint; returns the first epoch still to run."""
     from safetensors.torch import load_file
 
-    from meddx.checkpoint import load_module, load_optimizer
+    from meddx.training_state import load_module, load_optimizer
 
     folder = Path(out_dir) / CHECKPOINT
     if not (folder / "progress.json").is_file():

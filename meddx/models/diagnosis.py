@@ -194,9 +194,9 @@ class DiagnosisModel(nn.Module):
         ``FoundationBackbone.from_pretrained`` also reads a fine-tuned model's backbone.
         """
         from meddx.calibration import save_calibration
-        from meddx.checkpoint import atomic_save_tensors, atomic_write_text
         from meddx.models.adapters import split_adapter_weights
         from meddx.models.checkpoint import save_backbone
+        from meddx.training_state import atomic_save_tensors, atomic_write_text
 
         folder = Path(folder)
         base, adapter = split_adapter_weights(self)

@@ -1,4 +1,4 @@
-"""Training checkpoints as safetensors + JSON: module weights, optimizer state, progress.
+"""Training state as safetensors + JSON: module weights, optimizer state, progress (for --resume).
 
 ``torch.save`` pickles; a checkpoint a user downloads or shares must not be able to run
 code when loaded, so everything here is tensors in safetensors files and plain JSON.
