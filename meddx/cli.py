@@ -269,7 +269,7 @@ def pretrain_command(
     from meddx.config import IngestConfig
     from meddx.pretrain import pretrain
 
-    ingest = IngestConfig.from_dict(_load_mapping(ingest_config, "ingest config")) if ingest_config else None
+    ingest = IngestConfig.from_file(ingest_config) if ingest_config else None
     result = pretrain(
         manifest,
         out,
@@ -388,7 +388,7 @@ def finetune_command(
     from meddx.config import IngestConfig
     from meddx.train import Mode, finetune
 
-    ingest = IngestConfig.from_dict(_load_mapping(ingest_config, "ingest config")) if ingest_config else None
+    ingest = IngestConfig.from_file(ingest_config) if ingest_config else None
     model = finetune(
         manifest,
         out,
