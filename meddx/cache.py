@@ -170,16 +170,23 @@ class RecordCache:
                 os.unlink(tmp)
         return path
 
-    def warnings(self, key: str) -> list[str]:
-        """The cached record's warnings, read from the file's header only (no arrays); [] when absent."""
+    def _header(self, key: str) -> dict[str, str]:
+        """The cached record's safetensors header (no arrays read); {} when absent."""
         from safetensors import safe_open
 
         path = self._path(key)
         if not path.is_file():
-            return []
+            return {}
         with safe_open(str(path), framework="numpy") as handle:
-            header = handle.metadata() or {}
-        return list(json.loads(header.get("warnings", "[]")))
+            return handle.metadata() or {}
+
+    def warnings(self, key: str) -> list[str]:
+        """The cached record's warnings, read from the file's header only (no arrays); [] when absent."""
+        return list(json.loads(self._header(key).get("warnings", "[]")))
+
+    def meta(self, key: str) -> dict:
+        """The cached record's ``meta``, read from the file's header only (no arrays); {} when absent."""
+        return dict(json.loads(self._header(key).get("meta", "{}")))
 
     def get(self, key: str) -> ModalityRecord | None:
         """The cached record, or None when absent."""

@@ -478,6 +478,11 @@ def finetune_command(
     help="Where ingestion runs: local worker processes.",
 )
 @click.option("--device", default="cpu", show_default=True, help="Where the model runs (cpu, cuda).")
+@click.option(
+    "--store-sr",
+    is_flag=True,
+    help="Store a DICOM Structured Report per prediction made on PACS images back on the DICOMweb server.",
+)
 @quiet_option
 @_handle_errors
 def diagnose_command(
@@ -494,6 +499,7 @@ def diagnose_command(
     task_timeout: float | None,
     engine: str,
     device: str,
+    store_sr: bool,
     quiet: bool,
 ) -> None:
     """Calibrated diagnoses for every row of a cohort: predictions, FHIR RiskAssessments, errors.
@@ -519,6 +525,7 @@ def diagnose_command(
         task_timeout=timeout,
         engine=engine,
         device=device,
+        store_sr=store_sr,
         progress=not quiet,
     )
     click.echo(_diagnose_summary(result))
@@ -534,6 +541,12 @@ def _diagnose_summary(result) -> str:
         f"predictions: {result.predictions} and {result.predictions_csv.name}; "
         f"{counts.get('risk_assessments', 0)} FHIR RiskAssessments: {result.risk_assessments}\n"
         f"run details: {result.run} ({timings.get('total', 0.0):.1f} s)"
+        + (
+            f"\nDICOM SRs stored on the PACS: {counts['structured_reports_stored']}"
+            f" ({counts.get('structured_report_errors', 0)} failed): {result.out_dir / 'structured_reports.csv'}"
+            if "structured_reports_stored" in counts
+            else ""
+        )
     )
 
 

@@ -58,6 +58,7 @@ PREDICTIONS_PARQUET = "predictions.parquet"
 PREDICTIONS_CSV = "predictions.csv"
 RISK_ASSESSMENTS = "risk_assessments.ndjson"
 ERRORS = "errors.csv"
+STRUCTURED_REPORTS = "structured_reports.csv"
 RUN = "run.json"
 ERROR_COLUMNS = ["patient_id", "index_time", "modality", "path", "error"]
 ENGINES = ("local",)  # issue 12 adds "ray"
@@ -132,6 +133,10 @@ def _write_text(path: Path, text: str) -> None:
     _replace_atomically(write, path)
 
 
+def _write_csv(frame: pd.DataFrame, path: Path) -> None:
+    _replace_atomically(lambda tmp: frame.to_csv(tmp, index=False), path)
+
+
 def _iso(moment) -> str:
     return moment.isoformat().replace("+00:00", "Z")
 
@@ -174,7 +179,9 @@ def _column_order(columns: Sequence[str]) -> list[str]:
 # ----------------------------------------------------------------- the plan
 
 
-def _plan(manifest: Path, model_sha256: str, split: str | None, chunk_size: int, rows: Sequence[CohortRow]) -> dict:
+def _plan(
+    manifest: Path, model_sha256: str, split: str | None, chunk_size: int, rows: Sequence[CohortRow], store_sr: bool
+) -> dict:
     return {
         "format": RUN_FORMAT,
         "manifest_sha256": file_sha256(manifest),
@@ -182,6 +189,7 @@ def _plan(manifest: Path, model_sha256: str, split: str | None, chunk_size: int,
         "split": split,
         "chunk_size": chunk_size,
         "rows": len(rows),
+        "store_sr": store_sr,
     }
 
 
@@ -205,7 +213,8 @@ def _start_or_resume(out: Path, plan: dict, resume: bool) -> set[int]:
     if resume:
         logger.info("--resume: %s holds no unfinished run; starting one", out)
     shutil.rmtree(parts, ignore_errors=True)
-    for name in (RUN, PREDICTIONS_PARQUET, PREDICTIONS_CSV, RISK_ASSESSMENTS, ERRORS):  # run.json first
+    outputs = (RUN, PREDICTIONS_PARQUET, PREDICTIONS_CSV, RISK_ASSESSMENTS, ERRORS, STRUCTURED_REPORTS)
+    for name in outputs:  # run.json first
         (out / name).unlink(missing_ok=True)
     parts.mkdir(parents=True)
     _write_text(plan_path, json.dumps(plan, indent=2))
@@ -407,6 +416,27 @@ def _assemble(out: Path, numbers: Sequence[int]) -> dict[str, int]:
     return counts
 
 
+def _assemble_structured_reports(out: Path, numbers: Sequence[int]) -> dict[str, int]:
+    """``structured_reports.csv`` from the chunks' SR parts (``--store-sr``); returns counts."""
+    import pandas as pd
+
+    from meddx.export.sr_reports import SR_COLUMNS
+
+    counts = {"structured_reports_stored": 0, "structured_report_errors": 0}
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as handle:
+            handle.write(",".join(SR_COLUMNS) + "\n")
+            for n in numbers:
+                frame = pd.read_csv(_part(out / PARTS, n, ".srs.csv"), dtype=str, keep_default_na=False)
+                frame.to_csv(handle, header=False, index=False)
+                counts["structured_reports_stored"] += int((frame["status"] == "stored").sum())
+                counts["structured_report_errors"] += int((frame["status"] == "error").sum())
+
+    _replace_atomically(write, out / STRUCTURED_REPORTS)
+    return counts
+
+
 def _csv_cell(text: str) -> str:
     return f'"{text}"' if any(c in text for c in ',"\n') else text
 
@@ -421,6 +451,21 @@ def model_provenance(model: DiagnosisModel, folder: Path, sha256: str) -> ModelP
     alpha = {t: (c.conformal.alpha if c.conformal is not None else None) for t, c in model.calibration.items()}
     method = {t: type(c.calibrator).__name__ for t, c in model.calibration.items()}
     return ModelProvenance(folder.resolve().name, sha256, __version__, alpha, method)
+
+
+def _pacs_reporter(config, cache_root: Path, provenance: ModelProvenance, plan: dict, rows: Sequence[CohortRow]):
+    """The ``--store-sr`` reporter; checks a DICOMweb server is configured before any work."""
+    from meddx.export.sr import ModelInfo
+    from meddx.export.sr_reports import PacsReporter
+    from meddx.ingest.runner import with_dicomweb_store
+    from meddx.records import Modality
+
+    if not any(Modality.IMAGING in row.remote for row in rows):
+        logger.warning("--store-sr: no row reads its images from DICOMweb (dicomweb: cells); no SR will be made")
+    version = f"{provenance.sha256[:16]} (meddx {provenance.meddx_version})"
+    run_id = json.dumps(plan, sort_keys=True)
+    model_info = ModelInfo(provenance.name, version)
+    return PacsReporter(with_dicomweb_store(config, cache_root), cache_root, model_info, run_id)
 
 
 def _versions() -> dict[str, str]:
@@ -451,6 +496,7 @@ def diagnose(
     plugins: tuple[str, ...] = (),
     engine: str = "local",
     device: str = "cpu",
+    store_sr: bool = False,
     progress: bool = True,
 ) -> DiagnoseResult:
     """Diagnose every row of a manifest (or of one split) with a fine-tuned model folder.
@@ -470,6 +516,8 @@ def diagnose(
         plugins: modules that register custom ingestors (imported in every worker).
         engine: ``local`` (worker processes on this machine).
         device: where the model runs (``cpu``, ``cuda``).
+        store_sr: store a DICOM Structured Report per prediction made on PACS images back on the
+            DICOMweb server (:mod:`meddx.export.sr_reports`); ``structured_reports.csv`` lists them.
         progress: show a progress bar.
 
     Returns:
@@ -516,7 +564,7 @@ def diagnose(
     classes = {name: tuple(spec.classes) for name, spec in net.tasks.items()}
 
     chunks = [(k, rows[i : i + chunk_size]) for k, i in enumerate(range(0, len(rows), chunk_size))]
-    plan = _plan(manifest, sha256, split, chunk_size, rows)
+    plan = _plan(manifest, sha256, split, chunk_size, rows, store_sr)
     finished = _finished_run(out, plan) if resume else None
     if finished is not None:
         logger.info("--resume: %s holds this run, complete; nothing to do", out)
@@ -526,6 +574,7 @@ def diagnose(
     parts = out / PARTS
     aligner = net.aligner
     tensor_spec = aligner.tensor_spec()
+    reporter = _pacs_reporter(aligner.config, cache_root, provenance, plan, rows) if store_sr else None
     workers = default_workers() if workers is None else workers
     timings = {"ingest": 0.0, "model": 0.0, "waiting_for_ingest": 0.0, "writing": 0.0}
     logger.info("diagnosing %d rows in %d chunk(s) (%d done before)", len(rows), len(chunks), len(done))
@@ -541,6 +590,8 @@ def diagnose(
                 resources = list(risk_assessments(records, classes, provenance))
                 timings["model"] += time.perf_counter() - tick
                 tick = time.perf_counter()
+                if reporter is not None:  # before the chunk's .parquet marks it done
+                    _write_csv(reporter.report(ready, frame), _part(parts, ready.number, ".srs.csv"))
                 _write_chunk(parts, ready.number, frame, errors, resources)
                 timings["writing"] += time.perf_counter() - tick
                 bar.update(len(ready.rows))
@@ -548,6 +599,8 @@ def diagnose(
 
     tick = time.perf_counter()
     counts = _assemble(out, [k for k, _ in chunks])
+    if store_sr:
+        counts.update(_assemble_structured_reports(out, [k for k, _ in chunks]))
     timings["assembling"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - started
     counts.update(
@@ -580,6 +633,7 @@ def diagnose(
             "device": device,
             "contributions": contributions,
             "resume": resume,
+            "store_sr": store_sr,
         },
         "counts": counts,
         "timings_seconds": {k: round(v, 3) for k, v in timings.items()},

@@ -33,7 +33,9 @@ from meddx.ingest.runner import (
     failure_outcome,
     ingest_one,
     init_worker,
+    prefetch_remote,
     tasks_for,
+    with_dicomweb_store,
     worker_cache,
 )
 from meddx.records import MODALITIES, Modality, PatientRecord
@@ -205,7 +207,8 @@ class ChunkFeeder:
 
         self.cohort = cohort
         self.chunks = list(chunks)
-        self.config: IngestConfig = aligner.config
+        self.config: IngestConfig = with_dicomweb_store(aligner.config, cache_dir)
+        self.cache_dir = Path(cache_dir)
         self.store = TensorStore(Path(cache_dir) / STORE_FOLDER)
         self.ingestors = build_ingestors(self.config)
         check_run(self.config, self.ingestors, tasks_for(cohort, self.ingestors), cache_dir)
@@ -275,6 +278,11 @@ class ChunkFeeder:
         )
         tasks = tasks_for(sub, self.ingestors)
         by_row: dict[int, list[IngestOutcome]] = {row.row: [] for row in rows}
+        if any(task.request.remote for task in tasks):  # PACS series: retrieved concurrently, once
+            failed = prefetch_remote(tasks, self.cache_dir, self.config, progress=False)
+            for failure in failed.values():
+                by_row[failure.row].append(failure)
+            tasks = [task for task in tasks if (task.row, task.modality) not in failed]
         for outcome in self.pool.run(tasks):
             if isinstance(outcome, IngestOutcome):
                 by_row[outcome.row].append(outcome)

@@ -406,6 +406,79 @@ def test_prediction_srs_are_stored_and_read_back_valid(pacs, studies, logged_in,
     assert record.meta["series_uid"] in studies["P1"].series
 
 
+def test_diagnose_store_sr_puts_one_report_per_prediction_on_the_pacs(
+    pacs, studies, logged_in, tiny_model: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``meddx diagnose --store-sr`` on PACS studies: SRs stored once (resume too), valid, on the series read."""
+    import highdicom
+
+    from meddx.dicomweb.client import connect
+
+    logged_in(pacs)
+    monkeypatch.setenv("MEDDX_DICOMWEB_URL", pacs.url)  # the model's config names no server: the environment does
+    cells = {p: f"dicomweb:studies/{studies[p].study_uid}" for p in ("P1", "P2")}
+    cells["P3"] = str(studies["P3"].folder)  # images from files: diagnosed, but no SR (not on the PACS)
+    manifest = _manifest(tmp_path, cells)
+    out = tmp_path / "run"
+    args = ["diagnose", str(manifest), "--model", str(tiny_model), "--out", str(out), "--cache",
+            str(tmp_path / "cache"), "--workers", "0", "--chunk-size", "1", "--store-sr", "--quiet"]
+
+    # The run dies after its first chunk (P1's SR stored); --resume must not store P1's again.
+    import meddx.diagnose
+
+    write_chunk = meddx.diagnose._write_chunk
+
+    def dies_after_the_first_chunk(parts, number, *rest):
+        if number > 0:
+            raise KeyboardInterrupt
+        write_chunk(parts, number, *rest)
+
+    monkeypatch.setattr(meddx.diagnose, "_write_chunk", dies_after_the_first_chunk)
+    assert CliRunner().invoke(main, args).exit_code != 0
+    monkeypatch.setattr(meddx.diagnose, "_write_chunk", write_chunk)
+    result = CliRunner().invoke(main, [*args, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert "DICOM SRs stored on the PACS: 2 (0 failed)" in result.output
+
+    predictions = pd.read_parquet(out / "predictions.parquet")
+    assert (predictions.status == "ok").all() and len(predictions) == 3
+    reports = pd.read_csv(out / "structured_reports.csv", dtype=str, keep_default_na=False)
+    assert list(reports.patient_id) == ["P1", "P2"] and (reports.status == "stored").all()
+    assert json.loads((out / "run.json").read_text())["counts"]["structured_reports_stored"] == 2
+
+    client = connect(_config(pacs).dicomweb)
+    for report in reports.to_dict("records"):
+        study = studies[report["patient_id"]]
+        uid = report["sop_instance_uid"]
+        mine = client.search_for_instances(study.study_uid, search_filters={"SOPInstanceUID": uid})
+        sr_series = mine[0]["0020000E"]["Value"][0]
+        assert len(client.search_for_instances(study.study_uid, sr_series)) == 1  # stored once, resume included
+        back = client.retrieve_instance(study.study_uid, sr_series, report["sop_instance_uid"])
+        path = tmp_path / f"{report['patient_id']}-sr.dcm"
+        back.save_as(path, enforce_file_format=True)
+        parsed = highdicom.sr.srread(path)
+        assert isinstance(parsed, highdicom.sr.Comprehensive3DSR)
+        evidence = parsed.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+        read_series = max(study.series, key=study.series.get)  # the series rule keeps the most slices
+        assert evidence.SeriesInstanceUID == read_series
+        row = predictions.set_index("patient_id").loc[report["patient_id"]]
+        assert float(_numeric(pydicom.dcmread(path))) == pytest.approx(row["probability"], abs=1e-6)
+        assert f"Calibrated probability of {row['task']}" in _content_text(pydicom.dcmread(path))
+
+
+def test_store_sr_without_a_server_is_refused_before_any_work(tiny_model: Path, monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("MEDDX_DICOMWEB_URL", raising=False)
+    manifest = _manifest(tmp_path, {"P1": "dicomweb:studies/1.2.3"})
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        main, ["diagnose", str(manifest), "--model", str(tiny_model), "--out", str(out), "--cache",
+               str(tmp_path / "cache"), "--workers", "0", "--store-sr", "--quiet"]
+    )
+    assert result.exit_code != 0
+    assert "MEDDX_DICOMWEB_URL" in result.output
+    assert not (out / "predictions.parquet").exists()
+
+
 def test_a_failed_prediction_row_makes_no_sr(studies) -> None:
     pytest.importorskip("highdicom")
     from meddx.errors import PredictionsError

@@ -76,6 +76,7 @@ def build_prediction_sr(
     model_info: ModelInfo,
     *,
     series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
     instance_number: int = 1,
 ) -> highdicom.sr.Comprehensive3DSR:
     """One Comprehensive 3D SR for one prediction row, referencing the source series' instances.
@@ -89,6 +90,8 @@ def build_prediction_sr(
         model_info: the model's name and version.
         series_instance_uid: the SR series (pass the same one for every SR of a run); a new one
             when None.
+        sop_instance_uid: the SR's own UID; a new one when None. Deriving it from the run and
+            the row makes storing it again (a resumed run) replace it rather than add a copy.
         instance_number: the SR's number within its series.
 
     Raises:
@@ -181,7 +184,7 @@ def build_prediction_sr(
         content=report[0],
         series_instance_uid=series_instance_uid or generate_uid(),
         series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=generate_uid(),
+        sop_instance_uid=sop_instance_uid or generate_uid(),
         instance_number=instance_number,
         manufacturer=model_info.manufacturer,
         series_description=SR_SERIES_DESCRIPTION,
