@@ -101,6 +101,7 @@ class DiagnoseStep(_Step):
     chunk_size: int = Field(256, ge=1)
     contributions: bool = True
     resume: bool = False
+    store_sr: bool = Field(False, description="store a DICOM SR per prediction made on PACS images on the server")
 
 
 class EvaluateStep(_Step):
@@ -369,6 +370,7 @@ def _diagnose(step: DiagnoseStep, cache: Path, workers, progress, echo):
         batch_size=step.batch_size,
         chunk_size=step.chunk_size,
         contributions=step.contributions,
+        store_sr=step.store_sr,
         progress=progress,
     )
     counts = result.counts
