@@ -188,6 +188,7 @@ class FoundationBackbone(nn.Module):
         layer = nn.TransformerEncoderLayer(
             d, config.n_heads, 4 * d, config.dropout, activation="gelu", batch_first=True, norm_first=True
         )
+        layer.self_attn.dropout = config.attention_dropout  # the attention weights' own rate
         self.fusion = nn.TransformerEncoder(layer, config.n_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d)
 

@@ -50,6 +50,7 @@ class VideoEncoder(ModalityEncoder):
         self.mask = find_one(self.modality, spec, "mask", of=self.frames)
         n_frames, channels, _, _ = self.field(self.frames).shape
         width = config.video.frame_features
+        self.input_pool = config.video.input_pool
         self.appearance = _frame_cnn(channels, width)
         self.motion = _frame_cnn(channels, width)
         self.project = nn.Linear(2 * width, config.d_model)
@@ -59,7 +60,14 @@ class VideoEncoder(ModalityEncoder):
             layer = nn.TransformerEncoderLayer(
                 config.d_model, config.n_heads, 2 * config.d_model, config.dropout, batch_first=True, norm_first=True
             )
+            layer.self_attn.dropout = config.attention_dropout
             self.temporal = nn.TransformerEncoder(layer, config.video.temporal_layers, enable_nested_tensor=False)
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W)`` averaged over ``input_pool``-wide cells (a ragged edge keeps its own cell)."""
+        if self.input_pool == 1:
+            return x
+        return nn.functional.avg_pool2d(x, self.input_pool, ceil_mode=True)  # (N, C, H / k, W / k)
 
     def forward(self, arrays: dict[str, torch.Tensor]) -> EncoderOutput:
         mask = arrays[self.mask].bool()  # (P, F)
@@ -69,8 +77,8 @@ class VideoEncoder(ModalityEncoder):
         both_real[:, 1:] = mask[:, 1:] & mask[:, :-1]  # a difference needs this frame and the one before
         diffs = torch.zeros_like(frames)
         diffs[:, 1:] = zero_where_not(frames[:, 1:] - frames[:, :-1], both_real[:, 1:])
-        look = self.appearance(frames.flatten(0, 1)).reshape(P, F, -1)  # (P, F, w)
-        move = self.motion(diffs.flatten(0, 1)).reshape(P, F, -1)  # (P, F, w)
+        look = self.appearance(self._pool(frames.flatten(0, 1))).reshape(P, F, -1)  # (P, F, w)
+        move = self.motion(self._pool(diffs.flatten(0, 1))).reshape(P, F, -1)  # (P, F, w)
         tokens = self.project(torch.cat([look, move], dim=-1)) + self.frame_embedding  # (P, F, D)
         if self.temporal is not None:
             padding = ~mask
