@@ -155,16 +155,16 @@ class BackboneConfig(_Section):
         """A larger backbone for a GPU (pair it with ``IngestConfig.gpu()``).
 
         Width 256, 6 fusion layers of 8 heads, a ResNet-18 imaging network with 8 tokens, finer
-        audio patches and wider video features; roughly 40M trainable parameters besides the
-        text encoder.
+        audio patches and wider video features, volumes and frames at full resolution
+        (``input_pool`` 1); roughly 40M trainable parameters besides the text encoder.
         """
         return cls(
             d_model=256,
             n_layers=6,
             n_heads=8,
             max_tokens_per_modality=128,
-            imaging=ImagingEncoderConfig(network="resnet18", token_grid=(2, 2, 2)),
+            imaging=ImagingEncoderConfig(network="resnet18", token_grid=(2, 2, 2), input_pool=1),
             device_logs=DeviceLogEncoderConfig(patch_length=30),
             audio=AudioEncoderConfig(patch_mels=16, patch_frames=16),
-            video=VideoEncoderConfig(frame_features=128, temporal_layers=2),
+            video=VideoEncoderConfig(frame_features=128, temporal_layers=2, input_pool=1),
         )
