@@ -28,7 +28,10 @@ class ImagingEncoderConfig(_Section):
     ``growth_rate``, ``block_config``), ``densenet121`` (MONAI's standard widths), ``resnet``
     (``monai.networks.nets.ResNet`` with basic blocks, ``widths`` and ``layers``) or ``resnet18``.
     ``spatial_dims`` 3 encodes the whole volume; 2 encodes each observed slice with a 2D network
-    and averages over slices (radiographs fill one slice). ``input_pool`` averages the volume over
+    and averages over slices (radiographs fill one slice). ``frozen``: the network's weights do
+    not train (the projection to ``d_model`` does) and its outputs are cached by input content and
+    weights, so later epochs skip it; None (the default) freezes it when ``weights`` are given.
+    ``input_pool`` averages the volume over
     ``input_pool``-wide cells on every axis (in-plane only in 2D) before the network: on the default
     32x64x64 volume, 2 makes the stem convolution and its pooling 8x cheaper, the largest cost of a
     CPU training step, with no loss of test AUROC on the benchmark cohort (``docs/training.md``).
@@ -43,6 +46,7 @@ class ImagingEncoderConfig(_Section):
     layers: tuple[int, int, int, int] = (1, 1, 1, 1)  # resnet: blocks per stage
     norm: Literal["batch", "instance"] = "batch"
     input_pool: int = Field(default=2, ge=1)  # average-pool the volume by this factor before the network
+    frozen: bool | None = None  # the network does not train; None: frozen when weights are given
     token_grid: tuple[int, int, int] = (1, 2, 2)  # (d, h, w) pooled cells -> tokens; 2D uses (h, w)
     weights: str | None = None  # a local .safetensors file of the network's weights (e.g. from meddx pretrain)
 
@@ -88,11 +92,14 @@ class VideoEncoderConfig(_Section):
 
     ``input_pool`` averages each frame over ``input_pool`` x ``input_pool`` pixels before the CNNs
     (4x fewer operations at 2; the default 64x64 frames become 32x32, enough to see the motion).
+    ``frozen``: the two frame CNNs do not train (the projection and temporal layers do) and their
+    outputs are cached by frame content and weights, as for a frozen imaging network.
     """
 
     frame_features: int = Field(default=32, ge=1)  # CNN feature width per frame (and per difference)
     temporal_layers: int = Field(default=1, ge=0)
     input_pool: int = Field(default=2, ge=1)  # average-pool each frame in-plane by this factor first
+    frozen: bool = False  # the frame CNNs do not train; their outputs are cached (see ImagingEncoderConfig)
 
 
 class BackboneConfig(_Section):

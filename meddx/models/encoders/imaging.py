@@ -17,6 +17,7 @@ from meddx.errors import ConfigError, ModelError
 from meddx.ingest.base import ArraySpec
 from meddx.models.config import BackboneConfig, ImagingEncoderConfig
 from meddx.models.encoders.base import EncoderOutput, ModalityEncoder, find_one, masked_mean, zero_where_not
+from meddx.models.frozen import FrozenOutputs
 from meddx.records import Modality
 
 logger = logging.getLogger(__name__)
@@ -145,7 +146,22 @@ class ImagingEncoder(ModalityEncoder):
         self._check_fits(cfg)
         if cfg.weights is not None and load_weights:
             load_network_weights(self.trunk, cfg.weights)
+        self.frozen = cfg.frozen if cfg.frozen is not None else cfg.weights is not None
+        self.trunk_outputs = FrozenOutputs() if self.frozen else None
+        if self.frozen:
+            self.trunk.requires_grad_(False).eval()
         self.project = nn.Linear(self.trunk.channels, config.d_model)
+
+    def train(self, mode: bool = True) -> ImagingEncoder:
+        super().train(mode)
+        if self.frozen:
+            self.trunk.eval()  # running statistics: a frozen network's output depends on its input alone
+        return self
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """The network on pooled input ``(N, 1, ...)`` → ``(N, C, T)``; a frozen one runs once per input."""
+        x = self._pool(x)
+        return self.trunk_outputs(self.trunk, x) if self.trunk_outputs is not None else self.trunk(x)
 
     def _check_fits(self, cfg: ImagingEncoderConfig) -> None:
         """One dry pass of a blank volume, so a network too deep for the volume fails here, by name."""
@@ -177,10 +193,10 @@ class ImagingEncoder(ModalityEncoder):
         volume = zero_where_not(volume, slices)  # unobserved slices cannot matter
         P, D = slices.shape
         if self.spatial_dims == 3:
-            features = self.trunk(self._pool(volume.unsqueeze(1)))  # (P, C, T)
+            features = self._features(volume.unsqueeze(1))  # (P, C, T)
         else:
             observed = slices.nonzero()  # (N, 2): (patient, slice) of every observed slice
-            per_slice = self.trunk(self._pool(volume[observed[:, 0], observed[:, 1]].unsqueeze(1)))  # (N, C, T)
+            per_slice = self._features(volume[observed[:, 0], observed[:, 1]].unsqueeze(1))  # (N, C, T)
             grid = per_slice.new_zeros(P, D, *per_slice.shape[1:])  # (P, D, C, T)
             grid[observed[:, 0], observed[:, 1]] = per_slice
             features = masked_mean(grid, slices, dim=1)  # (P, C, T)

@@ -14,6 +14,7 @@ from torch import nn
 from meddx.ingest.base import ArraySpec
 from meddx.models.config import BackboneConfig
 from meddx.models.encoders.base import EncoderOutput, ModalityEncoder, find_one, zero_where_not
+from meddx.models.frozen import FrozenOutputs
 from meddx.records import Modality
 
 
@@ -53,6 +54,11 @@ class VideoEncoder(ModalityEncoder):
         self.input_pool = config.video.input_pool
         self.appearance = _frame_cnn(channels, width)
         self.motion = _frame_cnn(channels, width)
+        self.frozen = config.video.frozen
+        self.cached = {"appearance": FrozenOutputs(), "motion": FrozenOutputs()} if self.frozen else {}
+        if self.frozen:
+            self.appearance.requires_grad_(False)
+            self.motion.requires_grad_(False)
         self.project = nn.Linear(2 * width, config.d_model)
         self.frame_embedding = nn.Parameter(torch.zeros(1, n_frames, config.d_model))
         self.temporal = None
@@ -69,6 +75,11 @@ class VideoEncoder(ModalityEncoder):
             return x
         return nn.functional.avg_pool2d(x, self.input_pool, ceil_mode=True)  # (N, C, H / k, W / k)
 
+    def _cnn(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """One frame CNN on pooled frames ``(N, C, H, W)`` → ``(N, w)``; a frozen one runs once per frame."""
+        cnn, x = getattr(self, name), self._pool(x)
+        return self.cached[name](cnn, x) if self.frozen else cnn(x)
+
     def forward(self, arrays: dict[str, torch.Tensor]) -> EncoderOutput:
         mask = arrays[self.mask].bool()  # (P, F)
         frames = zero_where_not(arrays[self.frames].float(), mask)  # (P, F, C, H, W)
@@ -77,8 +88,8 @@ class VideoEncoder(ModalityEncoder):
         both_real[:, 1:] = mask[:, 1:] & mask[:, :-1]  # a difference needs this frame and the one before
         diffs = torch.zeros_like(frames)
         diffs[:, 1:] = zero_where_not(frames[:, 1:] - frames[:, :-1], both_real[:, 1:])
-        look = self.appearance(self._pool(frames.flatten(0, 1))).reshape(P, F, -1)  # (P, F, w)
-        move = self.motion(self._pool(diffs.flatten(0, 1))).reshape(P, F, -1)  # (P, F, w)
+        look = self._cnn("appearance", frames.flatten(0, 1)).reshape(P, F, -1)  # (P, F, w)
+        move = self._cnn("motion", diffs.flatten(0, 1)).reshape(P, F, -1)  # (P, F, w)
         tokens = self.project(torch.cat([look, move], dim=-1)) + self.frame_embedding  # (P, F, D)
         if self.temporal is not None:
             padding = ~mask
