@@ -98,3 +98,19 @@ def test_frozen_video_cnns_match_running_them_and_run_once_per_frame() -> None:
 def test_frozen_outputs_of_an_empty_batch() -> None:
     outputs = FrozenOutputs()
     assert outputs(torch.nn.Linear(3, 2).requires_grad_(False), torch.zeros(0, 3)).shape == (0, 2)
+
+
+def test_freeze_trunks_freezes_imaging_and_video_and_survives_a_round_trip(tmp_path) -> None:
+    from model_batches import fitted_aligner
+
+    from meddx.models import FoundationBackbone
+
+    aligner, _ = fitted_aligner()
+    backbone = FoundationBackbone.from_aligner(tiny_backbone_config(), aligner).freeze_trunks()
+    imaging, video = backbone.encoders["imaging"], backbone.encoders["video"]
+    frozen = [*imaging.trunk.parameters(), *video.appearance.parameters(), *video.motion.parameters()]
+    assert not any(p.requires_grad for p in frozen)
+    assert all(p.requires_grad for p in [*imaging.project.parameters(), *backbone.fusion.parameters()])
+    assert backbone.config.imaging.frozen and backbone.config.video.frozen
+    loaded = FoundationBackbone.from_pretrained(backbone.save_pretrained(tmp_path / "model"))
+    assert loaded.encoders["imaging"].frozen and loaded.encoders["video"].frozen

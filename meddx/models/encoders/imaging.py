@@ -146,11 +146,18 @@ class ImagingEncoder(ModalityEncoder):
         self._check_fits(cfg)
         if cfg.weights is not None and load_weights:
             load_network_weights(self.trunk, cfg.weights)
-        self.frozen = cfg.frozen if cfg.frozen is not None else cfg.weights is not None
-        self.trunk_outputs = FrozenOutputs() if self.frozen else None
-        if self.frozen:
-            self.trunk.requires_grad_(False).eval()
+        self.frozen = False
+        self.trunk_outputs: FrozenOutputs | None = None
+        if cfg.frozen if cfg.frozen is not None else cfg.weights is not None:
+            self.freeze()
         self.project = nn.Linear(self.trunk.channels, config.d_model)
+
+    def freeze(self) -> ImagingEncoder:
+        """Stop training the network (the projection still trains); its outputs are cached from now on."""
+        self.frozen = True
+        self.trunk_outputs = FrozenOutputs()
+        self.trunk.requires_grad_(False).eval()
+        return self
 
     def train(self, mode: bool = True) -> ImagingEncoder:
         super().train(mode)

@@ -54,11 +54,10 @@ class VideoEncoder(ModalityEncoder):
         self.input_pool = config.video.input_pool
         self.appearance = _frame_cnn(channels, width)
         self.motion = _frame_cnn(channels, width)
-        self.frozen = config.video.frozen
-        self.cached = {"appearance": FrozenOutputs(), "motion": FrozenOutputs()} if self.frozen else {}
-        if self.frozen:
-            self.appearance.requires_grad_(False)
-            self.motion.requires_grad_(False)
+        self.frozen = False
+        self.cached: dict[str, FrozenOutputs] = {}
+        if config.video.frozen:
+            self.freeze()
         self.project = nn.Linear(2 * width, config.d_model)
         self.frame_embedding = nn.Parameter(torch.zeros(1, n_frames, config.d_model))
         self.temporal = None
@@ -74,6 +73,14 @@ class VideoEncoder(ModalityEncoder):
         if self.input_pool == 1:
             return x
         return nn.functional.avg_pool2d(x, self.input_pool, ceil_mode=True)  # (N, C, H / k, W / k)
+
+    def freeze(self) -> VideoEncoder:
+        """Stop training the frame CNNs (projection and temporal layers still train); cache their outputs."""
+        self.frozen = True
+        self.cached = {"appearance": FrozenOutputs(), "motion": FrozenOutputs()}
+        self.appearance.requires_grad_(False)
+        self.motion.requires_grad_(False)
+        return self
 
     def _cnn(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """One frame CNN on pooled frames ``(N, C, H, W)`` → ``(N, w)``; a frozen one runs once per frame."""
