@@ -65,7 +65,8 @@ def fine_tune(prepared, train, test, config, modality: str | None, seed: int, ep
             if not known.any():
                 continue
             logits = head(backbone(batch, withhold=withhold).pooled).squeeze(-1)
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits[known], batch.labels[task][known].float())
+            target = batch.labels[task][known].float()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits[known], target)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
