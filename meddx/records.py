@@ -333,6 +333,21 @@ class PatientBatch:
         )
 
 
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack``, copied by numpy in the calling thread for plain CPU tensors.
+
+    torch spreads a large copy over its intra-op threads; when the cores are busy (a 2-core
+    machine training with two torch threads) the copy waits for every thread, and collating a
+    batch of 32 default patients took 0.3-0.5 s instead of about 30 ms (``docs/training.md``).
+    """
+    import torch
+
+    first = tensors[0]
+    if first.device.type != "cpu" or first.dtype == torch.bfloat16 or any(t.requires_grad for t in tensors):
+        return torch.stack(tensors)
+    return torch.from_numpy(np.stack([t.numpy() for t in tensors]))
+
+
 def collate(items: Sequence[PatientTensors], spec: TensorSpec | None = None) -> PatientBatch:
     """Stack patients into a :class:`PatientBatch`; each modality holds only its present patients.
 
@@ -383,7 +398,7 @@ def collate(items: Sequence[PatientTensors], spec: TensorSpec | None = None) -> 
                         f"expected {known[0]}; tensors must come from one config"
                     )
                 tensors.append(tensor)
-            stacked[modality][name] = torch.stack(tensors)
+            stacked[modality][name] = _stack(tensors)
     tasks = sorted({task for item in items for task in item.labels})
     labels = {
         task: torch.tensor([item.labels.get(task, UNKNOWN_LABEL) for item in items], dtype=torch.int64)

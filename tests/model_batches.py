@@ -51,6 +51,8 @@ def tiny_backbone_config(**overrides) -> BackboneConfig:
         "video": {"frame_features": 8},
     }
     data.update(overrides)
+    for section in ("imaging", "video"):  # the tiny 8x16x16 volumes and 16x16 frames are not pooled first
+        data[section] = {"input_pool": 1, **data.get(section, {})}
     return BackboneConfig.from_dict(data)
 
 

@@ -100,7 +100,7 @@ def test_corrupt_or_mismatched_weights_are_refused(saved, tmp_path) -> None:
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"format_version": 2}, "format_version 2"),
+        ({"format_version": 3}, "format_version 3"),
         ({"meddx_version": "9.0.0"}, "upgrade meddx"),
         ({"format": "something-else"}, "not a meddx backbone config"),
         ({"unexpected": 1}, "schema"),
@@ -114,6 +114,22 @@ def test_a_config_it_does_not_understand_is_refused(saved, tmp_path, change, mes
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelError, match=message):
         FoundationBackbone.from_pretrained(folder)
+
+
+def test_a_format_1_folder_loads_with_the_settings_it_was_trained_with(saved, tmp_path) -> None:
+    folder = _copy(saved[1], tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["format_version"] = 1
+    backbone_config = config["backbone"]
+    backbone_config["dropout"] = 0.2
+    for key in ("attention_dropout",):
+        del backbone_config[key]
+    for section in ("imaging", "video"):
+        del backbone_config[section]["input_pool"]
+    (folder / "config.json").write_text(json.dumps(config))
+    loaded = FoundationBackbone.from_pretrained(folder)
+    assert loaded.config.imaging.input_pool == loaded.config.video.input_pool == 1
+    assert loaded.config.attention_dropout == 0.2
 
 
 def test_missing_files_are_named(saved, tmp_path) -> None:

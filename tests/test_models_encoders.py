@@ -110,3 +110,49 @@ def test_video_tokens_see_motion_not_only_appearance() -> None:
         moving = encoder({"frames": clip(first, 3), "frame_mask": mask}).tokens
     assert torch.allclose(still_a, still_b, atol=1e-6)  # appearance is invisible here
     assert not torch.allclose(still_a, moving, atol=1e-4)  # motion is not
+
+
+def test_imaging_input_pool_averages_the_volume_before_the_network() -> None:
+    spec = {
+        "volume": ArrayField((16, 32, 32), "float32"),
+        "slice_mask": ArrayField((16,), "bool", "mask", of=("volume",)),
+    }
+    pooled_spec = {**spec, "volume": ArrayField((8, 16, 16), "float32"), "slice_mask": ArrayField((8,), "bool", "mask", of=("volume",))}
+    imaging = {"init_features": 4, "growth_rate": 4, "block_config": [1, 1]}
+    torch.manual_seed(0)
+    pooling = ImagingEncoder(tiny_backbone_config(imaging={**imaging, "input_pool": 2}), spec).eval()
+    plain = ImagingEncoder(tiny_backbone_config(imaging=imaging), pooled_spec).eval()
+    plain.load_state_dict(pooling.state_dict())
+    volume = torch.rand(2, 16, 32, 32)
+    mask = torch.ones(2, 16, dtype=torch.bool)
+    mask[1, 6:] = False  # unobserved slices count as zeros in their cell, whatever they hold
+    by_hand = torch.where(mask[..., None, None], volume, 0.0).reshape(2, 8, 2, 16, 2, 16, 2).mean(dim=(2, 4, 6))
+    noisy = torch.where(mask[..., None, None], volume, torch.nan)
+    with torch.no_grad():
+        out = pooling({"volume": noisy, "slice_mask": mask})
+        expected = plain({"volume": by_hand, "slice_mask": torch.ones(2, 8, dtype=torch.bool)})
+    assert out.tokens.shape == (2, 4, 16)
+    assert torch.allclose(out.tokens, expected.tokens, atol=1e-5)
+
+
+def test_video_input_pool_averages_frames_before_the_cnns() -> None:
+    spec = {"frames": ArrayField((4, 1, 32, 32), "float32"), "frame_mask": ArrayField((4,), "bool", "mask", of=("frames",))}
+    small = {"frames": ArrayField((4, 1, 16, 16), "float32"), "frame_mask": spec["frame_mask"]}
+    torch.manual_seed(0)
+    pooling = VideoEncoder(tiny_backbone_config(video={"frame_features": 8, "input_pool": 2}), spec).eval()
+    plain = VideoEncoder(tiny_backbone_config(), small).eval()
+    plain.load_state_dict(pooling.state_dict())
+    frames, mask = torch.rand(2, 4, 1, 32, 32), torch.tensor([[True, True, True, False], [True] * 4])
+    by_hand = frames.reshape(2, 4, 1, 16, 2, 16, 2).mean(dim=(4, 6))
+    with torch.no_grad():
+        out = pooling({"frames": frames, "frame_mask": mask})
+        expected = plain({"frames": by_hand, "frame_mask": mask})
+    assert out.tokens.shape == (2, 4, 16)
+    assert torch.allclose(out.tokens, expected.tokens, atol=1e-5)
+
+
+def test_attention_dropout_is_its_own_rate() -> None:
+    spec = {"frames": ArrayField((4, 1, 16, 16), "float32"), "frame_mask": ArrayField((4,), "bool", "mask", of=("frames",))}
+    encoder = VideoEncoder(tiny_backbone_config(dropout=0.1, attention_dropout=0.0), spec)
+    layer = encoder.temporal.layers[0]
+    assert layer.self_attn.dropout == 0.0 and layer.dropout1.p == 0.1

@@ -117,3 +117,19 @@ def test_collate_refuses_mismatched_shapes_and_empty_batches() -> None:
 def test_modality_record_coerces_modality_names() -> None:
     record = ModalityRecord("audio", "x.wav", arrays={"a": np.zeros(2)})
     assert record.modality is Modality.AUDIO
+
+
+def test_collate_copies_every_dtype_exactly_and_owns_its_memory() -> None:
+    when = parse_time("2024-01-01T00:00:00Z")
+    arrays = [
+        {"x": torch.randn(3, 4), "m": torch.rand(3) > 0.5, "ids": torch.randint(0, 9, (5,)), "h": torch.randn(2).half()}
+        for _ in range(3)
+    ]
+    items = [PatientTensors(f"p{i}", when, {Modality.EHR: a}) for i, a in enumerate(arrays)]
+    batch = collate(items).tensors[Modality.EHR]
+    for name in arrays[0]:
+        expected = torch.stack([a[name] for a in arrays])
+        assert batch[name].dtype == expected.dtype and torch.equal(batch[name], expected), name
+    before = arrays[0]["x"].clone()
+    batch["x"].add_(1.0)  # the batch is a copy: writing to it leaves the patients' tensors alone
+    assert torch.equal(arrays[0]["x"], before)

@@ -188,6 +188,7 @@ class FoundationBackbone(nn.Module):
         layer = nn.TransformerEncoderLayer(
             d, config.n_heads, 4 * d, config.dropout, activation="gelu", batch_first=True, norm_first=True
         )
+        layer.self_attn.dropout = config.attention_dropout  # the attention weights' own rate
         self.fusion = nn.TransformerEncoder(layer, config.n_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d)
 
@@ -213,6 +214,23 @@ class FoundationBackbone(nn.Module):
         from meddx.align import Aligner
 
         return None if self.aligner_state is None else Aligner.from_state_dict(self.aligner_state)
+
+    def freeze_trunks(self) -> FoundationBackbone:
+        """Freeze the imaging network and the video frame CNNs, e.g. to fine-tune a pretrained backbone.
+
+        Their projections, the other encoders and the fusion transformer still train; the frozen
+        trunks' outputs are cached by input content and weights (:mod:`meddx.models.frozen`), so
+        from the second epoch on they no longer run. The config records it (``imaging.frozen``,
+        ``video.frozen``), so a saved model loads frozen.
+
+        Example:
+            >>> backbone = FoundationBackbone.from_pretrained("runs/backbone").freeze_trunks()  # doctest: +SKIP
+        """
+        for name, section in (("imaging", self.config.imaging), ("video", self.config.video)):
+            if name in self.encoders:
+                self.encoders[name].freeze()  # type: ignore[operator]
+            self.config = self.config.model_copy(update={name: section.model_copy(update={"frozen": True})})
+        return self
 
     @property
     def notes_encoder(self) -> NotesEncoder | None:

@@ -28,7 +28,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FORMAT = "meddx-backbone"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Format 1 predates imaging/video ``input_pool`` and ``attention_dropout``; its models were trained
+# without pooling and with one dropout rate everywhere, which is what reading it with these values keeps.
+_FORMAT_1_DEFAULTS = {"imaging": {"input_pool": 1}, "video": {"input_pool": 1}}
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
@@ -146,6 +149,15 @@ def _refuse_pickle(folder: Path) -> None:
         )
 
 
+def _upgrade_format_1(data: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 ``config.json`` as format 2, with the settings its model was trained with."""
+    backbone = dict(data.get("backbone") or {})
+    for section, defaults in _FORMAT_1_DEFAULTS.items():
+        backbone[section] = {**defaults, **(backbone.get(section) or {})}
+    backbone.setdefault("attention_dropout", backbone.get("dropout", BackboneConfig().dropout))
+    return {**data, "backbone": backbone, "format_version": FORMAT_VERSION}
+
+
 def read_checkpoint(folder: str | Path) -> BackboneCheckpoint:
     """Check a backbone folder and return its validated ``config.json``.
 
@@ -165,6 +177,8 @@ def read_checkpoint(folder: str | Path) -> BackboneCheckpoint:
         raise ModelError(f"{folder / CONFIG_FILE} is not readable JSON: {exc}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ModelError(f"{folder / CONFIG_FILE} is not a meddx backbone config (format {FORMAT!r} expected)")
+    if data.get("format_version") == 1:
+        data = _upgrade_format_1(data)
     if data.get("format_version") != FORMAT_VERSION:
         raise ModelError(
             f"{folder / CONFIG_FILE} has format_version {data.get('format_version')!r}; this meddx {__version__} "

@@ -28,7 +28,13 @@ class ImagingEncoderConfig(_Section):
     ``growth_rate``, ``block_config``), ``densenet121`` (MONAI's standard widths), ``resnet``
     (``monai.networks.nets.ResNet`` with basic blocks, ``widths`` and ``layers``) or ``resnet18``.
     ``spatial_dims`` 3 encodes the whole volume; 2 encodes each observed slice with a 2D network
-    and averages over slices (radiographs fill one slice).
+    and averages over slices (radiographs fill one slice). ``frozen``: the network's weights do
+    not train (the projection to ``d_model`` does) and its outputs are cached by input content and
+    weights, so later epochs skip it; None (the default) freezes it when ``weights`` are given.
+    ``input_pool`` averages the volume over
+    ``input_pool``-wide cells on every axis (in-plane only in 2D) before the network: on the default
+    32x64x64 volume, 2 makes the stem convolution and its pooling 8x cheaper, the largest cost of a
+    CPU training step, with no loss of test AUROC on the benchmark cohort (``docs/training.md``).
     """
 
     network: ImagingNetwork = "densenet"
@@ -39,6 +45,8 @@ class ImagingEncoderConfig(_Section):
     widths: tuple[int, int, int, int] = (8, 16, 32, 64)  # resnet: channels of its four stages
     layers: tuple[int, int, int, int] = (1, 1, 1, 1)  # resnet: blocks per stage
     norm: Literal["batch", "instance"] = "batch"
+    input_pool: int = Field(default=2, ge=1)  # average-pool the volume by this factor before the network
+    frozen: bool | None = None  # the network does not train; None: frozen when weights are given
     token_grid: tuple[int, int, int] = (1, 2, 2)  # (d, h, w) pooled cells -> tokens; 2D uses (h, w)
     weights: str | None = None  # a local .safetensors file of the network's weights (e.g. from meddx pretrain)
 
@@ -80,10 +88,18 @@ class AudioEncoderConfig(_Section):
 
 
 class VideoEncoderConfig(_Section):
-    """A small CNN per frame and per frame difference (motion), then temporal layers over frames."""
+    """A small CNN per frame and per frame difference (motion), then temporal layers over frames.
+
+    ``input_pool`` averages each frame over ``input_pool`` x ``input_pool`` pixels before the CNNs
+    (4x fewer operations at 2; the default 64x64 frames become 32x32, enough to see the motion).
+    ``frozen``: the two frame CNNs do not train (the projection and temporal layers do) and their
+    outputs are cached by frame content and weights, as for a frozen imaging network.
+    """
 
     frame_features: int = Field(default=32, ge=1)  # CNN feature width per frame (and per difference)
     temporal_layers: int = Field(default=1, ge=0)
+    input_pool: int = Field(default=2, ge=1)  # average-pool each frame in-plane by this factor first
+    frozen: bool = False  # the frame CNNs do not train; their outputs are cached (see ImagingEncoderConfig)
 
 
 class BackboneConfig(_Section):
@@ -93,7 +109,10 @@ class BackboneConfig(_Section):
         d_model: token width everywhere after the encoders.
         n_layers: fusion transformer layers.
         n_heads: attention heads (must divide ``d_model``).
-        dropout: dropout inside the transformer layers.
+        dropout: dropout on the transformer layers' residual and feed-forward paths.
+        attention_dropout: dropout on the attention weights. 0 by default: on a CPU, drawing a
+            ``(B, heads, T, T)`` mask cost about 40% of the fusion transformer's training step, and
+            without it attention runs as one fused kernel (``scaled_dot_product_attention``).
         modality_dropout: in training, the chance of hiding each present modality of a patient
             (never all of them), so any subset works at inference.
         max_tokens_per_modality: a modality's real tokens beyond this many are dropped (first kept).
@@ -109,6 +128,7 @@ class BackboneConfig(_Section):
     n_layers: int = Field(default=2, ge=1)
     n_heads: int = Field(default=4, ge=1)
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    attention_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     modality_dropout: float = Field(default=0.3, ge=0.0, lt=1.0)
     max_tokens_per_modality: int = Field(default=64, ge=1)
     imaging: ImagingEncoderConfig = Field(default_factory=ImagingEncoderConfig)
@@ -142,16 +162,16 @@ class BackboneConfig(_Section):
         """A larger backbone for a GPU (pair it with ``IngestConfig.gpu()``).
 
         Width 256, 6 fusion layers of 8 heads, a ResNet-18 imaging network with 8 tokens, finer
-        audio patches and wider video features; roughly 40M trainable parameters besides the
-        text encoder.
+        audio patches and wider video features, volumes and frames at full resolution
+        (``input_pool`` 1); roughly 40M trainable parameters besides the text encoder.
         """
         return cls(
             d_model=256,
             n_layers=6,
             n_heads=8,
             max_tokens_per_modality=128,
-            imaging=ImagingEncoderConfig(network="resnet18", token_grid=(2, 2, 2)),
+            imaging=ImagingEncoderConfig(network="resnet18", token_grid=(2, 2, 2), input_pool=1),
             device_logs=DeviceLogEncoderConfig(patch_length=30),
             audio=AudioEncoderConfig(patch_mels=16, patch_frames=16),
-            video=VideoEncoderConfig(frame_features=128, temporal_layers=2),
+            video=VideoEncoderConfig(frame_features=128, temporal_layers=2, input_pool=1),
         )

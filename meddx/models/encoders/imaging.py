@@ -17,6 +17,7 @@ from meddx.errors import ConfigError, ModelError
 from meddx.ingest.base import ArraySpec
 from meddx.models.config import BackboneConfig, ImagingEncoderConfig
 from meddx.models.encoders.base import EncoderOutput, ModalityEncoder, find_one, masked_mean, zero_where_not
+from meddx.models.frozen import FrozenOutputs
 from meddx.records import Modality
 
 logger = logging.getLogger(__name__)
@@ -138,13 +139,36 @@ class ImagingEncoder(ModalityEncoder):
         super().__init__(config, spec)
         cfg = config.imaging
         self.spatial_dims = cfg.spatial_dims
+        self.input_pool = cfg.input_pool
         self.volume = find_one(self.modality, spec, "values", ndim=3)
         self.slice_mask = find_one(self.modality, spec, "mask", of=self.volume)
         self.trunk = build_trunk(cfg)
         self._check_fits(cfg)
         if cfg.weights is not None and load_weights:
             load_network_weights(self.trunk, cfg.weights)
+        self.frozen = False
+        self.trunk_outputs: FrozenOutputs | None = None
+        if cfg.frozen if cfg.frozen is not None else cfg.weights is not None:
+            self.freeze()
         self.project = nn.Linear(self.trunk.channels, config.d_model)
+
+    def freeze(self) -> ImagingEncoder:
+        """Stop training the network (the projection still trains); its outputs are cached from now on."""
+        self.frozen = True
+        self.trunk_outputs = FrozenOutputs()
+        self.trunk.requires_grad_(False).eval()
+        return self
+
+    def train(self, mode: bool = True) -> ImagingEncoder:
+        super().train(mode)
+        if self.frozen:
+            self.trunk.eval()  # running statistics: a frozen network's output depends on its input alone
+        return self
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """The network on pooled input ``(N, 1, ...)`` → ``(N, C, T)``; a frozen one runs once per input."""
+        x = self._pool(x)
+        return self.trunk_outputs(self.trunk, x) if self.trunk_outputs is not None else self.trunk(x)
 
     def _check_fits(self, cfg: ImagingEncoderConfig) -> None:
         """One dry pass of a blank volume, so a network too deep for the volume fails here, by name."""
@@ -153,14 +177,22 @@ class ImagingEncoder(ModalityEncoder):
         self.trunk.eval()
         try:
             with torch.no_grad():
-                self.trunk(blank)
+                self.trunk(self._pool(blank))
         except RuntimeError as exc:
             raise ConfigError(
                 f"imaging volume {depth}x{height}x{width} is too small for the {cfg.network} network "
-                f"({str(exc)[:120]}); use a larger imaging.spatial_size or fewer stages (block_config / layers)"
+                f"({str(exc)[:120]}); use a larger imaging.spatial_size, a smaller imaging.input_pool "
+                "or fewer stages (block_config / layers)"
             ) from None
         finally:
             self.trunk.train()
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, 1, [D,] H, W)`` averaged over ``input_pool``-wide cells (a ragged edge keeps its own cell)."""
+        if self.input_pool == 1:
+            return x
+        pool = nn.functional.avg_pool3d if x.dim() == 5 else nn.functional.avg_pool2d
+        return pool(x, self.input_pool, ceil_mode=True)
 
     def forward(self, arrays: dict[str, torch.Tensor]) -> EncoderOutput:
         volume = arrays[self.volume].float()  # (P, D, H, W)
@@ -168,10 +200,10 @@ class ImagingEncoder(ModalityEncoder):
         volume = zero_where_not(volume, slices)  # unobserved slices cannot matter
         P, D = slices.shape
         if self.spatial_dims == 3:
-            features = self.trunk(volume.unsqueeze(1))  # (P, C, T)
+            features = self._features(volume.unsqueeze(1))  # (P, C, T)
         else:
             observed = slices.nonzero()  # (N, 2): (patient, slice) of every observed slice
-            per_slice = self.trunk(volume[observed[:, 0], observed[:, 1]].unsqueeze(1))  # (N, C, T)
+            per_slice = self._features(volume[observed[:, 0], observed[:, 1]].unsqueeze(1))  # (N, C, T)
             grid = per_slice.new_zeros(P, D, *per_slice.shape[1:])  # (P, D, C, T)
             grid[observed[:, 0], observed[:, 1]] = per_slice
             features = masked_mean(grid, slices, dim=1)  # (P, C, T)

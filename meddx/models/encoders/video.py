@@ -14,6 +14,7 @@ from torch import nn
 from meddx.ingest.base import ArraySpec
 from meddx.models.config import BackboneConfig
 from meddx.models.encoders.base import EncoderOutput, ModalityEncoder, find_one, zero_where_not
+from meddx.models.frozen import FrozenOutputs
 from meddx.records import Modality
 
 
@@ -50,8 +51,13 @@ class VideoEncoder(ModalityEncoder):
         self.mask = find_one(self.modality, spec, "mask", of=self.frames)
         n_frames, channels, _, _ = self.field(self.frames).shape
         width = config.video.frame_features
+        self.input_pool = config.video.input_pool
         self.appearance = _frame_cnn(channels, width)
         self.motion = _frame_cnn(channels, width)
+        self.frozen = False
+        self.cached: dict[str, FrozenOutputs] = {}
+        if config.video.frozen:
+            self.freeze()
         self.project = nn.Linear(2 * width, config.d_model)
         self.frame_embedding = nn.Parameter(torch.zeros(1, n_frames, config.d_model))
         self.temporal = None
@@ -59,7 +65,27 @@ class VideoEncoder(ModalityEncoder):
             layer = nn.TransformerEncoderLayer(
                 config.d_model, config.n_heads, 2 * config.d_model, config.dropout, batch_first=True, norm_first=True
             )
+            layer.self_attn.dropout = config.attention_dropout
             self.temporal = nn.TransformerEncoder(layer, config.video.temporal_layers, enable_nested_tensor=False)
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W)`` averaged over ``input_pool``-wide cells (a ragged edge keeps its own cell)."""
+        if self.input_pool == 1:
+            return x
+        return nn.functional.avg_pool2d(x, self.input_pool, ceil_mode=True)  # (N, C, H / k, W / k)
+
+    def freeze(self) -> VideoEncoder:
+        """Stop training the frame CNNs (projection and temporal layers still train); cache their outputs."""
+        self.frozen = True
+        self.cached = {"appearance": FrozenOutputs(), "motion": FrozenOutputs()}
+        self.appearance.requires_grad_(False)
+        self.motion.requires_grad_(False)
+        return self
+
+    def _cnn(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """One frame CNN on pooled frames ``(N, C, H, W)`` → ``(N, w)``; a frozen one runs once per frame."""
+        cnn, x = getattr(self, name), self._pool(x)
+        return self.cached[name](cnn, x) if self.frozen else cnn(x)
 
     def forward(self, arrays: dict[str, torch.Tensor]) -> EncoderOutput:
         mask = arrays[self.mask].bool()  # (P, F)
@@ -69,8 +95,8 @@ class VideoEncoder(ModalityEncoder):
         both_real[:, 1:] = mask[:, 1:] & mask[:, :-1]  # a difference needs this frame and the one before
         diffs = torch.zeros_like(frames)
         diffs[:, 1:] = zero_where_not(frames[:, 1:] - frames[:, :-1], both_real[:, 1:])
-        look = self.appearance(frames.flatten(0, 1)).reshape(P, F, -1)  # (P, F, w)
-        move = self.motion(diffs.flatten(0, 1)).reshape(P, F, -1)  # (P, F, w)
+        look = self._cnn("appearance", frames.flatten(0, 1)).reshape(P, F, -1)  # (P, F, w)
+        move = self._cnn("motion", diffs.flatten(0, 1)).reshape(P, F, -1)  # (P, F, w)
         tokens = self.project(torch.cat([look, move], dim=-1)) + self.frame_embedding  # (P, F, D)
         if self.temporal is not None:
             padding = ~mask
