@@ -311,7 +311,7 @@ def _start(ray: Any, options: RayOptions, progress: bool) -> bool:
     if ray.is_initialized():
         return False
     settings: dict[str, Any] = dict(
-        include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING, configure_logging=True
+        include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR, configure_logging=True
     )
     if options.address is None:
         # one slot per core for ingestion, plus the actors' own: the local engine's layout
@@ -327,13 +327,24 @@ def _start(ray: Any, options: RayOptions, progress: bool) -> bool:
     return True
 
 
-def _quiet_data(ray: Any, progress: bool) -> None:
+class _DropNotice(logging.Filter):
+    """Drops Ray Data's notice that its progress bars are off (meddx shows its own bar)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Progress bars disabled" not in record.getMessage()
+
+
+def _quiet_data(ray: Any) -> None:
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # meddx shows its own bar
+    context.enable_progress_bars = False
     context.print_on_execution_start = False
     context.verbose_stats_logs = False
-    if not progress:
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    notices = logging.getLogger("ray.data._internal.progress")  # the logger that says so
+    if not any(isinstance(f, _DropNotice) for f in notices.filters):
+        notices.addFilter(_DropNotice())
+    data_logger = logging.getLogger("ray.data")
+    if data_logger.getEffectiveLevel() < logging.WARNING:  # its per-stage progress lines
+        data_logger.setLevel(logging.WARNING)
 
 
 def diagnose_on_ray(
@@ -378,7 +389,7 @@ def diagnose_on_ray(
     timings = {"ingest": 0.0, "model": 0.0, "writing": 0.0}
     results: Generator[dict[str, Any], None, None] | None = None
     try:
-        _quiet_data(ray, progress)
+        _quiet_data(ray)
         cpus = float(ray.cluster_resources().get("CPU", 0))
         left = cpus - options.actors * options.cpus_per_actor
         if left < 1:
