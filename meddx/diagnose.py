@@ -550,6 +550,7 @@ def diagnose(
             provenance,
             options=ray_options or RayOptions(),
             workers=ingest_tasks or None,
+            task_timeout=task_timeout,
             batch_size=batch_size,
             contributions=contributions,
             plugins=plugins,

@@ -7,9 +7,10 @@ over it, streamed, so the cluster's memory holds a few chunks whatever the cohor
 
 1. **ingestion**, stateless Ray tasks (``map_batches`` with a function, one CPU each): every
    (row, modality) of the chunk through the local engine's own code
-   (:meth:`meddx.streaming.ChunkFeeder.make_ready`, in the task's process), then the row's
-   aligned tensors, packed into one safetensors blob per chunk. A file that cannot be read is
-   an error outcome there, exactly as in the local engine;
+   (:meth:`meddx.streaming.ChunkFeeder.make_ready` with a one-process
+   :class:`~meddx.ingest.runner.WorkerPool` per Ray worker), then the rows' aligned tensors,
+   packed into one safetensors blob per chunk. A file that cannot be read, crashes its reader or
+   hangs past ``task_timeout`` is an error outcome, exactly as in the local engine;
 2. **the model**, an actor pool (``map_batches`` with a callable class): each actor loads the
    model folder once, runs :func:`meddx.diagnose.chunk_frames` on the blob and makes the FHIR
    RiskAssessments. ``gpus_per_actor`` puts each actor on a GPU.
@@ -207,22 +208,40 @@ _reader: tuple[str, _ChunkReader, Any] | None = None  # per worker process: (set
 
 
 def _worker_reader(setup: dict[str, Any]) -> tuple[_ChunkReader, Any]:
-    """This worker process's reader, built once per run's setup (Ray reuses worker processes)."""
+    """This worker process's reader, built once per run's setup (Ray reuses worker processes).
+
+    Files are read in one child process of the local engine's :class:`~meddx.ingest.runner.WorkerPool`,
+    so a reader that crashes natively or hangs past the task timeout costs that file (an error
+    outcome, as in the local engine), not the Ray task and its chunk.
+    """
     global _reader
     import hashlib
+    import importlib
 
     digest = hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()
     if _reader is None or _reader[0] != digest:
         from meddx.config import IngestConfig
         from meddx.data.store import TensorStore
         from meddx.ingest.base import build_ingestors
-        from meddx.streaming import _init_stream_worker, _InlinePool
+        from meddx.ingest.runner import WorkerPool
+        from meddx.streaming import _init_stream_worker, _stream_failed, _stream_work
 
-        initargs = setup["initargs"]
-        _init_stream_worker(*initargs)
+        if _reader is not None:
+            _reader[1].pool.close()
+        initargs = tuple(setup["initargs"])
+        pool = WorkerPool(
+            1,
+            initargs,
+            setup["task_timeout"],
+            initializer=_init_stream_worker,
+            work=_stream_work,
+            failed=_stream_failed,
+        )
+        for module in initargs[2]:  # plugins that register ingestors: what tasks_for asks them
+            importlib.import_module(module)
         config = IngestConfig.model_validate_json(initargs[0])
         shell = Cohort(Path(setup["manifest"]), [], {}, list(setup["extra_columns"]))
-        _reader = (digest, _ChunkReader(shell, build_ingestors(config), _InlinePool()), TensorStore(initargs[4]))
+        _reader = (digest, _ChunkReader(shell, build_ingestors(config), pool), TensorStore(initargs[4]))
     return _reader[1], _reader[2]
 
 
@@ -358,6 +377,7 @@ def diagnose_on_ray(
     *,
     options: RayOptions,
     workers: int | None,
+    task_timeout: float | None,
     batch_size: int,
     contributions: bool,
     plugins: tuple[str, ...],
@@ -407,6 +427,7 @@ def diagnose_on_ray(
             provenance,
             options,
             workers,
+            task_timeout,
             batch_size,
             contributions,
             plugins,
@@ -450,6 +471,7 @@ def _stages(
     provenance: ModelProvenance,
     options: RayOptions,
     workers: int | None,
+    task_timeout: float | None,
     batch_size: int,
     contributions: bool,
     plugins: tuple[str, ...],
@@ -459,6 +481,7 @@ def _stages(
     from meddx.data.prepare import STORE_FOLDER
 
     setup = {
+        "task_timeout": task_timeout,
         "manifest": str(cohort.path),
         "extra_columns": list(cohort.extra_columns),
         "initargs": [

@@ -36,7 +36,7 @@ def local_ray(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     Yields a folder on the workers' import path, for plugins the tests write.
     """
     plugins = tmp_path_factory.mktemp("ray-plugins")
-    path = os.pathsep.join([str(REPO), str(plugins), os.environ.get("PYTHONPATH", "")])
+    path = os.pathsep.join([str(REPO), str(REPO / "tests"), str(plugins), os.environ.get("PYTHONPATH", "")])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": {"PYTHONPATH": path}})
     yield plugins
@@ -98,6 +98,24 @@ def test_a_corrupt_file_gives_one_error_row(tmp_path: Path, tiny_model: Path, sa
     errors = pd.read_csv(result.errors, dtype=str, keep_default_na=False)
     assert sorted(errors.modality) == ["", "audio"] and str(broken.name) in errors.path.str.cat()
     assert result.counts["undiagnosed_rows"] == 1 and result.counts["risk_assessments"] == 3
+
+
+def test_a_file_that_crashes_its_reader_fails_one_modality(tmp_path: Path, tiny_model: Path, sample_cache: Path,
+                                                          local_ray: Path) -> None:
+    rows = _sample_rows().query("split == 'test'").head(3).reset_index(drop=True)
+    rows["audio"] = ""
+    crash = tmp_path / "crash.txt"
+    crash.write_text("crash")  # the test plugin's audio reader segfaults on it
+    rows.loc[0, "audio"] = str(crash)
+    manifest = _manifest(rows, tmp_path / "cohort" / "manifest.csv")
+
+    result = diagnose(manifest, tiny_model, tmp_path / "run", cache_dir=sample_cache, engine="ray",
+                      plugins=("echo_ingest_plugin",), progress=False)
+    frame = pd.read_parquet(result.predictions)
+    assert len(frame) == 3 and (frame.status == "ok").all()
+    assert list(frame.modality_errors) == ["audio", "", ""] and "audio" not in frame.modalities[0]
+    errors = pd.read_csv(result.errors, dtype=str, keep_default_na=False)
+    assert len(errors) == 1 and "crashed the worker process" in errors.error[0]
 
 
 def test_an_interrupted_run_resumes_with_every_row_once(tmp_path: Path, tiny_model: Path, sample_cache: Path,
