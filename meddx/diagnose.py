@@ -306,7 +306,7 @@ def _json_safe(values: dict[str, Any]) -> dict[str, Any]:
     return json_safe(values)
 
 
-def _write_chunk(
+def write_chunk(
     parts: Path, number: int, frame: pd.DataFrame, errors: pd.DataFrame, resources: list[dict[str, Any]]
 ) -> None:
     """The chunk's three part files; the ``.parquet``, written last, marks the chunk done."""
@@ -574,7 +574,7 @@ def diagnose(
                     resources = list(risk_assessments(records, classes, provenance))
                     timings["model"] += time.perf_counter() - tick
                     tick = time.perf_counter()
-                    _write_chunk(parts, ready.number, frame, errors, resources)
+                    write_chunk(parts, ready.number, frame, errors, resources)
                     timings["writing"] += time.perf_counter() - tick
                     bar.update(len(ready.rows))
                     waiting = time.perf_counter()

@@ -6,10 +6,9 @@ A Ray Dataset holds one item per chunk still to do (its manifest rows, as JSON).
 over it, streamed, so the cluster's memory holds a few chunks whatever the cohort's size:
 
 1. **ingestion**, stateless Ray tasks (``map_batches`` with a function, one CPU each): every
-   (row, modality) of the chunk through the local engine's own code
-   (:meth:`meddx.streaming.ChunkFeeder.make_ready` with a one-process
-   :class:`~meddx.ingest.runner.WorkerPool` per Ray worker), then the rows' aligned tensors,
-   packed into one safetensors blob per chunk. A file that cannot be read, crashes its reader or
+   (row, modality) of the chunk through the local engine's own code (a
+   :class:`~meddx.streaming.ChunkFeeder` with one worker process, per Ray worker), then the
+   rows' aligned tensors, packed into one safetensors blob per chunk. A file that cannot be read, crashes its reader or
    hangs past ``task_timeout`` is an error outcome, exactly as in the local engine;
 2. **the model**, an actor pool (``map_batches`` with a callable class): each actor loads the
    model folder once, runs :func:`meddx.diagnose.chunk_frames` on the blob and makes the FHIR
@@ -46,7 +45,7 @@ from meddx.records import Modality
 if TYPE_CHECKING:
     from meddx.align import Aligner
     from meddx.export.fhir import ModelProvenance
-    from meddx.streaming import ReadyChunk
+    from meddx.streaming import ChunkFeeder, ReadyChunk
 
 logger = logging.getLogger(__name__)
 
@@ -190,70 +189,45 @@ def _pack(store: Any, ready: ReadyChunk) -> bytes:
 # ----------------------------------------------------------------- stage 1: ingestion tasks
 
 
-@dataclass
-class _ChunkReader:
-    """What :meth:`ChunkFeeder.make_ready` reads: the cohort's shape, ingestors, a pool in this process."""
-
-    cohort: Cohort
-    ingestors: dict
-    pool: Any
-
-    def make_ready(self, number: int, rows: Sequence[CohortRow]) -> ReadyChunk:
-        from meddx.streaming import ChunkFeeder
-
-        return ChunkFeeder.make_ready(self, number, rows)  # type: ignore[arg-type]  # the same code, another pool
+_feeder: tuple[str, ChunkFeeder] | None = None  # per worker process: (setup digest, feeder)
 
 
-_reader: tuple[str, _ChunkReader, Any] | None = None  # per worker process: (setup digest, reader, store)
+def _worker_feeder(setup: dict[str, Any]) -> ChunkFeeder:
+    """This worker process's chunk feeder, built once per run's setup (Ray reuses worker processes).
 
-
-def _worker_reader(setup: dict[str, Any]) -> tuple[_ChunkReader, Any]:
-    """This worker process's reader, built once per run's setup (Ray reuses worker processes).
-
-    Files are read in one child process of the local engine's :class:`~meddx.ingest.runner.WorkerPool`,
-    so a reader that crashes natively or hangs past the task timeout costs that file (an error
-    outcome, as in the local engine), not the Ray task and its chunk.
+    It is the local engine's :class:`~meddx.streaming.ChunkFeeder` with one worker process: files
+    are read in that child, so a reader that crashes natively or hangs past the task timeout costs
+    that file (an error outcome, as in the local engine), not the Ray task and its chunk.
     """
-    global _reader
+    global _feeder
     import hashlib
     import importlib
 
-    digest = hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()
-    if _reader is None or _reader[0] != digest:
-        from meddx.config import IngestConfig
-        from meddx.data.store import TensorStore
-        from meddx.ingest.base import build_ingestors
-        from meddx.ingest.runner import WorkerPool
-        from meddx.streaming import _init_stream_worker, _stream_failed, _stream_work
+    from meddx.align import Aligner
+    from meddx.streaming import ChunkFeeder
 
-        if _reader is not None:
-            _reader[1].pool.close()
-        initargs = tuple(setup["initargs"])
-        pool = WorkerPool(
-            1,
-            initargs,
-            setup["task_timeout"],
-            initializer=_init_stream_worker,
-            work=_stream_work,
-            failed=_stream_failed,
-        )
-        for module in initargs[2]:  # plugins that register ingestors: what tasks_for asks them
+    digest = hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()
+    if _feeder is None or _feeder[0] != digest:
+        if _feeder is not None:
+            _feeder[1].pool.close()
+        for module in setup["plugins"]:  # what the feeder asks which rows to read
             importlib.import_module(module)
-        config = IngestConfig.model_validate_json(initargs[0])
-        shell = Cohort(Path(setup["manifest"]), [], {}, list(setup["extra_columns"]))
-        _reader = (digest, _ChunkReader(shell, build_ingestors(config), pool), TensorStore(initargs[4]))
-    return _reader[1], _reader[2]
+        aligner = Aligner.from_state_dict(json.loads(setup["aligner"]))
+        shell = Cohort(Path(setup["manifest"]), [], {}, list(setup["extra_columns"]))  # rows come per chunk
+        feeder = ChunkFeeder(shell, [], aligner, setup["cache"], 1, setup["task_timeout"], tuple(setup["plugins"]))
+        _feeder = (digest, feeder)
+    return _feeder[1]
 
 
 def ingest_chunks(batch: dict[str, Any], setup: dict[str, Any]) -> dict[str, list]:
     """Ray task: ingest and align the chunks of a batch (``chunk``, ``rows`` JSON) -> ready JSON + blob."""
-    reader, store = _worker_reader(setup)
+    feeder = _worker_feeder(setup)
     out: dict[str, list] = {"chunk": [], "ready": [], "tensors": []}
     for number, rows in zip(batch["chunk"], batch["rows"], strict=True):
-        ready = reader.make_ready(int(number), [_row_from_json(r) for r in json.loads(rows)])
+        ready = feeder.make_ready(int(number), [_row_from_json(r) for r in json.loads(rows)])
         out["chunk"].append(int(number))
         out["ready"].append(_ready_json(ready))
-        out["tensors"].append(_pack(store, ready))
+        out["tensors"].append(_pack(feeder.store, ready))
     return out
 
 
@@ -478,19 +452,13 @@ def _stages(
     device: str,
 ) -> Any:
     """The Ray Dataset of the run (lazy): the chunks' rows -> ingestion tasks -> model actors."""
-    from meddx.data.prepare import STORE_FOLDER
-
     setup = {
-        "task_timeout": task_timeout,
         "manifest": str(cohort.path),
         "extra_columns": list(cohort.extra_columns),
-        "initargs": [
-            aligner.config.model_dump_json(),
-            str(cache_root),
-            list(plugins),
-            json.dumps(aligner.state_dict()),
-            str(cache_root / STORE_FOLDER),
-        ],
+        "aligner": json.dumps(aligner.state_dict()),
+        "cache": str(cache_root),
+        "task_timeout": task_timeout,
+        "plugins": list(plugins),
     }
     items = [{"chunk": k, "rows": json.dumps([_row_json(r) for r in rows])} for k, rows in todo]
     dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))  # a chunk per block
@@ -545,9 +513,9 @@ def write_result(parts: Path, result: dict[str, Any]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from meddx.diagnose import ERROR_COLUMNS, _write_chunk
+    from meddx.diagnose import ERROR_COLUMNS, write_chunk
 
     frame = pq.read_table(pa.BufferReader(result["predictions"])).to_pandas()
     errors = pd.DataFrame(json.loads(result["errors"]), columns=ERROR_COLUMNS)
     resources = [json.loads(line) for line in io.StringIO(result["resources"])]
-    _write_chunk(parts, int(result["chunk"]), frame, errors, resources)
+    write_chunk(parts, int(result["chunk"]), frame, errors, resources)
