@@ -31,6 +31,7 @@ import io
 import json
 import logging
 import os
+import re
 import time
 import warnings
 from collections.abc import Generator, Sequence
@@ -494,17 +495,34 @@ def _stages(
 
 
 def _results(ray: Any, dataset: Any) -> Generator[dict[str, Any], None, None]:
-    """The dataset's rows as they finish; a stage that failed after Ray's retries is a MeddxError."""
+    """The dataset's rows as they finish; a stage that failed past Ray's retries raises a MeddxError."""
     try:
         yield from dataset.iter_rows()
-    except (ray.exceptions.RayError, ray.data.exceptions.UserCodeException) as exc:
-        cause = exc.__cause__ or exc
-        if isinstance(cause, MeddxError):
-            raise cause from None
-        raise MeddxError(
-            f"the Ray run stopped: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}; "
-            "its finished chunks are kept: run again with --resume"
-        ) from exc
+    except (ray.exceptions.RayError, ray.exceptions.UserCodeException) as exc:
+        raise _as_meddx_error(exc) from None
+
+
+# "module.Type: message" lines of the remote traceback that Ray's exceptions carry as text
+_REMOTE_ERROR = re.compile(r"^(?P<type>[A-Za-z_][\w.]*(?:Error|Exception)): (?P<message>.*)$", re.MULTILINE)
+_MESSAGE_ERRORS = ("ConfigError", "ModelError", "PredictionsError")  # made from a message alone
+
+
+def _as_meddx_error(exc: BaseException) -> MeddxError:
+    """The error a task or actor raised, out of Ray's wrappers (which keep only its traceback's text)."""
+    import meddx.errors
+
+    found = [m for m in _REMOTE_ERROR.finditer(str(exc)) if not m["type"].startswith("ray.")]
+    if found:
+        first = found[0]  # the original, before Ray wrapped it
+        name = first["type"].rsplit(".", 1)[-1]
+        if first["type"].startswith("meddx.errors.") and name in _MESSAGE_ERRORS:
+            return getattr(meddx.errors, name)(first["message"])
+        detail = f"{first['type']}: {first['message']}"
+    else:
+        detail = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+    return MeddxError(
+        f"the Ray run stopped ({detail}); its finished chunks are kept: run the same command again with --resume"
+    )
 
 
 def write_result(parts: Path, result: dict[str, Any]) -> None:

@@ -166,6 +166,23 @@ def test_an_ingestion_worker_that_dies_is_retried(tmp_path: Path, tiny_model: Pa
     assert len(frame) == 2 and (frame.status == "ok").all() and not frame.duplicated(KEY).any()
 
 
+def _refuse(batch: dict) -> dict:
+    raise ConfigError("the test says no")
+
+
+def _stumble(batch: dict) -> dict:
+    raise ValueError("not a number")
+
+
+def test_an_error_raised_in_a_stage_reaches_the_caller_as_a_meddx_error(local_ray: Path) -> None:
+    from meddx.ray_engine import _results
+
+    with pytest.raises(ConfigError, match="^the test says no$"):  # ours, as raised: the CLI's exit status 2
+        list(_results(ray, ray.data.from_items([{"a": 1}]).map_batches(_refuse)))
+    with pytest.raises(MeddxError, match="ValueError: not a number.*--resume"):
+        list(_results(ray, ray.data.from_items([{"a": 1}]).map_batches(_stumble)))
+
+
 def test_ray_settings_are_refused_where_they_cannot_work(tmp_path: Path, tiny_model: Path) -> None:
     with pytest.raises(ConfigError, match="--device cuda"):
         RayOptions(gpus_per_actor=1).check("cpu")
