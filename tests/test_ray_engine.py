@@ -77,6 +77,18 @@ def test_ray_predictions_equal_the_local_engines(tmp_path: Path, tiny_model: Pat
     assert not (tmp_path / "ray" / "parts").exists()
 
 
+def test_the_cli_runs_the_ray_engine(tmp_path: Path, tiny_model: Path, sample_cache: Path, local_ray: Path) -> None:
+    out = tmp_path / "run"
+    args = ["diagnose", str(SAMPLE_MANIFEST), "--model", str(tiny_model), "--out", str(out), "--split", "test",
+            "--cache", str(sample_cache), "--chunk-size", "6", "--engine", "ray", "--actors", "1",
+            "--cpus-per-actor", "0.5", "--quiet"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "diagnosed 12 of 12 rows" in result.output and "12 FHIR RiskAssessments" in result.output
+    settings = json.loads((out / "run.json").read_text())["settings"]
+    assert settings["engine"] == "ray" and settings["cpus_per_actor"] == 0.5 and settings["ray_cpus"] == 2
+
+
 def test_a_corrupt_file_gives_one_error_row(tmp_path: Path, tiny_model: Path, sample_cache: Path,
                                             local_ray: Path) -> None:
     rows = _sample_rows().query("split == 'test'").head(4).reset_index(drop=True)
