@@ -101,7 +101,8 @@ def test_a_corrupt_file_gives_one_error_row(tmp_path: Path, tiny_model: Path, sa
     manifest = _manifest(rows, tmp_path / "cohort" / "manifest.csv")
 
     result = diagnose(manifest, tiny_model, tmp_path / "run", cache_dir=sample_cache, chunk_size=2, engine="ray",
-                      progress=False)
+                      workers=1, progress=False)  # one ingestion task at a time
+    assert json.loads(result.run.read_text())["settings"]["workers"] == 1
     frame = pd.read_parquet(result.predictions)
     assert list(frame.patient_id) == list(rows.patient_id)
     error = frame[frame.status == "error"]
