@@ -23,7 +23,7 @@ from meddx.diagnose import diagnose
 from meddx.errors import ConfigError, MeddxError
 from meddx.ray_engine import RayOptions
 
-ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'meddx[distributed]'); the Ray engine needs it")
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'meddx[distributed]'); the engine needs it")
 
 MODALITY_COLUMNS = ["imaging", "ehr", "notes", "device_logs", "audio", "video"]
 KEY = ["patient_id", "index_time", "task"]
