@@ -221,7 +221,13 @@ def _worker_feeder(setup: dict[str, Any]) -> ChunkFeeder:
 
 
 def ingest_chunks(batch: dict[str, Any], setup: dict[str, Any]) -> dict[str, list]:
-    """Ray task: ingest and align the chunks of a batch (``chunk``, ``rows`` JSON) -> ready JSON + blob."""
+    """Ray task: ingest and align the chunks of a batch (``chunk``, ``rows`` JSON) -> ready JSON + blob.
+
+    Example:
+        >>> ready = ingest_chunks({"chunk": [0], "rows": [rows_json]}, setup)  # doctest: +SKIP
+        >>> ready["chunk"], len(ready["tensors"][0]) > 0  # doctest: +SKIP
+        ([0], True)
+    """
     feeder = _worker_feeder(setup)
     out: dict[str, list] = {"chunk": [], "ready": [], "tensors": []}
     for number, rows in zip(batch["chunk"], batch["rows"], strict=True):
@@ -245,6 +251,11 @@ class ChunkPredictor:
         batch_size: patients per forward pass.
         contributions: add the contribution:/ablation: columns.
         device: where the model runs.
+
+    Example:
+        >>> predictor = ChunkPredictor("runs/model", "cache/text", provenance, 64, True, "cpu")  # doctest: +SKIP
+        >>> predictor(ingest_chunks(batch, setup))["rows"]  # rows of each chunk  # doctest: +SKIP
+        [256]
     """
 
     def __init__(
@@ -364,6 +375,10 @@ def diagnose_on_ray(
     Called by :func:`meddx.diagnose.diagnose` with ``engine="ray"``, which plans, resumes and
     assembles; see there. ``workers`` caps the ingestion tasks running at once (None: every CPU
     slot the actors leave).
+
+    Example:
+        >>> diagnose("cohort.csv", "runs/model", "runs/out", engine="ray",  # doctest: +SKIP
+        ...          ray_options=RayOptions(address="auto", actors=4, gpus_per_actor=1.0), device="cuda")
 
     Raises:
         ConfigError: Ray is not installed, the cluster cannot be joined or has no CPU left for
