@@ -472,10 +472,29 @@ def finetune_command(
 )
 @click.option(
     "--engine",
-    type=click.Choice(["local"]),
+    type=click.Choice(["local", "ray"]),
     default="local",
     show_default=True,
-    help="Where ingestion runs: local worker processes.",
+    help="local: worker processes on this machine; ray: ingestion as Ray tasks, the model in Ray actors "
+    "(pip install 'meddx[distributed]'; see docs/scaling.md).",
+)
+@click.option(
+    "--address",
+    default=None,
+    help="--engine ray: the Ray cluster to join (auto, HOST:6379, ray://HOST:10001); default: start a local Ray.",
+)
+@click.option("--actors", default=None, type=click.IntRange(min=1), help="--engine ray: model actors (default 1).")
+@click.option(
+    "--gpus-per-actor",
+    default=None,
+    type=click.FloatRange(min=0),
+    help="--engine ray: GPUs per model actor (fractions share a GPU; needs --device cuda).",
+)
+@click.option(
+    "--cpus-per-actor",
+    default=None,
+    type=click.FloatRange(min=0),
+    help="--engine ray: CPUs Ray reserves per model actor (default 1).",
 )
 @click.option("--device", default="cpu", show_default=True, help="Where the model runs (cpu, cuda).")
 @click.option(
@@ -498,6 +517,10 @@ def diagnose_command(
     no_contributions: bool,
     task_timeout: float | None,
     engine: str,
+    address: str | None,
+    actors: int | None,
+    gpus_per_actor: float | None,
+    cpus_per_actor: float | None,
     device: str,
     store_sr: bool,
     quiet: bool,
@@ -505,12 +528,32 @@ def diagnose_command(
     """Calibrated diagnoses for every row of a cohort: predictions, FHIR RiskAssessments, errors.
 
     The cohort streams through in chunks (memory does not grow with it); ingestion runs in
-    worker processes while the model runs. A killed run finishes with --resume.
+    worker processes (or Ray tasks) while the model runs. A killed run finishes with --resume.
     """
     from meddx.diagnose import diagnose
     from meddx.ingest.runner import DEFAULT_TASK_TIMEOUT
 
     timeout = DEFAULT_TASK_TIMEOUT if task_timeout is None else (task_timeout or None)
+    ray_settings = {
+        "address": address,
+        "actors": actors,
+        "gpus_per_actor": gpus_per_actor,
+        "cpus_per_actor": cpus_per_actor,
+    }
+    ray_options = None
+    if any(v is not None for v in ray_settings.values()):
+        if engine != "ray":
+            given = ", ".join(f"--{k.replace('_', '-')}" for k, v in ray_settings.items() if v is not None)
+            raise click.UsageError(f"{given} only apply to --engine ray")
+        from meddx.ray_engine import RayOptions  # imports no Ray itself
+
+        default = RayOptions()
+        ray_options = RayOptions(
+            address=address,
+            actors=default.actors if actors is None else actors,
+            cpus_per_actor=default.cpus_per_actor if cpus_per_actor is None else cpus_per_actor,
+            gpus_per_actor=default.gpus_per_actor if gpus_per_actor is None else gpus_per_actor,
+        )
     result = diagnose(
         manifest,
         model,
@@ -527,6 +570,7 @@ def diagnose_command(
         device=device,
         store_sr=store_sr,
         progress=not quiet,
+        ray_options=ray_options,
     )
     click.echo(_diagnose_summary(result))
 

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
     from meddx.export.fhir import ModelProvenance
     from meddx.models.diagnosis import DiagnosisModel
+    from meddx.ray_engine import RayOptions
     from meddx.streaming import ReadyChunk
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ ERRORS = "errors.csv"
 STRUCTURED_REPORTS = "structured_reports.csv"
 RUN = "run.json"
 ERROR_COLUMNS = ["patient_id", "index_time", "modality", "path", "error"]
-ENGINES = ("local",)  # issue 12 adds "ray"
+ENGINES = ("local", "ray")
 _NUMERIC_PREFIXES = ("probability", "raw_probability", "contribution:", "ablation:")
 
 
@@ -314,7 +315,7 @@ def _json_safe(values: dict[str, Any]) -> dict[str, Any]:
     return json_safe(values)
 
 
-def _write_chunk(
+def write_chunk(
     parts: Path, number: int, frame: pd.DataFrame, errors: pd.DataFrame, resources: list[dict[str, Any]]
 ) -> None:
     """The chunk's three part files; the ``.parquet``, written last, marks the chunk done."""
@@ -498,6 +499,7 @@ def diagnose(
     device: str = "cpu",
     store_sr: bool = False,
     progress: bool = True,
+    ray_options: RayOptions | None = None,
 ) -> DiagnoseResult:
     """Diagnose every row of a manifest (or of one split) with a fine-tuned model folder.
 
@@ -514,11 +516,13 @@ def diagnose(
         contributions: add ``contribution:<modality>`` and ``ablation:<modality>`` columns.
         task_timeout: seconds one file may take in a worker (None: no limit).
         plugins: modules that register custom ingestors (imported in every worker).
-        engine: ``local`` (worker processes on this machine).
+        engine: ``local`` (worker processes on this machine) or ``ray`` (ingestion as Ray tasks,
+            the model in Ray actors; :mod:`meddx.ray_engine`, ``pip install 'meddx[distributed]'``).
         device: where the model runs (``cpu``, ``cuda``).
         store_sr: store a DICOM Structured Report per prediction made on PACS images back on the
             DICOMweb server (:mod:`meddx.export.sr_reports`); ``structured_reports.csv`` lists them.
         progress: show a progress bar.
+        ray_options: the Ray engine's settings (cluster address, actors, GPUs per actor); ``engine="ray"`` only.
 
     Returns:
         A :class:`DiagnoseResult`.
@@ -543,6 +547,10 @@ def diagnose(
     started = time.perf_counter()
     if engine not in ENGINES:
         raise ConfigError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
+    if store_sr and engine == "ray":
+        raise ConfigError("--store-sr runs with the local engine; leave out --engine ray to store SRs")
+    if ray_options is not None and engine != "ray":
+        raise ConfigError(f"Ray settings (--address, --actors, --gpus-per-actor) need --engine ray; got {engine!r}")
     if batch_size < 1 or chunk_size < 1:
         raise ConfigError(f"batch_size and chunk_size must be >= 1; got {batch_size} and {chunk_size}")
     manifest, model_dir, out = Path(manifest), Path(model), Path(out_dir)
@@ -558,7 +566,7 @@ def diagnose(
     if not weights.is_file():
         raise ModelError(f"{model_dir} has no {WEIGHTS_FILE}; point --model at a folder written by meddx finetune")
     net = DiagnosisModel.from_pretrained(model_dir, cache_dir=cache_root / "text-embeddings")
-    net.eval().to(device)
+    net.eval().to(device if engine == "local" else "cpu")  # on Ray the actors run the model
     sha256 = file_sha256(weights)
     provenance = model_provenance(net, model_dir, sha256)
     classes = {name: tuple(spec.classes) for name, spec in net.tasks.items()}
@@ -574,28 +582,55 @@ def diagnose(
     parts = out / PARTS
     aligner = net.aligner
     tensor_spec = aligner.tensor_spec()
-    reporter = _pacs_reporter(aligner.config, cache_root, provenance, plan, rows) if store_sr else None
+    ingest_tasks = workers  # on Ray: a cap on ingestion tasks at once (None: every free CPU)
     workers = default_workers() if workers is None else workers
     timings = {"ingest": 0.0, "model": 0.0, "waiting_for_ingest": 0.0, "writing": 0.0}
     logger.info("diagnosing %d rows in %d chunk(s) (%d done before)", len(rows), len(chunks), len(done))
-    with tqdm(total=sum(len(c) for _, c in todo), desc="diagnose", unit="row", disable=not progress) as bar:
-        with ChunkFeeder(cohort, todo, aligner, cache_root, workers, task_timeout, plugins) as feeder:
-            waiting = time.perf_counter()
-            for ready in feeder:
-                timings["waiting_for_ingest"] += time.perf_counter() - waiting
-                timings["ingest"] += ready.ingest_seconds
-                tick = time.perf_counter()
-                frame, errors = chunk_frames(net, ready, feeder.store, tensor_spec, batch_size, contributions, device)
-                records = [{str(k): v for k, v in r.items()} for r in frame.to_dict("records")]
-                resources = list(risk_assessments(records, classes, provenance))
-                timings["model"] += time.perf_counter() - tick
-                tick = time.perf_counter()
-                if reporter is not None:  # before the chunk's .parquet marks it done
-                    _write_csv(reporter.report(ready, frame), _part(parts, ready.number, ".srs.csv"))
-                _write_chunk(parts, ready.number, frame, errors, resources)
-                timings["writing"] += time.perf_counter() - tick
-                bar.update(len(ready.rows))
+    engine_settings: dict[str, Any] = {}
+    reporter = _pacs_reporter(aligner.config, cache_root, provenance, plan, rows) if store_sr else None
+    if engine == "ray":
+        from meddx.ray_engine import RayOptions, diagnose_on_ray
+
+        on_ray = diagnose_on_ray(
+            cohort,
+            todo,
+            aligner,
+            model_dir,
+            cache_root,
+            parts,
+            provenance,
+            options=ray_options or RayOptions(),
+            workers=ingest_tasks or None,
+            task_timeout=task_timeout,
+            batch_size=batch_size,
+            contributions=contributions,
+            plugins=plugins,
+            device=device,
+            progress=progress,
+        )
+        timings.update(on_ray["timings"])
+        engine_settings = on_ray["settings"]
+    else:
+        with tqdm(total=sum(len(c) for _, c in todo), desc="diagnose", unit="row", disable=not progress) as bar:
+            with ChunkFeeder(cohort, todo, aligner, cache_root, workers, task_timeout, plugins) as feeder:
                 waiting = time.perf_counter()
+                for ready in feeder:
+                    timings["waiting_for_ingest"] += time.perf_counter() - waiting
+                    timings["ingest"] += ready.ingest_seconds
+                    tick = time.perf_counter()
+                    frame, errors = chunk_frames(
+                        net, ready, feeder.store, tensor_spec, batch_size, contributions, device
+                    )
+                    records = [{str(k): v for k, v in r.items()} for r in frame.to_dict("records")]
+                    resources = list(risk_assessments(records, classes, provenance))
+                    timings["model"] += time.perf_counter() - tick
+                    tick = time.perf_counter()
+                    if reporter is not None:  # before the chunk's .parquet marks it done
+                        _write_csv(reporter.report(ready, frame), _part(parts, ready.number, ".srs.csv"))
+                    write_chunk(parts, ready.number, frame, errors, resources)
+                    timings["writing"] += time.perf_counter() - tick
+                    bar.update(len(ready.rows))
+                    waiting = time.perf_counter()
 
     tick = time.perf_counter()
     counts = _assemble(out, [k for k, _ in chunks])
@@ -634,6 +669,7 @@ def diagnose(
             "contributions": contributions,
             "resume": resume,
             "store_sr": store_sr,
+            **engine_settings,
         },
         "counts": counts,
         "timings_seconds": {k: round(v, 3) for k, v in timings.items()},

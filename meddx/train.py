@@ -64,16 +64,25 @@ CHECKPOINT = "checkpoint"
 # ----------------------------------------------------------------- distributed
 
 
-def _init_distributed(device: str) -> tuple[int, int]:
-    """``(rank, world_size)``; starts the process group when launched by ``torchrun``."""
+def _init_distributed(device: str) -> tuple[int, int, str]:
+    """``(rank, world_size, device)``; starts the process group when launched by ``torchrun``.
+
+    On GPUs each process takes the GPU of its local rank (``device="cuda"`` becomes
+    ``cuda:LOCAL_RANK``): ``--nproc_per_node`` processes for as many GPUs on each node.
+    """
+    import torch
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return 0, 1
+        return 0, 1, device
+    if device == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return dist.get_rank(), dist.get_world_size()
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 # ----------------------------------------------------------------- evaluation
@@ -269,7 +278,7 @@ def finetune(
     if resume and out_dir is None:
         raise ConfigError("resume needs out_dir (the checkpoint lives in out_dir/checkpoint)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    rank, world = _init_distributed(device)
+    rank, world, device = _init_distributed(device)
     torch.manual_seed(seed)
 
     cohort = load_cohort(cohort) if not isinstance(cohort, Cohort) else cohort
@@ -532,6 +541,32 @@ def _fit_end_to_end(
     return stopper.summary()
 
 
+def _sharded_embeddings(backbone, dataset, device: str, world: int, rank: int):
+    """The embeddings of every row of ``dataset``, in order; each rank computes every ``world``-th row."""
+    import torch
+
+    from meddx.data import CohortDataset
+    from meddx.embeddings import CohortEmbeddings, compute_embeddings
+
+    if world <= 1 or len(dataset) < world:
+        return compute_embeddings(backbone, dataset, device=device)
+    import torch.distributed as dist
+
+    rows = dataset.rows[rank::world]
+    logger.info("rank %d embeds %d of %d rows", rank, len(rows), len(dataset))
+    shard = CohortDataset(dataset.index_path, split=dataset.split, tasks=list(dataset.tasks), rows=rows)
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, compute_embeddings(backbone, shard, device=device))
+    # rank r holds rows r, r + world, ...: back to dataset order
+    order = torch.cat([torch.arange(r, len(dataset), world) for r in range(world)]).argsort()
+    return CohortEmbeddings(
+        pooled=torch.cat([g.pooled for g in gathered])[order],
+        present=torch.cat([g.present for g in gathered])[order],
+        rows=torch.cat([g.rows for g in gathered])[order],
+        labels={t: torch.cat([g.labels[t] for g in gathered])[order] for t in gathered[0].labels},
+    )
+
+
 def _fit_heads_on_embeddings(
     model,
     train,
@@ -551,15 +586,15 @@ def _fit_heads_on_embeddings(
 ) -> dict[str, Any]:
     """``head``: embeddings once (frozen backbone, eval mode), then many cheap epochs over them.
 
-    Under torchrun every rank fits the heads on the same embeddings (they take seconds; splitting
-    them would only add communication) and gets the same result; rank 0 writes.
+    Under torchrun each rank embeds its own shard of the rows (the backbone pass is the cost of
+    this mode) and gets every rank's embeddings back; every rank then fits the heads on the same
+    embeddings (they take seconds; splitting them would only add communication) and gets the
+    same result; rank 0 writes.
     """
     import torch
 
-    from meddx.embeddings import compute_embeddings
-
-    train_emb = compute_embeddings(model.backbone, train, device=device)
-    val_emb = compute_embeddings(model.backbone, val, device=device)
+    train_emb = _sharded_embeddings(model.backbone, train, device, world, rank)
+    val_emb = _sharded_embeddings(model.backbone, val, device, world, rank)
     heads = model.heads
     optimizer = torch.optim.AdamW(heads.parameters(), lr=learning_rate, weight_decay=0.01)
     stopper = _EarlyStopping(patience)

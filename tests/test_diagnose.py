@@ -204,3 +204,11 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path: Path, tiny_model: P
     result = runner.invoke(main, ["diagnose", str(SAMPLE_MANIFEST), "--model", str(tmp_path), "--out",
                                   str(tmp_path / "b")])
     assert result.exit_code == 1 and "model.safetensors" in result.output
+
+
+def test_store_sr_is_refused_on_the_ray_engine_before_any_work(tmp_path: Path) -> None:
+    from meddx.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--store-sr runs with the local engine"):
+        diagnose(SAMPLE_MANIFEST, tmp_path / "no-model", tmp_path / "run", engine="ray", store_sr=True)
+    assert not (tmp_path / "run").exists()

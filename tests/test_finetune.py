@@ -224,3 +224,44 @@ def test_torchrun_ddp_gives_the_single_process_result(tmp_path: Path) -> None:
     # Adam turns rounding-level gradient differences of near-zero gradients into steps of up to lr (1e-3)
     assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 5e-3
     assert one["history"] == pytest.approx(two["history"], abs=1e-6)
+
+
+HEAD_DDP_SCRIPT = """
+import logging
+import sys
+from meddx.train import finetune
+from meddx.models import BackboneConfig
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    out, cache, config = sys.argv[1:4]
+    finetune(sys.argv[4], out, mode="head", epochs=30, batch_size=8, seed=0, cache_dir=cache, workers=0,
+             progress=False, backbone_config=BackboneConfig.model_validate_json(config), head_dropout=0.0)
+"""
+
+
+def test_torchrun_head_mode_embeds_one_shard_per_rank_and_gives_the_single_process_result(tmp_path: Path) -> None:
+    """``head`` mode under torchrun: each of 2 ranks runs the backbone over half the rows, then both fit the
+    heads on every row's embeddings: the same validation history and heads as one process."""
+    config = tiny_backbone_config().model_dump_json()
+    script = tmp_path / "ddp_head.py"
+    script.write_text(HEAD_DDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    cache = tmp_path / "cache"
+    single = subprocess.run([sys.executable, str(script), str(tmp_path / "one"), str(cache), config, str(SAMPLE)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+         str(script), str(tmp_path / "two"), str(cache), config, str(SAMPLE)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    train_rows = json.loads((tmp_path / "one" / "config.json").read_text())["diagnosis"]["training"]["rows"]["train"]
+    for rank, rows in ((0, (train_rows + 1) // 2), (1, train_rows // 2)):
+        assert f"rank {rank} embeds {rows} of {train_rows} rows" in ddp.stderr
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert one["history"] == pytest.approx(two["history"], abs=1e-5)
+    one_weights, two_weights = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("one", "two"))
+    assert max(float((one_weights[k].float() - two_weights[k].float()).abs().max()) for k in one_weights) < 1e-4
