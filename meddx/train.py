@@ -467,6 +467,81 @@ def _keep_frozen_statistics(module) -> None:
             layer.eval()
 
 
+BATCH_NORM_ROWS = 512  # training rows the batch-norm statistics are re-estimated on after each epoch
+
+
+def recompute_batch_norm_statistics(
+    model, dataset: CohortDataset, batch_size: int = 32, max_rows: int = BATCH_NORM_ROWS, device: str = "cpu"
+) -> int:
+    """Re-estimate the running statistics of every trainable batch-norm layer with the current weights.
+
+    In training a batch-norm layer normalises with the statistics of its batch and keeps an
+    exponential average of them (momentum 0.1) for eval mode. While AdamW moves every weight by
+    about the learning rate per step, that average trails the weights by some ten steps: the
+    eval-mode encoders then see other statistics than training did, and the fused logits shift
+    (on the shared benchmark cohort, a mean logit of +0.44 instead of -0.92; AUROC 0.83 instead
+    of 0.85). This pass ("precise BN") replaces the average with the plain mean of the batch
+    statistics over the first ``max_rows`` rows of ``dataset``, in a fixed order, so every DDP
+    rank computes the same statistics. Only the encoders that hold such layers run; the
+    others, and the layers frozen in ``lora`` mode, are left as they are.
+
+    Args:
+        model: a :class:`~meddx.models.diagnosis.DiagnosisModel`.
+        dataset: training rows.
+        batch_size: rows per forward pass (batch statistics depend on it: use the training one).
+        max_rows: at most this many rows are read.
+        device: where the model is.
+
+    Returns:
+        The number of batches each re-estimated encoder saw (0 when nothing had batch norm to update).
+
+    Example:
+        >>> recompute_batch_norm_statistics(model, train)  # doctest: +SKIP
+        16
+    """
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    from meddx.records import Modality
+
+    def trainable_norms(module) -> list:
+        return [
+            layer
+            for layer in module.modules()
+            if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm)
+            and layer.track_running_stats
+            and any(p.requires_grad for p in layer.parameters())
+        ]
+
+    encoders = {name: enc for name, enc in model.backbone.encoders.items() if trainable_norms(enc)}
+    if not encoders or len(dataset) == 0:
+        return 0
+    was_training = model.training
+    model.eval()
+    norms = [layer for enc in encoders.values() for layer in trainable_norms(enc)]
+    momenta = [layer.momentum for layer in norms]
+    for layer in norms:
+        layer.reset_running_stats()
+        layer.momentum = None  # a cumulative average: every batch counts the same
+        layer.train()  # normalise with the batch statistics and record them; dropout etc. stay off
+    subset = Subset(dataset, range(min(max_rows, len(dataset))))
+    seen = 0
+    try:
+        with torch.no_grad():
+            for batch in DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=dataset.collate):
+                batch = batch.to(device)
+                for name, encoder in encoders.items():
+                    arrays = batch.tensors.get(Modality(name))
+                    if arrays is not None and len(batch.rows_with(Modality(name))) > 1:
+                        encoder(arrays)
+                seen += 1
+    finally:
+        for layer, momentum in zip(norms, momenta):
+            layer.momentum = momentum
+        model.train(was_training)
+    return seen
+
+
 def _fit_end_to_end(
     model,
     train,
@@ -523,6 +598,8 @@ def _fit_end_to_end(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
+        if model.adapter is None:  # LoRA leaves batch norm frozen; otherwise eval mode needs fresh statistics
+            recompute_batch_norm_statistics(model, train, per_rank, device=device)
         val_logits, val_labels, _ = dataset_outputs(model, val, 64, device)
         stop = stopper.update(epoch, mean_auroc(model.tasks, val_logits, val_labels), model)
         _checkpoint(out_dir, model, optimizer, stopper, epoch, rank)

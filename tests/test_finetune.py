@@ -110,6 +110,37 @@ def test_a_model_folder_round_trip_gives_identical_predictions(base) -> None:
     assert FoundationBackbone.from_pretrained(root / "full").config == model.backbone.config
 
 
+def test_full_mode_keeps_batch_norm_statistics_of_the_final_weights(base) -> None:
+    """Eval mode must normalise as training did: the statistics of the training rows under the kept weights.
+
+    The running average that batch norm keeps during training trails the weights AdamW moves; left
+    as it is, eval-mode logits shift (the cause of the miscalibrated fused benchmark model).
+    """
+    from meddx.data import prepare_cohort
+    from meddx.records import Modality
+
+    root, cache = base
+    model = finetune(SAMPLE, mode="full", epochs=3, batch_size=8, learning_rate=3e-3, backbone=root / "backbone",
+                     cache_dir=cache, workers=0, progress=False)
+    prepared = prepare_cohort(SAMPLE, cache_dir=cache, aligner=model.aligner, workers=0, progress=False)
+    train = prepared.dataset(split="train", tasks=["disease"]).with_inputs()
+    encoder = model.backbone.encoders["imaging"]
+    norm = next(m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm3d))
+    batch_means: list[torch.Tensor] = []
+    hook = norm.register_forward_hook(lambda _m, inputs, _o: batch_means.append(inputs[0].mean(dim=(0, 2, 3, 4))))
+    encoder.eval()
+    try:
+        with torch.no_grad():
+            for batch in torch.utils.data.DataLoader(train, batch_size=8, collate_fn=train.collate):
+                if Modality.IMAGING in batch.tensors and len(batch.rows_with(Modality.IMAGING)) > 1:
+                    encoder(batch.tensors[Modality.IMAGING])
+    finally:
+        hook.remove()
+    # the layers before this one are batch norm free, so eval mode gives them the training inputs
+    expected = torch.stack(batch_means).mean(dim=0)
+    torch.testing.assert_close(norm.running_mean, expected, atol=1e-5, rtol=1e-4)
+
+
 def test_lora_leaves_the_saved_base_weights_unchanged(base) -> None:
     root, cache = base
     model = finetune(SAMPLE, root / "lora", mode="lora", epochs=2, backbone=root / "backbone", cache_dir=cache,
