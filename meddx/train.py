@@ -59,6 +59,9 @@ MODES: tuple[str, ...] = ("auto", "head", "full", "lora")
 DEFAULT_EPOCHS = {"head": 200, "full": 15, "lora": 15}
 DEFAULT_LEARNING_RATE = {"head": 3e-3, "full": 1e-3, "lora": 2e-3}
 CHECKPOINT = "checkpoint"
+SCHEDULES: tuple[str, ...] = ("cosine", "constant")
+WARMUP_FRACTION = 0.05  # of the planned steps, linear warm-up before the cosine decay
+WEIGHT_DECAY = 0.01
 
 
 # ----------------------------------------------------------------- distributed
@@ -214,6 +217,7 @@ def finetune(
     min_group_size: int = 50,
     lora: dict[str, Any] | None = None,
     head_dropout: float = 0.1,
+    schedule: str = "cosine",
     workers: int | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -240,6 +244,9 @@ def finetune(
         min_group_size: fewest validation rows for a Mondrian group's own conformal threshold.
         lora: LoRA settings (``r``, ``alpha``, ``dropout``, ``text_encoder``) in ``lora`` mode.
         head_dropout: dropout inside each head.
+        schedule: learning rate over the steps of ``full`` and ``lora``: ``cosine`` (linear
+            warm-up over the first 5% of the planned steps, then a cosine decay to zero at
+            ``epochs``) or ``constant``. ``head`` mode always uses a constant rate.
         workers: ingestion worker processes.
         resume: carry on from ``out_dir/checkpoint``.
         progress: show progress bars.
@@ -260,6 +267,8 @@ def finetune(
 
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
     if mode == "auto":
         mode = "head" if backbone is not None else "full"
     epochs = DEFAULT_EPOCHS[mode] if epochs is None else epochs
@@ -342,6 +351,7 @@ def finetune(
             out_dir,
             resume,
             progress,
+            schedule,
         )
     )
     fit_seconds = time.perf_counter() - started
@@ -352,6 +362,7 @@ def finetune(
         "epochs_run": len(history["val_auroc"]),
         "best_epoch": history["best_epoch"],
         "learning_rate": learning_rate,
+        "schedule": schedule if mode != "head" else "constant",
         "batch_size": batch_size,
         "seed": seed,
         "world_size": world,
@@ -467,6 +478,26 @@ def _keep_frozen_statistics(module) -> None:
             layer.eval()
 
 
+def learning_rate_factor(step: int, total_steps: int, schedule: str = "cosine") -> float:
+    """Multiplier of the base learning rate at ``step`` (0-based) of ``total_steps``.
+
+    ``cosine``: linear warm-up over the first :data:`WARMUP_FRACTION` of the steps (attention
+    layers trained from scratch diverge easily under full-size Adam steps at the start), then a
+    cosine decay to zero, so the last epochs refine instead of jumping around the optimum.
+
+    Example:
+        >>> round(learning_rate_factor(50, 100), 3), learning_rate_factor(50, 100, "constant")
+        (0.541, 1.0)
+    """
+    if schedule == "constant" or total_steps <= 1:
+        return 1.0
+    warmup = max(1, int(WARMUP_FRACTION * total_steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 BATCH_NORM_ROWS = 512  # training rows the batch-norm statistics are re-estimated on after each epoch
 
 
@@ -536,7 +567,7 @@ def recompute_batch_norm_statistics(
                         encoder(arrays)
                 seen += 1
     finally:
-        for layer, momentum in zip(norms, momenta):
+        for layer, momentum in zip(norms, momenta, strict=True):
             layer.momentum = momentum
         model.train(was_training)
     return seen
@@ -558,6 +589,7 @@ def _fit_end_to_end(
     out_dir,
     resume,
     progress,
+    schedule="cosine",
 ) -> dict[str, Any]:
     """``full`` and ``lora``: backbone passes every step; DDP when launched by torchrun."""
     import torch
@@ -566,7 +598,7 @@ def _fit_end_to_end(
     from tqdm.auto import tqdm
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=WEIGHT_DECAY)
     stepper = model
     if world > 1:
         stepper = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
@@ -579,13 +611,18 @@ def _fit_end_to_end(
     stopper = _EarlyStopping(patience)
     start = _resume(out_dir, model, optimizer, stopper) if resume else 0
     use_amp = device.startswith("cuda")
+    total_steps = epochs * len(loader)
     for epoch in range(start, epochs):
         sampler.set_epoch(epoch)
         torch.manual_seed(seed * 1_000 + epoch * 10 + rank)  # modality dropout and dropout, per epoch and rank
         model.train()
         if model.adapter is not None:
             _keep_frozen_statistics(model.backbone)
-        for batch in tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress or rank != 0, leave=False):
+        for step, batch in enumerate(
+            tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress or rank != 0, leave=False)
+        ):
+            for group in optimizer.param_groups:  # a function of the step alone, so --resume needs no state
+                group["lr"] = learning_rate * learning_rate_factor(epoch * len(loader) + step, total_steps, schedule)
             batch = batch.to(device, non_blocking=True)
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
                 logits = stepper(batch)
@@ -638,7 +675,7 @@ def _fit_heads_on_embeddings(
     train_emb = compute_embeddings(model.backbone, train, device=device)
     val_emb = compute_embeddings(model.backbone, val, device=device)
     heads = model.heads
-    optimizer = torch.optim.AdamW(heads.parameters(), lr=learning_rate, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(heads.parameters(), lr=learning_rate, weight_decay=WEIGHT_DECAY)
     stopper = _EarlyStopping(patience)
     start = _resume(out_dir, heads, optimizer, stopper) if resume else 0
     generator = torch.Generator().manual_seed(seed)
