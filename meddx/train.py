@@ -217,6 +217,7 @@ def finetune(
     min_group_size: int = 50,
     lora: dict[str, Any] | None = None,
     head_dropout: float = 0.1,
+    head_input: str = "summary",
     schedule: str = "cosine",
     workers: int | None = None,
     resume: bool = False,
@@ -244,6 +245,8 @@ def finetune(
         min_group_size: fewest validation rows for a Mondrian group's own conformal threshold.
         lora: LoRA settings (``r``, ``alpha``, ``dropout``, ``text_encoder``) in ``lora`` mode.
         head_dropout: dropout inside each head.
+        head_input: what the heads read: ``summary`` or ``summary+modalities`` (see
+            :class:`~meddx.models.diagnosis.DiagnosisModel`).
         schedule: learning rate over the steps of ``full`` and ``lora``: ``cosine`` (linear
             warm-up over the first 5% of the planned steps, then a cosine decay to zero at
             ``epochs``) or ``constant``. ``head`` mode always uses a constant rate.
@@ -303,7 +306,7 @@ def finetune(
             raise ConfigError(f"{cohort.path}: no {name} rows with any usable modality; check the split column")
     if backbone is None:
         backbone = FoundationBackbone.from_aligner(backbone_config or BackboneConfig(), prepared.aligner)
-    model = DiagnosisModel(backbone, chosen, head_dropout=head_dropout).to(device)
+    model = DiagnosisModel(backbone, chosen, head_dropout=head_dropout, head_input=head_input).to(device)
     if mode == "lora":
         from meddx.models.adapters import add_lora
 
@@ -362,6 +365,7 @@ def finetune(
         "epochs_run": len(history["val_auroc"]),
         "best_epoch": history["best_epoch"],
         "learning_rate": learning_rate,
+        "head_input": head_input,
         "schedule": schedule if mode != "head" else "constant",
         "batch_size": batch_size,
         "seed": seed,
@@ -672,8 +676,8 @@ def _fit_heads_on_embeddings(
 
     from meddx.embeddings import compute_embeddings
 
-    train_emb = compute_embeddings(model.backbone, train, device=device)
-    val_emb = compute_embeddings(model.backbone, val, device=device)
+    train_emb = compute_embeddings(model.backbone, train, device=device, head_input=model.head_input)
+    val_emb = compute_embeddings(model.backbone, val, device=device, head_input=model.head_input)
     heads = model.heads
     optimizer = torch.optim.AdamW(heads.parameters(), lr=learning_rate, weight_decay=WEIGHT_DECAY)
     stopper = _EarlyStopping(patience)

@@ -141,6 +141,21 @@ def test_full_mode_keeps_batch_norm_statistics_of_the_final_weights(base) -> Non
     torch.testing.assert_close(norm.running_mean, expected, atol=1e-5, rtol=1e-4)
 
 
+def test_heads_can_read_the_summary_and_the_modality_embeddings(base) -> None:
+    root, cache = base
+    model = finetune(SAMPLE, root / "wide", mode="head", epochs=10, backbone=root / "backbone", cache_dir=cache,
+                     workers=0, progress=False, head_input="summary+modalities")
+    width = 2 * model.backbone.config.d_model
+    assert model.heads.heads["disease"][-1].in_features == width
+    first = model.predict(SAMPLE, split="test", cache_dir=cache, workers=0)
+    loaded = DiagnosisModel.from_pretrained(root / "wide")
+    assert loaded.head_input == "summary+modalities"
+    pd.testing.assert_frame_equal(first, loaded.predict(SAMPLE, split="test", cache_dir=cache, workers=0),
+                                  check_exact=False, atol=1e-6)
+    with pytest.raises(ConfigError, match="head_input"):
+        DiagnosisModel(model.backbone, model.tasks, head_input="everything")
+
+
 def test_lora_leaves_the_saved_base_weights_unchanged(base) -> None:
     root, cache = base
     model = finetune(SAMPLE, root / "lora", mode="lora", epochs=2, backbone=root / "backbone", cache_dir=cache,
