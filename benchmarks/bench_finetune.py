@@ -165,6 +165,11 @@ def main() -> None:
     )
     fused_seconds = time.perf_counter() - started
     scores = test_scores(fused, manifest, cache)
+    print(
+        f"fused: test AUROC {scores['auroc']:.3f}, ECE {scores['ece_before']:.3f} -> {scores['ece_after']:.3f}, "
+        f"coverage {scores['coverage']:.3f}, fit {fused_seconds:.0f} s",
+        flush=True,
+    )
     table.append(
         (
             "fused (all six)",
@@ -175,6 +180,13 @@ def main() -> None:
             fused_seconds,
         )
     )
+    started = time.perf_counter()
+    late = late_fusion(prepared)
+    table.append(
+        ("late fusion (LR per modality)", late, float("nan"), float("nan"), float("nan"), time.perf_counter() - started)
+    )
+
+    print(f"late fusion: test AUROC {late:.3f}", flush=True)
     if not args.skip_singles:
         for modality in MODALITIES:
             single_manifest = only(manifest, modality)
@@ -192,12 +204,7 @@ def main() -> None:
             seconds = time.perf_counter() - started
             s = test_scores(model, single_manifest, cache)
             table.append((modality, s["auroc"], s["ece_before"], s["ece_after"], s["coverage"], seconds))
-    started = time.perf_counter()
-    late = late_fusion(prepared)
-    table.append(
-        ("late fusion (LR per modality)", late, float("nan"), float("nan"), float("nan"), time.perf_counter() - started)
-    )
-
+            print(f"single {modality}: test AUROC {s['auroc']:.3f}, fit {seconds:.0f} s", flush=True)
     print()
     info = fused.training_info
     print(
@@ -216,7 +223,7 @@ def main() -> None:
     for group, (n, cov) in scores["groups"].items():
         note = "" if n >= 100 else "  (fewer than 100 rows: not judged)"
         print(f"  {group:<22} {n:>4} rows  coverage {cov:.3f}{note}")
-    singles = [row for row in table[1:-1]]
+    singles = table[2:]
     if singles:
         best_single = max(singles, key=lambda r: r[1])
         print(f"\nfused - best single ({best_single[0]}): {table[0][1] - best_single[1]:+.3f}")
