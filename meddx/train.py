@@ -530,7 +530,8 @@ def recompute_batch_norm_statistics(
         device: where the model is.
 
     Returns:
-        The number of batches each re-estimated encoder saw (0 when nothing had batch norm to update).
+        The most batches any encoder was re-estimated on (0: nothing to update; an encoder whose
+        modality none of the rows has keeps its statistics).
 
     Example:
         >>> recompute_batch_norm_statistics(model, train)  # doctest: +SKIP
@@ -555,14 +556,15 @@ def recompute_batch_norm_statistics(
         return 0
     was_training = model.training
     model.eval()
-    norms = [layer for enc in encoders.values() for layer in trainable_norms(enc)]
-    momenta = [layer.momentum for layer in norms]
-    for layer in norms:
+    norms = {name: trainable_norms(enc) for name, enc in encoders.items()}
+    saved = {name: [copy.deepcopy(layer.state_dict()) for layer in layers] for name, layers in norms.items()}
+    momenta = {name: [layer.momentum for layer in layers] for name, layers in norms.items()}
+    for layer in (layer for layers in norms.values() for layer in layers):
         layer.reset_running_stats()
         layer.momentum = None  # a cumulative average: every batch counts the same
         layer.train()  # normalise with the batch statistics and record them; dropout etc. stay off
     subset = Subset(dataset, range(min(max_rows, len(dataset))))
-    seen = 0
+    seen = dict.fromkeys(encoders, 0)
     try:
         with torch.no_grad():
             for batch in DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=dataset.collate):
@@ -571,12 +573,15 @@ def recompute_batch_norm_statistics(
                     arrays = batch.tensors.get(Modality(name))
                     if arrays is not None and len(batch.rows_with(Modality(name))) > 1:
                         encoder(arrays)
-                seen += 1
+                        seen[name] += 1
     finally:
-        for layer, momentum in zip(norms, momenta, strict=True):
-            layer.momentum = momentum
+        for name, layers in norms.items():
+            for layer, state, momentum in zip(layers, saved[name], momenta[name], strict=True):
+                if not seen[name]:  # no rows of this modality to estimate from: keep what it had
+                    layer.load_state_dict(state)
+                layer.momentum = momentum
         model.train(was_training)
-    return seen
+    return max(seen.values())
 
 
 def _fit_end_to_end(

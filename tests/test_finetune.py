@@ -24,7 +24,7 @@ from meddx.models.diagnosis import DiagnosisModel
 from meddx.models.heads import DiagnosisHeads, class_weights_from, task_loss
 from meddx.pretrain import pretrain
 from meddx.splits import with_splits
-from meddx.train import finetune
+from meddx.train import finetune, recompute_batch_norm_statistics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -139,6 +139,12 @@ def test_full_mode_keeps_batch_norm_statistics_of_the_final_weights(base) -> Non
     # the layers before this one are batch norm free, so eval mode gives them the training inputs
     expected = torch.stack(batch_means).mean(dim=0)
     torch.testing.assert_close(norm.running_mean, expected, atol=1e-5, rtol=1e-4)
+    # rows without imaging leave its statistics as they were, instead of resetting them
+    no_imaging = [item.row for item in train if Modality.IMAGING not in item.tensors]
+    assert no_imaging
+    before = norm.running_mean.clone()
+    assert recompute_batch_norm_statistics(model, prepared.dataset(rows=no_imaging), batch_size=8) == 0
+    torch.testing.assert_close(norm.running_mean, before, atol=0, rtol=0)
 
 
 def test_heads_can_read_the_summary_and_the_modality_embeddings(base) -> None:
@@ -224,7 +230,7 @@ def test_finetune_command(base, tmp_path: Path) -> None:
 
 DDP_SCRIPT = """
 import sys
-from meddx.train import finetune
+from meddx.train import finetune, recompute_batch_norm_statistics
 from meddx.models import BackboneConfig
 import json
 if __name__ == "__main__":
