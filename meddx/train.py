@@ -518,15 +518,15 @@ def recompute_batch_norm_statistics(
     eval-mode encoders then see other statistics than training did, and the fused logits shift
     (on the shared benchmark cohort, a mean logit of +0.44 instead of -0.92; AUROC 0.83 instead
     of 0.85). This pass ("precise BN") replaces the average with the plain mean of the batch
-    statistics over the first ``max_rows`` rows of ``dataset``, in a fixed order, so every DDP
-    rank computes the same statistics. Only the encoders that hold such layers run; the
+    statistics over at most ``max_rows`` rows spread evenly over ``dataset``, in a fixed
+    order, so every DDP rank computes the same statistics. Only the encoders that hold such layers run; the
     others, and the layers frozen in ``lora`` mode, are left as they are.
 
     Args:
         model: a :class:`~meddx.models.diagnosis.DiagnosisModel`.
         dataset: training rows.
         batch_size: rows per forward pass (batch statistics depend on it: use the training one).
-        max_rows: at most this many rows are read.
+        max_rows: at most this many rows are read (every ``ceil(len / max_rows)``-th).
         device: where the model is.
 
     Returns:
@@ -563,7 +563,8 @@ def recompute_batch_norm_statistics(
         layer.reset_running_stats()
         layer.momentum = None  # a cumulative average: every batch counts the same
         layer.train()  # normalise with the batch statistics and record them; dropout etc. stay off
-    subset = Subset(dataset, range(min(max_rows, len(dataset))))
+    stride = math.ceil(len(dataset) / max_rows)  # rows spread over the dataset, not its first ones
+    subset = Subset(dataset, range(0, len(dataset), stride))
     seen = dict.fromkeys(encoders, 0)
     try:
         with torch.no_grad():
