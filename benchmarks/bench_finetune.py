@@ -46,54 +46,72 @@ def test_scores(model, manifest, cache) -> dict:
     labels = labels.set_index("patient_id")["label:disease"]
     y = predictions["patient_id"].map(labels).astype(int).to_numpy()
     p, raw = predictions["probability"].to_numpy(), predictions["raw_probability"].to_numpy()
-    sets = np.stack([predictions["prediction_set"].fillna("").map(lambda s, c=c: c in s.split("|"))
-                     for c in ("0", "1")], axis=1)
+    sets = np.stack(
+        [predictions["prediction_set"].fillna("").map(lambda s, c=c: c in s.split("|")) for c in ("0", "1")], axis=1
+    )
     n_missing = predictions["modalities"].map(lambda s: 6 - len(s.split("|")))
     groups = np.where(n_missing == 0, "all present", np.where(n_missing == 1, "one missing", "two or more missing"))
     per_group = {g: (int((groups == g).sum()), coverage(y[groups == g], sets[groups == g])) for g in np.unique(groups)}
-    return {"auroc": auroc(y, p), "ece_before": ece(y, raw), "ece_after": ece(y, p), "coverage": coverage(y, sets),
-            "groups": per_group, "rows": len(y)}
+    return {
+        "auroc": auroc(y, p),
+        "ece_before": ece(y, raw),
+        "ece_after": ece(y, p),
+        "coverage": coverage(y, sets),
+        "groups": per_group,
+        "rows": len(y),
+        "mean_raw_p": float(raw.mean()),
+        "prevalence": float(y.mean()),
+    }
 
 
-def pooled_features(dataset, modality: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Flattened, average-pooled tensors of one modality: ``(features, labels, has_modality)``."""
-    import torch
-    import torch.nn.functional as F
+def pooled_features(dataset) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], np.ndarray]:
+    """Flattened, average-pooled tensors of every modality, each row read once.
 
+    Returns ``({modality: (features, has_modality)}, labels)``.
+    """
     from meddx.records import Modality
 
-    rows, labels, has = [], [], []
+    rows: dict[str, list] = {m: [] for m in MODALITIES}
+    labels = []
     for i in range(len(dataset)):
         item = dataset[i]
         labels.append(item.labels["disease"])
-        arrays = item.tensors.get(Modality(modality))
-        has.append(arrays is not None)
-        if arrays is None:
-            rows.append(None)
+        for modality in MODALITIES:
+            arrays = item.tensors.get(Modality(modality))
+            rows[modality].append(None if arrays is None else _flat(arrays))
+    features = {}
+    for modality, values in rows.items():
+        has = np.array([r is not None for r in values])
+        width = next((len(r) for r in values if r is not None), 0)
+        features[modality] = (np.stack([r if r is not None else np.zeros(width, np.float32) for r in values]), has)
+    return features, np.array(labels)
+
+
+def _flat(arrays: dict) -> np.ndarray:
+    """One modality's tensors, average-pooled where large, flattened into one vector."""
+    import torch
+    import torch.nn.functional as F
+
+    parts = []
+    for name, tensor in sorted(arrays.items()):
+        t = tensor.float()
+        if name == "volume":
+            t = F.avg_pool3d(t[None, None], 4)[0, 0]
+        elif name == "frames":
+            t = F.avg_pool2d(t[:, 0], 8)
+        elif name == "input_ids":  # token ids are categories: a hashed bag of tokens
+            ids = tensor[tensor > 0].long() % 2048
+            t = torch.bincount(ids, minlength=2048).float()
+        elif name == "attention_mask":
             continue
-        parts = []
-        for name, tensor in sorted(arrays.items()):
-            t = tensor.float()
-            if name == "volume":
-                t = F.avg_pool3d(t[None, None], 4)[0, 0]
-            elif name == "frames":
-                t = F.avg_pool2d(t[:, 0], 8)
-            elif name == "input_ids":  # token ids are categories: a hashed bag of tokens
-                ids = tensor[tensor > 0].long() % 2048
-                t = torch.bincount(ids, minlength=2048).float()
-            elif name == "attention_mask":
-                continue
-            elif name in ("values", "mask") and t.dim() == 2 and t.shape[1] > 60:
-                t = F.avg_pool1d(t[None], 10)[0]
-            elif name == "log_mel":
-                t = F.avg_pool1d(t[None], 4)[0]
-            elif name == "code_ids":
-                t = torch.bincount(tensor.long(), minlength=600).float()
-            parts.append(t.flatten())
-        rows.append(torch.cat(parts).numpy())
-    width = next(len(r) for r in rows if r is not None)
-    x = np.stack([r if r is not None else np.zeros(width, np.float32) for r in rows])
-    return x, np.array(labels), np.array(has)
+        elif name in ("values", "mask") and t.dim() == 2 and t.shape[1] > 60:
+            t = F.avg_pool1d(t[None], 10)[0]
+        elif name == "log_mel":
+            t = F.avg_pool1d(t[None], 4)[0]
+        elif name == "code_ids":
+            t = torch.bincount(tensor.long(), minlength=600).float()
+        parts.append(t.flatten())
+    return torch.cat(parts).numpy()
 
 
 def late_fusion(prepared) -> float:
@@ -103,11 +121,11 @@ def late_fusion(prepared) -> float:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    sets = {s: prepared.dataset(split=s) for s in ("train", "val", "test")}
-    total, count, y_test = None, None, None
+    data = {s: pooled_features(prepared.dataset(split=s)) for s in ("train", "val", "test")}
+    (_, yt), (_, yv), (_, ys) = data["train"], data["val"], data["test"]
+    total, count, y_test = None, None, ys
     for modality in MODALITIES:
-        data = {s: pooled_features(d, modality) for s, d in sets.items()}
-        (xt, yt, ht), (xv, yv, hv), (xs, ys, hs) = data["train"], data["val"], data["test"]
+        (xt, ht), (xv, hv), (xs, hs) = (data[s][0][modality] for s in ("train", "val", "test"))
         best = None
         for c in (0.001, 0.01, 0.1):
             model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=3000))
@@ -118,7 +136,6 @@ def late_fusion(prepared) -> float:
         logits = np.where(hs, best[1].decision_function(xs), 0.0)
         total = logits if total is None else total + logits
         count = hs.astype(float) if count is None else count + hs
-        y_test = ys
         print(f"  late fusion: {modality} logistic regression, val AUROC {best[0]:.3f}")
     return float(roc_auc_score(y_test, total / np.maximum(count, 1)))
 
@@ -126,7 +143,7 @@ def late_fusion(prepared) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", default="full", choices=["head", "full", "lora"])
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=None, help="at most this many epochs (default: the mode's)")
     parser.add_argument("--skip-singles", action="store_true", help="only the fused model and late fusion")
     args = parser.parse_args()
 
@@ -143,36 +160,70 @@ def main() -> None:
 
     table = []
     started = time.perf_counter()
-    fused = finetune(manifest, OUT / "fused", mode=args.mode, epochs=args.epochs, cache_dir=cache, workers=2,
-                     progress=False, seed=0)
+    fused = finetune(
+        manifest, OUT / "fused", mode=args.mode, epochs=args.epochs, cache_dir=cache, workers=2, progress=False, seed=0
+    )
     fused_seconds = time.perf_counter() - started
     scores = test_scores(fused, manifest, cache)
-    table.append(("fused (all six)", scores["auroc"], scores["ece_before"], scores["ece_after"],
-                  scores["coverage"], fused_seconds))
+    print(
+        f"fused: test AUROC {scores['auroc']:.3f}, ECE {scores['ece_before']:.3f} -> {scores['ece_after']:.3f}, "
+        f"coverage {scores['coverage']:.3f}, fit {fused_seconds:.0f} s",
+        flush=True,
+    )
+    table.append(
+        (
+            "fused (all six)",
+            scores["auroc"],
+            scores["ece_before"],
+            scores["ece_after"],
+            scores["coverage"],
+            fused_seconds,
+        )
+    )
+    started = time.perf_counter()
+    late = late_fusion(prepared)
+    table.append(
+        ("late fusion (LR per modality)", late, float("nan"), float("nan"), float("nan"), time.perf_counter() - started)
+    )
+
+    print(f"late fusion: test AUROC {late:.3f}", flush=True)
     if not args.skip_singles:
         for modality in MODALITIES:
             single_manifest = only(manifest, modality)
             started = time.perf_counter()
-            model = finetune(single_manifest, OUT / f"single-{modality}", mode=args.mode, epochs=args.epochs,
-                             cache_dir=cache, workers=2, progress=False, seed=0)
+            model = finetune(
+                single_manifest,
+                OUT / f"single-{modality}",
+                mode=args.mode,
+                epochs=args.epochs,
+                cache_dir=cache,
+                workers=2,
+                progress=False,
+                seed=0,
+            )
             seconds = time.perf_counter() - started
             s = test_scores(model, single_manifest, cache)
             table.append((modality, s["auroc"], s["ece_before"], s["ece_after"], s["coverage"], seconds))
-    started = time.perf_counter()
-    late = late_fusion(prepared)
-    table.append(("late fusion (LR per modality)", late, float("nan"), float("nan"), float("nan"),
-                  time.perf_counter() - started))
-
+            print(f"single {modality}: test AUROC {s['auroc']:.3f}, fit {seconds:.0f} s", flush=True)
     print()
-    print(f"mode={args.mode}, at most {args.epochs} epochs; test split of {scores['rows']} patients")
+    info = fused.training_info
+    print(
+        f"mode={args.mode}, at most {args.epochs or 'the default number of'} epochs; test split of {scores['rows']} "
+        f"patients; fused: best epoch {info['best_epoch']} of {info['epochs_run']}, lr {info['learning_rate']}, "
+        f"schedule {info.get('schedule')}, validation AUROC by epoch {[round(v, 3) for v in fused.metrics['history']]}"
+    )
     print(f"{'model':<32}{'AUROC':>8}{'ECE raw':>9}{'ECE cal':>9}{'cover':>8}{'fit s':>8}")
     for name, auc, e0, e1, cov, seconds in table:
         print(f"{name:<32}{auc:>8.3f}{e0:>9.3f}{e1:>9.3f}{cov:>8.3f}{seconds:>8.0f}")
-    print("\nconformal coverage of the fused model per availability group (alpha 0.1):")
+    print(
+        f"\nfused, test: mean uncalibrated probability {scores['mean_raw_p']:.3f}, "
+        f"prevalence {scores['prevalence']:.3f}"
+    )
+    print("conformal coverage of the fused model per availability group (alpha 0.1):")
     for group, (n, cov) in scores["groups"].items():
         note = "" if n >= 100 else "  (fewer than 100 rows: not judged)"
         print(f"  {group:<22} {n:>4} rows  coverage {cov:.3f}{note}")
-    singles = [row for row in table[1:-1]]
+    singles = table[2:]
     if singles:
         best_single = max(singles, key=lambda r: r[1])
         print(f"\nfused - best single ({best_single[0]}): {table[0][1] - best_single[1]:+.3f}")

@@ -41,10 +41,16 @@ def compute_embeddings(
     batch_size: int = 64,
     device: str = "cpu",
     loader_workers: int = 0,
+    head_input: str = "summary",
 ) -> CohortEmbeddings:
-    """Run the backbone in eval mode (no modality dropout, no gradients) over ``dataset``."""
+    """Run the backbone in eval mode (no modality dropout, no gradients) over ``dataset``.
+
+    ``head_input`` says what ``pooled`` holds (see :func:`meddx.models.diagnosis.head_features`).
+    """
     import torch
     from torch.utils.data import DataLoader
+
+    from meddx.models.diagnosis import head_features
 
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=loader_workers, collate_fn=dataset.collate
@@ -56,7 +62,7 @@ def compute_embeddings(
     with torch.no_grad():
         for batch in loader:
             out = backbone(batch.to(device))
-            pooled.append(out.pooled.float().cpu())
+            pooled.append(head_features(out, head_input).float().cpu())
             present.append(batch.present.cpu())
             rows.append(batch.rows.cpu())
             for task, values in batch.labels.items():

@@ -24,7 +24,7 @@ from meddx.models.diagnosis import DiagnosisModel
 from meddx.models.heads import DiagnosisHeads, class_weights_from, task_loss
 from meddx.pretrain import pretrain
 from meddx.splits import with_splits
-from meddx.train import finetune
+from meddx.train import finetune, recompute_batch_norm_statistics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,6 +110,58 @@ def test_a_model_folder_round_trip_gives_identical_predictions(base) -> None:
     assert FoundationBackbone.from_pretrained(root / "full").config == model.backbone.config
 
 
+def test_full_mode_keeps_batch_norm_statistics_of_the_final_weights(base) -> None:
+    """Eval mode must normalise as training did: the statistics of the training rows under the kept weights.
+
+    The running average that batch norm keeps during training trails the weights AdamW moves; left
+    as it is, eval-mode logits shift (the cause of the miscalibrated fused benchmark model).
+    """
+    from meddx.data import prepare_cohort
+    from meddx.records import Modality
+
+    root, cache = base
+    model = finetune(SAMPLE, mode="full", epochs=3, batch_size=8, learning_rate=3e-3, backbone=root / "backbone",
+                     cache_dir=cache, workers=0, progress=False)
+    prepared = prepare_cohort(SAMPLE, cache_dir=cache, aligner=model.aligner, workers=0, progress=False)
+    train = prepared.dataset(split="train", tasks=["disease"]).with_inputs()
+    encoder = model.backbone.encoders["imaging"]
+    norm = next(m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm3d))
+    batch_means: list[torch.Tensor] = []
+    hook = norm.register_forward_hook(lambda _m, inputs, _o: batch_means.append(inputs[0].mean(dim=(0, 2, 3, 4))))
+    encoder.eval()
+    try:
+        with torch.no_grad():
+            for batch in torch.utils.data.DataLoader(train, batch_size=8, collate_fn=train.collate):
+                if Modality.IMAGING in batch.tensors and len(batch.rows_with(Modality.IMAGING)) > 1:
+                    encoder(batch.tensors[Modality.IMAGING])
+    finally:
+        hook.remove()
+    # the layers before this one are batch norm free, so eval mode gives them the training inputs
+    expected = torch.stack(batch_means).mean(dim=0)
+    torch.testing.assert_close(norm.running_mean, expected, atol=1e-5, rtol=1e-4)
+    # rows without imaging leave its statistics as they were, instead of resetting them
+    no_imaging = [item.row for item in train if Modality.IMAGING not in item.tensors]
+    assert no_imaging
+    before = norm.running_mean.clone()
+    assert recompute_batch_norm_statistics(model, prepared.dataset(rows=no_imaging), batch_size=8) == 0
+    torch.testing.assert_close(norm.running_mean, before, atol=0, rtol=0)
+
+
+def test_heads_can_read_the_summary_and_the_modality_embeddings(base) -> None:
+    root, cache = base
+    model = finetune(SAMPLE, root / "wide", mode="head", epochs=10, backbone=root / "backbone", cache_dir=cache,
+                     workers=0, progress=False, head_input="summary+modalities")
+    width = 2 * model.backbone.config.d_model
+    assert model.heads.heads["disease"][-1].in_features == width
+    first = model.predict(SAMPLE, split="test", cache_dir=cache, workers=0)
+    loaded = DiagnosisModel.from_pretrained(root / "wide")
+    assert loaded.head_input == "summary+modalities"
+    pd.testing.assert_frame_equal(first, loaded.predict(SAMPLE, split="test", cache_dir=cache, workers=0),
+                                  check_exact=False, atol=1e-6)
+    with pytest.raises(ConfigError, match="head_input"):
+        DiagnosisModel(model.backbone, model.tasks, head_input="everything")
+
+
 def test_lora_leaves_the_saved_base_weights_unchanged(base) -> None:
     root, cache = base
     model = finetune(SAMPLE, root / "lora", mode="lora", epochs=2, backbone=root / "backbone", cache_dir=cache,
@@ -178,7 +230,7 @@ def test_finetune_command(base, tmp_path: Path) -> None:
 
 DDP_SCRIPT = """
 import sys
-from meddx.train import finetune
+from meddx.train import finetune, recompute_batch_norm_statistics
 from meddx.models import BackboneConfig
 import json
 if __name__ == "__main__":

@@ -43,11 +43,12 @@ if TYPE_CHECKING:
 
     from meddx.calibration import TaskCalibration
     from meddx.data import CohortDataset
-    from meddx.models.backbone import FoundationBackbone
+    from meddx.models.backbone import BackboneOutput, FoundationBackbone
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "meddx.diagnosis-model/1"
+HEAD_INPUTS: tuple[str, ...] = ("summary", "summary+modalities")
 METRICS_FILE = "metrics.json"
 ADAPTER_FILE = "adapter.safetensors"
 
@@ -61,6 +62,20 @@ def probabilities_from_logits(logits: np.ndarray, kind: str) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
+def head_features(out: BackboneOutput, head_input: str = "summary") -> torch.Tensor:
+    """The heads' input from a backbone output: the summary token, or it and the mean modality embedding.
+
+    Example:
+        >>> head_features(backbone(batch), "summary+modalities").shape  # doctest: +SKIP
+        torch.Size([8, 128])
+    """
+    if head_input == "summary":
+        return out.pooled  # (B, D)
+    used = out.modality_mask.unsqueeze(-1).to(out.modality_embeddings.dtype)  # (B, M, 1)
+    mean = (out.modality_embeddings * used).sum(dim=1) / used.sum(dim=1).clamp_min(1.0)  # (B, D)
+    return torch.cat([out.pooled, mean], dim=-1)  # (B, 2D)
+
+
 class DiagnosisModel(nn.Module):
     """Backbone + heads + calibrators. Build it with :func:`meddx.finetune` or load a saved one.
 
@@ -68,6 +83,9 @@ class DiagnosisModel(nn.Module):
         backbone: the :class:`~meddx.models.backbone.FoundationBackbone`.
         tasks: task name -> :class:`~meddx.cohort.TaskSpec`.
         head_dropout: dropout inside each head.
+        head_input: what the heads read: ``summary`` (the fused summary token, ``(B, D)``) or
+            ``summary+modalities`` (it and the mean of the used modalities' fused embeddings,
+            ``(B, 2D)``: every encoder then also gets a direct gradient from the heads).
 
     Attributes:
         calibration: task -> :class:`~meddx.calibration.TaskCalibration` (calibrator and conformal
@@ -77,14 +95,24 @@ class DiagnosisModel(nn.Module):
         adapter: the LoRA settings when adapters were added (``lora`` mode), else None.
     """
 
-    def __init__(self, backbone: FoundationBackbone, tasks: Mapping[str, TaskSpec], head_dropout: float = 0.1):
+    def __init__(
+        self,
+        backbone: FoundationBackbone,
+        tasks: Mapping[str, TaskSpec],
+        head_dropout: float = 0.1,
+        head_input: str = "summary",
+    ):
         super().__init__()
         if not tasks:
             raise ConfigError("a DiagnosisModel needs at least one task (a label:<task> column in the manifest)")
+        if head_input not in HEAD_INPUTS:
+            raise ConfigError(f"head_input must be one of {', '.join(HEAD_INPUTS)}; got {head_input!r}")
         self.backbone = backbone
         self.tasks = dict(tasks)
         self.head_dropout = head_dropout
-        self.heads = DiagnosisHeads(backbone.config.d_model, self.tasks, head_dropout)
+        self.head_input = head_input
+        width = backbone.config.d_model * (1 if head_input == "summary" else 2)
+        self.heads = DiagnosisHeads(width, self.tasks, head_dropout)
         self.calibration: dict[str, TaskCalibration] = {}
         self.metrics: dict[str, Any] = {}
         self.training_info: dict[str, Any] = {}
@@ -97,9 +125,13 @@ class DiagnosisModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
+    def head_features(self, out: BackboneOutput) -> torch.Tensor:
+        """What the heads read from a backbone output (``head_input``): ``(B, D)`` or ``(B, 2D)``."""
+        return head_features(out, self.head_input)
+
     def forward(self, batch: PatientBatch, drop: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Logits per task; ``drop`` (bool ``(B, M)``) hides modalities from the fusion."""
-        return self.heads(self.backbone(batch, drop=drop).pooled)
+        return self.heads(self.head_features(self.backbone(batch, drop=drop)))
 
     @torch.no_grad()
     def batch_logits(self, batch: PatientBatch, ablations: bool = True) -> tuple[dict, dict]:
@@ -114,7 +146,8 @@ class DiagnosisModel(nn.Module):
         encoded = self.backbone.encode(batch)
         none = torch.zeros_like(encoded.present)
         logits = {
-            t: v.float().cpu().numpy() for t, v in self.heads(self.backbone.fuse(encoded, drop=none).pooled).items()
+            t: v.float().cpu().numpy()
+            for t, v in self.heads(self.head_features(self.backbone.fuse(encoded, drop=none))).items()
         }
         withheld: dict[Modality, dict[str, np.ndarray]] = {}
         if ablations:
@@ -123,8 +156,8 @@ class DiagnosisModel(nn.Module):
                     continue
                 hide = none.clone()
                 hide[:, j] = True
-                pooled = self.backbone.fuse(encoded, drop=hide).pooled
-                withheld[modality] = {t: v.float().cpu().numpy() for t, v in self.heads(pooled).items()}
+                features = self.head_features(self.backbone.fuse(encoded, drop=hide))
+                withheld[modality] = {t: v.float().cpu().numpy() for t, v in self.heads(features).items()}
         return logits, withheld
 
     # ------------------------------------------------------------- calibration
@@ -183,6 +216,7 @@ class DiagnosisModel(nn.Module):
             "meddx": __version__,
             "tasks": {name: {"kind": t.kind, "classes": list(t.classes)} for name, t in self.tasks.items()},
             "head_dropout": self.head_dropout,
+            "head_input": self.head_input,
             "adapter": self.adapter,
             "training": self.training_info,
         }
@@ -241,7 +275,12 @@ class DiagnosisModel(nn.Module):
                 f"({__version__}) reads {FORMAT!r}: install the meddx that wrote it, or fine-tune again"
             )
         tasks = {name: TaskSpec(name, t["kind"], tuple(t["classes"])) for name, t in diagnosis["tasks"].items()}
-        model = cls(FoundationBackbone.from_pretrained(folder, cache_dir), tasks, diagnosis.get("head_dropout", 0.1))
+        model = cls(
+            FoundationBackbone.from_pretrained(folder, cache_dir),
+            tasks,
+            diagnosis.get("head_dropout", 0.1),
+            diagnosis.get("head_input", "summary"),  # folders written before head_input existed
+        )
         heads = {
             k.removeprefix(HEADS_PREFIX): v
             for k, v in load_file(str(folder / WEIGHTS_FILE)).items()
