@@ -251,6 +251,8 @@ class ChunkPredictor:
         batch_size: patients per forward pass.
         contributions: add the contribution:/ablation: columns.
         device: where the model runs.
+        threads: torch threads of the model (Ray sets ``OMP_NUM_THREADS`` to the actor's CPUs,
+            which on one machine would starve the model while ingestion sits idle on a warm cache).
 
     Example:
         >>> predictor = ChunkPredictor("runs/model", "cache/text", provenance, 64, True, "cpu")  # doctest: +SKIP
@@ -266,8 +268,14 @@ class ChunkPredictor:
         batch_size: int,
         contributions: bool,
         device: str,
+        threads: int | None = None,
     ):
+        import torch
+
         from meddx.models.diagnosis import DiagnosisModel
+
+        if threads is not None:
+            torch.set_num_threads(threads)
 
         self.net = DiagnosisModel.from_pretrained(model_dir, cache_dir=text_cache)
         self.net.eval().to(device)
@@ -451,6 +459,15 @@ def diagnose_on_ray(
     return {"timings": timings, "settings": settings}
 
 
+def _model_threads(options: RayOptions) -> int:
+    """Torch threads per model actor: on a local Ray, this machine's cores shared by the actors, as
+    the local engine gives its model every core while its workers read; on a cluster, the CPUs the
+    actor reserved."""
+    if options.address is None:
+        return max(1, (os.cpu_count() or 1) // options.actors)
+    return max(1, int(options.cpus_per_actor))
+
+
 def _stages(
     ray: Any,
     cohort: Cohort,
@@ -500,6 +517,7 @@ def _stages(
                 batch_size=batch_size,
                 contributions=contributions,
                 device=device,
+                threads=_model_threads(options),
             ),
             compute=ray.data.ActorPoolStrategy(size=options.actors),
             num_cpus=options.cpus_per_actor,
