@@ -17,8 +17,11 @@ skips them. Then it prints rows per second of:
   fresh process on a cold cache (ingest cache, aligned store and text embeddings), timed from
   the call to its return (writing the parts and assembling the final files included);
 
-and the peak resident memory (VmHWM) of the ``diagnose`` process and of its largest worker in
-the 2-worker end-to-end run on all rows and in the same run on the first ``--small`` rows.
+each also in CPU milliseconds per row (user + system, of the process and its workers, start-up
+included): what a row costs whatever else the machine runs, so that ``cores / CPU per row``
+bounds what an idle machine can do. Last, the peak resident memory (VmHWM) of the ``diagnose``
+process and of its largest worker in the 2-worker end-to-end run on all rows and in the same
+run on the first ``--small`` rows.
 Targets: end to end at least 0.7x the slower of ingestion alone and the model alone; peak
 memory at all rows at most 1.3x that at ``--small`` rows.
 
@@ -59,6 +62,14 @@ if __name__ == '__main__':
 """
 
 
+def _cpu_seconds() -> tuple[float, float]:
+    """CPU seconds (user + system) of this process, and of its children that have been waited for."""
+    import resource
+
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, children.ru_utime + children.ru_stime
+
+
 def _hwm_mib(pid: int) -> float:
     try:
         with open(f"/proc/{pid}/status") as status:
@@ -90,6 +101,7 @@ def _diagnose_child(manifest: Path, model: Path, out: Path, cache: Path, workers
         [sys.executable, "-c", _CHILD, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     peaks: dict[int, float] = {}
+    _, children_before = _cpu_seconds()
 
     def watch() -> None:
         while child.poll() is None:
@@ -104,13 +116,16 @@ def _diagnose_child(manifest: Path, model: Path, out: Path, cache: Path, workers
     if child.returncode != 0:
         raise RuntimeError(f"diagnose failed ({child.returncode}):\n{stderr[-3000:]}")
     found = json.loads(stdout.strip().splitlines()[-1])
+    found["cpu_seconds"] = _cpu_seconds()[1] - children_before  # the process and its workers, start-up included
     found["worker_mib"] = max(peaks.values(), default=0.0)
     found["rate"] = found["rows"] / found["seconds"]
     return found
 
 
-def _model_pass(model_dir: Path, ready_chunks, store, text_cache: Path, batch_size: int, threads: int | None) -> float:
-    """Seconds of the main process's per-chunk work on ready chunks, with a cold text-embedding cache."""
+def _model_pass(
+    model_dir: Path, ready_chunks, store, text_cache: Path, batch_size: int, threads: int | None
+) -> tuple[float, float]:
+    """Seconds and CPU seconds of the main process's per-chunk work on ready chunks (cold text cache)."""
     import torch
 
     from meddx.diagnose import chunk_frames, file_sha256, model_provenance
@@ -126,12 +141,12 @@ def _model_pass(model_dir: Path, ready_chunks, store, text_cache: Path, batch_si
         provenance = model_provenance(model, model_dir, file_sha256(model_dir / WEIGHTS_FILE))
         classes = {t: tuple(s.classes) for t, s in model.tasks.items()}
         spec = model.aligner.tensor_spec()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _cpu_seconds()[0]
         for ready in ready_chunks:
             frame, _ = chunk_frames(model, ready, store, spec, batch_size, True, "cpu")
             records = [{str(k): v for k, v in r.items()} for r in frame.to_dict("records")]
             list(risk_assessments(records, classes, provenance))
-        return time.perf_counter() - start
+        return time.perf_counter() - start, _cpu_seconds()[0] - cpu
     finally:
         torch.set_num_threads(before)
 
@@ -196,7 +211,8 @@ def main() -> None:
             progress=False,
             backbone_config=BackboneConfig(d_model=32, n_layers=1, n_heads=4),
         )
-        print(f"fine-tuned the benchmark model on 200 patients in {time.perf_counter() - start:.0f} s")
+        seconds = time.perf_counter() - start
+        print(f"fine-tuned the benchmark model on the first {min(200, len(rows))} patients in {seconds:.0f} s")
     runs = OUT / "runs"
     shutil.rmtree(runs, ignore_errors=True)
 
@@ -206,18 +222,19 @@ def main() -> None:
     n = len(cohort)
     chunks = [(k, cohort.rows[i : i + args.chunk_size]) for k, i in enumerate(range(0, n, args.chunk_size))]
     ready_chunks = []
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), sum(_cpu_seconds())
     with ChunkFeeder(cohort, chunks, model.aligner, runs / "cache-ingest", workers=2, task_timeout=600) as feeder:
         for ready in feeder:
             ready_chunks.append(ready)
         store = feeder.store
     ingest_rate = n / (time.perf_counter() - start)
-    print(f"ingestion alone (2 workers, cold cache): {ingest_rate:.2f} rows/s")
+    ingest_cpu = (sum(_cpu_seconds()) - cpu) / n  # the workers were joined when the feeder closed
+    print(f"ingestion alone (2 workers, cold cache): {ingest_rate:.2f} rows/s; {ingest_cpu * 1000:.0f} CPU ms/row")
 
     text_cache = runs / "text-embeddings-model-alone"
     head = _rows_prefix(ready_chunks, args.small)
     trial = {
-        threads: _model_pass(model_dir, head, store, text_cache, args.batch_size, threads)
+        threads: _model_pass(model_dir, head, store, text_cache, args.batch_size, threads)[0]
         for threads in sorted({torch.get_num_threads(), 1})
     }
     threads = min(trial, key=trial.__getitem__)
@@ -226,10 +243,11 @@ def main() -> None:
             args.small, ", ".join(f"{t}: {s:.1f}" for t, s in trial.items()), threads
         )
     )
-    model_rate = n / _model_pass(model_dir, ready_chunks, store, text_cache, args.batch_size, threads)
+    seconds, cpu = _model_pass(model_dir, ready_chunks, store, text_cache, args.batch_size, threads)
+    model_rate = n / seconds
     print(
         f"model alone (read, forward + contributions, rows, FHIR; batches of {args.batch_size}): "
-        f"{model_rate:.2f} rows/s"
+        f"{model_rate:.2f} rows/s; {cpu / n * 1000:.0f} CPU ms/row"
     )
     del ready_chunks, head
 
@@ -242,8 +260,8 @@ def main() -> None:
         end_to_end[workers] = found
         print(
             f"end to end, {workers} ingestion worker(s), cold cache: {found['rate']:.2f} rows/s "
-            f"({found['rate'] / slower:.2f}x the slower stage); seconds: "
-            + ", ".join(f"{k} {v:.0f}" for k, v in found["timings"].items())
+            f"({found['rate'] / slower:.2f}x the slower stage); {found['cpu_seconds'] / n * 1000:.0f} CPU ms/row; "
+            "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in found["timings"].items())
         )
     best = max(found["rate"] for found in end_to_end.values())
     print(
