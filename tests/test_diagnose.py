@@ -68,6 +68,7 @@ def test_cli_diagnoses_the_test_split_of_sample_data(tmp_path: Path, tiny_model:
     run = json.loads((out / "run.json").read_text())
     assert run["complete"] and run["counts"]["rows"] == 12 and run["counts"]["prediction_rows"] == 12
     assert len(run["model"]["sha256"]) == 64 and run["versions"]["meddx"]
+    assert run["settings"]["model_threads"] >= 1
     assert not (out / "parts").exists()
     assert list(pd.read_csv(out / "errors.csv").columns) == ["patient_id", "index_time", "modality", "path", "error"]
 
@@ -204,3 +205,16 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path: Path, tiny_model: P
     result = runner.invoke(main, ["diagnose", str(SAMPLE_MANIFEST), "--model", str(tmp_path), "--out",
                                   str(tmp_path / "b")])
     assert result.exit_code == 1 and "model.safetensors" in result.output
+
+
+def test_the_model_gets_the_threads_the_workers_leave() -> None:
+    import torch
+
+    from meddx.streaming import available_cores, model_threads
+
+    before = torch.get_num_threads()
+    cores = available_cores()
+    for workers in (0, 1, 2, cores + 3):
+        with model_threads(workers) as threads:
+            assert threads == torch.get_num_threads() == max(1, min(before, cores - max(workers, 1)))
+        assert torch.get_num_threads() == before  # restored
