@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -80,11 +81,18 @@ def _hwm_mib(pid: int) -> float:
 
 
 def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``: the children of each of its threads (the feeder thread starts the workers)."""
+    children = []
     try:
-        with open(f"/proc/{pid}/task/{pid}/children") as handle:
-            children = [int(c) for c in handle.read().split()]
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return []
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as handle:
+                children += [int(c) for c in handle.read().split()]
+        except OSError:  # the thread ended meanwhile
+            continue
     return children + [d for c in children for d in _descendants(c)]
 
 
@@ -171,8 +179,6 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
-
-    import os
 
     import pandas as pd
     import torch
