@@ -28,7 +28,7 @@ memory at all rows at most 1.3x that at ``--small`` rows.
 Run (under the shared lock on a shared machine):
 ``flock /tmp/meddx-bench.lock .venv/bin/python benchmarks/bench_diagnose.py [--patients 2000] [--small 200]``
 (at 2000 patients on 2 cores: about 5 minutes to generate the cohort and 3 to fine-tune, once;
-then four cold ingestions of the cohort: an estimated 25 minutes, not yet timed).$
+then four cold ingestions of the cohort: an estimated 25 minutes, not yet timed).
 """
 
 from __future__ import annotations
