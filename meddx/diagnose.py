@@ -542,7 +542,7 @@ def diagnose(
     from meddx.export.fhir import risk_assessments
     from meddx.models.checkpoint import WEIGHTS_FILE
     from meddx.models.diagnosis import DiagnosisModel
-    from meddx.streaming import ChunkFeeder
+    from meddx.streaming import ChunkFeeder, model_threads
 
     started = time.perf_counter()
     if engine not in ENGINES:
@@ -587,6 +587,7 @@ def diagnose(
     timings = {"ingest": 0.0, "model": 0.0, "waiting_for_ingest": 0.0, "writing": 0.0}
     logger.info("diagnosing %d rows in %d chunk(s) (%d done before)", len(rows), len(chunks), len(done))
     engine_settings: dict[str, Any] = {}
+    threads: int | None = None  # the local engine's torch threads (the Ray engine sets its actors')
     reporter = _pacs_reporter(aligner.config, cache_root, provenance, plan, rows) if store_sr else None
     if engine == "ray":
         from meddx.ray_engine import RayOptions, diagnose_on_ray
@@ -612,7 +613,10 @@ def diagnose(
         engine_settings = on_ray["settings"]
     else:
         with tqdm(total=sum(len(c) for _, c in todo), desc="diagnose", unit="row", disable=not progress) as bar:
-            with ChunkFeeder(cohort, todo, aligner, cache_root, workers, task_timeout, plugins) as feeder:
+            with (
+                model_threads(workers) as threads,
+                ChunkFeeder(cohort, todo, aligner, cache_root, workers, task_timeout, plugins) as feeder,
+            ):
                 waiting = time.perf_counter()
                 for ready in feeder:
                     timings["waiting_for_ingest"] += time.perf_counter() - waiting
@@ -662,6 +666,7 @@ def diagnose(
         "versions": _versions(),
         "settings": {
             "workers": workers,
+            "model_threads": threads,
             "batch_size": batch_size,
             "chunk_size": chunk_size,
             "engine": engine,

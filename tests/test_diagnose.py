@@ -68,6 +68,7 @@ def test_cli_diagnoses_the_test_split_of_sample_data(tmp_path: Path, tiny_model:
     run = json.loads((out / "run.json").read_text())
     assert run["complete"] and run["counts"]["rows"] == 12 and run["counts"]["prediction_rows"] == 12
     assert len(run["model"]["sha256"]) == 64 and run["versions"]["meddx"]
+    assert run["settings"]["model_threads"] >= 1
     assert not (out / "parts").exists()
     assert list(pd.read_csv(out / "errors.csv").columns) == ["patient_id", "index_time", "modality", "path", "error"]
 
@@ -149,6 +150,25 @@ def test_a_broken_file_fails_one_modality_and_a_row_without_inputs_is_one_error_
     assert result.counts["undiagnosed_rows"] == 1 and result.counts["ingest_errors"] == 2
 
 
+def _children(pid: int) -> list[int]:
+    """The child processes of every thread of ``pid`` (the workers are started by the feeder thread)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:  # the thread ended meanwhile
+            continue
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has stopped; only its parent (init) has not reaped it yet
+
+
 def test_a_run_killed_midway_finishes_with_resume_and_every_row_once(tmp_path: Path, tiny_model: Path,
                                                                      sample_cache: Path) -> None:
     rows = _sample_rows().query("split == 'test'").head(8)
@@ -163,8 +183,13 @@ def test_a_run_killed_midway_finishes_with_resume_and_every_row_once(tmp_path: P
         assert process.poll() is None, process.stdout.read().decode()
         assert time.monotonic() < deadline
         time.sleep(0.01)
+    children = _children(process.pid)  # the ingestion worker and multiprocessing's resource tracker
     process.send_signal(signal.SIGKILL)
     process.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(child) for child in children):  # orphaned workers stop by themselves
+        assert time.monotonic() < deadline, "a worker outlived the killed diagnose run"
+        time.sleep(0.2)
     done = sorted(p.name for p in (out / "parts").glob("chunk-*.parquet"))
     assert 1 <= len(done) < 4 and not (out / "predictions.parquet").exists() and not (out / "run.json").exists()
 
@@ -212,3 +237,16 @@ def test_store_sr_is_refused_on_the_ray_engine_before_any_work(tmp_path: Path) -
     with pytest.raises(ConfigError, match="--store-sr runs with the local engine"):
         diagnose(SAMPLE_MANIFEST, tmp_path / "no-model", tmp_path / "run", engine="ray", store_sr=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_model_gets_the_threads_the_workers_leave() -> None:
+    import torch
+
+    from meddx.streaming import available_cores, model_threads
+
+    before = torch.get_num_threads()
+    cores = available_cores()
+    for workers in (0, 1, 2, cores + 3):
+        with model_threads(workers) as threads:
+            assert threads == torch.get_num_threads() == max(1, min(before, cores - max(workers, 1)))
+        assert torch.get_num_threads() == before  # restored

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from model_batches import fitted_aligner, random_patient, tiny_backbone_config
@@ -190,3 +191,55 @@ def test_the_text_model_must_match_the_notes_tokenizer(setup, tmp_path) -> None:
     aligner, _, _ = setup
     with pytest.raises(ConfigError, match="set both to the same folder"):
         FoundationBackbone.from_aligner(tiny_backbone_config(text={"model": str(tmp_path)}), aligner)
+
+
+def test_pooled_variants_equal_fusing_each_variant_alone(setup) -> None:
+    aligner, _, backbone = setup
+    mixes = [MODALITIES, (Modality.EHR, Modality.AUDIO), (Modality.NOTES,), MODALITIES[1:]]
+    batch = _batch(aligner, mixes, seed=40)
+    batch.tensors, _ = _perturb_masked(batch, aligner.array_spec())  # NaN under masks must not leak
+    B = len(mixes)
+    with torch.no_grad():
+        encoded = backbone.encode(batch)
+        rows, keep, expected = [], [], []
+        for j in range(len(MODALITIES)):
+            hide = torch.zeros(B, len(MODALITIES), dtype=torch.bool)
+            hide[:, j] = True
+            rows.append(torch.arange(B))
+            keep.append(~hide)
+            expected.append(backbone.fuse(encoded, drop=hide).pooled)
+        rows.append(torch.arange(B))
+        keep.append(torch.zeros(B, len(MODALITIES), dtype=torch.bool))  # nothing kept: the summary alone
+        expected.append(backbone.fuse(encoded, drop=torch.ones(B, len(MODALITIES), dtype=torch.bool)).pooled)
+        got = backbone.pooled_variants(encoded, torch.cat(rows), torch.cat(keep), max_rows=5)
+    assert got.shape == (B * (len(MODALITIES) + 1), backbone.config.d_model)
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, torch.cat(expected), atol=1e-5)
+
+
+def test_batch_logits_withhold_each_present_modality_in_one_fusion(setup) -> None:
+    from meddx.cohort import TaskSpec
+    from meddx.models.diagnosis import DiagnosisModel
+
+    aligner, _, backbone = setup
+    tasks = {"d": TaskSpec("d", "binary", ("0", "1")), "s": TaskSpec("s", "multiclass", ("a", "b", "c"))}
+    model = DiagnosisModel(backbone, tasks).eval()
+    mixes = [MODALITIES, (Modality.EHR, Modality.AUDIO), (Modality.NOTES, Modality.VIDEO)]
+    batch = _batch(aligner, mixes, seed=50)
+    logits, withheld = model.batch_logits(batch)
+    with torch.no_grad():
+        full = model(batch, drop=torch.zeros(len(mixes), len(MODALITIES), dtype=torch.bool))
+    for task in tasks:
+        assert np.allclose(logits[task], full[task].numpy(), atol=1e-5)
+    assert set(withheld) == set(MODALITIES)  # each is present in some row
+    for j, modality in enumerate(MODALITIES):
+        hide = torch.zeros(len(mixes), len(MODALITIES), dtype=torch.bool)
+        hide[:, j] = True
+        with torch.no_grad():
+            expected = model(batch, drop=hide)
+        for task in tasks:
+            assert np.allclose(withheld[modality][task], expected[task].numpy(), atol=1e-5), (modality, task)
+            lacking = [i for i, mix in enumerate(mixes) if modality not in mix]
+            assert np.array_equal(withheld[modality][task][lacking], logits[task][lacking])  # nothing withheld
+    plain, none = model.batch_logits(batch, ablations=False)
+    assert none == {} and all(np.allclose(plain[t], logits[t]) for t in tasks)

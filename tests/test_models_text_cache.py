@@ -64,3 +64,22 @@ def test_a_torn_cache_file_is_skipped(tmp_path) -> None:
     (tmp_path / "v1" / "torn.safetensors").write_bytes(b"\x00\x01")
     again = TextEmbeddingCache(tmp_path, "v1")
     assert torch.equal(again.get(["a"])[0], torch.ones(3)) and len(again) == 1
+
+
+def test_chunks_of_any_length_mix_embed_as_alone_and_repeats_are_computed_once(tmp_path) -> None:
+    spec, arrays = _notes([5])
+    torch.manual_seed(0)
+    encoder = NotesEncoder(tiny_backbone_config(), spec, cache_dir=tmp_path)
+    ids = torch.randint(1000, 2000, (5, 16))
+    lengths = [16, 3, 9, 3, 1]
+    mask = torch.arange(16)[None, :] < torch.tensor(lengths)[:, None]  # (5, 16) real tokens lead
+    ids[3], mask[3] = ids[1], mask[1]  # chunk 3 repeats chunk 1
+    with torch.no_grad():
+        alone = torch.cat([encoder._embed(ids[n : n + 1], mask[n : n + 1]) for n in range(5)])
+    seen: list[int] = []
+    encoder.text_model.register_forward_hook(
+        lambda m, a, k, out: seen.append(k["input_ids"].shape[0]), with_kwargs=True
+    )
+    together = encoder._chunk_embeddings(ids, mask)
+    assert torch.allclose(together, alone, atol=1e-5)  # in the order given, whatever order they ran in
+    assert sum(seen) == 4  # the repeat reached the model once

@@ -137,13 +137,48 @@ class DiagnosisModel(nn.Module):
     def batch_logits(self, batch: PatientBatch, ablations: bool = True) -> tuple[dict, dict]:
         """Logits of a batch, and per present modality the logits with that modality withheld.
 
-        The encoders run once; only the fusion runs again per withheld modality.
+        The encoders run once, and the fusion once over every variant together (each patient as
+        is, and each patient without each of its present modalities: see
+        :meth:`~meddx.models.backbone.FoundationBackbone.pooled_variants`).
 
         Returns:
             ``(logits, withheld)``: task -> ``(B,)``/``(B, C)`` arrays, and modality -> task -> the
             same with that modality withheld (rows that lacked it are unchanged).
         """
         encoded = self.backbone.encode(batch)
+        if self.head_input != "summary":  # the heads read per-modality embeddings too: a fusion per variant
+            return self._batch_logits_per_variant(encoded, ablations)
+        present = encoded.present  # (B, M)
+        B = present.shape[0]
+        rows, keep = [torch.arange(B, device=present.device)], [present]
+        without: list[tuple[Modality, torch.Tensor]] = []
+        if ablations:
+            for j, modality in enumerate(MODALITIES):
+                have = present[:, j].nonzero().flatten()  # (P_j,) rows that can lose modality j
+                if len(have) == 0:
+                    continue
+                hide = present[have].clone()
+                hide[:, j] = False
+                rows.append(have)
+                keep.append(hide)
+                without.append((modality, have))
+        pooled = self.backbone.pooled_variants(encoded, torch.cat(rows), torch.cat(keep))  # (B + sum P_j, D)
+        every = {t: v.float().cpu().numpy() for t, v in self.heads(pooled).items()}
+        logits = {t: v[:B] for t, v in every.items()}
+        withheld: dict[Modality, dict[str, np.ndarray]] = {}
+        offset = B
+        for modality, have in without:
+            index = have.cpu().numpy()
+            withheld[modality] = {}
+            for task, values in every.items():
+                full = logits[task].copy()  # rows without the modality: nothing withheld, unchanged
+                full[index] = values[offset : offset + len(index)]
+                withheld[modality][task] = full
+            offset += len(index)
+        return logits, withheld
+
+    def _batch_logits_per_variant(self, encoded, ablations: bool) -> tuple[dict, dict]:
+        """:meth:`batch_logits` with one fusion per withheld modality (heads reading ``summary+modalities``)."""
         none = torch.zeros_like(encoded.present)
         logits = {
             t: v.float().cpu().numpy()

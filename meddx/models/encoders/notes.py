@@ -32,6 +32,7 @@ from meddx.records import Modality
 logger = logging.getLogger(__name__)
 
 CHUNKS_PER_CALL = 64  # chunks per text-model call: bounds memory on long batches
+TOKENS_PER_CALL = 4096  # padded tokens per text-model call (at least one chunk): bounds memory and waste
 
 
 def text_model_folder(model: str | None) -> Path:
@@ -127,15 +128,35 @@ class NotesEncoder(ModalityEncoder):
         return self
 
     def _embed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean-pooled last hidden states of chunks ``(N, L)`` → ``(N, H)``, in slices of CHUNKS_PER_CALL."""
-        out = []
-        for start in range(0, ids.shape[0], CHUNKS_PER_CALL):
-            i, m = ids[start : start + CHUNKS_PER_CALL], mask[start : start + CHUNKS_PER_CALL]
-            length = max(int(m.sum(dim=1).max()), 1)  # drop padding columns: the model's time is in length
-            i, m = i[:, :length], m[:, :length]
+        """Mean-pooled last hidden states of chunks ``(N, L)`` → ``(N, H)``, in the order given.
+
+        The model's time is in the padded length of each call, and chunks differ a lot in length
+        (a note's last chunk is short). So chunks go in shortest first, in calls of at most
+        CHUNKS_PER_CALL chunks and TOKENS_PER_CALL padded tokens whose longest chunk is at most
+        1.5x their shortest, each call cut to its longest chunk: little of the work is padding.
+        """
+        lengths = mask.sum(dim=1).clamp_min(1).tolist()  # (N,) real tokens lead, padding trails
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        pieces, placed = [], []
+        start = 0
+        while start < len(order):
+            stop = start + 1  # sorted: the chunk at stop - 1 is the longest of the call
+            while (
+                stop < len(order)
+                and stop - start < CHUNKS_PER_CALL
+                and (stop + 1 - start) * lengths[order[stop]] <= TOKENS_PER_CALL
+                and lengths[order[stop]] <= 1.5 * lengths[order[start]]
+            ):
+                stop += 1
+            index = torch.tensor(order[start:stop], device=ids.device)
+            length = lengths[order[stop - 1]]
+            i, m = ids[index, :length], mask[index, :length]  # (n, l)
             hidden = self.text_model(input_ids=i, attention_mask=m.long()).last_hidden_state  # (n, l, H)
-            out.append(masked_mean(hidden.float(), m, dim=1))
-        return torch.cat(out)
+            pieces.append(masked_mean(hidden.float(), m, dim=1))
+            placed += order[start:stop]
+            start = stop
+        back = torch.argsort(torch.tensor(placed, device=ids.device))
+        return torch.cat(pieces)[back]
 
     def _chunk_embeddings(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``(N, L)`` chunks → ``(N, H)``; a frozen model computes only chunks it has not seen."""
@@ -145,12 +166,13 @@ class NotesEncoder(ModalityEncoder):
         found = self.cache.get(keys)
         todo = [n for n, e in enumerate(found) if e is None]
         if todo:
-            index = torch.tensor(todo, device=ids.device)
+            first = {keys[n]: n for n in reversed(todo)}  # a chunk repeated in the batch is computed once
+            index = torch.tensor(list(first.values()), device=ids.device)
             with torch.no_grad():
-                fresh = self._embed(ids[index], mask[index])
-            self.cache.put({keys[n]: e for n, e in zip(todo, fresh, strict=True)})
-            for n, e in zip(todo, fresh, strict=True):
-                found[n] = e
+                fresh = dict(zip(first, self._embed(ids[index], mask[index]), strict=True))
+            self.cache.put(fresh)
+            for n in todo:
+                found[n] = fresh[keys[n]]
         return torch.stack([e.to(ids.device) for e in found])  # type: ignore[union-attr]
 
     def forward(self, arrays: dict[str, torch.Tensor]) -> EncoderOutput:
