@@ -217,13 +217,14 @@ def test_pooled_variants_equal_fusing_each_variant_alone(setup) -> None:
     assert torch.allclose(got, torch.cat(expected), atol=1e-5)
 
 
-def test_batch_logits_withhold_each_present_modality_in_one_fusion(setup) -> None:
+@pytest.mark.parametrize("head_input", ["summary", "summary+modalities"])
+def test_batch_logits_withhold_each_present_modality_in_one_fusion(setup, head_input: str) -> None:
     from meddx.cohort import TaskSpec
     from meddx.models.diagnosis import DiagnosisModel
 
     aligner, _, backbone = setup
     tasks = {"d": TaskSpec("d", "binary", ("0", "1")), "s": TaskSpec("s", "multiclass", ("a", "b", "c"))}
-    model = DiagnosisModel(backbone, tasks).eval()
+    model = DiagnosisModel(backbone, tasks, head_input=head_input).eval()
     mixes = [MODALITIES, (Modality.EHR, Modality.AUDIO), (Modality.NOTES, Modality.VIDEO)]
     batch = _batch(aligner, mixes, seed=50)
     logits, withheld = model.batch_logits(batch)
