@@ -34,6 +34,7 @@ import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +61,7 @@ PREDICTIONS_CSV = "predictions.csv"
 RISK_ASSESSMENTS = "risk_assessments.ndjson"
 ERRORS = "errors.csv"
 STRUCTURED_REPORTS = "structured_reports.csv"
+PREDICTION_SHARDS = "predictions"  # the Ray engine's sharded Parquet: predictions/part-NNNNN.parquet
 RUN = "run.json"
 ERROR_COLUMNS = ["patient_id", "index_time", "modality", "path", "error"]
 ENGINES = ("local", "ray")
@@ -217,6 +219,7 @@ def _start_or_resume(out: Path, plan: dict, resume: bool) -> set[int]:
     outputs = (RUN, PREDICTIONS_PARQUET, PREDICTIONS_CSV, RISK_ASSESSMENTS, ERRORS, STRUCTURED_REPORTS)
     for name in outputs:  # run.json first
         (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / PREDICTION_SHARDS, ignore_errors=True)
     parts.mkdir(parents=True)
     _write_text(plan_path, json.dumps(plan, indent=2))
     return set()
@@ -359,8 +362,13 @@ def _unified_schema(paths: Sequence[Path]):
     return pa.schema(fields)
 
 
-def _assemble(out: Path, numbers: Sequence[int]) -> dict[str, int]:
-    """Stream the parts into the final files (one part in memory at a time); returns counts."""
+def _assemble(out: Path, numbers: Sequence[int], shards: bool = False) -> dict[str, int]:
+    """Stream the parts into the final files (one part in memory at a time); returns counts.
+
+    With ``shards``, each chunk's rows are also kept as one file of a sharded Parquet dataset
+    (``predictions/part-NNNNN.parquet``, the schema of ``predictions.parquet``), as a cluster's
+    readers (Spark, Ray Data, ``pd.read_parquet(folder)``) want them.
+    """
     import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -369,12 +377,16 @@ def _assemble(out: Path, numbers: Sequence[int]) -> dict[str, int]:
     parquet_parts = [_part(parts, n, ".parquet") for n in numbers]
     schema = _unified_schema(parquet_parts)
     counts = {"prediction_rows": 0, "ok_rows": 0, "error_rows": 0, "risk_assessments": 0, "ingest_errors": 0}
+    shard_dir = out / PREDICTION_SHARDS
+    if shards:
+        shutil.rmtree(shard_dir, ignore_errors=True)
+        shard_dir.mkdir()
 
     def write_predictions(tmp_parquet: Path) -> None:
         def write_csv(tmp_csv: Path) -> None:
             with pq.ParquetWriter(tmp_parquet, schema) as writer, open(tmp_csv, "w", newline="") as csv:
                 csv.write(",".join(_csv_cell(name) for name in schema.names) + "\n")
-                for path in parquet_parts:
+                for number, path in zip(numbers, parquet_parts, strict=True):
                     table = pq.read_table(path)
                     columns = [
                         table.column(f.name).cast(f.type)
@@ -384,6 +396,9 @@ def _assemble(out: Path, numbers: Sequence[int]) -> dict[str, int]:
                     ]
                     table = pa.Table.from_arrays(columns, schema=schema)
                     writer.write_table(table)
+                    if shards:
+                        shard = shard_dir / f"part-{number:05d}.parquet"
+                        _replace_atomically(partial(pq.write_table, table), shard)
                     frame = table.to_pandas()
                     frame.to_csv(csv, header=False, index=False)
                     status = frame["status"]
@@ -637,7 +652,7 @@ def diagnose(
                     waiting = time.perf_counter()
 
     tick = time.perf_counter()
-    counts = _assemble(out, [k for k, _ in chunks])
+    counts = _assemble(out, [k for k, _ in chunks], shards=engine == "ray")
     if store_sr:
         counts.update(_assemble_structured_reports(out, [k for k, _ in chunks]))
     timings["assembling"] = time.perf_counter() - tick

@@ -75,6 +75,11 @@ def test_ray_predictions_equal_the_local_engines(tmp_path: Path, tiny_model: Pat
     assert run["complete"] and run["settings"]["engine"] == "ray" and run["settings"]["actors"] == 1
     assert run["counts"]["prediction_rows"] == 12 and run["counts"]["chunks"] == 3
     assert not (tmp_path / "ray" / "parts").exists()
+    # the sharded Parquet: one part per chunk, together the same rows as predictions.parquet
+    shards = sorted((tmp_path / "ray" / "predictions").glob("part-*.parquet"))
+    assert [p.name for p in shards] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "ray" / "predictions"), got)
+    assert not (tmp_path / "local" / "predictions").exists()
 
 
 def test_the_cli_runs_the_ray_engine(tmp_path: Path, tiny_model: Path, sample_cache: Path, local_ray: Path) -> None:
