@@ -43,7 +43,7 @@ import threading
 import time
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent / "out"
+from bench_cohort import OUT, bench_cohort
 
 # diagnose in a fresh process; prints its own peak RSS (VmHWM: per address space, new at exec,
 # unlike ru_maxrss, which Linux carries over from the parent through fork and exec)
@@ -187,18 +187,14 @@ def main() -> None:
     from meddx.models import BackboneConfig
     from meddx.models.diagnosis import DiagnosisModel
     from meddx.streaming import ChunkFeeder
-    from meddx.synth import generate_cohort
     from meddx.train import finetune
 
     load = os.getloadavg()
     print(f"{os.cpu_count()} cores; load average at the start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    OUT.mkdir(parents=True, exist_ok=True)
-    cohort_dir = OUT / f"cohort-{args.patients}-seed7"
-    manifest = cohort_dir / "manifest.csv"
-    if not manifest.is_file():
-        start = time.perf_counter()
-        generate_cohort(cohort_dir, n_patients=args.patients, seed=7)
-        print(f"generated {args.patients} patients in {time.perf_counter() - start:.0f} s")
+    start = time.perf_counter()
+    manifest = bench_cohort(args.patients, seed=7)
+    cohort_dir = manifest.parent
+    print(f"cohort of {args.patients} patients ready in {time.perf_counter() - start:.0f} s")
     rows = pd.read_csv(manifest, dtype=str, keep_default_na=False)
     small = cohort_dir / f"manifest-first-{args.small}.csv"
     rows.head(args.small).to_csv(small, index=False)

@@ -25,9 +25,8 @@ import json
 import os
 import shutil
 import time
-from pathlib import Path
 
-OUT = Path(__file__).resolve().parent / "out"
+from bench_cohort import OUT, bench_cohort
 
 
 def main() -> None:
@@ -41,16 +40,12 @@ def main() -> None:
 
     from meddx.diagnose import diagnose
     from meddx.models import BackboneConfig
-    from meddx.synth import generate_cohort
     from meddx.train import finetune
 
-    OUT.mkdir(parents=True, exist_ok=True)
-    cohort_dir = OUT / f"cohort-{args.patients}-seed7"
-    manifest = cohort_dir / "manifest.csv"
-    if not manifest.is_file():
-        start = time.perf_counter()
-        generate_cohort(cohort_dir, n_patients=args.patients, seed=7)
-        print(f"generated {args.patients} patients in {time.perf_counter() - start:.0f} s")
+    start = time.perf_counter()
+    manifest = bench_cohort(args.patients, seed=7)  # the cohort bench_diagnose.py uses
+    cohort_dir = manifest.parent
+    print(f"cohort of {args.patients} patients ready in {time.perf_counter() - start:.0f} s")
     first200 = cohort_dir / "manifest-first-200.csv"
     pd.read_csv(manifest, dtype=str, keep_default_na=False).head(200).to_csv(first200, index=False)
     runs = OUT / f"ray-runs-{args.patients}"
