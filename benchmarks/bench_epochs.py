@@ -39,6 +39,7 @@ def main() -> None:
     from torch.utils.data import DataLoader
 
     from meddx.data import prepare_cohort
+    from meddx.data.prefetch import prefetched
     from meddx.embeddings import compute_embeddings
     from meddx.models import BackboneConfig, FoundationBackbone
     from meddx.models.heads import DiagnosisHeads
@@ -66,7 +67,7 @@ def main() -> None:
         for _ in range(2):
             backbone.train()
             start = time.perf_counter()
-            for batch in loader:
+            for batch in prefetched(loader):  # as meddx finetune reads them
                 known = batch.label_mask[task]
                 logits = head(backbone(batch).pooled).squeeze(-1)
                 loss = torch.nn.functional.binary_cross_entropy_with_logits(logits[known], batch.labels[task][known].float())

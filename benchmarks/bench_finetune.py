@@ -145,11 +145,15 @@ def main() -> None:
     parser.add_argument("--mode", default="full", choices=["head", "full", "lora"])
     parser.add_argument("--epochs", type=int, default=None, help="at most this many epochs (default: the mode's)")
     parser.add_argument("--skip-singles", action="store_true", help="only the fused model and late fusion")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: meddx.finetune's")
+    parser.add_argument("--learning-rate", type=float, default=None, help="default: the mode's")
+    parser.add_argument("--dropout", type=float, default=None, help="the backbone's; default: BackboneConfig's")
     args = parser.parse_args()
 
     import torch
 
     from meddx.data import prepare_cohort
+    from meddx.models import BackboneConfig
     from meddx.train import finetune
 
     torch.set_num_threads(2)
@@ -158,10 +162,23 @@ def main() -> None:
     prepared = prepare_cohort(manifest, cache_dir=cache, workers=2, progress=False)
     print(f"cohort: {manifest} (train/val/test from its split column)")
 
+    # settings left at None keep meddx's defaults; the same settings for the fused model and every single
+    chosen = {"batch_size": args.batch_size, "learning_rate": args.learning_rate}
+    settings = {name: value for name, value in chosen.items() if value is not None}
+    if args.dropout is not None:
+        settings["backbone_config"] = BackboneConfig(dropout=args.dropout)
     table = []
     started = time.perf_counter()
     fused = finetune(
-        manifest, OUT / "fused", mode=args.mode, epochs=args.epochs, cache_dir=cache, workers=2, progress=False, seed=0
+        manifest,
+        OUT / "fused",
+        mode=args.mode,
+        epochs=args.epochs,
+        cache_dir=cache,
+        workers=2,
+        progress=False,
+        seed=0,
+        **settings,
     )
     fused_seconds = time.perf_counter() - started
     scores = test_scores(fused, manifest, cache)
@@ -200,6 +217,7 @@ def main() -> None:
                 workers=2,
                 progress=False,
                 seed=0,
+                **settings,
             )
             seconds = time.perf_counter() - started
             s = test_scores(model, single_manifest, cache)
@@ -210,6 +228,7 @@ def main() -> None:
     print(
         f"mode={args.mode}, at most {args.epochs or 'the default number of'} epochs; test split of {scores['rows']} "
         f"patients; fused: best epoch {info['best_epoch']} of {info['epochs_run']}, lr {info['learning_rate']}, "
+        f"batch {info['batch_size']}, dropout {fused.backbone.config.dropout}, "
         f"schedule {info.get('schedule')}, validation AUROC by epoch {[round(v, 3) for v in fused.metrics['history']]}"
     )
     print(f"{'model':<32}{'AUROC':>8}{'ECE raw':>9}{'ECE cal':>9}{'cover':>8}{'fit s':>8}")

@@ -618,6 +618,8 @@ def _fit_end_to_end(
     from torch.utils.data.distributed import DistributedSampler
     from tqdm.auto import tqdm
 
+    from meddx.data.prefetch import prefetched
+
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=WEIGHT_DECAY)
     stepper = model
@@ -640,7 +642,13 @@ def _fit_end_to_end(
         if model.adapter is not None:
             _keep_frozen_statistics(model.backbone)
         for step, batch in enumerate(
-            tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress or rank != 0, leave=False)
+            tqdm(
+                prefetched(loader),
+                desc=f"epoch {epoch + 1}/{epochs}",
+                total=len(loader),
+                disable=not progress or rank != 0,
+                leave=False,
+            )
         ):
             for group in optimizer.param_groups:  # a function of the step alone, so --resume needs no state
                 group["lr"] = learning_rate * learning_rate_factor(epoch * len(loader) + step, total_steps, schedule)

@@ -84,13 +84,15 @@ class VideoEncoder(ModalityEncoder):
 
     def _cnn(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """One frame CNN on pooled frames ``(N, C, H, W)`` → ``(N, w)``; a frozen one runs once per frame."""
-        cnn, x = getattr(self, name), self._pool(x)
+        cnn = getattr(self, name)
         return self.cached[name](cnn, x) if self.frozen else cnn(x)
 
     def forward(self, arrays: dict[str, torch.Tensor]) -> EncoderOutput:
         mask = arrays[self.mask].bool()  # (P, F)
-        frames = zero_where_not(arrays[self.frames].float(), mask)  # (P, F, C, H, W)
         P, F = mask.shape
+        # Pooling is linear, so the difference of pooled frames is the pooled difference: pool once, first.
+        frames = self._pool(arrays[self.frames].float().flatten(0, 1)).unflatten(0, (P, F))  # (P, F, C, h, w)
+        frames = zero_where_not(frames, mask)
         both_real = torch.zeros_like(mask)
         both_real[:, 1:] = mask[:, 1:] & mask[:, :-1]  # a difference needs this frame and the one before
         diffs = torch.zeros_like(frames)
