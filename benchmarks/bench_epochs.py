@@ -31,7 +31,7 @@ from bench_cohort import OUT, bench_cohort, sub_manifest
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--patients", type=int, default=1800)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=None, help="default: meddx finetune's batch size")
     parser.add_argument("--frozen-trunks", action="store_true", help="train with frozen imaging/video trunks")
     args = parser.parse_args()
 
@@ -44,6 +44,9 @@ def main() -> None:
     from meddx.models import BackboneConfig, FoundationBackbone
     from meddx.models.heads import DiagnosisHeads
 
+    from meddx.train import DEFAULT_BATCH_SIZE
+
+    args.batch = args.batch or DEFAULT_BATCH_SIZE
     torch.set_num_threads(2)
     manifest = sub_manifest(bench_cohort(), f"first-{args.patients}", slice(0, args.patients), split="train")
     started = time.perf_counter()

@@ -316,7 +316,7 @@ def pretrain_command(
     help="head: frozen backbone; full: train everything; lora: LoRA adapters; auto: head with --backbone, else full.",
 )
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="At most this many epochs (default per mode).")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))  # DEFAULT_BATCH_SIZE
 @click.option(
     "--lr",
     "learning_rate",

@@ -81,7 +81,7 @@ class FinetuneStep(_Step):
     backbone_config: BackboneConfig | None = None
     ingest_config: IngestConfig | None = None
     epochs: int | None = Field(None, ge=1)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(64, ge=1)  # meddx.train.DEFAULT_BATCH_SIZE
     learning_rate: float | None = Field(None, gt=0)
     patience: int = Field(5, ge=1)
     alpha: float = Field(0.1, gt=0, lt=1)

@@ -310,6 +310,21 @@ class PatientBatch:
         """Batch positions (int64 ``(P_m,)``) of the patients that have ``modality``."""
         return self.present[:, MODALITIES.index(Modality(modality))].nonzero().flatten()
 
+    def keeping(self, keep: torch.Tensor) -> PatientBatch:
+        """The same patients with only the modalities ``keep`` (bool ``(B, M)``) lets through.
+
+        Each modality's arrays lose the rows of patients whose modality is not kept; a modality
+        nobody keeps leaves ``tensors``. Labels, ids and rows are unchanged.
+        """
+        present = self.present & keep.to(self.present.device).bool()
+        tensors = {}
+        for modality, arrays in self.tensors.items():
+            m = MODALITIES.index(modality)
+            kept = present[self.present[:, m], m]  # (P_m,) over this modality's rows, in batch order
+            if bool(kept.any()):
+                tensors[modality] = arrays if bool(kept.all()) else {k: v[kept] for k, v in arrays.items()}
+        return PatientBatch(self.patient_ids, self.index_times, tensors, present, self.rows, self.labels)
+
     def to(self, device: str | torch.device, non_blocking: bool = False) -> PatientBatch:
         """Move every tensor to ``device``."""
         return PatientBatch(

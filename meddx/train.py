@@ -60,6 +60,9 @@ MODES: tuple[str, ...] = ("auto", "head", "full", "lora")
 # the 10-minute fused fit on a 2-core CPU (about 60 s per epoch over 1800 cached patients, idle).
 DEFAULT_EPOCHS = {"head": 200, "full": 15, "lora": 15}  # docs/training.md: "Epochs"
 DEFAULT_LEARNING_RATE = {"head": 3e-3, "full": 1e-3, "lora": 2e-3}
+# 64 rather than 32: on 2 CPU cores a step's small operations cost per call, so an epoch of 64-patient
+# steps is about a third faster, and the fused model scored as well or better (docs/training.md).
+DEFAULT_BATCH_SIZE = 64
 CHECKPOINT = "checkpoint"
 SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 WARMUP_FRACTION = 0.05  # of the planned steps, linear warm-up before the cosine decay
@@ -219,7 +222,7 @@ def finetune(
     backbone_config: BackboneConfig | None = None,
     ingest_config: IngestConfig | None = None,
     cache_dir: str | Path | None = None,
-    batch_size: int = 32,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     learning_rate: float | None = None,
     patience: int = 5,
     seed: int = 0,

@@ -146,6 +146,41 @@ def test_modality_dropout_hides_some_but_never_all(setup) -> None:
     assert kept[:50, 2].all() and (kept.sum() < keep.sum())
 
 
+def test_training_skips_the_encoders_of_hidden_modalities_except_cached_ones(setup) -> None:
+    """Modality dropout is drawn before encoding: an uncached encoder never runs on a hidden row."""
+    aligner, _, _ = setup
+    batch = _batch(aligner, [MODALITIES] * 12, seed=60)
+    torch.manual_seed(1)
+    model = FoundationBackbone(tiny_backbone_config(modality_dropout=0.5), aligner.array_spec()).train()
+    seen: dict[str, int] = {}
+    for name, encoder in model.encoders.items():
+        encoder.register_forward_hook(lambda mod, args, out, name=name: seen.__setitem__(name, out.tokens.shape[0]))
+    out = model(batch)
+    used = out.modality_mask.sum(dim=0)  # (M,) rows whose modality reached the fusion
+    for m, modality in enumerate(MODALITIES):
+        if model.encoders[modality.value].frozen:  # the frozen text model: every row, to fill its cache
+            assert seen[modality.value] == len(batch)
+        else:
+            assert seen.get(modality.value, 0) == int(used[m]) < len(batch)
+    assert model.encoders["notes"].frozen and not model.encoders["imaging"].frozen
+
+
+def test_keeping_removes_rows_of_modalities_not_kept(setup) -> None:
+    aligner, _, _ = setup
+    batch = _batch(aligner, [MODALITIES, (Modality.EHR, Modality.VIDEO), (Modality.VIDEO,)], seed=70)
+    keep = torch.ones(3, len(MODALITIES), dtype=torch.bool)
+    v, e = MODALITIES.index(Modality.VIDEO), MODALITIES.index(Modality.EHR)
+    keep[1, v] = False
+    keep[:, e] = False
+    kept = batch.keeping(keep)
+    assert torch.equal(kept.present, batch.present & keep)
+    assert Modality.EHR not in kept.tensors  # nobody keeps it
+    frames = next(iter(batch.tensors[Modality.VIDEO].values()))
+    kept_frames = next(iter(kept.tensors[Modality.VIDEO].values()))
+    assert torch.equal(kept_frames, frames[[0, 2]])  # patients 0 and 2, in batch order
+    assert torch.equal(kept.rows_with(Modality.VIDEO), torch.tensor([0, 2]))
+
+
 def test_training_forward_is_deterministic_under_a_seed_and_trains(setup) -> None:
     aligner, _, _ = setup
     batch = _batch(aligner, [MODALITIES, (Modality.EHR,), (Modality.AUDIO, Modality.VIDEO)], seed=40)

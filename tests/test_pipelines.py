@@ -78,3 +78,13 @@ def test_demo_yaml_runs(tmp_path: Path, sample_cache: Path) -> None:
     predictions = pd.read_parquet(out / "diagnose" / "predictions.parquet")
     assert len(predictions) == 12 and (predictions.status == "ok").all()
     assert (out / "evaluation" / "report.html").is_file() and (out / "model" / "calibration.json").is_file()
+
+
+def test_finetune_defaults_are_the_library_defaults() -> None:
+    """The CLI and the pipeline step repeat meddx.train's batch size (they must not import torch to show it)."""
+    from meddx.pipelines import FinetuneStep
+    from meddx.train import DEFAULT_BATCH_SIZE
+
+    finetune_command = main.commands["finetune"]
+    cli_default = next(p.default for p in finetune_command.params if p.name == "batch_size")
+    assert cli_default == FinetuneStep.model_fields["batch_size"].default == DEFAULT_BATCH_SIZE

@@ -431,7 +431,29 @@ class FoundationBackbone(nn.Module):
         """
         cuda = batch.present.is_cuda
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            if drop is None and self.training and self.config.modality_dropout > 0:
+                drop = self._drop_before_encoding(batch, withhold)
+                batch = batch.keeping(~drop | self._cached_modalities(drop.device))
             return self.fuse(self.encode(batch), drop=drop, withhold=withhold)
+
+    def _drop_before_encoding(self, batch: PatientBatch, withhold: Iterable[Modality | str] | None) -> torch.Tensor:
+        """Modality dropout drawn before encoding: bool ``(B, M)``, True where hidden.
+
+        The encoders are most of a training step; drawn first, the hidden rows of an encoder with
+        no cache need not run at all (the fusion would ignore their tokens). Encoders whose outputs
+        are cached (a frozen text model or trunk) still see every row, so that their cache fills in
+        the first epoch instead of over several.
+        """
+        keep = batch.present.clone()
+        for m in _modality_indices(withhold):
+            keep[:, m] = False
+        return keep & ~self._modality_dropout(keep)
+
+    def _cached_modalities(self, device: torch.device) -> torch.Tensor:
+        """bool ``(M,)``: True for the modalities whose encoder caches its outputs."""
+        return torch.tensor(
+            [m.value in self.encoders and self.encoders[m.value].frozen for m in MODALITIES], device=device
+        )
 
     # ----------------------------------------------------------- persistence
 

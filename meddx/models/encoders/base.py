@@ -95,6 +95,9 @@ class ModalityEncoder(nn.Module):
     """
 
     modality: ClassVar[Modality]
+    # True where the encoder's heavy part (text model, imaging or video trunk) is frozen and its
+    # outputs are cached, so that a row costs little from the second time it is seen.
+    frozen: bool = False
 
     def __init__(self, config: BackboneConfig, spec: ArraySpec):
         super().__init__()
