@@ -458,7 +458,7 @@ def finetune_command(
 )
 @click.option(
     "--chunk-size",
-    default=256,
+    default=64,
     show_default=True,
     type=click.IntRange(min=1),
     help="Rows ingested ahead of the model at a time (the unit of --resume).",

@@ -469,7 +469,14 @@ def model_provenance(model: DiagnosisModel, folder: Path, sha256: str) -> ModelP
     return ModelProvenance(folder.resolve().name, sha256, __version__, alpha, method)
 
 
-def _pacs_reporter(config, cache_root: Path, provenance: ModelProvenance, plan: dict, rows: Sequence[CohortRow]):
+def _load_model(model_dir: Path, cache_root: Path, device: str) -> DiagnosisModel:
+    """The model folder's network, in eval mode on ``device`` (note embeddings cached under the cache root)."""
+    from meddx.models.diagnosis import DiagnosisModel
+
+    return DiagnosisModel.from_pretrained(model_dir, cache_dir=cache_root / "text-embeddings").eval().to(device)
+
+
+def _pacs_reporter(config, cache_root: Path, model_dir: Path, sha256: str, plan: dict, rows: Sequence[CohortRow]):
     """The ``--store-sr`` reporter; checks a DICOMweb server is configured before any work."""
     from meddx.export.sr import ModelInfo
     from meddx.export.sr_reports import PacsReporter
@@ -478,9 +485,9 @@ def _pacs_reporter(config, cache_root: Path, provenance: ModelProvenance, plan: 
 
     if not any(Modality.IMAGING in row.remote for row in rows):
         logger.warning("--store-sr: no row reads its images from DICOMweb (dicomweb: cells); no SR will be made")
-    version = f"{provenance.sha256[:16]} (meddx {provenance.meddx_version})"
+    version = f"{sha256[:16]} (meddx {__version__})"  # as model_provenance names the model
     run_id = json.dumps(plan, sort_keys=True)
-    model_info = ModelInfo(provenance.name, version)
+    model_info = ModelInfo(model_dir.resolve().name, version)
     return PacsReporter(with_dicomweb_store(config, cache_root), cache_root, model_info, run_id)
 
 
@@ -506,7 +513,7 @@ def diagnose(
     workers: int | None = None,
     resume: bool = False,
     batch_size: int = 64,
-    chunk_size: int = 256,
+    chunk_size: int = 64,
     contributions: bool = True,
     task_timeout: float | None = DEFAULT_TASK_TIMEOUT,
     plugins: tuple[str, ...] = (),
@@ -555,8 +562,7 @@ def diagnose(
 
     from meddx.cache import default_cache_dir
     from meddx.export.fhir import risk_assessments
-    from meddx.models.checkpoint import WEIGHTS_FILE
-    from meddx.models.diagnosis import DiagnosisModel
+    from meddx.models.checkpoint import WEIGHTS_FILE, read_aligner
     from meddx.streaming import ChunkFeeder, model_threads
 
     started = time.perf_counter()
@@ -580,11 +586,10 @@ def diagnose(
     weights = model_dir / WEIGHTS_FILE
     if not weights.is_file():
         raise ModelError(f"{model_dir} has no {WEIGHTS_FILE}; point --model at a folder written by meddx finetune")
-    net = DiagnosisModel.from_pretrained(model_dir, cache_dir=cache_root / "text-embeddings")
-    net.eval().to(device if engine == "local" else "cpu")  # on Ray the actors run the model
     sha256 = file_sha256(weights)
-    provenance = model_provenance(net, model_dir, sha256)
-    classes = {name: tuple(spec.classes) for name, spec in net.tasks.items()}
+    # The aligner comes from config.json alone: the workers can start ingesting while the network is
+    # built (importing MONAI and transformers and reading the weights take about 12 s on 2 cores).
+    aligner = read_aligner(model_dir)
 
     chunks = [(k, rows[i : i + chunk_size]) for k, i in enumerate(range(0, len(rows), chunk_size))]
     plan = _plan(manifest, sha256, split, chunk_size, rows, store_sr)
@@ -595,7 +600,6 @@ def diagnose(
     done = _start_or_resume(out, plan, resume)
     todo = [(k, chunk) for k, chunk in chunks if k not in done]
     parts = out / PARTS
-    aligner = net.aligner
     tensor_spec = aligner.tensor_spec()
     ingest_tasks = workers  # on Ray: a cap on ingestion tasks at once (None: every free CPU)
     workers = default_workers() if workers is None else workers
@@ -603,9 +607,14 @@ def diagnose(
     logger.info("diagnosing %d rows in %d chunk(s) (%d done before)", len(rows), len(chunks), len(done))
     engine_settings: dict[str, Any] = {}
     threads: int | None = None  # the local engine's torch threads (the Ray engine sets its actors')
-    reporter = _pacs_reporter(aligner.config, cache_root, provenance, plan, rows) if store_sr else None
+    # checks that a DICOMweb server is configured, before any work
+    reporter = _pacs_reporter(aligner.config, cache_root, model_dir, sha256, plan, rows) if store_sr else None
     if engine == "ray":
         from meddx.ray_engine import RayOptions, diagnose_on_ray
+
+        net = _load_model(model_dir, cache_root, "cpu")  # the actors run the model; this copy names it
+        provenance = model_provenance(net, model_dir, sha256)
+        classes = {name: tuple(spec.classes) for name, spec in net.tasks.items()}
 
         on_ray = diagnose_on_ray(
             cohort,
@@ -629,9 +638,12 @@ def diagnose(
     else:
         with tqdm(total=sum(len(c) for _, c in todo), desc="diagnose", unit="row", disable=not progress) as bar:
             with (
-                model_threads(workers) as threads,
                 ChunkFeeder(cohort, todo, aligner, cache_root, workers, task_timeout, plugins) as feeder,
+                model_threads(workers) as threads,  # after the workers start: it imports torch
             ):
+                net = _load_model(model_dir, cache_root, device)  # while the workers ingest the first chunks
+                provenance = model_provenance(net, model_dir, sha256)
+                classes = {name: tuple(spec.classes) for name, spec in net.tasks.items()}
                 waiting = time.perf_counter()
                 for ready in feeder:
                     timings["waiting_for_ingest"] += time.perf_counter() - waiting

@@ -98,7 +98,7 @@ class DiagnoseStep(_Step):
     out: str = Field(description="folder for predictions, RiskAssessments, errors.csv and run.json")
     split: str | None = None
     batch_size: int = Field(64, ge=1)
-    chunk_size: int = Field(256, ge=1)
+    chunk_size: int = Field(64, ge=1)
     contributions: bool = True
     resume: bool = False
     store_sr: bool = Field(False, description="store a DICOM SR per prediction made on PACS images on the server")

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from meddx.align import Aligner
 from meddx.errors import ModelError
 from meddx.models import FoundationBackbone
-from meddx.models.checkpoint import TEXT_PREFIX
+from meddx.models.checkpoint import TEXT_PREFIX, read_aligner
 from meddx.records import MODALITIES, Modality, collate
 
 
@@ -45,6 +45,18 @@ def test_round_trip_gives_identical_outputs(saved) -> None:
     restored = loaded.aligner()
     assert isinstance(restored, Aligner) and restored.array_spec() == aligner.array_spec()
     assert loaded.config == backbone.config
+
+
+def test_the_aligner_is_read_without_building_the_network(saved) -> None:
+    """diagnose starts ingesting with it while the network loads; it must be the one the network uses."""
+    backbone, folder, batch, aligner = saved
+    read = read_aligner(folder)
+    assert read.state_dict() == aligner.state_dict() == FoundationBackbone.from_pretrained(folder).aligner().state_dict()
+    patient = aligner.transform(fitted_aligner()[1][0])
+    again = read.transform(fitted_aligner()[1][0])
+    for modality, arrays in patient.tensors.items():
+        for name, value in arrays.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(again.tensors[modality][name]))
 
 
 def test_the_bundled_frozen_text_model_is_not_copied(saved) -> None:

@@ -23,6 +23,7 @@ from meddx.models.config import BackboneConfig
 from meddx.records import Modality
 
 if TYPE_CHECKING:
+    from meddx.align import Aligner
     from meddx.models.backbone import FoundationBackbone
 
 logger = logging.getLogger(__name__)
@@ -193,6 +194,22 @@ def read_checkpoint(folder: str | Path) -> BackboneCheckpoint:
         return BackboneCheckpoint.model_validate(data)
     except ValidationError as exc:
         raise ModelError(f"{folder / CONFIG_FILE} does not match the backbone config schema: {exc}") from None
+
+
+def read_aligner(folder: str | Path) -> Aligner:
+    """The fitted aligner saved in a model folder, read from ``config.json`` without building the network.
+
+    Raises:
+        ModelError: what :func:`read_checkpoint` refuses, or a folder saved without an aligner.
+    """
+    from meddx.align import Aligner
+
+    checkpoint = read_checkpoint(folder)
+    if checkpoint.aligner is None:
+        raise ModelError(
+            f"{folder} holds no fitted aligner; save a backbone built with FoundationBackbone.from_aligner"
+        )
+    return Aligner.from_state_dict(checkpoint.aligner)
 
 
 def load_backbone(
