@@ -192,24 +192,15 @@ def main() -> None:
     prepared = prepare_cohort(manifest, cache_dir=cache, workers=2, progress=False)
     print(f"cohort: {manifest} (train/val/test from its split column)")
 
-    # settings left at None keep meddx's defaults; the same settings for the fused model and every single
+    # the same settings for the fused model and every single; those left at None keep meddx's defaults
     chosen = {"batch_size": args.batch_size, "learning_rate": args.learning_rate}
     settings = {name: value for name, value in chosen.items() if value is not None}
+    settings.update(mode=args.mode, epochs=args.epochs, cache_dir=cache, workers=2, progress=False, seed=0)
     if args.dropout is not None:
         settings["backbone_config"] = BackboneConfig(dropout=args.dropout)
     table = []
     started = time.perf_counter()
-    fused = finetune(
-        manifest,
-        OUT / "fused",
-        mode=args.mode,
-        epochs=args.epochs,
-        cache_dir=cache,
-        workers=2,
-        progress=False,
-        seed=0,
-        **settings,
-    )
+    fused = finetune(manifest, OUT / "fused", **settings)
     fused_seconds = time.perf_counter() - started
     scores = test_scores(fused, manifest, cache)
     print(
@@ -238,17 +229,7 @@ def main() -> None:
         for modality in MODALITIES:
             single_manifest = only(manifest, modality)
             started = time.perf_counter()
-            model = finetune(
-                single_manifest,
-                OUT / f"single-{modality}",
-                mode=args.mode,
-                epochs=args.epochs,
-                cache_dir=cache,
-                workers=2,
-                progress=False,
-                seed=0,
-                **settings,
-            )
+            model = finetune(single_manifest, OUT / f"single-{modality}", **settings)
             seconds = time.perf_counter() - started
             s = test_scores(model, single_manifest, cache)
             table.append((modality, s["auroc"], s["ece_before"], s["ece_after"], s["coverage"], seconds))
