@@ -122,7 +122,6 @@ def _init_stream_worker(
     init_worker(config_json, cache_root, plugins, in_worker=in_worker)
     if in_worker:
         _one_thread_each()
-        _exit_with_parent()
     _worker_aligner = Aligner.from_state_dict(json.loads(aligner_json))
     _worker_aligner_digest = aligner_hash(_worker_aligner)
     _worker_store = TensorStore(store_root)
@@ -141,24 +140,6 @@ def _one_thread_each() -> None:
     import cv2
 
     cv2.setNumThreads(1)
-
-
-def _exit_with_parent(every: float = 1.0) -> None:
-    """Stop this worker when the process that started it is gone (killed with SIGKILL, say).
-
-    A pool's workers hold both ends of their task queue, so a dead parent never reads as the end
-    of the queue: without this, each would wait forever, holding its memory (over 1 GiB).
-    """
-    import time
-
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:  # an orphan is handed to another process
-            time.sleep(every)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="meddx-parent-watch", daemon=True).start()
 
 
 def _align_one(task: AlignTask) -> AlignOutcome:

@@ -71,3 +71,12 @@ def tiny_model(tmp_path_factory, sample_cache: Path) -> Path:
     finetune(SAMPLE_MANIFEST, out, mode="full", epochs=2, seed=0, cache_dir=sample_cache, workers=2, progress=False,
              backbone_config=BackboneConfig(d_model=16, n_layers=1, n_heads=2))
     return out
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie has stopped; only its parent has not reaped it yet)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from conftest import REPO, process_alive
 
 from meddx.cli import main
 from meddx.config import IngestConfig
@@ -158,3 +164,28 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert len(predictions) == 12 and predictions["probability"].between(0, 1).all()
     assert (out / "diagnose" / "risk_assessments.ndjson").is_file() and (out / "evaluation" / "report.html").is_file()
     assert (out / "model" / "model.safetensors").is_file() and (out / "sample_data" / "manifest.csv").is_file()
+
+
+def test_a_killed_ingest_leaves_no_worker_behind(tmp_path: Path) -> None:
+    """Workers hold both ends of their task queue; without a parent watch they would wait forever."""
+    manifest = generate_cohort(tmp_path / "cohort", n_patients=6, seed=5)
+    cache = tmp_path / "cache"
+    args = [sys.executable, "-m", "meddx.cli", "ingest", str(manifest), "--cache", str(cache), "--workers", "2",
+            "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    children: list[int] = []
+    while len(children) < 2:  # both workers started (spawned by the main thread)
+        assert process.poll() is None, process.stdout.read().decode()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+        children = [int(c) for c in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
+    time.sleep(2)  # let the workers reach their initializer (the watch starts there)
+    children = [int(c) for c in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + 60
+    while any(process_alive(child) for child in children):
+        assert time.monotonic() < deadline, "an ingest worker outlived the killed ingest run"
+        time.sleep(0.2)

@@ -14,7 +14,7 @@ import jsonschema
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from conftest import REPO, SAMPLE_MANIFEST
+from conftest import REPO, SAMPLE_MANIFEST, process_alive
 from fhir.resources.R4B.riskassessment import RiskAssessment
 
 from meddx.cli import main
@@ -161,14 +161,6 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"  # a zombie has stopped; only its parent (init) has not reaped it yet
-
-
 def test_a_run_killed_midway_finishes_with_resume_and_every_row_once(tmp_path: Path, tiny_model: Path,
                                                                      sample_cache: Path) -> None:
     rows = _sample_rows().query("split == 'test'").head(8)
@@ -187,7 +179,7 @@ def test_a_run_killed_midway_finishes_with_resume_and_every_row_once(tmp_path: P
     process.send_signal(signal.SIGKILL)
     process.wait()
     deadline = time.monotonic() + 30
-    while any(_alive(child) for child in children):  # orphaned workers stop by themselves
+    while any(process_alive(child) for child in children):  # orphaned workers stop by themselves
         assert time.monotonic() < deadline, "a worker outlived the killed diagnose run"
         time.sleep(0.2)
     done = sorted(p.name for p in (out / "parts").glob("chunk-*.parquet"))

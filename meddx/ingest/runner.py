@@ -26,6 +26,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -127,6 +128,24 @@ def init_worker(config_json: str, cache_root: str, plugins: tuple[str, ...] = ()
     _worker_config = IngestConfig.model_validate_json(config_json)
     _worker_ingestors = build_ingestors(_worker_config)
     _worker_cache = RecordCache(cache_root)
+    if in_worker:
+        _exit_with_parent()
+
+
+def _exit_with_parent(every: float = 1.0) -> None:
+    """Stop this worker when the process that started it is gone (killed with SIGKILL, say).
+
+    A pool's workers hold both ends of their task queue, so a dead parent never reads as the end
+    of the queue: without this, each would wait forever, holding its memory (over 1 GiB).
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:  # an orphan is handed to another process
+            time.sleep(every)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="meddx-parent-watch", daemon=True).start()
 
 
 def worker_cache() -> RecordCache | None:
