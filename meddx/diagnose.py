@@ -469,11 +469,16 @@ def model_provenance(model: DiagnosisModel, folder: Path, sha256: str) -> ModelP
     return ModelProvenance(folder.resolve().name, sha256, __version__, alpha, method)
 
 
-def _load_model(model_dir: Path, cache_root: Path, device: str) -> DiagnosisModel:
-    """The model folder's network, in eval mode on ``device`` (note embeddings cached under the cache root)."""
+def _load_model(
+    model_dir: Path, cache_root: Path, device: str, sha256: str
+) -> tuple[DiagnosisModel, ModelProvenance, dict[str, tuple[str, ...]]]:
+    """The model folder's network in eval mode on ``device`` (note embeddings cached under the cache
+    root), what the FHIR resources say of it, and each task's classes."""
     from meddx.models.diagnosis import DiagnosisModel
 
-    return DiagnosisModel.from_pretrained(model_dir, cache_dir=cache_root / "text-embeddings").eval().to(device)
+    net = DiagnosisModel.from_pretrained(model_dir, cache_dir=cache_root / "text-embeddings").eval().to(device)
+    classes = {name: tuple(spec.classes) for name, spec in net.tasks.items()}
+    return net, model_provenance(net, model_dir, sha256), classes
 
 
 def _pacs_reporter(config, cache_root: Path, model_dir: Path, sha256: str, plan: dict, rows: Sequence[CohortRow]):
@@ -612,9 +617,7 @@ def diagnose(
     if engine == "ray":
         from meddx.ray_engine import RayOptions, diagnose_on_ray
 
-        net = _load_model(model_dir, cache_root, "cpu")  # the actors run the model; this copy names it
-        provenance = model_provenance(net, model_dir, sha256)
-        classes = {name: tuple(spec.classes) for name, spec in net.tasks.items()}
+        net, provenance, classes = _load_model(model_dir, cache_root, "cpu", sha256)  # the actors run the model
 
         on_ray = diagnose_on_ray(
             cohort,
@@ -641,9 +644,8 @@ def diagnose(
                 ChunkFeeder(cohort, todo, aligner, cache_root, workers, task_timeout, plugins) as feeder,
                 model_threads(workers) as threads,  # after the workers start: it imports torch
             ):
-                net = _load_model(model_dir, cache_root, device)  # while the workers ingest the first chunks
-                provenance = model_provenance(net, model_dir, sha256)
-                classes = {name: tuple(spec.classes) for name, spec in net.tasks.items()}
+                # the network loads while the workers ingest the first chunks
+                net, provenance, classes = _load_model(model_dir, cache_root, device, sha256)
                 waiting = time.perf_counter()
                 for ready in feeder:
                     timings["waiting_for_ingest"] += time.perf_counter() - waiting

@@ -80,6 +80,18 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
     return total / weight.sum(dim).clamp_min(1.0)
 
 
+def average_pool(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """``(N, C, [D,] H, W)`` averaged over ``factor``-wide cells (a ragged edge keeps its own cell).
+
+    The imaging and video encoders' ``input_pool``: the network sees the same field of view at a
+    lower resolution.
+    """
+    if factor == 1:
+        return x
+    pool = nn.functional.avg_pool3d if x.dim() == 5 else nn.functional.avg_pool2d
+    return pool(x, factor, ceil_mode=True)
+
+
 def zero_where_not(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``x`` with masked-out entries set to 0 (``where``, so NaN or inf there cannot leak through)."""
     while mask.dim() < x.dim():

@@ -16,7 +16,14 @@ from torch import nn
 from meddx.errors import ConfigError, ModelError
 from meddx.ingest.base import ArraySpec
 from meddx.models.config import BackboneConfig, ImagingEncoderConfig
-from meddx.models.encoders.base import EncoderOutput, ModalityEncoder, find_one, masked_mean, zero_where_not
+from meddx.models.encoders.base import (
+    EncoderOutput,
+    ModalityEncoder,
+    average_pool,
+    find_one,
+    masked_mean,
+    zero_where_not,
+)
 from meddx.models.frozen import FrozenOutputs
 from meddx.records import Modality
 
@@ -146,7 +153,6 @@ class ImagingEncoder(ModalityEncoder):
         self._check_fits(cfg)
         if cfg.weights is not None and load_weights:
             load_network_weights(self.trunk, cfg.weights)
-        self.frozen = False
         self.trunk_outputs: FrozenOutputs | None = None
         if cfg.frozen if cfg.frozen is not None else cfg.weights is not None:
             self.freeze()
@@ -167,7 +173,7 @@ class ImagingEncoder(ModalityEncoder):
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         """The network on pooled input ``(N, 1, ...)`` → ``(N, C, T)``; a frozen one runs once per input."""
-        x = self._pool(x)
+        x = average_pool(x, self.input_pool)
         return self.trunk_outputs(self.trunk, x) if self.trunk_outputs is not None else self.trunk(x)
 
     def _check_fits(self, cfg: ImagingEncoderConfig) -> None:
@@ -177,7 +183,7 @@ class ImagingEncoder(ModalityEncoder):
         self.trunk.eval()
         try:
             with torch.no_grad():
-                self.trunk(self._pool(blank))
+                self.trunk(average_pool(blank, self.input_pool))
         except RuntimeError as exc:
             raise ConfigError(
                 f"imaging volume {depth}x{height}x{width} is too small for the {cfg.network} network "
@@ -186,13 +192,6 @@ class ImagingEncoder(ModalityEncoder):
             ) from None
         finally:
             self.trunk.train()
-
-    def _pool(self, x: torch.Tensor) -> torch.Tensor:
-        """``(N, 1, [D,] H, W)`` averaged over ``input_pool``-wide cells (a ragged edge keeps its own cell)."""
-        if self.input_pool == 1:
-            return x
-        pool = nn.functional.avg_pool3d if x.dim() == 5 else nn.functional.avg_pool2d
-        return pool(x, self.input_pool, ceil_mode=True)
 
     def forward(self, arrays: dict[str, torch.Tensor]) -> EncoderOutput:
         volume = arrays[self.volume].float()  # (P, D, H, W)

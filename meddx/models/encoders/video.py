@@ -13,7 +13,7 @@ from torch import nn
 
 from meddx.ingest.base import ArraySpec
 from meddx.models.config import BackboneConfig
-from meddx.models.encoders.base import EncoderOutput, ModalityEncoder, find_one, zero_where_not
+from meddx.models.encoders.base import EncoderOutput, ModalityEncoder, average_pool, find_one, zero_where_not
 from meddx.models.frozen import FrozenOutputs
 from meddx.records import Modality
 
@@ -54,7 +54,6 @@ class VideoEncoder(ModalityEncoder):
         self.input_pool = config.video.input_pool
         self.appearance = _frame_cnn(channels, width)
         self.motion = _frame_cnn(channels, width)
-        self.frozen = False
         self.cached: dict[str, FrozenOutputs] = {}
         if config.video.frozen:
             self.freeze()
@@ -67,12 +66,6 @@ class VideoEncoder(ModalityEncoder):
             )
             layer.self_attn.dropout = config.attention_dropout
             self.temporal = nn.TransformerEncoder(layer, config.video.temporal_layers, enable_nested_tensor=False)
-
-    def _pool(self, x: torch.Tensor) -> torch.Tensor:
-        """``(N, C, H, W)`` averaged over ``input_pool``-wide cells (a ragged edge keeps its own cell)."""
-        if self.input_pool == 1:
-            return x
-        return nn.functional.avg_pool2d(x, self.input_pool, ceil_mode=True)  # (N, C, H / k, W / k)
 
     def freeze(self) -> VideoEncoder:
         """Stop training the frame CNNs (projection and temporal layers still train); cache their outputs."""
@@ -91,7 +84,7 @@ class VideoEncoder(ModalityEncoder):
         mask = arrays[self.mask].bool()  # (P, F)
         P, F = mask.shape
         # Pooling is linear, so the difference of pooled frames is the pooled difference: pool once, first.
-        frames = self._pool(arrays[self.frames].float().flatten(0, 1)).unflatten(0, (P, F))  # (P, F, C, h, w)
+        frames = average_pool(arrays[self.frames].float().flatten(0, 1), self.input_pool).unflatten(0, (P, F))
         frames = zero_where_not(frames, mask)
         both_real = torch.zeros_like(mask)
         both_real[:, 1:] = mask[:, 1:] & mask[:, :-1]  # a difference needs this frame and the one before
