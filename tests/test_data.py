@@ -247,3 +247,30 @@ def test_store_round_trip_is_safetensors_and_atomic(tmp_path: Path) -> None:
     path.write_bytes(b"\x00" * 4)
     with pytest.raises(ModelError, match="cannot be read"):
         store.get("ab" * 32)
+
+
+def test_store_reader_gives_what_safetensors_gives_and_refuses_damaged_files(tmp_path: Path) -> None:
+    from safetensors.torch import load, save_file
+
+    from meddx.data.store import read_safetensors
+
+    tensors = {
+        "volume": torch.rand(3, 4, 5),
+        "mask": torch.tensor([True, False, True]),
+        "ids": torch.arange(6).reshape(2, 3),
+        "half": torch.rand(4).half(),
+        "empty": torch.zeros(0, 7),
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+    }
+    path = tmp_path / "row.safetensors"
+    save_file(tensors, str(path), metadata={"format": "test"})
+    expected, got = load(path.read_bytes()), read_safetensors(path)
+    assert sorted(got) == sorted(expected)
+    for name, tensor in expected.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
+    got["volume"] += 1  # writable views: a model may modify its batch in place
+    data = path.read_bytes()
+    for damaged in (data[:5], data[:20], data[:-1], b"\xff" * 8 + data[8:], data[:8] + b"[" + data[9:]):
+        path.write_bytes(damaged)
+        with pytest.raises(ValueError):
+            read_safetensors(path)

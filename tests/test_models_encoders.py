@@ -156,3 +156,14 @@ def test_attention_dropout_is_its_own_rate() -> None:
     encoder = VideoEncoder(tiny_backbone_config(dropout=0.1, attention_dropout=0.0), spec)
     layer = encoder.temporal.layers[0]
     assert layer.self_attn.dropout == 0.0 and layer.dropout1.p == 0.1
+
+
+def test_zero_where_not_zeroes_masked_entries_even_nan_and_skips_the_copy_when_nothing_is_masked() -> None:
+    from meddx.models.encoders.base import zero_where_not
+
+    x = torch.tensor([[1.0, float("nan")], [float("inf"), 4.0]])
+    out = zero_where_not(x, torch.tensor([[True, False], [False, True]]))
+    assert out.tolist() == [[1.0, 0.0], [0.0, 4.0]]
+    volume = torch.rand(2, 3, 4, 4)
+    assert zero_where_not(volume, torch.ones(2, 3, dtype=torch.bool)) is volume  # nothing masked: no copy
+    assert zero_where_not(volume, torch.tensor([[True, True, False]] * 2))[:, 2].abs().sum() == 0
