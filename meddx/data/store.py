@@ -175,7 +175,7 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     with open(path, "rb", buffering=0) as file:
         # One writable buffer for the whole file (not zero-filled first: it is read over at once).
         data = np.empty(os.fstat(file.fileno()).st_size, dtype=np.uint8)
-        if file.readinto(memoryview(data)) != len(data):
+        if file.readinto(data.data) != len(data):
             raise ValueError("the file changed size while it was read")
     if len(data) < 8:
         raise ValueError("shorter than a safetensors header")
