@@ -29,6 +29,7 @@ from torch import nn
 
 from meddx.errors import ConfigError
 from meddx.ingest.base import ArraySpec
+from meddx.models.attention import encoder_on_attended
 from meddx.models.config import BackboneConfig
 from meddx.models.encoders import ENCODERS, EncoderOutput, ImagingEncoder, ModalityEncoder, NotesEncoder
 from meddx.models.encoders.base import masked_mean, zero_where_not
@@ -320,25 +321,29 @@ class FoundationBackbone(nn.Module):
         elif self.training and self.config.modality_dropout > 0:
             keep = self._modality_dropout(keep)
 
-        parts, part_masks, owners = [self.summary.expand(B, -1, -1)], [], []
-        part_masks.append(torch.ones(B, 1, dtype=torch.bool, device=keep.device))  # the summary always attends
-        for modality, tokens in encoded.tokens.items():
-            m = MODALITIES.index(modality)
-            mask = encoded.token_mask[modality] & keep[:, m, None]  # (B, T_m)
-            x = tokens + self.modality_embedding[m] + self.time_embedding(encoded.token_age_hours[modality])
-            parts.append(zero_where_not(x, mask))  # masked tokens hold zeros, whatever their inputs were
-            part_masks.append(mask)
-            owners.append(torch.full((tokens.shape[1],), m, dtype=torch.long, device=keep.device))
-        x = torch.cat(parts, dim=1)  # (B, 1 + T, D)
-        mask = torch.cat(part_masks, dim=1)  # (B, 1 + T)
-        token_modality = torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long, device=keep.device)
-        order, packed = _attended_first(mask)  # (B, L): attended tokens first, cut after the longest row
-        d = x.shape[-1]
-        h_packed = self._fuse_packed(torch.gather(x, 1, order[..., None].expand(-1, -1, d)), packed)  # (B, L, D)
-        h = h_packed.new_zeros(B, mask.shape[1], d).scatter(1, order[..., None].expand(-1, -1, d), h_packed)
-        h = zero_where_not(h, mask)  # (B, 1 + T, D)
-        tokens, token_mask = h[:, 1:], mask[:, 1:]
-        by_modality = torch.zeros(B, M, h.shape[-1], device=h.device)
+        d = self.config.d_model
+        names = list(encoded.tokens)
+        token_modality = torch.cat(
+            [torch.full((encoded.tokens[n].shape[1],), MODALITIES.index(n), dtype=torch.long) for n in names]
+            or [torch.zeros(0, dtype=torch.long)]
+        ).to(keep.device)  # (T,)
+        T = token_modality.shape[0]
+        if names:
+            tokens = torch.cat([encoded.tokens[n] for n in names], dim=1)  # (B, T, D)
+            ages = torch.cat([encoded.token_age_hours[n] for n in names], dim=1)  # (B, T)
+            token_mask = torch.cat([encoded.token_mask[n] for n in names], dim=1) & keep[:, token_modality]  # (B, T)
+        else:  # no modality at all: the summary attends to itself only
+            tokens = self.summary.new_zeros(B, 0, d)
+            ages, token_mask = tokens.new_zeros(B, 0), keep.new_zeros(B, 0)
+        # Gather each row's attended tokens first (cut after the longest row); embed only those.
+        order, packed = _attended_first(token_mask)  # (B, L)
+        x = torch.gather(tokens, 1, order[..., None].expand(-1, -1, d))
+        x = x + self.modality_embedding[token_modality[order]] + self.time_embedding(torch.gather(ages, 1, order))
+        x = torch.cat([self.summary.expand(B, -1, -1), zero_where_not(x, packed)], dim=1)  # (B, 1 + L, D)
+        attend = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=keep.device), packed], dim=1)
+        h = self._fuse_packed(x, attend)  # (B, 1 + L, D)
+        tokens = h.new_zeros(B, T, d).scatter(1, order[..., None].expand(-1, -1, d), zero_where_not(h[:, 1:], packed))
+        by_modality = torch.zeros(B, M, d, device=h.device)
         used = torch.zeros(B, M, dtype=torch.bool, device=h.device)
         for m in token_modality.unique().tolist():
             columns = token_modality == m
@@ -357,7 +362,7 @@ class FoundationBackbone(nn.Module):
 
     def _fuse_packed(self, x: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
         """The fusion transformer and final norm over packed tokens ``(n, L, D)`` with mask ``(n, L)``."""
-        return self.norm(self.fusion(x, src_key_padding_mask=~attend)).float()
+        return self.norm(encoder_on_attended(self.fusion, x, attend)).float()
 
     def pooled_variants(
         self, encoded: EncodedBatch, rows: torch.Tensor, keep: torch.Tensor, max_rows: int = 256

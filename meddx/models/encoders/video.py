@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from meddx.ingest.base import ArraySpec
+from meddx.models.attention import encoder_on_attended
 from meddx.models.config import BackboneConfig
 from meddx.models.encoders.base import EncoderOutput, ModalityEncoder, average_pool, find_one, zero_where_not
 from meddx.models.frozen import FrozenOutputs
@@ -96,6 +97,6 @@ class VideoEncoder(ModalityEncoder):
         if self.temporal is not None:
             padding = ~mask
             padding[:, 0] &= mask.any(dim=1)  # a clip with no real frame keeps one key (its tokens are masked anyway)
-            tokens = self.temporal(zero_where_not(tokens, mask), src_key_padding_mask=padding)
+            tokens = encoder_on_attended(self.temporal, tokens, ~padding)
         age = self.record_age_hours(arrays, tokens).expand(P, F)
         return EncoderOutput(tokens, mask, age)
