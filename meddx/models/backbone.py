@@ -338,7 +338,8 @@ class FoundationBackbone(nn.Module):
         # Gather each row's attended tokens first (cut after the longest row); embed only those.
         order, packed = _attended_first(token_mask)  # (B, L)
         x = torch.gather(tokens, 1, order[..., None].expand(-1, -1, d))
-        x = x + self.modality_embedding[token_modality[order]] + self.time_embedding(torch.gather(ages, 1, order))
+        kind = nn.functional.embedding(token_modality[order], self.modality_embedding)  # backward cheaper than [ ]
+        x = x + kind + self.time_embedding(torch.gather(ages, 1, order))
         x = torch.cat([self.summary.expand(B, -1, -1), zero_where_not(x, packed)], dim=1)  # (B, 1 + L, D)
         attend = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=keep.device), packed], dim=1)
         h = self._fuse_packed(x, attend)  # (B, 1 + L, D)
