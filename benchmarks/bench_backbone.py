@@ -1,17 +1,20 @@
-"""Backbone throughput with the default configs: forward and training patients/s, peak memory.
+"""Backbone speed with the default configs: forward and training patients/s, epochs over cached patients, memory.
 
-Generates ``--patients`` synthetic patients (all six modalities, the real formats), ingests and
-aligns them once, collates in-memory batches of ``--batch`` patients, then times with the default
-``BackboneConfig`` on this machine's CPU (or CUDA when present, under bf16 autocast):
+1. Throughput: generates ``--patients`` synthetic patients (all six modalities, the real formats),
+   ingests and aligns them once, collates in-memory batches of ``--batch`` patients, then times the
+   default ``BackboneConfig`` on this machine's CPU (or CUDA when present, under bf16 autocast):
+   forward in eval mode, first pass (the frozen text model runs) and second pass (its chunk
+   embeddings come from the cache); training (backbone + a linear head on the cohort's label,
+   AdamW, modality dropout on).
+2. Epochs (``bench_epochs.py``): the first ``--epoch-patients`` patients of the shared benchmark
+   cohort, prepared once, read through ``CohortDataset``; ``--repeats`` pairs of a first training
+   epoch (the text model runs) and a second (its embeddings are cached), each pair from a fresh
+   backbone, at ``meddx finetune``'s batch size. Target: the second epoch at least 3x faster than
+   the first and under 60 s. ``--epoch-patients 0`` skips this part.
+3. Peak memory of the process.
 
-* forward, eval mode: first pass (the frozen text model runs) and second pass (its chunk
-  embeddings come from the cache);
-* training: backbone + a linear head on the cohort's label, AdamW, modality dropout on.
-
-The batches are built in memory (``meddx.data.CohortDataset`` is not on this branch); epoch timings
-over a cached cohort belong with the dataset.
-
-Run: ``PYTHONPATH=. .venv/bin/python benchmarks/bench_backbone.py [--patients 64] [--batch 32] [--threads 1,2]``
+Run: ``.venv/bin/python benchmarks/bench_backbone.py [--patients 64] [--batch 32]
+[--threads 1,2] [--epoch-patients 1800] [--repeats 3]``
 """
 
 from __future__ import annotations
@@ -87,6 +90,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", default="", help="comma-separated torch thread counts to time (default: torch's)")
+    parser.add_argument("--epoch-patients", type=int, default=1800, help="cached patients per epoch (0: skip)")
+    parser.add_argument("--repeats", type=int, default=3, help="pairs of first and second epochs")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,6 +103,14 @@ def main() -> None:
         for n, threads in enumerate([int(t) for t in args.threads.split(",") if t] or [torch.get_num_threads()]):
             torch.set_num_threads(threads)
             _measure(aligner, batches, task, args.patients, device, root / f"text{n}", args.seed)
+    if args.epoch_patients:
+        from bench_epochs import prepared_first, print_training_epochs
+
+        from meddx.train import DEFAULT_BATCH_SIZE
+
+        print(f"epochs over cached patients, batch {DEFAULT_BATCH_SIZE}, torch threads {torch.get_num_threads()}:")
+        dataset = prepared_first(args.epoch_patients)
+        print_training_epochs(dataset, DEFAULT_BATCH_SIZE, args.repeats, device=str(device))
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak memory: {peak_mib:.0f} MiB (process RSS)")
     if device.type == "cuda":

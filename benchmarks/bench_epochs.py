@@ -14,13 +14,18 @@ With ``--frozen-trunks`` the training epochs run with ``FoundationBackbone.freez
 a pretrained backbone is fine-tuned end to end when its imaging and video CNNs are kept): the
 first epoch also fills the frozen trunks' output cache, the second skips them.
 
-Run: ``PYTHONPATH=. .venv/bin/python benchmarks/bench_epochs.py [--patients 1800] [--frozen-trunks]``.
+Each of ``--repeats`` pairs of training epochs starts from a fresh backbone and an empty text cache;
+with more than one the median ratio is printed too (on a shared machine one pair can be 15% off).
+``bench_backbone.py`` prints the same training epochs next to its throughput figures.
+
+Run: ``PYTHONPATH=. .venv/bin/python benchmarks/bench_epochs.py [--patients 1800] [--repeats 3] [--frozen-trunks]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import resource
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -28,49 +33,46 @@ from pathlib import Path
 from bench_cohort import OUT, bench_cohort, sub_manifest
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--patients", type=int, default=1800)
-    parser.add_argument("--batch", type=int, default=None, help="default: meddx finetune's batch size")
-    parser.add_argument("--frozen-trunks", action="store_true", help="train with frozen imaging/video trunks")
-    args = parser.parse_args()
-
-    import torch
-    from torch.utils.data import DataLoader
-
+def prepared_first(patients: int):
+    """The first ``patients`` of the shared cohort, prepared once (ingested, aligned, stored): its dataset."""
     from meddx.data import prepare_cohort
-    from meddx.data.prefetch import prefetched
-    from meddx.embeddings import compute_embeddings
-    from meddx.models import BackboneConfig, FoundationBackbone
-    from meddx.models.heads import DiagnosisHeads
 
-    from meddx.train import DEFAULT_BATCH_SIZE
-
-    args.batch = args.batch or DEFAULT_BATCH_SIZE
-    torch.set_num_threads(2)
-    manifest = sub_manifest(bench_cohort(), f"first-{args.patients}", slice(0, args.patients), split="train")
+    manifest = sub_manifest(bench_cohort(), f"first-{patients}", slice(0, patients), split="train")
     started = time.perf_counter()
     prepared = prepare_cohort(manifest, cache_dir=OUT / "cache", workers=2, progress=False)
     dataset = prepared.dataset().with_inputs()
     print(f"{len(dataset)} cached patients ready in {time.perf_counter() - started:.1f} s (prepared before: "
           f"{prepared.report is None})")
-    task = next(iter(dataset.tasks))
+    return dataset
 
+
+def training_epochs(dataset, batch_size: int, frozen_trunks: bool = False, seed: int = 0,
+                    device: str = "cpu") -> tuple[float, float]:
+    """Seconds of a first and a second training epoch of a fresh default backbone (own, empty text cache)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from meddx.data.prefetch import prefetched
+    from meddx.models import BackboneConfig, FoundationBackbone
+
+    task = next(iter(dataset.tasks))
     with tempfile.TemporaryDirectory() as text_cache:
-        torch.manual_seed(0)
-        backbone = FoundationBackbone.from_aligner(BackboneConfig(), prepared.aligner, cache_dir=Path(text_cache))
-        if args.frozen_trunks:
+        torch.manual_seed(seed)
+        backbone = FoundationBackbone.from_aligner(BackboneConfig(), dataset.aligner, cache_dir=Path(text_cache))
+        if frozen_trunks:
             backbone.freeze_trunks()
-        head = torch.nn.Linear(backbone.config.d_model, 1)
+        backbone.to(device)
+        head = torch.nn.Linear(backbone.config.d_model, 1).to(device)
         optimizer = torch.optim.AdamW([p for p in backbone.parameters() if p.requires_grad] + list(head.parameters()),
                                       lr=1e-3)
-        loader = DataLoader(dataset, batch_size=args.batch, shuffle=True, collate_fn=dataset.collate,
-                            generator=torch.Generator().manual_seed(0))
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=dataset.collate,
+                            generator=torch.Generator().manual_seed(seed))
         times = []
         for _ in range(2):
             backbone.train()
             start = time.perf_counter()
             for batch in prefetched(loader):  # as meddx finetune reads them
+                batch = batch.to(device)
                 known = batch.label_mask[task]
                 logits = head(backbone(batch).pooled).squeeze(-1)
                 loss = torch.nn.functional.binary_cross_entropy_with_logits(logits[known], batch.labels[task][known].float())
@@ -78,17 +80,52 @@ def main() -> None:
                 loss.backward()
                 optimizer.step()
             times.append(time.perf_counter() - start)
-        cached = "text and frozen trunks" if args.frozen_trunks else "text"
-        print(f"training epoch 1: {times[0]:.1f} s ({len(dataset) / times[0]:.1f} patients/s; {cached} computed)")
-        print(f"training epoch 2: {times[1]:.1f} s ({len(dataset) / times[1]:.1f} patients/s; {cached} cached); "
-              f"{times[0] / times[1]:.2f}x faster")
+    return times[0], times[1]
+
+
+def print_training_epochs(dataset, batch_size: int, repeats: int, frozen_trunks: bool = False,
+                          device: str = "cpu") -> None:
+    """Time ``repeats`` pairs of first and second epochs (each with a fresh backbone) and print them."""
+    cached = "text and frozen trunks" if frozen_trunks else "text"
+    ratios = []
+    for repeat in range(repeats):
+        first, second = training_epochs(dataset, batch_size, frozen_trunks, seed=repeat, device=device)
+        ratios.append(first / second)
+        print(f"training epoch 1: {first:.1f} s ({len(dataset) / first:.1f} patients/s; {cached} computed); "
+              f"epoch 2: {second:.1f} s ({len(dataset) / second:.1f} patients/s; {cached} cached); "
+              f"{first / second:.2f}x faster")
+    if repeats > 1:
+        print(f"second epoch faster than the first: median {statistics.median(ratios):.2f}x "
+              f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x over {repeats} pairs)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--patients", type=int, default=1800)
+    parser.add_argument("--batch", type=int, default=None, help="default: meddx finetune's batch size")
+    parser.add_argument("--repeats", type=int, default=3, help="pairs of first and second training epochs")
+    parser.add_argument("--frozen-trunks", action="store_true", help="train with frozen imaging/video trunks")
+    args = parser.parse_args()
+
+    import torch
+
+    from meddx.embeddings import compute_embeddings
+    from meddx.models import BackboneConfig, FoundationBackbone
+    from meddx.models.heads import DiagnosisHeads
+    from meddx.train import DEFAULT_BATCH_SIZE
+
+    args.batch = args.batch or DEFAULT_BATCH_SIZE
+    torch.set_num_threads(2)
+    dataset = prepared_first(args.patients)
+    task = next(iter(dataset.tasks))
+    print_training_epochs(dataset, args.batch, args.repeats, args.frozen_trunks)
     if args.frozen_trunks:
         print(f"peak memory (this process): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
         return
 
     with tempfile.TemporaryDirectory() as text_cache:
         torch.manual_seed(0)
-        backbone = FoundationBackbone.from_aligner(BackboneConfig(), prepared.aligner, cache_dir=Path(text_cache))
+        backbone = FoundationBackbone.from_aligner(BackboneConfig(), dataset.aligner, cache_dir=Path(text_cache))
         heads = DiagnosisHeads(backbone.config.d_model, dataset.tasks)
         optimizer = torch.optim.AdamW(heads.parameters(), lr=3e-3)
         times = []
