@@ -167,3 +167,15 @@ def test_zero_where_not_zeroes_masked_entries_even_nan_and_skips_the_copy_when_n
     volume = torch.rand(2, 3, 4, 4)
     assert zero_where_not(volume, torch.ones(2, 3, dtype=torch.bool)) is volume  # nothing masked: no copy
     assert zero_where_not(volume, torch.tensor([[True, True, False]] * 2))[:, 2].abs().sum() == 0
+
+
+@pytest.mark.parametrize(
+    "shape, factor",
+    [((3, 1, 8, 16, 16), 2), ((3, 1, 9, 16, 16), 2), ((4, 1, 12, 12), 3), ((2, 1, 16, 16), 4), ((2, 1, 5, 7), 2)],
+)
+def test_average_pool_gives_avg_pool_including_ragged_edges(shape, factor) -> None:
+    from meddx.models.encoders.base import average_pool
+
+    x = torch.randn(shape)
+    pool = torch.nn.functional.avg_pool3d if len(shape) == 5 else torch.nn.functional.avg_pool2d
+    assert torch.allclose(average_pool(x, factor), pool(x, factor, ceil_mode=True), atol=1e-6)
