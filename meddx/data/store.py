@@ -14,9 +14,9 @@ default CPU config (about 1 MB per row, six modalities, warm page cache, one thr
 Files are written atomically (a temporary file, then ``os.replace``) with
 :func:`safetensors.torch.save_file`; nothing is ever pickled. A row is read whole into one buffer
 and its tensors are views into it (:func:`read_safetensors`): safetensors' own ``load`` copies each
-of a row's ~15 tensors once more and wraps each in several Python calls, which made reading a
-batch of 64 default rows 46-53 ms against 15-17 ms this way (the layout is the documented
-safetensors format: an 8-byte header length, a JSON header, then the raw little-endian data).
+of a row's ~15 tensors once more and wraps each in several Python calls. Reading the 1800 default
+rows of an epoch in random order took about 0.9 s that way and 0.6 s this way (the layout is the
+documented safetensors format: an 8-byte header length, a JSON header, then little-endian data).
 Not memory-mapped: a training step touches every byte of a row anyway, and the page faults of a
 mapped file, taken inside torch's multi-threaded ``torch.stack`` in ``collate``, cost 17-36 ms per
 row with two torch threads on the 2-core machine against 1.3 ms for reading the bytes

@@ -106,8 +106,8 @@ def zero_where_not(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``x`` with masked-out entries set to 0 (``where``, so NaN or inf there cannot leak through).
 
     On the CPU, when nothing is masked out, ``x`` itself comes back: whole volumes and clips are
-    the common case, and copying them cost about 5% of a training step. (On a GPU, asking whether
-    anything is masked would wait for the device, so the copy is made.)
+    the common case, and the copy (29 MB for a batch of 64 default volumes) bought nothing. (On a
+    GPU, asking whether anything is masked would wait for the device, so the copy is made.)
     """
     if x.device.type == "cpu" and bool(mask.all()):
         return x
