@@ -147,7 +147,7 @@ def test_a_broken_line_in_an_ndjson_export_is_skipped_and_reported(tmp_path: Pat
     shutil.copy(SYNTHEA / "Encounter.000.ndjson", folder / "Encounter.000.ndjson")
     pid = "cbc86e51-9eca-3855-76ec-c058f72c5761"
     lines = (SYNTHEA / "Condition.000.ndjson").read_text().splitlines()
-    # lines of this patient past the first: a file whose first line is not a resource is no resource file
+    # lines of this patient past the first (a torn first line has its own test below)
     mine = [i for i, line in enumerate(lines) if pid in line and i > 0]
     lines[mine[0]] = lines[mine[0]][:-40]  # truncated: not JSON any more
     bad = json.loads(lines[mine[1]])
@@ -181,6 +181,23 @@ def test_a_broken_line_in_an_ndjson_export_is_skipped_and_reported(tmp_path: Pat
     # another patient of the same files is not affected
     neighbour = FhirIngestor().read_patient(folder, "6a4160eb-a793-2f86-2302-378626f46cce", late)
     assert neighbour.meta["skipped_resources"] == 0 and neighbour.meta["resources"]["Condition"] == 62
+
+
+def test_a_broken_first_line_does_not_hide_the_rest_of_its_file(tmp_path: Path, caplog) -> None:
+    folder = tmp_path / "bulk"
+    folder.mkdir()
+    for name in ("Patient.000.ndjson", "Encounter.000.ndjson"):
+        shutil.copy(SYNTHEA / name, folder / name)
+    lines = (SYNTHEA / "Condition.000.ndjson").read_text().splitlines()
+    lines[0] = lines[0][: len(lines[0]) // 2]  # a torn first line
+    (folder / "Condition.000.ndjson").write_text("\n".join(lines) + "\n")
+    shutil.copy(SYNTHEA / "log.ndjson", folder / "log.ndjson")  # the export's own log: no resources
+    pid = "6a4160eb-a793-2f86-2302-378626f46cce"
+    with caplog.at_level("INFO"):
+        record = FhirIngestor().read_patient(folder, pid, parse_time("2030-01-01T00:00:00Z"))
+    assert record.meta["resources"]["Condition"] == 62  # the file is read, not skipped whole
+    assert "Condition.000.ndjson line 1 skipped" in caplog.text
+    assert "log.ndjson skipped" in caplog.text
 
 
 def test_an_export_of_an_unsupported_version_is_refused(tmp_path: Path) -> None:

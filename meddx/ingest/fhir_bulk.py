@@ -148,7 +148,8 @@ class BulkIndex:
                 declared = declared or _capability_version(path)
                 continue
             if first_type is None:
-                skipped[path.name] = "no resourceType on its first line (not a resource file)"
+                skipped[path.name] = "no FHIR resource among its first lines (not a resource file)"
+                logger.info("%s skipped: %s", path.name, skipped[path.name])  # e.g. the export's log.ndjson
                 continue
             if first_type not in resource_types:
                 skipped[path.name] = f"{first_type} resources are not used"
@@ -194,16 +195,24 @@ class BulkIndex:
                         yield BulkLine(f.path, number, None, raw)
 
 
-def _first_resource_type(path: Path) -> str | None:
+def _first_resource_type(path: Path, max_lines: int = 1000) -> str | None:
+    """``resourceType`` of the first line that is a JSON object; None when none of the first lines is.
+
+    A truncated or garbled first line does not hide the file (its other lines are read, the broken
+    one is reported by the index); a file with no JSON among its first ``max_lines`` is no resource file.
+    """
     with open(path, "rb") as handle:
-        for raw in handle:
-            if raw.strip():
-                try:
-                    value = json.loads(raw)
-                except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
-                    return None
-                kind = value.get("resourceType") if isinstance(value, dict) else None
-                return kind if isinstance(kind, str) else None
+        for number, raw in enumerate(handle):
+            if number >= max_lines:
+                break
+            if not raw.strip():
+                continue
+            try:
+                value = json.loads(raw)
+            except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
+                continue
+            kind = value.get("resourceType") if isinstance(value, dict) else None
+            return kind if isinstance(kind, str) else None
     return None
 
 
