@@ -262,7 +262,7 @@ def test_torchrun_ddp_gives_the_single_process_result(tmp_path: Path) -> None:
                                  config], env=env, capture_output=True, text=True, timeout=600)
         assert single.returncode == 0, single.stderr[-3000:]
         ddp = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
              str(script), str(tmp_path / "two"), str(cache), str(manifest), config],
             env=env, capture_output=True, text=True, timeout=600,
         )
@@ -304,7 +304,7 @@ def test_torchrun_head_mode_embeds_one_shard_per_rank_and_gives_the_single_proce
                             env=env, capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
     ddp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(script), str(tmp_path / "two"), str(cache), config, str(SAMPLE)],
         env=env, capture_output=True, text=True, timeout=600,
     )
