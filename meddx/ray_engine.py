@@ -30,7 +30,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import re
 import time
 import warnings
@@ -329,8 +328,9 @@ def _start(ray: Any, options: RayOptions, progress: bool) -> bool:
     if options.address is None:
         # one slot per core for ingestion, plus the actors' own: the local engine's layout
         # (workers on every core, the model in the main process)
-        cores = os.cpu_count() or 1
-        cpus = cores + options.actors * options.cpus_per_actor
+        from meddx.ingest.runner import available_cores
+
+        cpus = available_cores() + options.actors * options.cpus_per_actor
         ray.init(num_cpus=cpus, _node_ip_address="127.0.0.1", **settings)
     else:
         try:
@@ -464,7 +464,9 @@ def _model_threads(options: RayOptions) -> int:
     the local engine gives its model every core while its workers read; on a cluster, the CPUs the
     actor reserved."""
     if options.address is None:
-        return max(1, (os.cpu_count() or 1) // options.actors)
+        from meddx.ingest.runner import available_cores
+
+        return max(1, available_cores() // options.actors)
     return max(1, int(options.cpus_per_actor))
 
 

@@ -15,7 +15,6 @@ Workers are spawned, so a script that streams with workers must guard its entry 
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -31,6 +30,7 @@ from meddx.ingest.runner import (
     IngestOutcome,
     IngestTask,
     WorkerPool,
+    available_cores,
     check_run,
     failure_outcome,
     ingest_one,
@@ -320,14 +320,6 @@ class ChunkFeeder:
             else:
                 ready.append(ReadyRow(row, found.key, outcomes, found.error))
         return ReadyChunk(number, ready, time.perf_counter() - started)
-
-
-def available_cores() -> int:
-    """The CPU cores this process may run on (its affinity, where the OS tells it)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 @contextmanager

@@ -411,8 +411,17 @@ def run_tasks(
     return sorted(outcomes, key=lambda o: order[(o.row, o.modality)])
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity, where the OS tells it: a container's
+    CPU set, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def default_workers() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
+    return max(1, min(4, available_cores()))
 
 
 # ----------------------------------------------------------------- before the run
