@@ -82,7 +82,7 @@ class DeviceLogConfig(_Section):
     # Zone-less ISO 8601 timestamps are refused unless this says to read them as UTC, or
     # IngestConfig.site_timezone names the zone to read them in (assume_utc wins over it).
     assume_utc: bool = False
-    max_file_mb: float = Field(default=1024.0, gt=0)  # largest log file read, in MiB (the file is parsed whole)
+    max_file_mb: float = Field(default=1024.0, gt=0)  # largest log read, in MiB (parsed whole; .gz: decompressed)
 
 
 class AudioConfig(_Section):

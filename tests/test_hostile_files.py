@@ -442,3 +442,23 @@ def test_video_reads_a_preamble_less_cine_without_a_dicom_suffix(tmp_path: Path)
     expected = reader.read(IngestRequest("P0001", index, {Modality.VIDEO: cine}))
     assert got.meta["source_format"] == "dicom"
     np.testing.assert_array_equal(got.arrays["frames"], expected.arrays["frames"])
+
+
+def test_a_gzipped_log_is_held_to_the_size_limit_by_what_it_decompresses_to(tmp_path: Path) -> None:
+    import gzip
+
+    source = (P2 / "vitals.csv").read_text()
+    small = tmp_path / "vitals.csv.gz"
+    with gzip.open(small, "wt") as handle:
+        handle.write(source)
+    limit_mb = 2 * len(source.encode()) / 2**20  # room for the real log
+    config = IngestConfig(device_logs=DeviceLogConfig(max_file_mb=limit_mb))
+    index = parse_time("2024-11-06T23:20:00Z")  # P0002's index time in the sample manifest
+    assert read_device_log(small, index, config.device_logs) is not None  # within the limit: read
+    bomb = tmp_path / "bomb.csv.gz"
+    header, first_row = source.splitlines()[:2]
+    with gzip.open(bomb, "wt") as handle:  # a few kB on disk, 64x the limit once decompressed
+        handle.write(header + "\n" + (first_row + "\n") * int(64 * limit_mb * 2**20 / len(first_row)))
+    assert bomb.stat().st_size < limit_mb * 2**20
+    with pytest.raises(IngestError, match=r"decompresses to more than .*device_logs\.max_file_mb"):
+        read_device_log(bomb, index, config.device_logs)

@@ -8,7 +8,8 @@ Accepted files (the format is chosen by the suffix, ``.csv``/``.tsv``/``.txt`` o
 * **JSONL** with the same fields, one object per line (long when the objects have
   ``channel`` and ``value`` keys, wide otherwise).
 
-Files over ``DeviceLogConfig.max_file_mb`` (the file is parsed whole) and paths that are
+Files over ``DeviceLogConfig.max_file_mb`` (the file is parsed whole; a ``.gz`` file is held to
+it by what it decompresses to) and paths that are
 not regular files (a FIFO, a device) are refused before reading; so is an index time
 outside the years 1678-2261, which nanosecond timestamps cannot hold.
 
@@ -56,6 +57,7 @@ training records and gives fixed ``(max_channels, L)`` arrays.
 from __future__ import annotations
 
 import gzip
+import io
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -204,16 +206,19 @@ def _read_table(path: Path, fail: Callable[[str], NoReturn], max_file_mb: float 
         fail("the file is empty")
     kind = _file_type(path)
     try:
+        source: Any = path
+        if path.name.lower().endswith(".gz"):  # the size limit holds for what it decompresses to
+            source = io.BytesIO(_gunzip_capped(path, max_file_mb, fail))
         if kind == "jsonl":
             # dtype=False keeps timestamps as written, so zone-less times can be told apart.
-            table = _table_from_frame(pd.read_json(path, lines=True, dtype=False))
+            table = _table_from_frame(pd.read_json(source, lines=True, dtype=False))
         else:
             delimiter = "\t" if path.name.lower().removesuffix(".gz").endswith(".tsv") else ","
             # Arrow's reader parses ISO 8601 timestamps natively (zone-aware ones to UTC) and is
             # faster than pandas' C engine, which leaves them as text; see benchmarks/bench_signals.py.
             # One thread: files are read in parallel by worker processes, more would oversubscribe.
             table = pa_csv.read_csv(
-                path,
+                source,
                 read_options=pa_csv.ReadOptions(use_threads=False),
                 parse_options=pa_csv.ParseOptions(delimiter=delimiter),
             )
@@ -227,6 +232,20 @@ def _read_table(path: Path, fail: Callable[[str], NoReturn], max_file_mb: float 
     if duplicated:
         fail(f"columns {duplicated} appear more than once (header names are case-insensitive)")
     return table.rename_columns(names), kind
+
+
+def _gunzip_capped(path: Path, max_file_mb: float | None, fail: Callable[[str], NoReturn]) -> bytes:
+    """The decompressed bytes of a gzip file, refused once they pass ``max_file_mb`` (a small file can
+    decompress to gigabytes, and the log is parsed whole)."""
+    limit = None if max_file_mb is None else int(max_file_mb * 2**20)
+    with gzip.open(path, "rb") as handle:
+        data = handle.read() if limit is None else handle.read(limit + 1)
+    if limit is not None and len(data) > limit:
+        fail(
+            f"decompresses to more than the {max_file_mb:g} MB limit for {_MODALITY} files; "
+            f"raise {_MODALITY}.max_file_mb if the file is genuine"
+        )
+    return data
 
 
 def _epoch_ns(seconds: np.ndarray, fail: Callable[[str], NoReturn]) -> np.ndarray:
