@@ -462,3 +462,25 @@ def test_a_gzipped_log_is_held_to_the_size_limit_by_what_it_decompresses_to(tmp_
     assert bomb.stat().st_size < limit_mb * 2**20
     with pytest.raises(IngestError, match=r"decompresses to more than .*device_logs\.max_file_mb"):
         read_device_log(bomb, index, config.device_logs)
+
+
+def test_a_bulk_line_over_the_limit_is_skipped_without_being_read_whole(tmp_path: Path) -> None:
+    from meddx.ingest.fhir_bulk import BulkIndex
+
+    synthea = Path(__file__).resolve().parent / "data" / "synthea-bulk"
+    folder = tmp_path / "bulk"
+    folder.mkdir()
+    shutil.copy(synthea / "Patient.000.ndjson", folder / "Patient.000.ndjson")
+    lines = (synthea / "Condition.000.ndjson").read_text().splitlines()
+    huge = lines[1][:-1] + ', "note": [{"text": "' + "x" * (3 * 2**20) + '"}]}'  # one 3 MB resource
+    (folder / "Condition.000.ndjson").write_text("\n".join([lines[0], huge, *lines[2:]]) + "\n")
+    index = BulkIndex.build(folder, {"Patient", "Condition"}, max_line_bytes=2**20)
+    [conditions] = [f for f in index.files if f.resource_type == "Condition"]
+    assert [(number, reason) for _, number, reason in conditions.broken] == [
+        (2, "longer than ehr.max_file_mb (1 MB): not read")
+    ]
+    assert conditions.n_lines == len(lines)  # the lines after it are indexed at their own offsets
+    assert sum(len(o) for o in conditions.offsets.values()) == len(lines) - 1
+    reader = FhirIngestor(IngestConfig(ehr=EhrConfig(max_file_mb=1)))
+    record = reader.read_patient(folder, "6a4160eb-a793-2f86-2302-378626f46cce", parse_time("2030-01-01T00:00:00Z"))
+    assert record.meta["resources"]["Condition"] >= 1

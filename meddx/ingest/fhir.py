@@ -610,7 +610,8 @@ class FhirIngestor(Ingestor):
         """
         path = Path(path)
         types = set(USED_TYPES if resource_types is None else resource_types) | {"Patient"}
-        # A Bundle is parsed whole, so its size is limited; Bulk NDJSON is streamed line by line.
+        # A Bundle is parsed whole, so its size is limited; Bulk NDJSON is streamed line by line, each
+        # line held to the same limit (BulkIndex.build).
         limit = None if path.suffix == ".ndjson" else self.config.ehr.max_file_mb
         check_source(
             path,
@@ -659,9 +660,10 @@ class FhirIngestor(Ingestor):
         """
         name = str(root.resolve())
         key = BulkIndex.key_of(root)
+        max_line_bytes = int(self.config.ehr.max_file_mb * 2**20)  # a line is parsed whole, like a Bundle
         index = _BULK_INDEXES.get(name)
-        if index is None or index.key != key:
-            index = BulkIndex.build(root, set(USED_TYPES))
+        if index is None or index.key != key or index.max_line_bytes != max_line_bytes:
+            index = BulkIndex.build(root, set(USED_TYPES), max_line_bytes)
             _BULK_INDEXES[name] = index
             while len(_BULK_INDEXES) > MAX_BULK_INDEXES:
                 _BULK_INDEXES.popitem(last=False)

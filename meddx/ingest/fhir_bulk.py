@@ -29,7 +29,7 @@ from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +104,7 @@ class BulkIndex:
         files: one index per resource file meddx uses.
         declared_version: ``fhirVersion`` of a CapabilityStatement in the folder, if any.
         skipped_files: files not indexed and why (other resource types, logs).
+        max_line_bytes: longer lines were skipped as broken without being read whole (None: no limit).
     """
 
     root: Path
@@ -111,6 +112,7 @@ class BulkIndex:
     files: list[_FileIndex]
     declared_version: str | None = None
     skipped_files: dict[str, str] = field(default_factory=dict)
+    max_line_bytes: int | None = None
 
     @staticmethod
     def source_files(root: Path) -> list[Path]:
@@ -132,8 +134,11 @@ class BulkIndex:
         return (str(root),) + tuple(entries)
 
     @classmethod
-    def build(cls, root: Path, resource_types: set[str]) -> BulkIndex:
+    def build(cls, root: Path, resource_types: set[str], max_line_bytes: int | None = None) -> BulkIndex:
         """Scan ``root`` once, indexing lines whose type is in ``resource_types``.
+
+        A line longer than ``max_line_bytes`` (one resource, parsed whole like a Bundle) is skipped
+        as broken and never held in memory whole.
 
         Raises:
             OSError: a file cannot be read.
@@ -143,7 +148,7 @@ class BulkIndex:
         skipped: dict[str, str] = {}
         declared: str | None = _capability_version(root) if root.is_dir() else None
         for path in cls.source_files(root):
-            first_type = _first_resource_type(path)
+            first_type = _first_resource_type(path, max_line_bytes)
             if first_type == "CapabilityStatement":
                 declared = declared or _capability_version(path)
                 continue
@@ -154,13 +159,13 @@ class BulkIndex:
             if first_type not in resource_types:
                 skipped[path.name] = f"{first_type} resources are not used"
                 continue
-            files.append(_index_file(path, first_type, resource_types))
+            files.append(_index_file(path, first_type, resource_types, max_line_bytes))
         for f in files:
             for _, number, reason in f.broken[:LOGGED_BROKEN_LINES]:
                 logger.warning("%s line %d skipped: %s", f.path.name, number, reason)
             if len(f.broken) > LOGGED_BROKEN_LINES:
                 logger.warning("%s: %d more lines skipped", f.path.name, len(f.broken) - LOGGED_BROKEN_LINES)
-        return cls(root=root, key=key, files=files, declared_version=declared, skipped_files=skipped)
+        return cls(root, key, files, declared, skipped, max_line_bytes)
 
     def has_patient(self, patient_id: str) -> bool:
         return any(patient_id in f.offsets for f in self.files)
@@ -190,22 +195,22 @@ class BulkIndex:
                         yield BulkLine(f.path, number, f.resource_type, handle.readline())
                 for offset, number in suspects:
                     handle.seek(offset)
-                    raw = handle.readline()
+                    raw = handle.readline(-1 if self.max_line_bytes is None else self.max_line_bytes)
                     if needle in raw:
                         yield BulkLine(f.path, number, None, raw)
 
 
-def _first_resource_type(path: Path, max_lines: int = 1000) -> str | None:
+def _first_resource_type(path: Path, max_line_bytes: int | None = None, max_lines: int = 1000) -> str | None:
     """``resourceType`` of the first line that is a JSON object; None when none of the first lines is.
 
     A truncated or garbled first line does not hide the file (its other lines are read, the broken
     one is reported by the index); a file with no JSON among its first ``max_lines`` is no resource file.
     """
     with open(path, "rb") as handle:
-        for number, raw in enumerate(handle):
+        for number, (raw, _) in enumerate(_lines(handle, max_line_bytes)):
             if number >= max_lines:
                 break
-            if not raw.strip():
+            if raw is None or not raw.strip():
                 continue
             try:
                 value = json.loads(raw)
@@ -235,13 +240,32 @@ def _capability_version(path: Path) -> str | None:
     return None
 
 
-def _index_file(path: Path, first_type: str, resource_types: set[str]) -> _FileIndex:
+def _lines(handle: BinaryIO, max_line_bytes: int | None) -> Iterator[tuple[bytes | None, int]]:
+    """``(line, its length in bytes)`` of each line; a line over ``max_line_bytes`` comes as ``(None,
+    length)``, read past in pieces, never whole."""
+    limit = -1 if max_line_bytes is None else max_line_bytes + 1  # + 1: room for the newline
+    while raw := handle.readline(limit):
+        if limit < 0 or len(raw) < limit or raw.endswith(b"\n"):
+            yield raw, len(raw)
+            continue
+        length = len(raw)
+        while raw and not raw.endswith(b"\n"):
+            raw = handle.readline(1 << 20)
+            length += len(raw)
+        yield None, length
+
+
+def _index_file(path: Path, first_type: str, resource_types: set[str], max_line_bytes: int | None) -> _FileIndex:
     index = _FileIndex(path=path, resource_type=first_type)
     offset = 0
     with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            start, offset = offset, offset + len(raw)
+        for number, (raw, length) in enumerate(_lines(handle, max_line_bytes), start=1):
+            start, offset = offset, offset + length
             index.n_lines = number
+            if raw is None:
+                reason = f"longer than ehr.max_file_mb ({(max_line_bytes or 0) / 2**20:g} MB): not read"
+                index.broken.append((start, number, reason))
+                continue
             if not raw.strip():
                 continue
             try:
