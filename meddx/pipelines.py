@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from meddx.config import IngestConfig
 from meddx.errors import ConfigError
 from meddx.models.config import BackboneConfig
+from meddx.ray_engine import RayOptions
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,12 @@ class FinetuneStep(_Step):
     patience: int = Field(5, ge=1)
     alpha: float = Field(0.1, gt=0, lt=1)
     calibration: Literal["temperature", "isotonic"] = "temperature"
+    lora: dict[str, Any] | None = Field(None, description="mode lora: r, alpha, dropout, text_encoder")
+    head_dropout: float = Field(0.1, ge=0, lt=1)
+    head_input: Literal["summary", "summary+modalities"] = "summary"
+    schedule: Literal["cosine", "constant"] = "cosine"
+    device: str | None = Field(None, description="cpu or cuda; default: cuda when available")
+    resume: bool = False
     seed: int = 0
 
 
@@ -102,6 +109,9 @@ class DiagnoseStep(_Step):
     contributions: bool = True
     resume: bool = False
     store_sr: bool = Field(False, description="store a DICOM SR per prediction made on PACS images on the server")
+    engine: Literal["local", "ray"] = "local"
+    ray: RayOptions | None = Field(None, description="engine ray: address, actors, cpus_per_actor, gpus_per_actor...")
+    device: str = "cpu"
 
 
 class EvaluateStep(_Step):
@@ -345,6 +355,12 @@ def _finetune(step: FinetuneStep, cache: Path, workers, progress, echo):
         seed=step.seed,
         alpha=step.alpha,
         calibration=step.calibration,
+        lora=step.lora,
+        head_dropout=step.head_dropout,
+        head_input=step.head_input,
+        schedule=step.schedule,
+        device=step.device,
+        resume=step.resume,
         workers=workers,
         progress=progress,
     )
@@ -371,6 +387,9 @@ def _diagnose(step: DiagnoseStep, cache: Path, workers, progress, echo):
         chunk_size=step.chunk_size,
         contributions=step.contributions,
         store_sr=step.store_sr,
+        engine=step.engine,
+        ray_options=step.ray,
+        device=step.device,
         progress=progress,
     )
     counts = result.counts

@@ -88,3 +88,64 @@ def test_finetune_defaults_are_the_library_defaults() -> None:
     finetune_command = main.commands["finetune"]
     cli_default = next(p.default for p in finetune_command.params if p.name == "batch_size")
     assert cli_default == FinetuneStep.model_fields["batch_size"].default == DEFAULT_BATCH_SIZE
+
+
+def test_steps_offer_the_library_choices_with_its_defaults() -> None:
+    import inspect
+    from typing import get_args
+
+    from meddx.diagnose import diagnose
+    from meddx.models.diagnosis import HEAD_INPUTS
+    from meddx.pipelines import DiagnoseStep, FinetuneStep
+    from meddx.train import SCHEDULES, finetune
+
+    fields = FinetuneStep.model_fields
+    assert set(get_args(fields["schedule"].annotation)) == set(SCHEDULES)
+    assert set(get_args(fields["head_input"].annotation)) == set(HEAD_INPUTS)
+    library = inspect.signature(finetune).parameters
+    for name in ("schedule", "head_input", "head_dropout", "device", "resume", "patience", "alpha", "calibration"):
+        assert fields[name].default == library[name].default, name
+    library = inspect.signature(diagnose).parameters
+    for name in ("engine", "device", "batch_size", "chunk_size", "contributions", "store_sr"):
+        assert DiagnoseStep.model_fields[name].default == library[name].default, name
+
+
+def test_engine_and_training_choices_reach_the_library(tmp_path: Path, monkeypatch) -> None:
+    import meddx.diagnose
+    import meddx.train
+    from meddx.pipelines import run_pipeline
+    from meddx.ray_engine import RayOptions
+
+    calls: dict[str, dict] = {}
+
+    class Ran:
+        training_info = {"mode": "full", "rows": {"train": 1, "val": 1}, "fit_seconds": 0.0}
+        counts = {"diagnosed_rows": 1, "rows": 1}
+        predictions = "p"
+
+    def record(name):
+        return lambda *args, **kwargs: calls.setdefault(name, kwargs) and Ran()
+
+    monkeypatch.setattr(meddx.train, "finetune", record("finetune"))
+    monkeypatch.setattr(meddx.diagnose, "diagnose", record("diagnose"))
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("patient_id,index_time\np1,2024-01-01T00:00:00Z\n")
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump({
+        "version": 1, "name": "choices", "out": str(tmp_path / "run"),
+        "steps": [
+            {"step": "finetune", "manifest": str(manifest), "out": "{out}/model", "mode": "full",
+             "schedule": "constant", "head_input": "summary+modalities"},
+            {"step": "diagnose", "manifest": str(manifest), "model": "{out}/model", "out": "{out}/diagnose",
+             "engine": "ray", "ray": {"actors": 2, "address": "auto"}},
+        ],
+    }))
+    run_pipeline(read_pipeline(tmp_path / "pipeline.yaml"), progress=False, echo=lambda line: None)
+    assert calls["finetune"]["schedule"] == "constant"
+    assert calls["finetune"]["head_input"] == "summary+modalities"
+    assert calls["diagnose"]["engine"] == "ray"
+    assert calls["diagnose"]["ray_options"] == RayOptions(address="auto", actors=2)
+    with pytest.raises(ConfigError, match="actorz"):
+        bad = yaml.safe_load((tmp_path / "pipeline.yaml").read_text())
+        bad["steps"][1]["ray"] = {"actorz": 2}
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+        read_pipeline(tmp_path / "bad.yaml")
