@@ -254,7 +254,7 @@ def test_torchrun_ddp_gives_the_single_process_result(tmp_path: Path) -> None:
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}  # torchrun leaves its rendezvous files there
     try:
         frame.to_csv(manifest, index=False)
         cache = tmp_path / "cache"
@@ -298,7 +298,7 @@ def test_torchrun_head_mode_embeds_one_shard_per_rank_and_gives_the_single_proce
     script = tmp_path / "ddp_head.py"
     script.write_text(HEAD_DDP_SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}  # torchrun leaves its rendezvous files there
     cache = tmp_path / "cache"
     single = subprocess.run([sys.executable, str(script), str(tmp_path / "one"), str(cache), config, str(SAMPLE)],
                             env=env, capture_output=True, text=True, timeout=600)
