@@ -460,13 +460,18 @@ def _csv_cell(text: str) -> str:
 # ----------------------------------------------------------------- the run
 
 
+def _model_name(folder: Path) -> str:
+    """How the outputs (FHIR resources, DICOM SRs) name a model: its folder's name."""
+    return folder.resolve().name
+
+
 def model_provenance(model: DiagnosisModel, folder: Path, sha256: str) -> ModelProvenance:
     """What the FHIR resources say about a loaded model folder (name, hash, version, alpha per task)."""
     from meddx.export.fhir import ModelProvenance
 
     alpha = {t: (c.conformal.alpha if c.conformal is not None else None) for t, c in model.calibration.items()}
     method = {t: type(c.calibrator).__name__ for t, c in model.calibration.items()}
-    return ModelProvenance(folder.resolve().name, sha256, __version__, alpha, method)
+    return ModelProvenance(_model_name(folder), sha256, __version__, alpha, method)
 
 
 def _load_model(
@@ -490,9 +495,8 @@ def _pacs_reporter(config, cache_root: Path, model_dir: Path, sha256: str, plan:
 
     if not any(Modality.IMAGING in row.remote for row in rows):
         logger.warning("--store-sr: no row reads its images from DICOMweb (dicomweb: cells); no SR will be made")
-    version = f"{sha256[:16]} (meddx {__version__})"  # as model_provenance names the model
     run_id = json.dumps(plan, sort_keys=True)
-    model_info = ModelInfo(model_dir.resolve().name, version)
+    model_info = ModelInfo(_model_name(model_dir), f"{sha256[:16]} (meddx {__version__})")
     return PacsReporter(with_dicomweb_store(config, cache_root), cache_root, model_info, run_id)
 
 

@@ -57,7 +57,7 @@ Mode = Literal["auto", "head", "full", "lora"]
 MODES: tuple[str, ...] = ("auto", "head", "full", "lora")
 # Chosen on the fine-tuning benchmark (benchmarks/bench_finetune.py): see docs/training.md, "Epochs".
 # At batch 32 validation AUROC still rose at epoch 14; at batch 64 it peaks near epoch 8 and early
-# stopping (patience 5) ends the fused fit near epoch 13, in about 4 minutes on an idle 2-core CPU.
+# stopping (patience 5) ends the fused fit near epoch 13, in 3 to 4 minutes on an idle 2-core CPU.
 DEFAULT_EPOCHS = {"head": 200, "full": 15, "lora": 15}
 DEFAULT_LEARNING_RATE = {"head": 3e-3, "full": 1e-3, "lora": 2e-3}
 # 64 rather than 32: on 2 CPU cores a step's small operations cost per call, so an epoch of 64-patient

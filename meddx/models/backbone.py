@@ -67,6 +67,23 @@ class EncodedBatch:
     present: torch.Tensor
     encoder_embeddings: torch.Tensor
 
+    def flat(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every modality's tokens side by side: ``(B, T, D)`` tokens, ``(B, T)`` ages, bool ``(B, T)``
+        real-token mask and int64 ``(T,)`` modality index of each column (T is 0 with no modality)."""
+        B, device = self.present.shape[0], self.present.device
+        if not self.tokens:
+            d = self.encoder_embeddings.shape[-1]
+            ages = torch.zeros(B, 0, device=device)
+            owner = torch.zeros(0, dtype=torch.long, device=device)
+            return ages.new_zeros(B, 0, d), ages, self.present.new_zeros(B, 0), owner
+        owners = [torch.full((t.shape[1],), MODALITIES.index(m), dtype=torch.long) for m, t in self.tokens.items()]
+        return (
+            torch.cat(list(self.tokens.values()), dim=1),
+            torch.cat([self.token_age_hours[m] for m in self.tokens], dim=1),
+            torch.cat([self.token_mask[m] for m in self.tokens], dim=1),
+            torch.cat(owners).to(device),
+        )
+
 
 @dataclass
 class BackboneOutput:
@@ -112,16 +129,18 @@ class TimeEmbedding(nn.Module):
         return self.project(torch.cat([x.sin(), x.cos()], dim=-1))
 
 
+def _gather_tokens(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Per row, the token positions ``order`` ``(B, L)`` of ``x`` ``(B, T)`` or ``(B, T, D)``."""
+    return torch.gather(x, 1, order if x.dim() == 2 else order[..., None].expand(-1, -1, x.shape[-1]))
+
+
 def _first_real_tokens(out: EncoderOutput, limit: int) -> EncoderOutput:
     """Keep at most ``limit`` tokens per patient: the first real ones, in order."""
     if out.tokens.shape[1] <= limit:
         return out
     order = torch.argsort((~out.token_mask).to(torch.int8), dim=1, stable=True)[:, :limit]  # (P, limit)
-
-    def take(x: torch.Tensor) -> torch.Tensor:
-        return torch.gather(x, 1, order if x.dim() == 2 else order[..., None].expand(-1, -1, x.shape[-1]))
-
-    return EncoderOutput(take(out.tokens), take(out.token_mask), take(out.token_age_hours))
+    take = _gather_tokens
+    return EncoderOutput(take(out.tokens, order), take(out.token_mask, order), take(out.token_age_hours, order))
 
 
 def _model_path(model: str | None) -> Path | None:
@@ -322,28 +341,14 @@ class FoundationBackbone(nn.Module):
             keep = self._modality_dropout(keep)
 
         d = self.config.d_model
-        names = list(encoded.tokens)
-        token_modality = torch.cat(
-            [torch.full((encoded.tokens[n].shape[1],), MODALITIES.index(n), dtype=torch.long) for n in names]
-            or [torch.zeros(0, dtype=torch.long)]
-        ).to(keep.device)  # (T,)
-        T = token_modality.shape[0]
-        if names:
-            tokens = torch.cat([encoded.tokens[n] for n in names], dim=1)  # (B, T, D)
-            ages = torch.cat([encoded.token_age_hours[n] for n in names], dim=1)  # (B, T)
-            token_mask = torch.cat([encoded.token_mask[n] for n in names], dim=1) & keep[:, token_modality]  # (B, T)
-        else:  # no modality at all: the summary attends to itself only
-            tokens = self.summary.new_zeros(B, 0, d)
-            ages, token_mask = tokens.new_zeros(B, 0), keep.new_zeros(B, 0)
+        tokens, ages, real, token_modality = encoded.flat()  # (B, T, D), (B, T), (B, T), (T,)
+        token_mask = real & keep[:, token_modality]  # (B, T)
         # Gather each row's attended tokens first (cut after the longest row); embed only those.
         order, packed = _attended_first(token_mask)  # (B, L)
-        x = torch.gather(tokens, 1, order[..., None].expand(-1, -1, d))
-        kind = nn.functional.embedding(token_modality[order], self.modality_embedding)  # backward cheaper than [ ]
-        x = x + kind + self.time_embedding(torch.gather(ages, 1, order))
-        x = torch.cat([self.summary.expand(B, -1, -1), zero_where_not(x, packed)], dim=1)  # (B, 1 + L, D)
-        attend = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=keep.device), packed], dim=1)
-        h = self._fuse_packed(x, attend)  # (B, 1 + L, D)
-        tokens = h.new_zeros(B, T, d).scatter(1, order[..., None].expand(-1, -1, d), zero_where_not(h[:, 1:], packed))
+        x = self._embed(_gather_tokens(tokens, order), _gather_tokens(ages, order), token_modality[order])
+        h = self._fuse_gathered(x, packed)  # (B, 1 + L, D)
+        scatter_to = order[..., None].expand(-1, -1, d)
+        tokens = h.new_zeros(tokens.shape).scatter(1, scatter_to, zero_where_not(h[:, 1:], packed))  # (B, T, D)
         by_modality = torch.zeros(B, M, d, device=h.device)
         used = torch.zeros(B, M, dtype=torch.bool, device=h.device)
         for m in token_modality.unique().tolist():
@@ -361,8 +366,17 @@ class FoundationBackbone(nn.Module):
             token_modality=token_modality,
         )
 
-    def _fuse_packed(self, x: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
-        """The fusion transformer and final norm over packed tokens ``(n, L, D)`` with mask ``(n, L)``."""
+    def _embed(self, tokens: torch.Tensor, ages: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+        """Tokens plus their modality's embedding (``owner``: modality index of each) and their time's."""
+        kind = nn.functional.embedding(owner, self.modality_embedding)  # backward cheaper than indexing's
+        return tokens + kind + self.time_embedding(ages)
+
+    def _fuse_gathered(self, x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        """The summary token and packed tokens ``(n, L, D)`` (attended where ``packed``) through the
+        fusion transformer and final norm: ``(n, 1 + L, D)``, the summary first."""
+        n = x.shape[0]
+        x = torch.cat([self.summary.expand(n, -1, -1), zero_where_not(x, packed)], dim=1)
+        attend = torch.cat([torch.ones(n, 1, dtype=torch.bool, device=packed.device), packed], dim=1)
         return self.norm(encoder_on_attended(self.fusion, x, attend)).float()
 
     def pooled_variants(
@@ -393,28 +407,14 @@ class FoundationBackbone(nn.Module):
             torch.Size([8, 64])
         """
         d = self.config.d_model
-        parts, real, owners = [], [], []
-        for modality, tokens in encoded.tokens.items():
-            m = MODALITIES.index(modality)
-            parts.append(tokens + self.modality_embedding[m] + self.time_embedding(encoded.token_age_hours[modality]))
-            real.append(encoded.token_mask[modality])
-            owners.append(torch.full((tokens.shape[1],), m, dtype=torch.long, device=tokens.device))
-        if not parts:  # no modality at all: the summary attends to itself only
-            x_all = self.summary.new_zeros(encoded.present.shape[0], 0, d)
-            real_all = encoded.present.new_zeros(encoded.present.shape[0], 0)
-            owner = torch.zeros(0, dtype=torch.long, device=encoded.present.device)
-        else:
-            x_all, real_all, owner = torch.cat(parts, dim=1), torch.cat(real, dim=1), torch.cat(owners)  # (B, T, D)
+        tokens, ages, real, owner = encoded.flat()
+        x_all = self._embed(tokens, ages, owner)  # (B, T, D): embedded once for every variant
         pooled = []
         for start in range(0, rows.shape[0], max_rows):
             r, k = rows[start : start + max_rows], keep[start : start + max_rows]  # (n,), (n, M)
-            n = r.shape[0]
-            mask = real_all[r] & (k & encoded.present[r])[:, owner]  # (n, T)
+            mask = real[r] & (k & encoded.present[r])[:, owner]  # (n, T)
             order, packed = _attended_first(mask)  # (n, L)
-            x = torch.gather(x_all[r], 1, order[..., None].expand(-1, -1, d))  # (n, L, D)
-            x = torch.cat([self.summary.expand(n, -1, -1), zero_where_not(x, packed)], dim=1)  # (n, 1 + L, D)
-            attend = torch.cat([torch.ones(n, 1, dtype=torch.bool, device=mask.device), packed], dim=1)
-            pooled.append(self._fuse_packed(x, attend)[:, 0])
+            pooled.append(self._fuse_gathered(_gather_tokens(x_all[r], order), packed)[:, 0])
         return torch.cat(pooled) if pooled else self.summary.new_zeros(0, d).float()
 
     def forward(
