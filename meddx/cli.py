@@ -179,15 +179,9 @@ def ingest(
 
 def _load_mapping(path: Path, what: str) -> dict:
     """A JSON or YAML file holding one mapping (a config), or ConfigError saying what is wrong."""
-    import json
+    from meddx.config_files import read_config_data
 
-    import yaml
-
-    try:
-        text = path.read_text()
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (OSError, ValueError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read the {what} {path}: {exc}") from None
+    data = read_config_data(path, what)  # bounded: size, UTF-8, nesting depth
     if not isinstance(data, dict):
         raise ConfigError(f"the {what} {path} must hold a mapping of settings, not {type(data).__name__}")
     return data
