@@ -117,8 +117,6 @@ def read_config_data(path: str | Path, what: str) -> Any:
     except RecursionError:
         raise _too_deep(path, what) from None
     except (ValueError, yaml.YAMLError) as exc:
-        raise ConfigError(
-            f"{what} {path}: not valid {'JSON' if as_json else 'YAML'} ({short_reason(exc)})"
-        ) from None
+        raise ConfigError(f"{what} {path}: not valid {'JSON' if as_json else 'YAML'} ({short_reason(exc)})") from None
     _check_shape(data, path, what)
     return data
