@@ -13,7 +13,7 @@ from meddx.config_files import MAX_CONFIG_BYTES, MAX_DEPTH, read_config_data
 from meddx.errors import ConfigError
 
 LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{name}: &{name} [{', '.join([f'*{previous}'] * 10)}]\n" for previous, name in zip("abcdef", "bcdefg")
+    f"{name}: &{name} [{', '.join([f'*{previous}'] * 10)}]\n" for previous, name in zip("abcdef", "bcdefg", strict=True)
 )  # 10^7 values once the aliases are expanded
 HOSTILE = {
     "nested.yaml": ("[" * 100_000).encode(),
