@@ -91,7 +91,7 @@ def ablation_metrics(task: TaskRows, settings: MetricSettings) -> dict[str, Any]
     """
     if not task.ablation:
         return None
-    table = {}
+    table: dict[str, dict[str, Any]] = {}
     for modality, withheld in task.ablation.items():
         absent = np.isnan(withheld) if withheld.ndim == 1 else np.isnan(withheld).any(axis=1)
         rows = np.flatnonzero(~absent)

@@ -61,10 +61,6 @@ def fmt(estimate: dict[str, Any] | None, digits: int = 3, why: bool = True) -> s
 # --------------------------------------------------------------------------- plots
 
 
-# Labels come from the data (task, class and subgroup names): never parse them as math or TeX.
-PLAIN_TEXT = {"text.usetex": False, "text.parse_math": False}
-
-
 def _figure(width: float, height: float, ncols: int = 1):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -402,7 +398,9 @@ def write_report(out: Path, tasks: list[TaskRows], metrics: dict[str, Any]) -> t
     for task in tasks:
         task_metrics = metrics["tasks"][task.name]
         s = slug(task.name)
-        with matplotlib.rc_context(PLAIN_TEXT):  # text artists read these when made and when drawn
+        # Labels come from the data (task, class, subgroup names): never parse them as math or TeX.
+        # Text artists read these settings when made and when drawn, so both happen inside.
+        with matplotlib.rc_context({"text.usetex": False, "text.parse_math": False}):
             plots = {
                 "roc": plot_roc(task, out / f"roc_{s}.png"),
                 "reliability": plot_reliability(task, task_metrics, n_bins, out / f"reliability_{s}.png"),
