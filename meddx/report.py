@@ -159,6 +159,8 @@ def _bars(axis, names: list[str], estimates: list[dict[str, Any] | None], title:
     positions = np.arange(len(names))
     shown = np.nan_to_num(values)
     axis.barh(positions, shown, color="#4a7", xerr=np.nan_to_num([shown - low, high - shown]), capsize=3)
+    for position in positions[np.isnan(values)]:
+        axis.text(0.01, position, "n/a", va="center", fontsize="small", color="#a33")
     axis.set_yticks(positions, names, fontsize="small")
     axis.invert_yaxis()
     axis.set(xlim=(0, 1), title=title)
