@@ -42,8 +42,11 @@ def _write(folder: Path, labels: list[int], probability, extra: dict | None = No
 
 def _run_json(folder: Path, model: Path, training: dict | None) -> None:
     """What meddx diagnose writes beside its predictions (the parts of run.json evaluate reads)."""
-    run = {"format": "meddx-diagnose-run/1", "complete": True, "model": {"name": model.name, "path": str(model),
-                                                                          "sha256": "ab" * 32, "training": training}}
+    run = {
+        "format": "meddx-diagnose-run/1",
+        "complete": True,
+        "model": {"name": model.name, "path": str(model), "sha256": "ab" * 32, "training": training},
+    }
     (folder / "run.json").write_text(json.dumps(run))
 
 
@@ -55,8 +58,13 @@ def test_twelve_rows_say_what_they_rest_on(tmp_path: Path) -> None:
     result = evaluate(files["predictions"], files["manifest"], tmp_path / "out", settings=FAST)
 
     metrics = json.loads(result.metrics_path.read_text())
-    assert metrics["model"] == {"name": "flu-v3", "path": str(model), "sha256": "ab" * 32,
-                                "training_rows": {"train": 480, "val": 120}, "run": str(tmp_path / "run" / "run.json")}
+    assert metrics["model"] == {
+        "name": "flu-v3",
+        "path": str(model),
+        "sha256": "ab" * 32,
+        "training_rows": {"train": 480, "val": 120},
+        "run": str(tmp_path / "run" / "run.json"),
+    }
     flu = metrics["tasks"]["flu"]
     assert flu["class_counts"] == {"positives": 6, "negatives": 6}
     assert flu["overall"]["class_counts"] == [6, 6]
@@ -69,8 +77,16 @@ def test_twelve_rows_say_what_they_rest_on(tmp_path: Path) -> None:
     assert conformal["coverage"]["value"] == 1.0 and conformal["mean_set_size"]["value"] == 2.0
 
     report = html.unescape(result.report_path.read_text())
-    for text in ("flu-v3", str(model), "480 train, 120 val rows", "6 positives, 6 negatives", "Too few rows",
-                 "12 of the 12 prediction sets hold every class", "mean set size", "Rows per bin"):
+    for text in (
+        "flu-v3",
+        str(model),
+        "480 train, 120 val rows",
+        "6 positives, 6 negatives",
+        "Too few rows",
+        "12 of the 12 prediction sets hold every class",
+        "mean set size",
+        "Rows per bin",
+    ):
         assert text in report, text
     # the summary row: coverage with the mean set size beside it
     assert "<td>1.000 [1.000, 1.000]</td><td>2.00 [2.00, 2.00]</td><td>small n: see the task</td>" in report
@@ -104,8 +120,19 @@ def test_training_rows_come_from_the_model_folder_when_run_json_lacks_them(tmp_p
 
 def test_one_class_gives_n_a_with_the_reason(tmp_path: Path) -> None:
     files = _write(tmp_path, [0] * 12, np.linspace(0.05, 0.5, 12))
-    result = CliRunner().invoke(main, ["evaluate", str(files["predictions"]), "--manifest", str(files["manifest"]),
-                                       "--out", str(tmp_path / "out"), "--bootstrap", "40"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "evaluate",
+            str(files["predictions"]),
+            "--manifest",
+            str(files["manifest"]),
+            "--out",
+            str(tmp_path / "out"),
+            "--bootstrap",
+            "40",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "AUROC n/a" in result.output
     after = json.loads((tmp_path / "out" / "metrics.json").read_text())["tasks"]["flu"]["overall"]["after_calibration"]
@@ -130,8 +157,9 @@ def test_every_probability_nan_exits_2_and_says_why(tmp_path: Path) -> None:
     frame = pd.read_csv(files["predictions"])
     parquet = tmp_path / "predictions.parquet"
     frame.assign(probability=np.nan, **{"ablation:imaging": np.nan}).to_parquet(parquet, index=False)
-    result = CliRunner().invoke(main, ["evaluate", str(parquet), "--manifest", str(files["manifest"]),
-                                       "--out", str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        main, ["evaluate", str(parquet), "--manifest", str(files["manifest"]), "--out", str(tmp_path / "out")]
+    )
     assert result.exit_code == 2, (result.output, result.exception)
     assert "nothing to evaluate" in result.output and "12 no probability (empty or NaN)" in result.output
 
@@ -155,10 +183,22 @@ def test_a_task_without_evaluable_rows_is_explained_beside_one_that_has_them(tmp
 @pytest.mark.parametrize("name", ["$\\frac{1}{$", "$x$", "\\$a$b", "_^{}"])
 def test_subgroup_and_task_names_are_drawn_as_plain_text(tmp_path: Path, name: str) -> None:
     labels = [0, 1] * 8
-    files = _write(tmp_path, labels, np.linspace(0.05, 0.95, 16), extra={"ward": [name, "b"] * 8},
-                   sets=["1"] * 16)
-    result = CliRunner().invoke(main, ["evaluate", str(files["predictions"]), "--manifest", str(files["manifest"]),
-                                       "--out", str(tmp_path / "out"), "--by", "ward", "--bootstrap", "20"])
+    files = _write(tmp_path, labels, np.linspace(0.05, 0.95, 16), extra={"ward": [name, "b"] * 8}, sets=["1"] * 16)
+    result = CliRunner().invoke(
+        main,
+        [
+            "evaluate",
+            str(files["predictions"]),
+            "--manifest",
+            str(files["manifest"]),
+            "--out",
+            str(tmp_path / "out"),
+            "--by",
+            "ward",
+            "--bootstrap",
+            "20",
+        ],
+    )
     assert result.exit_code == 0, (result.output, result.exception)
     assert (tmp_path / "out" / "subgroups_flu.png").stat().st_size > 0
     assert "<h4>ward</h4>" in (report := (tmp_path / "out" / "report.html").read_text())
