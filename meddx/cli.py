@@ -179,15 +179,9 @@ def ingest(
 
 def _load_mapping(path: Path, what: str) -> dict:
     """A JSON or YAML file holding one mapping (a config), or ConfigError saying what is wrong."""
-    import json
+    from meddx.config_files import read_config_data
 
-    import yaml
-
-    try:
-        text = path.read_text()
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (OSError, ValueError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read the {what} {path}: {exc}") from None
+    data = read_config_data(path, what)  # bounded: size, UTF-8, nesting depth
     if not isinstance(data, dict):
         raise ConfigError(f"the {what} {path} must hold a mapping of settings, not {type(data).__name__}")
     return data
@@ -734,10 +728,14 @@ def evaluate(
         after = task["overall"]["after_calibration"]
         conformal = task["overall"]["conformal"] or {}
         coverage = conformal.get("coverage", {}).get("value")
+        set_size = conformal.get("mean_set_size", {}).get("value")
+        counts = ", ".join(f"{v} {k}" for k, v in task["class_counts"].items())
         click.echo(
-            f"{name}: n {task['overall']['n']}, AUROC {_number(after['auroc']['value'])}, "
-            f"ECE {_number(after['ece']['value'])}, coverage {_number(coverage)}"
+            f"{name}: n {task['overall']['n']} ({counts}), AUROC {_number(after['auroc']['value'])}, "
+            f"ECE {_number(after['ece']['value'])}, coverage {_number(coverage)}, mean set size {_number(set_size)}"
         )
+        for warning in task["warnings"]:
+            click.echo(f"  warning: {warning}")
     click.echo(f"wrote {result.metrics_path}, {result.report_path} and {len(result.plots)} plots")
 
 
@@ -797,7 +795,7 @@ def pacs_manifest(modality: str, since, until, out: Path, config_file: Path | No
 
 
 def _number(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 if __name__ == "__main__":

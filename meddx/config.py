@@ -12,7 +12,6 @@ before any file is read.
 
 from __future__ import annotations
 
-import json
 import math
 from datetime import tzinfo
 from pathlib import Path
@@ -212,20 +211,13 @@ class IngestConfig(_Section):
             >>> IngestConfig.from_file("configs/gpu.yaml").imaging.spatial_size  # doctest: +SKIP
             (64, 128, 128)
         """
-        import yaml
+        from meddx.config_files import read_config_data
 
         path = Path(path)
         suffix = path.suffix.lower()
         if suffix not in (".yaml", ".yml", ".json"):
             raise ConfigError(f"ingest config {path}: name a .yaml, .yml or .json file")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"ingest config {path}: cannot read it ({exc})") from None
-        try:
-            data: Any = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
-        except (ValueError, yaml.YAMLError) as exc:
-            raise ConfigError(f"ingest config {path}: not valid {suffix[1:].upper()} ({exc})") from None
+        data: Any = read_config_data(path, "ingest config")  # bounded: size, UTF-8, depth
         try:
             return cls.from_dict({} if data is None else data)
         except ConfigError as exc:

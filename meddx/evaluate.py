@@ -6,6 +6,11 @@ column, each with a percentile bootstrap interval; and, when the predictions car
 ``ablation:<modality>`` columns, the same metrics with each modality withheld. Writes
 ``metrics.json``, ``report.html`` and PNG plots into one folder (see :mod:`meddx.report`).
 
+The report says what it rests on: the model that made the predictions (from the ``run.json``
+``meddx diagnose`` wrote beside them, and its folder's ``config.json``), the rows of each class
+per task, a warning when the rows are too few for the intervals to mean much (see
+:func:`precision_warnings`), and a reason beside every figure that cannot be computed.
+
 Example:
     >>> from meddx.evaluate import evaluate
     >>> result = evaluate(  # doctest: +SKIP
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,14 +34,24 @@ import numpy as np
 
 from meddx import __version__
 from meddx.calibration import availability_groups
+from meddx.errors import PredictionsError
 from meddx.metrics import (
+    AUROC_HALF_WIDTH_LINE,
+    COVERAGE_HALF_WIDTH_LINE,
     DEFAULT_SETTINGS,
+    REFERENCE_AUROC,
+    REFERENCE_COVERAGE,
     MetricSettings,
     auroc,
+    auroc_half_width,
     bootstrap,
+    coverage_half_width,
+    explain,
     grouped_tables,
     metric_table,
     probability_metrics,
+    rows_for_auroc_line,
+    rows_for_coverage_line,
 )
 from meddx.predictions import TaskRows, load_task_rows
 
@@ -49,6 +65,9 @@ NO_ABLATION_NOTE = (
 NO_AVAILABILITY_NOTE = "the predictions have no 'modalities' column, so rows cannot be grouped by availability"
 NO_SETS_NOTE = "the predictions hold no prediction_set for this task, so there is no conformal coverage"
 NO_RAW_NOTE = "no raw_probability for every evaluated row, so metrics before calibration are left out"
+RUN_FILE = "run.json"  # what meddx diagnose writes beside its predictions (meddx.diagnose.RUN)
+MAX_RUN_BYTES = 16 << 20
+FULL_SETS_SHARE = 0.5  # warn when at least this share of prediction sets hold every class
 
 
 @dataclass
@@ -72,9 +91,10 @@ def ablation_metrics(task: TaskRows, settings: MetricSettings) -> dict[str, Any]
     """
     if not task.ablation:
         return None
-    table = {}
+    table: dict[str, dict[str, Any]] = {}
     for modality, withheld in task.ablation.items():
-        rows = np.flatnonzero(~np.isnan(withheld.reshape(len(withheld), -1)).any(axis=1))
+        absent = np.isnan(withheld) if withheld.ndim == 1 else np.isnan(withheld).any(axis=1)
+        rows = np.flatnonzero(~absent)
         labels, full, without = task.labels[rows], task.probabilities[rows], withheld[rows]
         table[modality] = {
             "n": len(rows),
@@ -84,7 +104,78 @@ def ablation_metrics(task: TaskRows, settings: MetricSettings) -> dict[str, Any]
                 _auroc_drop(labels, full, without), len(rows), settings.n_resamples, settings.confidence, settings.seed
             ).to_dict(),
         }
+        n_classes = len(task.classes)
+        for part in ("full", "withheld"):
+            explain(table[modality][part], labels, n_classes, settings)
+        explain({"auroc": table[modality]["auroc_drop"]}, labels, n_classes, settings)
     return table
+
+
+def _count_phrase(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def class_counts(task: TaskRows) -> dict[str, int]:
+    """Evaluated rows per class: ``{"positives", "negatives"}`` (binary) or per class name."""
+    counts = np.bincount(task.labels, minlength=len(task.classes)).tolist()
+    if task.kind == "binary":
+        return {"positives": counts[1], "negatives": counts[0]}
+    return dict(zip(task.classes, counts, strict=True))
+
+
+def precision_warnings(task: TaskRows, settings: MetricSettings = DEFAULT_SETTINGS) -> list[str]:
+    """What the rows are too few or the sets too wide for, one sentence each (empty when nothing).
+
+    The line: a ``confidence`` interval on AUROC expected to be wider than
+    +/-:data:`~meddx.metrics.AUROC_HALF_WIDTH_LINE` at AUROC 0.8 (Hanley & McNeil's standard
+    error, from the rows of the rarest class and of the rest: about 40 of each at 95%), or one
+    on conformal coverage wider than +/-:data:`~meddx.metrics.COVERAGE_HALF_WIDTH_LINE` at 90%
+    (binomial: about 140 rows at 95%). Past it the figures are mostly noise, and a bootstrap
+    percentile interval on so few rows is itself unreliable.
+    """
+    warnings = []
+    n = len(task.labels)
+    level = f"{settings.confidence:.0%}"
+    counts = np.bincount(task.labels, minlength=len(task.classes))
+    rare = int(counts.argmin())
+    if task.kind == "binary":
+        held = f"{_count_phrase(int(counts[1]), 'positive')} and {_count_phrase(int(counts[0]), 'negative')}"
+    else:
+        held = f"{counts[rare]} rows of class {task.classes[rare]!r} against {n - counts[rare]} of the others"
+    auroc_width = auroc_half_width(int(counts[rare]), int(n - counts[rare]), settings.confidence)
+    coverage_width = coverage_half_width(n, settings.confidence) if task.sets is not None else 0.0
+    if n and (auroc_width > AUROC_HALF_WIDTH_LINE or coverage_width > COVERAGE_HALF_WIDTH_LINE):
+        parts = []
+        if math.isfinite(auroc_width):
+            parts.append(
+                f"with {held} a {level} interval on AUROC is about +/-{auroc_width:.2f} wide "
+                f"even at AUROC {REFERENCE_AUROC} (Hanley & McNeil)"
+            )
+        else:
+            parts.append(f"with {held} AUROC cannot be computed")
+        if task.sets is not None:
+            parts.append(
+                f"one on conformal coverage about +/-{coverage_width:.2f} at {REFERENCE_COVERAGE:.0%} "
+                f"(binomial, {_count_phrase(n, 'row')})"
+            )
+        warnings.append(
+            "Too few rows for these figures to mean much: "
+            + ", and ".join(parts)
+            + f". This report warns when AUROC's {level} interval is expected to be wider than "
+            f"+/-{AUROC_HALF_WIDTH_LINE:.2f} (about {rows_for_auroc_line(settings.confidence)} rows of each class) "
+            f"or coverage's wider than +/-{COVERAGE_HALF_WIDTH_LINE:.2f} "
+            f"(about {rows_for_coverage_line(settings.confidence)} rows); "
+            "on so few rows the bootstrap intervals are themselves unreliable."
+        )
+    if task.sets is not None and n:
+        full = task.sets.all(axis=1)
+        if full.mean() >= FULL_SETS_SHARE:
+            warnings.append(
+                f"{int(full.sum())} of the {n} prediction sets hold every class "
+                f"(mean set size {task.sets.sum(axis=1).mean():.2f} of {len(task.classes)}): such a set always "
+                "covers the true class, so coverage says little here; read it beside the mean set size."
+            )
+    return warnings
 
 
 def task_metrics(task: TaskRows, settings: MetricSettings = DEFAULT_SETTINGS) -> dict[str, Any]:
@@ -94,9 +185,13 @@ def task_metrics(task: TaskRows, settings: MetricSettings = DEFAULT_SETTINGS) ->
         "kind": task.kind,
         "classes": list(task.classes),
         "counts": task.counts,
+        "class_counts": class_counts(task),
         "overall": metric_table(*common, settings=settings),
+        "warnings": precision_warnings(task, settings),
         "notes": [],
     }
+    if not len(task.labels):
+        result["notes"].append(_nothing_evaluated(task))
     if task.raw_probabilities is None:
         result["notes"].append(NO_RAW_NOTE)
     if task.sets is None:
@@ -133,6 +228,65 @@ def compute_metrics(
     }
 
 
+def _nothing_evaluated(task: TaskRows) -> str:
+    c = task.counts
+    return (
+        f"no row of task {task.name!r} could be evaluated: of its {c.get('rows', 0)} rows, "
+        f"{c.get('status_error', 0)} have status error, {c.get('unlabelled', 0)} no label in the manifest and "
+        f"{c.get('without_probability', 0)} no probability (empty or NaN)"
+    )
+
+
+# --------------------------------------------------------------------------- which model made the predictions
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        if path.stat().st_size > MAX_RUN_BYTES:
+            return None
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # ValueError covers UnicodeDecodeError and bad JSON
+        return None
+
+
+def _training_rows(training: Any) -> dict[str, int] | None:
+    rows = training.get("rows") if isinstance(training, dict) else None
+    if not isinstance(rows, dict):
+        return None
+    kept = {str(k): v for k, v in rows.items() if isinstance(v, int) and not isinstance(v, bool)}
+    return kept or None
+
+
+def model_provenance(predictions: str | Path) -> tuple[dict[str, Any] | None, str | None]:
+    """The model that made a predictions file, from the ``run.json`` beside it, or a note why not.
+
+    Returns ``({"name", "path", "sha256", "training_rows", "run"}, None)``; ``training_rows``
+    (``{"train": n, "val": n}``) come from ``run.json``, else from the model folder's
+    ``config.json``, else are ``None``. Without a usable ``run.json``: ``(None, note)``.
+    """
+    run_path = Path(predictions).parent / RUN_FILE
+    run = _read_json(run_path) if run_path.is_file() else None
+    model = run.get("model") if isinstance(run, dict) else None
+    if not isinstance(model, dict):
+        return None, (
+            f"no meddx diagnose run.json beside {predictions}: the model that made these predictions is not "
+            "known to this report; evaluate the predictions file in the folder meddx diagnose wrote"
+        )
+    path = str(model.get("path", ""))
+    rows = _training_rows(model.get("training"))
+    if rows is None and path:
+        config = _read_json(Path(path) / "config.json") if (Path(path) / "config.json").is_file() else None
+        rows = _training_rows((config.get("diagnosis") or {}).get("training") if isinstance(config, dict) else None)
+    info = {
+        "name": str(model.get("name", "")) or None,
+        "path": path or None,
+        "sha256": model.get("sha256") if isinstance(model.get("sha256"), str) else None,
+        "training_rows": rows,
+        "run": str(run_path),
+    }
+    return info, None
+
+
 def evaluate(
     predictions: str | Path,
     manifest: str | Path,
@@ -160,7 +314,18 @@ def evaluate(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tasks = load_task_rows(predictions, manifest, by)
-    sources: dict[str, Any] = {"predictions": str(predictions), "manifest": str(manifest), "by": list(by)}
+    if not any(len(task.labels) for task in tasks):
+        raise PredictionsError(
+            f"{predictions}: nothing to evaluate; " + "; ".join(_nothing_evaluated(t) for t in tasks)
+        )
+    model, model_note = model_provenance(predictions)
+    sources: dict[str, Any] = {
+        "predictions": str(predictions),
+        "manifest": str(manifest),
+        "by": list(by),
+        "model": model,
+        "notes": [model_note] if model_note else [],
+    }
     metrics = compute_metrics(tasks, settings, sources)
     metrics_path = out / METRICS_FILE
     metrics_path.write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")  # strict JSON

@@ -13,7 +13,10 @@ class probabilities for a multiclass one; ``sets`` are ``(N, C)`` bool predictio
 | ``coverage`` | share of rows whose set holds the true class | same |
 | ``mean_set_size`` | mean number of classes per set | same |
 
-A metric that is undefined on the rows given (AUROC with one class present) is ``nan``.
+A metric that is undefined on the rows given (AUROC with one class present) is ``nan``; in the
+tables (:func:`metric_table`) it is ``None`` with a ``reason`` beside it, and so is a missing
+interval. :func:`auroc_half_width` and :func:`coverage_half_width` say how wide an interval
+the rows can give at best, for the report's small-n warning.
 AUROC and average precision are computed here with numpy rather than by calling
 scikit-learn, because the bootstrap calls them a thousand times per table and the numpy form is
 about twenty times faster; ``tests/test_metrics.py`` checks they equal scikit-learn's
@@ -34,6 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -330,14 +334,119 @@ def metric_table(
         >>> table["after_calibration"]["ece"]["value"]            # doctest: +SKIP
     """
     labels = np.asarray(labels)
-    return {
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    n_classes = 2 if probabilities.ndim == 1 else probabilities.shape[1]
+    table = {
         "n": len(labels),
-        "after_calibration": probability_metrics(labels, np.asarray(probabilities, dtype=np.float64), settings),
+        "class_counts": np.bincount(labels, minlength=n_classes).tolist(),
+        "after_calibration": probability_metrics(labels, probabilities, settings),
         "before_calibration": None
         if raw_probabilities is None
         else probability_metrics(labels, np.asarray(raw_probabilities, dtype=np.float64), settings),
         "conformal": None if sets is None else conformal_metrics(labels, np.asarray(sets, dtype=bool), settings),
     }
+    for part in ("after_calibration", "before_calibration", "conformal"):
+        if table[part] is not None:
+            explain(table[part], labels, n_classes, settings)
+    return table
+
+
+# --------------------------------------------------------------------------- why a figure is missing
+
+
+def _rows(n: int) -> str:
+    return "the 1 row" if n == 1 else f"the {n} rows"
+
+
+def undefined_reason(metric: str, labels: np.ndarray, n_classes: int) -> str:
+    """Why ``metric`` has no value on these rows, in words (e.g. "only one class among the 12 rows")."""
+    n = len(labels)
+    if n == 0:
+        return "no rows to compute it on"
+    if metric in ("auroc", "auprc"):
+        counts = np.bincount(np.asarray(labels), minlength=n_classes)
+        present = int((counts > 0).sum())
+        if present < 2:
+            if n_classes == 2:
+                which = "positives, no negative" if counts[1] else "negatives, no positive"
+                return f"only one class among {_rows(n)} ({n} {which})"
+            return f"only one class among {_rows(n)}"
+        if present < n_classes:
+            return (
+                f"{present} of the {n_classes} classes occur among {_rows(n)}; "
+                "the macro one-vs-rest mean needs every class"
+            )
+    return f"undefined on {_rows(n)}"
+
+
+def _interval_reason(estimate: dict[str, Any], settings: MetricSettings) -> str:
+    if settings.n_resamples == 0:
+        return "no interval: the bootstrap was turned off (0 resamples)"
+    return (
+        f"no interval: the metric was defined on only {estimate['n_resamples']} of {settings.n_resamples} "
+        "resamples (at least half are needed; a resample holding one class leaves AUROC and AUPRC undefined)"
+    )
+
+
+def explain(
+    estimates: dict[str, dict[str, Any]], labels: np.ndarray, n_classes: int, settings: MetricSettings
+) -> dict[str, dict[str, Any]]:
+    """Give every estimate (as a dict) a ``reason``: why its value or interval is missing, else ``None``."""
+    for metric, estimate in estimates.items():
+        if estimate["value"] is None:
+            estimate["reason"] = undefined_reason(metric, labels, n_classes)
+        elif estimate["low"] is None:
+            estimate["reason"] = _interval_reason(estimate, settings)
+        else:
+            estimate["reason"] = None
+    return estimates
+
+
+# --------------------------------------------------------------------------- how precise n rows can be
+
+REFERENCE_AUROC = 0.8  # the AUROC at which the small-n warning sizes AUROC's interval
+REFERENCE_COVERAGE = 0.9  # the coverage at which it sizes coverage's interval
+AUROC_HALF_WIDTH_LINE = 0.10  # warn when AUROC's interval is expected to be wider than +/- this
+COVERAGE_HALF_WIDTH_LINE = 0.05  # warn when coverage's is
+
+
+def _z(confidence: float) -> float:
+    return NormalDist().inv_cdf(0.5 + confidence / 2)
+
+
+def auroc_half_width(
+    n_positive: int, n_negative: int, confidence: float = DEFAULT_CONFIDENCE, value: float = REFERENCE_AUROC
+) -> float:
+    """Half-width of a normal interval on AUROC from Hanley & McNeil's (1982) standard error.
+
+    ``inf`` without both classes. At AUROC 0.8 with 6 rows of each class it is about 0.27.
+    """
+    if n_positive < 1 or n_negative < 1:
+        return math.inf
+    q1, q2 = value / (2 - value), 2 * value**2 / (1 + value)
+    variance = (value * (1 - value) + (n_positive - 1) * (q1 - value**2) + (n_negative - 1) * (q2 - value**2)) / (
+        n_positive * n_negative
+    )
+    return _z(confidence) * math.sqrt(variance)
+
+
+def coverage_half_width(n: int, confidence: float = DEFAULT_CONFIDENCE, value: float = REFERENCE_COVERAGE) -> float:
+    """Half-width of a normal (binomial) interval on a coverage of ``value`` measured on ``n`` rows."""
+    return math.inf if n < 1 else _z(confidence) * math.sqrt(value * (1 - value) / n)
+
+
+def rows_for_auroc_line(confidence: float = DEFAULT_CONFIDENCE) -> int:
+    """Rows of each class (balanced) from which AUROC's expected half-width is within the line."""
+    m = 1
+    while auroc_half_width(m, m, confidence) > AUROC_HALF_WIDTH_LINE:
+        m += 1
+    return m
+
+
+def rows_for_coverage_line(confidence: float = DEFAULT_CONFIDENCE) -> int:
+    """Rows from which coverage's expected half-width is within the line."""
+    z = _z(confidence)
+    return math.ceil(REFERENCE_COVERAGE * (1 - REFERENCE_COVERAGE) * (z / COVERAGE_HALF_WIDTH_LINE) ** 2)
 
 
 def grouped_tables(

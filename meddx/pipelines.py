@@ -183,13 +183,10 @@ def read_pipeline(
         >>> read_pipeline("pipelines/demo.yaml", out="runs/demo").steps[0].step  # doctest: +SKIP
         'sample-data'
     """
-    import yaml
+    from meddx.config_files import read_config_data
 
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read the pipeline {path}: {exc}") from None
+    data = read_config_data(path, "pipeline")  # bounded: size, UTF-8, nesting depth
     if not isinstance(data, dict):
         raise ConfigError(
             f"the pipeline {path} must hold a mapping (version, name, out, steps), not {type(data).__name__}"

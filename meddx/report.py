@@ -5,6 +5,12 @@ Plots per task: ROC curve, reliability diagram (before and after calibration), s
 present, modality-ablation bars. They are drawn with matplotlib's Agg canvas (no display, no
 global backend switch), written as PNG files and embedded in the HTML as base64, so the report
 opens from disk with no network: no external URL, no script, no stylesheet from elsewhere.
+Every label is drawn as plain text (no mathtext, no TeX), whatever a task or subgroup is called.
+
+The report says what it rests on: the model (name, folder, training rows), the rows of each
+class per task, a warning when they are too few for the intervals to mean much, the mean set
+size beside every coverage, the rows in each bin of the reliability diagram, and "n/a" with
+the reason wherever a figure cannot be computed.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ th:first-child, td:first-child { text-align: left; }
 th { background: #f3f3f3; }
 img { max-width: 100%; }
 .note { color: #666; font-style: italic; }
+.warning { background: #fff4d6; border-left: 4px solid #d89c00; padding: 0.4em 0.8em; }
 section.task { border-top: 2px solid #444; margin-top: 2em; }
 """
 
@@ -39,10 +46,12 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "task"
 
 
-def fmt(estimate: dict[str, Any] | None, digits: int = 3) -> str:
-    """``0.812 [0.781, 0.843]``; ``-`` when undefined; the value alone without an interval."""
+def fmt(estimate: dict[str, Any] | None, digits: int = 3, why: bool = True) -> str:
+    """``0.812 [0.781, 0.843]``; the value alone without an interval; ``n/a`` when undefined,
+    followed by the reason (``n/a — only one class among the 12 rows``) unless ``why`` is false."""
     if not estimate or estimate.get("value") is None:
-        return "-"
+        reason = (estimate or {}).get("reason")
+        return f"n/a — {reason}" if why and reason else "n/a"
     text = f"{estimate['value']:.{digits}f}"
     if estimate.get("low") is not None:
         text += f" [{estimate['low']:.{digits}f}, {estimate['high']:.{digits}f}]"
@@ -115,6 +124,8 @@ def plot_reliability(task: TaskRows, metrics: dict[str, Any], n_bins: int, path:
         axis.bar(
             centres[filled], curve.frequency[filled], width=1 / n_bins, edgecolor="#345", alpha=0.7, label="observed"
         )
+        for x, y, count in zip(centres[filled], curve.frequency[filled], curve.count[filled], strict=True):
+            axis.text(x, min(y, 0.93) + 0.015, str(count), ha="center", va="bottom", fontsize=7, color="#234")
         axis.plot(
             curve.confidence[filled], curve.confidence[filled], "o", color="#c33", markersize=3, label="mean confidence"
         )
@@ -124,7 +135,7 @@ def plot_reliability(task: TaskRows, metrics: dict[str, Any], n_bins: int, path:
             ylim=(0, 1),
             xlabel=f"predicted probability ({which})",
             ylabel="observed frequency" if task.kind == "binary" else "accuracy",
-            title=f"{title}: ECE {fmt(table['ece'])}",
+            title=f"{title}: ECE {fmt(table['ece'], why=False)} (numbers: rows per bin)",
         )
         axis.title.set_fontsize("small")
         axis.legend(loc="upper left", fontsize="small")
@@ -148,6 +159,8 @@ def _bars(axis, names: list[str], estimates: list[dict[str, Any] | None], title:
     positions = np.arange(len(names))
     shown = np.nan_to_num(values)
     axis.barh(positions, shown, color="#4a7", xerr=np.nan_to_num([shown - low, high - shown]), capsize=3)
+    for position in positions[np.isnan(values)]:
+        axis.text(0.01, position, "n/a", va="center", fontsize="small", color="#a33")
     axis.set_yticks(positions, names, fontsize="small")
     axis.invert_yaxis()
     axis.set(xlim=(0, 1), title=title)
@@ -207,8 +220,27 @@ def _note(text: str) -> str:
     return f'<p class="note">{html.escape(text)}</p>'
 
 
-def _group_table(groups: dict[str, dict[str, Any]]) -> str:
-    header = ["group", "n", *(f"{n} (calibrated)" for n in METRIC_NAMES.values()), "coverage", "mean set size"]
+def _class_counts_text(counts: dict[str, int]) -> str:
+    return ", ".join(f"{v} {k}" for k, v in counts.items())
+
+
+def _per_class(table: dict[str, Any], classes: list[str]) -> str:
+    counts = table.get("class_counts") or []
+    if classes == ["0", "1"] and len(counts) == 2:
+        return f"{counts[1]} / {counts[0]}"
+    return " / ".join(str(c) for c in counts)
+
+
+def _group_table(groups: dict[str, dict[str, Any]], classes: list[str]) -> str:
+    per_class = "positives / negatives" if classes == ["0", "1"] else "rows per class (" + " / ".join(classes) + ")"
+    header = [
+        "group",
+        "n",
+        per_class,
+        *(f"{n} (calibrated)" for n in METRIC_NAMES.values()),
+        "coverage",
+        "mean set size",
+    ]
     rows = []
     for name, table in groups.items():
         after = table["after_calibration"]
@@ -217,6 +249,7 @@ def _group_table(groups: dict[str, dict[str, Any]]) -> str:
             [
                 name,
                 str(table["n"]),
+                _per_class(table, classes),
                 *(fmt(after[k]) for k in METRIC_NAMES),
                 fmt(conformal.get("coverage")),
                 fmt(conformal.get("mean_set_size"), 2),
@@ -229,24 +262,43 @@ def _section(section_id: str, title: str, body: str) -> str:
     return f'<section id="{section_id}"><h3>{html.escape(title)}</h3>{body}</section>'
 
 
-def _task_html(task: TaskRows, metrics: dict[str, Any], plots: dict[str, Path | None]) -> str:
+def _bins_table(task: TaskRows, n_bins: int) -> str:
+    """Rows, mean confidence and observed frequency per bin of the calibrated reliability diagram."""
+    curve = reliability_curve(task.labels, task.probabilities, n_bins)
+    rows = [
+        [
+            f"[{curve.edges[b]:.2f}, {curve.edges[b + 1]:.2f}{']' if b == n_bins - 1 else ')'}",
+            str(int(curve.count[b])),
+            "-" if curve.count[b] == 0 else f"{curve.confidence[b]:.3f}",
+            "-" if curve.count[b] == 0 else f"{curve.frequency[b]:.3f}",
+        ]
+        for b in range(n_bins)
+    ]
+    observed = "observed frequency" if task.kind == "binary" else "accuracy"
+    return "<h4>Rows per bin (after calibration)</h4>" + _table(["bin", "rows", "mean confidence", observed], rows)
+
+
+def _task_html(task: TaskRows, metrics: dict[str, Any], plots: dict[str, Path | None], n_bins: int) -> str:
     s = slug(task.name)
+    bins = _bins_table(task, n_bins)
     overall = metrics["overall"]
     before = overall["before_calibration"] or {}
     after = overall["after_calibration"]
     rows = [[label, fmt(before.get(key)), fmt(after[key])] for key, label in METRIC_NAMES.items()]
     counts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in metrics["counts"].items())
+    evaluated = f"Evaluated rows per class: {_class_counts_text(metrics['class_counts'])}."
     parts = [
         _section(
             f"{s}-overall",
             "Overall",
-            f"<p>{html.escape(counts)}</p>" + _table(["metric", "before calibration", "after calibration"], rows),
+            f"<p>{html.escape(evaluated)}</p><p>{html.escape(counts)}</p>"
+            + _table(["metric", "before calibration", "after calibration"], rows),
         ),
         _section(f"{s}-roc", "ROC curve", _image(plots["roc"], f"ROC curve of {task.name}")),
         _section(
             f"{s}-calibration",
             "Calibration (reliability diagram)",
-            _image(plots["reliability"], f"reliability diagram of {task.name}"),
+            _image(plots["reliability"], f"reliability diagram of {task.name}") + bins,
         ),
     ]
     conformal = overall["conformal"]
@@ -254,6 +306,7 @@ def _task_html(task: TaskRows, metrics: dict[str, Any], plots: dict[str, Path | 
         body = _note("no prediction sets for this task")
     else:
         lines = [["overall", str(overall["n"]), fmt(conformal["coverage"]), fmt(conformal["mean_set_size"], 2)]]
+        classes_in_sets = f"{len(task.classes)} classes: a set holding all of them always covers"
         for name, table in (metrics["availability"] or {}).get("groups", {}).items():
             lines.append(
                 [
@@ -263,19 +316,22 @@ def _task_html(task: TaskRows, metrics: dict[str, Any], plots: dict[str, Path | 
                     fmt(table["conformal"]["mean_set_size"], 2),
                 ]
             )
-        body = _table(["rows", "n", "coverage", "mean set size"], lines)
+        body = _table(["rows", "n", "coverage", "mean set size"], lines) + _note(
+            f"Read coverage beside the mean set size (of {classes_in_sets} the true class)."
+        )
     parts.append(_section(f"{s}-conformal", "Conformal prediction sets", body))
     if metrics["availability"] is None:
         body = _note("no 'modalities' column: rows cannot be grouped by availability")
     else:
         used = ", ".join(metrics["availability"]["modalities"]) or "none"
         body = f"<p>Missing modalities are counted against those the rows use: {html.escape(used)}.</p>" + _group_table(
-            metrics["availability"]["groups"]
+            metrics["availability"]["groups"], metrics["classes"]
         )
     parts.append(_section(f"{s}-availability", "Availability groups", body))
     if metrics["subgroups"]:
         body = "".join(
-            f"<h4>{html.escape(column)}</h4>" + _group_table(groups) for column, groups in metrics["subgroups"].items()
+            f"<h4>{html.escape(column)}</h4>" + _group_table(groups, metrics["classes"])
+            for column, groups in metrics["subgroups"].items()
         )
     else:
         body = _note("no subgroup columns were named (meddx evaluate --by COLUMN,...)")
@@ -303,36 +359,70 @@ def _task_html(task: TaskRows, metrics: dict[str, Any], plots: dict[str, Path | 
             ["withheld modality", "n (rows with it)", "AUROC all", "AUROC withheld", "AUROC drop", "ECE withheld"], rows
         ) + _image(plots["ablation"], f"modality ablation of {task.name}")
     parts.append(_section(f"{s}-ablation", "Modality ablation", body))
-    notes = "".join(_note(n) for n in metrics["notes"])
+    notes = "".join(_warning(w) for w in metrics.get("warnings", [])) + "".join(_note(n) for n in metrics["notes"])
     title = f"Task {task.name} ({task.kind}: {', '.join(task.classes)})"
     return f'<section class="task" id="task-{s}"><h2>{html.escape(title)}</h2>{notes}{"".join(parts)}</section>'
 
 
+def _warning(text: str) -> str:
+    return f'<p class="warning">{html.escape(text)}</p>'
+
+
+def _model_html(metrics: dict[str, Any]) -> str:
+    """What the predictions rest on: the model's name, folder, hash and training rows."""
+    model = metrics.get("model")
+    if not model:
+        notes = metrics.get("notes") or ["the model that made these predictions is not known"]
+        return "<p>Model: unknown.</p>" + "".join(_note(n) for n in notes)
+    rows = model.get("training_rows")
+    trained = (
+        ", ".join(f"{v} {k}" for k, v in rows.items()) + " rows"
+        if rows
+        else "not recorded (neither run.json nor the model folder's config.json says)"
+    )
+    lines = [
+        ["name", model.get("name") or "-"],
+        ["folder", model.get("path") or "-"],
+        ["model.safetensors SHA-256", (model.get("sha256") or "-")[:16]],
+        ["fine-tuned on", trained],
+        ["described by", model.get("run") or "-"],
+    ]
+    return "<h3>Model</h3>" + _table(["", ""], lines)
+
+
 def write_report(out: Path, tasks: list[TaskRows], metrics: dict[str, Any]) -> tuple[Path, list[Path]]:
     """Write the PNG plots and ``report.html`` into ``out``; returns the report and the plots."""
+    import matplotlib
+
     written: list[Path] = []
     sections = []
     n_bins = metrics["settings"]["n_bins"]
     for task in tasks:
         task_metrics = metrics["tasks"][task.name]
         s = slug(task.name)
-        plots = {
-            "roc": plot_roc(task, out / f"roc_{s}.png"),
-            "reliability": plot_reliability(task, task_metrics, n_bins, out / f"reliability_{s}.png"),
-            "subgroups": plot_subgroups(task, task_metrics, out / f"subgroups_{s}.png"),
-            "ablation": plot_ablation(task, task_metrics, out / f"ablation_{s}.png"),
-        }
+        # Labels come from the data (task, class, subgroup names): never parse them as math or TeX.
+        # Text artists read these settings when made and when drawn, so both happen inside.
+        with matplotlib.rc_context({"text.usetex": False, "text.parse_math": False}):
+            plots = {
+                "roc": plot_roc(task, out / f"roc_{s}.png"),
+                "reliability": plot_reliability(task, task_metrics, n_bins, out / f"reliability_{s}.png"),
+                "subgroups": plot_subgroups(task, task_metrics, out / f"subgroups_{s}.png"),
+                "ablation": plot_ablation(task, task_metrics, out / f"ablation_{s}.png"),
+            }
         written += [p for p in plots.values() if p is not None]
-        sections.append(_task_html(task, task_metrics, plots))
+        sections.append(_task_html(task, task_metrics, plots, n_bins))
     settings = metrics["settings"]
     summary_rows = [
         [
             name,
             t["kind"],
             str(t["overall"]["n"]),
+            _class_counts_text(t["class_counts"]),
             fmt(t["overall"]["after_calibration"]["auroc"]),
             fmt(t["overall"]["after_calibration"]["ece"]),
             fmt((t["overall"]["conformal"] or {}).get("coverage")),
+            fmt((t["overall"]["conformal"] or {}).get("mean_set_size"), 2),
+            "small n: see the task" if any(w.startswith("Too few rows") for w in t.get("warnings", [])) else "",
         ]
         for name, t in metrics["tasks"].items()
     ]
@@ -342,7 +432,21 @@ def write_report(out: Path, tasks: list[TaskRows], metrics: dict[str, Any]) -> t
         f"<p>Intervals: {settings['confidence']:.0%} percentile bootstrap over {settings['n_resamples']} resamples "
         f"(seed {settings['seed']}); ECE with {n_bins} equal-width bins "
         "(binary: positive class; multiclass: top label).</p>"
-        + _table(["task", "kind", "n", "AUROC (calibrated)", "ECE (calibrated)", "coverage"], summary_rows)
+        + _table(
+            [
+                "task",
+                "kind",
+                "n",
+                "rows per class",
+                "AUROC (calibrated)",
+                "ECE (calibrated)",
+                "coverage",
+                "mean set size",
+                "warning",
+            ],
+            summary_rows,
+        )
+        + _model_html(metrics)
     )
     document = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>meddx evaluation</title>'

@@ -225,7 +225,8 @@ def test_a_minimal_predictions_file_still_gives_every_section(tmp_path: Path) ->
     assert flu["overall"]["conformal"] is None and flu["availability"] is None and flu["ablation"] is None
     assert len(flu["notes"]) == 4
     assert flu["subgroups"]["ward"]["b"]["after_calibration"]["auroc"] == {
-        "value": None, "low": None, "high": None, "n": 4, "n_resamples": 0
+        "value": None, "low": None, "high": None, "n": 4, "n_resamples": 0,
+        "reason": "only one class among the 4 rows (4 negatives, no positive)",
     }
     report = result.report_path.read_text()
     for section in ("overall", "roc", "calibration", "conformal", "availability", "subgroups", "ablation"):

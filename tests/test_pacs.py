@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -464,6 +465,17 @@ def test_diagnose_store_sr_puts_one_report_per_prediction_on_the_pacs(
         row = predictions.set_index("patient_id").loc[report["patient_id"]]
         assert float(_numeric(pydicom.dcmread(path))) == pytest.approx(row["probability"], abs=1e-6)
         assert f"Calibrated probability of {row['task']}" in _content_text(pydicom.dcmread(path))
+        # The SR carries the source's patient module to join the study (README); nothing else does.
+        headers = (pydicom.dcmread(f, stop_before_pixels=True) for f in sorted(study.folder.rglob("*.dcm")))
+        source = next(h for h in headers if h.SeriesInstanceUID == read_series)
+        sr = pydicom.dcmread(path)
+        assert sr.PatientName == source.PatientName and "PatientBirthDate" in sr
+        family = str(source.PatientName).split("^")[0]
+        pattern = re.compile(rf"\b{re.escape(family)}\b")
+        for written in out.rglob("*"):
+            if written.is_file():
+                assert not pattern.search(written.read_bytes().decode("utf-8", "replace")), written
+        assert not pattern.search(result.output)
 
 
 def test_store_sr_without_a_server_is_refused_before_any_work(tiny_model: Path, monkeypatch, tmp_path: Path) -> None:

@@ -78,6 +78,12 @@ def test_demo_yaml_runs(tmp_path: Path, sample_cache: Path) -> None:
     predictions = pd.read_parquet(out / "diagnose" / "predictions.parquet")
     assert len(predictions) == 12 and (predictions.status == "ok").all()
     assert (out / "evaluation" / "report.html").is_file() and (out / "model" / "calibration.json").is_file()
+    # The evaluation says what it rests on: the model diagnose used, and that 12 rows are too few.
+    metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
+    assert metrics["model"]["name"] == "model" and metrics["model"]["path"] == str(out / "model")
+    assert metrics["model"]["training_rows"]["train"] > 0
+    disease = metrics["tasks"]["disease"]
+    assert sum(disease["class_counts"].values()) == 12 and disease["warnings"][0].startswith("Too few rows")
 
 
 def test_finetune_defaults_are_the_library_defaults() -> None:
