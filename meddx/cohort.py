@@ -497,9 +497,8 @@ def _lookalike_problems(extra_columns: list[str], columns: list[str]) -> list[Ma
             if target not in columns
             else f"the manifest also has {target!r}: drop this column or give it a name that is not a modality's"
         )
-        problems.append(
-            ManifestProblem(None, column, f"looks like {what} but is not named {target!r}, so it would be ignored; {fix}")
-        )
+        reason = f"looks like {what} but is not named {target!r}, so it would be ignored; {fix}"
+        problems.append(ManifestProblem(None, column, reason))
     return problems
 
 
@@ -513,7 +512,8 @@ def _label_lookalikes(extra_columns: list[str]) -> list[ManifestProblem]:
                 ManifestProblem(
                     None,
                     column,
-                    f"kept as an extra column, not a task; a task's labels go in a column named 'label:{found.group(1)}'",
+                    "kept as an extra column, not a task; a task's labels go in a column named "
+                    f"'label:{found.group(1)}'",
                 )
             )
     return warnings

@@ -250,7 +250,13 @@ def test_a_patient_in_train_and_test_is_an_error(folder: Path) -> None:
 
 @pytest.mark.parametrize(
     ("column", "resembles"),
-    [("image", "imaging"), ("Imaging", "imaging"), ("ehr_path", "ehr"), ("DeviceLogs", "device_logs"), ("Split", "split")],
+    [
+        ("image", "imaging"),
+        ("Imaging", "imaging"),
+        ("ehr_path", "ehr"),
+        ("DeviceLogs", "device_logs"),
+        ("Split", "split"),
+    ],
 )
 def test_a_column_that_looks_like_a_modality_is_an_error_naming_it(folder: Path, column: str, resembles: str) -> None:
     path = write(
