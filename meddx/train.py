@@ -376,7 +376,7 @@ def finetune(
     calibration_figures = calibrate(model, val, calibration, alpha, min_group_size, device=device)
     model.training_info = {
         "mode": mode,
-        "epochs_run": len(history["val_auroc"]),
+        "epochs_run": history["epochs_run"],  # epochs, not validation checks (head mode checks every few)
         "best_epoch": history["best_epoch"],
         "learning_rate": learning_rate,
         "head_input": head_input,
@@ -416,12 +416,14 @@ class _EarlyStopping:
         self.patience = patience
         self.best = -math.inf
         self.best_epoch = -1
+        self.last_epoch = -1  # the last epoch run (0-based); head mode checks validation every few epochs
         self.best_state: dict | None = None
         self.history: list[float] = []
 
     def update(self, epoch: int, value: float, module) -> bool:
         """Record an epoch; True when training should stop."""
         self.history.append(value)
+        self.last_epoch = epoch
         score = value if math.isfinite(value) else -math.inf
         if score > self.best or self.best_state is None:
             self.best, self.best_epoch = score, epoch
@@ -431,6 +433,7 @@ class _EarlyStopping:
     def summary(self) -> dict[str, Any]:
         return {
             "val_auroc": self.history,
+            "epochs_run": self.last_epoch + 1,
             "best_epoch": self.best_epoch + 1,
             "best_val_auroc": self.best if math.isfinite(self.best) else None,
         }
@@ -475,6 +478,7 @@ def _resume(out_dir, module, optimizer, stopper: _EarlyStopping) -> int:
     load_optimizer(optimizer, folder / "optimizer.safetensors")
     stopper.history = list(progress["history"])
     stopper.best_epoch = int(progress["best_epoch"])
+    stopper.last_epoch = int(progress["epoch"]) - 1
     stopper.best = progress["best"] if progress["best"] is not None else -math.inf
     if (folder / "best.safetensors").is_file():
         stopper.best_state = load_file(str(folder / "best.safetensors"))
