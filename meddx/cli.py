@@ -790,9 +790,18 @@ def run_command(
     help="Equal-width bins of the ECE and the reliability diagram.",
 )
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the bootstrap.")
+@quiet_option
 @_handle_errors
 def evaluate(
-    predictions: Path, manifest: Path, out: Path, by: str, n_resamples: int, confidence: float, n_bins: int, seed: int
+    predictions: Path,
+    manifest: Path,
+    out: Path,
+    by: str,
+    n_resamples: int,
+    confidence: float,
+    n_bins: int,
+    seed: int,
+    quiet: bool,
 ) -> None:
     """Metrics (with bootstrap intervals), report.html and plots of a predictions file against its manifest."""
     from meddx.evaluate import evaluate as run_evaluation
@@ -800,7 +809,7 @@ def evaluate(
 
     columns = [c.strip() for c in by.split(",") if c.strip()]
     settings = MetricSettings(n_bins=n_bins, n_resamples=n_resamples, confidence=confidence, seed=seed)
-    result = run_evaluation(predictions, manifest, out, by=columns, settings=settings)
+    result = run_evaluation(predictions, manifest, out, by=columns, settings=settings, progress=not quiet)
     for name, task in result.metrics["tasks"].items():
         after = task["overall"]["after_calibration"]
         conformal = task["overall"]["conformal"] or {}

@@ -281,7 +281,9 @@ def finetune(
     from meddx.data import prepare_cohort
     from meddx.models import BackboneConfig, FoundationBackbone
     from meddx.models.diagnosis import DiagnosisModel
+    from meddx.progress import show_library_bars
 
+    show_library_bars(progress)  # transformers' "Loading weights" too
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
     if schedule not in SCHEDULES:
