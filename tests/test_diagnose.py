@@ -45,6 +45,7 @@ def test_cli_diagnoses_the_test_split_of_sample_data(tmp_path: Path, tiny_model:
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "diagnosed 12 of 12 rows" in result.output and "12 FHIR RiskAssessments" in result.output
+    assert "%|" not in result.stderr and "Loading weights" not in result.stderr  # --quiet: not even transformers'
 
     frame = pd.read_parquet(out / "predictions.parquet")
     test_rows = _sample_rows().query("split == 'test'")
@@ -242,3 +243,18 @@ def test_the_model_gets_the_threads_the_workers_leave() -> None:
         with model_threads(workers) as threads:
             assert threads == torch.get_num_threads() == max(1, min(before, cores - max(workers, 1)))
         assert torch.get_num_threads() == before  # restored
+
+
+def test_the_feeder_counts_rows_as_their_files_come_back(tiny_model: Path, sample_cache: Path) -> None:
+    """diagnose's bar moves per row, not per chunk of 5."""
+    from meddx.cohort import load_cohort
+    from meddx.models.checkpoint import read_aligner
+    from meddx.streaming import ChunkFeeder
+
+    rows = load_cohort(SAMPLE_MANIFEST).split("test")
+    chunks = [(k, rows[i : i + 5]) for k, i in enumerate(range(0, len(rows), 5))]
+    counts: list[int] = []
+    cohort = load_cohort(SAMPLE_MANIFEST)
+    with ChunkFeeder(cohort, chunks, read_aligner(tiny_model), sample_cache, 0, None, on_read=counts.append) as feeder:
+        ready = [len(chunk.rows) for chunk in feeder]
+    assert ready == [5, 5, 2] and sum(counts) == 12 and max(counts) < 5, counts

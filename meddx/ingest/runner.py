@@ -404,7 +404,7 @@ def run_tasks(
         stream: Iterable[IngestOutcome] = (ingest_one(t) for t in tasks)
     else:
         stream = _run_parallel(tasks, min(workers, max(len(tasks), 1)), initargs, task_timeout)
-    outcomes = []
+    outcomes: list[IngestOutcome] = []
     with tqdm(total=len(tasks), desc="ingest", unit="file", disable=not progress) as bar:
         if workers > 0:
             bar.set_postfix_str(STARTING)
