@@ -572,7 +572,7 @@ def diagnose(
     from meddx.cache import default_cache_dir
     from meddx.export.fhir import risk_assessments
     from meddx.models.checkpoint import WEIGHTS_FILE, read_aligner
-    from meddx.progress import STARTING, counter, show_library_bars
+    from meddx.progress import show_library_bars, worker_counter
     from meddx.streaming import ChunkFeeder, model_threads
 
     started = time.perf_counter()
@@ -647,12 +647,10 @@ def diagnose(
     else:
         # the bar counts rows as their files are read (one chunk ahead of the model), the postfix rows diagnosed
         with tqdm(total=sum(len(c) for _, c in todo), desc="diagnose", unit="row", disable=not progress) as bar:
-            bar.set_postfix_str(f"{STARTING}, loading the model")
+            read = worker_counter(bar, warm_up=2 * max(workers, 1))  # no ETA while the workers start
             diagnosed = 0
             with (
-                ChunkFeeder(
-                    cohort, todo, aligner, cache_root, workers, task_timeout, plugins, on_read=counter(bar)
-                ) as feeder,
+                ChunkFeeder(cohort, todo, aligner, cache_root, workers, task_timeout, plugins, on_read=read) as feeder,
                 model_threads(workers) as threads,  # after the workers start: it imports torch
             ):
                 # the network loads while the workers ingest the first chunks

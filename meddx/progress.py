@@ -5,9 +5,9 @@ meddx shows a tqdm bar for every step that takes more than a few seconds, and it
 libraries draw bars of their own (transformers' "Loading weights" when the notes text
 model loads); :func:`show_library_bars` makes them follow the same switch.
 
-Bars over work done in worker processes start their clock at the first result
-(:func:`first_result`): the seconds the workers take to start are not a rate, and counting
-them made the first ETA of a long ingest read hours.
+Bars over work done in worker processes show no ETA while the workers warm up
+(:func:`worker_counter`): their slow first results are not a rate, and counting them made
+the first ETA of a long ingest read hours.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 STARTING = "starting workers"
+WARMING_UP = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"  # tqdm's bar without rate and ETA
 
 _silenced = False  # whether meddx turned the Hugging Face bars off (and may turn them back on)
 
@@ -43,29 +44,32 @@ def show_library_bars(show: bool) -> None:
     _silenced = not show
 
 
-def first_result(bar: Any) -> None:
-    """Start ``bar``'s clock (rate and ETA) now, at the first result from workers that have just started.
+def worker_counter(bar: Any, warm_up: int) -> Callable[[int], None]:
+    """``bar.update`` for results from worker processes that are just starting.
 
-    Clears the "starting workers" note. Elapsed time counts from here too.
+    Until ``warm_up`` results are in, the bar shows no rate and no ETA ("starting workers"): the
+    first results come slowly (each worker imports its readers' libraries, builds a tokenizer or a
+    FHIR index), and an ETA from them read hours for a run of minutes. Then the rate starts afresh
+    (the elapsed time still counts from the start). Safe to call from another thread (a feeder
+    thread reading ahead of the model).
     """
     if getattr(bar, "disable", False):
-        return
-    bar.reset(total=bar.total)  # the clock and the rate estimates from now (and n from 0: call it first)
-    bar.set_postfix_str("", refresh=False)
-
-
-def counter(bar: Any) -> Callable[[int], None]:
-    """``bar.update`` for results from workers: the first count starts the bar's clock (:func:`first_result`).
-
-    Safe to call from another thread (a feeder thread reading ahead of the model).
-    """
-    started = False
+        return bar.update
+    warm_up = min(warm_up, bar.total or warm_up)
+    warming = [warm_up > 0]
+    if warming[0]:
+        bar.bar_format = WARMING_UP
+        bar.set_postfix_str(STARTING)
 
     def count(n: int) -> None:
-        nonlocal started
-        if not started:
-            started = True
-            first_result(bar)
         bar.update(n)
+        if warming[0] and bar.n >= warm_up:
+            warming[0] = False
+            done, started = bar.n, bar.start_t
+            bar.reset(total=bar.total)  # the rate estimates from now on
+            bar.n = bar.last_print_n = done
+            bar.start_t = started
+            bar.bar_format = None
+            bar.set_postfix_str("")
 
     return count

@@ -44,7 +44,7 @@ from meddx.config import IngestConfig
 from meddx.dicomweb.ref import DicomWebRef
 from meddx.errors import ConfigError, IngestError, MeddxError
 from meddx.ingest.base import Ingestor, IngestRequest, build_ingestors, registered_ingestors
-from meddx.progress import STARTING, first_result
+from meddx.progress import worker_counter
 from meddx.records import MODALITIES, Modality, PatientRecord
 
 logger = logging.getLogger(__name__)
@@ -406,13 +406,11 @@ def run_tasks(
         stream = _run_parallel(tasks, min(workers, max(len(tasks), 1)), initargs, task_timeout)
     outcomes: list[IngestOutcome] = []
     with tqdm(total=len(tasks), desc="ingest", unit="file", disable=not progress) as bar:
-        if workers > 0:
-            bar.set_postfix_str(STARTING)
+        # no ETA until each worker has read a file of each kind: the first ones load the readers' libraries
+        count = worker_counter(bar, warm_up=workers * len({t.modality for t in tasks}))
         for outcome in stream:
-            if not outcomes and workers > 0:
-                first_result(bar)  # the workers' start-up is not a rate: it made the first ETA read hours
             outcomes.append(outcome)
-            bar.update(1)
+            count(1)
     return sorted(outcomes, key=lambda o: order[(o.row, o.modality)])
 
 
