@@ -50,7 +50,8 @@ def worker_counter(bar: Any, warm_up: int) -> Callable[[int], None]:
     Until ``warm_up`` results are in, the bar shows no rate and no ETA ("starting workers"): the
     first results come slowly (each worker imports its readers' libraries, builds a tokenizer or a
     FHIR index), and an ETA from them read hours for a run of minutes. Then the rate starts afresh
-    (the elapsed time still counts from the start). Safe to call from another thread (a feeder
+    (the elapsed time still counts from the start). Resets tqdm's smoothed-rate averages, which it
+    keeps private; a tqdm without them shows its plain average rate. Safe to call from another thread (a feeder
     thread reading ahead of the model).
     """
     if getattr(bar, "disable", False):
@@ -65,11 +66,10 @@ def worker_counter(bar: Any, warm_up: int) -> Callable[[int], None]:
         bar.update(n)
         if warming[0] and bar.n >= warm_up:
             warming[0] = False
-            done, started = bar.n, bar.start_t
-            bar.reset(total=bar.total)  # the rate estimates from now on
-            bar.n = bar.last_print_n = done
-            bar.start_t = started
+            for average in ("_ema_dn", "_ema_dt"):  # tqdm's smoothed rate: from the next result on
+                if hasattr(bar, average):
+                    setattr(bar, average, type(getattr(bar, average))(bar.smoothing))
             bar.bar_format = None
-            bar.set_postfix_str("")
+            bar.set_postfix_str("", refresh=False)  # shown with the next result, with its rate
 
     return count
