@@ -684,7 +684,9 @@ def _fit_end_to_end(
     return stopper.summary()
 
 
-def _sharded_embeddings(backbone, dataset, device: str, world: int, rank: int, head_input: str = "summary"):
+def _sharded_embeddings(
+    backbone, dataset, device: str, world: int, rank: int, head_input: str = "summary", progress: bool = False
+):
     """The embeddings of every row of ``dataset``, in order; each rank computes every ``world``-th row."""
     import torch
 
@@ -692,14 +694,15 @@ def _sharded_embeddings(backbone, dataset, device: str, world: int, rank: int, h
     from meddx.embeddings import CohortEmbeddings, compute_embeddings
 
     if world <= 1 or len(dataset) < world:
-        return compute_embeddings(backbone, dataset, device=device, head_input=head_input)
+        return compute_embeddings(backbone, dataset, device=device, head_input=head_input, progress=progress)
     import torch.distributed as dist
 
     rows = dataset.rows[rank::world]
     logger.info("rank %d embeds %d of %d rows", rank, len(rows), len(dataset))
     shard = CohortDataset(dataset.index_path, split=dataset.split, tasks=list(dataset.tasks), rows=rows)
     gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, compute_embeddings(backbone, shard, device=device, head_input=head_input))
+    embedded = compute_embeddings(backbone, shard, device=device, head_input=head_input, progress=progress)
+    dist.all_gather_object(gathered, embedded)
     # rank r holds rows r, r + world, ...: back to dataset order
     order = torch.cat([torch.arange(r, len(dataset), world) for r in range(world)]).argsort()
     return CohortEmbeddings(
@@ -736,8 +739,9 @@ def _fit_heads_on_embeddings(
     """
     import torch
 
-    train_emb = _sharded_embeddings(model.backbone, train, device, world, rank, model.head_input)
-    val_emb = _sharded_embeddings(model.backbone, val, device, world, rank, model.head_input)
+    shown = progress and rank == 0
+    train_emb = _sharded_embeddings(model.backbone, train, device, world, rank, model.head_input, shown)
+    val_emb = _sharded_embeddings(model.backbone, val, device, world, rank, model.head_input, shown)
     heads = model.heads
     optimizer = torch.optim.AdamW(heads.parameters(), lr=learning_rate, weight_decay=WEIGHT_DECAY)
     stopper = _EarlyStopping(patience)
