@@ -221,7 +221,7 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path: Path, tiny_model: P
     assert result.exit_code == 2 and "no rows of split 'holdout'" in result.output
     result = runner.invoke(main, ["diagnose", str(SAMPLE_MANIFEST), "--model", str(tmp_path), "--out",
                                   str(tmp_path / "b")])
-    assert result.exit_code == 1 and "model.safetensors" in result.output
+    assert result.exit_code == 2 and "--model" in result.output and "model.safetensors" in result.output
 
 
 def test_store_sr_is_refused_on_the_ray_engine_before_any_work(tmp_path: Path) -> None:
