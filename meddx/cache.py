@@ -30,6 +30,7 @@ import numpy as np
 from meddx import __version__
 from meddx.config import IngestConfig
 from meddx.dicomweb.ref import DicomWebRef, server_id
+from meddx.files import apply_umask
 from meddx.records import Event, Modality, ModalityRecord, parse_time
 
 if TYPE_CHECKING:
@@ -164,6 +165,7 @@ class RecordCache:
         os.close(fd)
         try:
             save_file(arrays, tmp, metadata=header)
+            apply_umask(tmp)  # mkstemp and safetensors write 0600
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

@@ -10,7 +10,8 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import cast
 
@@ -28,16 +29,81 @@ def _handle_errors(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except (ManifestError, ConfigError, PredictionsError) as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(BAD_INPUT)
-        except MeddxError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(FAILURE)
+        with _removed_if_left_empty(kwargs.get("out"), kwargs.get("cache")):
+            try:
+                return command(*args, **kwargs)
+            except (ManifestError, ConfigError, PredictionsError) as exc:
+                click.echo(f"error: {exc}", err=True)
+                sys.exit(BAD_INPUT)
+            except MeddxError as exc:
+                click.echo(f"error: {exc}", err=True)
+                sys.exit(FAILURE)
 
     return wrapper
+
+
+@contextmanager
+def _removed_if_left_empty(*paths: Path | None) -> Iterator[None]:
+    """On failure, remove the folders of ``paths`` that this run created and left empty.
+
+    Only folders (and parent folders) that did not exist when the run started are candidates,
+    and only empty ones go: a failed run leaves no empty ``--out`` behind, and never touches a
+    folder the user made or one that holds anything (a killed run's parts for ``--resume``).
+    """
+    new: list[Path] = []
+    for path in paths:
+        folder = None if path is None else Path(path).absolute()
+        while folder is not None and not folder.exists() and folder != folder.parent:
+            new.append(folder)
+            folder = folder.parent
+    succeeded = False
+    try:
+        yield
+        succeeded = True
+    finally:
+        if not succeeded:
+            for folder in sorted(set(new), key=lambda f: len(f.parts), reverse=True):  # deepest first
+                try:
+                    folder.rmdir()  # refuses a folder that holds anything
+                except OSError:
+                    pass
+
+
+def _model_folder(path: Path, option: str) -> Path:
+    """Check that ``path``, given as ``option`` (``--model``, ``--backbone``), is a folder meddx wrote.
+
+    Cheap checks (the files, ``config.json``'s kind) before any work, worded for the command line
+    (exit status 2); what they let through is checked in full when the model loads.
+
+    Raises:
+        ConfigError: the folder is missing, holds no model, or (``--model``) holds a backbone without heads.
+    """
+    import json
+
+    from meddx.models.checkpoint import CONFIG_FILE, FORMAT, WEIGHTS_FILE
+
+    expected = (
+        "give the folder `meddx finetune --out` wrote"
+        if option == "--model"
+        else "give the folder `meddx pretrain --out` (or `meddx finetune --out`) wrote"
+    )
+    if not path.is_dir():
+        raise ConfigError(f"{option} {path} does not exist; {expected}")
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        if not (path / name).is_file():
+            raise ConfigError(f"{option} {path} is not a model folder (no {name}); {expected}")
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{option} {path}: its {CONFIG_FILE} is not readable JSON ({exc}); {expected}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ConfigError(f"{option} {path} is not a meddx model folder ({CONFIG_FILE} is not meddx's); {expected}")
+    if option == "--model" and config.get("diagnosis") is None:
+        raise ConfigError(
+            f"--model {path} holds a pretrained backbone (meddx pretrain), not a fine-tuned model; fine-tune it "
+            f"first (meddx finetune MANIFEST --backbone {path} --out MODEL) and give --model MODEL"
+        )
+    return path
 
 
 quiet_option = click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -174,7 +240,9 @@ def ingest(
     from meddx.cache import default_cache_dir
     from meddx.ingest.runner import new_run_folder
 
-    _run_ingest(manifest, default_cache_dir(cache), workers, quiet, out or new_run_folder(), task_timeout, config_file)
+    run_folder = out or new_run_folder()
+    with _removed_if_left_empty(run_folder):
+        _run_ingest(manifest, default_cache_dir(cache), workers, quiet, run_folder, task_timeout, config_file)
 
 
 def _load_mapping(path: Path, what: str) -> dict:
@@ -183,7 +251,7 @@ def _load_mapping(path: Path, what: str) -> dict:
 
     data = read_config_data(path, what)  # bounded: size, UTF-8, nesting depth
     if not isinstance(data, dict):
-        raise ConfigError(f"the {what} {path} must hold a mapping of settings, not {type(data).__name__}")
+        raise ConfigError(f"{what} {path} must hold a mapping of settings, not {type(data).__name__}")
     return data
 
 
@@ -196,9 +264,9 @@ def _backbone_config(path: Path | None):
     from meddx.models import BackboneConfig
 
     try:
-        return BackboneConfig.model_validate(_load_mapping(path, "backbone config"))
+        return BackboneConfig.model_validate(_load_mapping(path, "--backbone-config"))
     except ValidationError as exc:
-        raise ConfigError(f"invalid backbone config {path}: {exc}") from None
+        raise ConfigError(f"--backbone-config {path} is not a valid backbone config: {exc}") from None
 
 
 @main.command("pretrain")
@@ -382,6 +450,8 @@ def finetune_command(
     from meddx.config import IngestConfig
     from meddx.train import Mode, finetune
 
+    if backbone is not None:
+        _model_folder(backbone, "--backbone")
     ingest = IngestConfig.from_file(ingest_config) if ingest_config else None
     model = finetune(
         manifest,
@@ -527,6 +597,7 @@ def diagnose_command(
     from meddx.diagnose import diagnose
     from meddx.ingest.runner import DEFAULT_TASK_TIMEOUT
 
+    _model_folder(model, "--model")
     timeout = DEFAULT_TASK_TIMEOUT if task_timeout is None else (task_timeout or None)
     ray_settings = {
         "address": address,
@@ -713,9 +784,18 @@ def run_command(
     help="Equal-width bins of the ECE and the reliability diagram.",
 )
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the bootstrap.")
+@quiet_option
 @_handle_errors
 def evaluate(
-    predictions: Path, manifest: Path, out: Path, by: str, n_resamples: int, confidence: float, n_bins: int, seed: int
+    predictions: Path,
+    manifest: Path,
+    out: Path,
+    by: str,
+    n_resamples: int,
+    confidence: float,
+    n_bins: int,
+    seed: int,
+    quiet: bool,
 ) -> None:
     """Metrics (with bootstrap intervals), report.html and plots of a predictions file against its manifest."""
     from meddx.evaluate import evaluate as run_evaluation
@@ -723,7 +803,7 @@ def evaluate(
 
     columns = [c.strip() for c in by.split(",") if c.strip()]
     settings = MetricSettings(n_bins=n_bins, n_resamples=n_resamples, confidence=confidence, seed=seed)
-    result = run_evaluation(predictions, manifest, out, by=columns, settings=settings)
+    result = run_evaluation(predictions, manifest, out, by=columns, settings=settings, progress=not quiet)
     for name, task in result.metrics["tasks"].items():
         after = task["overall"]["after_calibration"]
         conformal = task["overall"]["conformal"] or {}

@@ -19,13 +19,20 @@ Strict where a silent guess would be wrong, lenient where the meaning is plain:
   config, never from the manifest.
 * A patient in two splits is a warning (:attr:`Cohort.warnings`, also logged); in both
   ``train`` and ``test`` it is an error, since test figures would be optimistic.
+* A column whose name looks like a modality or ``split`` without being it (``image``,
+  ``ehr_path``, ``Imaging``, ``Split``) is an error naming the column it resembles: left as an
+  extra column, a model would silently train without that modality. Other extra columns
+  (``sex``, ``site``, ``age``) are kept. A ``label_<task>`` column is a warning (it is kept as
+  an extra column, not a task).
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import numbers
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -51,6 +58,19 @@ PANDAS_TIME_RANGE = (
     datetime(1677, 9, 21, 0, 12, 44, tzinfo=timezone.utc),
     datetime(2262, 4, 11, 23, 47, 16, tzinfo=timezone.utc),
 )
+# Names people give a modality's column, normalised (see _normalised_name), besides the modality's own.
+COLUMN_ALIASES = {
+    "imaging": ("image", "images", "img", "imgs", "dicom", "scan", "scans", "imagingstudy"),
+    "ehr": ("emr", "fhir", "fhirbundle", "bundle", "ehrs"),
+    "notes": ("note", "clinicalnote", "clinicalnotes", "notesfolder"),
+    "device_logs": ("devicelog", "devicelogfile", "monitorlog", "monitorlogs"),
+    "audio": ("audios", "sound", "sounds", "wav"),
+    "video": ("videos", "cine", "mp4"),
+    "split": ("splits",),
+}
+# Trailing words that say "a path to" (ehr_path, imaging_file, notes_dir): dropped before comparing.
+PATH_WORDS = ("path", "paths", "file", "files", "filename", "dir", "folder", "uri", "url", "location")
+TYPO_CUTOFF = 0.85  # difflib ratio above which a name is a misspelling ("imagng", "vidoe"), not another column
 EPOCH_HINT = "an epoch number hides its unit and zone; write ISO 8601 with a zone, like 2024-03-05T14:00:00Z"
 
 
@@ -336,7 +356,9 @@ def load_cohort(path: str | Path) -> Cohort:
         columns = list(pd.read_csv(path, nrows=0).columns) if path.suffix.lower() == ".csv" else []
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     for column in missing:
-        problems.append(ManifestProblem(None, column, "required column is missing"))
+        near = [c for c in columns if _normalised_name(c) == _normalised_name(column)]
+        hint = f" (column {near[0]!r} looks like it: rename it {column!r})" if near else ""
+        problems.append(ManifestProblem(None, column, f"required column is missing{hint}"))
     if not table:
         problems.append(ManifestProblem(None, None, "the manifest has no rows"))
     if problems:
@@ -348,6 +370,7 @@ def load_cohort(path: str | Path) -> Cohort:
             problems.append(ManifestProblem(None, column, "a label column needs a task name: label:<task>"))
     known = {*REQUIRED_COLUMNS, "split", *MODALITY_COLUMNS, *label_columns}
     extra_columns = [c for c in columns if c not in known]
+    problems += _lookalike_problems(extra_columns, columns)
 
     rows: list[CohortRow] = []
     seen: dict[tuple[str, datetime], int] = {}
@@ -423,11 +446,77 @@ def load_cohort(path: str | Path) -> Cohort:
     tasks = {name: _infer_task(name, values, problems) for name, values in label_values.items() if name.strip()}
     split_errors, warnings = _split_problems(rows)
     problems += split_errors
+    warnings = _label_lookalikes(extra_columns) + warnings
     if problems:
         raise ManifestError(path, sorted(problems, key=lambda p: p.row or 0))
     for warning in warnings:
         logger.warning("manifest %s: %s", path, warning)
     return Cohort(path=path, rows=rows, tasks=tasks, extra_columns=extra_columns, warnings=warnings)
+
+
+def _normalised_name(column: str) -> str:
+    """A column name without case, separators and a trailing path word: ``EHR_Path`` -> ``ehr``."""
+    words = [w for w in re.split(r"[^a-z0-9]+", re.sub(r"([a-z])([A-Z])", r"\1_\2", column).lower()) if w]
+    while len(words) > 1 and words[-1] in PATH_WORDS:
+        words.pop()
+    return "".join(words)
+
+
+def resembled_column(column: str) -> str | None:
+    """The modality (or ``split``) column that ``column`` looks like, or None.
+
+    Example:
+        >>> resembled_column("ehr_path"), resembled_column("Image"), resembled_column("site")
+        ('ehr', 'imaging', None)
+    """
+    name = _normalised_name(column)
+    if not name:
+        return None
+    canonical = {_normalised_name(c): c for c in (*MODALITY_COLUMNS, "split")}
+    for target, aliases in COLUMN_ALIASES.items():
+        if name == _normalised_name(target) or name in aliases:
+            return target
+    close = difflib.get_close_matches(name, list(canonical), n=1, cutoff=TYPO_CUTOFF)
+    return canonical[close[0]] if close and len(name) >= 4 else None
+
+
+def _lookalike_problems(extra_columns: list[str], columns: list[str]) -> list[ManifestProblem]:
+    """An error for each extra column that looks like a modality or ``split`` column.
+
+    Left as an extra column, its files would be ignored without a word (a model trained
+    without images); messages name the column it resembles.
+    """
+    problems = []
+    for column in extra_columns:
+        target = resembled_column(column)
+        if target is None:
+            continue
+        what = "the split column" if target == "split" else f"the {target!r} modality column"
+        fix = (
+            f"rename it {target!r}"
+            if target not in columns
+            else f"the manifest also has {target!r}: drop this column or give it a name that is not a modality's"
+        )
+        reason = f"looks like {what} but is not named {target!r}, so it would be ignored; {fix}"
+        problems.append(ManifestProblem(None, column, reason))
+    return problems
+
+
+def _label_lookalikes(extra_columns: list[str]) -> list[ManifestProblem]:
+    """Warnings for extra columns written like a label column (``label_disease``, ``Label:disease``)."""
+    warnings = []
+    for column in extra_columns:
+        found = re.fullmatch(r"\s*labels?\s*[_:\-. ]\s*(.+)", column, flags=re.IGNORECASE)
+        if found:
+            warnings.append(
+                ManifestProblem(
+                    None,
+                    column,
+                    "kept as an extra column, not a task; a task's labels go in a column named "
+                    f"'label:{found.group(1)}'",
+                )
+            )
+    return warnings
 
 
 def _explain(column: str | None, value: Any, err: Any) -> str:

@@ -572,9 +572,11 @@ def diagnose(
     from meddx.cache import default_cache_dir
     from meddx.export.fhir import risk_assessments
     from meddx.models.checkpoint import WEIGHTS_FILE, read_aligner
+    from meddx.progress import show_library_bars, worker_counter
     from meddx.streaming import ChunkFeeder, model_threads
 
     started = time.perf_counter()
+    show_library_bars(progress)  # transformers' "Loading weights" too
     if engine not in ENGINES:
         raise ConfigError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
     if store_sr and engine == "ray":
@@ -643,9 +645,12 @@ def diagnose(
         timings.update(on_ray["timings"])
         engine_settings = on_ray["settings"]
     else:
+        # the bar counts rows as their files are read (one chunk ahead of the model), the postfix rows diagnosed
         with tqdm(total=sum(len(c) for _, c in todo), desc="diagnose", unit="row", disable=not progress) as bar:
+            read = worker_counter(bar, warm_up=2 * max(workers, 1))  # no ETA while the workers start
+            diagnosed = 0
             with (
-                ChunkFeeder(cohort, todo, aligner, cache_root, workers, task_timeout, plugins) as feeder,
+                ChunkFeeder(cohort, todo, aligner, cache_root, workers, task_timeout, plugins, on_read=read) as feeder,
                 model_threads(workers) as threads,  # after the workers start: it imports torch
             ):
                 # the network loads while the workers ingest the first chunks
@@ -666,7 +671,8 @@ def diagnose(
                         _write_csv(reporter.report(ready, frame), _part(parts, ready.number, ".srs.csv"))
                     write_chunk(parts, ready.number, frame, errors, resources)
                     timings["writing"] += time.perf_counter() - tick
-                    bar.update(len(ready.rows))
+                    diagnosed += len(ready.rows)
+                    bar.set_postfix_str(f"{diagnosed} diagnosed")
                     waiting = time.perf_counter()
 
     tick = time.perf_counter()

@@ -42,13 +42,16 @@ def compute_embeddings(
     device: str = "cpu",
     loader_workers: int = 0,
     head_input: str = "summary",
+    progress: bool = False,
 ) -> CohortEmbeddings:
     """Run the backbone in eval mode (no modality dropout, no gradients) over ``dataset``.
 
-    ``head_input`` says what ``pooled`` holds (see :func:`meddx.models.diagnosis.head_features`).
+    ``head_input`` says what ``pooled`` holds (see :func:`meddx.models.diagnosis.head_features`);
+    ``progress`` shows a bar over the rows.
     """
     import torch
     from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
 
     from meddx.models.diagnosis import head_features
 
@@ -59,9 +62,10 @@ def compute_embeddings(
     backbone.eval()
     pooled, present, rows = [], [], []
     labels: dict[str, list] = {}
-    with torch.no_grad():
+    with torch.no_grad(), tqdm(total=len(dataset), desc="embed", unit="row", disable=not progress) as bar:
         for batch in loader:
             out = backbone(batch.to(device))
+            bar.update(len(batch.present))
             pooled.append(head_features(out, head_input).float().cpu())
             present.append(batch.present.cpu())
             rows.append(batch.rows.cpu())

@@ -293,6 +293,7 @@ def evaluate(
     out: str | Path,
     by: Sequence[str] = (),
     settings: MetricSettings = DEFAULT_SETTINGS,
+    progress: bool = True,
 ) -> EvaluationResult:
     """Evaluate a predictions file and write ``metrics.json``, ``report.html`` and PNG plots.
 
@@ -302,6 +303,7 @@ def evaluate(
         out: output folder (created).
         by: subgroup columns, e.g. ``["sex", "site"]``.
         settings: ECE bins, bootstrap resamples, interval level and seed.
+        progress: show a progress bar over the bootstrap intervals (the long part).
 
     Returns:
         An :class:`EvaluationResult`.
@@ -326,9 +328,26 @@ def evaluate(
         "model": model,
         "notes": [model_note] if model_note else [],
     }
-    metrics = compute_metrics(tasks, settings, sources)
+    metrics = _with_progress(lambda s: compute_metrics(tasks, s, sources), settings, progress)
     metrics_path = out / METRICS_FILE
     metrics_path.write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")  # strict JSON
     report_path, plots = write_report(out, tasks, metrics)
     logger.info("wrote %s, %s and %d plots", metrics_path, report_path, len(plots))
     return EvaluationResult(metrics, metrics_path, report_path, plots)
+
+
+def _with_progress(compute: Callable[[MetricSettings], dict], settings: MetricSettings, progress: bool) -> dict:
+    """``compute(settings)`` under a bar over its bootstrap intervals, counted first by a pass without resamples."""
+    from dataclasses import replace
+
+    from tqdm.auto import tqdm
+
+    from meddx.metrics import on_each_estimate
+
+    if not progress or settings.n_resamples == 0:
+        return compute(settings)
+    counted: list[None] = []
+    with on_each_estimate(lambda: counted.append(None)):
+        compute(replace(settings, n_resamples=0))  # each metric once: a fraction of a second
+    with tqdm(total=len(counted), desc="evaluate", unit="interval") as bar, on_each_estimate(bar.update):
+        return compute(settings)

@@ -35,7 +35,9 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from statistics import NormalDist
 from typing import Any
@@ -204,6 +206,24 @@ def _finite_or_none(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
+_estimated: ContextVar[Callable[[], None] | None] = ContextVar("meddx_bootstrap_estimated", default=None)
+
+
+@contextmanager
+def on_each_estimate(callback: Callable[[], None]) -> Iterator[None]:
+    """Call ``callback`` as each :func:`bootstrap` in this block has drawn its resamples (a progress bar).
+
+    Example:
+        >>> with on_each_estimate(bar.update):  # doctest: +SKIP
+        ...     compute_metrics(tasks, settings)
+    """
+    token = _estimated.set(callback)
+    try:
+        yield
+    finally:
+        _estimated.reset(token)
+
+
 def bootstrap(
     statistic: Callable[[np.ndarray], float],
     n_rows: int,
@@ -235,6 +255,8 @@ def bootstrap(
     value = _finite_or_none(statistic(np.arange(n_rows)))
     rng = np.random.default_rng(seed)
     draws = [statistic(rng.integers(0, n_rows, n_rows)) for _ in range(n_resamples)]
+    if (estimated := _estimated.get()) is not None:
+        estimated()
     defined = np.asarray([d for d in draws if math.isfinite(d)], dtype=np.float64)
     if value is None or n_resamples == 0 or len(defined) < n_resamples / 2:
         return Estimate(value, None, None, n_rows, len(defined))

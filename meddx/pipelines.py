@@ -399,7 +399,7 @@ def _evaluate(step: EvaluateStep, cache: Path, workers, progress, echo):
     from meddx.metrics import MetricSettings
 
     settings = MetricSettings(n_bins=step.bins, n_resamples=step.bootstrap, seed=step.seed)
-    result = evaluate(step.predictions, step.manifest, step.out, by=step.by, settings=settings)
+    result = evaluate(step.predictions, step.manifest, step.out, by=step.by, settings=settings, progress=progress)
     echo(f"  wrote {result.metrics_path} and {result.report_path}")
     return result
 

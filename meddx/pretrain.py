@@ -93,8 +93,10 @@ def pretrain(
     from meddx.data.store import aligner_hash
     from meddx.models import BackboneConfig, FoundationBackbone
     from meddx.models.pretraining import PretrainingObjectives
+    from meddx.progress import show_library_bars
     from meddx.training_state import load_module, load_optimizer, save_module, save_optimizer, write_progress
 
+    show_library_bars(progress)  # transformers' "Loading weights" too
     if epochs < 1 or batch_size < 2:
         raise ConfigError(f"need epochs >= 1 and batch_size >= 2, got epochs={epochs}, batch_size={batch_size}")
     out_dir = Path(out_dir)

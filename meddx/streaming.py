@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,6 +201,8 @@ class ChunkFeeder:
         workers: worker processes (0: in this process).
         task_timeout: seconds one file may take in a worker.
         plugins: modules that register custom ingestors.
+        on_read: called (from the feeder's thread) with a number of rows whose files are all read,
+            as each row's last file comes back: a progress bar per row, not per chunk.
 
     Raises:
         ConfigError: before any file is read, when the run cannot work (config, text model, cache).
@@ -219,6 +222,7 @@ class ChunkFeeder:
         workers: int,
         task_timeout: float | None,
         plugins: tuple[str, ...] = (),
+        on_read: Callable[[int], None] | None = None,
     ):
         import json
 
@@ -226,6 +230,7 @@ class ChunkFeeder:
 
         self.cohort = cohort
         self.chunks = list(chunks)
+        self.on_read = on_read
         self.config: IngestConfig = with_dicomweb_store(aligner.config, cache_dir)
         self.cache_dir = Path(cache_dir)
         self.store = TensorStore(Path(cache_dir) / STORE_FOLDER)
@@ -287,6 +292,10 @@ class ChunkFeeder:
         except BaseException as exc:  # handed to the consumer, which raises it
             self._queue.put(exc)
 
+    def _read(self, n: int) -> None:
+        if n > 0 and self.on_read is not None:
+            self.on_read(n)
+
     def make_ready(self, number: int, rows: Sequence[CohortRow]) -> ReadyChunk:
         """Ingest and align the rows of one chunk (in the workers)."""
         import time
@@ -302,9 +311,14 @@ class ChunkFeeder:
             for failure in failed.values():
                 by_row[failure.row].append(failure)
             tasks = [task for task in tasks if (task.row, task.modality) not in failed]
+        unread = Counter(task.row for task in tasks)  # files still to come back, per row
+        self._read(len(rows) - len(unread))  # rows with nothing (left) to read
         for outcome in self.pool.run(tasks):
             if isinstance(outcome, IngestOutcome):
                 by_row[outcome.row].append(outcome)
+                unread[outcome.row] -= 1
+                if unread[outcome.row] == 0:
+                    self._read(1)
         align_tasks = []
         for row in rows:
             records = {o.modality.value: o.key for o in by_row[row.row] if o.status == "ok" and o.key}

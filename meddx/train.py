@@ -281,7 +281,9 @@ def finetune(
     from meddx.data import prepare_cohort
     from meddx.models import BackboneConfig, FoundationBackbone
     from meddx.models.diagnosis import DiagnosisModel
+    from meddx.progress import show_library_bars
 
+    show_library_bars(progress)  # transformers' "Loading weights" too
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
     if schedule not in SCHEDULES:
@@ -376,7 +378,7 @@ def finetune(
     calibration_figures = calibrate(model, val, calibration, alpha, min_group_size, device=device)
     model.training_info = {
         "mode": mode,
-        "epochs_run": len(history["val_auroc"]),
+        "epochs_run": history["epochs_run"],  # epochs, not validation checks (head mode checks every few)
         "best_epoch": history["best_epoch"],
         "learning_rate": learning_rate,
         "head_input": head_input,
@@ -416,12 +418,14 @@ class _EarlyStopping:
         self.patience = patience
         self.best = -math.inf
         self.best_epoch = -1
+        self.last_epoch = -1  # the last epoch run (0-based); head mode checks validation every few epochs
         self.best_state: dict | None = None
         self.history: list[float] = []
 
     def update(self, epoch: int, value: float, module) -> bool:
         """Record an epoch; True when training should stop."""
         self.history.append(value)
+        self.last_epoch = epoch
         score = value if math.isfinite(value) else -math.inf
         if score > self.best or self.best_state is None:
             self.best, self.best_epoch = score, epoch
@@ -431,6 +435,7 @@ class _EarlyStopping:
     def summary(self) -> dict[str, Any]:
         return {
             "val_auroc": self.history,
+            "epochs_run": self.last_epoch + 1,
             "best_epoch": self.best_epoch + 1,
             "best_val_auroc": self.best if math.isfinite(self.best) else None,
         }
@@ -475,6 +480,7 @@ def _resume(out_dir, module, optimizer, stopper: _EarlyStopping) -> int:
     load_optimizer(optimizer, folder / "optimizer.safetensors")
     stopper.history = list(progress["history"])
     stopper.best_epoch = int(progress["best_epoch"])
+    stopper.last_epoch = int(progress["epoch"]) - 1
     stopper.best = progress["best"] if progress["best"] is not None else -math.inf
     if (folder / "best.safetensors").is_file():
         stopper.best_state = load_file(str(folder / "best.safetensors"))
@@ -678,7 +684,9 @@ def _fit_end_to_end(
     return stopper.summary()
 
 
-def _sharded_embeddings(backbone, dataset, device: str, world: int, rank: int, head_input: str = "summary"):
+def _sharded_embeddings(
+    backbone, dataset, device: str, world: int, rank: int, head_input: str = "summary", progress: bool = False
+):
     """The embeddings of every row of ``dataset``, in order; each rank computes every ``world``-th row."""
     import torch
 
@@ -686,14 +694,15 @@ def _sharded_embeddings(backbone, dataset, device: str, world: int, rank: int, h
     from meddx.embeddings import CohortEmbeddings, compute_embeddings
 
     if world <= 1 or len(dataset) < world:
-        return compute_embeddings(backbone, dataset, device=device, head_input=head_input)
+        return compute_embeddings(backbone, dataset, device=device, head_input=head_input, progress=progress)
     import torch.distributed as dist
 
     rows = dataset.rows[rank::world]
     logger.info("rank %d embeds %d of %d rows", rank, len(rows), len(dataset))
     shard = CohortDataset(dataset.index_path, split=dataset.split, tasks=list(dataset.tasks), rows=rows)
     gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, compute_embeddings(backbone, shard, device=device, head_input=head_input))
+    embedded = compute_embeddings(backbone, shard, device=device, head_input=head_input, progress=progress)
+    dist.all_gather_object(gathered, embedded)
     # rank r holds rows r, r + world, ...: back to dataset order
     order = torch.cat([torch.arange(r, len(dataset), world) for r in range(world)]).argsort()
     return CohortEmbeddings(
@@ -730,8 +739,9 @@ def _fit_heads_on_embeddings(
     """
     import torch
 
-    train_emb = _sharded_embeddings(model.backbone, train, device, world, rank, model.head_input)
-    val_emb = _sharded_embeddings(model.backbone, val, device, world, rank, model.head_input)
+    shown = progress and rank == 0
+    train_emb = _sharded_embeddings(model.backbone, train, device, world, rank, model.head_input, shown)
+    val_emb = _sharded_embeddings(model.backbone, val, device, world, rank, model.head_input, shown)
     heads = model.heads
     optimizer = torch.optim.AdamW(heads.parameters(), lr=learning_rate, weight_decay=WEIGHT_DECAY)
     stopper = _EarlyStopping(patience)

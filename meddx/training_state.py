@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from meddx.errors import ModelError
+from meddx.files import apply_umask, temp_file
 
 
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -25,6 +26,7 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: 
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        apply_umask(tmp)  # mkstemp and safetensors write 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -32,7 +34,7 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: 
 
 
 def atomic_write_text(text: str, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    fd, tmp = temp_file(path.parent)
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
     os.replace(tmp, path)

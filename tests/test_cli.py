@@ -189,3 +189,55 @@ def test_a_killed_ingest_leaves_no_worker_behind(tmp_path: Path) -> None:
     while any(process_alive(child) for child in children):
         assert time.monotonic() < deadline, "an ingest worker outlived the killed ingest run"
         time.sleep(0.2)
+
+
+# ------------------------------------------------------- bad folders on the command line: exit 2, said in CLI words
+
+SAMPLE_MANIFEST = REPO / "sample_data" / "manifest.csv"
+
+
+def _backbone_folder(folder: Path, diagnosis: dict | None) -> Path:
+    """The two files meddx checks before loading (the weights are never read: the command stops first)."""
+    import json
+
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"format": "meddx-backbone", "diagnosis": diagnosis}))
+    (folder / "model.safetensors").write_bytes(b"")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [
+        (lambda tmp: tmp / "runs" / "modle", "does not exist; give the folder `meddx finetune --out` wrote"),
+        (lambda tmp: (tmp / "notes").mkdir() or tmp / "notes", "is not a model folder (no model.safetensors)"),
+        (lambda tmp: _backbone_folder(tmp / "pretrained", None), "holds a pretrained backbone (meddx pretrain)"),
+    ],
+)
+def test_a_wrong_model_folder_exits_2_and_leaves_no_out_folder(tmp_path: Path, make, says: str) -> None:
+    model = make(tmp_path)
+    out = tmp_path / "runs" / "diagnosis"
+    result = CliRunner().invoke(main, ["diagnose", str(SAMPLE_MANIFEST), "--model", str(model), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert f"error: --model {model} " in result.output and says in result.output
+    assert not out.exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_wrong_backbone_folder_exits_2_in_cli_words(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main, ["finetune", str(SAMPLE_MANIFEST), "--backbone", str(tmp_path / "nope"), "--out", str(tmp_path / "m")]
+    )
+    assert result.exit_code == 2, result.output
+    assert "--backbone" in result.output and "`meddx pretrain --out`" in result.output
+    assert "save_pretrained" not in result.output and not (tmp_path / "m").exists()
+
+
+def test_a_failed_evaluate_removes_only_the_folders_it_made(tmp_path: Path) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for out in (tmp_path / "new" / "eval", mine):
+        result = CliRunner().invoke(
+            main, ["evaluate", str(tmp_path / "none.parquet"), "--manifest", str(SAMPLE_MANIFEST), "--out", str(out)]
+        )
+        assert result.exit_code == 2 and "not found" in result.output
+    assert not (tmp_path / "new").exists() and mine.is_dir()  # the user's own folder stays

@@ -243,3 +243,46 @@ def test_a_patient_in_train_and_test_is_an_error(folder: Path) -> None:
     (problem,) = caught.value.problems
     assert (problem.row, problem.column) == (3, "split")
     assert "in 'test' at row 1 and in 'train' here" in problem.reason and "one split" in problem.reason
+
+
+# ------------------------------------------------------- columns that look like a modality's
+
+
+@pytest.mark.parametrize(
+    ("column", "resembles"),
+    [
+        ("image", "imaging"),
+        ("Imaging", "imaging"),
+        ("ehr_path", "ehr"),
+        ("DeviceLogs", "device_logs"),
+        ("Split", "split"),
+    ],
+)
+def test_a_column_that_looks_like_a_modality_is_an_error_naming_it(folder: Path, column: str, resembles: str) -> None:
+    path = write(
+        folder,
+        "p1,2024-03-05T14:00:00Z,p1/ct,1,F,north,64\np2,2024-03-05T14:00:00Z,,0,M,south,71\n",
+        header=f"patient_id,index_time,{column},label:disease,sex,site,age\n",
+    )
+    with pytest.raises(ManifestError) as caught:
+        load_cohort(path)
+    (problem,) = caught.value.problems
+    assert problem.column == column
+    assert f"not named {resembles!r}" in problem.reason and f"rename it {resembles!r}" in problem.reason
+
+
+def test_legitimate_extra_columns_are_kept_and_label_lookalikes_warned(folder: Path) -> None:
+    path = write(
+        folder,
+        "p1,2024-03-05T14:00:00Z,p1/ct,1,F,north,64,x,1\np2,2024-03-05T14:00:00Z,,0,M,south,71,y,0\n",
+        header="patient_id,index_time,imaging,label:disease,sex,site,age,study_id,label_sepsis\n",
+    )
+    cohort = load_cohort(path)
+    assert cohort.extra_columns == ["sex", "site", "age", "study_id", "label_sepsis"]
+    assert [(w.column, "label:sepsis" in w.reason) for w in cohort.warnings] == [("label_sepsis", True)]
+
+
+def test_a_misnamed_required_column_is_named_in_the_error(folder: Path) -> None:
+    path = write(folder, "p1,2024-03-05T14:00:00Z\n", header="PatientID,index_time\n")
+    with pytest.raises(ManifestError, match="column 'PatientID' looks like it: rename it 'patient_id'"):
+        load_cohort(path)

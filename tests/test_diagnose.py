@@ -45,6 +45,7 @@ def test_cli_diagnoses_the_test_split_of_sample_data(tmp_path: Path, tiny_model:
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "diagnosed 12 of 12 rows" in result.output and "12 FHIR RiskAssessments" in result.output
+    assert "%|" not in result.stderr and "Loading weights" not in result.stderr  # --quiet: not even transformers'
 
     frame = pd.read_parquet(out / "predictions.parquet")
     test_rows = _sample_rows().query("split == 'test'")
@@ -220,7 +221,7 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path: Path, tiny_model: P
     assert result.exit_code == 2 and "no rows of split 'holdout'" in result.output
     result = runner.invoke(main, ["diagnose", str(SAMPLE_MANIFEST), "--model", str(tmp_path), "--out",
                                   str(tmp_path / "b")])
-    assert result.exit_code == 1 and "model.safetensors" in result.output
+    assert result.exit_code == 2 and "--model" in result.output and "model.safetensors" in result.output
 
 
 def test_store_sr_is_refused_on_the_ray_engine_before_any_work(tmp_path: Path) -> None:
@@ -242,3 +243,18 @@ def test_the_model_gets_the_threads_the_workers_leave() -> None:
         with model_threads(workers) as threads:
             assert threads == torch.get_num_threads() == max(1, min(before, cores - max(workers, 1)))
         assert torch.get_num_threads() == before  # restored
+
+
+def test_the_feeder_counts_rows_as_their_files_come_back(tiny_model: Path, sample_cache: Path) -> None:
+    """diagnose's bar moves per row, not per chunk of 5."""
+    from meddx.cohort import load_cohort
+    from meddx.models.checkpoint import read_aligner
+    from meddx.streaming import ChunkFeeder
+
+    rows = load_cohort(SAMPLE_MANIFEST).split("test")
+    chunks = [(k, rows[i : i + 5]) for k, i in enumerate(range(0, len(rows), 5))]
+    counts: list[int] = []
+    cohort = load_cohort(SAMPLE_MANIFEST)
+    with ChunkFeeder(cohort, chunks, read_aligner(tiny_model), sample_cache, 0, None, on_read=counts.append) as feeder:
+        ready = [len(chunk.rows) for chunk in feeder]
+    assert ready == [5, 5, 2] and sum(counts) == 12 and max(counts) < 5, counts

@@ -204,7 +204,7 @@ def test_bad_predictions_exit_2_with_rows_not_patients(files: dict[str, Path], t
     assert result.exit_code == 2 and "[0, 1]" in result.output and "rows 1" in result.output
 
 
-def test_a_minimal_predictions_file_still_gives_every_section(tmp_path: Path) -> None:
+def _minimal_files(tmp_path: Path) -> None:
     """Only the required columns: no raw probabilities, no sets, no modalities, one-class subgroup."""
     times = [f"2024-05-{day:02d}T10:00:00+02:00" for day in range(1, 13)]
     labels = [0, 1, 0, 1, 1, 0, 0, 1, 0, 0, 0, 0]
@@ -218,6 +218,10 @@ def test_a_minimal_predictions_file_still_gives_every_section(tmp_path: Path) ->
         "patient_id": [f"Q{i}" for i in range(12)], "index_time": utc, "task": "flu", "status": "ok",
         "probability": np.linspace(0.05, 0.95, 12),
     }).to_csv(tmp_path / "predictions.csv", index=False)
+
+
+def test_a_minimal_predictions_file_still_gives_every_section(tmp_path: Path) -> None:
+    _minimal_files(tmp_path)
     result = evaluate(tmp_path / "predictions.csv", tmp_path / "manifest.csv", tmp_path / "out", by=["ward"],
                       settings=MetricSettings(n_resamples=50))
     flu = result.metrics["tasks"]["flu"]
@@ -232,3 +236,14 @@ def test_a_minimal_predictions_file_still_gives_every_section(tmp_path: Path) ->
     for section in ("overall", "roc", "calibration", "conformal", "availability", "subgroups", "ablation"):
         assert f'id="flu-{section}"' in report
     assert not re.search(r"https?://", report)
+
+
+def test_the_bootstrap_shows_a_bar_of_every_interval_and_quiet_hides_it(tmp_path: Path) -> None:
+    _minimal_files(tmp_path)
+    args = ["evaluate", str(tmp_path / "predictions.csv"), "--manifest", str(tmp_path / "manifest.csv"), "--by", "ward"]
+    shown = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "a"), "--bootstrap", "5"])
+    quiet = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "b"), "--bootstrap", "5", "--quiet"])
+    assert shown.exit_code == 0 and quiet.exit_code == 0, shown.output + quiet.output
+    # AUROC, AUPRC, Brier, ECE overall and in wards a and b: counted before the bar starts
+    assert re.search(r"evaluate: 100%\|.*?\| 12/12 ", shown.stderr), shown.stderr
+    assert quiet.stderr == ""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -219,13 +221,24 @@ def test_a_seeded_split_keeps_each_patient_in_one_split(tmp_path: Path) -> None:
 
 
 def test_finetune_command(base, tmp_path: Path) -> None:
+    """Also: the epoch message counts epochs (head mode validates every 2nd of 100), files follow the umask."""
     root, cache = base
-    result = CliRunner().invoke(main, [
-        "finetune", str(SAMPLE), "--out", str(tmp_path / "model"), "--backbone", str(root / "backbone"),
-        "--mode", "head", "--epochs", "20", "--cache", str(cache), "--workers", "0", "--quiet",
-    ])
+    before = os.umask(0o027)
+    try:
+        result = CliRunner().invoke(main, [
+            "finetune", str(SAMPLE), "--out", str(tmp_path / "model"), "--backbone", str(root / "backbone"),
+            "--mode", "head", "--epochs", "100", "--cache", str(cache), "--workers", "0", "--quiet",
+        ])
+    finally:
+        os.umask(before)
     assert result.exit_code == 0, result.output
     assert "validation AUROC" in result.output and (tmp_path / "model" / "calibration.json").is_file()
+    best, run = (int(n) for n in re.search(r"best epoch (\d+) of (\d+)", result.output).groups())
+    history = json.loads((tmp_path / "model" / "metrics.json").read_text())["history"]
+    assert best <= run and len(history) == run // 2  # a check every 2nd epoch: 100 // 50
+    assert run == 100 or run - best >= 5 * 2  # patience 5 checks
+    for name in ("model.safetensors", "metrics.json", "calibration.json", "config.json"):
+        assert stat.S_IMODE((tmp_path / "model" / name).stat().st_mode) == 0o640, name
 
 
 DDP_SCRIPT = """

@@ -18,7 +18,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from meddx import __version__
 from meddx.cohort import Cohort, TaskSpec
 from meddx.config import IngestConfig
 from meddx.errors import ModelError
+from meddx.files import temp_file
 from meddx.ingest.base import ArrayField, ArraySpec
 from meddx.records import UNKNOWN_LABEL, Modality
 
@@ -165,7 +165,7 @@ class CohortIndex:
 def write_atomic(path: Path, text: str) -> None:
     """Write text through a temporary file and ``os.replace`` (no half-written file, ever)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    fd, tmp = temp_file(path.parent)
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)

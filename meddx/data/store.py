@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from meddx import __version__
 from meddx.errors import ModelError
+from meddx.files import apply_umask
 from meddx.records import MODALITIES, Modality
 
 if TYPE_CHECKING:
@@ -114,6 +115,7 @@ class TensorStore:
         os.close(fd)
         try:
             save_file(flat, tmp, metadata={"format": STORE_FORMAT, "meddx": __version__})
+            apply_umask(tmp)  # mkstemp and safetensors write 0600
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

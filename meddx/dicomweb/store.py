@@ -41,6 +41,7 @@ from meddx.config import DicomWebConfig
 from meddx.dicomweb.client import connect, describe_failure, server_url
 from meddx.dicomweb.ref import DicomWebRef, is_uid, server_id
 from meddx.errors import ConfigError, IngestError, short_reason
+from meddx.files import folder_mode, temp_file
 
 if TYPE_CHECKING:
     from dicomweb_client import DICOMwebClient
@@ -187,6 +188,7 @@ class SeriesStore:
         ref = DicomWebRef(study_uid, series_uid)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{series_uid}.staging-"))
+        os.chmod(staging, folder_mode())  # mkdtemp makes it 0700; the series folder is shared like the cache
         try:
             n = 0
             for n, (sop_uid, write) in enumerate(self._instances(study_uid, series_uid), 1):
@@ -280,7 +282,7 @@ def _write_bytes(data: bytes, path: Path) -> None:
 
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    fd, tmp = temp_file(path.parent)
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
     os.replace(tmp, path)

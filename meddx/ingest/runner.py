@@ -44,6 +44,7 @@ from meddx.config import IngestConfig
 from meddx.dicomweb.ref import DicomWebRef
 from meddx.errors import ConfigError, IngestError, MeddxError
 from meddx.ingest.base import Ingestor, IngestRequest, build_ingestors, registered_ingestors
+from meddx.progress import worker_counter
 from meddx.records import MODALITIES, Modality, PatientRecord
 
 logger = logging.getLogger(__name__)
@@ -403,11 +404,13 @@ def run_tasks(
         stream: Iterable[IngestOutcome] = (ingest_one(t) for t in tasks)
     else:
         stream = _run_parallel(tasks, min(workers, max(len(tasks), 1)), initargs, task_timeout)
-    outcomes = []
+    outcomes: list[IngestOutcome] = []
     with tqdm(total=len(tasks), desc="ingest", unit="file", disable=not progress) as bar:
+        # no ETA until each worker has read a file of each kind: the first ones load the readers' libraries
+        count = worker_counter(bar, warm_up=workers * len({t.modality for t in tasks}))
         for outcome in stream:
             outcomes.append(outcome)
-            bar.update(1)
+            count(1)
     return sorted(outcomes, key=lambda o: order[(o.row, o.modality)])
 
 

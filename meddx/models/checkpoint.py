@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from meddx import __version__
 from meddx.errors import ModelError
+from meddx.files import apply_umask
 from meddx.ingest.base import ArrayField, ArrayRole
 from meddx.models.config import BackboneConfig
 from meddx.records import Modality
@@ -129,6 +130,7 @@ def save_backbone(
     )
     (folder / CONFIG_FILE).write_text(checkpoint.model_dump_json(indent=2) + "\n")
     save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": FORMAT, "meddx_version": __version__})
+    apply_umask(folder / WEIGHTS_FILE)  # safetensors writes 0600
     logger.info("backbone saved to %s (%d tensors, text weights %s)", folder, len(state), text_weights)
     return folder
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from meddx.files import apply_umask
+
 logger = logging.getLogger(__name__)
 
 
@@ -83,4 +85,5 @@ class TextEmbeddingCache:
         final = self.folder / f"{uuid.uuid4().hex}.safetensors"
         partial = final.with_suffix(".partial")
         save_file(fresh, str(partial))
+        apply_umask(partial)  # safetensors writes 0600
         os.replace(partial, final)  # readers never see half a file

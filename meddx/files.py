@@ -1,0 +1,64 @@
+"""Files meddx writes get the permissions the user's umask gives, like any file they make.
+
+``tempfile.mkstemp`` creates its file 0600 (owner only), and ``safetensors`` writes its
+files that way too; a file written through either and then renamed into place would keep
+0600, so a model folder or ``metrics.json`` shared with a team (umask 002 or 022) could not
+be read by the others. :func:`temp_file` and :func:`apply_umask` give such files the mode
+``open()`` would have given them (``0666 & ~umask``); :func:`folder_mode` does the same
+for a folder made by ``tempfile.mkdtemp`` (0700).
+
+Example:
+    >>> fd, tmp = temp_file(Path("runs/model"), suffix=".tmp")  # doctest: +SKIP
+    >>> save_file(tensors, tmp); apply_umask(tmp); os.replace(tmp, target)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the OS tells it (Linux), else set and restored."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:  # os.umask can only be read by setting it
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a new regular file gets from ``open()``: ``0o666`` less the umask."""
+    return 0o666 & ~current_umask()
+
+
+def folder_mode() -> int:
+    """The mode a new folder gets from ``mkdir``: ``0o777`` less the umask (``mkdtemp`` gives 0700)."""
+    return 0o777 & ~current_umask()
+
+
+def apply_umask(path: str | Path) -> None:
+    """Give a file meddx wrote (through a 0600 temporary file) the mode the user's umask gives."""
+    os.chmod(path, file_mode())
+
+
+def temp_file(directory: str | Path, suffix: str = ".tmp") -> tuple[int, str]:
+    """``tempfile.mkstemp`` in ``directory``, with the umask's mode rather than 0600 (for atomic writes)."""
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=suffix)
+    try:
+        os.chmod(tmp, file_mode())
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    return fd, tmp
