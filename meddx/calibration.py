@@ -37,6 +37,7 @@ import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -348,7 +349,7 @@ class IsotonicCalibrator:
         expected = 1 if calibrator.n_classes_ == 2 else calibrator.n_classes_
         if not isinstance(knots, list) or len(knots) != expected:
             raise ConfigError(f"knots must be a list of {expected} maps (one per class; one for a binary task)")
-        calibrator.thresholds_ = [_within(f"knots[{i}]", lambda k=k: _knots(k)) for i, k in enumerate(knots)]
+        calibrator.thresholds_ = [_within(f"knots[{i}]", partial(_knots, k)) for i, k in enumerate(knots)]
         return calibrator
 
 
@@ -617,8 +618,8 @@ class ConformalClassifier:
         for name, group in saved.items():
             if not isinstance(group, Mapping) or not isinstance(group.get("pooled"), bool):
                 raise ConfigError(f"groups.{name} must be a mapping with threshold, n_fitted and pooled (true/false)")
-            conformal.group_thresholds_[name] = _within(f"groups.{name}", lambda g=group: _threshold(g, "threshold"))
-            conformal.group_sizes_[name] = _within(f"groups.{name}", lambda g=group: _count(g, "n_fitted", 0))
+            conformal.group_thresholds_[name] = _within(f"groups.{name}", partial(_threshold, group, "threshold"))
+            conformal.group_sizes_[name] = _within(f"groups.{name}", partial(_count, group, "n_fitted", 0))
             conformal.group_pooled_[name] = group["pooled"]
         return conformal
 
