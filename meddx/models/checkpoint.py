@@ -290,19 +290,19 @@ def check_bundled_text_model(checkpoint: BackboneCheckpoint, folder: Path) -> No
         )
 
 
-def reference_text_keys(module: Any) -> set[str]:
-    """State-dict keys of ``module`` that a bundled frozen text model holds (saved by reference, not copied).
+def reference_text_models(module: Any) -> dict[str, str]:
+    """The bundled frozen text models inside ``module``: state-dict prefix -> version (hash).
 
-    Works on a backbone, a DiagnosisModel or a DDP wrapper of one: the keys keep their prefixes.
+    Their weights are saved by reference, never copied (the package ships them). Works on a
+    backbone, a DiagnosisModel or a DDP wrapper of one: the prefixes are those of its state dict.
     """
     from meddx.models.encoders.notes import NotesEncoder
 
-    prefixes = [
-        f"{name}.text_model." if name else "text_model."
+    return {
+        f"{name}.text_model." if name else "text_model.": sub.version
         for name, sub in module.named_modules()
         if isinstance(sub, NotesEncoder) and sub.frozen and sub.bundled
-    ]
-    return {k for k in module.state_dict() if k.startswith(tuple(prefixes))} if prefixes else set()
+    }
 
 
 def _upgrade_format_1(data: dict[str, Any]) -> dict[str, Any]:
