@@ -442,19 +442,19 @@ def _checkpoint(out_dir, module, optimizer, stopper: _EarlyStopping, epoch: int,
     A bundled frozen text model's weights are left out (the package ships them; progress.json
     names them by hash and resuming checks it), so the checkpoint holds no copy of them.
     """
-    from meddx.models.checkpoint import reference_text_models
+    from meddx.models.checkpoint import reference_text_keys, reference_text_models
     from meddx.training_state import save_module, save_optimizer, write_progress
 
     if out_dir is None or rank != 0:
         return
     folder = Path(out_dir) / CHECKPOINT
     folder.mkdir(parents=True, exist_ok=True)
-    by_reference = reference_text_models(module)
-    save_module(module, folder / "last.safetensors", leave_out=tuple(by_reference))
+    by_reference, left_out = reference_text_models(module), reference_text_keys(module)
+    save_module(module, folder / "last.safetensors", leave_out=left_out)
     if stopper.best_state is not None:
         from meddx.training_state import atomic_save_tensors
 
-        best = {k: v for k, v in stopper.best_state.items() if not k.startswith(tuple(by_reference) or ("\0",))}
+        best = {k: v for k, v in stopper.best_state.items() if k not in left_out}
         atomic_save_tensors(best, folder / "best.safetensors")
     save_optimizer(optimizer, folder / "optimizer.safetensors")
     write_progress(
@@ -473,7 +473,7 @@ def _resume(out_dir, module, optimizer, stopper: _EarlyStopping) -> int:
     """Load the checkpoint; returns the first epoch still to run."""
     from safetensors.torch import load_file
 
-    from meddx.models.checkpoint import check_safetensors, reference_text_models
+    from meddx.models.checkpoint import check_safetensors, reference_text_keys, reference_text_models
     from meddx.training_state import load_module, load_optimizer
 
     folder = Path(out_dir) / CHECKPOINT
@@ -496,7 +496,8 @@ def _resume(out_dir, module, optimizer, stopper: _EarlyStopping) -> int:
             f"--resume: {path} names the frozen text model {saved_reference or 'none'} (prefix: SHA-256) but this "
             f"model has {by_reference or 'none'}; install the text model it was trained with, or start over"
         )
-    load_module(module, folder / "last.safetensors", left_out=tuple(by_reference))
+    left_out = reference_text_keys(module)
+    load_module(module, folder / "last.safetensors", left_out=left_out)
     load_optimizer(optimizer, folder / "optimizer.safetensors")
     stopper.history = history
     stopper.best_epoch = best_epoch
@@ -505,7 +506,7 @@ def _resume(out_dir, module, optimizer, stopper: _EarlyStopping) -> int:
         check_safetensors(folder / "best.safetensors")
         stopper.best_state = load_file(str(folder / "best.safetensors"))
         stopper.best_state.update(  # the weights kept by reference are the ones just built
-            {k: v.clone() for k, v in module.state_dict().items() if k.startswith(tuple(by_reference) or ("\0",))}
+            {k: v.clone() for k, v in module.state_dict().items() if k in left_out}
         )
     logger.info("resuming at epoch %d", epoch + 1)
     return epoch

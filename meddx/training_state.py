@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -69,13 +70,12 @@ def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
 
 
-def save_module(module: torch.nn.Module, path: Path, leave_out: tuple[str, ...] = ()) -> None:
-    """A module's weights as safetensors (atomically), but for those whose names start with ``leave_out``."""
-    state = module.state_dict()
-    atomic_save_tensors({k: v for k, v in state.items() if not (leave_out and k.startswith(leave_out))}, path)
+def save_module(module: torch.nn.Module, path: Path, leave_out: Collection[str] = ()) -> None:
+    """A module's weights as safetensors (atomically), but for the keys in ``leave_out``."""
+    atomic_save_tensors({k: v for k, v in module.state_dict().items() if k not in leave_out}, path)
 
 
-def load_module(module: torch.nn.Module, path: Path, left_out: tuple[str, ...] = ()) -> None:
+def load_module(module: torch.nn.Module, path: Path, left_out: Collection[str] = ()) -> None:
     """Load weights written by :func:`save_module`; every key must match, but those left out, kept as they are."""
     from meddx.models.checkpoint import check_safetensors
 
@@ -84,7 +84,7 @@ def load_module(module: torch.nn.Module, path: Path, left_out: tuple[str, ...] =
         tensors = load_file(str(path))
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read weights {path}: {exc}; start without --resume") from None
-    expected = {k for k in module.state_dict() if not (left_out and k.startswith(left_out))}
+    expected = set(module.state_dict()) - set(left_out)
     if set(tensors) != expected:
         missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         raise ModelError(

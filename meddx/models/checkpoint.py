@@ -305,6 +305,14 @@ def reference_text_models(module: Any) -> dict[str, str]:
     }
 
 
+def reference_text_keys(module: Any) -> set[str]:
+    """The state-dict keys of the bundled frozen text models in ``module`` (LoRA adapters on them excepted)."""
+    prefixes = tuple(reference_text_models(module))
+    if not prefixes:
+        return set()
+    return {k for k in module.state_dict() if k.startswith(prefixes) and "lora_" not in k}
+
+
 def _upgrade_format_1(data: dict[str, Any]) -> dict[str, Any]:
     """A format-1 ``config.json`` as format 2, with the settings its model was trained with."""
     backbone = dict(data.get("backbone") or {})
