@@ -275,3 +275,14 @@ def test_a_cut_short_safetensors_file_is_refused(tmp_path) -> None:
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(ModelError, match="cut short or padded"):
         check_safetensors(path)
+
+
+def test_lora_settings_and_an_included_text_model_config_are_bounded(model_folder, tmp_path) -> None:
+    copy = _copy(model_folder, tmp_path)
+    _edit(copy / "config.json", lambda d: d["diagnosis"].update(adapter={"r": 10**9}))
+    with pytest.raises(ModelError, match=r"config.json: diagnosis.adapter.r must be an integer from 1 to 1024"):
+        check_model_folder(copy)
+    copy = _copy(model_folder, tmp_path / "b")
+    _edit(copy / "config.json", lambda d: d.update(text_model_config={"model_type": "bert", "hidden_size": 10**9}))
+    with pytest.raises(ModelError, match=r"text_model_config.hidden_size must be an integer from 1 to 16384"):
+        check_model_folder(copy)

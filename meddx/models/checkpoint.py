@@ -57,6 +57,14 @@ PICKLE_PROTOCOLS = tuple(bytes([0x80, n]) for n in range(2, 6))
 MAX_ARRAY_DIM = 1 << 20  # bounds on config.json's array spec, so a bad one cannot ask for terabytes
 MAX_ARRAY_ELEMENTS = 1 << 28
 _Dim = Annotated[int, Field(ge=0, le=MAX_ARRAY_DIM)]
+TEXT_MODEL_BOUNDS = {  # a Hugging Face config's sizes, far above any text encoder meddx can run
+    "hidden_size": 16_384,
+    "intermediate_size": 65_536,
+    "num_hidden_layers": 256,
+    "num_attention_heads": 256,
+    "vocab_size": 1_000_000,
+    "max_position_embeddings": 1_000_000,
+}
 
 
 class ArrayFieldModel(BaseModel):
@@ -102,6 +110,15 @@ class BackboneCheckpoint(BaseModel):
     # A fine-tuned DiagnosisModel's tasks, heads and adapter (meddx.models.diagnosis); None for a bare backbone.
     # Its head weights sit in model.safetensors under "heads.", which a bare backbone load leaves out.
     diagnosis: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _text_model_sizes(self) -> BackboneCheckpoint:
+        """An included text model is built from ``text_model_config``: its sizes are bounded too."""
+        for key, bound in TEXT_MODEL_BOUNDS.items():
+            value = (self.text_model_config or {}).get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= bound):
+                raise ValueError(f"text_model_config.{key} must be an integer from 1 to {bound}; got {value!r}")
+        return self
 
 
 def _major(version: str) -> int:

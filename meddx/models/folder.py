@@ -49,6 +49,7 @@ FINGERPRINT_FORMAT = "meddx-model-fingerprint/1"
 # What changes a model's outputs, in the order the fingerprint reads them.
 OUTPUT_FILES = (CONFIG_FILE, WEIGHTS_FILE, ADAPTER_FILE, CALIBRATION_FILE)
 TASK_KINDS = ("binary", "multiclass")
+MAX_LORA_RANK = 1024
 
 
 @dataclass
@@ -97,6 +98,7 @@ def diagnosis_tasks(diagnosis: Any, path: Path) -> dict[str, tuple[str, tuple[st
     dropout = diagnosis.get("head_dropout", 0.1)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ModelError(f"{where}.head_dropout must be a number in [0, 1); got {dropout!r}")
+    _check_adapter(diagnosis.get("adapter"), f"{where}.adapter")
     tasks = diagnosis.get("tasks")
     if not isinstance(tasks, dict) or not tasks:
         raise ModelError(f"{where}.tasks must map at least one task name to its kind and classes")
@@ -119,6 +121,21 @@ def diagnosis_tasks(diagnosis: Any, path: Path) -> dict[str, tuple[str, tuple[st
             )
         found[name] = (kind, tuple(classes))
     return found
+
+
+def _check_adapter(adapter: Any, where: str) -> None:
+    """The LoRA settings (``meddx.models.adapters``), bounded before peft builds anything from them."""
+    if adapter is None:
+        return
+    if not isinstance(adapter, dict):
+        raise ModelError(f"{where} must be a mapping of LoRA settings or null")
+    rank, alpha, dropout = adapter.get("r", 8), adapter.get("alpha", 16), adapter.get("dropout", 0.05)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_LORA_RANK:
+        raise ModelError(f"{where}.r must be an integer from 1 to {MAX_LORA_RANK}; got {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1e6:
+        raise ModelError(f"{where}.alpha must be a number in (0, 1e6]; got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ModelError(f"{where}.dropout must be a number in [0, 1); got {dropout!r}")
 
 
 def _metrics(path: Path) -> None:
