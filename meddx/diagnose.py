@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from meddx import __version__
 from meddx.cohort import CohortRow, load_cohort
-from meddx.errors import ConfigError, ModelError
+from meddx.errors import ConfigError, ModelError, short_reason
 from meddx.ingest.runner import DEFAULT_TASK_TIMEOUT, default_workers, ensure_writable_folder
 from meddx.models.checkpoint import WEIGHTS_FILE
 
@@ -259,8 +259,8 @@ def _state_file(path: Path) -> Iterator[None]:
         raise
     except Exception as exc:  # a damaged state file can fail a parser in any way
         raise ConfigError(
-            f"--resume: {path} is damaged ({type(exc).__name__}: {exc}); run without --resume to start over "
-            f"(it clears {path.parent}), or choose another --out"
+            f"--resume: {path} is damaged ({type(exc).__name__}: {short_reason(exc)}); run without --resume "
+            f"to start over (it clears {path.parent}), or choose another --out"
         ) from None
 
 
