@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -113,13 +114,54 @@ def _as_class_probabilities(probabilities: Any) -> np.ndarray:
 
 
 def _check_format(data: Mapping[str, Any], kind: str) -> None:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"must be a mapping with type {kind!r}; got {type(data).__name__}")
     if data.get("type") != kind:
-        raise ConfigError(f"expected a {kind!r} calibration entry, got type {data.get('type')!r}")
+        raise ConfigError(f"type must be {kind!r}; got {data.get('type')!r}")
     if data.get("format") != CALIBRATION_FORMAT:
         raise ConfigError(
-            f"calibration format {data.get('format')!r} is not supported "
+            f"format {data.get('format')!r} is not supported "
             f"(this meddx reads format {CALIBRATION_FORMAT}); refit the calibration with this version"
         )
+
+
+# What ``from_dict`` checks a saved entry against: a file read from outside can hold anything.
+
+
+def _field(data: Mapping[str, Any], key: str) -> Any:
+    if key not in data:
+        raise ConfigError(f"{key} is missing")
+    return data[key]
+
+
+def _real(data: Mapping[str, Any], key: str, rule: str, check: Callable[[float], bool]) -> float:
+    """``data[key]`` as a float: a finite JSON number for which ``check`` holds, else ConfigError citing ``rule``."""
+    value = _field(data, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not check(value):
+        raise ConfigError(f"{key} must be {rule}; got {value!r}")
+    return float(value)
+
+
+def _count(data: Mapping[str, Any], key: str, minimum: int) -> int:
+    value = _field(data, key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key} must be an integer >= {minimum}; got {value!r}")
+    return value
+
+
+def _threshold(data: Mapping[str, Any], key: str) -> float:
+    """A conformal threshold: a score in [0, 1], or null for infinity (every class in every set)."""
+    if _field(data, key) is None:
+        return math.inf
+    return _real(data, key, "a finite score in [0, 1], or null (every class in every set)", lambda v: 0 <= v <= 1)
+
+
+def _within(prefix: str, build: Callable[[], Any]) -> Any:
+    """``build()``, its ConfigError's message prefixed with the field it was reading."""
+    try:
+        return build()
+    except ConfigError as exc:
+        raise ConfigError(f"{prefix}.{exc}") from None
 
 
 # --------------------------------------------------------------------------- temperature
@@ -216,12 +258,12 @@ class TemperatureScaler:
     def from_dict(cls, data: Mapping[str, Any]) -> TemperatureScaler:
         """Rebuild a fitted scaler from :meth:`to_dict` output."""
         _check_format(data, cls.kind)
-        scaler = cls(max_temperature=float(data["max_temperature"]))
-        scaler.temperature_ = float(data["temperature"])
-        scaler.n_fitted_ = int(data["n_fitted"])
-        scaler.n_classes_ = int(data["n_classes"])
-        scaler.nll_before_ = float(data["nll_before"])
-        scaler.nll_after_ = float(data["nll_after"])
+        scaler = cls(max_temperature=_real(data, "max_temperature", "a finite number > 1", lambda v: v > 1))
+        scaler.temperature_ = _real(data, "temperature", "a finite number > 0", lambda v: v > 0)
+        scaler.n_fitted_ = _count(data, "n_fitted", 1)
+        scaler.n_classes_ = _count(data, "n_classes", 2)
+        scaler.nll_before_ = _real(data, "nll_before", "a finite number >= 0", lambda v: v >= 0)
+        scaler.nll_after_ = _real(data, "nll_after", "a finite number >= 0", lambda v: v >= 0)
         return scaler
 
 
@@ -301,22 +343,46 @@ class IsotonicCalibrator:
         """Rebuild a fitted calibrator from :meth:`to_dict` output."""
         _check_format(data, cls.kind)
         calibrator = cls()
-        calibrator.thresholds_ = [
-            (np.asarray(k["x"], dtype=np.float64), np.asarray(k["y"], dtype=np.float64)) for k in data["knots"]
-        ]
-        calibrator.n_fitted_ = int(data["n_fitted"])
-        calibrator.n_classes_ = int(data["n_classes"])
+        calibrator.n_fitted_ = _count(data, "n_fitted", 1)
+        calibrator.n_classes_ = _count(data, "n_classes", 2)
+        knots = _field(data, "knots")
+        expected = 1 if calibrator.n_classes_ == 2 else calibrator.n_classes_
+        if not isinstance(knots, list) or len(knots) != expected:
+            raise ConfigError(f"knots must be a list of {expected} maps (one per class; one for a binary task)")
+        calibrator.thresholds_ = [_within(f"knots[{i}]", partial(_knots, k)) for i, k in enumerate(knots)]
         return calibrator
+
+
+def _knots(data: Any) -> tuple[np.ndarray, np.ndarray]:
+    """One isotonic map's knots: as many ``x`` as ``y``, all in [0, 1], ``x`` increasing, ``y`` never decreasing."""
+    if not isinstance(data, Mapping):
+        raise ConfigError("must be a mapping with x and y lists")
+    try:
+        x = np.asarray(_field(data, "x"), dtype=np.float64)
+        y = np.asarray(_field(data, "y"), dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ConfigError("x and y must be lists of numbers") from None
+    if x.ndim != 1 or x.shape != y.shape or len(x) == 0:
+        raise ConfigError(f"x and y must be lists of as many numbers (at least one); got {x.shape} and {y.shape}")
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        raise ConfigError("x and y must be finite")
+    if x.min() < 0 or x.max() > 1 or np.any(np.diff(x) < 0):
+        raise ConfigError("x must be probabilities in [0, 1] in increasing order")
+    if y.min() < 0 or y.max() > 1 or np.any(np.diff(y) < 0):
+        raise ConfigError("y must be probabilities in [0, 1] that never decrease")
+    return x, y
 
 
 def calibrator_from_dict(data: Mapping[str, Any]) -> TemperatureScaler | IsotonicCalibrator:
     """Rebuild whichever calibrator ``data`` describes (its ``type`` field)."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"must be a mapping with a type; got {type(data).__name__}")
     if data.get("type") == TemperatureScaler.kind:
         return TemperatureScaler.from_dict(data)
     if data.get("type") == IsotonicCalibrator.kind:
         return IsotonicCalibrator.from_dict(data)
     raise ConfigError(
-        f"unknown calibrator type {data.get('type')!r}; "
+        f"type {data.get('type')!r} is not a calibrator; "
         f"expected {TemperatureScaler.kind!r} or {IsotonicCalibrator.kind!r}"
     )
 
@@ -533,20 +599,38 @@ class ConformalClassifier:
         """
         _check_format(data, cls.kind)
         grouping = data.get("grouping", {})
+        if not isinstance(grouping, Mapping):
+            raise ConfigError("grouping must be a mapping")
         if groups is None and grouping.get("by") == "number_missing":
-            groups = {int(k): v for k, v in grouping["names"].items()}
-
-        def threshold(value: float | None) -> float:
-            return math.inf if value is None else float(value)
-
-        conformal = cls(alpha=float(data["alpha"]), groups=groups, min_group_size=int(data["min_group_size"]))
-        conformal.threshold_ = threshold(data["threshold"])
-        conformal.n_fitted_ = int(data["n_fitted"])
-        conformal.n_classes_ = int(data["n_classes"])
-        conformal.group_thresholds_ = {n: threshold(g["threshold"]) for n, g in data["groups"].items()}
-        conformal.group_sizes_ = {n: int(g["n_fitted"]) for n, g in data["groups"].items()}
-        conformal.group_pooled_ = {n: bool(g["pooled"]) for n, g in data["groups"].items()}
+            groups = _within("grouping", lambda: _group_names(grouping))
+        conformal = cls(
+            alpha=_real(data, "alpha", "a number strictly between 0 and 1", lambda v: 0 < v < 1),
+            groups=groups,
+            min_group_size=_count(data, "min_group_size", 1),
+        )
+        conformal.threshold_ = _threshold(data, "threshold")
+        conformal.n_fitted_ = _count(data, "n_fitted", 0)
+        conformal.n_classes_ = _count(data, "n_classes", 2)
+        saved = _field(data, "groups")
+        if not isinstance(saved, Mapping):
+            raise ConfigError("groups must map group names to their threshold, n_fitted and pooled")
+        conformal.group_thresholds_, conformal.group_sizes_, conformal.group_pooled_ = {}, {}, {}
+        for name, group in saved.items():
+            if not isinstance(group, Mapping) or not isinstance(group.get("pooled"), bool):
+                raise ConfigError(f"groups.{name} must be a mapping with threshold, n_fitted and pooled (true/false)")
+            conformal.group_thresholds_[name] = _within(f"groups.{name}", partial(_threshold, group, "threshold"))
+            conformal.group_sizes_[name] = _within(f"groups.{name}", partial(_count, group, "n_fitted", 0))
+            conformal.group_pooled_[name] = group["pooled"]
         return conformal
+
+
+def _group_names(grouping: Mapping[str, Any]) -> dict[int, str]:
+    names = _field(grouping, "names")
+    if not isinstance(names, Mapping) or not all(isinstance(k, str) and k.isdigit() for k in names):
+        raise ConfigError('names must map numbers of missing modalities ("0", "1"...) to group names')
+    if not all(isinstance(v, str) for v in names.values()) or "0" not in names:
+        raise ConfigError('names must give a group name (a string) to each number missing, from "0"')
+    return {int(k): v for k, v in names.items()}
 
 
 # --------------------------------------------------------------------------- calibration.json
@@ -576,12 +660,26 @@ class TaskCalibration:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], groups: GroupSpec = None) -> TaskCalibration:
-        conformal = data.get("conformal")
-        return cls(
-            classes=tuple(str(c) for c in data["classes"]),
-            calibrator=calibrator_from_dict(data["calibrator"]),
-            conformal=None if conformal is None else ConformalClassifier.from_dict(conformal, groups=groups),
+        """Rebuild from :meth:`to_dict` output, checking every field; ConfigError names the field."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"must be a mapping with classes, calibrator and conformal; got {type(data).__name__}")
+        classes = _field(data, "classes")
+        if (
+            not isinstance(classes, list)
+            or len(classes) < 2
+            or not all(isinstance(c, str) for c in classes)
+            or len(set(classes)) != len(classes)
+        ):
+            raise ConfigError(f"classes must be a list of at least two distinct class names; got {classes!r}")
+        calibrator = _within("calibrator", lambda: calibrator_from_dict(_field(data, "calibrator")))
+        saved = data.get("conformal")
+        conformal = (
+            None if saved is None else _within("conformal", lambda: ConformalClassifier.from_dict(saved, groups))
         )
+        for part, fitted in (("calibrator", calibrator), ("conformal", conformal)):
+            if fitted is not None and fitted.n_classes_ != len(classes):
+                raise ConfigError(f"{part}.n_classes is {fitted.n_classes_} but classes names {len(classes)}")
+        return cls(classes=tuple(classes), calibrator=calibrator, conformal=conformal)
 
 
 def save_calibration(folder: str | Path, tasks: Mapping[str, TaskCalibration]) -> Path:
@@ -593,13 +691,26 @@ def save_calibration(folder: str | Path, tasks: Mapping[str, TaskCalibration]) -
     return path
 
 
-def load_calibration(folder: str | Path, groups: GroupSpec = None) -> dict[str, TaskCalibration]:
-    """Read ``calibration.json`` from a model folder.
+def load_calibration(
+    folder: str | Path, groups: GroupSpec = None, tasks: Mapping[str, Sequence[str]] | None = None
+) -> dict[str, TaskCalibration]:
+    """Read and check ``calibration.json`` from a model folder.
+
+    Every field is checked (temperatures finite and > 0, thresholds finite scores or null, alpha in
+    (0, 1), knots in order, class counts that agree), so a damaged file never gives wrong
+    probabilities.
+
+    Args:
+        folder: the model folder.
+        groups: a custom grouping function for conformal sets (see :meth:`ConformalClassifier.from_dict`).
+        tasks: the model's task -> classes (its heads); each calibrated task must be one of them
+            with the same classes. A task left out is uncalibrated (too few validation labels).
 
     Raises:
-        ModelError: the file is missing, not JSON, or from an unknown format.
+        ModelError: the file is missing, not JSON, of an unknown format, or a field is wrong (named).
     """
     path = Path(folder) / CALIBRATION_FILE
+    fix = "refit it (meddx finetune) or copy the model folder again"
     try:
         document = json.loads(path.read_text())
     except FileNotFoundError:
@@ -609,7 +720,25 @@ def load_calibration(folder: str | Path, groups: GroupSpec = None) -> dict[str, 
     if not isinstance(document, dict) or document.get("format") != CALIBRATION_FORMAT:
         found = document.get("format") if isinstance(document, dict) else None
         raise ModelError(f"{path} has calibration format {found!r}; this meddx reads format {CALIBRATION_FORMAT}")
-    try:
-        return {name: TaskCalibration.from_dict(entry, groups) for name, entry in document["tasks"].items()}
-    except (KeyError, TypeError, ConfigError) as exc:
-        raise ModelError(f"{path} is not a valid calibration file: {exc}") from None
+    entries = document.get("tasks")
+    if not isinstance(entries, dict):
+        raise ModelError(f"{path}: tasks must map task names to their calibration; {fix}")
+    loaded: dict[str, TaskCalibration] = {}
+    for name, entry in entries.items():
+        try:
+            loaded[name] = TaskCalibration.from_dict(entry, groups)
+        except ConfigError as exc:
+            raise ModelError(f"{path}: tasks.{name}.{exc}; {fix}") from None
+    if tasks is not None:
+        for name, entry in loaded.items():
+            if name not in tasks:
+                raise ModelError(
+                    f"{path}: tasks.{name} is not a task of this model (its heads: {', '.join(tasks)}); "
+                    f"the file belongs to another model: {fix}"
+                )
+            if tuple(entry.classes) != tuple(tasks[name]):
+                raise ModelError(
+                    f"{path}: tasks.{name}.classes {list(entry.classes)} differ from the head's {list(tasks[name])}; "
+                    f"the file belongs to another model: {fix}"
+                )
+    return loaded

@@ -18,6 +18,12 @@ parts are streamed into the final files:
 
 A run killed at any point (even SIGKILL) and started again with ``resume=True`` keeps its
 finished chunks and does the rest, so every (patient, index time, task) appears exactly once.
+The model folder is checked whole before any patient is read; the run plan (``parts/plan.json``)
+records its fingerprint (weights, adapter, calibration, config and tensorizers), and a resume
+of another model, manifest, split or chunk size is refused. On resuming, the plan and every
+finished chunk's files are checked first; a damaged one is named, with how to start over. A run
+holds a lock on ``OUT/.meddx-diagnose.lock`` (``flock``, released when the process ends, even
+killed): a second run on the same folder is refused (ConfigError, exit status 2).
 
 Workers are spawned, so a script that calls :func:`diagnose` with workers must guard its entry
 point with ``if __name__ == "__main__":``.
@@ -30,24 +36,29 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from functools import partial
+from functools import partial, wraps
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from meddx import __version__
 from meddx.cohort import CohortRow, load_cohort
-from meddx.errors import ConfigError, ModelError
+from meddx.errors import ConfigError, ModelError, short_reason
 from meddx.ingest.runner import DEFAULT_TASK_TIMEOUT, default_workers, ensure_writable_folder
+from meddx.models.checkpoint import WEIGHTS_FILE
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from meddx.export.fhir import ModelProvenance
     from meddx.models.diagnosis import DiagnosisModel
+    from meddx.models.folder import ModelFolder
     from meddx.ray_engine import RayOptions
     from meddx.streaming import ReadyChunk
 
@@ -63,6 +74,8 @@ ERRORS = "errors.csv"
 STRUCTURED_REPORTS = "structured_reports.csv"
 PREDICTION_SHARDS = "predictions"  # the Ray engine's sharded Parquet: predictions/part-NNNNN.parquet
 RUN = "run.json"
+LOCK = ".meddx-diagnose.lock"
+_CHUNK_FILE = re.compile(r"chunk-(\d{5})\.(parquet|ndjson|errors\.csv|srs\.csv)")
 ERROR_COLUMNS = ["patient_id", "index_time", "modality", "path", "error"]
 ENGINES = ("local", "ray")
 _NUMERIC_PREFIXES = ("probability", "raw_probability", "contribution:", "ablation:")
@@ -183,12 +196,13 @@ def _column_order(columns: Sequence[str]) -> list[str]:
 
 
 def _plan(
-    manifest: Path, model_sha256: str, split: str | None, chunk_size: int, rows: Sequence[CohortRow], store_sr: bool
+    manifest: Path, model: ModelFolder, split: str | None, chunk_size: int, rows: Sequence[CohortRow], store_sr: bool
 ) -> dict:
     return {
         "format": RUN_FORMAT,
         "manifest_sha256": file_sha256(manifest),
-        "model_sha256": model_sha256,
+        "model_sha256": model.sha256[WEIGHTS_FILE],
+        "model_fingerprint": model.fingerprint,  # weights, adapter, calibration, config with the tensorizers
         "split": split,
         "chunk_size": chunk_size,
         "rows": len(rows),
@@ -196,12 +210,118 @@ def _plan(
     }
 
 
-def _start_or_resume(out: Path, plan: dict, resume: bool) -> set[int]:
-    """The chunks already done (resume), after checking the plan; a fresh run clears old outputs."""
+_RUN_LOCKS: ContextVar[ExitStack | None] = ContextVar("meddx_diagnose_locks", default=None)
+
+
+def _releases_run_lock(function: Callable[..., DiagnoseResult]) -> Callable[..., DiagnoseResult]:
+    """Release the run folder's lock when ``function`` returns or raises (the kernel does, if the process dies)."""
+
+    @wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> DiagnoseResult:
+        with ExitStack() as stack:
+            token = _RUN_LOCKS.set(stack)
+            try:
+                return function(*args, **kwargs)
+            finally:
+                _RUN_LOCKS.reset(token)
+
+    return wrapper
+
+
+def _lock_run_folder(out: Path) -> None:
+    """Hold ``OUT/.meddx-diagnose.lock`` until the run ends; ConfigError if another run holds it."""
+    import fcntl
+
+    stack = _RUN_LOCKS.get()
+    if stack is None:
+        raise RuntimeError("_lock_run_folder runs inside diagnose()")
+    path = out / LOCK
+    handle = stack.enter_context(open(path, "a+"))
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ConfigError(
+            f"another meddx diagnose is writing to {out} (it holds {path}); wait for it to end, or choose another --out"
+        ) from None
+    stack.callback(fcntl.flock, handle.fileno(), fcntl.LOCK_UN)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")  # who holds it, for a person looking
+    handle.flush()
+
+
+@contextmanager
+def _state_file(path: Path) -> Iterator[None]:
+    """Turn any error reading a resumed run's file into a ConfigError naming it and saying how to start over."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except Exception as exc:  # a damaged state file can fail a parser in any way
+        raise ConfigError(
+            f"--resume: {path} is damaged ({type(exc).__name__}: {short_reason(exc)}); run without --resume "
+            f"to start over (it clears {path.parent}), or choose another --out"
+        ) from None
+
+
+def _read_plan(path: Path) -> dict:
+    with _state_file(path):
+        found = json.loads(path.read_text())
+        if not isinstance(found, dict) or found.get("format") != RUN_FORMAT:
+            raise ValueError(f"not a {RUN_FORMAT} plan")
+        return found
+
+
+def _check_chunk(parts: Path, number: int, rows: int, store_sr: bool) -> None:
+    """A finished chunk's files read back: the Parquet's ``rows`` rows, the FHIR lines, the error table."""
+    import pyarrow.parquet as pq
+
+    table = _part(parts, number, ".parquet")
+    with _state_file(table):
+        found = pq.read_metadata(table).num_rows
+        if found != rows:
+            raise ValueError(f"{found} prediction rows where the plan gives {rows}")
+    resources = _part(parts, number, ".ndjson")
+    with _state_file(resources), open(resources) as handle:
+        for line in handle:
+            if not isinstance(json.loads(line), dict):
+                raise ValueError("a line is not a JSON object")
+    for suffix in (".errors.csv",) + ((".srs.csv",) if store_sr else ()):
+        path = _part(parts, number, suffix)
+        with _state_file(path), open(path, newline="") as handle:
+            header = handle.readline().rstrip("\r\n")
+            if suffix == ".errors.csv" and header != ",".join(ERROR_COLUMNS):
+                raise ValueError(f"its header is {header!r}, not {','.join(ERROR_COLUMNS)!r}")
+
+
+def _done_chunks(parts: Path, plan: dict, rows_per_chunk: Sequence[int]) -> set[int]:
+    """The finished chunks of the run in ``parts``, every one of their files checked."""
+    done: set[int] = set()
+    for path in sorted(parts.iterdir()):
+        if path.name in (PLAN,) or path.name.startswith("."):
+            continue
+        match = _CHUNK_FILE.fullmatch(path.name)
+        if match is None or int(match.group(1)) >= len(rows_per_chunk):
+            raise ConfigError(
+                f"--resume: {path} is not a file of this run ({len(rows_per_chunk)} chunks, files "
+                f"chunk-NNNNN.parquet/.ndjson/.errors.csv); remove it, or run without --resume to start over"
+            )
+        if match.group(2) == "parquet":
+            done.add(int(match.group(1)))
+    for number in sorted(done):
+        _check_chunk(parts, number, rows_per_chunk[number], bool(plan.get("store_sr")))
+    return done
+
+
+def _start_or_resume(out: Path, plan: dict, resume: bool, rows_per_chunk: Sequence[int]) -> set[int]:
+    """The chunks already done (resume), after checking the plan and them; a fresh run clears old outputs.
+
+    ``rows_per_chunk``: the prediction rows each chunk writes (its manifest rows times the tasks).
+    """
     parts = out / PARTS
     plan_path = parts / PLAN
     if resume and plan_path.is_file():
-        found = json.loads(plan_path.read_text())
+        found = _read_plan(plan_path)
         differ = [k for k in plan if found.get(k) != plan[k]]
         if differ:
             raise ConfigError(
@@ -210,11 +330,13 @@ def _start_or_resume(out: Path, plan: dict, resume: bool) -> set[int]:
             )
         for stale in parts.glob(".*.tmp"):  # a write cut short by the kill
             stale.unlink()
-        done = {int(p.stem.split("-")[1]) for p in parts.glob("chunk-*.parquet")}
+        done = _done_chunks(parts, plan, rows_per_chunk)
         logger.info("resuming: %d chunk(s) already done", len(done))
         return done
     if resume:
         logger.info("--resume: %s holds no unfinished run; starting one", out)
+    if parts.is_symlink() or parts.is_file():
+        parts.unlink()
     shutil.rmtree(parts, ignore_errors=True)
     outputs = (RUN, PREDICTIONS_PARQUET, PREDICTIONS_CSV, RISK_ASSESSMENTS, ERRORS, STRUCTURED_REPORTS)
     for name in outputs:  # run.json first
@@ -512,6 +634,7 @@ def _versions() -> dict[str, str]:
     return found
 
 
+@_releases_run_lock
 def diagnose(
     manifest: str | Path,
     model: str | Path,
@@ -560,7 +683,8 @@ def diagnose(
 
     Raises:
         ManifestError: the manifest is invalid. ConfigError: bad arguments, a split with no rows,
-        a ``resume`` of another run, an unusable cache. ModelError: an unusable model folder.
+        a ``resume`` of another run or with a damaged file, an unusable cache, another run holding
+        ``out_dir``. ModelError: an unusable model folder (any file, checked before any patient is read).
 
     Example:
         >>> if __name__ == "__main__":  # workers are spawned  # doctest: +SKIP
@@ -569,9 +693,10 @@ def diagnose(
     """
     from tqdm.auto import tqdm
 
+    from meddx.align import Aligner
     from meddx.cache import default_cache_dir
     from meddx.export.fhir import risk_assessments
-    from meddx.models.checkpoint import WEIGHTS_FILE, read_aligner
+    from meddx.models.folder import check_model_folder
     from meddx.progress import show_library_bars, worker_counter
     from meddx.streaming import ChunkFeeder, model_threads
 
@@ -594,21 +719,23 @@ def diagnose(
     cache_root = default_cache_dir(cache_dir)
     ensure_writable_folder(cache_root, "--cache")
     ensure_writable_folder(out, "--out")
-    weights = model_dir / WEIGHTS_FILE
-    if not weights.is_file():
+    if not (model_dir / WEIGHTS_FILE).is_file():
         raise ModelError(f"{model_dir} has no {WEIGHTS_FILE}; point --model at a folder written by meddx finetune")
-    sha256 = file_sha256(weights)
-    # The aligner comes from config.json alone: the workers can start ingesting while the network is
-    # built (importing MONAI and transformers and reading the weights take about 12 s on 2 cores).
-    aligner = read_aligner(model_dir)
+    # Every file of the model folder is checked before any patient is read. The aligner comes from
+    # config.json alone: the workers can start ingesting while the network is built (importing
+    # MONAI and transformers and reading the weights take about 12 s on 2 cores).
+    checked = check_model_folder(model_dir, fingerprint=True)
+    sha256 = checked.sha256[WEIGHTS_FILE]
+    aligner = Aligner.from_state_dict(checked.checkpoint.aligner or {})
+    _lock_run_folder(out)
 
     chunks = [(k, rows[i : i + chunk_size]) for k, i in enumerate(range(0, len(rows), chunk_size))]
-    plan = _plan(manifest, sha256, split, chunk_size, rows, store_sr)
+    plan = _plan(manifest, checked, split, chunk_size, rows, store_sr)
     finished = _finished_run(out, plan) if resume else None
     if finished is not None:
         logger.info("--resume: %s holds this run, complete; nothing to do", out)
         return finished
-    done = _start_or_resume(out, plan, resume)
+    done = _start_or_resume(out, plan, resume, [len(c) * len(checked.tasks) for _, c in chunks])
     todo = [(k, chunk) for k, chunk in chunks if k not in done]
     parts = out / PARTS
     tensor_spec = aligner.tensor_spec()

@@ -442,18 +442,25 @@ class _EarlyStopping:
 
 
 def _checkpoint(out_dir, module, optimizer, stopper: _EarlyStopping, epoch: int, rank: int) -> None:
-    """Write what training needs to carry on (the trained module, the best weights, optimizer, progress)."""
+    """Write what training needs to carry on (the trained module, the best weights, optimizer, progress).
+
+    A bundled frozen text model's weights are left out (the package ships them; progress.json
+    names them by hash and resuming checks it), so the checkpoint holds no copy of them.
+    """
+    from meddx.models.checkpoint import reference_text_keys, reference_text_models
     from meddx.training_state import save_module, save_optimizer, write_progress
 
     if out_dir is None or rank != 0:
         return
     folder = Path(out_dir) / CHECKPOINT
     folder.mkdir(parents=True, exist_ok=True)
-    save_module(module, folder / "last.safetensors")
+    by_reference, left_out = reference_text_models(module), reference_text_keys(module)
+    save_module(module, folder / "last.safetensors", leave_out=left_out)
     if stopper.best_state is not None:
         from meddx.training_state import atomic_save_tensors
 
-        atomic_save_tensors(stopper.best_state, folder / "best.safetensors")
+        best = {k: v for k, v in stopper.best_state.items() if k not in left_out}
+        atomic_save_tensors(best, folder / "best.safetensors")
     save_optimizer(optimizer, folder / "optimizer.safetensors")
     write_progress(
         {
@@ -461,6 +468,7 @@ def _checkpoint(out_dir, module, optimizer, stopper: _EarlyStopping, epoch: int,
             "history": stopper.history,
             "best_epoch": stopper.best_epoch,
             "best": stopper.best if math.isfinite(stopper.best) else None,
+            "text_models_by_reference": by_reference,
         },
         folder / "progress.json",
     )
@@ -470,22 +478,44 @@ def _resume(out_dir, module, optimizer, stopper: _EarlyStopping) -> int:
     """Load the checkpoint; returns the first epoch still to run."""
     from safetensors.torch import load_file
 
+    from meddx.models.checkpoint import check_safetensors, reference_text_keys, reference_text_models
     from meddx.training_state import load_module, load_optimizer
 
     folder = Path(out_dir) / CHECKPOINT
-    if not (folder / "progress.json").is_file():
+    path = folder / "progress.json"
+    if not path.is_file():
         raise ModelError(f"--resume: no checkpoint in {folder}; run without --resume to start")
-    progress = json.loads((folder / "progress.json").read_text())
-    load_module(module, folder / "last.safetensors")
+    by_reference = reference_text_models(module)
+    try:
+        progress = json.loads(path.read_text())
+        history = [float(v) for v in progress["history"]]
+        epoch, best_epoch = int(progress["epoch"]), int(progress["best_epoch"])
+        best = -math.inf if progress["best"] is None else float(progress["best"])
+        saved_reference = dict(progress.get("text_models_by_reference", {}))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"--resume: {path} is damaged ({exc}); run without --resume to start over") from None
+    if not best_epoch < epoch or epoch < 1:
+        raise ModelError(f"--resume: {path} is damaged (epochs do not agree); run without --resume to start over")
+    if saved_reference != by_reference:
+        raise ModelError(
+            f"--resume: {path} names the frozen text model {saved_reference or 'none'} (prefix: SHA-256) but this "
+            f"model has {by_reference or 'none'}; install the text model it was trained with, or start over"
+        )
+    left_out = reference_text_keys(module)
+    load_module(module, folder / "last.safetensors", left_out=left_out)
     load_optimizer(optimizer, folder / "optimizer.safetensors")
-    stopper.history = list(progress["history"])
-    stopper.best_epoch = int(progress["best_epoch"])
-    stopper.last_epoch = int(progress["epoch"]) - 1
-    stopper.best = progress["best"] if progress["best"] is not None else -math.inf
+    stopper.history = history
+    stopper.best_epoch = best_epoch
+    stopper.last_epoch = epoch - 1
+    stopper.best = best
     if (folder / "best.safetensors").is_file():
+        check_safetensors(folder / "best.safetensors")
         stopper.best_state = load_file(str(folder / "best.safetensors"))
-    logger.info("resuming at epoch %d", progress["epoch"] + 1)
-    return int(progress["epoch"])
+        stopper.best_state.update(  # the weights kept by reference are the ones just built
+            {k: v.clone() for k, v in module.state_dict().items() if k in left_out}
+        )
+    logger.info("resuming at epoch %d", epoch + 1)
+    return epoch
 
 
 def _keep_frozen_statistics(module) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -71,18 +72,31 @@ def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
 
 
-def save_module(module: torch.nn.Module, path: Path) -> None:
-    """A module's weights as safetensors (atomically)."""
-    atomic_save_tensors(dict(module.state_dict()), path)
+def save_module(module: torch.nn.Module, path: Path, leave_out: Collection[str] = ()) -> None:
+    """A module's weights as safetensors (atomically), but for the keys in ``leave_out``."""
+    atomic_save_tensors({k: v for k, v in module.state_dict().items() if k not in leave_out}, path)
 
 
-def load_module(module: torch.nn.Module, path: Path) -> None:
-    """Load weights written by :func:`save_module`; every key must match."""
+def load_module(module: torch.nn.Module, path: Path, left_out: Collection[str] = ()) -> None:
+    """Load weights written by :func:`save_module`; every key must match, but those left out, kept as they are."""
+    from meddx.models.checkpoint import check_safetensors
+
+    check_safetensors(path)
     try:
         tensors = load_file(str(path))
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read weights {path}: {exc}") from None
-    module.load_state_dict(tensors)
+        raise ModelError(f"cannot read weights {path}: {exc}; start without --resume") from None
+    expected = set(module.state_dict()) - set(left_out)
+    if set(tensors) != expected:
+        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise ModelError(
+            f"{path} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+            "start without --resume"
+        )
+    try:
+        module.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:  # shapes
+        raise ModelError(f"{path} does not fit this model: {exc}; start without --resume") from None
 
 
 def write_progress(progress: dict[str, Any], path: Path) -> None:

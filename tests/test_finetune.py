@@ -189,7 +189,15 @@ def test_resume_continues_from_the_checkpoint(base) -> None:
     model = finetune(SAMPLE, root / "resume", mode="full", epochs=2, patience=5, backbone=root / "backbone",
                      cache_dir=cache, workers=0, progress=False, resume=True)
     assert model.training_info["epochs_run"] == 2
-    assert {p.suffix for p in (root / "resume" / "checkpoint").iterdir()} <= {".safetensors", ".json"}
+    checkpoint = root / "resume" / "checkpoint"
+    assert {p.suffix for p in checkpoint.iterdir()} <= {".safetensors", ".json"}
+    # the bundled frozen text model is kept by reference (its hash), not copied: neither in the
+    # checkpoint's weights nor in the model folder's
+    for name in ("last.safetensors", "best.safetensors"):
+        assert not any(".text_model." in k for k in load_file(str(checkpoint / name))), name
+    assert not any(".text_model." in k for k in load_file(str(root / "resume" / "model.safetensors")))
+    by_reference = json.loads((checkpoint / "progress.json").read_text())["text_models_by_reference"]
+    assert by_reference == {"backbone.encoders.notes.text_model.": model.backbone.notes_encoder.version}
 
 
 def test_bad_requests_are_refused_with_what_to_do(base, tmp_path: Path) -> None:

