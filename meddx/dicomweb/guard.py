@@ -129,7 +129,7 @@ class Deadline:
         self.seconds = seconds
         self.ends = time.monotonic() + seconds
         self.expired = False
-        self._connections: list[HTTPConnection] = []
+        self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
         self._timer = threading.Timer(seconds, self._expire)
         self._timer.daemon = True
@@ -138,17 +138,24 @@ class Deadline:
     def _expire(self) -> None:
         with self._lock:
             self.expired = True
-            connections = list(self._connections)
-        for connection in connections:
-            _shut_down(connection)
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shut_down(sock)
 
     def watch(self, connection: HTTPConnection) -> None:
-        """Shut ``connection`` down when the deadline passes (at once when it has passed)."""
+        """Shut ``connection``'s socket down when the deadline passes (at once when it has passed).
+
+        The socket itself is kept: ``http.client`` drops a connection's reference to it when
+        the answer is read to the connection's close, while the answer still reads from it.
+        """
+        sock = getattr(connection, "sock", None)
         with self._lock:
             if not self.expired:
-                self._connections.append(connection)
+                if isinstance(sock, socket.socket):
+                    self._sockets.append(sock)
                 return
-        _shut_down(connection)
+        if isinstance(sock, socket.socket):
+            _shut_down(sock)
         raise DeadlinePassed(f"the request ran past its deadline of {self.seconds:g} s")
 
     def remaining(self) -> float:
@@ -158,13 +165,11 @@ class Deadline:
         self._timer.cancel()
 
 
-def _shut_down(connection: HTTPConnection) -> None:
-    sock = getattr(connection, "sock", None)
-    if isinstance(sock, socket.socket):
-        try:  # the base class's method: wakes a thread blocked reading it, also under TLS
-            socket.socket.shutdown(sock, socket.SHUT_RDWR)
-        except OSError:
-            pass
+def _shut_down(sock: socket.socket) -> None:
+    try:  # the base class's method: wakes a thread blocked reading it, also under TLS
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 _local = threading.local()
@@ -205,7 +210,7 @@ def deadline(seconds: float, where: str) -> Iterator[Deadline]:
 
 
 class _Watched:
-    """Registers the connection with the thread's deadline before each request and after connecting."""
+    """Registers the connection's socket with the thread's deadline before each request and once connected."""
 
     def request(self, *args: Any, **kwargs: Any) -> None:
         watch = current_deadline()
@@ -362,7 +367,7 @@ def content_length(response: requests.Response) -> int | None:
     return int(value) if value.isdigit() else None
 
 
-def read_capped(response: requests.Response, cap: int, what: str, setting: str) -> Iterator[bytes]:
+def read_capped(response: requests.Response, cap: int, what: str, setting: str, where: str) -> Iterator[bytes]:
     """The answer's body chunk by chunk, refused once it passes ``cap`` bytes.
 
     Raises:
@@ -371,12 +376,12 @@ def read_capped(response: requests.Response, cap: int, what: str, setting: str) 
     announced = content_length(response)
     too_large = f"more than {megabytes(cap)} for {what} ({setting}); refused"
     if announced is not None and announced > cap:
-        raise AnswerError(f"the DICOMweb server at {display_url(response.url)} announced {too_large}")
+        raise AnswerError(f"the DICOMweb server at {where} announced {too_large}")
     n = 0
     for chunk in response.iter_content(chunk_size=CHUNK):
         n += len(chunk)
         if n > cap:
-            raise AnswerError(f"the DICOMweb server at {display_url(response.url)} sent {too_large}")
+            raise AnswerError(f"the DICOMweb server at {where} sent {too_large}")
         yield chunk
 
 
@@ -405,7 +410,8 @@ def get_json(session: GuardedSession, url: str, params: Mapping[str, Any] | None
     """
     limits = session.limits
     with open_answer(session, url + query_string(params or {}), JSON_TYPES) as response:
-        body = b"".join(read_capped(response, limits.json_bytes, "a QIDO-RS answer", "dicomweb.max_json_mb"))
+        chunks = read_capped(response, limits.json_bytes, "a QIDO-RS answer", "dicomweb.max_json_mb", limits.where)
+        body = b"".join(chunks)
     if not body.strip():
         return []
     try:

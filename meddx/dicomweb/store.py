@@ -283,7 +283,7 @@ class SeriesStore:
 
         limits = self.session.limits
         where = limits.where
-        body = read_capped(response, limits.series_bytes, "one series", "dicomweb.max_series_mb")
+        body = read_capped(response, limits.series_bytes, "one series", "dicomweb.max_series_mb", where)
         content_type = response.headers.get("Content-Type", "")
         boundary = boundary_of(content_type)
         if boundary is not None:
@@ -292,7 +292,7 @@ class SeriesStore:
             # one part, not wrapped (or multipart without a boundary: some servers send one part so)
             yield write_whole(body, staging / "part-000001.part", limits.instance_bytes, where)
         else:
-            shown = short_reason(ValueError(content_type.split(";")[0]), 60) if content_type else "none"
+            shown = " ".join(content_type.split(";")[0].split())[:60] or "none"
             raise AnswerError(
                 f"the DICOMweb server at {where} answered WADO-RS with Content-Type {shown},"
                 " not multipart/related DICOM instances"
