@@ -407,7 +407,7 @@ def test_streamed_parts_are_the_bytes_dicomweb_client_gives(chunk: int, tmp_path
     assert _reference_parts(body, "b0und") == contents
     for text in (body, b"a preamble, ignored\r\n" + body):
         pieces = (text[i : i + chunk] for i in range(0, len(text), chunk))
-        assert [p.read_bytes() for p in write_parts(pieces, b"b0und", tmp_path, 10_000, "test")] == contents
+        assert [p.read() for p in write_parts(pieces, b"b0und", tmp_path, 10_000, "test")] == contents
 
 
 def test_a_multipart_answer_cut_short_is_refused(tmp_path: Path) -> None:

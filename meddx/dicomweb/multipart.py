@@ -67,7 +67,7 @@ class _Part:
         self.cap = cap
         self.where = where
         self.size = 0
-        self.handle: BinaryIO = open(path, "wb")  # noqa: SIM115 (closed by close())
+        self.handle: BinaryIO = open(path, "w+b")  # noqa: SIM115 (closed by close())
 
     def write(self, data: bytes | bytearray, n: int) -> None:
         if self.size + n > self.cap:
@@ -79,14 +79,23 @@ class _Part:
             self.handle.write(view[:n])
         self.size += n
 
+    def complete(self) -> BinaryIO:
+        """The file, written and open for reading from its start."""
+        self.handle.flush()
+        self.handle.seek(0)
+        return self.handle
+
     def close(self) -> None:
         self.handle.close()
 
 
 def write_parts(
     chunks: Iterable[bytes], boundary: bytes, folder: Path, instance_cap: int, where: str
-) -> Iterator[Path]:
-    """Write each part of a multipart body to ``folder/part-<n>.part``; yield each path once its part is complete.
+) -> Iterator[BinaryIO]:
+    """Write each part of a multipart body to ``folder/part-<n>.part``; yield each file once its part is complete.
+
+    The file is yielded open, at its start (its ``name`` is its path), so that it can be read
+    without opening it again; it is closed when the next part is asked for. It may be renamed.
 
     Args:
         chunks: the body, in pieces of any size (``response.iter_content``).
@@ -147,10 +156,10 @@ def write_parts(
                     if found < 0:
                         break
                     del buffer[: len(delimiter)]
-                    part.close()
-                    done, part = part, None
                     state = _DELIMITED
-                    yield done.path
+                    yield part.complete()
+                    part.close()
+                    part = None
         if state == _BODY or (state == _DELIMITED and buffer.strip()):
             raise AnswerError(
                 f"the DICOMweb server at {where} ended its multipart answer inside a part (no closing boundary);"
@@ -161,8 +170,9 @@ def write_parts(
             part.close()
 
 
-def write_whole(chunks: Iterable[bytes], path: Path, instance_cap: int, where: str) -> Path:
-    """Write a single-part answer (``application/dicom``, not wrapped in multipart) to ``path``.
+def write_whole(chunks: Iterable[bytes], path: Path, instance_cap: int, where: str) -> Iterator[BinaryIO]:
+    """Write a single-part answer (``application/dicom``, not wrapped in multipart) to ``path``; yield it as
+    :func:`write_parts` yields a part.
 
     Raises:
         AnswerError: more than ``instance_cap`` bytes.
@@ -171,6 +181,6 @@ def write_whole(chunks: Iterable[bytes], path: Path, instance_cap: int, where: s
     try:
         for chunk in chunks:
             part.write(chunk, len(chunk))
+        yield part.complete()
     finally:
         part.close()
-    return path

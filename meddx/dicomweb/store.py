@@ -44,7 +44,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import pydicom
 
@@ -251,7 +251,8 @@ class SeriesStore:
                     header = pydicom.dcmread(part, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
                     _check_instance(header, ref, patients)
                     sop_uid = str(header.get("SOPInstanceUID", ""))
-                    os.replace(part, staging / (f"{sop_uid}.dcm" if is_uid(sop_uid) else f"instance-{n:06d}.dcm"))
+                    name = f"{sop_uid}.dcm" if is_uid(sop_uid) else f"instance-{n:06d}.dcm"
+                    os.replace(part.name, staging / name)
             if n == 0:
                 raise IngestError(str(ref), _IMAGING, "the DICOMweb server returned no instances for this series")
             try:
@@ -272,8 +273,8 @@ class SeriesStore:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
 
-    def _parts(self, response: Any, staging: Path) -> Iterator[Path]:
-        """The answer's instances as files in ``staging`` (``part-<n>.part``), each yielded once complete.
+    def _parts(self, response: Any, staging: Path) -> Iterator[BinaryIO]:
+        """The answer's instances as files in ``staging`` (``part-<n>.part``), each yielded open once complete.
 
         The bytes are the parts' content as the server sent them (its Part 10 files), never
         parsed and re-encoded. A single ``application/dicom`` body (not wrapped) is one instance.
@@ -290,7 +291,7 @@ class SeriesStore:
             yield from write_parts(body, boundary, staging, limits.instance_bytes, where)
         elif content_type.lower().startswith(("application/dicom", "multipart/related")):
             # one part, not wrapped (or multipart without a boundary: some servers send one part so)
-            yield write_whole(body, staging / "part-000001.part", limits.instance_bytes, where)
+            yield from write_whole(body, staging / "part-000001.part", limits.instance_bytes, where)
         else:
             shown = " ".join(content_type.split(";")[0].split())[:60] or "none"
             raise AnswerError(
