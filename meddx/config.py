@@ -129,7 +129,7 @@ class DicomWebConfig(_Section):
     deadline_s: float = 900.0  # longest one request may take, its whole answer included
     max_instance_mb: float = 2048.0  # largest instance retrieved (one WADO-RS part), in MiB
     max_series_mb: float = 16384.0  # largest series retrieved (one WADO-RS answer), in MiB
-    max_json_mb: float = 32.0  # largest QIDO-RS answer read, in MiB
+    max_json_mb: float = 16.0  # largest QIDO-RS answer read, in MiB (parsed whole: several times that in memory)
     follow_other_origins: bool = False  # follow redirects to another scheme/host/port (sent no credentials)
     # A retrieved series' PatientID must equal the row's patient_id; false only when the
     # manifest's patient_id is a pseudonym, not the PACS's PatientID.
