@@ -40,8 +40,9 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -246,8 +247,11 @@ class SeriesStore:
             n = 0
             patients: set[str] = set()  # compared, never logged or kept: PatientID identifies a person
             url = f"{self.url}/studies/{study_uid}/series/{series_uid}"
-            with open_answer(self.session, url, AS_STORED) as response:
-                for n, part in enumerate(self._parts(response, staging), 1):
+            with (
+                open_answer(self.session, url, AS_STORED) as response,
+                closing(self._parts(response, staging)) as parts,
+            ):
+                for n, part in enumerate(parts, 1):
                     header = pydicom.dcmread(part, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
                     _check_instance(header, ref, patients)
                     sop_uid = str(header.get("SOPInstanceUID", ""))
@@ -273,7 +277,7 @@ class SeriesStore:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
 
-    def _parts(self, response: Any, staging: Path) -> Iterator[BinaryIO]:
+    def _parts(self, response: Any, staging: Path) -> Generator[BinaryIO, None, None]:
         """The answer's instances as files in ``staging`` (``part-<n>.part``), each yielded open once complete.
 
         The bytes are the parts' content as the server sent them (its Part 10 files), never
