@@ -124,6 +124,15 @@ class DicomWebConfig(_Section):
     retries: int = 3  # extra tries on connection errors and HTTP 408/429/500/502/503/504
     backoff_s: float = 0.5  # waits grow as backoff_s * 2**(try - 1) between tries
     max_concurrency: int = 4  # series retrieved at once before the readers run
+    # What one answer may hold or take (larger, slower: that row's error; the run goes on).
+    deadline_s: float = 900.0  # longest one request may take, its whole answer included
+    max_instance_mb: float = 2048.0  # largest instance retrieved (one WADO-RS part), in MiB
+    max_series_mb: float = 16384.0  # largest series retrieved (one WADO-RS answer), in MiB
+    max_json_mb: float = 16.0  # largest QIDO-RS answer read, in MiB (parsed whole: several times that in memory)
+    follow_other_origins: bool = False  # follow redirects to another scheme/host/port (sent no credentials)
+    # A retrieved series' PatientID must equal the row's patient_id; false only when the
+    # manifest's patient_id is a pseudonym, not the PACS's PatientID.
+    check_patient_id: bool = True
     # Where retrieved instances are kept (DICOM files under <server>/<study>/<series>/);
     # None: the "dicomweb" folder of the ingest cache.
     cache_dir: str | None = None
@@ -266,6 +275,8 @@ class IngestConfig(_Section):
         percentiles("video.percentiles", self.video.percentiles)
         positive("dicomweb.timeout_s", self.dicomweb.timeout_s)
         positive("dicomweb.max_concurrency", self.dicomweb.max_concurrency)
+        for name in ("deadline_s", "max_instance_mb", "max_series_mb", "max_json_mb"):
+            positive(f"dicomweb.{name}", getattr(self.dicomweb, name))
         if self.dicomweb.retries < 0 or self.dicomweb.backoff_s < 0:
             found.append("dicomweb.retries and dicomweb.backoff_s must be 0 or more")
         return found

@@ -159,6 +159,25 @@ def test_dicomweb_rows_give_the_same_tensors_as_the_files(pacs, studies, logged_
     assert pulled["P2"].source == f"dicomweb:studies/{studies['P2'].study_uid}"
 
 
+def test_the_series_store_holds_the_bytes_the_pacs_sent(pacs, studies, logged_in, tmp_path: Path) -> None:
+    """Streamed part by part to files: the same bytes as dicomweb-client's splitting of the whole answer."""
+    from meddx.dicomweb.store import AS_STORED, SeriesStore
+
+    logged_in(pacs)
+    store = SeriesStore(_config(pacs).dicomweb, tmp_path / "store")
+    client = pacs.client()
+    for pid in ("P1", "P2"):  # P1's first series is RLE, kept as stored
+        study = studies[pid]
+        for series_uid in study.series:
+            folder = store.fetch(study.study_uid, series_uid, patient_id=pid)
+            answer = client._session.get(
+                f"{pacs.url}/studies/{study.study_uid}/series/{series_uid}", headers={"Accept": AS_STORED}
+            )
+            expected = sorted(bytes(part) for part in client._decode_multipart_message(answer, stream=False))
+            assert sorted(path.read_bytes() for path in folder.glob("*.dcm")) == expected
+            assert len(expected) == study.series[series_uid]
+
+
 def test_a_series_reference_reads_that_series(pacs, studies, logged_in, tmp_path: Path) -> None:
     logged_in(pacs)
     four = next(uid for uid, n in studies["P2"].series.items() if n == 4)

@@ -1,16 +1,20 @@
-"""Connecting to a DICOMweb server: URL, credentials, timeouts, retries, and failures in plain words.
+"""Connecting to a DICOMweb server: URL, credentials, timeouts, retries, limits, and failures in plain words.
 
-:func:`connect` builds a ``dicomweb_client.DICOMwebClient`` on a ``requests.Session`` that
-carries HTTP basic auth from the environment variables the config names
-(``MEDDX_DICOMWEB_USER`` / ``MEDDX_DICOMWEB_PASSWORD`` by default), a timeout on every
-request, and retries with exponential backoff on connection errors and transient HTTP
-answers (408, 429, 500, 502, 503, 504), done by urllib3's ``Retry`` on the session.
-``dicomweb-client``'s own retrying is switched off: it also retries on every exception,
-which makes a stopped server cost half a minute per request.
+:func:`open_session` builds a ``requests.Session`` (:class:`~meddx.dicomweb.guard.GuardedSession`)
+that carries HTTP basic auth from the environment variables the config names
+(``MEDDX_DICOMWEB_USER`` / ``MEDDX_DICOMWEB_PASSWORD`` by default), a timeout on every read,
+an overall deadline per request, redirects kept to the server's origin, and retries with
+exponential backoff on connection errors and transient HTTP answers (408, 429, 500, 502,
+503, 504), done by urllib3's ``Retry`` on the session (a ``Retry-After`` wait ends with the
+deadline). meddx's own reads (QIDO-RS, WADO-RS) go through it with the size limits of
+:mod:`meddx.dicomweb.guard`. :func:`connect` puts a ``dicomweb_client.DICOMwebClient`` on
+such a session (for STOW-RS and other uses); ``dicomweb-client``'s own retrying is switched
+off: it also retries on every exception, which makes a stopped server cost half a minute
+per request.
 
-:func:`describe_failure` turns what ``requests`` raised into one sentence that says what to
-fix; it names the server by scheme, host, port and path only. Credentials never appear in
-a message, a log line or a cache key.
+:func:`describe_failure` turns what ``requests`` raised, or a refused answer, into one
+sentence that says what to fix; it names the server by scheme, host, port and path only.
+Credentials never appear in a message, a log line or a cache key.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from meddx.errors import ConfigError
 
 if TYPE_CHECKING:
     from dicomweb_client import DICOMwebClient
+
+    from meddx.dicomweb.guard import GuardedSession
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +78,46 @@ def credentials(config: DicomWebConfig) -> tuple[str, str] | None:
     return user, os.environ.get(config.password_env, "")
 
 
+def open_session(config: DicomWebConfig, url: str | None = None) -> GuardedSession:
+    """A session with basic auth from the environment, timeouts, the deadline, redirect checks and retries.
+
+    Args:
+        config: the ``dicomweb`` section of the ingest config.
+        url: the base URL; default :func:`server_url`.
+
+    Raises:
+        ConfigError: no server configured.
+
+    Example:
+        >>> session = open_session(DicomWebConfig(url="http://127.0.0.1:8042/dicom-web"))
+        >>> session.limits.deadline_s
+        900.0
+    """
+    from meddx.dicomweb.guard import DeadlineRetry, GuardedAdapter, GuardedSession, Limits
+
+    url = url or server_url(config)
+    session = GuardedSession(Limits.of(config, url))
+    auth = credentials(config)
+    if auth is not None:
+        session.auth = auth
+    retry = DeadlineRetry(
+        total=config.retries,
+        connect=config.retries,
+        read=config.retries,
+        status=config.retries,
+        backoff_factor=config.backoff_s,
+        status_forcelist=TRANSIENT_STATUS,
+        allowed_methods=frozenset({"GET", "HEAD"}),  # a STOW-RS POST is retried only when it never left
+        raise_on_status=False,  # the last answer comes back and is reported with its status
+    )
+    adapter = GuardedAdapter(max_retries=retry, pool_maxsize=max(10, config.max_concurrency))
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
 def connect(config: DicomWebConfig, url: str | None = None) -> DICOMwebClient:
-    """A ``DICOMwebClient`` with basic auth from the environment, timeouts and retries with backoff.
+    """A ``DICOMwebClient`` on :func:`open_session`'s session (auth, timeouts, deadline, retries).
 
     Args:
         config: the ``dicomweb`` section of the ingest config.
@@ -87,32 +131,12 @@ def connect(config: DicomWebConfig, url: str | None = None) -> DICOMwebClient:
         >>> client.search_for_studies(search_filters={"ModalitiesInStudy": "CT"})  # doctest: +SKIP
     """
     try:
-        import requests
         from dicomweb_client import DICOMwebClient
-        from requests.adapters import HTTPAdapter
-        from urllib3.util.retry import Retry
     except ImportError:
         raise ConfigError(f"reading dicomweb: sources needs dicomweb-client; {INSTALL_HINT}") from None
 
     url = url or server_url(config)
-    session = requests.Session()
-    auth = credentials(config)
-    if auth is not None:
-        session.auth = auth
-    retry = Retry(
-        total=config.retries,
-        connect=config.retries,
-        read=config.retries,
-        status=config.retries,
-        backoff_factor=config.backoff_s,
-        status_forcelist=TRANSIENT_STATUS,
-        allowed_methods=frozenset({"GET", "HEAD"}),  # a STOW-RS POST is retried only when it never left
-        raise_on_status=False,  # the last answer comes back and is reported with its status
-    )
-    adapter = HTTPAdapter(max_retries=retry, pool_maxsize=max(10, config.max_concurrency))
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    client = DICOMwebClient(url, session=session, timeout=config.timeout_s)
+    client = DICOMwebClient(url, session=open_session(config, url), timeout=config.timeout_s)
     client.set_http_retry_params(retry=False)
     return client
 
@@ -133,6 +157,10 @@ def describe_failure(exc: BaseException, config: DicomWebConfig, url: str) -> st
     """
     import requests
 
+    from meddx.dicomweb.guard import AnswerError
+
+    if isinstance(exc, AnswerError):  # already says what the server did and which setting bounds it
+        return str(exc)
     where = display_url(url)
     tries = config.retries + 1
     tried = f"{tries} {'try' if tries == 1 else 'tries'}"
@@ -172,11 +200,13 @@ def check_server(config: DicomWebConfig) -> bool:
     """
     import requests
 
+    from meddx.dicomweb.guard import AnswerError, get_json
+
     url = server_url(config)
-    client = connect(config, url)
+    session = open_session(config, url)
     try:
-        client.search_for_studies(limit=1)
-    except requests.RequestException as exc:
+        get_json(session, f"{url}/studies", {"limit": 1})
+    except (requests.RequestException, AnswerError) as exc:
         reason = describe_failure(exc, config, url)
         if http_status(exc) in (401, 403):
             raise DicomWebAuthError(f"{reason}; nothing was read") from None

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from meddx.config import DicomWebConfig
-from meddx.dicomweb.client import connect, describe_failure, server_url
+from meddx.dicomweb.client import describe_failure, open_session, server_url
 from meddx.dicomweb.ref import DicomWebRef, is_uid
 from meddx.errors import MeddxError
 
 if TYPE_CHECKING:
-    from dicomweb_client import DICOMwebClient
+    from meddx.dicomweb.guard import GuardedSession
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +57,9 @@ class PacsManifest:
 
 
 def _value(item: dict[str, Any], tag: str) -> Any:
-    values = item.get(tag, {}).get("Value") or [None]
-    return values[0]
+    element = item.get(tag)
+    values = element.get("Value") if isinstance(element, dict) else None
+    return values[0] if isinstance(values, list) and values else None
 
 
 def study_time(item: dict[str, Any], site_zone: tzinfo | None) -> datetime | None:
@@ -84,26 +85,33 @@ def study_time(item: dict[str, Any], site_zone: tzinfo | None) -> datetime | Non
 
 
 def query_studies(
-    client: DICOMwebClient, modality: str, since: date, until: date | None = None, page_size: int = 500
+    session: GuardedSession, modality: str, since: date, until: date | None = None, page_size: int = 500
 ) -> list[dict[str, Any]]:
     """QIDO-RS: the studies holding ``modality`` whose StudyDate lies in ``[since, until]`` (all pages).
 
     Pages are asked for with ``limit`` and ``offset`` (``dicomweb-client``'s own paging sends
     ``offset`` alone, which some servers ignore, repeating the first page forever); a page
-    that repeats an earlier study ends the paging.
+    that repeats an earlier study ends the paging. Each page is held to ``dicomweb.max_json_mb``.
 
     Example:
-        >>> query_studies(client, "CT", date(2024, 3, 1))  # doctest: +SKIP
+        >>> query_studies(open_session(config), "CT", date(2024, 3, 1))  # doctest: +SKIP
     """
+    from meddx.dicomweb.guard import get_json
+
     dates = f"{since:%Y%m%d}-{until:%Y%m%d}" if until else f"{since:%Y%m%d}-"
     found: list[dict[str, Any]] = []
     seen: set[str] = set()
     while True:
-        page = client.search_for_studies(
-            search_filters={"ModalitiesInStudy": modality.upper(), "StudyDate": dates},
-            fields=_STUDY_FIELDS,
-            limit=page_size,
-            offset=len(found),
+        page = get_json(
+            session,
+            f"{session.limits.base_url}/studies",
+            {
+                "includefield": _STUDY_FIELDS,
+                "limit": page_size,
+                "offset": len(found),
+                "ModalitiesInStudy": modality.upper(),
+                "StudyDate": dates,
+            },
         )
         fresh = [item for item in page if str(_value(item, "0020000D")) not in seen]
         found += fresh
@@ -141,10 +149,12 @@ def pacs_manifest(
     """
     import requests
 
+    from meddx.dicomweb.guard import AnswerError
+
     url = server_url(config)
     try:
-        studies = query_studies(connect(config, url), modality, since, until)
-    except requests.RequestException as exc:
+        studies = query_studies(open_session(config, url), modality, since, until)
+    except (requests.RequestException, AnswerError) as exc:
         raise PacsQueryError(describe_failure(exc, config, url)) from None
     rows: list[dict[str, str]] = []
     skipped = {"no PatientID": 0, "no StudyDate": 0, "invalid StudyInstanceUID": 0, "same patient and time": 0}

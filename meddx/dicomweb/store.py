@@ -18,33 +18,47 @@ modalities (SR, KO, PR...; meddx's own prediction reports among them) are left o
 others are ordered by ``ImagingConfig.series_rule`` as for folders: ``most_slices`` (most
 instances, ties to the smallest SeriesInstanceUID; a multi-frame instance counts once here)
 or ``first_uid``. The reader takes the first of them that was acquired by the index time.
+
+**Streaming and limits.** The WADO-RS answer is split into instances as its bytes arrive
+(:mod:`meddx.dicomweb.multipart`), each written to a file in the series' staging folder: a
+series never sits in memory. Instances, series and QIDO-RS answers are held to
+``dicomweb.max_instance_mb``, ``max_series_mb`` and ``max_json_mb``, each request to
+``deadline_s`` (:mod:`meddx.dicomweb.guard`); a broken or hostile answer is an
+:class:`~meddx.errors.IngestError` for that reference, and nothing of it is stored.
+
+**Identity.** Every instance retrieved must carry the StudyInstanceUID and SeriesInstanceUID
+asked for, and one PatientID for the whole series; otherwise nothing is stored. When a row
+asks for a series (:meth:`SeriesStore.fetch` with ``patient_id``), the stored series'
+PatientID must equal the row's ``patient_id`` (unless ``dicomweb.check_patient_id`` is off),
+as a folder on disk must not mix patients. The IDs are compared, never logged or shown.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Generator, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import pydicom
 
 from meddx.config import DicomWebConfig
-from meddx.dicomweb.client import connect, describe_failure, server_url
+from meddx.dicomweb.client import connect, describe_failure, open_session, server_url
 from meddx.dicomweb.ref import DicomWebRef, is_uid, server_id
 from meddx.errors import ConfigError, IngestError, short_reason
 from meddx.files import folder_mode, temp_file
 
 if TYPE_CHECKING:
     from dicomweb_client import DICOMwebClient
+
+    from meddx.dicomweb.guard import GuardedSession
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +67,9 @@ _IMAGING = "imaging"
 NON_IMAGE_MODALITIES = frozenset(
     {"SR", "KO", "PR", "DOC", "REG", "FID", "RTSTRUCT", "RTPLAN", "RTRECORD", "PLAN", "AU", "ECG", "HD"}
 )
-AS_STORED = (("application/dicom", "*"),)  # WADO-RS: the instances in the transfer syntax the server holds
+# WADO-RS: the instances in the transfer syntax the server holds
+AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+_HEADER_TAGS = ["SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID"]
 _SERIES_FIELDS = ["Modality", "NumberOfSeriesRelatedInstances", "SeriesDate", "SeriesTime"]
 
 
@@ -67,8 +83,19 @@ class SeriesEntry:
 
 
 def _tag(item: dict[str, Any], tag: str) -> Any:
-    values = item.get(tag, {}).get("Value") or [None]
-    return values[0]
+    element = item.get(tag)
+    values = element.get("Value") if isinstance(element, dict) else None
+    return values[0] if isinstance(values, list) and values else None
+
+
+def _count(value: Any) -> int:
+    """NumberOfSeriesRelatedInstances as sent (a number, or a numeric string); 0 when it is neither."""
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return max(value, 0)
+    text = str(value or "").strip()
+    return int(text) if text.isdigit() else 0
 
 
 def order_series(entries: Iterable[SeriesEntry], series_rule: str) -> list[SeriesEntry]:
@@ -88,7 +115,7 @@ def order_series(entries: Iterable[SeriesEntry], series_rule: str) -> list[Serie
 class SeriesStore:
     """Retrieves series from the configured DICOMweb server into a folder of DICOM files, once.
 
-    The client is made on first use, so a run whose series are all stored makes no request.
+    The session is made on first use, so a run whose series are all stored makes no request.
 
     Args:
         config: the ``dicomweb`` section of the ingest config.
@@ -107,10 +134,19 @@ class SeriesStore:
         self.config = config
         self.url = server_url(config)
         self.root = Path(root) / server_id(self.url)
+        self._session: GuardedSession | None = None
         self._client: DICOMwebClient | None = None
 
     @property
+    def session(self) -> GuardedSession:
+        """The session meddx's own reads use (limits, deadline, redirects; see :mod:`meddx.dicomweb.guard`)."""
+        if self._session is None:
+            self._session = open_session(self.config, self.url)
+        return self._session
+
+    @property
     def client(self) -> DICOMwebClient:
+        """A ``dicomweb-client`` on a guarded session, for STOW-RS (the SRs go back through it)."""
         if self._client is None:
             self._client = connect(self.config, self.url)
         return self._client
@@ -124,17 +160,22 @@ class SeriesStore:
         """The study's series, from ``series.json`` when stored, else by QIDO-RS (then stored).
 
         Raises:
-            IngestError: the server cannot be reached, refused, or knows no such study.
+            IngestError: the server cannot be reached, refused, knows no such study, or sent
+                an answer over ``dicomweb.max_json_mb``, too slow or not DICOM JSON.
         """
         import requests
+
+        from meddx.dicomweb.guard import AnswerError, get_json
 
         listing = self.root / study_uid / "series.json"
         if listing.is_file():
             items = json.loads(listing.read_text())
         else:
             try:
-                items = self.client.search_for_series(study_uid, fields=_SERIES_FIELDS)
-            except requests.RequestException as exc:
+                items = get_json(
+                    self.session, f"{self.url}/studies/{study_uid}/series", {"includefield": _SERIES_FIELDS}
+                )
+            except (requests.RequestException, AnswerError) as exc:
                 raise self._fail(f"dicomweb:studies/{study_uid}", exc) from None
             if not items:
                 raise IngestError(
@@ -145,8 +186,7 @@ class SeriesStore:
         for item in items:
             uid = str(_tag(item, "0020000E") or "")
             if is_uid(uid):
-                count = _tag(item, "00201209")
-                entries.append(SeriesEntry(uid, str(_tag(item, "00080060") or ""), int(count) if count else 0))
+                entries.append(SeriesEntry(uid, str(_tag(item, "00080060") or ""), _count(_tag(item, "00201209"))))
         return entries
 
     def candidates(self, ref: DicomWebRef, series_rule: str) -> list[str]:
@@ -171,28 +211,54 @@ class SeriesStore:
     def is_stored(self, study_uid: str, series_uid: str) -> bool:
         return self.folder(study_uid, series_uid).is_dir()
 
-    def fetch(self, study_uid: str, series_uid: str) -> Path:
+    def fetch(self, study_uid: str, series_uid: str, patient_id: str | None = None) -> Path:
         """The series' folder, retrieving the series by WADO-RS first unless it is stored.
 
-        Instances are streamed to files one by one (a series never sits in memory whole).
+        Instances are streamed to files as they arrive (a series never sits in memory whole).
+
+        Args:
+            study_uid: the StudyInstanceUID.
+            series_uid: the SeriesInstanceUID.
+            patient_id: the row's patient; when given (and ``dicomweb.check_patient_id`` is on),
+                the series' PatientID must be this one.
 
         Raises:
-            IngestError: the server cannot be reached, refused, has no such series, or sent
-                something that is not DICOM.
+            IngestError: the server cannot be reached, refused, has no such series, sent
+                something that is not DICOM, an answer over a limit or past the deadline,
+                instances of another study or series or of several patients; or the series
+                belongs to another patient than the row's.
         """
+        target = self.folder(study_uid, series_uid)
+        if not target.is_dir():
+            self._retrieve(study_uid, series_uid, target)
+        if patient_id is not None and self.config.check_patient_id:
+            self._check_patient(target, DicomWebRef(study_uid, series_uid), patient_id)
+        return target
+
+    def _retrieve(self, study_uid: str, series_uid: str, target: Path) -> None:
+        """WADO-RS the series into a staging folder, check each instance, then rename it to ``target``."""
         import requests
 
-        target = self.folder(study_uid, series_uid)
-        if target.is_dir():
-            return target
+        from meddx.dicomweb.guard import AnswerError, open_answer
+
         ref = DicomWebRef(study_uid, series_uid)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{series_uid}.staging-"))
         os.chmod(staging, folder_mode())  # mkdtemp makes it 0700; the series folder is shared like the cache
         try:
             n = 0
-            for n, (sop_uid, write) in enumerate(self._instances(study_uid, series_uid), 1):
-                write(staging / (f"{sop_uid}.dcm" if is_uid(sop_uid) else f"instance-{n:06d}.dcm"))
+            patients: set[str] = set()  # compared, never logged or kept: PatientID identifies a person
+            url = f"{self.url}/studies/{study_uid}/series/{series_uid}"
+            with (
+                open_answer(self.session, url, AS_STORED) as response,
+                closing(self._parts(response, staging)) as parts,
+            ):
+                for n, part in enumerate(parts, 1):
+                    header = pydicom.dcmread(part, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+                    _check_instance(header, ref, patients)
+                    sop_uid = str(header.get("SOPInstanceUID", ""))
+                    name = f"{sop_uid}.dcm" if is_uid(sop_uid) else f"instance-{n:06d}.dcm"
+                    os.replace(part.name, staging / name)
             if n == 0:
                 raise IngestError(str(ref), _IMAGING, "the DICOMweb server returned no instances for this series")
             try:
@@ -201,7 +267,7 @@ class SeriesStore:
                 if not target.is_dir():
                     raise
             logger.debug("dicomweb: stored a series of %d instance(s)", n)
-        except requests.RequestException as exc:
+        except (requests.RequestException, AnswerError) as exc:
             raise self._fail(ref, exc) from None
         except IngestError:
             raise
@@ -212,36 +278,47 @@ class SeriesStore:
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
-        return target
 
-    def _instances(self, study_uid: str, series_uid: str) -> Iterator[tuple[str, Callable[[Path], Any]]]:
-        """(SOPInstanceUID, a function writing the instance to a path) for each instance, streamed by WADO-RS.
+    def _parts(self, response: Any, staging: Path) -> Generator[BinaryIO, None, None]:
+        """The answer's instances as files in ``staging`` (``part-<n>.part``), each yielded open once complete.
 
-        The parts of the multipart answer are written as the server sent them (its Part 10
-        bytes), which is several times faster than parsing and re-encoding each dataset; the
-        multipart splitting is ``dicomweb-client``'s. Should a future client lack that helper,
-        the public ``iter_series`` is used instead.
+        The bytes are the parts' content as the server sent them (its Part 10 files), never
+        parsed and re-encoded. A single ``application/dicom`` body (not wrapped) is one instance.
         """
-        client = self.client
-        split = getattr(client, "_decode_multipart_message", None)
-        if split is None:
-            for dataset in client.iter_series(study_uid, series_uid, media_types=AS_STORED):
-                yield str(dataset.get("SOPInstanceUID", "")), partial(_save_dataset, dataset)
-            return
-        response = client._session.get(
-            f"{self.url}/studies/{study_uid}/series/{series_uid}",
-            headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
-            stream=True,
-            timeout=self.config.timeout_s,
-        )
-        response.raise_for_status()
-        if response.headers.get("Content-Type", "").startswith("application/dicom"):  # one part, not wrapped
-            parts: Iterable[bytes] = [response.content]
+        from meddx.dicomweb.guard import AnswerError, read_capped
+        from meddx.dicomweb.multipart import boundary_of, write_parts, write_whole
+
+        limits = self.session.limits
+        where = limits.where
+        body = read_capped(response, limits.series_bytes, "one series", "dicomweb.max_series_mb", where)
+        content_type = response.headers.get("Content-Type", "")
+        boundary = boundary_of(content_type)
+        if boundary is not None:
+            yield from write_parts(body, boundary, staging, limits.instance_bytes, where)
+        elif content_type.lower().startswith(("application/dicom", "multipart/related")):
+            # one part, not wrapped (or multipart without a boundary: some servers send one part so)
+            yield from write_whole(body, staging / "part-000001.part", limits.instance_bytes, where)
         else:
-            parts = split(response, stream=True)
-        for part in parts:
-            header = pydicom.dcmread(io.BytesIO(part), stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
-            yield str(header.get("SOPInstanceUID", "")), partial(_write_bytes, bytes(part))
+            shown = " ".join(content_type.split(";")[0].split())[:60] or "none"
+            raise AnswerError(
+                f"the DICOMweb server at {where} answered WADO-RS with Content-Type {shown},"
+                " not multipart/related DICOM instances"
+            )
+
+    def _check_patient(self, folder: Path, ref: DicomWebRef, patient_id: str) -> None:
+        """The stored series' PatientID (one for the whole series, checked when stored) must be the row's."""
+        first = min(folder.glob("*.dcm"), default=None)
+        if first is None:
+            return
+        header = pydicom.dcmread(first, stop_before_pixels=True, specific_tags=["PatientID"])
+        if str(header.get("PatientID", "") or "").strip() != patient_id.strip():
+            raise IngestError(
+                str(ref),
+                _IMAGING,
+                "the retrieved series belongs to another patient: its PatientID is not the row's patient_id"
+                " (neither is shown); check the manifest row's patient_id and reference (set"
+                " dicomweb.check_patient_id to false only when patient_id is a pseudonym)",
+            )
 
     def prefetch(self, refs: Iterable[DicomWebRef], series_rule: str, progress: bool = False) -> dict[DicomWebRef, str]:
         """Retrieve the preferred series of every reference, ``max_concurrency`` at a time.
@@ -257,6 +334,10 @@ class SeriesStore:
                 self.fetch(ref.study_uid, first)
             except IngestError as exc:
                 return ref, str(exc)
+            except ConfigError:
+                raise
+            except Exception as exc:  # one reference's trouble never stops the run
+                return ref, str(IngestError(str(ref), _IMAGING, f"{type(exc).__name__}: {short_reason(exc)}"))
             return ref, None
 
         unique = list(dict.fromkeys(refs))
@@ -272,12 +353,28 @@ class SeriesStore:
         return failed
 
 
-def _save_dataset(dataset: Any, path: Path) -> None:
-    dataset.save_as(path, enforce_file_format=True)
+def _check_instance(header: pydicom.Dataset, ref: DicomWebRef, patients: set[str]) -> None:
+    """A retrieved instance must be of the study and series asked for, and of the series' one patient.
 
-
-def _write_bytes(data: bytes, path: Path) -> None:
-    path.write_bytes(data)
+    Raises:
+        IngestError: it is not (the UIDs and IDs are not shown).
+    """
+    for keyword, wanted in (("StudyInstanceUID", ref.study_uid), ("SeriesInstanceUID", ref.series_uid)):
+        if str(header.get(keyword, "") or "").strip() != wanted:
+            raise IngestError(
+                str(ref),
+                _IMAGING,
+                f"the DICOMweb server sent an instance whose {keyword} is not the one asked for; the series was not"
+                " stored (check the PACS: it answered for another study or series)",
+            )
+    patients.add(str(header.get("PatientID", "") or "").strip())
+    if len(patients) > 1:
+        raise IngestError(
+            str(ref),
+            _IMAGING,
+            "the retrieved series holds instances of more than one PatientID (another patient's mixed in);"
+            " the series was not stored",
+        )
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -365,7 +365,7 @@ class ImagingIngestor(Ingestor):
             self._store = SeriesStore(self.config.dicomweb)
         candidates = self._store.candidates(ref, self.config.imaging.series_rule)
         for tried, series_uid in enumerate(candidates):
-            folder = self._store.fetch(ref.study_uid, series_uid)
+            folder = self._store.fetch(ref.study_uid, series_uid, patient_id=request.patient_id)
             series = load_series(
                 folder,
                 index_time=request.index_time,
