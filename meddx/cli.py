@@ -18,7 +18,7 @@ from typing import cast
 import click
 
 from meddx import __version__
-from meddx.errors import ConfigError, ManifestError, MeddxError, PredictionsError
+from meddx.errors import ConfigError, ManifestError, MeddxError, ModelError, NotFittedError, PredictionsError
 
 BAD_INPUT = 2
 FAILURE = 1
@@ -32,7 +32,11 @@ def _handle_errors(command: Callable) -> Callable:
         with _removed_if_left_empty(kwargs.get("out"), kwargs.get("cache")):
             try:
                 return command(*args, **kwargs)
-            except (ManifestError, ConfigError, PredictionsError) as exc:
+            except NotFittedError as exc:  # a bug, not the user's input
+                click.echo(f"error: {exc}", err=True)
+                sys.exit(FAILURE)
+            except (ManifestError, ConfigError, PredictionsError, ModelError) as exc:
+                # a model folder that is missing, damaged or from another version is bad input too
                 click.echo(f"error: {exc}", err=True)
                 sys.exit(BAD_INPUT)
             except MeddxError as exc:

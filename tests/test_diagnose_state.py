@@ -67,7 +67,7 @@ def test_a_bad_calibration_fails_before_any_patient_is_read(model_copy, tmp_path
     calibration["tasks"][task]["calibrator"]["temperature"] = -1
     (model_copy / "calibration.json").write_text(json.dumps(calibration))
     result = CliRunner().invoke(main, _args(model_copy, tmp_path / "run", sample_cache))
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output  # bad input
     assert f"calibration.json: tasks.{task}.calibrator.temperature must be a finite number > 0" in result.output
     assert not (tmp_path / "run" / PARTS).exists()  # nothing ingested, nothing written
 
