@@ -502,6 +502,11 @@ def finetune_command(
     is_flag=True,
     help="Store a DICOM Structured Report per prediction made on PACS images back on the DICOMweb server.",
 )
+@click.option(
+    "--store-fhir",
+    is_flag=True,
+    help="Write each RiskAssessment to the FHIR server (fhir.url or MEDDX_FHIR_URL), once; see fhir_writes.csv.",
+)
 @quiet_option
 @_handle_errors
 def diagnose_command(
@@ -523,6 +528,7 @@ def diagnose_command(
     cpus_per_actor: float | None,
     device: str,
     store_sr: bool,
+    store_fhir: bool,
     quiet: bool,
 ) -> None:
     """Calibrated diagnoses for every row of a cohort: predictions, FHIR RiskAssessments, errors.
@@ -571,6 +577,7 @@ def diagnose_command(
         store_sr=store_sr,
         progress=not quiet,
         ray_options=ray_options,
+        store_fhir=store_fhir,
     )
     click.echo(_diagnose_summary(result))
 
@@ -589,6 +596,12 @@ def _diagnose_summary(result) -> str:
             f"\nDICOM SRs stored on the PACS: {counts['structured_reports_stored']}"
             f" ({counts.get('structured_report_errors', 0)} failed): {result.out_dir / 'structured_reports.csv'}"
             if "structured_reports_stored" in counts
+            else ""
+        )
+        + (
+            f"\nRiskAssessments on the FHIR server: {counts['fhir_writes_stored']}"
+            f" ({counts.get('fhir_write_errors', 0)} failed): {result.out_dir / 'fhir_writes.csv'}"
+            if "fhir_writes_stored" in counts
             else ""
         )
     )

@@ -459,3 +459,78 @@ def test_hostile_answers_each_fail_their_own_row_only(hostile: Hostile, tmp_path
     assert "asked to wait 86400 s (HTTP 429, Retry-After)" in errors["busy-long"]
     for name in names:  # nothing about a patient in a message but the row's own columns
         assert "?" not in (errors[name] or "")
+
+
+# ------------------------------------------------------------------ predictions back to the server
+
+SAMPLE = Path(__file__).resolve().parent.parent / "sample_data"
+
+
+@needs_node
+def test_diagnose_store_fhir_writes_each_risk_assessment_once(
+    server, tiny_model: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Four rows, one per chunk: the run dies after writing chunk 1; on --resume chunk 1 is written
+    again (the server keeps one), chunk 2's transaction is refused (its rows still diagnosed)."""
+    import meddx.diagnose
+
+    fhir = server["server"]
+    sample = pd.read_csv(SAMPLE / "manifest.csv", dtype=str)
+    rows = sample[sample["ehr"].notna()].head(4)
+    for path in rows["ehr"]:
+        fhir.load(e["resource"] for e in json.loads((SAMPLE / path).read_text())["entry"])
+    manifest = tmp_path / "manifest.csv"
+    pd.DataFrame(
+        {
+            "patient_id": rows["patient_id"],
+            "index_time": rows["index_time"],
+            "ehr": "fhir:Patient/" + rows["patient_id"],
+        }
+    ).to_csv(manifest, index=False)
+    monkeypatch.setenv("MEDDX_FHIR_URL", fhir.base)  # the model's config names no server: the environment does
+    out = tmp_path / "run"
+    args = ["diagnose", str(manifest), "--model", str(tiny_model), "--out", str(out), "--cache",
+            str(tmp_path / "cache"), "--workers", "0", "--chunk-size", "1", "--store-fhir", "--quiet"]  # fmt: skip
+
+    write_chunk = meddx.diagnose.write_chunk
+
+    def dies_after_writing_chunk_1(parts, number, *rest):
+        if number == 1:
+            raise KeyboardInterrupt
+        write_chunk(parts, number, *rest)
+
+    monkeypatch.setattr(meddx.diagnose, "write_chunk", dies_after_writing_chunk_1)
+    assert CliRunner().invoke(main, args).exit_code != 0
+    monkeypatch.setattr(meddx.diagnose, "write_chunk", write_chunk)
+
+    request = FhirClient.request
+    third = rows["patient_id"].iloc[2]
+
+    def refuses_the_third(self, method, path, what, **kwargs):
+        body = kwargs.get("body") or {}
+        if body.get("type") == "transaction" and third in json.dumps(body):
+            return request(self, method, "RiskAssessment/not-a-transaction", what, **kwargs)  # an error answer
+        return request(self, method, path, what, **kwargs)
+
+    monkeypatch.setattr(FhirClient, "request", refuses_the_third)
+    result = CliRunner().invoke(main, [*args, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert "RiskAssessments on the FHIR server: 3 (1 failed)" in result.output
+
+    predictions = pd.read_parquet(out / "predictions.parquet")
+    assert (predictions.status == "ok").all() and len(predictions) == 4  # the refused write cost no prediction
+    writes = pd.read_csv(out / "fhir_writes.csv", dtype=str, keep_default_na=False)
+    assert list(writes.patient_id) == list(rows["patient_id"])
+    assert list(writes.status) == ["created", "exists", "error", "created"]
+    assert "HTTP" in writes.error.iloc[2]
+    for write in writes.to_dict("records"):
+        found = fhir.search_all(f"RiskAssessment?identifier=urn:meddx:prediction|{write['identifier']}")
+        if write["status"] == "error":
+            assert found == []
+            continue
+        assert len(found) == 1  # written once, the resumed chunk included
+        back = found[0]
+        assert back["id"] == write["resource_id"]
+        assert back["subject"]["reference"] == f"Patient/{write['patient_id']}"
+        row = predictions.set_index("patient_id").loc[write["patient_id"]]
+        assert back["prediction"][0]["probabilityDecimal"] == pytest.approx(row["probability"], abs=1e-6)
