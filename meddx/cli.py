@@ -809,6 +809,68 @@ def pacs_manifest(modality: str, since, until, out: Path, config_file: Path | No
     click.echo(f"wrote {len(found.rows)} row{'s' if len(found.rows) != 1 else ''} to {out}")
 
 
+@main.group("fhir")
+def fhir() -> None:
+    """Work with the EHR's FHIR server (server from --config or MEDDX_FHIR_URL, credentials from the environment)."""
+
+
+fhir_config_option = click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Ingest config (YAML/JSON): its fhir section names the server, site_timezone the zone.",
+)
+
+
+@fhir.command("manifest")
+@click.option("--encounter-class", required=True, help="Encounter class code (IMP inpatient, EMER, AMB...).")
+@click.option("--since", required=True, type=click.DateTime(["%Y-%m-%d"]), help="First start date, YYYY-MM-DD.")
+@click.option("--until", default=None, type=click.DateTime(["%Y-%m-%d"]), help="Last start date (inclusive).")
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The manifest CSV to write (patient_id, index_time, ehr, encounter).",
+)
+@fhir_config_option
+@click.option(
+    "--index-offset",
+    default=24.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Hours after the encounter's start that make each row's index time.",
+)
+@_handle_errors
+def fhir_manifest_command(
+    encounter_class: str, since, until, out: Path, config_file: Path | None, index_offset: float
+) -> None:
+    """Search the FHIR server for Encounters and write one manifest row per encounter (ehr = fhir:Patient/<id>)."""
+    from datetime import timedelta
+
+    from meddx.config import IngestConfig
+    from meddx.fhirclient.query import fhir_manifest
+
+    config = IngestConfig.from_file(config_file) if config_file is not None else IngestConfig()
+    if until is not None and until < since:
+        raise ConfigError(f"--until {until:%Y-%m-%d} is before --since {since:%Y-%m-%d}")
+    found = fhir_manifest(
+        config.fhir,
+        encounter_class,
+        since.date(),
+        until.date() if until is not None else None,
+        site_zone=config.site_zone(),
+        index_offset=timedelta(hours=index_offset),
+    )
+    found.write(out)
+    left_out = "".join(f"; {n} left out ({why})" for why, n in found.skipped.items())
+    click.echo(
+        f"{found.n_encounters} {encounter_class} encounter{'s' if found.n_encounters != 1 else ''} found{left_out}"
+    )
+    click.echo(f"wrote {len(found.rows)} row{'s' if len(found.rows) != 1 else ''} to {out}")
+
+
 def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 

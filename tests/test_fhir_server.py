@@ -534,3 +534,76 @@ def test_diagnose_store_fhir_writes_each_risk_assessment_once(
         assert back["subject"]["reference"] == f"Patient/{write['patient_id']}"
         row = predictions.set_index("patient_id").loc[write["patient_id"]]
         assert back["prediction"][0]["probabilityDecimal"] == pytest.approx(row["probability"], abs=1e-6)
+
+
+# ------------------------------------------------------------------ a cohort from the server
+
+
+@needs_node
+def test_fhir_manifest_finds_inpatient_stays_and_ingests_end_to_end(server, tmp_path: Path) -> None:
+    fhir = server["server"]
+    act = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
+
+    def encounter(rid: str, klass: str, patient: str | None, **period: str) -> dict[str, Any]:
+        found: dict[str, Any] = {"resourceType": "Encounter", "id": rid, "status": "finished",
+                                 "class": {"system": act, "code": klass}, "period": period}  # fmt: skip
+        if patient:
+            found["subject"] = {"reference": f"Patient/{patient}"}
+        return found
+
+    snomed = {"coding": [{"system": "http://snomed.info/sct", "code": "38341003"}]}
+    fhir.load(
+        [
+            {"resourceType": "Patient", "id": "cohort-1", "gender": "female", "birthDate": "1970-01-01"},
+            {"resourceType": "Patient", "id": "cohort-2", "gender": "male", "birthDate": "1960-01-01"},
+            {
+                "resourceType": "Condition",
+                "id": "cohort-c1",
+                "subject": {"reference": "Patient/cohort-1"},
+                "code": snomed,
+                "onsetDateTime": "2029-05-01T00:00:00Z",
+            },  # fmt: skip
+            encounter("stay-1", "IMP", "cohort-1", start="2030-01-10T08:00:00Z", end="2030-01-14T10:00:00Z"),
+            encounter("stay-2", "IMP", "cohort-2", start="2030-01-12"),
+            encounter("stay-anon", "IMP", None, start="2030-01-13T08:00:00Z"),
+            encounter("stay-nostart", "IMP", "cohort-1", end="2030-01-11T08:00:00Z"),
+            encounter("visit", "AMB", "cohort-2", start="2030-01-11T08:00:00Z"),
+            encounter("stay-later", "IMP", "cohort-1", start="2030-02-03T08:00:00Z"),
+        ]
+    )
+    config_file = tmp_path / "ingest.json"
+    config_file.write_text(_config(fhir.base).model_dump_json())
+    manifest = tmp_path / "manifest.csv"
+    result = CliRunner().invoke(
+        main,
+        [
+            "fhir",
+            "manifest",
+            "--encounter-class",
+            "IMP",
+            "--since",
+            "2030-01-01",
+            "--until",
+            "2030-01-31",
+            "--out",
+            str(manifest),
+            "--config",
+            str(config_file),
+        ],  # fmt: skip
+    )
+    assert result.exit_code == 0, result.output
+    assert "1 left out (no Patient subject)" in result.output and "1 left out (no start)" in result.output
+    rows = pd.read_csv(manifest, dtype=str)
+    assert list(rows.patient_id) == ["cohort-1", "cohort-2"]
+    assert list(rows.index_time) == ["2030-01-11T08:00:00Z", "2030-01-13T23:59:59.999999Z"]
+    assert list(rows.ehr) == ["fhir:Patient/cohort-1", "fhir:Patient/cohort-2"]
+    assert list(rows.encounter) == ["Encounter/stay-1", "Encounter/stay-2"]
+
+    report = ingest_cohort(load_cohort(manifest), tmp_path / "cache", IngestConfig.from_file(config_file),
+                           workers=0, progress=False)  # fmt: skip
+    ehr = {o.patient_id: o for o in report.outcomes if o.modality == Modality.EHR}
+    assert {pid: o.status for pid, o in ehr.items()} == {"cohort-1": "ok", "cohort-2": "ok"}
+    records = {r.patient_id: r for r in report.patient_records()}
+    first = records["cohort-1"].records[Modality.EHR]
+    assert [e.code for e in first.events if e.kind == "condition"] == ["http://snomed.info/sct|38341003"]
+    assert all(e.time <= parse_time("2030-01-11T08:00:00Z") for e in first.events)  # the stay ended later
