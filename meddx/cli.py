@@ -871,6 +871,46 @@ def fhir_manifest_command(
     click.echo(f"wrote {len(found.rows)} row{'s' if len(found.rows) != 1 else ''} to {out}")
 
 
+@fhir.command("export")
+@click.option("--since", default=None, type=click.DateTime(["%Y-%m-%d"]), help="Only resources changed after it.")
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The folder to write (a Bulk export folder, readable as an ehr column); run again to resume.",
+)
+@click.option(
+    "--type",
+    "types",
+    multiple=True,
+    help="A resource type to export (repeat; default: the types the EHR reader uses).",
+)
+@fhir_config_option
+@quiet_option
+@_handle_errors
+def fhir_export_command(since, out: Path, types: tuple[str, ...], config_file: Path | None, quiet: bool) -> None:
+    """Bulk-export the FHIR server's resources ($export) into NDJSON files the EHR reader reads."""
+    from datetime import timezone
+
+    from meddx.config import IngestConfig
+    from meddx.fhirclient.bulk import DEFAULT_TYPES, bulk_export
+
+    config = IngestConfig.from_file(config_file) if config_file is not None else IngestConfig()
+    result = bulk_export(
+        config.fhir,
+        out,
+        since=since.replace(tzinfo=timezone.utc) if since is not None else None,
+        types=tuple(types) or DEFAULT_TYPES,
+        progress=not quiet,
+    )
+    size = sum(result.files.values())
+    click.echo(
+        f"{'resumed: ' if result.resumed else ''}{len(result.files)} NDJSON file(s), {size / 2**20:.1f} MiB,"
+        f" in {result.out_dir} (transaction time {result.transaction_time})"
+    )
+
+
 def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 

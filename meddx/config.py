@@ -169,6 +169,7 @@ class FhirServerConfig(_Section):
     page_size: int = 200  # _count of each search page
     max_response_mb: float = Field(default=256.0, gt=0)  # largest answer read (one page, one NDJSON file)
     max_pages: int = 1000  # pages followed per search before giving up (a server that never stops)
+    max_export_file_mb: float = Field(default=102400.0, gt=0)  # largest Bulk export file downloaded
     # Where answers are kept (JSON under <server>/); None: the "fhir" folder of the ingest cache.
     cache_dir: str | None = None
 

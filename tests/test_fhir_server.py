@@ -607,3 +607,50 @@ def test_fhir_manifest_finds_inpatient_stays_and_ingests_end_to_end(server, tmp_
     first = records["cohort-1"].records[Modality.EHR]
     assert [e.code for e in first.events if e.kind == "condition"] == ["http://snomed.info/sct|38341003"]
     assert all(e.time <= parse_time("2030-01-11T08:00:00Z") for e in first.events)  # the stay ended later
+
+
+# ------------------------------------------------------------------ Bulk export
+
+
+@needs_node
+def test_fhir_export_resumes_and_gives_a_folder_read_as_the_server(
+    server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fhir = server["server"]
+    config_file = tmp_path / "ingest.json"
+    config_file.write_text(_config(fhir.base).model_dump_json())
+    out = tmp_path / "export"
+    args = ["fhir", "export", "--since", "2000-01-01", "--out", str(out), "--config", str(config_file), "--quiet"]
+    kick_offs: list[str] = []
+    request, download = FhirClient.request, FhirClient.download
+
+    def counting(self, method, path, what, **kwargs):
+        if path.endswith("$export"):
+            kick_offs.append(path)
+        return request(self, method, path, what, **kwargs)
+
+    def dies_after_two_files(self, url, dest, what, **kwargs):
+        if len(list(out.glob("*.ndjson"))) >= 2:
+            raise KeyboardInterrupt
+        return download(self, url, dest, what, **kwargs)
+
+    monkeypatch.setattr(FhirClient, "request", counting)
+    monkeypatch.setattr(FhirClient, "download", dies_after_two_files)
+    assert CliRunner().invoke(main, args).exit_code != 0
+    assert len(list(out.glob("*.ndjson"))) == 2 and not list(out.glob("*.part"))
+    monkeypatch.setattr(FhirClient, "download", download)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("resumed: ") and len(kick_offs) == 1  # polled and finished, not started again
+    state = json.loads((out / ".meddx-export.json").read_text())
+    assert state["complete"] and set(state["files"]) == {p.name for p in out.glob("*.ndjson")}
+    assert "Observation.000.ndjson" in state["files"] and (out / "CapabilityStatement.json").is_file()
+
+    on_server = FhirIngestor(_config(fhir.base))
+    from_export = FhirIngestor()
+    synthea_ids = [r["id"] for r in _ndjson(SYNTHEA) if r["resourceType"] == "Patient"]
+    for pid, index_time in [*((p, INDEX) for p in synthea_ids), ("gen-1", GEN_INDEX), ("fallback-1", GEN_INDEX)]:
+        got = from_export.read_patient(out, pid, index_time)
+        assert got.meta["source_kind"] == "bulk"
+        assert _comparable(got) == _comparable(on_server.read_patient(FhirRef(pid), pid, index_time)), pid
+    assert CliRunner().invoke(main, [*args[:-1], "--type", "Patient"]).exit_code == 2  # another export, same folder

@@ -324,7 +324,7 @@ class FhirClient:
                         status,
                     )
                 body_bytes = self._read(response, what, sink if status == 200 else None)
-                return Answer(status, dict(response.headers), body_bytes)
+                return Answer(status, response.headers, body_bytes)  # a case-insensitive mapping
             finally:
                 response.close()
         raise AssertionError("unreachable")  # the loop returns or raises
