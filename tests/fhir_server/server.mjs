@@ -21,6 +21,14 @@
 //   links; a searchset gets `self` and, when more matches remain (its `total`), a `next` link with
 //   the following `_offset`, as FHIR paging prescribes. (The repository has no `_revinclude`.)
 //
+// * Patient compartments: the in-memory repository answers a search by testing every resource of
+//   the type (about 2 ms each), so a search by patient would cost the whole population's
+//   resources, where a real server uses an index. The listener keeps a second in-memory
+//   repository per patient holding copies of the resources whose subject/patient is that patient
+//   (copied after the engine stored them), and sends a search whose only patient criterion is
+//   `patient=Patient/<id>` (or `subject=`) to that patient's repository. The engine still does
+//   the search there (dates, :missing, paging); every other request goes to the main repository.
+//
 // Env: FHIR_TEST_PORT (default 0: a free port), EXPORT_PENDING_POLLS (default 1).
 
 import http from 'node:http';
@@ -39,6 +47,7 @@ for (const filename of SEARCH_PARAMETER_BUNDLE_FILES) {
 const BASE = '/fhir/R4';
 const router = new FhirRouter();
 const repo = new MemoryRepository();
+const compartments = new Map(); // patient id -> MemoryRepository with copies of its resources
 const bearer = process.env.FHIR_TEST_BEARER || '';
 const basic = process.env.FHIR_TEST_BASIC || '';
 const pendingPolls = Number(process.env.EXPORT_PENDING_POLLS ?? '1');
@@ -100,11 +109,48 @@ function addLinks(resource, origin, url) {
   return resource;
 }
 
+function patientOf(resource) {
+  if (!resource || typeof resource !== 'object') return undefined;
+  if (resource.resourceType === 'Patient') return resource.id;
+  const ref = (resource.subject || resource.patient || {}).reference;
+  const match = typeof ref === 'string' ? ref.match(/^(?:.*\/)?Patient\/([^/]+)$/) : null;
+  return match ? match[1] : undefined;
+}
+
+async function copyToCompartment(resource) {
+  const id = patientOf(resource);
+  if (!id || !resource.id) return;
+  if (!compartments.has(id)) compartments.set(id, new MemoryRepository());
+  const shard = compartments.get(id);
+  try {
+    await shard.deleteResource(resource.resourceType, resource.id);
+  } catch {
+    // not there yet
+  }
+  await shard.createResource(structuredClone(resource));
+}
+
+// The repository that answers a request: a patient's compartment for a search by that patient alone.
+function repositoryFor(method, parsed) {
+  if (method !== 'GET' || !/^\/[A-Za-z]+$/.test(parsed.pathname)) return repo;
+  const keys = [...parsed.searchParams.keys()].filter((k) => !k.startsWith('_'));
+  const by = keys.filter((k) => k === 'patient' || k === 'subject');
+  if (by.length !== 1 || parsed.searchParams.getAll(by[0]).length !== 1) return repo;
+  const match = parsed.searchParams.get(by[0]).match(/^Patient\/([^/,]+)$/);
+  if (!match) return repo;
+  return compartments.get(match[1]) ?? new MemoryRepository();
+}
+
 async function engine(method, url, body, headers) {
   const parsed = new URL(url, 'http://x');
   const request = { method, url, pathname: '', params: {}, query: queryOf(parsed.search), body, headers };
-  const [result, resource] = await router.handleRequest(request, repo);
-  return { status: getStatus(result), resource: resource ?? result };
+  const [result, resource] = await router.handleRequest(request, repositoryFor(method, parsed));
+  const status = getStatus(result);
+  if (method !== 'GET' && status < 300 && resource) {
+    const stored = resource.resourceType === 'Bundle' ? (resource.entry || []).map((e) => e.resource) : [resource];
+    for (const item of stored) await copyToCompartment(item);
+  }
+  return { status, resource: resource ?? result };
 }
 
 async function searchAll(type, query) {
