@@ -381,11 +381,11 @@ class Hostile:
                 url = urlsplit(self.path)
                 query = parse_qs(url.query)
                 tail = url.path.split("/fhir/", 1)[-1]
-                patient = (query.get("patient") or [""])[0].removeprefix("Patient/") or tail.partition("/")[2]
+                patient = (query.get("subject") or [""])[0].removeprefix("Patient/") or tail.partition("/")[2]
                 owner.hits[patient] = owner.hits.get(patient, 0) + 1
                 if tail == "metadata":
                     return self._json(200, {"resourceType": "CapabilityStatement", "fhirVersion": "4.0.1"})
-                if tail.startswith("Patient") and "_count" in query and "patient" not in query:
+                if tail.startswith("Patient") and "_count" in query and "subject" not in query:
                     return self._json(200, {"resourceType": "Bundle", "type": "searchset"})  # the preflight
                 if tail.startswith("Patient/"):
                     return self._json(200, {"resourceType": "Patient", "id": patient, "gender": "male"})

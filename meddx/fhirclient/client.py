@@ -162,7 +162,7 @@ class FhirClient:
 
     Example:
         >>> client = FhirClient(FhirServerConfig(url="http://127.0.0.1:8103/fhir/R4"))  # doctest: +SKIP
-        >>> for page in client.search("Condition", {"patient": "Patient/p1"}):  # doctest: +SKIP
+        >>> for page in client.search("Condition", {"subject": "Patient/p1"}):  # doctest: +SKIP
         ...     print(len(page.get("entry", [])))
     """
 

@@ -2,7 +2,9 @@
 
 For ``fhir:Patient/<id>`` the reader needs that patient's resources of the types the
 tensorizer uses. :func:`patient_resources` reads the Patient and searches each type by
-``patient=Patient/<id>``, following ``next`` links, ``fhir.max_concurrency`` searches at once.
+``subject=Patient/<id>``, following ``next`` links, ``fhir.max_concurrency`` searches at once.
+(``subject``, not ``patient``: every type read here names its patient in ``subject``, as the
+Bundle reader matches them, and ``patient`` asks the server to resolve each reference.)
 
 **Leaving out what is dated after the index time.** Where a type's date search parameter
 covers the element the reader places it by first (:data:`DATE_SEARCHES`), the search asks for
@@ -71,12 +73,12 @@ def searches_for(ref: FhirRef, index_time: datetime, types: set[str], page_size:
     Example:
         >>> [s.describe() for s in searches_for(FhirRef("p1"), datetime(2024, 3, 5, tzinfo=timezone.utc),
         ...                                     {"Encounter"}, 100)]
-        ['Encounter?patient=Patient/p1&date=le2024-03-06T00:00:00Z&_count=100']
+        ['Encounter?subject=Patient/p1&date=le2024-03-06T00:00:00Z&_count=100']
     """
     bound = (index_time + DATE_SLACK).astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     found = []
     for kind in sorted(types - {"Patient"}):
-        patient = ("patient", f"Patient/{ref.patient_id}")
+        patient = ("subject", f"Patient/{ref.patient_id}")
         count = ("_count", str(page_size))
         date = DATE_SEARCHES.get(kind)
         if date is None:
