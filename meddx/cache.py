@@ -30,6 +30,7 @@ import numpy as np
 from meddx import __version__
 from meddx.config import IngestConfig
 from meddx.dicomweb.ref import DicomWebRef, server_id
+from meddx.fhirclient.ref import FhirRef
 from meddx.files import apply_umask
 from meddx.records import Event, Modality, ModalityRecord, parse_time
 
@@ -89,6 +90,27 @@ def reader_name(reader: Ingestor | type[Ingestor]) -> str:
     return f"{cls.__module__}.{cls.__qualname__}@{cls.version}"
 
 
+def fhir_digest(ref: FhirRef, config: IngestConfig) -> str:
+    """Key part of a ``fhir:Patient/<id>`` source: the server's id (a hash of its URL) and the patient id.
+
+    Like a DICOMweb source, a record read from the FHIR server is read once: a second run with the
+    same index time asks the server nothing (resources entered later for times before the index
+    time are not seen until the cache entry is removed).
+    """
+    from meddx.fhirclient.client import server_url
+
+    text = f"fhir|{server_id(server_url(config.fhir))}|{ref.patient_id}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _digest(source: Path | DicomWebRef | FhirRef, config: IngestConfig) -> str:
+    if isinstance(source, DicomWebRef):
+        return remote_digest(source, config)
+    if isinstance(source, FhirRef):
+        return fhir_digest(source, config)
+    return source_digest(source)
+
+
 def remote_digest(ref: DicomWebRef, config: IngestConfig) -> str:
     """Key part of a DICOMweb source: its UIDs and the server's id (a hash of its URL), never the bytes.
 
@@ -104,7 +126,7 @@ def remote_digest(ref: DicomWebRef, config: IngestConfig) -> str:
 
 def cache_key(
     modality: Modality,
-    sources: Sequence[Path | DicomWebRef],
+    sources: Sequence[Path | DicomWebRef | FhirRef],
     patient_id: str,
     index_time_iso: str,
     config: IngestConfig,
@@ -123,7 +145,7 @@ def cache_key(
         "patient_id": patient_id,
         "index_time": index_time_iso,
         "config": section,
-        "sources": [remote_digest(p, config) if isinstance(p, DicomWebRef) else source_digest(p) for p in sources],
+        "sources": [_digest(p, config) for p in sources],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

@@ -570,6 +570,11 @@ def finetune_command(
     is_flag=True,
     help="Store a DICOM Structured Report per prediction made on PACS images back on the DICOMweb server.",
 )
+@click.option(
+    "--store-fhir",
+    is_flag=True,
+    help="Write each RiskAssessment to the FHIR server (fhir.url or MEDDX_FHIR_URL), once; see fhir_writes.csv.",
+)
 @quiet_option
 @_handle_errors
 def diagnose_command(
@@ -591,6 +596,7 @@ def diagnose_command(
     cpus_per_actor: float | None,
     device: str,
     store_sr: bool,
+    store_fhir: bool,
     quiet: bool,
 ) -> None:
     """Calibrated diagnoses for every row of a cohort: predictions, FHIR RiskAssessments, errors.
@@ -640,6 +646,7 @@ def diagnose_command(
         store_sr=store_sr,
         progress=not quiet,
         ray_options=ray_options,
+        store_fhir=store_fhir,
     )
     click.echo(_diagnose_summary(result))
 
@@ -658,6 +665,12 @@ def _diagnose_summary(result) -> str:
             f"\nDICOM SRs stored on the PACS: {counts['structured_reports_stored']}"
             f" ({counts.get('structured_report_errors', 0)} failed): {result.out_dir / 'structured_reports.csv'}"
             if "structured_reports_stored" in counts
+            else ""
+        )
+        + (
+            f"\nRiskAssessments on the FHIR server: {counts['fhir_writes_stored']}"
+            f" ({counts.get('fhir_write_errors', 0)} failed): {result.out_dir / 'fhir_writes.csv'}"
+            if "fhir_writes_stored" in counts
             else ""
         )
     )
@@ -876,6 +889,108 @@ def pacs_manifest(modality: str, since, until, out: Path, config_file: Path | No
     left_out = "".join(f"; {n} left out ({why})" for why, n in found.skipped.items())
     click.echo(f"{found.n_studies} {modality.upper()} stud{'y' if found.n_studies == 1 else 'ies'} found{left_out}")
     click.echo(f"wrote {len(found.rows)} row{'s' if len(found.rows) != 1 else ''} to {out}")
+
+
+@main.group("fhir")
+def fhir() -> None:
+    """Work with the EHR's FHIR server (server from --config or MEDDX_FHIR_URL, credentials from the environment)."""
+
+
+fhir_config_option = click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Ingest config (YAML/JSON): its fhir section names the server, site_timezone the zone.",
+)
+
+
+@fhir.command("manifest")
+@click.option("--encounter-class", required=True, help="Encounter class code (IMP inpatient, EMER, AMB...).")
+@click.option("--since", required=True, type=click.DateTime(["%Y-%m-%d"]), help="First start date, YYYY-MM-DD.")
+@click.option("--until", default=None, type=click.DateTime(["%Y-%m-%d"]), help="Last start date (inclusive).")
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The manifest CSV to write (patient_id, index_time, ehr, encounter).",
+)
+@fhir_config_option
+@click.option(
+    "--index-offset",
+    default=24.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Hours after the encounter's start that make each row's index time.",
+)
+@_handle_errors
+def fhir_manifest_command(
+    encounter_class: str, since, until, out: Path, config_file: Path | None, index_offset: float
+) -> None:
+    """Search the FHIR server for Encounters and write one manifest row per encounter (ehr = fhir:Patient/<id>)."""
+    from datetime import timedelta
+
+    from meddx.config import IngestConfig
+    from meddx.fhirclient.query import fhir_manifest
+
+    config = IngestConfig.from_file(config_file) if config_file is not None else IngestConfig()
+    if until is not None and until < since:
+        raise ConfigError(f"--until {until:%Y-%m-%d} is before --since {since:%Y-%m-%d}")
+    found = fhir_manifest(
+        config.fhir,
+        encounter_class,
+        since.date(),
+        until.date() if until is not None else None,
+        site_zone=config.site_zone(),
+        index_offset=timedelta(hours=index_offset),
+    )
+    found.write(out)
+    left_out = "".join(f"; {n} left out ({why})" for why, n in found.skipped.items())
+    click.echo(
+        f"{found.n_encounters} {encounter_class} encounter{'s' if found.n_encounters != 1 else ''} found{left_out}"
+    )
+    click.echo(f"wrote {len(found.rows)} row{'s' if len(found.rows) != 1 else ''} to {out}")
+
+
+@fhir.command("export")
+@click.option("--since", default=None, type=click.DateTime(["%Y-%m-%d"]), help="Only resources changed after it.")
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The folder to write (a Bulk export folder, readable as an ehr column); run again to resume.",
+)
+@click.option(
+    "--type",
+    "types",
+    multiple=True,
+    help="A resource type to export (repeat; default: the types the EHR reader uses).",
+)
+@fhir_config_option
+@quiet_option
+@_handle_errors
+def fhir_export_command(since, out: Path, types: tuple[str, ...], config_file: Path | None, quiet: bool) -> None:
+    """Bulk-export the FHIR server's resources ($export) into NDJSON files the EHR reader reads."""
+    from datetime import timezone
+
+    from meddx.config import IngestConfig
+    from meddx.fhirclient.bulk import DEFAULT_TYPES, bulk_export
+
+    config = IngestConfig.from_file(config_file) if config_file is not None else IngestConfig()
+    result = bulk_export(
+        config.fhir,
+        out,
+        since=since.replace(tzinfo=timezone.utc) if since is not None else None,
+        types=tuple(types) or DEFAULT_TYPES,
+        progress=not quiet,
+    )
+    size = sum(result.files.values())
+    click.echo(
+        f"{'resumed: ' if result.resumed else ''}{len(result.files)} NDJSON file(s), {size / 2**20:.1f} MiB,"
+        f" in {result.out_dir} (transaction time {result.transaction_time})"
+    )
 
 
 def _number(value: float | None) -> str:

@@ -16,7 +16,8 @@ Strict where a silent guess would be wrong, lenient where the meaning is plain:
 * An ``imaging`` cell may name a study or series on the configured DICOMweb server
   (``dicomweb:studies/<uid>[/series/<uid>]``): it is parsed (UIDs checked) into
   :attr:`CohortRow.remote`, not checked as a path; the server itself comes from the ingest
-  config, never from the manifest.
+  config, never from the manifest. Likewise an ``ehr`` cell may name a patient on the
+  configured FHIR server (``fhir:Patient/<id>``).
 * A patient in two splits is a warning (:attr:`Cohort.warnings`, also logged); in both
   ``train`` and ``test`` it is an error, since test figures would be optimistic.
 * A column whose name looks like a modality or ``split`` without being it (``image``,
@@ -43,6 +44,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 
 from meddx.dicomweb.ref import DicomWebRef, is_dicomweb_ref, parse_dicomweb_ref
 from meddx.errors import ManifestError, ManifestProblem
+from meddx.fhirclient.ref import FhirRef, is_fhir_ref, parse_fhir_ref
 from meddx.records import MODALITIES, Modality
 
 logger = logging.getLogger(__name__)
@@ -105,7 +107,11 @@ class ManifestRow(BaseModel):
         description="DICOM file, DICOM series folder, NIfTI file, or dicomweb:studies/<StudyInstanceUID>"
         "[/series/<SeriesInstanceUID>] on the configured DICOMweb server (PACS)",
     )
-    ehr: str | None = Field(None, description="FHIR Bundle JSON file or Bulk FHIR NDJSON folder")
+    ehr: str | None = Field(
+        None,
+        description="FHIR Bundle JSON file, Bulk FHIR NDJSON folder,"
+        " or fhir:Patient/<id> on the configured FHIR server",
+    )
     notes: str | None = Field(None, description="text file or folder of text files")
     device_logs: str | None = Field(None, description="CSV or JSONL monitor/device log")
     audio: str | None = Field(None, description="WAV or FLAC file")
@@ -147,7 +153,7 @@ class CohortRow:
     paths: dict[Modality, Path]  # present modalities only
     labels: dict[str, str | None]  # task -> "0"/"1" or class name; None = unknown
     extras: dict[str, Any] = field(default_factory=dict)
-    remote: dict[Modality, DicomWebRef] = field(default_factory=dict)  # dicomweb: sources (imaging only)
+    remote: dict[Modality, DicomWebRef | FhirRef] = field(default_factory=dict)  # dicomweb: / fhir: sources
 
 
 @dataclass
@@ -388,10 +394,18 @@ def load_cohort(path: str | Path) -> Cohort:
                 problems.append(ManifestProblem(number, where, _explain(where, raw.get(where or ""), err)))
             continue
         paths: dict[Modality, Path] = {}
-        remote: dict[Modality, DicomWebRef] = {}
+        remote: dict[Modality, DicomWebRef | FhirRef] = {}
         for modality in MODALITIES:
             value = getattr(parsed, modality.value)
-            if value is not None and is_dicomweb_ref(value):
+            if value is not None and is_fhir_ref(value):
+                if modality != Modality.EHR:
+                    problems.append(ManifestProblem(number, modality.value, "fhir: references are read for ehr only"))
+                    continue
+                try:
+                    remote[modality] = parse_fhir_ref(value)
+                except ValueError as exc:
+                    problems.append(ManifestProblem(number, modality.value, str(exc)))
+            elif value is not None and is_dicomweb_ref(value):
                 if modality != Modality.IMAGING:
                     problems.append(
                         ManifestProblem(number, modality.value, "dicomweb: references are read for imaging only")

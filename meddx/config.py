@@ -154,6 +154,50 @@ class DicomWebConfig(_Section):
         return value
 
 
+class FhirServerConfig(_Section):
+    """Where ``fhir:Patient/<id>`` manifest cells are read from (an EHR's FHIR REST API).
+
+    Credentials are never written here nor in the manifest: HTTP basic auth from the variables
+    ``username_env`` / ``password_env``, or a bearer token from ``token_env`` (it wins when set).
+    They never reach a log, an error, a report or a cache key; a URL carrying ``user:password@``
+    is refused for that reason.
+    """
+
+    # Base URL of the FHIR service (e.g. "https://ehr.example.org/fhir/R4"); None: from url_env.
+    url: str | None = None
+    url_env: str = "MEDDX_FHIR_URL"
+    username_env: str = "MEDDX_FHIR_USER"  # unset: no basic auth
+    password_env: str = "MEDDX_FHIR_PASSWORD"
+    token_env: str = "MEDDX_FHIR_TOKEN"  # unset: no bearer token
+    timeout_s: float = 30.0  # connect and read timeout of one request
+    retries: int = 3  # extra tries on connection errors and HTTP 408/429/500/502/503/504
+    backoff_s: float = 0.5  # waits grow as backoff_s * 2**(try - 1) between tries
+    max_retry_after_s: float = 120.0  # a longer Retry-After is an error, not a wait
+    max_concurrency: int = 4  # searches (and patients) in flight at once
+    page_size: int = 200  # _count of each search page
+    max_response_mb: float = Field(default=256.0, gt=0)  # largest answer read (one page, one NDJSON file)
+    max_pages: int = 1000  # pages followed per search before giving up (a server that never stops)
+    max_export_file_mb: float = Field(default=102400.0, gt=0)  # largest Bulk export file downloaded
+    # Where answers are kept (JSON under <server>/); None: the "fhir" folder of the ingest cache.
+    cache_dir: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _no_credentials_in_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            from urllib.parse import urlsplit
+
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("fhir.url must be an http(s) URL like https://ehr.example.org/fhir/R4")
+            if parts.username is not None or parts.password is not None:
+                raise ValueError(
+                    "fhir.url must not carry credentials; put them in the environment variables named by "
+                    "fhir.username_env and fhir.password_env, or fhir.token_env"
+                )
+        return value
+
+
 class IngestConfig(_Section):
     """Everything that decides the shape and meaning of the tensors."""
 
@@ -164,6 +208,7 @@ class IngestConfig(_Section):
     audio: AudioConfig = Field(default_factory=AudioConfig)
     video: VideoConfig = Field(default_factory=VideoConfig)
     dicomweb: DicomWebConfig = Field(default_factory=DicomWebConfig)
+    fhir: FhirServerConfig = Field(default_factory=FhirServerConfig)
     # The IANA zone (e.g. "Europe/Berlin") of the site's clocks, for times written without a
     # zone: DICOM times without TimezoneOffsetFromUTC, zone-less device-log timestamps, dates
     # in note file names and headers, FHIR dates without a time. None: DICOM, notes and FHIR
@@ -279,6 +324,12 @@ class IngestConfig(_Section):
             positive(f"dicomweb.{name}", getattr(self.dicomweb, name))
         if self.dicomweb.retries < 0 or self.dicomweb.backoff_s < 0:
             found.append("dicomweb.retries and dicomweb.backoff_s must be 0 or more")
+        positive("fhir.timeout_s", self.fhir.timeout_s)
+        positive("fhir.max_concurrency", self.fhir.max_concurrency)
+        positive("fhir.page_size", self.fhir.page_size)
+        positive("fhir.max_pages", self.fhir.max_pages)
+        if self.fhir.retries < 0 or self.fhir.backoff_s < 0 or self.fhir.max_retry_after_s < 0:
+            found.append("fhir.retries, fhir.backoff_s and fhir.max_retry_after_s must be 0 or more")
         return found
 
     def check(self) -> IngestConfig:

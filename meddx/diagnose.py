@@ -575,6 +575,21 @@ def _assemble_structured_reports(out: Path, numbers: Sequence[int]) -> dict[str,
     return counts
 
 
+def _assemble_fhir_writes(out: Path, numbers: Sequence[int]) -> dict[str, int]:
+    """``fhir_writes.csv`` from the chunks' parts (``--store-fhir``); returns counts."""
+    import pandas as pd
+
+    from meddx.export.fhir_writes import WRITE_COLUMNS
+
+    frames = [pd.read_csv(_part(out / PARTS, n, ".fhir.csv"), dtype=str, keep_default_na=False) for n in numbers]
+    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=WRITE_COLUMNS)
+    _write_csv(frame, out / "fhir_writes.csv")
+    return {
+        "fhir_writes_stored": int(frame["status"].isin(["created", "exists"]).sum()),
+        "fhir_write_errors": int((frame["status"] == "error").sum()),
+    }
+
+
 def _csv_cell(text: str) -> str:
     return f'"{text}"' if any(c in text for c in ',"\n') else text
 
@@ -653,6 +668,7 @@ def diagnose(
     device: str = "cpu",
     store_sr: bool = False,
     progress: bool = True,
+    store_fhir: bool = False,
     ray_options: RayOptions | None = None,
 ) -> DiagnoseResult:
     """Diagnose every row of a manifest (or of one split) with a fine-tuned model folder.
@@ -676,6 +692,9 @@ def diagnose(
         store_sr: store a DICOM Structured Report per prediction made on PACS images back on the
             DICOMweb server (:mod:`meddx.export.sr_reports`); ``structured_reports.csv`` lists them.
         progress: show a progress bar.
+        store_fhir: write each RiskAssessment to the FHIR server (a transaction per chunk, conditional
+            creates: once each, ``--resume`` included; :mod:`meddx.export.fhir_writes`); ``fhir_writes.csv``
+            lists them.
         ray_options: the Ray engine's settings (cluster address, actors, GPUs per actor); ``engine="ray"`` only.
 
     Returns:
@@ -706,6 +725,8 @@ def diagnose(
         raise ConfigError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
     if store_sr and engine == "ray":
         raise ConfigError("--store-sr runs with the local engine; leave out --engine ray to store SRs")
+    if store_fhir and engine == "ray":
+        raise ConfigError("--store-fhir runs with the local engine; leave out --engine ray to write RiskAssessments")
     if ray_options is not None and engine != "ray":
         raise ConfigError(f"Ray settings (--address, --actors, --gpus-per-actor) need --engine ray; got {engine!r}")
     if batch_size < 1 or chunk_size < 1:
@@ -747,6 +768,11 @@ def diagnose(
     threads: int | None = None  # the local engine's torch threads (the Ray engine sets its actors')
     # checks that a DICOMweb server is configured, before any work
     reporter = _pacs_reporter(aligner.config, cache_root, model_dir, sha256, plan, rows) if store_sr else None
+    fhir_writer = None
+    if store_fhir:  # a FHIR server configured and taking the credentials, before any work
+        from meddx.export.fhir_writes import FhirWriter
+
+        fhir_writer = FhirWriter(aligner.config.fhir)
     if engine == "ray":
         from meddx.ray_engine import RayOptions, diagnose_on_ray
 
@@ -796,6 +822,8 @@ def diagnose(
                     tick = time.perf_counter()
                     if reporter is not None:  # before the chunk's .parquet marks it done
                         _write_csv(reporter.report(ready, frame), _part(parts, ready.number, ".srs.csv"))
+                    if fhir_writer is not None:  # likewise: a resumed chunk writes again, the server keeps one
+                        _write_csv(fhir_writer.write(ready, frame, resources), _part(parts, ready.number, ".fhir.csv"))
                     write_chunk(parts, ready.number, frame, errors, resources)
                     timings["writing"] += time.perf_counter() - tick
                     diagnosed += len(ready.rows)
@@ -806,6 +834,8 @@ def diagnose(
     counts = _assemble(out, [k for k, _ in chunks], shards=engine == "ray")
     if store_sr:
         counts.update(_assemble_structured_reports(out, [k for k, _ in chunks]))
+    if store_fhir:
+        counts.update(_assemble_fhir_writes(out, [k for k, _ in chunks]))
     timings["assembling"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - started
     counts.update(
@@ -840,6 +870,7 @@ def diagnose(
             "contributions": contributions,
             "resume": resume,
             "store_sr": store_sr,
+            "store_fhir": store_fhir,
             **engine_settings,
         },
         "counts": counts,

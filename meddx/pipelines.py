@@ -109,6 +109,7 @@ class DiagnoseStep(_Step):
     contributions: bool = True
     resume: bool = False
     store_sr: bool = Field(False, description="store a DICOM SR per prediction made on PACS images on the server")
+    store_fhir: bool = Field(False, description="write each RiskAssessment to the FHIR server (once, resume included)")
     engine: Literal["local", "ray"] = "local"
     ray: RayOptions | None = Field(None, description="engine ray: address, actors, cpus_per_actor, gpus_per_actor...")
     device: str = "cpu"
@@ -384,6 +385,7 @@ def _diagnose(step: DiagnoseStep, cache: Path, workers, progress, echo):
         chunk_size=step.chunk_size,
         contributions=step.contributions,
         store_sr=step.store_sr,
+        store_fhir=step.store_fhir,
         engine=step.engine,
         ray_options=step.ray,
         device=step.device,

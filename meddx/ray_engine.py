@@ -116,6 +116,7 @@ def _row_json(row: CohortRow) -> dict[str, Any]:
 
 def _row_from_json(data: dict[str, Any]) -> CohortRow:
     from meddx.dicomweb.ref import parse_dicomweb_ref
+    from meddx.fhirclient.ref import is_fhir_ref, parse_fhir_ref
     from meddx.records import parse_time
 
     return CohortRow(
@@ -126,7 +127,10 @@ def _row_from_json(data: dict[str, Any]) -> CohortRow:
         paths={Modality(m): Path(p) for m, p in data["paths"].items()},
         labels=dict(data["labels"]),
         extras=dict(data["extras"]),
-        remote={Modality(m): parse_dicomweb_ref(r) for m, r in data["remote"].items()},
+        remote={
+            Modality(m): parse_fhir_ref(r) if is_fhir_ref(r) else parse_dicomweb_ref(r)
+            for m, r in data["remote"].items()
+        },
     )
 
 

@@ -112,7 +112,7 @@ def test_steps_offer_the_library_choices_with_its_defaults() -> None:
     for name in ("schedule", "head_input", "head_dropout", "device", "resume", "patience", "alpha", "calibration"):
         assert fields[name].default == library[name].default, name
     library = inspect.signature(diagnose).parameters
-    for name in ("engine", "device", "batch_size", "chunk_size", "contributions", "store_sr"):
+    for name in ("engine", "device", "batch_size", "chunk_size", "contributions", "store_sr", "store_fhir"):
         assert DiagnoseStep.model_fields[name].default == library[name].default, name
 
 

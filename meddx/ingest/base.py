@@ -24,6 +24,7 @@ import numpy as np
 from meddx.config import IngestConfig
 from meddx.dicomweb.ref import DicomWebRef
 from meddx.errors import ConfigError
+from meddx.fhirclient.ref import FhirRef
 from meddx.records import Modality, ModalityRecord
 
 ArrayRole = Literal["values", "mask", "token_mask", "ids", "age_hours"]
@@ -71,13 +72,13 @@ class IngestRequest:
         index_time: the moment of prediction (aware UTC); nothing after it may be kept.
         paths: absolute paths of every modality the row names (all of them, because
             some readers look beyond their own column: notes also come from FHIR).
-        remote: sources on a DICOMweb server (``dicomweb:`` cells; imaging only).
+        remote: sources on a server: ``dicomweb:`` cells (imaging), ``fhir:Patient/<id>`` cells (ehr).
     """
 
     patient_id: str
     index_time: datetime
     paths: dict[Modality, Path]
-    remote: dict[Modality, DicomWebRef] = field(default_factory=dict)
+    remote: dict[Modality, DicomWebRef | FhirRef] = field(default_factory=dict)
 
 
 class Tensorizer(ABC):
@@ -156,8 +157,8 @@ class Ingestor(ABC):
         """Whether this row has anything for this ingestor to read."""
         return self.modality in request.paths
 
-    def sources(self, request: IngestRequest) -> Sequence[Path | DicomWebRef]:
-        """The files or folders (or DICOMweb references) :meth:`read` uses for this row (they key the cache)."""
+    def sources(self, request: IngestRequest) -> Sequence[Path | DicomWebRef | FhirRef]:
+        """The files or folders (or server references) :meth:`read` uses for this row (they key the cache)."""
         return [request.paths[self.modality]] if self.modality in request.paths else []
 
     @abstractmethod

@@ -107,13 +107,14 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
 from meddx.config import ImagingConfig, IngestConfig
 from meddx.dicomweb.ref import DicomWebRef
 from meddx.errors import IngestError, short_reason
+from meddx.fhirclient.ref import FhirRef
 from meddx.ingest.base import ArrayField, ArraySpec, ArrayTensorizer, Ingestor, IngestRequest, register_ingestor
 from meddx.ingest.dicom_series import DicomSeries, load_series
 from meddx.ingest.file_checks import check_source
@@ -323,7 +324,7 @@ class ImagingIngestor(Ingestor):
     def wants(self, request: IngestRequest) -> bool:
         return Modality.IMAGING in request.paths or Modality.IMAGING in request.remote
 
-    def sources(self, request: IngestRequest) -> Sequence[Path | DicomWebRef]:
+    def sources(self, request: IngestRequest) -> Sequence[Path | DicomWebRef | FhirRef]:
         if Modality.IMAGING in request.remote:
             return [request.remote[Modality.IMAGING]]
         return super().sources(request)
@@ -331,7 +332,7 @@ class ImagingIngestor(Ingestor):
     def read(self, request: IngestRequest) -> ModalityRecord | None:
         config = self.config.imaging
         if Modality.IMAGING in request.remote:
-            return self._read_dicomweb(request.remote[Modality.IMAGING], request)
+            return self._read_dicomweb(cast(DicomWebRef, request.remote[Modality.IMAGING]), request)
         path = Path(request.paths[Modality.IMAGING])
         check_source(
             path,

@@ -95,14 +95,15 @@ import logging
 import math
 import re
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone, tzinfo
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from meddx.errors import IngestError
+from meddx.errors import IngestError, MeddxError
+from meddx.fhirclient.ref import FhirRef
 from meddx.ingest.base import Ingestor, IngestRequest, register_ingestor
 from meddx.ingest.ehr_tensorizer import CODE_KINDS, EhrTensorizer
 from meddx.ingest.fhir_bulk import BulkIndex, patient_reference_id
@@ -583,51 +584,71 @@ class FhirIngestor(Ingestor):
 
     modality = Modality.EHR
     tensorizer_class = EhrTensorizer
+    version = 2  # 2: events of the same time in a fixed order; fhir:Patient/<id> sources
+
+    def wants(self, request: IngestRequest) -> bool:
+        return Modality.EHR in request.paths or isinstance(request.remote.get(Modality.EHR), FhirRef)
+
+    def sources(self, request: IngestRequest) -> Sequence[Path | FhirRef]:
+        remote = request.remote.get(Modality.EHR)
+        if isinstance(remote, FhirRef):
+            return [remote]
+        return [request.paths[Modality.EHR]] if Modality.EHR in request.paths else []
 
     def read(self, request: IngestRequest) -> ModalityRecord | None:
-        return self.read_patient(request.paths[Modality.EHR], request.patient_id, request.index_time)
+        remote = request.remote.get(Modality.EHR)
+        source = remote if isinstance(remote, FhirRef) else request.paths[Modality.EHR]
+        return self.read_patient(source, request.patient_id, request.index_time)
 
     def read_patient(
         self,
-        path: str | Path,
+        path: str | Path | FhirRef,
         patient_id: str,
         index_time: datetime,
         *,
         resource_types: Iterable[str] | None = None,
         modality: Modality = Modality.EHR,
     ) -> ModalityRecord:
-        """Read one patient's resources from a Bundle or Bulk export.
+        """Read one patient's resources from a Bundle, a Bulk export or the FHIR server.
 
         Args:
-            path: a Bundle JSON file, a Bulk export folder, or one ``.ndjson`` file.
-            patient_id: the FHIR Patient id.
+            path: a Bundle JSON file, a Bulk export folder, one ``.ndjson`` file, or a
+                :class:`~meddx.fhirclient.ref.FhirRef` (``fhir:Patient/<id>`` on the configured server).
+            patient_id: the FHIR Patient id (for a ``FhirRef``, the reference's id is used).
             index_time: nothing dated after it is kept.
             resource_types: read only these types (Patient is always read); default all used.
             modality: the modality named in errors (the notes ingestor reads through this one).
 
         Raises:
-            IngestError: unreadable or invalid file, another patient's Bundle, unsupported version.
+            IngestError: unreadable or invalid file, another patient's Bundle, unsupported version,
+                a failed request to the server.
         """
-        path = Path(path)
         types = set(USED_TYPES if resource_types is None else resource_types) | {"Patient"}
-        # A Bundle is parsed whole, so its size is limited; Bulk NDJSON is streamed line by line, each
-        # line held to the same limit (BulkIndex.build).
-        limit = None if path.suffix == ".ndjson" else self.config.ehr.max_file_mb
-        check_source(
-            path,
-            str(modality),
-            max_file_mb=limit,
-            folder_ok=True,
-            expected="a FHIR Bundle JSON file or a Bulk export folder",
-        )
         warnings: list[str] = []
         counts: Counter = Counter({key: 0 for key in COUNT_KEYS})
-        if path.is_dir() or path.suffix == ".ndjson":
-            source_kind = "bulk"
-            raws = self._bulk_raws(path, patient_id, types, modality, counts, warnings)
+        if isinstance(path, FhirRef):
+            source_kind = "fhir"
+            patient_id = path.patient_id
+            raws = self._server_raws(path, index_time, types, modality)
+            shown: str | Path = str(path)
         else:
-            source_kind = "bundle"
-            raws = _bundle_raws(path, patient_id, types, modality)
+            path = shown = Path(path)
+            # A Bundle is parsed whole, so its size is limited; Bulk NDJSON is streamed line by line, each
+            # line held to the same limit (BulkIndex.build).
+            limit = None if path.suffix == ".ndjson" else self.config.ehr.max_file_mb
+            check_source(
+                path,
+                str(modality),
+                max_file_mb=limit,
+                folder_ok=True,
+                expected="a FHIR Bundle JSON file or a Bulk export folder",
+            )
+            if path.is_dir() or path.suffix == ".ndjson":
+                source_kind = "bulk"
+                raws = self._bulk_raws(path, patient_id, types, modality, counts, warnings)
+            else:
+                source_kind = "bundle"
+                raws = _bundle_raws(path, patient_id, types, modality)
         zone = self.config.site_zone()
         parsed: list[_Parsed] = []
         invalid: list[str] = []
@@ -647,8 +668,29 @@ class FhirIngestor(Ingestor):
             parsed.append(_Parsed(kind, model, when, raw.where))
         if invalid and not parsed:
             more = f" (and {len(invalid) - 1} more)" if len(invalid) > 1 else ""
-            raise IngestError(path, str(modality), f"no resource of the patient is valid FHIR: {invalid[0]}{more}")
-        return _build_record(path, modality, patient_id, index_time, parsed, counts, warnings, source_kind, zone)
+            raise IngestError(shown, str(modality), f"no resource of the patient is valid FHIR: {invalid[0]}{more}")
+        return _build_record(shown, modality, patient_id, index_time, parsed, counts, warnings, source_kind, zone)
+
+    # ------------------------------------------------------------------ FHIR server
+
+    def _server_raws(self, ref: FhirRef, index_time: datetime, types: set[str], modality: Modality) -> list[_Raw]:
+        """The patient's resources from the server's searches, through the same entry rules as a Bundle's."""
+        from meddx.fhirclient.search import patient_resources
+
+        try:
+            answer = patient_resources(self.config.fhir, ref, index_time, types)
+        except MeddxError as exc:  # FhirRequestError, FhirAuthError, ConfigError
+            raise IngestError(str(ref), str(modality), str(exc)) from None
+        bundle: dict[str, Any] = {"resourceType": "Bundle", "entry": [{"resource": r} for r in answer.resources]}
+        if answer.fhir_version:
+            bundle["fhirVersion"] = answer.fhir_version  # the server's CapabilityStatement, as a container's
+        if not answer.resources:
+            raise IngestError(
+                str(ref),
+                str(modality),
+                "the FHIR server holds no Patient with that id and no resources of it; check the manifest's ehr cell",
+            )
+        return _entries_raws(bundle, str(ref), ref.patient_id, types, modality)
 
     # ------------------------------------------------------------------ Bulk
 
@@ -716,6 +758,10 @@ class FhirIngestor(Ingestor):
 
 
 def _bundle_raws(path: Path, patient_id: str, types: set[str], modality: Modality) -> list[_Raw]:
+    return _entries_raws(_load_bundle(path, modality), path, patient_id, types, modality)
+
+
+def _load_bundle(path: Path, modality: Modality) -> dict[str, Any]:
     mod = str(modality)
     try:
         data = json.loads(path.read_bytes())
@@ -732,6 +778,14 @@ def _bundle_raws(path: Path, patient_id: str, types: set[str], modality: Modalit
             mod,
             f"holds {kind or 'no FHIR resource'}, not a Bundle; give a Bundle JSON file or a Bulk export folder",
         )
+    return data
+
+
+def _entries_raws(
+    data: dict[str, Any], path: str | Path, patient_id: str, types: set[str], modality: Modality
+) -> list[_Raw]:
+    """The patient's resources of ``types`` among a Bundle's entries (a file's, or the server's answers)."""
+    mod = str(modality)
     entries = data.get("entry") or []
     if not isinstance(entries, list):
         raise IngestError(path, mod, "Bundle.entry is not a list")
@@ -794,8 +848,14 @@ def _refers_to(resource: Mapping[str, Any], patient_id: str, aliases: set[str]) 
     return False
 
 
+def _event_order(event: Event) -> tuple:
+    value = event.value if event.value is not None else -math.inf
+    time = cast(datetime, event.time)  # every event here is dated (built from a kept time)
+    return (time, event.kind, event.code, value, event.unit or "", event.text or "")
+
+
 def _build_record(
-    path: Path,
+    path: str | Path,
     modality: Modality,
     patient_id: str,
     index_time: datetime,
@@ -841,7 +901,9 @@ def _build_record(
                 counts["uncoded_resources"] += 1
             else:
                 events.append(Event(when, CODE_KINDS[item.resource_type], code))
-    events.sort(key=lambda e: cast(datetime, e.time))  # every event here is dated (built from a kept time)
+    # Time order; events of the same time in a fixed order, so the record does not depend on the order the
+    # resources were listed in (a Bundle's entries, a Bulk export's files, a server's search pages).
+    events.sort(key=_event_order)
     resources = Counter(p.resource_type for p in kept)
     if patient is not None:
         resources["Patient"] += 1

@@ -69,6 +69,7 @@ import numpy as np
 
 from meddx.config import IngestConfig, NotesConfig
 from meddx.errors import ConfigError, IngestError
+from meddx.fhirclient.ref import FhirRef
 from meddx.ingest.base import ArrayField, ArraySpec, ArrayTensorizer, Ingestor, IngestRequest, register_ingestor
 from meddx.ingest.fhir import FhirIngestor
 from meddx.ingest.file_checks import check_source, regular_files
@@ -308,10 +309,12 @@ class NotesIngestor(Ingestor):
         self._tokenizer: Any = None
 
     def wants(self, request: IngestRequest) -> bool:
-        return Modality.NOTES in request.paths or Modality.EHR in request.paths
+        return Modality.NOTES in request.paths or Modality.EHR in request.paths or Modality.EHR in request.remote
 
-    def sources(self, request: IngestRequest) -> list[Path]:
-        return [request.paths[m] for m in (Modality.NOTES, Modality.EHR) if m in request.paths]
+    def sources(self, request: IngestRequest) -> list[Path | FhirRef]:
+        found: list[Path | FhirRef] = [request.paths[m] for m in (Modality.NOTES, Modality.EHR) if m in request.paths]
+        remote = request.remote.get(Modality.EHR)
+        return [*found, remote] if isinstance(remote, FhirRef) else found
 
     # ------------------------------------------------------------------ tokenizer
 
@@ -341,7 +344,10 @@ class NotesIngestor(Ingestor):
             "files_dropped_after_index": 0,
         }
         notes_path = request.paths.get(Modality.NOTES)
-        ehr_path = request.paths.get(Modality.EHR)
+        remote = request.remote.get(Modality.EHR)
+        ehr_path: Path | FhirRef | None = request.paths.get(Modality.EHR) or (
+            remote if isinstance(remote, FhirRef) else None
+        )
         if notes_path is not None:
             files = self._text_sections(Path(notes_path), request.index_time, meta, warnings)
             meta["from_files"] = len(files)
@@ -362,7 +368,7 @@ class NotesIngestor(Ingestor):
             except Exception as exc:  # noqa: BLE001  # a broken EHR file must not fail the good note files
                 reason = f"the FHIR reader failed on it ({type(exc).__name__}: {str(exc)[:200]})"
                 if notes_path is None:
-                    raise IngestError(ehr_path, Modality.NOTES.value, reason) from None
+                    raise IngestError(str(ehr_path), Modality.NOTES.value, reason) from None
                 warnings.append(f"no DocumentReference notes: {ehr_path}: {reason}")
             else:
                 documents = [e for e in ehr.events if e.kind == "note"]

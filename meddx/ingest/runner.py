@@ -43,6 +43,7 @@ from meddx.cohort import Cohort
 from meddx.config import IngestConfig
 from meddx.dicomweb.ref import DicomWebRef
 from meddx.errors import ConfigError, IngestError, MeddxError
+from meddx.fhirclient.ref import FhirRef
 from meddx.ingest.base import Ingestor, IngestRequest, build_ingestors, registered_ingestors
 from meddx.progress import worker_counter
 from meddx.records import MODALITIES, Modality, PatientRecord
@@ -96,10 +97,10 @@ def tasks_for(cohort: Cohort, ingestors: dict[Modality, Ingestor]) -> list[Inges
     return tasks
 
 
-def _display(path: Path | DicomWebRef | None, base: Path) -> str:
+def _display(path: Path | DicomWebRef | FhirRef | None, base: Path) -> str:
     if path is None:
         return ""
-    if isinstance(path, DicomWebRef):
+    if isinstance(path, (DicomWebRef, FhirRef)):
         return str(path)
     try:
         return str(path.relative_to(base))
@@ -492,14 +493,23 @@ def check_run(
     ensure_writable_folder(cache_dir, "--cache")
     if out_dir is not None:
         ensure_writable_folder(out_dir, "--out")
-    if any(task.request.remote for task in tasks):
+    refs = {type(ref) for task in tasks for ref in task.request.remote.values()}
+    if DicomWebRef in refs:
         from meddx.dicomweb.client import check_server
 
         check_server(config.dicomweb)  # refused credentials stop the run here, reported once
+    if FhirRef in refs:
+        from meddx.fhirclient.client import check_server as check_fhir_server
+
+        check_fhir_server(config.fhir)  # the same for the FHIR server
 
 
 def with_dicomweb_store(config: IngestConfig, cache_dir: str | Path) -> IngestConfig:
-    """The config with ``dicomweb.cache_dir`` set to ``<cache_dir>/dicomweb`` when it is not set."""
+    """The config with ``dicomweb.cache_dir`` set to ``<cache_dir>/dicomweb`` and ``fhir.cache_dir`` to
+    ``<cache_dir>/fhir`` (the FHIR server's answers), each when it is not set."""
+    if config.fhir.cache_dir is None:
+        answers = str(Path(cache_dir).resolve() / "fhir")
+        config = config.model_copy(update={"fhir": config.fhir.model_copy(update={"cache_dir": answers})})
     if config.dicomweb.cache_dir is not None:
         return config
     store = str(Path(cache_dir).resolve() / "dicomweb")
@@ -523,7 +533,7 @@ def prefetch_remote(
     wanted: dict[DicomWebRef, list[IngestTask]] = {}
     for task in tasks:
         ref = task.request.remote.get(task.modality)
-        if ref is None:
+        if not isinstance(ref, DicomWebRef):  # fhir: sources are read by the EHR reader itself
             continue
         key = cache_key(
             task.modality,
