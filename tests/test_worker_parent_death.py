@@ -25,7 +25,7 @@ HANG = 600.0  # seconds: only a hang takes this long (the workers stop within a 
 # The parent: an ingest run with 2 workers. When the file "hold-bootstrap" exists, each worker, while it
 # imports its parent's main module (the first thing a spawned process does, before any meddx code of its
 # own runs: where it would import torch), leaves a marker and waits for "release".
-PARENT = '''
+PARENT = """
 import os, sys, time
 from pathlib import Path
 
@@ -40,10 +40,10 @@ if __name__ == "__main__":
     from meddx.ingest.runner import ingest_cohort
 
     ingest_cohort(load_cohort(sys.argv[1]), sys.argv[2], workers=2, progress=False, plugins=("slow_plugin",))
-'''
+"""
 
 # A plugin whose import never ends in a worker: the workers' initializer (which imports plugins) still runs.
-PLUGIN = '''
+PLUGIN = """
 import multiprocessing, os, time
 from pathlib import Path
 
@@ -51,7 +51,7 @@ if multiprocessing.parent_process() is not None:  # a worker (the parent imports
     (Path(os.environ["MEDDX_TEST_MARKS"]) / f"init-{os.getpid()}").touch()
     while True:
         time.sleep(0.05)
-'''
+"""
 
 
 def wait_for(condition: Callable[[], bool], what: str, parent: subprocess.Popen | None = None) -> None:
