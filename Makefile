@@ -13,8 +13,8 @@ PIP := $(PY) -m pip install --quiet -c $(CONSTRAINTS)
 LATEST_VENV := .venv-latest
 LATEST_PY := $(LATEST_VENV)/bin/python
 LATEST_TESTS := tests/test_sample_data.py tests/test_ingest_video.py tests/test_ingest_dicom.py \
-	tests/test_ingest_fhir.py tests/test_ingest_audio.py tests/test_ingest_notes.py tests/test_models_checkpoint.py \
-	tests/test_schemas.py tests/test_calibration.py tests/test_metrics.py
+	tests/test_ingest_fhir.py tests/test_ingest_audio.py tests/test_ingest_notes.py tests/test_ingest_device_logs.py \
+	tests/test_models_checkpoint.py tests/test_schemas.py tests/test_calibration.py tests/test_metrics.py
 
 .PHONY: demo test test-latest lint install constraints sample-data schemas bench clean
 
