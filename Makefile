@@ -58,7 +58,7 @@ lint: $(LINT_STAMP)
 	$(VENV)/bin/ruff format --check meddx
 	$(VENV)/bin/mypy
 
-# Regenerate the committed sample cohort byte-for-byte.
+# Regenerate the committed sample cohort (byte for byte, except the videos: the same decoded frames).
 sample-data: $(STAMP)
 	rm -rf sample_data
 	$(VENV)/bin/meddx sample-data --out sample_data --patients 60 --seed 7
