@@ -25,7 +25,6 @@ import importlib
 import itertools
 import logging
 import os
-import queue
 import sys
 import tempfile
 import threading
@@ -167,7 +166,11 @@ def _start_worker(parent: int, started: Any, initializer: Callable[..., None], i
 
 
 def _run_task(work: Callable[[Any], Any], token: int, task: Any) -> Any:
-    """Run one task in a worker, first telling the parent it started (its time limit counts from here)."""
+    """Run one task in a worker, first telling the parent it started (its time limit counts from here).
+
+    The put writes to the pipe before the task runs (a SimpleQueue has no feeder thread), so a task
+    that hangs holding the GIL (in a native decoder) is still known to have started.
+    """
     if _started_queue is not None:
         _started_queue.put(token)
     return work(task)
@@ -253,7 +256,7 @@ class _Pool:
     """A process pool, and the queue its workers use to say when each task starts."""
 
     executor: ProcessPoolExecutor
-    started: Any  # a multiprocessing queue of task tokens
+    started: Any  # a multiprocessing SimpleQueue of task tokens: written before the task runs, no feeder thread
     tokens: Iterator[int] = field(default_factory=itertools.count)
     running: set[int] = field(default_factory=set)  # tokens of the tasks submitted and not finished
     started_at: dict[int, float] = field(default_factory=dict)
@@ -271,11 +274,8 @@ class _Pool:
     def note_started(self) -> None:
         """Record the time of every start the workers have reported since the last look."""
         now = time.monotonic()
-        while True:
-            try:
-                token = self.started.get_nowait()
-            except queue.Empty:
-                return
+        while not self.started.empty():  # this process is the queue's only reader: get() will not block
+            token = self.started.get()
             if token in self.running:  # a start can be told after its result came back
                 self.started_at[token] = now
 
@@ -340,7 +340,7 @@ class WorkerPool:
         import multiprocessing
 
         context = multiprocessing.get_context("spawn")  # no fork of a parent holding threads/torch
-        started = context.Queue()
+        started = context.SimpleQueue()
         # The parent's PID is taken here, in the parent: a worker cannot learn it once its parent is gone.
         initargs = (os.getpid(), started, self.initializer, self.initargs)
         executor = ProcessPoolExecutor(size, mp_context=context, initializer=_start_worker, initargs=initargs)
