@@ -173,7 +173,7 @@ def test_a_killed_ingest_leaves_no_worker_behind(tmp_path: Path) -> None:
     args = [sys.executable, "-m", "meddx.cli", "ingest", str(manifest), "--cache", str(cache), "--workers", "2",
             "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
     deadline = time.monotonic() + 600  # the bounds here are only reached by a hang
     children: list[int] = []
     while len(children) < 3:  # both workers spawned (by the main thread), and the resource tracker

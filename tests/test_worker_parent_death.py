@@ -89,7 +89,7 @@ def ingest_run(tmp_path: Path) -> Iterator[Callable[[], tuple[subprocess.Popen, 
 
     def start() -> tuple[subprocess.Popen, Path]:
         args = [sys.executable, str(code / "parent.py"), str(tmp_path / "manifest.csv"), str(tmp_path / "cache")]
-        started.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        started.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path))
         return started[-1], marks
 
     yield start
