@@ -173,19 +173,17 @@ def test_a_killed_ingest_leaves_no_worker_behind(tmp_path: Path) -> None:
     args = [sys.executable, "-m", "meddx.cli", "ingest", str(manifest), "--cache", str(cache), "--workers", "2",
             "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
+    process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
+    deadline = time.monotonic() + 600  # the bounds here are only reached by a hang
     children: list[int] = []
-    while len(children) < 2:  # both workers started (spawned by the main thread)
+    while len(children) < 3:  # both workers spawned (by the main thread), and the resource tracker
         assert process.poll() is None, process.stdout.read().decode()
         assert time.monotonic() < deadline
         time.sleep(0.05)
         children = [int(c) for c in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
-    time.sleep(2)  # let the workers reach their initializer (the watch starts there)
-    children = [int(c) for c in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
-    process.send_signal(signal.SIGKILL)
+    process.send_signal(signal.SIGKILL)  # at once: the workers are still starting (tests/test_worker_parent_death.py)
     process.wait()
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 600
     while any(process_alive(child) for child in children):
         assert time.monotonic() < deadline, "an ingest worker outlived the killed ingest run"
         time.sleep(0.2)

@@ -103,7 +103,8 @@ def logged_in(monkeypatch: pytest.MonkeyPatch):
 
 
 def _config(server, **dicomweb) -> IngestConfig:
-    settings = {"url": server.url, "retries": 1, "backoff_s": 0.0, "timeout_s": 10.0, **dicomweb}
+    # a loaded machine may answer slowly: the timeout is only for a hang
+    settings = {"url": server.url, "retries": 1, "backoff_s": 0.0, "timeout_s": 300.0, **dicomweb}
     return IngestConfig(imaging=ImagingConfig(spatial_size=(8, 16, 16)), dicomweb=DicomWebConfig(**settings))
 
 

@@ -90,3 +90,22 @@ def test_a_hung_reader_is_stopped_and_the_run_goes_on(tmp_path: Path, echo_regis
     assert status == {"p0": "ok", "p1": "error", "p2": "ok", "p3": "ok"}
     hung = next(o for o in report.outcomes if o.patient_id == "p1")
     assert "took longer than 15 s" in hung.error and "p1.txt" in hung.error
+
+
+def test_a_slow_worker_start_up_does_not_count_against_a_file(tmp_path: Path, echo_registry, monkeypatch) -> None:
+    """The task timeout counts from when a worker starts the file: workers that take longer than it to
+    start (importing torch on a loaded machine) time no file out."""
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "slow_start_plugin.py").write_text(
+        "import multiprocessing, time\n"
+        "if multiprocessing.parent_process() is not None:  # in the workers only\n"
+        "    time.sleep(16)  # a start-up longer than the 15 s timeout below\n"
+    )
+    monkeypatch.syspath_prepend(str(code))  # the spawned workers inherit sys.path
+    manifest = make_cohort(tmp_path, ["ok", "fine"])
+    report = ingest_cohort(
+        load_cohort(manifest), tmp_path / "cache", workers=2, progress=False,
+        plugins=("slow_start_plugin", *PLUGIN), task_timeout=15,
+    )
+    assert [o.status for o in report.outcomes] == ["ok", "ok"], [o.error for o in report.outcomes]

@@ -23,6 +23,7 @@ from typing import BinaryIO
 
 ORTHANC = shutil.which("Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+START_TIMEOUT = 300.0  # seconds Orthanc may take to answer after its start (only a broken install takes this long)
 
 
 def orthanc_available() -> bool:
@@ -79,19 +80,19 @@ class OrthancServer:
             )
         self._log = open(self.folder / "orthanc.log", "wb")  # noqa: SIM115 (open while the server runs)
         self.process = subprocess.Popen([str(ORTHANC), str(config_path)], stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"Orthanc exited at start; see {self.folder / 'orthanc.log'}")
             try:
-                answer = requests.get(f"{self.url}/studies", auth=(self.user, self.password), timeout=1)
+                answer = requests.get(f"{self.url}/studies", auth=(self.user, self.password), timeout=5)
                 if answer.status_code == 200:
                     return self
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not up yet, or a loaded machine
                 pass
             time.sleep(0.1)
         self.stop()
-        raise RuntimeError(f"Orthanc did not answer within 30 s; see {self.folder / 'orthanc.log'}")
+        raise RuntimeError(f"Orthanc did not answer within {START_TIMEOUT:g} s; see {self.folder / 'orthanc.log'}")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

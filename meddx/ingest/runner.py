@@ -22,6 +22,7 @@ Workers are spawned (not forked), so a script that calls :func:`ingest_cohort` (
 from __future__ import annotations
 
 import importlib
+import itertools
 import logging
 import os
 import sys
@@ -30,10 +31,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -130,24 +131,51 @@ def init_worker(config_json: str, cache_root: str, plugins: tuple[str, ...] = ()
     _worker_config = IngestConfig.model_validate_json(config_json)
     _worker_ingestors = build_ingestors(_worker_config)
     _worker_cache = RecordCache(cache_root)
-    if in_worker:
-        _exit_with_parent()
 
 
-def _exit_with_parent(every: float = 1.0) -> None:
-    """Stop this worker when the process that started it is gone (killed with SIGKILL, say).
+def _exit_with_parent(parent: int, every: float = 1.0) -> None:
+    """Stop this worker now, or as soon as ``parent`` (the PID the parent gave) is no longer its parent.
 
     A pool's workers hold both ends of their task queue, so a dead parent never reads as the end
-    of the queue: without this, each would wait forever, holding its memory (over 1 GiB).
+    of the queue: without this, each would wait forever, holding its memory (over 1 GiB). The PID
+    must come from the parent: a parent killed while this worker was still starting (importing
+    torch) is gone before the worker could ask, and ``os.getppid()`` then names the process that
+    adopted the orphan. The watch runs before the initializer, so a parent that dies while the
+    workers import their plugins or build their readers stops them too. (``PR_SET_PDEATHSIG`` is no
+    substitute: it fires when the parent *thread* that started the worker ends, and the streaming
+    feeder starts workers from a thread that ends before the pool does.)
     """
-    parent = os.getppid()
+    if os.getppid() != parent:  # an orphan is handed to another process (PID 1 or a subreaper)
+        os._exit(0)
 
     def watch() -> None:
-        while os.getppid() == parent:  # an orphan is handed to another process
+        while os.getppid() == parent:
             time.sleep(every)
         os._exit(0)
 
     threading.Thread(target=watch, name="meddx-parent-watch", daemon=True).start()
+
+
+_started_queue: Any = None  # this worker's end of its pool's queue of started tasks
+
+
+def _start_worker(parent: int, started: Any, initializer: Callable[..., None], initargs: tuple) -> None:
+    """The initializer every :class:`WorkerPool` worker runs: the parent watch first, then ``initializer``."""
+    global _started_queue
+    _exit_with_parent(parent)
+    _started_queue = started
+    initializer(*initargs)
+
+
+def _run_task(work: Callable[[Any], Any], token: int, task: Any) -> Any:
+    """Run one task in a worker, first telling the parent it started (its time limit counts from here).
+
+    The put writes to the pipe before the task runs (a SimpleQueue has no feeder thread), so a task
+    that hangs holding the GIL (in a native decoder) is still known to have started.
+    """
+    if _started_queue is not None:
+        _started_queue.put(token)
+    return work(task)
 
 
 def worker_cache() -> RecordCache | None:
@@ -221,29 +249,69 @@ def _timed_out(timeout: float) -> str:
 # ----------------------------------------------------------------- scheduling
 
 
-def _kill(pool: ProcessPoolExecutor) -> None:
-    """Stop a pool whose worker hangs: the executor has no per-task cancel once a task runs."""
-    for process in list((getattr(pool, "_processes", None) or {}).values()):
-        process.terminate()
-    pool.shutdown(wait=False, cancel_futures=True)
+START_LIMIT = 600.0  # seconds a task may wait for its worker to start it (beyond its timeout) before it is stopped
+_POLL = 0.5  # seconds between looks for started tasks while some wait for theirs
+
+
+@dataclass
+class _Pool:
+    """A process pool, and the queue its workers use to say when each task starts."""
+
+    executor: ProcessPoolExecutor
+    started: Any  # a multiprocessing SimpleQueue of task tokens: written before the task runs, no feeder thread
+    tokens: Iterator[int] = field(default_factory=itertools.count)
+    running: set[int] = field(default_factory=set)  # tokens of the tasks submitted and not finished
+    started_at: dict[int, float] = field(default_factory=dict)
+
+    def submit(self, work: Callable[[Any], Any], task: Any) -> tuple[Future, int]:
+        token = next(self.tokens)
+        future = self.executor.submit(_run_task, work, token, task)
+        self.running.add(token)
+        return future, token
+
+    def finished(self, token: int) -> None:
+        self.running.discard(token)
+        self.started_at.pop(token, None)
+
+    def note_started(self) -> None:
+        """Record the time of every start the workers have reported since the last look."""
+        now = time.monotonic()
+        while not self.started.empty():  # this process is the queue's only reader: get() will not block
+            token = self.started.get()
+            if token in self.running:  # a start can be told after its result came back
+                self.started_at[token] = now
+
+    def deadline(self, token: int, submitted: float, timeout: float) -> float:
+        """When a task's time is up: ``timeout`` after it started, or a start-up that hangs."""
+        started = self.started_at.get(token)
+        return submitted + timeout + START_LIMIT if started is None else started + timeout
+
+    def kill(self) -> None:
+        """Stop a pool whose worker hangs: the executor has no per-task cancel once a task runs."""
+        for process in list((getattr(self.executor, "_processes", None) or {}).values()):
+            process.terminate()
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 class WorkerPool:
     """Long-lived spawned worker processes, reused by every :meth:`run` until one crashes or hangs.
 
     At most ``workers`` tasks are in flight, so that a crash or a hang implicates only those.
-    Each in-flight task has a worker of its own, so its run time counts from its submission
-    (for a worker's first task, that includes the worker's start-up: a few seconds).
+    A task's time limit counts from the moment a worker starts it (each worker says so), so a
+    worker's own start-up (a few seconds, minutes on a loaded machine) never counts against a
+    file; a task no worker has started ``START_LIMIT`` seconds past its limit (a start-up that
+    hangs) is stopped the same way.
     A task past ``timeout`` is reported and the pool killed; the tasks that were in flight
     beside it go back in the queue. After a crash, the tasks that were in flight are re-run
     one by one: the one that breaks a pool alone is the culprit. A fresh pool replaces a
     killed one; otherwise the same processes serve every call (batch diagnosis calls
-    :meth:`run` once per chunk of rows).
+    :meth:`run` once per chunk of rows). Workers stop by themselves when this process dies,
+    at any moment, their start-up included (:func:`_exit_with_parent`).
 
     Args:
         workers: worker processes.
         initargs: arguments of ``initializer`` in each worker.
-        timeout: seconds one task may take (None: no limit).
+        timeout: seconds one task may take once a worker has started it (None: no limit).
         initializer: runs once in each new worker (default: builds the ingestors and cache).
         work: the function each task is given to in a worker (must be importable).
         failed: ``(task, reason) -> outcome`` for a task that crashed or hung its worker.
@@ -268,13 +336,17 @@ class WorkerPool:
         self.initializer = initializer
         self.work = work
         self.failed = failed
-        self._pool: ProcessPoolExecutor | None = None
+        self._pool: _Pool | None = None
 
-    def _new_pool(self, size: int) -> ProcessPoolExecutor:
+    def _new_pool(self, size: int) -> _Pool:
         import multiprocessing
 
         context = multiprocessing.get_context("spawn")  # no fork of a parent holding threads/torch
-        return ProcessPoolExecutor(size, mp_context=context, initializer=self.initializer, initargs=self.initargs)
+        started = context.SimpleQueue()
+        # The parent's PID is taken here, in the parent: a worker cannot learn it once its parent is gone.
+        initargs = (os.getpid(), started, self.initializer, self.initargs)
+        executor = ProcessPoolExecutor(size, mp_context=context, initializer=_start_worker, initargs=initargs)
+        return _Pool(executor, started)
 
     def run(self, tasks: Iterable[Any]) -> Iterator[Any]:
         """Outcomes of ``tasks`` in the order they finish; never raises for a bad task."""
@@ -284,7 +356,7 @@ class WorkerPool:
             if self._pool is None:
                 self._pool = self._new_pool(self.workers)
             pool = self._pool
-            inflight: dict = {}  # future -> (task, submitted at)
+            inflight: dict = {}  # future -> (task, token, submitted at)
             suspects: list = []
             stop = False
             try:
@@ -292,35 +364,41 @@ class WorkerPool:
                     while pending and len(inflight) < self.workers:
                         task = pending.popleft()
                         try:
-                            inflight[pool.submit(self.work, task)] = (task, time.monotonic())
+                            future, token = pool.submit(self.work, task)
                         except BrokenProcessPool:  # a worker died since the last wait
                             pending.appendleft(task)
                             stop = True
                             break
+                        inflight[future] = (task, token, time.monotonic())
                     if not inflight:
                         break
                     wait_for = None
+                    pool.note_started()  # always read: an unread queue would fill and block the workers
                     if timeout is not None:
-                        first_deadline = min(started for _, started in inflight.values()) + timeout
-                        wait_for = max(0.0, first_deadline - time.monotonic())
+                        deadlines = [pool.deadline(token, at, timeout) for _, token, at in inflight.values()]
+                        wait_for = max(0.0, min(deadlines) - time.monotonic())
+                        if any(token not in pool.started_at for _, token, _ in inflight.values()):
+                            wait_for = min(wait_for, _POLL)  # look again for starts soon
                     done, _ = wait(inflight, timeout=wait_for, return_when=FIRST_COMPLETED)
                     for future in done:
-                        task, _ = inflight.pop(future)
+                        task, token, _ = inflight.pop(future)
+                        pool.finished(token)
                         try:
                             yield future.result()
                         except BrokenProcessPool:
                             stop = True
                             suspects.append(task)
                     if stop:
-                        suspects.extend(task for task, _ in inflight.values())
+                        suspects.extend(task for task, _, _ in inflight.values())
                         break
+                    if timeout is None:
+                        continue
+                    pool.note_started()
                     now = time.monotonic()
-                    overdue = [
-                        f for f, (_, started) in inflight.items() if timeout is not None and now - started > timeout
-                    ]
-                    if overdue and timeout is not None:
+                    overdue = [f for f, (_, token, at) in inflight.items() if now > pool.deadline(token, at, timeout)]
+                    if overdue:
                         for future in overdue:
-                            task, _ = inflight.pop(future)
+                            task, _, _ = inflight.pop(future)
                             logger.warning(
                                 "row %d %s: the reader hung; stopped after %g s",
                                 getattr(task, "row", -1),
@@ -328,12 +406,12 @@ class WorkerPool:
                                 timeout,
                             )
                             yield self.failed(task, _timed_out(timeout))
-                        pending.extendleft(reversed([task for task, _ in inflight.values()]))  # innocent: run again
+                        pending.extendleft(reversed([task for task, _, _ in inflight.values()]))  # innocent: run again
                         inflight.clear()
                         stop = True
             finally:
                 if stop or pending or inflight:  # stopped, or the caller left early: not reused
-                    _kill(pool)
+                    pool.kill()
                     self._pool = None
             for task in suspects:
                 yield self._run_alone(task)
@@ -341,7 +419,15 @@ class WorkerPool:
     def _run_alone(self, task: Any) -> Any:
         solo = self._new_pool(1)
         try:
-            outcome = solo.submit(self.work, task).result(timeout=self.timeout)
+            future, token = solo.submit(self.work, task)
+            submitted = time.monotonic()
+            while self.timeout is not None and not future.done():
+                solo.note_started()
+                left = solo.deadline(token, submitted, self.timeout) - time.monotonic()
+                if left <= 0:
+                    raise FutureTimeout
+                wait([future], timeout=min(left, _POLL))
+            outcome = future.result()
         except BrokenProcessPool:
             logger.warning(
                 "row %d %s: the task crashed its worker process",
@@ -351,13 +437,13 @@ class WorkerPool:
             outcome = self.failed(task, CRASHED)
         except FutureTimeout:
             outcome = self.failed(task, _timed_out(self.timeout or 0.0))
-        _kill(solo)
+        solo.kill()
         return outcome
 
     def close(self) -> None:
         """Stop the worker processes (waits for none: every run has finished its tasks)."""
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.executor.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
     def __enter__(self) -> WorkerPool:
