@@ -75,7 +75,7 @@ STRUCTURED_REPORTS = "structured_reports.csv"
 PREDICTION_SHARDS = "predictions"  # the Ray engine's sharded Parquet: predictions/part-NNNNN.parquet
 RUN = "run.json"
 LOCK = ".meddx-diagnose.lock"
-_CHUNK_FILE = re.compile(r"chunk-(\d{5})\.(parquet|ndjson|errors\.csv|srs\.csv)")
+_CHUNK_FILE = re.compile(r"chunk-(\d{5})\.(parquet|ndjson|errors\.csv|srs\.csv|fhir\.csv)")
 ERROR_COLUMNS = ["patient_id", "index_time", "modality", "path", "error"]
 ENGINES = ("local", "ray")
 _NUMERIC_PREFIXES = ("probability", "raw_probability", "contribution:", "ablation:")
@@ -196,7 +196,13 @@ def _column_order(columns: Sequence[str]) -> list[str]:
 
 
 def _plan(
-    manifest: Path, model: ModelFolder, split: str | None, chunk_size: int, rows: Sequence[CohortRow], store_sr: bool
+    manifest: Path,
+    model: ModelFolder,
+    split: str | None,
+    chunk_size: int,
+    rows: Sequence[CohortRow],
+    store_sr: bool,
+    store_fhir: bool = False,
 ) -> dict:
     return {
         "format": RUN_FORMAT,
@@ -207,6 +213,7 @@ def _plan(
         "chunk_size": chunk_size,
         "rows": len(rows),
         "store_sr": store_sr,
+        "store_fhir": store_fhir,
     }
 
 
@@ -272,7 +279,7 @@ def _read_plan(path: Path) -> dict:
         return found
 
 
-def _check_chunk(parts: Path, number: int, rows: int, store_sr: bool) -> None:
+def _check_chunk(parts: Path, number: int, rows: int, store_sr: bool, store_fhir: bool = False) -> None:
     """A finished chunk's files read back: the Parquet's ``rows`` rows, the FHIR lines, the error table."""
     import pyarrow.parquet as pq
 
@@ -286,7 +293,7 @@ def _check_chunk(parts: Path, number: int, rows: int, store_sr: bool) -> None:
         for line in handle:
             if not isinstance(json.loads(line), dict):
                 raise ValueError("a line is not a JSON object")
-    for suffix in (".errors.csv",) + ((".srs.csv",) if store_sr else ()):
+    for suffix in (".errors.csv",) + ((".srs.csv",) if store_sr else ()) + ((".fhir.csv",) if store_fhir else ()):
         path = _part(parts, number, suffix)
         with _state_file(path), open(path, newline="") as handle:
             header = handle.readline().rstrip("\r\n")
@@ -304,12 +311,13 @@ def _done_chunks(parts: Path, plan: dict, rows_per_chunk: Sequence[int]) -> set[
         if match is None or int(match.group(1)) >= len(rows_per_chunk):
             raise ConfigError(
                 f"--resume: {path} is not a file of this run ({len(rows_per_chunk)} chunks, files "
-                f"chunk-NNNNN.parquet/.ndjson/.errors.csv); remove it, or run without --resume to start over"
+                f"chunk-NNNNN.parquet/.ndjson/.errors.csv/.srs.csv/.fhir.csv); remove it, or run without --resume "
+                "to start over"
             )
         if match.group(2) == "parquet":
             done.add(int(match.group(1)))
     for number in sorted(done):
-        _check_chunk(parts, number, rows_per_chunk[number], bool(plan.get("store_sr")))
+        _check_chunk(parts, number, rows_per_chunk[number], bool(plan.get("store_sr")), bool(plan.get("store_fhir")))
     return done
 
 
@@ -751,7 +759,7 @@ def diagnose(
     _lock_run_folder(out)
 
     chunks = [(k, rows[i : i + chunk_size]) for k, i in enumerate(range(0, len(rows), chunk_size))]
-    plan = _plan(manifest, checked, split, chunk_size, rows, store_sr)
+    plan = _plan(manifest, checked, split, chunk_size, rows, store_sr, store_fhir)
     finished = _finished_run(out, plan) if resume else None
     if finished is not None:
         logger.info("--resume: %s holds this run, complete; nothing to do", out)
