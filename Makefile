@@ -34,7 +34,9 @@ $(LINT_STAMP): $(STAMP)
 
 test-latest:
 	@echo "installing the newest versions pip resolves for meddx into $(LATEST_VENV) (no constraints: a few minutes)"
-	test -x $(LATEST_PY) || $(PYTHON) -m venv $(LATEST_VENV)
+	# seeded with a copy of $(VENV) when there is one (PyTorch is most of it); --upgrade-strategy eager
+	# then moves every package to the newest release pyproject.toml's ranges admit
+	test -x $(LATEST_PY) || { test -x $(PY) && cp -a $(VENV) $(LATEST_VENV); } || $(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_PY) -m pip install --quiet --upgrade pip
 	$(LATEST_PY) -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[test,lint]'
 	@echo "newer than $(CONSTRAINTS):"; $(LATEST_PY) -m pip freeze --all --exclude-editable | grep -vxF -f $(CONSTRAINTS) || echo "  none"
