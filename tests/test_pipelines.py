@@ -69,9 +69,14 @@ def test_a_bad_pipeline_is_refused_before_any_work_with_every_problem(tmp_path: 
 
 
 def test_demo_yaml_runs(tmp_path: Path, sample_cache: Path) -> None:
+    """demo.yaml as committed, but for the cohort size: 60 patients, as sample_data (the full demo takes minutes)."""
+    data = yaml.safe_load((REPO / "pipelines" / "demo.yaml").read_text())
+    assert data["steps"][0]["step"] == "sample-data"
+    data["steps"][0]["patients"] = 60
+    smaller = tmp_path / "demo.yaml"
+    smaller.write_text(yaml.safe_dump(data))
     out = tmp_path / "demo"
-    args = ["run", str(REPO / "pipelines" / "demo.yaml"), "--out", str(out), "--cache", str(sample_cache),
-            "--workers", "2", "--quiet"]
+    args = ["run", str(smaller), "--out", str(out), "--cache", str(sample_cache), "--workers", "2", "--quiet"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "[4/4] evaluate" in result.output and "pipeline demo done" in result.output
