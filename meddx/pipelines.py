@@ -420,9 +420,10 @@ _RUNNERS: dict[str, Callable[..., Any]] = {
 DEMO_YAML = """\
 # The whole job on a synthetic cohort, as `meddx demo` runs it: generate 600 patients
 # (360 train, 120 validation, 120 test rows), train a new backbone end to end on the training
-# rows, calibrate it on the validation rows, diagnose the test split, evaluate. About 3 minutes
-# on 2 idle CPU cores (docs/training.md, "The demo"). `meddx demo --patients 60` runs the same
-# on the committed sample cohort's size: a few dozen training rows, a test AUROC near chance.
+# rows (the fine-tuning defaults: at most 15 epochs of 64 rows), calibrate it on the validation
+# rows, diagnose the test split, evaluate (README, "make demo": its figures and time).
+# `meddx demo --patients 60` runs it at the committed sample cohort's size: a few dozen
+# training rows give a test AUROC near chance.
 version: 1
 name: demo
 description: sample data, fine-tune and calibrate, diagnose the test split, evaluate
@@ -436,9 +437,8 @@ steps:
     manifest: "{out}/sample_data/manifest.csv"
     out: "{out}/model"
     mode: full
-    epochs: 8
-    batch_size: 32
-    patience: 4
+    epochs: 15
+    patience: 5
   - step: diagnose
     manifest: "{out}/sample_data/manifest.csv"
     model: "{out}/model"
