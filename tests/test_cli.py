@@ -169,7 +169,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
                      r"n 12 rows", result.output)
     assert "what it means: AUROC is the chance" in result.output
     assert f"report: {out / 'evaluation' / 'report.html'}" in result.output
-    assert re.search(r"demo time: \d+ s", result.output.splitlines()[-1])
+    assert re.search(r"demo time: \d+ s", result.output.strip().splitlines()[-1])
     metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
     auroc = metrics["tasks"]["disease"]["overall"]["after_calibration"]["auroc"]
     interval = f"{auroc['low']:.3f}-{auroc['high']:.3f}"
