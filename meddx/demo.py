@@ -75,7 +75,7 @@ def _tested(name: str, task: dict[str, Any]) -> list[str]:
         f"one without (0.5: a coin, 1: perfect; about {BEST_POSSIBLE_AUROC} is the best any model can do on "
         f"this generator, docs/training.md); {verdict}. It grows with labelled training rows: a few "
         f"dozen (meddx demo --patients 60) give 0.5 to 0.7, which a dozen test rows cannot tell from "
-        f"chance; 360 (the default demo) about 0.82; 1800 about 0.89 (docs/training.md). A conformal "
+        f"chance; 360 (the default demo) about 0.83; 1800 about 0.89 (docs/training.md). A conformal "
         f"set holds the true label for about 90% of patients; '0|1' (size 2) means the model cannot "
         f"tell for that patient."
     )
