@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -154,16 +156,29 @@ def test_bad_arguments_exit_2() -> None:
 
 
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    """The demo at the committed sample cohort's size (the full 600-patient demo takes minutes)."""
     out = tmp_path / "demo"
-    result = CliRunner().invoke(main, ["demo", "--out", str(out), "--quiet", "--workers", "2"])
+    args = ["demo", "--out", str(out), "--patients", "60", "--quiet", "--workers", "2"]
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "diagnosed 12 of 12 rows" in result.output and "0 ingest errors" in result.output
-    assert "test split, disease: AUROC" in result.output
+    # the summary says what was trained on how many rows, the figure with its interval, and what it means
+    assert "trained: a new backbone, trained from scratch end to end" in result.output
+    assert "on the 36 labelled training rows" in result.output and "calibrated on 12 validation rows" in result.output
+    assert re.search(r"test split, disease: AUROC [01]\.\d{3} \(95% bootstrap interval [01]\.\d{3}-[01]\.\d{3}\), "
+                     r"n 12 rows", result.output)
+    assert "what it means: AUROC is the chance" in result.output
     assert f"report: {out / 'evaluation' / 'report.html'}" in result.output
+    assert re.search(r"demo time: \d+ s", result.output.strip().splitlines()[-1])
+    metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
+    auroc = metrics["tasks"]["disease"]["overall"]["after_calibration"]["auroc"]
+    interval = f"{auroc['low']:.3f}-{auroc['high']:.3f}"
+    assert f"AUROC {auroc['value']:.3f} (95% bootstrap interval {interval})" in result.output
     predictions = pd.read_parquet(out / "diagnose" / "predictions.parquet")
     assert len(predictions) == 12 and predictions["probability"].between(0, 1).all()
     assert (out / "diagnose" / "risk_assessments.ndjson").is_file() and (out / "evaluation" / "report.html").is_file()
     assert (out / "model" / "model.safetensors").is_file() and (out / "sample_data" / "manifest.csv").is_file()
+    assert len(pd.read_csv(out / "sample_data" / "manifest.csv")) == 60
 
 
 def test_a_killed_ingest_leaves_no_worker_behind(tmp_path: Path) -> None:

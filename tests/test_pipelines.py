@@ -69,9 +69,16 @@ def test_a_bad_pipeline_is_refused_before_any_work_with_every_problem(tmp_path: 
 
 
 def test_demo_yaml_runs(tmp_path: Path, sample_cache: Path) -> None:
+    """demo.yaml as committed but smaller: 60 patients, as sample_data, and 2 epochs (the full demo takes minutes;
+    tests/test_cli.py runs `meddx demo --patients 60` with the demo's own training settings)."""
+    data = yaml.safe_load((REPO / "pipelines" / "demo.yaml").read_text())
+    assert [s["step"] for s in data["steps"]] == ["sample-data", "finetune", "diagnose", "evaluate"]
+    data["steps"][0]["patients"] = 60
+    data["steps"][1]["epochs"] = 2
+    smaller = tmp_path / "demo.yaml"
+    smaller.write_text(yaml.safe_dump(data))
     out = tmp_path / "demo"
-    args = ["run", str(REPO / "pipelines" / "demo.yaml"), "--out", str(out), "--cache", str(sample_cache),
-            "--workers", "2", "--quiet"]
+    args = ["run", str(smaller), "--out", str(out), "--cache", str(sample_cache), "--workers", "2", "--quiet"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "[4/4] evaluate" in result.output and "pipeline demo done" in result.output
