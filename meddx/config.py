@@ -106,6 +106,21 @@ class VideoConfig(_Section):
     max_file_mb: float = Field(default=4096.0, gt=0)  # largest video or DICOM cine file read, in MiB
 
 
+def _server_url(value: str | None, section: str, example: str, variables: str) -> str | None:
+    """``value`` if it is an http(s) URL without credentials (they belong in the environment)."""
+    if value is not None:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{section}.url must be an http(s) URL like {example}")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError(
+                f"{section}.url must not carry credentials; put them in the environment variables named by {variables}"
+            )
+    return value
+
+
 class DicomWebConfig(_Section):
     """Where ``dicomweb:`` manifest cells are fetched from (a PACS speaking DICOMweb).
 
@@ -140,18 +155,9 @@ class DicomWebConfig(_Section):
     @field_validator("url")
     @classmethod
     def _no_credentials_in_url(cls, value: str | None) -> str | None:
-        if value is not None:
-            from urllib.parse import urlsplit
-
-            parts = urlsplit(value)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError("dicomweb.url must be an http(s) URL like https://pacs.example.org/dicom-web")
-            if parts.username is not None or parts.password is not None:
-                raise ValueError(
-                    "dicomweb.url must not carry credentials; put them in the environment variables named by "
-                    "dicomweb.username_env and dicomweb.password_env"
-                )
-        return value
+        return _server_url(
+            value, "dicomweb", "https://pacs.example.org/dicom-web", "dicomweb.username_env and dicomweb.password_env"
+        )
 
 
 class FhirServerConfig(_Section):
@@ -184,18 +190,8 @@ class FhirServerConfig(_Section):
     @field_validator("url")
     @classmethod
     def _no_credentials_in_url(cls, value: str | None) -> str | None:
-        if value is not None:
-            from urllib.parse import urlsplit
-
-            parts = urlsplit(value)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError("fhir.url must be an http(s) URL like https://ehr.example.org/fhir/R4")
-            if parts.username is not None or parts.password is not None:
-                raise ValueError(
-                    "fhir.url must not carry credentials; put them in the environment variables named by "
-                    "fhir.username_env and fhir.password_env, or fhir.token_env"
-                )
-        return value
+        variables = "fhir.username_env and fhir.password_env, or fhir.token_env"
+        return _server_url(value, "fhir", "https://ehr.example.org/fhir/R4", variables)
 
 
 class IngestConfig(_Section):
