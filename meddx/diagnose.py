@@ -31,7 +31,6 @@ point with ``if __name__ == "__main__":``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -52,6 +51,7 @@ from meddx.cohort import CohortRow, load_cohort
 from meddx.errors import ConfigError, ModelError, short_reason
 from meddx.ingest.runner import DEFAULT_TASK_TIMEOUT, default_workers, ensure_writable_folder
 from meddx.models.checkpoint import WEIGHTS_FILE
+from meddx.models.folder import file_sha256
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -120,15 +120,6 @@ class DiagnoseResult:
 
 
 # ----------------------------------------------------------------- small helpers
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file, read in blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _replace_atomically(write, path: Path) -> None:
