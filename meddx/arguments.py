@@ -44,6 +44,7 @@ class Cli:
         folder: ``Path`` fields: True a folder, False a file, None either.
         turns_off: a ``bool`` that defaults to True; giving the option (``--quiet``) makes it False.
         hidden: not on the command line at all (set in pipeline files or from Python only).
+        help: the option's help where the field's description does not fit it (``--quiet``).
     """
 
     name: str | None = None
@@ -51,6 +52,7 @@ class Cli:
     folder: bool | None = None
     turns_off: bool = False
     hidden: bool = False
+    help: str | None = None
 
 
 # Options several jobs share, declared once.
@@ -66,7 +68,9 @@ CacheDir = Annotated[
 Workers = Annotated[
     int | None, Field(ge=0, description="Ingestion worker processes (default: up to 4; 0 = in this process).")
 ]
-Progress = Annotated[bool, Field(description="No progress bars."), Cli(name="--quiet", turns_off=True)]
+Progress = Annotated[
+    bool, Field(description="Show progress bars."), Cli(name="--quiet", turns_off=True, help="No progress bars.")
+]
 TaskTimeout = Annotated[
     float,
     Field(ge=0, description="Seconds one file may take before it is stopped and reported (0 = no limit)."),
@@ -247,8 +251,8 @@ class DiagnoseArgs(Arguments):
     ] = 64
     contributions: Annotated[
         bool,
-        Field(description="Skip the contribution:/ablation: columns (faster)."),
-        Cli(name="--no-contributions", turns_off=True),
+        Field(description="Add the contribution:<modality> and ablation:<modality> columns."),
+        Cli(name="--no-contributions", turns_off=True, help="Skip the contribution:/ablation: columns (faster)."),
     ] = True
     task_timeout: TaskTimeout = 600.0
     engine: Annotated[

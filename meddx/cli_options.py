@@ -93,7 +93,7 @@ def option(model: type[Arguments], name: str, **overrides: Any) -> Callable[[F],
     flag = option_name(name, info)
     if cli.argument:
         return click.argument(name, type=_click_type(info), **overrides)
-    settings: dict[str, Any] = {"help": info.description}
+    settings: dict[str, Any] = {"help": cli.help or info.description}
     kind = _plain(info.annotation)
     if kind is bool:
         settings.update(is_flag=True, default=False)
