@@ -29,7 +29,7 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
@@ -54,6 +54,8 @@ PLACEHOLDERS = ("out", "cache")
 class _Step(Arguments):
     """A step of a pipeline file: the fields of its job's arguments model (:mod:`meddx.arguments`)."""
 
+    step: str  # each kind of step narrows it to its name
+
 
 # Set once for the whole pipeline (the file's cache and workers, meddx run --quiet), not per step.
 PIPELINE_LEVEL = ("cache_dir", "workers", "progress")
@@ -61,7 +63,7 @@ PIPELINE_LEVEL = ("cache_dir", "workers", "progress")
 
 def _step_model(step: str, args: type[Arguments], doc: str, leave_out: tuple[str, ...] = (), **own: Any) -> type[_Step]:
     """The model of one kind of step: ``step: <step>``, the fields of ``args`` but ``leave_out``, then ``own``."""
-    fields: dict[str, Any] = {"step": (Literal[step], ...)}  # type: ignore[valid-type]
+    fields: dict[str, Any] = {"step": (Literal[step], ...)}
     for name, info in args.model_fields.items():
         if name not in PIPELINE_LEVEL and name not in leave_out:
             fields[name] = own.pop(name) if name in own else (info.annotation, info)
@@ -106,10 +108,12 @@ DiagnoseStep = _step_model(
 EvaluateStep = _step_model("evaluate", EvaluateArgs, "Metrics, report.html and plots (``meddx evaluate``).")
 
 
-Step = Annotated[
-    SampleDataStep | PretrainStep | FinetuneStep | DiagnoseStep | EvaluateStep,  # type: ignore[valid-type]
-    Field(discriminator="step"),
-]
+if TYPE_CHECKING:  # the step models are made at run time: checkers see their base
+    Step = _Step
+else:
+    Step = Annotated[
+        SampleDataStep | PretrainStep | FinetuneStep | DiagnoseStep | EvaluateStep, Field(discriminator="step")
+    ]
 
 
 class Pipeline(BaseModel):
