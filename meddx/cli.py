@@ -30,9 +30,8 @@ def _handle_errors(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        # click passes the options by name: out/cache, or out_dir/cache_dir (meddx.arguments' names)
         out, cache = kwargs.get("out", kwargs.get("out_dir")), kwargs.get("cache", kwargs.get("cache_dir"))
-        if args and hasattr(args[0], "cache_dir"):  # an arguments model (meddx.arguments)
-            out, cache = getattr(args[0], "out_dir", getattr(args[0], "out", None)), args[0].cache_dir
         with _removed_if_left_empty(out, cache):
             try:
                 return command(*args, **kwargs)

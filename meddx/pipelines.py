@@ -5,6 +5,11 @@ here (exported as ``schemas/pipeline.schema.json``), then that every input a ste
 or is made by an earlier step, and that every ``{placeholder}`` is known. Every problem is
 listed at once in one :class:`~meddx.errors.ConfigError` (``meddx run`` exits with status 2).
 
+A step's keys are its job's arguments (:mod:`meddx.arguments`: the names, defaults, choices and
+bounds of ``meddx <job>`` and of the Python function), less the cache, the workers and the
+progress bars, which the pipeline sets once; where the command line takes a config file, a step
+holds the config itself (``backbone_config``, ``ingest_config``, ``ray``).
+
 Paths: ``{out}`` stands for the run folder (the file's ``out``, or ``meddx run --out``);
 ``{cache}`` for the cache folder (the file's ``cache``, else ``{out}/cache``). Other relative
 paths are taken from the folder ``meddx run`` is started in.
