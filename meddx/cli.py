@@ -333,7 +333,7 @@ def pretrain_command(
 ) -> None:
     """Self-supervised pretraining of the backbone on a cohort (labels not needed)."""
     from meddx.config import IngestConfig
-    from meddx.pretrain import pretrain
+    from meddx.training import pretrain
 
     ingest = IngestConfig.from_file(ingest_config) if ingest_config else None
     result = pretrain(
@@ -452,7 +452,7 @@ def finetune_command(
 ) -> None:
     """Fine-tune diagnostic heads on a labelled cohort, then calibrate them on its validation rows."""
     from meddx.config import IngestConfig
-    from meddx.train import Mode, finetune
+    from meddx.training import Mode, finetune
 
     if backbone is not None:
         _model_folder(backbone, "--backbone")

@@ -82,7 +82,7 @@ class FinetuneStep(_Step):
     backbone_config: BackboneConfig | None = None
     ingest_config: IngestConfig | None = None
     epochs: int | None = Field(None, ge=1)
-    batch_size: int = Field(64, ge=1)  # meddx.train.DEFAULT_BATCH_SIZE
+    batch_size: int = Field(64, ge=1)  # meddx.training.DEFAULT_BATCH_SIZE
     learning_rate: float | None = Field(None, gt=0)
     patience: int = Field(5, ge=1)
     alpha: float = Field(0.1, gt=0, lt=1)
@@ -315,7 +315,7 @@ def _sample_data(step: SampleDataStep, cache: Path, workers, progress, echo) -> 
 
 
 def _pretrain(step: PretrainStep, cache: Path, workers, progress, echo):
-    from meddx.pretrain import pretrain
+    from meddx.training import pretrain
 
     result = pretrain(
         step.manifest,
@@ -335,7 +335,7 @@ def _pretrain(step: PretrainStep, cache: Path, workers, progress, echo):
 
 
 def _finetune(step: FinetuneStep, cache: Path, workers, progress, echo):
-    from meddx.train import finetune
+    from meddx.training import finetune
 
     model = finetune(
         step.manifest,

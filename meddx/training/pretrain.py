@@ -27,13 +27,12 @@ from typing import TYPE_CHECKING
 from meddx.cohort import Cohort
 from meddx.config import IngestConfig
 from meddx.errors import ConfigError, ModelError
+from meddx.training.checkpoints import CHECKPOINT
 
 if TYPE_CHECKING:
     from meddx.models import BackboneConfig
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT = "checkpoint"
 
 
 @dataclass
@@ -94,7 +93,7 @@ def pretrain(
     from meddx.models import BackboneConfig, FoundationBackbone
     from meddx.models.pretraining import PretrainingObjectives
     from meddx.progress import show_library_bars
-    from meddx.training_state import load_module, load_optimizer, save_module, save_optimizer, write_progress
+    from meddx.training.checkpoints import load_module, load_optimizer, save_module, save_optimizer, write_progress
 
     show_library_bars(progress)  # transformers' "Loading weights" too
     if epochs < 1 or batch_size < 2:
