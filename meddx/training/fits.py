@@ -156,6 +156,9 @@ class EndToEnd:
         if self.module.adapter is None:  # LoRA leaves batch norm frozen; otherwise eval mode needs fresh statistics
             recompute_batch_norm_statistics(self.module, self.train, self.per_rank, device=self.ranks.device)
 
+    def step_figures(self) -> dict[str, str]:
+        return {}
+
     def validate(self) -> float:
         logits, labels, _ = dataset_outputs(self.module, self.val, VALIDATION_BATCH, self.ranks.device)
         return mean_auroc(self.module.tasks, logits, labels)
@@ -205,6 +208,9 @@ class HeadsOnEmbeddings:
 
     def end_epoch(self, epoch: int) -> None:
         return None
+
+    def step_figures(self) -> dict[str, str]:
+        return {}
 
     def validate(self) -> float:
         import torch

@@ -32,7 +32,6 @@ from meddx.training.early_stopping import EarlyStopping
 if TYPE_CHECKING:
     import torch
 
-    from meddx.training.checkpoints import CheckpointFolder
 
 SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 WARMUP_FRACTION = 0.05  # of the planned steps, linear warm-up before the cosine decay
@@ -50,12 +49,15 @@ class LoopConfig:
         schedule: ``cosine`` or ``constant`` (:func:`learning_rate_factor`), set before every
             step; None leaves the optimizer's rate alone.
         weight_decay: AdamW's weight decay.
-        validate_every: epochs between validation checks (the last epoch is always checked).
-        checkpoint_every_check: write the checkpoint after every check (else once at the end).
+        validate_every: epochs between validation checks (the last epoch is always checked);
+            None: no validation and no early stopping, every epoch runs and the last weights stay.
+        checkpoint_every_check: write the checkpoint after every check (every epoch without
+            validation), else once at the end.
         clip_norm: clip the gradients' norm to this (None: no clipping).
         zero_to_none: ``set_to_none`` of ``zero_grad`` (False: a parameter unused in a step
             gets a zero gradient, as DDP gives it).
         progress: show a bar over each epoch's steps.
+        description: the bar's label before ``epoch/epochs``.
     """
 
     epochs: int
@@ -63,11 +65,12 @@ class LoopConfig:
     learning_rate: float
     schedule: str | None = None
     weight_decay: float = WEIGHT_DECAY
-    validate_every: int = 1
+    validate_every: int | None = 1
     checkpoint_every_check: bool = True
     clip_norm: float | None = None
     zero_to_none: bool = True
     progress: bool = False
+    description: str = "epoch"
 
 
 class FitTask(Protocol):
@@ -91,6 +94,19 @@ class FitTask(Protocol):
     def validate(self) -> float:
         """The validation score (higher is better; nan when undefined)."""
 
+    def step_figures(self) -> dict[str, str]:
+        """Figures shown beside the progress bar after a step (may be empty)."""
+
+
+class Checkpoints(Protocol):
+    """Where the loop's state goes after a check and comes back from on resume."""
+
+    def save(self, module: Any, optimizer: Any, stopper: EarlyStopping, epoch: int) -> None:
+        """Write the state after ``epoch`` (0-based)."""
+
+    def resume(self, module: Any, optimizer: Any, stopper: EarlyStopping) -> int:
+        """Load the state; returns the first epoch still to run."""
+
 
 class Trainer:
     """The loop: builds the optimizer, resumes, runs the epochs, keeps the best weights.
@@ -98,10 +114,11 @@ class Trainer:
     Args:
         task: what to train (:class:`FitTask`).
         config: how (:class:`LoopConfig`).
-        checkpoints: where the checkpoint goes (None: none is written, and ``resume`` is refused).
+        checkpoints: where the checkpoint goes (:class:`~meddx.training.checkpoints.CheckpointFolder`
+            or another :class:`Checkpoints`; None: none is written, and ``resume`` is refused).
     """
 
-    def __init__(self, task: FitTask, config: LoopConfig, checkpoints: CheckpointFolder | None = None):
+    def __init__(self, task: FitTask, config: LoopConfig, checkpoints: Checkpoints | None = None):
         import torch
 
         self.task = task
@@ -109,7 +126,7 @@ class Trainer:
         self.checkpoints = checkpoints
         self.trainable = task.parameters()
         self.optimizer = torch.optim.AdamW(self.trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
-        self.stopper = EarlyStopping(config.patience * config.validate_every)
+        self.stopper = EarlyStopping(config.patience * (config.validate_every or 1))
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Train; returns :meth:`EarlyStopping.summary` (history, epochs run, best epoch and score).
@@ -123,10 +140,15 @@ class Trainer:
         if resume and self.checkpoints is None:
             raise ConfigError("resume needs out_dir (the checkpoint lives in out_dir/checkpoint)")
         start = self.checkpoints.resume(task.module, self.optimizer, stopper) if resume else 0
-        epoch = stopper.last_epoch
+        epoch = start - 1
         for epoch in range(start, config.epochs):
             self._run_epoch(epoch)
             task.end_epoch(epoch)
+            if config.validate_every is None:
+                stopper.last_epoch = epoch
+                if config.checkpoint_every_check:
+                    self._checkpoint(epoch)
+                continue
             if (epoch + 1) % config.validate_every and epoch + 1 != config.epochs:
                 continue
             stop = stopper.update(epoch, task.validate(), task.module)
@@ -136,7 +158,8 @@ class Trainer:
                 break
         if not config.checkpoint_every_check:
             self._checkpoint(epoch)
-        task.module.load_state_dict(stopper.best_state)
+        if config.validate_every is not None:
+            task.module.load_state_dict(stopper.best_state)
         return stopper.summary()
 
     def _run_epoch(self, epoch: int) -> None:
@@ -147,7 +170,7 @@ class Trainer:
         total_steps = config.epochs * task.steps_per_epoch
         batches = tqdm(
             task.batches(epoch),
-            desc=f"epoch {epoch + 1}/{config.epochs}",
+            desc=f"{config.description} {epoch + 1}/{config.epochs}",
             total=task.steps_per_epoch,
             disable=not config.progress,
             leave=False,
@@ -165,6 +188,8 @@ class Trainer:
             if config.clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.trainable, config.clip_norm)
             optimizer.step()
+            if config.progress:
+                batches.set_postfix(task.step_figures())
 
     def _checkpoint(self, epoch: int) -> None:
         if self.checkpoints is not None:
