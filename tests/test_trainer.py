@@ -154,3 +154,27 @@ def test_a_step_without_a_loss_is_skipped() -> None:
     task.loss = lambda rows: None
     Trainer(task, LoopConfig(epochs=2, patience=5, learning_rate=0.1)).fit()
     assert all(torch.equal(before[k], v) for k, v in task.module.state_dict().items())
+
+
+def test_without_validation_every_epoch_runs_and_the_last_weights_stay(tmp_path: Path) -> None:
+    task = LinearTask(scores=[])  # validate() would fail: no score to give
+    saved: list[int] = []
+    weights: dict[int, torch.Tensor] = {}
+
+    class Recorder:
+        def save(self, module, optimizer, stopper, epoch) -> None:
+            saved.append(epoch)
+            weights[epoch] = module.weight.detach().clone()
+
+        def resume(self, module, optimizer, stopper) -> int:
+            return 2
+
+    summary = Trainer(task, LoopConfig(epochs=4, patience=1, learning_rate=0.05, validate_every=None), Recorder()).fit()
+    assert task.checks == 0 and task.epochs_seen == [0, 1, 2, 3] and saved == [0, 1, 2, 3]
+    assert summary["epochs_run"] == 4 and summary["val_auroc"] == []
+    assert torch.equal(task.module.weight, weights[3]) and not torch.equal(weights[0], weights[3])  # the last ones
+    resumed = LinearTask(scores=[])
+    Trainer(resumed, LoopConfig(epochs=4, patience=1, learning_rate=0.05, validate_every=None), Recorder()).fit(
+        resume=True
+    )
+    assert resumed.epochs_seen == [2, 3] and saved[-2:] == [2, 3]

@@ -132,6 +132,7 @@ class Trainer:
         """Train; returns :meth:`EarlyStopping.summary` (history, epochs run, best epoch and score).
 
         Raises:
+            ConfigError: ``resume`` without checkpoints.
             ModelError: ``resume`` without a usable checkpoint.
         """
         from meddx.errors import ConfigError
