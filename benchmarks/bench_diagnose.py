@@ -187,7 +187,7 @@ def main() -> None:
     from meddx.models import BackboneConfig
     from meddx.models.diagnosis import DiagnosisModel
     from meddx.streaming import ChunkFeeder
-    from meddx.train import finetune
+    from meddx.training import finetune
 
     load = os.getloadavg()
     print(f"{os.cpu_count()} cores; load average at the start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")

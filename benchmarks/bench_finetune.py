@@ -184,7 +184,7 @@ def main() -> None:
 
     from meddx.data import prepare_cohort
     from meddx.models import BackboneConfig
-    from meddx.train import finetune
+    from meddx.training import finetune
 
     torch.set_num_threads(2)
     manifest = bench_cohort()

@@ -40,7 +40,7 @@ def main() -> None:
 
     from meddx.diagnose import diagnose
     from meddx.models import BackboneConfig
-    from meddx.train import finetune
+    from meddx.training import finetune
 
     start = time.perf_counter()
     manifest = bench_cohort(args.patients, seed=7)  # the cohort bench_diagnose.py uses

@@ -66,8 +66,8 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(("CohortDataset", "PreparedCohort", "prepare_cohort"), "meddx.data"),
     **dict.fromkeys(("BackboneConfig", "FoundationBackbone"), "meddx.models"),
     **dict.fromkeys(("DiagnosisModel",), "meddx.models.diagnosis"),
-    **dict.fromkeys(("finetune",), "meddx.train"),
-    **dict.fromkeys(("pretrain",), "meddx.pretrain"),
+    **dict.fromkeys(("finetune",), "meddx.training"),
+    **dict.fromkeys(("pretrain",), "meddx.training"),
 }
 
 __all__ = [
@@ -148,7 +148,6 @@ if TYPE_CHECKING:  # static checkers see the real objects
     from meddx.ingest.runner import IngestReport, ingest_cohort
     from meddx.models import BackboneConfig, FoundationBackbone
     from meddx.models.diagnosis import DiagnosisModel
-    from meddx.pretrain import pretrain
     from meddx.records import (
         MODALITIES,
         Event,
@@ -163,4 +162,4 @@ if TYPE_CHECKING:  # static checkers see the real objects
         parse_time,
     )
     from meddx.synth import generate_cohort
-    from meddx.train import finetune
+    from meddx.training import finetune, pretrain

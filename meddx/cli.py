@@ -237,7 +237,7 @@ def _backbone_config(path: Path | None):
 def pretrain_command(args: PretrainArgs) -> None:
     """Self-supervised pretraining of the backbone on a cohort (labels not needed)."""
     from meddx.config import IngestConfig
-    from meddx.pretrain import pretrain
+    from meddx.training import pretrain
 
     result = pretrain(
         args.manifest,
@@ -260,7 +260,7 @@ def pretrain_command(args: PretrainArgs) -> None:
 def finetune_command(args: FinetuneArgs) -> None:
     """Fine-tune diagnostic heads on a labelled cohort, then calibrate them on its validation rows."""
     from meddx.config import IngestConfig
-    from meddx.train import finetune
+    from meddx.training import finetune
 
     if args.backbone is not None:
         _model_folder(args.backbone, "--backbone")

@@ -310,7 +310,7 @@ def _sample_data(step: SampleDataStep, cache: Path, workers, progress, echo) -> 
 
 
 def _pretrain(step: Any, cache: Path, workers, progress, echo):
-    from meddx.pretrain import pretrain
+    from meddx.training import pretrain
 
     result = pretrain(
         step.manifest,
@@ -325,7 +325,7 @@ def _pretrain(step: Any, cache: Path, workers, progress, echo):
 
 
 def _finetune(step: Any, cache: Path, workers, progress, echo):
-    from meddx.train import finetune
+    from meddx.training import finetune
 
     model = finetune(
         step.manifest,

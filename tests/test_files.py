@@ -13,7 +13,7 @@ from meddx.data.index import write_atomic
 from meddx.data.store import TensorStore
 from meddx.files import current_umask, temp_file
 from meddx.records import Modality
-from meddx.training_state import atomic_save_tensors, atomic_write_text
+from meddx.training.checkpoints import atomic_save_tensors, atomic_write_text
 
 
 @pytest.fixture()

@@ -24,9 +24,9 @@ from meddx.errors import ConfigError, ModelError
 from meddx.models import FoundationBackbone
 from meddx.models.diagnosis import DiagnosisModel
 from meddx.models.heads import DiagnosisHeads, class_weights_from, task_loss
-from meddx.pretrain import pretrain
 from meddx.splits import with_splits
-from meddx.train import finetune, recompute_batch_norm_statistics
+from meddx.training import finetune, pretrain
+from meddx.training.batch_norm import recompute_batch_norm_statistics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -251,7 +251,8 @@ def test_finetune_command(base, tmp_path: Path) -> None:
 
 DDP_SCRIPT = """
 import sys
-from meddx.train import finetune, recompute_batch_norm_statistics
+from meddx.training import finetune
+from meddx.training.batch_norm import recompute_batch_norm_statistics
 from meddx.models import BackboneConfig
 import json
 if __name__ == "__main__":
@@ -302,7 +303,7 @@ def test_torchrun_ddp_gives_the_single_process_result(tmp_path: Path) -> None:
 HEAD_DDP_SCRIPT = """
 import logging
 import sys
-from meddx.train import finetune
+from meddx.training import finetune
 from meddx.models import BackboneConfig
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")

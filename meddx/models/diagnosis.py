@@ -264,7 +264,7 @@ class DiagnosisModel(nn.Module):
         from meddx.calibration import save_calibration
         from meddx.models.adapters import split_adapter_weights
         from meddx.models.checkpoint import save_backbone
-        from meddx.training_state import atomic_save_tensors, atomic_write_text
+        from meddx.training.checkpoints import atomic_save_tensors, atomic_write_text
 
         folder = Path(folder)
         base, adapter = split_adapter_weights(self)
