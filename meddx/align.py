@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from meddx import __version__
+from meddx._version import __version__
 from meddx.config import IngestConfig
 from meddx.errors import ConfigError, ModelError, NotFittedError
 from meddx.ingest.base import ArrayField, ArraySpec, Tensorizer, registered_ingestors

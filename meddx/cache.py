@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from meddx import __version__
+from meddx._version import __version__
 from meddx.config import IngestConfig
 from meddx.dicomweb.ref import DicomWebRef, server_id
 from meddx.fhirclient.ref import FhirRef

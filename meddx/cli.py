@@ -17,7 +17,7 @@ from typing import cast
 
 import click
 
-from meddx import __version__
+from meddx._version import __version__
 from meddx.errors import ConfigError, ManifestError, MeddxError, ModelError, NotFittedError, PredictionsError
 
 BAD_INPUT = 2

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meddx import __version__
+from meddx._version import __version__
 from meddx.cohort import Cohort, TaskSpec
 from meddx.config import IngestConfig
 from meddx.errors import ModelError

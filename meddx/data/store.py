@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from meddx import __version__
+from meddx._version import __version__
 from meddx.errors import ModelError
 from meddx.files import apply_umask
 from meddx.records import MODALITIES, Modality

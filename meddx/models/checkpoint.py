@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from meddx import __version__
+from meddx._version import __version__
 from meddx.errors import ModelError
 from meddx.files import apply_umask
 from meddx.ingest.base import ArrayField, ArrayRole

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from meddx import __version__
+from meddx._version import __version__
 from meddx.cohort import Cohort, TaskSpec
 from meddx.errors import ConfigError, ModelError
 from meddx.models.folder import ADAPTER_FILE, METRICS_FILE, check_model_folder
