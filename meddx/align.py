@@ -20,8 +20,9 @@ import numpy as np
 from meddx._version import __version__
 from meddx.config import IngestConfig
 from meddx.errors import ConfigError, ModelError, NotFittedError
-from meddx.ingest.base import ArrayField, ArraySpec, Tensorizer, registered_ingestors
+from meddx.ingest.base import Tensorizer, registered_ingestors
 from meddx.records import MODALITIES, Modality, ModalityRecord, PatientRecord, PatientTensors, TensorSpec
+from meddx.specs import ArrayField, ArraySpec
 
 RECORD_AGE = "age_hours"
 RECORD_AGE_FIELD = ArrayField((1,), "float32", "age_hours")

@@ -27,8 +27,8 @@ from meddx.cohort import Cohort, TaskSpec
 from meddx.config import IngestConfig
 from meddx.errors import ModelError
 from meddx.files import temp_file
-from meddx.ingest.base import ArrayField, ArraySpec
 from meddx.records import UNKNOWN_LABEL, Modality
+from meddx.specs import ArrayField, ArraySpec
 
 INDEX_FORMAT = "meddx-cohort-index/1"
 

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -26,41 +26,7 @@ from meddx.dicomweb.ref import DicomWebRef
 from meddx.errors import ConfigError
 from meddx.fhirclient.ref import FhirRef
 from meddx.records import Modality, ModalityRecord
-
-ArrayRole = Literal["values", "mask", "token_mask", "ids", "age_hours"]
-ARRAY_ROLES: tuple[str, ...] = ("values", "mask", "token_mask", "ids", "age_hours")
-
-
-class ArrayField(NamedTuple):
-    """What one array of a modality is, so that encoders never hard-code array names.
-
-    Attributes:
-        shape: the fixed shape of one patient's array.
-        dtype: numpy dtype name (``float32``, ``bool``, ``int64``).
-        role: ``values`` (numbers to encode); ``mask`` (bool, True where the values in ``of`` were
-            observed; its axes are the values' axes starting at ``axis``); ``token_mask`` (bool,
-            True for real items/tokens of the arrays in ``of``, False for padding); ``ids``
-            (int64 indices into a vocabulary of ``vocab_size`` rows, 0 = padding); ``age_hours``
-            (float32 hours before the index time of the items of ``of``, or of the whole record when
-            ``of`` is empty).
-        of: the arrays a mask, token mask or age describes.
-        axis: for masks, the first axis of the described array that the mask's axes line up with.
-        vocab_size: for ids, the rows an embedding needs.
-
-    Example:
-        >>> ArrayField((8, 360), "bool", "mask", of=("values",)).role
-        'mask'
-    """
-
-    shape: tuple[int, ...]
-    dtype: str
-    role: ArrayRole = "values"
-    of: tuple[str, ...] = ()
-    axis: int = 0
-    vocab_size: int | None = None
-
-
-ArraySpec = dict[str, ArrayField]  # array name -> what it is
+from meddx.specs import ArraySpec
 
 
 @dataclass(frozen=True)

@@ -115,11 +115,12 @@ from meddx.config import ImagingConfig, IngestConfig
 from meddx.dicomweb.ref import DicomWebRef
 from meddx.errors import IngestError, short_reason
 from meddx.fhirclient.ref import FhirRef
-from meddx.ingest.base import ArrayField, ArraySpec, ArrayTensorizer, Ingestor, IngestRequest, register_ingestor
+from meddx.ingest.base import ArrayTensorizer, Ingestor, IngestRequest, register_ingestor
 from meddx.ingest.dicom_series import DicomSeries, load_series
 from meddx.ingest.file_checks import check_source
 from meddx.ingest.image_resize import resize_in_plane, resize_volume, tensor_to_numpy
 from meddx.records import Modality, ModalityRecord
+from meddx.specs import ArrayField, ArraySpec
 
 if TYPE_CHECKING:
     from meddx.dicomweb.store import SeriesStore

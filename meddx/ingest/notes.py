@@ -70,10 +70,11 @@ import numpy as np
 from meddx.config import IngestConfig, NotesConfig
 from meddx.errors import ConfigError, IngestError
 from meddx.fhirclient.ref import FhirRef
-from meddx.ingest.base import ArrayField, ArraySpec, ArrayTensorizer, Ingestor, IngestRequest, register_ingestor
+from meddx.ingest.base import ArrayTensorizer, Ingestor, IngestRequest, register_ingestor
 from meddx.ingest.fhir import FhirIngestor
 from meddx.ingest.file_checks import check_source, regular_files
 from meddx.records import Event, Modality, ModalityRecord, keep_available, wall_time_to_utc
+from meddx.specs import ArrayField, ArraySpec
 
 logger = logging.getLogger(__name__)
 

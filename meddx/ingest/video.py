@@ -58,7 +58,7 @@ import numpy as np
 
 from meddx.config import ImagingConfig, VideoConfig
 from meddx.errors import IngestError
-from meddx.ingest.base import ArrayField, ArraySpec, ArrayTensorizer, Ingestor, IngestRequest, register_ingestor
+from meddx.ingest.base import ArrayTensorizer, Ingestor, IngestRequest, register_ingestor
 from meddx.ingest.dicom import apply_window, window_bounds
 from meddx.ingest.dicom_io import (
     decode_frames,
@@ -72,6 +72,7 @@ from meddx.ingest.dicom_io import (
 )
 from meddx.ingest.file_checks import check_source
 from meddx.records import Modality, ModalityRecord, is_available
+from meddx.specs import ArrayField, ArraySpec
 
 logger = logging.getLogger(__name__)
 

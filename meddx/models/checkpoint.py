@@ -29,9 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from meddx._version import __version__
 from meddx.errors import ModelError
 from meddx.files import apply_umask
-from meddx.ingest.base import ArrayField, ArrayRole
 from meddx.models.config import BackboneConfig
 from meddx.records import Modality
+from meddx.specs import ArrayField, ArrayRole
 
 if TYPE_CHECKING:
     from meddx.align import Aligner
@@ -69,7 +69,7 @@ TEXT_MODEL_BOUNDS = {  # a Hugging Face config's sizes, far above any text encod
 
 
 class ArrayFieldModel(BaseModel):
-    """One array of the spec in ``config.json`` (see :class:`meddx.ingest.base.ArrayField`)."""
+    """One array of the spec in ``config.json`` (see :class:`meddx.specs.ArrayField`)."""
 
     model_config = ConfigDict(extra="forbid")
 

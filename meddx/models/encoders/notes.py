@@ -22,11 +22,11 @@ import torch
 from torch import nn
 
 from meddx.errors import ConfigError
-from meddx.ingest.base import ArraySpec
 from meddx.models.config import BackboneConfig
 from meddx.models.encoders.base import EncoderOutput, ModalityEncoder, find_arrays, find_one, masked_mean
 from meddx.models.text_cache import TextEmbeddingCache, chunk_keys
 from meddx.records import Modality
+from meddx.specs import ArraySpec
 
 logger = logging.getLogger(__name__)
 
