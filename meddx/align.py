@@ -20,7 +20,8 @@ import numpy as np
 from meddx._version import __version__
 from meddx.config import IngestConfig
 from meddx.errors import ConfigError, ModelError, NotFittedError
-from meddx.ingest.base import Tensorizer, registered_ingestors
+from meddx.ingest.base import Tensorizer
+from meddx.ingest.registry import registered_ingestors
 from meddx.records import MODALITIES, Modality, ModalityRecord, PatientRecord, PatientTensors, TensorSpec
 from meddx.specs import ArrayField, ArraySpec
 

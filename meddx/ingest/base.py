@@ -174,13 +174,9 @@ def unregister_ingestor(modality: Modality | str) -> type[Ingestor] | None:
     return _REGISTRY.pop(Modality(modality), None)
 
 
-def registered_ingestors() -> dict[Modality, type[Ingestor]]:
-    """The registered ingestor classes, after importing meddx's built-in ones."""
-    import meddx.ingest  # noqa: F401  (registers the built-in readers)
+def ingestors_registered_so_far() -> dict[Modality, type[Ingestor]]:
+    """The classes registered until now; the built-in readers are among them only once imported.
 
+    Ask :func:`meddx.ingest.registry.registered_ingestors` for the full set: it imports them first.
+    """
     return dict(_REGISTRY)
-
-
-def build_ingestors(config: IngestConfig | None = None) -> dict[Modality, Ingestor]:
-    """One instance of every registered ingestor."""
-    return {m: cls(config) for m, cls in registered_ingestors().items()}

@@ -45,7 +45,8 @@ from meddx.config import IngestConfig
 from meddx.dicomweb.ref import DicomWebRef
 from meddx.errors import ConfigError, IngestError, MeddxError
 from meddx.fhirclient.ref import FhirRef
-from meddx.ingest.base import Ingestor, IngestRequest, build_ingestors, registered_ingestors
+from meddx.ingest.base import Ingestor, IngestRequest
+from meddx.ingest.registry import build_ingestors, registered_ingestors
 from meddx.progress import worker_counter
 from meddx.records import MODALITIES, Modality, PatientRecord
 
