@@ -304,6 +304,29 @@ def test_no_import_against_the_layer_order(edges) -> None:
     assert stale == set(), f"these imports are gone; remove them from KNOWN_UNTIL_RUNPATH_MERGES: {stale}"
 
 
+def test_the_base_layer_imports_only_the_standard_library_at_load() -> None:
+    """Layer 0 is what everything stands on: loading it must not pull in numpy, torch or pydantic."""
+    import sys
+
+    heavy = []
+    for name, path in module_files(PACKAGE).items():
+        if layer_of(name, LAYERS) != 0:
+            continue
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:  # module level, not in functions
+            if isinstance(node, ast.Import):
+                tops = [alias.name.partition(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                tops = [node.module.partition(".")[0]]
+            else:
+                continue
+            heavy += [
+                f"{name}:{node.lineno} imports {top}"
+                for top in tops
+                if top != "meddx" and top not in sys.stdlib_module_names
+            ]
+    assert heavy == [], f"import these inside the functions that use them: {heavy}"
+
+
 # --------------------------------------------------------------------------- the checker itself
 
 
