@@ -46,6 +46,7 @@ LAYERS: dict[str, int] = {
             "meddx.splits",
             "meddx.arguments",
             "meddx.predictions",
+            "meddx.dicom_times",  # when a DICOM file says it was acquired (the readers and the PACS query)
             # the manifest's remote-source cells (parsed by the cohort); the clients that use them are layer 2
             "meddx.dicomweb.ref",
             "meddx.fhirclient.ref",

@@ -69,7 +69,7 @@ lateral view give ``[True, True, False, ...]``); ``meta["kind"]`` is ``"2d"``. M
 than ``D`` slices: the first ``D`` by InstanceNumber are kept, with a warning.
 
 **Time and leakage.** A slice is placed in time by its acquisition, else series, else
-study date and time (:func:`meddx.ingest.dicom_io.dicom_time`). DICOM times carry no zone:
+study date and time (:func:`meddx.dicom_times.dicom_time`). DICOM times carry no zone:
 ``TimezoneOffsetFromUTC`` gives it when present, else ``IngestConfig.site_timezone``, else
 they are read as UTC (``meta["time_zone"]`` says which); a date without a time is the end
 of that day. A series is dated as a whole, by its last slice; undated slices of a dated
