@@ -294,8 +294,9 @@ def test_no_import_cycle(edges) -> None:
 
 def test_no_import_against_the_layer_order(edges) -> None:
     upward = upward_imports(edges, LAYERS)
+    files = module_files(PACKAGE)
     unexpected = sorted(
-        f"{PACKAGE.parent / module_files(PACKAGE)[e.importer].relative_to(PACKAGE.parent)}:{e.line}: {e} "
+        f"{files[e.importer].relative_to(PACKAGE.parent)}:{e.line}: {e} "
         f"(layer {layer_of(e.importer, LAYERS)} imports layer {layer_of(e.imported, LAYERS)})"
         for e in upward
         if str(e) not in KNOWN_UNTIL_RUNPATH_MERGES
