@@ -29,13 +29,12 @@ from meddx.errors import ModelError
 from meddx.files import apply_umask
 from meddx.models.config import BackboneConfig
 from meddx.records import Modality
-from meddx.specs import ArrayField, ArrayRole
+from meddx.specs import ArrayField, ArrayRole, ArraySpec
 from meddx.text_model import BUNDLED_TEXT_PACKAGE, bundled_text_model, bundled_text_package, model_files_sha256
 
 if TYPE_CHECKING:
     from meddx.align import Aligner
     from meddx.models.encoders.notes import NotesEncoder
-    from meddx.specs import ArraySpec
 
 logger = logging.getLogger(__name__)
 
