@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from meddx._version import __version__
 from meddx.errors import (
     ConfigError,
     IngestError,
@@ -25,8 +26,6 @@ from meddx.errors import (
     ModelError,
     NotFittedError,
 )
-
-__version__ = "0.1.0"
 
 # public name -> the module that defines it (imported on first access)
 _LAZY: dict[str, str] = {

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from meddx import __version__
+from meddx._version import __version__
 from meddx.arguments import RAY_SETTINGS, DiagnoseArgs, EvaluateArgs, FinetuneArgs, IngestArgs, PretrainArgs
 from meddx.cli_options import arguments, option
 from meddx.errors import ConfigError, ManifestError, MeddxError, ModelError, NotFittedError, PredictionsError

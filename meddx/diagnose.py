@@ -46,7 +46,7 @@ from functools import partial, wraps
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from meddx import __version__
+from meddx._version import __version__
 from meddx.cohort import CohortRow, load_cohort
 from meddx.errors import ConfigError, ModelError, short_reason
 from meddx.ingest.runner import DEFAULT_TASK_TIMEOUT, default_workers, ensure_writable_folder

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from meddx import __version__
+from meddx._version import __version__
 from meddx.calibration import availability_groups
 from meddx.errors import PredictionsError
 from meddx.metrics import (

@@ -399,7 +399,7 @@ def diagnose_on_ray(
     """
     from tqdm.auto import tqdm
 
-    from meddx.ingest.base import build_ingestors
+    from meddx.ingest.registry import build_ingestors
     from meddx.ingest.runner import check_run, tasks_for
 
     options.check(device)

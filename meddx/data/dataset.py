@@ -28,7 +28,6 @@ from meddx.cohort import TaskSpec
 from meddx.data.index import CohortIndex, IndexRow
 from meddx.data.store import TensorStore
 from meddx.errors import ConfigError
-from meddx.ingest.base import ArraySpec
 from meddx.records import (
     Modality,
     PatientBatch,
@@ -37,6 +36,7 @@ from meddx.records import (
     collate,
     parse_time,
 )
+from meddx.specs import ArraySpec
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from meddx import __version__
+from meddx._version import __version__
 from meddx.cohort import Cohort, TaskSpec
 from meddx.errors import ConfigError, ModelError
 from meddx.models.folder import ADAPTER_FILE, METRICS_FILE, check_model_folder
@@ -262,9 +262,9 @@ class DiagnosisModel(nn.Module):
         ``FoundationBackbone.from_pretrained`` also reads a fine-tuned model's backbone.
         """
         from meddx.calibration import save_calibration
+        from meddx.files import save_tensors_atomic, write_atomic
         from meddx.models.adapters import split_adapter_weights
         from meddx.models.checkpoint import save_backbone
-        from meddx.training.checkpoints import atomic_save_tensors, atomic_write_text
 
         folder = Path(folder)
         base, adapter = split_adapter_weights(self)
@@ -274,11 +274,11 @@ class DiagnosisModel(nn.Module):
             self.backbone, folder, state=backbone_state, extra_tensors=heads, diagnosis=self.diagnosis_config()
         )
         if adapter:
-            atomic_save_tensors(adapter, folder / ADAPTER_FILE, metadata={"format": "pt"})
+            save_tensors_atomic(adapter, folder / ADAPTER_FILE, metadata={"format": "pt"})
         elif (folder / ADAPTER_FILE).exists():
             (folder / ADAPTER_FILE).unlink()
         save_calibration(folder, self.calibration)
-        atomic_write_text(json.dumps(self.metrics, indent=2, sort_keys=True, default=float), folder / METRICS_FILE)
+        write_atomic(folder / METRICS_FILE, json.dumps(self.metrics, indent=2, sort_keys=True, default=float))
         return folder
 
     @classmethod

@@ -15,14 +15,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from meddx.errors import ModelError
-from meddx.files import apply_umask, temp_file
+from meddx.files import save_tensors_atomic, write_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -32,29 +30,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint"  # the checkpoint folder inside a run's output folder
-
-
-def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write ``tensors`` as a safetensors file at ``path`` atomically (a temporary file renamed into place)."""
-    from safetensors.torch import save_file
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        apply_umask(tmp)  # mkstemp and safetensors write 0600
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    """Write ``text`` at ``path`` atomically, with the umask's mode."""
-    fd, tmp = temp_file(path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
@@ -70,8 +45,8 @@ def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
                 tensors[f"{index}.{name}"] = value
             else:
                 plain.setdefault(str(index), {})[name] = value
-    atomic_save_tensors(tensors, path)
-    atomic_write_text(json.dumps({"param_groups": state["param_groups"], "state": plain}), path.with_suffix(".json"))
+    save_tensors_atomic(tensors, path)
+    write_atomic(path.with_suffix(".json"), json.dumps({"param_groups": state["param_groups"], "state": plain}))
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
@@ -94,7 +69,7 @@ def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
 
 def save_module(module: torch.nn.Module, path: Path, leave_out: Collection[str] = ()) -> None:
     """A module's weights as safetensors (atomically), but for the keys in ``leave_out``."""
-    atomic_save_tensors({k: v for k, v in module.state_dict().items() if k not in leave_out}, path)
+    save_tensors_atomic({k: v for k, v in module.state_dict().items() if k not in leave_out}, path)
 
 
 def load_module(module: torch.nn.Module, path: Path, left_out: Collection[str] = ()) -> None:
@@ -123,7 +98,7 @@ def load_module(module: torch.nn.Module, path: Path, left_out: Collection[str] =
 
 def write_progress(progress: dict[str, Any], path: Path) -> None:
     """The loop's own progress (epoch, losses, seed) as JSON, written atomically."""
-    atomic_write_text(json.dumps(progress, indent=2, sort_keys=True), path)
+    write_atomic(path, json.dumps(progress, indent=2, sort_keys=True))
 
 
 class CheckpointFolder:
@@ -153,7 +128,7 @@ class CheckpointFolder:
         save_module(module, folder / "last.safetensors", leave_out=left_out)
         if stopper.best_state is not None:
             best = {k: v for k, v in stopper.best_state.items() if k not in left_out}
-            atomic_save_tensors(best, folder / "best.safetensors")
+            save_tensors_atomic(best, folder / "best.safetensors")
         save_optimizer(optimizer, folder / "optimizer.safetensors")
         write_progress(
             {
