@@ -604,7 +604,7 @@ def diagnose_command(
     The cohort streams through in chunks (memory does not grow with it); ingestion runs in
     worker processes (or Ray tasks) while the model runs. A killed run finishes with --resume.
     """
-    from meddx.diagnose import diagnose
+    from meddx.batch import diagnose
     from meddx.ingest.runner import DEFAULT_TASK_TIMEOUT
 
     _model_folder(model, "--model")
@@ -620,7 +620,7 @@ def diagnose_command(
         if engine != "ray":
             given = ", ".join(f"--{k.replace('_', '-')}" for k, v in ray_settings.items() if v is not None)
             raise click.UsageError(f"{given} only apply to --engine ray")
-        from meddx.ray_engine import RayOptions  # imports no Ray itself
+        from meddx.batch.options import RayOptions  # imports no Ray itself
 
         default = RayOptions()
         ray_options = RayOptions(

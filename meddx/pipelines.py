@@ -33,10 +33,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from meddx.batch.options import RayOptions
 from meddx.config import IngestConfig
 from meddx.errors import ConfigError
 from meddx.models.config import BackboneConfig
-from meddx.ray_engine import RayOptions
 
 logger = logging.getLogger(__name__)
 
@@ -371,7 +371,7 @@ def _finetune(step: FinetuneStep, cache: Path, workers, progress, echo):
 
 
 def _diagnose(step: DiagnoseStep, cache: Path, workers, progress, echo):
-    from meddx.diagnose import diagnose
+    from meddx.batch import diagnose
 
     result = diagnose(
         step.manifest,
