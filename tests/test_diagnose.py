@@ -18,7 +18,7 @@ from conftest import REPO, SAMPLE_MANIFEST, process_alive
 from fhir.resources.R4B.riskassessment import RiskAssessment
 
 from meddx.cli import main
-from meddx.diagnose import diagnose
+from meddx.batch import diagnose
 
 MODALITY_COLUMNS = ["imaging", "ehr", "notes", "device_logs", "audio", "video"]
 KEY = ["patient_id", "index_time", "task"]
