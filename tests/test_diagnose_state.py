@@ -16,10 +16,10 @@ import pytest
 from click.testing import CliRunner
 from conftest import SAMPLE_MANIFEST
 
-from meddx.cli import main
-from meddx.cohort import load_cohort
 from meddx.batch import diagnose
 from meddx.batch.run_folder import LOCK, PARTS, PLAN, make_plan, start_or_resume, write_chunk
+from meddx.cli import main
+from meddx.cohort import load_cohort
 from meddx.errors import ConfigError
 from meddx.models.folder import check_model_folder
 

@@ -33,9 +33,11 @@ def test_a_binary_prediction_becomes_one_valid_outcome_with_its_provenance() -> 
     RiskAssessment.model_validate(resource)
     assert resource["subject"] == {"type": "Patient",
                                    "identifier": {"system": "urn:meddx:manifest-patient-id", "value": "P7"}}
-    assert resource["occurrenceDateTime"] == "2024-03-05T14:00:00Z" and resource["status"] == "final"
+    assert resource["occurrenceDateTime"] == "2024-03-05T14:00:00Z"
+    assert resource["status"] == "final"
     [outcome] = resource["prediction"]
-    assert outcome["outcome"]["coding"][0]["code"] == "1" and outcome["probabilityDecimal"] == 0.75
+    assert outcome["outcome"]["coding"][0]["code"] == "1"
+    assert outcome["probabilityDecimal"] == 0.75
     # the modality that moved the logit most comes first
     assert outcome["rationale"] == "change of the logit when each modality is withheld: ehr -0.900, imaging +0.200"
     assert [b["display"] for b in resource["basis"]] == ["imaging", "ehr"]
@@ -45,8 +47,9 @@ def test_a_binary_prediction_becomes_one_valid_outcome_with_its_provenance() -> 
     note = resource["note"][0]["text"]
     assert "conformal set {1} (holds the true class with probability 90%)" in note
     assert "calibrated by TemperatureScaler" in note
-    identity = hashlib.sha256("P7\x1f2024-03-05T14:00:00Z\x1fdisease\x1f".encode() + ("ab" * 32).encode()).hexdigest()
-    assert resource["identifier"][0]["value"] == identity and resource["id"] == identity[:64]
+    identity = hashlib.sha256(b"P7\x1f2024-03-05T14:00:00Z\x1fdisease\x1f" + ("ab" * 32).encode()).hexdigest()
+    assert resource["identifier"][0]["value"] == identity
+    assert resource["id"] == identity[:64]
 
 
 def test_a_multiclass_prediction_gives_every_class_its_probability() -> None:
@@ -60,14 +63,16 @@ def test_a_multiclass_prediction_gives_every_class_its_probability() -> None:
     assert not any("rationale" in o for o in resource["prediction"])
     extensions = _extensions(resource)
     assert extensions["raw-probability"] == 0.4  # of the predicted class
-    assert "conformal-set" not in extensions and "calibration-alpha" not in extensions  # no alpha for this task
+    assert "conformal-set" not in extensions
+    assert "calibration-alpha" not in extensions
     assert "no conformal set" in resource["note"][0]["text"]
 
 
 def test_a_prediction_without_modalities_or_set_leaves_them_out() -> None:
     resource = risk_assessment(_binary(modalities=(), prediction_set=None, contributions={}, ablations={}), MODEL)
     RiskAssessment.model_validate(resource)
-    assert "basis" not in resource and "conformal-set" not in _extensions(resource)
+    assert "basis" not in resource
+    assert "conformal-set" not in _extensions(resource)
     assert "no conformal set" in resource["note"][0]["text"]
 
 

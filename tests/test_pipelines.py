@@ -126,8 +126,8 @@ def test_steps_offer_the_library_choices_with_its_defaults() -> None:
 def test_engine_and_training_choices_reach_the_library(tmp_path: Path, monkeypatch) -> None:
     import meddx.batch.run
     import meddx.train
-    from meddx.pipelines import run_pipeline
     from meddx.batch import RayOptions
+    from meddx.pipelines import run_pipeline
 
     calls: dict[str, dict] = {}
 

@@ -55,10 +55,14 @@ def test_task_predictions_are_the_calibrated_logits_with_sets_and_contributions(
     ]  # task by task, each in batch order (as the table writer and the cohort predictor expect)
     for i, p in enumerate(predictions[:3]):  # binary
         calibrated = float(model.calibration["d"].calibrator.transform(logits["d"])[i])
-        assert p.kind == "binary" and p.is_binary and p.classes == ("0", "1")
-        assert p.probability == calibrated and p.probabilities == (1 - calibrated, calibrated)
+        assert p.kind == "binary"
+        assert p.is_binary
+        assert p.classes == ("0", "1")
+        assert p.probability == calibrated
+        assert p.probabilities == (1 - calibrated, calibrated)
         assert p.raw_probability == pytest.approx(1 / (1 + np.exp(-logits["d"][i])))
-        assert p.prediction == ("1" if calibrated >= 0.5 else "0") and p.prediction_set is None
+        assert p.prediction == ("1" if calibrated >= 0.5 else "0")
+        assert p.prediction_set is None
         assert p.modalities == tuple(m.value for m in MODALITIES if m in MIXES[i])
         assert list(p.contributions) == list(p.modalities) == list(p.ablations)  # present ones only, in order
         for name, change in p.contributions.items():
@@ -70,8 +74,10 @@ def test_task_predictions_are_the_calibrated_logits_with_sets_and_contributions(
     for i, p in enumerate(predictions[3:]):  # multiclass
         calibrated = model.calibrated("s", logits["s"])[i]
         chosen = int(calibrated.argmax())
-        assert p.kind == "multiclass" and p.prediction == "abc"[chosen]
-        assert p.probability == pytest.approx(calibrated.max()) and sum(p.probabilities) == pytest.approx(1)
+        assert p.kind == "multiclass"
+        assert p.prediction == "abc"[chosen]
+        assert p.probability == pytest.approx(calibrated.max())
+        assert sum(p.probabilities) == pytest.approx(1)
         assert p.prediction_set == tuple(c for k, c in enumerate("abc") if sets[i, k])
         for name, change in p.contributions.items():  # on the predicted class's logit
             assert change == pytest.approx(logits["s"][i, chosen] - withheld[Modality(name)]["s"][i, chosen])
@@ -85,8 +91,10 @@ def test_prediction_rows_hold_the_contract_columns(model_and_batch) -> None:
     model, batch = model_and_batch
     predictions = model.task_predictions(batch)
     binary, multi = prediction_row(predictions[0]), prediction_row(predictions[3])
-    assert binary["status"] == "ok" and binary["modalities"] == SET_SEPARATOR.join(predictions[0].modalities)
-    assert binary["probability"] == predictions[0].probability and "prediction_set" not in binary
+    assert binary["status"] == "ok"
+    assert binary["modalities"] == SET_SEPARATOR.join(predictions[0].modalities)
+    assert binary["probability"] == predictions[0].probability
+    assert "prediction_set" not in binary
     assert not any(c.startswith("probability:") for c in binary)
     assert {f"ablation:{m}" for m in predictions[0].modalities} <= set(binary)
     assert [multi[f"probability:{c}"] for c in "abc"] == list(predictions[3].probabilities)
@@ -94,16 +102,20 @@ def test_prediction_rows_hold_the_contract_columns(model_and_batch) -> None:
     assert {f"ablation:{m}:{c}" for m in predictions[3].modalities for c in "abc"} <= set(multi)
     assert "modality_errors" not in binary  # not known outside a diagnose run
     frame = prediction_frame(predictions)
-    assert len(frame) == 6 and list(frame["task"]) == ["d"] * 3 + ["s"] * 3
+    assert len(frame) == 6
+    assert list(frame["task"]) == ["d"] * 3 + ["s"] * 3
     order = column_order(list(frame.columns))
     assert order[: len([c for c in HEAD_COLUMNS if c in frame.columns])] == [c for c in HEAD_COLUMNS if c in frame]
     assert order[-1] == "_row"
     error = error_row("p9", "2024-03-05T14:00:00Z", "d", 12, ["audio", "video"])
-    assert error["status"] == "error" and error["modality_errors"] == "audio|video" and error["modalities"] == ""
+    assert error["status"] == "error"
+    assert error["modality_errors"] == "audio|video"
+    assert error["modalities"] == ""
 
 
 def test_a_prediction_goes_through_json_bit_for_bit(model_and_batch) -> None:
     model, batch = model_and_batch
     for p in model.task_predictions(batch):
         back = TaskPrediction.from_json(json.loads(json.dumps(p.to_json())))
-        assert back == p and prediction_row(back) == prediction_row(p)
+        assert back == p
+        assert prediction_row(back) == prediction_row(p)

@@ -18,10 +18,10 @@ import pytest
 from click.testing import CliRunner
 from conftest import REPO, SAMPLE_MANIFEST
 
-from meddx.cli import main
 from meddx.batch import diagnose
-from meddx.errors import ConfigError, MeddxError
 from meddx.batch.options import RayOptions
+from meddx.cli import main
+from meddx.errors import ConfigError, MeddxError
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'meddx[distributed]'); the engine needs it")
 

@@ -48,8 +48,10 @@ def test_chunks_come_ready_in_order_with_failures_named_and_tensors_stored(cohor
         assert sum(read) == 5  # every row counted once, as its last file came back
         by_row = {r.row.row: r for c in ready for r in c.rows}
         one_bad, all_bad = by_row[rows[1].row], by_row[rows[3].row]
-        assert one_bad.key is not None and one_bad.modality_errors == ["audio"]
-        assert all_bad.key is None and all_bad.modality_errors == ["audio"]
+        assert one_bad.key is not None
+        assert one_bad.modality_errors == ["audio"]
+        assert all_bad.key is None
+        assert all_bad.modality_errors == ["audio"]
         assert "no modality could be read" in all_bad.error
         good = [r for r in by_row.values() if r.key is not None]
         items = store_items(feeder.store, good)
@@ -57,7 +59,8 @@ def test_chunks_come_ready_in_order_with_failures_named_and_tensors_stored(cohor
         assert [i.patient_id for i in items] == [r.row.patient_id for r in good]
         for item, r in zip(items, good, strict=True):
             read_ok = {o.modality for o in r.outcomes if o.status == "ok"}
-            assert item.tensors and set(item.tensors) <= read_ok  # only what was read
+            assert item.tensors
+            assert set(item.tensors) <= read_ok
             assert all(torch.is_tensor(t) for arrays in item.tensors.values() for t in arrays.values())
 
 
@@ -68,7 +71,8 @@ def test_leaving_early_stops_the_feeder(cohort) -> None:
     chunks = [(k, rows[k : k + 1]) for k in range(len(rows))]
     with ChunkFeeder(cohort, chunks, aligner, folder / "cache-early", 0, None) as feeder:
         first = next(iter(feeder))
-    assert first.number == 0 and not feeder._thread.is_alive()
+    assert first.number == 0
+    assert not feeder._thread.is_alive()
 
 
 def test_a_cache_that_cannot_be_written_is_refused_before_any_file_is_read(cohort, tmp_path: Path) -> None:
