@@ -138,7 +138,7 @@ def _model_pass(
 
     from meddx.batch.options import ChunkSettings
     from meddx.batch.predict import predict_chunk
-    from meddx.batch.writers import chunk_table, model_provenance
+    from meddx.batch.writers import chunk_table, provenance_of
     from meddx.export.fhir import risk_assessments
     from meddx.models.diagnosis import DiagnosisModel
     from meddx.models.folder import check_model_folder
@@ -148,7 +148,7 @@ def _model_pass(
     torch.set_num_threads(threads or before)
     try:
         model = DiagnosisModel.from_pretrained(model_dir, cache_dir=text_cache).eval()
-        provenance = model_provenance(check_model_folder(model_dir, fingerprint=True))
+        provenance = provenance_of(check_model_folder(model_dir, fingerprint=True))
         settings = ChunkSettings(batch_size, True, "cpu")
         start, cpu = time.perf_counter(), _cpu_seconds()[0]
         for ready in ready_chunks:

@@ -168,7 +168,7 @@ def diagnose(
     """
     from meddx.align import Aligner
     from meddx.batch.engines import make_engine
-    from meddx.batch.writers import ChunkWriter, model_provenance
+    from meddx.batch.writers import ChunkWriter, provenance_of
     from meddx.cache import default_cache_dir
     from meddx.models.folder import check_model_folder
     from meddx.progress import show_library_bars
@@ -215,7 +215,7 @@ def diagnose(
     workers = default_workers() if workers is None else workers
     timings = {"ingest": 0.0, "model": 0.0, "waiting_for_ingest": 0.0, "writing": 0.0}
     logger.info("diagnosing %d rows in %d chunk(s) (%d done before)", len(rows), len(chunks), len(done))
-    provenance = model_provenance(checked)
+    provenance = provenance_of(checked)
     # checks that a DICOMweb server is configured, before any work
     reporter = _pacs_reporter(aligner.config, cache_root, model_dir, sha256, plan, rows) if store_sr else None
     fhir_writer = None

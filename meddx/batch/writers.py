@@ -30,7 +30,7 @@ def model_name(folder: Path) -> str:
     return folder.resolve().name
 
 
-def model_provenance(checked: ModelFolder) -> ModelProvenance:
+def provenance_of(checked: ModelFolder) -> ModelProvenance:
     """What the FHIR resources say about a checked model folder (name, hash, version, alpha per task)."""
     from meddx import __version__
     from meddx.export.fhir import ModelProvenance
