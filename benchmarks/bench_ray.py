@@ -38,7 +38,7 @@ def main() -> None:
 
     import pandas as pd
 
-    from meddx.diagnose import diagnose
+    from meddx.batch import diagnose
     from meddx.models import BackboneConfig
     from meddx.training import finetune
 

@@ -67,6 +67,8 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(("DiagnosisModel",), "meddx.models.diagnosis"),
     **dict.fromkeys(("finetune",), "meddx.training"),
     **dict.fromkeys(("pretrain",), "meddx.training"),
+    **dict.fromkeys(("DiagnoseResult", "diagnose"), "meddx.batch.run"),
+    **dict.fromkeys(("predict_cohort",), "meddx.batch.predict"),
 }
 
 __all__ = [
@@ -114,6 +116,9 @@ __all__ = [
     "finetune",
     "prepare_cohort",
     "pretrain",
+    "DiagnoseResult",
+    "diagnose",
+    "predict_cohort",
 ]
 
 
@@ -132,6 +137,8 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static checkers see the real objects
     from meddx.align import Aligner
+    from meddx.batch.predict import predict_cohort
+    from meddx.batch.run import DiagnoseResult, diagnose
     from meddx.cache import RecordCache
     from meddx.cohort import Cohort, CohortRow, TaskSpec, load_cohort
     from meddx.config import IngestConfig

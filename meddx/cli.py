@@ -293,7 +293,7 @@ def diagnose_command(args: DiagnoseArgs) -> None:
     The cohort streams through in chunks (memory does not grow with it); ingestion runs in
     worker processes (or Ray tasks) while the model runs. A killed run finishes with --resume.
     """
-    from meddx.diagnose import diagnose
+    from meddx.batch import diagnose
 
     _model_folder(args.model, "--model")
     given = args.ray_settings()
@@ -301,7 +301,7 @@ def diagnose_command(args: DiagnoseArgs) -> None:
     if given:
         if args.engine != "ray":
             raise click.UsageError(f"{', '.join('--' + k.replace('_', '-') for k in given)} only apply to --engine ray")
-        from meddx.ray_engine import RayOptions  # imports no Ray itself
+        from meddx.batch.options import RayOptions  # imports no Ray itself
 
         ray_options = RayOptions(**given)
     result = diagnose(

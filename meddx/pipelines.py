@@ -46,10 +46,10 @@ from meddx.arguments import (
     FinetuneArgs,
     PretrainArgs,
 )
+from meddx.batch.options import RayOptions
 from meddx.config import IngestConfig
 from meddx.errors import ConfigError
 from meddx.models.config import BackboneConfig
-from meddx.ray_engine import RayOptions
 
 logger = logging.getLogger(__name__)
 
@@ -344,7 +344,7 @@ def _finetune(step: Any, cache: Path, workers, progress, echo):
 
 
 def _diagnose(step: Any, cache: Path, workers, progress, echo):
-    from meddx.diagnose import diagnose
+    from meddx.batch import diagnose
 
     result = diagnose(
         step.manifest,

@@ -27,14 +27,14 @@ from meddx.arguments import (
 from meddx.cli import main
 from meddx.cli_options import arguments
 
-# The Python entry point of each job, in one place. ingest_cohort, pretrain and finetune are the
-# package's lazy names; diagnose and evaluate are not (yet): `meddx.diagnose` and `meddx.evaluate`
-# are the modules of the same names, and a lazy function of a module's name would hide the module.
+# The Python entry point of each job, in one place. ingest_cohort, pretrain, finetune and diagnose are
+# the package's lazy names; evaluate is not: `meddx.evaluate` is the module of the same name, and a lazy
+# function of a module's name would hide the module.
 API = {
     "ingest": "meddx:ingest_cohort",
     "pretrain": "meddx:pretrain",
     "finetune": "meddx:finetune",
-    "diagnose": "meddx.diagnose:diagnose",
+    "diagnose": "meddx:diagnose",
     "evaluate": "meddx.evaluate:evaluate",
 }
 
@@ -63,7 +63,7 @@ def api(job: str):
 def _elsewhere(job: str) -> dict[str, typing.Any]:
     """Fields that the API takes inside an object: name -> that object's default for it."""
     if job == "diagnose":
-        from meddx.ray_engine import RayOptions
+        from meddx.batch.options import RayOptions
 
         return {f.name: f.default for f in dataclasses.fields(RayOptions) if f.name in RAY_SETTINGS}
     if job == "evaluate":

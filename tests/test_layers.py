@@ -71,10 +71,6 @@ LAYERS: dict[str, int] = {
             "meddx.batch",
             "meddx.export",
             "meddx.synth",
-            # until the runpath branch replaces them with meddx.batch and meddx.predictions.*:
-            "meddx.diagnose",
-            "meddx.ray_engine",
-            "meddx.prediction_table",
         ),
         5,
     ),
@@ -82,19 +78,6 @@ LAYERS: dict[str, int] = {
     # (manifest, config, model folder, pipeline), and the package's lazy public names
     **dict.fromkeys(("meddx.cli", "meddx.pipelines", "meddx.demo", "meddx.schemas", "meddx"), 6),
 }
-
-# Imports against the order that the runpath branch removes (diagnose.py, ray_engine.py,
-# prediction_table.py and models/diagnosis.py are rewritten there): "importer -> imported".
-# The lead empties this set after merging runpath; the test then allows no exception at all.
-KNOWN_UNTIL_RUNPATH_MERGES: set[str] = {
-    "meddx.models.diagnosis -> meddx.prediction_table",
-}
-# Cycles among the same modules (each named by its sorted members, joined by " <-> ").
-KNOWN_CYCLES_UNTIL_RUNPATH_MERGES: set[str] = {
-    "meddx.diagnose <-> meddx.ray_engine",
-    "meddx.models.diagnosis <-> meddx.prediction_table",
-}
-
 
 @dataclass(frozen=True)
 class Import:
@@ -279,13 +262,8 @@ def test_every_module_has_a_layer() -> None:
 
 
 def test_no_import_cycle(edges) -> None:
-    found = {name: " -> ".join(path) for name, path in cycles(edges).items()}
-    unexpected = {name: path for name, path in found.items() if name not in KNOWN_CYCLES_UNTIL_RUNPATH_MERGES}
-    assert unexpected == {}, "import cycles (imports inside functions and TYPE_CHECKING blocks count):\n" + "\n".join(
-        unexpected.values()
-    )
-    stale = KNOWN_CYCLES_UNTIL_RUNPATH_MERGES - set(found)
-    assert stale == set(), f"these known cycles are gone; remove them from KNOWN_CYCLES_UNTIL_RUNPATH_MERGES: {stale}"
+    found = [" -> ".join(path) for path in cycles(edges).values()]
+    assert found == [], "import cycles (imports inside functions and TYPE_CHECKING blocks count):\n" + "\n".join(found)
 
 
 def test_no_import_against_the_layer_order(edges) -> None:
@@ -295,11 +273,8 @@ def test_no_import_against_the_layer_order(edges) -> None:
         f"{files[e.importer].relative_to(PACKAGE.parent)}:{e.line}: {e} "
         f"(layer {layer_of(e.importer, LAYERS)} imports layer {layer_of(e.imported, LAYERS)})"
         for e in upward
-        if str(e) not in KNOWN_UNTIL_RUNPATH_MERGES
     )
     assert unexpected == [], "imports from a higher layer:\n" + "\n".join(unexpected)
-    stale = KNOWN_UNTIL_RUNPATH_MERGES - {str(e) for e in upward}
-    assert stale == set(), f"these imports are gone; remove them from KNOWN_UNTIL_RUNPATH_MERGES: {stale}"
 
 
 def test_the_base_layer_imports_only_the_standard_library_at_load() -> None:

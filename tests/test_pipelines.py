@@ -107,7 +107,7 @@ def test_steps_offer_the_library_choices_with_its_defaults() -> None:
     import inspect
     from typing import get_args
 
-    from meddx.diagnose import diagnose
+    from meddx.batch import diagnose
     from meddx.models.diagnosis import HEAD_INPUTS
     from meddx.pipelines import DiagnoseStep, FinetuneStep
     from meddx.training import SCHEDULES, finetune
@@ -124,10 +124,10 @@ def test_steps_offer_the_library_choices_with_its_defaults() -> None:
 
 
 def test_engine_and_training_choices_reach_the_library(tmp_path: Path, monkeypatch) -> None:
-    import meddx.diagnose
+    import meddx.batch.run
     import meddx.training
+    from meddx.batch import RayOptions
     from meddx.pipelines import run_pipeline
-    from meddx.ray_engine import RayOptions
 
     calls: dict[str, dict] = {}
 
@@ -140,7 +140,7 @@ def test_engine_and_training_choices_reach_the_library(tmp_path: Path, monkeypat
         return lambda *args, **kwargs: calls.setdefault(name, kwargs) and Ran()
 
     monkeypatch.setattr(meddx.training, "finetune", record("finetune"))
-    monkeypatch.setattr(meddx.diagnose, "diagnose", record("diagnose"))
+    monkeypatch.setattr(meddx.batch.run, "diagnose", record("diagnose"))
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("patient_id,index_time\np1,2024-01-01T00:00:00Z\n")
     (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump({
