@@ -86,6 +86,7 @@ class PreparedCohort:
 def prepare_cohort(
     cohort_or_manifest_path: Cohort | str | Path,
     cache_dir: str | Path | None = None,
+    *,
     config: IngestConfig | None = None,
     aligner: Aligner | None = None,
     workers: int | None = None,

@@ -669,7 +669,8 @@ class FhirIngestor(Ingestor):
         if invalid and not parsed:
             more = f" (and {len(invalid) - 1} more)" if len(invalid) > 1 else ""
             raise IngestError(shown, str(modality), f"no resource of the patient is valid FHIR: {invalid[0]}{more}")
-        return _build_record(shown, modality, patient_id, index_time, parsed, counts, warnings, source_kind, zone)
+        origin = _Origin(shown, modality, source_kind)
+        return _build_record(origin, patient_id, index_time, parsed, counts, warnings, zone)
 
     # ------------------------------------------------------------------ FHIR server
 
@@ -854,17 +855,25 @@ def _event_order(event: Event) -> tuple:
     return (time, event.kind, event.code, value, event.unit or "", event.text or "")
 
 
+@dataclass(frozen=True)
+class _Origin:
+    """Where a record's resources came from: the file or reference shown in messages, and its kind."""
+
+    path: str | Path
+    modality: Modality
+    source_kind: str  # "bundle", "bulk" or "fhir" (a server)
+
+
 def _build_record(
-    path: str | Path,
-    modality: Modality,
+    origin: _Origin,
     patient_id: str,
     index_time: datetime,
     parsed: list[_Parsed],
     counts: Counter,
     warnings: list[str],
-    source_kind: str,
     zone: tzinfo | None = None,
 ) -> ModalityRecord:
+    path, modality, source_kind = origin.path, origin.modality, origin.source_kind
     demographics = _Demographics()
     patient = next((p for p in parsed if p.resource_type == "Patient" and p.model.id == patient_id), None)
     if patient is not None:
