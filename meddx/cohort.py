@@ -339,7 +339,7 @@ def load_cohort(path: str | Path) -> Cohort:
     """Read and validate a cohort manifest.
 
     Args:
-        path: a ``.csv`` or ``.parquet`` manifest (columns: see the README and docs/design.md).
+        path: a ``.csv`` or ``.parquet`` manifest (columns: see docs/manifest.md).
 
     Returns:
         The validated :class:`Cohort`; its ``warnings`` (also logged) list what is allowed

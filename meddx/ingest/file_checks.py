@@ -10,7 +10,7 @@ only test ``is_file()``. :func:`check_source` refuses all of these with an
 * anything that is not a regular file (or a folder, where the reader takes one): a named
   pipe, a character or block device, a socket;
 * a regular file larger than the modality's ``max_file_mb`` (each section of
-  :class:`~meddx.config.IngestConfig` has one; README lists the defaults). The limit is on
+  :class:`~meddx.config.IngestConfig` has one; docs/ingest.md lists the defaults). The limit is on
   the file's size on disk, read from ``stat`` without opening the file.
 
 Example:
