@@ -511,8 +511,11 @@ class DeviceLogTensorizer(Tensorizer):
     logged at DEBUG level, and :meth:`unknown_channels` lists them for a record).
 
     Example:
-        >>> tensorizer = DeviceLogTensorizer(IngestConfig()).fit(train_records)  # doctest: +SKIP
-        >>> tensorizer.transform(record)["values"].shape  # doctest: +SKIP
+        >>> from meddx.records import parse_time
+        >>> record = read_device_log(Path("sample_data/patients/P0002/vitals.csv"),
+        ...                          parse_time("2024-11-06T23:20:00Z"), DeviceLogConfig())
+        >>> tensorizer = DeviceLogTensorizer(IngestConfig()).fit([record])  # the training rows' records
+        >>> tensorizer.transform(record)["values"].shape  # (max_channels, minutes)
         (8, 360)
     """
 
