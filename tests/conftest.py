@@ -51,6 +51,17 @@ def orthanc_factory(tmp_path: Path) -> Iterator[Callable[[], OrthancServer]]:
         server.stop()
 
 
+# Markers set by the fixtures a test needs (pyproject.toml registers them; `make test-quick` leaves them out).
+MARKER_OF_FIXTURE = {"orthanc": "pacs", "orthanc_factory": "pacs", "local_ray": "ray"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that uses a real Orthanc ``pacs`` and every one that starts a local Ray ``ray``."""
+    for item in items:
+        for name in sorted({MARKER_OF_FIXTURE[f] for f in getattr(item, "fixturenames", ()) if f in MARKER_OF_FIXTURE}):
+            item.add_marker(name)
+
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_MANIFEST = REPO / "sample_data" / "manifest.csv"
 
