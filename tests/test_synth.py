@@ -109,6 +109,7 @@ def large_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate_cohort(tmp_path_factory.mktemp("large"), n_patients=200, seed=7)
 
 
+@pytest.mark.slow
 def test_missing_rate_is_about_ten_percent(large_cohort: Path) -> None:
     frame = _manifest(large_cohort)
     rate = (frame[list(MODALITIES)] == "").to_numpy().mean()
