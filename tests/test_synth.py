@@ -396,6 +396,7 @@ def _video_feature(path: Path) -> list[float]:
     return [float(np.log(series.std() / series.mean()))]
 
 
+@pytest.mark.slow
 def test_each_modality_is_weak_alone_and_strong_together(large_cohort: Path) -> None:
     frame = _manifest(large_cohort)
     root = large_cohort.parent
