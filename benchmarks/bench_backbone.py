@@ -106,7 +106,7 @@ def main() -> None:
     if args.epoch_patients:
         from bench_epochs import prepared_first, print_training_epochs
 
-        from meddx.train import DEFAULT_BATCH_SIZE
+        from meddx.training import DEFAULT_BATCH_SIZE
 
         print(f"epochs over cached patients, batch {DEFAULT_BATCH_SIZE}, torch threads {torch.get_num_threads()}:")
         dataset = prepared_first(args.epoch_patients)

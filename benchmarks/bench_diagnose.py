@@ -13,7 +13,7 @@ skips them. Then it prints rows per second of:
   frozen text model for the first time (a cold text-embedding cache), as in a cold ``diagnose``.
   It runs with the faster of torch's default threads and one thread, chosen on the first
   ``--small`` rows (each on a cold text cache): the model's best on this machine;
-- **end to end**: ``meddx.diagnose.diagnose`` with 1 and with 2 ingestion workers, each in a
+- **end to end**: ``meddx.batch.diagnose`` with 1 and with 2 ingestion workers, each in a
   fresh process on a cold cache (ingest cache, aligned store and text embeddings), timed from
   the call to its return (writing the parts and assembling the final files included);
 
@@ -49,7 +49,7 @@ from bench_cohort import OUT, bench_cohort
 # unlike ru_maxrss, which Linux carries over from the parent through fork and exec)
 _CHILD = """
 import json, sys, time
-from meddx.diagnose import diagnose
+from meddx.batch import diagnose
 def hwm():
     line = next(l for l in open('/proc/self/status') if l.startswith('VmHWM'))
     return int(line.split()[1]) / 1024
@@ -136,24 +136,25 @@ def _model_pass(
     """Seconds and CPU seconds of the main process's per-chunk work on ready chunks (cold text cache)."""
     import torch
 
-    from meddx.diagnose import chunk_frames, file_sha256, model_provenance
+    from meddx.batch.options import ChunkSettings
+    from meddx.batch.predict import predict_chunk
+    from meddx.batch.writers import chunk_table, provenance_of
     from meddx.export.fhir import risk_assessments
-    from meddx.models.checkpoint import WEIGHTS_FILE
     from meddx.models.diagnosis import DiagnosisModel
+    from meddx.models.folder import check_model_folder
 
     shutil.rmtree(text_cache, ignore_errors=True)
     before = torch.get_num_threads()
     torch.set_num_threads(threads or before)
     try:
         model = DiagnosisModel.from_pretrained(model_dir, cache_dir=text_cache).eval()
-        provenance = model_provenance(model, model_dir, file_sha256(model_dir / WEIGHTS_FILE))
-        classes = {t: tuple(s.classes) for t, s in model.tasks.items()}
-        spec = model.aligner.tensor_spec()
+        provenance = provenance_of(check_model_folder(model_dir, fingerprint=True))
+        settings = ChunkSettings(batch_size, True, "cpu")
         start, cpu = time.perf_counter(), _cpu_seconds()[0]
         for ready in ready_chunks:
-            frame, _ = chunk_frames(model, ready, store, spec, batch_size, True, "cpu")
-            records = [{str(k): v for k, v in r.items()} for r in frame.to_dict("records")]
-            list(risk_assessments(records, classes, provenance))
+            predictions = predict_chunk(model, ready, store, settings)
+            chunk_table(ready, predictions, list(model.tasks))
+            list(risk_assessments(predictions, provenance))
         return time.perf_counter() - start, _cpu_seconds()[0] - cpu
     finally:
         torch.set_num_threads(before)
@@ -187,7 +188,7 @@ def main() -> None:
     from meddx.models import BackboneConfig
     from meddx.models.diagnosis import DiagnosisModel
     from meddx.streaming import ChunkFeeder
-    from meddx.train import finetune
+    from meddx.training import finetune
 
     load = os.getloadavg()
     print(f"{os.cpu_count()} cores; load average at the start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")

@@ -112,7 +112,7 @@ def main() -> None:
     from meddx.embeddings import compute_embeddings
     from meddx.models import BackboneConfig, FoundationBackbone
     from meddx.models.heads import DiagnosisHeads
-    from meddx.train import DEFAULT_BATCH_SIZE
+    from meddx.training import DEFAULT_BATCH_SIZE
 
     args.batch = args.batch or DEFAULT_BATCH_SIZE
     torch.set_num_threads(2)

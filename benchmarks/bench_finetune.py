@@ -39,9 +39,10 @@ def only(manifest, modality: str):
 
 def test_scores(model, manifest, cache) -> dict:
     """AUROC, ECE before/after calibration and conformal coverage on the test split."""
+    from meddx.batch import predict_cohort
     from meddx.metrics import auroc, coverage, ece
 
-    predictions = model.predict(manifest, split="test", cache_dir=cache, workers=2, contributions=False)
+    predictions = predict_cohort(model, manifest, split="test", cache_dir=cache, workers=2, contributions=False)
     labels = pd.read_csv(manifest, dtype=str, keep_default_na=False)
     labels = labels.set_index("patient_id")["label:disease"]
     y = predictions["patient_id"].map(labels).astype(int).to_numpy()
@@ -184,7 +185,7 @@ def main() -> None:
 
     from meddx.data import prepare_cohort
     from meddx.models import BackboneConfig
-    from meddx.train import finetune
+    from meddx.training import finetune
 
     torch.set_num_threads(2)
     manifest = bench_cohort()

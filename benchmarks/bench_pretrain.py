@@ -86,7 +86,7 @@ def main() -> None:
     from meddx.data import prepare_cohort
     from meddx.embeddings import compute_embeddings
     from meddx.models import BackboneConfig, FoundationBackbone
-    from meddx.pretrain import pretrain
+    from meddx.training import pretrain
 
     torch.set_num_threads(2)
     manifest = bench_cohort()

@@ -38,9 +38,9 @@ def main() -> None:
 
     import pandas as pd
 
-    from meddx.diagnose import diagnose
+    from meddx.batch import diagnose
     from meddx.models import BackboneConfig
-    from meddx.train import finetune
+    from meddx.training import finetune
 
     start = time.perf_counter()
     manifest = bench_cohort(args.patients, seed=7)  # the cohort bench_diagnose.py uses

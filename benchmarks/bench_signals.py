@@ -35,8 +35,9 @@ import pandas as pd
 
 from meddx.config import IngestConfig
 from meddx.ingest.audio import AudioIngestor
-from meddx.ingest.base import IngestRequest, registered_ingestors
+from meddx.ingest.base import IngestRequest
 from meddx.ingest.device_logs import read_device_log
+from meddx.ingest.registry import registered_ingestors
 from meddx.records import Modality, parse_time
 
 INDEX = parse_time("2024-03-05T14:00:00Z")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from meddx._version import __version__
 from meddx.errors import (
     ConfigError,
     IngestError,
@@ -27,8 +28,6 @@ from meddx.errors import (
     ModelError,
     NotFittedError,
 )
-
-__version__ = "0.1.0"
 
 # public name -> the module that defines it (imported on first access)
 _LAZY: dict[str, str] = {
@@ -68,8 +67,10 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(("CohortDataset", "PreparedCohort", "prepare_cohort"), "meddx.data"),
     **dict.fromkeys(("BackboneConfig", "FoundationBackbone"), "meddx.models"),
     **dict.fromkeys(("DiagnosisModel",), "meddx.models.diagnosis"),
-    **dict.fromkeys(("finetune",), "meddx.train"),
-    **dict.fromkeys(("pretrain",), "meddx.pretrain"),
+    **dict.fromkeys(("finetune",), "meddx.training"),
+    **dict.fromkeys(("pretrain",), "meddx.training"),
+    **dict.fromkeys(("DiagnoseResult", "diagnose"), "meddx.batch.run"),
+    **dict.fromkeys(("predict_cohort",), "meddx.batch.predict"),
 }
 
 __all__ = [
@@ -117,6 +118,9 @@ __all__ = [
     "finetune",
     "prepare_cohort",
     "pretrain",
+    "DiagnoseResult",
+    "diagnose",
+    "predict_cohort",
 ]
 
 
@@ -135,6 +139,8 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static checkers see the real objects
     from meddx.align import Aligner
+    from meddx.batch.predict import predict_cohort
+    from meddx.batch.run import DiagnoseResult, diagnose
     from meddx.cache import RecordCache
     from meddx.cohort import Cohort, CohortRow, TaskSpec, load_cohort
     from meddx.config import IngestConfig
@@ -150,7 +156,6 @@ if TYPE_CHECKING:  # static checkers see the real objects
     from meddx.ingest.runner import IngestReport, ingest_cohort
     from meddx.models import BackboneConfig, FoundationBackbone
     from meddx.models.diagnosis import DiagnosisModel
-    from meddx.pretrain import pretrain
     from meddx.records import (
         MODALITIES,
         Event,
@@ -165,4 +170,4 @@ if TYPE_CHECKING:  # static checkers see the real objects
         parse_time,
     )
     from meddx.synth import generate_cohort
-    from meddx.train import finetune
+    from meddx.training import finetune, pretrain

@@ -17,11 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from meddx import __version__
+from meddx._version import __version__
 from meddx.config import IngestConfig
 from meddx.errors import ConfigError, ModelError, NotFittedError
-from meddx.ingest.base import ArrayField, ArraySpec, Tensorizer, registered_ingestors
+from meddx.ingest.base import Tensorizer
+from meddx.ingest.registry import registered_ingestors
 from meddx.records import MODALITIES, Modality, ModalityRecord, PatientRecord, PatientTensors, TensorSpec
+from meddx.specs import ArrayField, ArraySpec
 
 RECORD_AGE = "age_hours"
 RECORD_AGE_FIELD = ArrayField((1,), "float32", "age_hours")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -27,11 +26,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from meddx import __version__
+from meddx._version import __version__
 from meddx.config import IngestConfig
 from meddx.dicomweb.ref import DicomWebRef, server_id
 from meddx.fhirclient.ref import FhirRef
-from meddx.files import apply_umask
+from meddx.files import atomic_path
 from meddx.records import Event, Modality, ModalityRecord, parse_time
 
 if TYPE_CHECKING:
@@ -197,15 +196,8 @@ class RecordCache:
             "meddx": __version__,
         }
         arrays = {name: np.ascontiguousarray(a) for name, a in record.arrays.items()}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(arrays, tmp, metadata=header)
-            apply_umask(tmp)  # mkstemp and safetensors write 0600
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(path) as tmp:
+            save_file(arrays, str(tmp), metadata=header)
         return path
 
     def _header(self, key: str) -> dict[str, str]:

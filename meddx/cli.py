@@ -13,11 +13,12 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import cast
 
 import click
 
-from meddx import __version__
+from meddx._version import __version__
+from meddx.arguments import RAY_SETTINGS, DiagnoseArgs, EvaluateArgs, FinetuneArgs, IngestArgs, PretrainArgs
+from meddx.cli_options import arguments, option
 from meddx.errors import ConfigError, ManifestError, MeddxError, ModelError, NotFittedError, PredictionsError
 
 BAD_INPUT = 2
@@ -29,7 +30,9 @@ def _handle_errors(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        with _removed_if_left_empty(kwargs.get("out"), kwargs.get("cache")):
+        # click passes the options by name: out/cache, or out_dir/cache_dir (meddx.arguments' names)
+        out, cache = kwargs.get("out", kwargs.get("out_dir")), kwargs.get("cache", kwargs.get("cache_dir"))
+        with _removed_if_left_empty(out, cache):
             try:
                 return command(*args, **kwargs)
             except NotFittedError as exc:  # a bug, not the user's input
@@ -110,7 +113,8 @@ def _model_folder(path: Path, option: str) -> Path:
     return path
 
 
-quiet_option = click.option("--quiet", is_flag=True, help="No progress bars.")
+quiet_option = option(IngestArgs, "progress")  # --quiet: progress=False
+workers_option = option(IngestArgs, "workers")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -157,25 +161,22 @@ def _cohort_summary(cohort) -> str:
     )
 
 
-def _run_ingest(
-    manifest: Path,
-    cache: Path,
-    workers: int | None,
-    quiet: bool,
-    out: Path,
-    task_timeout: float | None = None,
-    config_file: Path | None = None,
-):
+def _run_ingest(args: IngestArgs, cache: Path, out: Path):
     from meddx.cohort import load_cohort
     from meddx.config import IngestConfig
-    from meddx.ingest.runner import DEFAULT_TASK_TIMEOUT, ingest_cohort
+    from meddx.ingest.runner import ingest_cohort
 
-    config = IngestConfig.from_file(config_file) if config_file is not None else IngestConfig()
-    cohort = load_cohort(manifest)
+    config = IngestConfig.from_file(args.config) if args.config is not None else IngestConfig()
+    cohort = load_cohort(args.manifest)
     click.echo(_cohort_summary(cohort))
-    timeout = DEFAULT_TASK_TIMEOUT if task_timeout is None else (task_timeout or None)
     report = ingest_cohort(
-        cohort, cache, config, workers=workers, progress=not quiet, task_timeout=timeout, out_dir=out
+        cohort,
+        cache,
+        config,
+        workers=args.workers,
+        progress=args.progress,
+        task_timeout=args.task_timeout or None,  # 0: no limit
+        out_dir=out,
     )
     click.echo("\ncoverage per modality:")
     click.echo(report.coverage_table())
@@ -190,52 +191,9 @@ def _run_ingest(
 
 
 @main.command("ingest")
-@click.argument("manifest", type=click.Path(path_type=Path))
-@click.option(
-    "--cache",
-    "cache",
-    default=None,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Cache folder for the ingested records, shared by runs on the same files "
-    "(default: $MEDDX_CACHE, else the user cache directory).",
-)
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Ingest config, YAML or JSON (see schemas/ingest_config.schema.json); default: CPU shapes.",
-)
-@click.option(
-    "--out",
-    "out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="This run's folder for errors.csv, warnings.csv and the config used (default: a new runs/ingest-*).",
-)
-@click.option(
-    "--workers",
-    type=click.IntRange(min=0),
-    default=None,
-    help="Worker processes (default: up to 4; 0 = in this process).",
-)
-@click.option(
-    "--task-timeout",
-    type=click.FloatRange(min=0),
-    default=None,
-    help="Seconds one file may take before it is stopped and reported (default 600; 0 = no limit).",
-)
-@quiet_option
 @_handle_errors
-def ingest(
-    manifest: Path,
-    cache: Path | None,
-    config_file: Path | None,
-    out: Path | None,
-    workers: int | None,
-    task_timeout: float | None,
-    quiet: bool,
-) -> None:
+@arguments(IngestArgs)
+def ingest(args: IngestArgs) -> None:
     """Read every modality of every row into a cache; print coverage, errors and warnings.
 
     Everything that would fail every file (the config, the text model, the folders) is
@@ -244,9 +202,9 @@ def ingest(
     from meddx.cache import default_cache_dir
     from meddx.ingest.runner import new_run_folder
 
-    run_folder = out or new_run_folder()
+    run_folder = args.out_dir or new_run_folder()
     with _removed_if_left_empty(run_folder):
-        _run_ingest(manifest, default_cache_dir(cache), workers, quiet, run_folder, task_timeout, config_file)
+        _run_ingest(args, default_cache_dir(args.cache_dir), run_folder)
 
 
 def _load_mapping(path: Path, what: str) -> dict:
@@ -274,81 +232,19 @@ def _backbone_config(path: Path | None):
 
 
 @main.command("pretrain")
-@click.argument("manifest", type=click.Path(path_type=Path))
-@click.option(
-    "--out",
-    "out",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Folder for the pretrained backbone (config.json, model.safetensors) and its checkpoint.",
-)
-@click.option("--epochs", default=5, show_default=True, type=click.IntRange(min=1), help="Passes over the cohort.")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=2), help="Patients per step.")
-@click.option(
-    "--lr",
-    "learning_rate",
-    default=1e-3,
-    show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
-    help="AdamW learning rate.",
-)
-@click.option("--seed", default=0, show_default=True, type=int, help="Seeds weights, shuffling and masking.")
-@click.option(
-    "--cache",
-    "cache",
-    default=None,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Ingest cache (default: MEDDX_CACHE, else the user cache directory).",
-)
-@click.option(
-    "--config",
-    "ingest_config",
-    default=None,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Ingest config (JSON or YAML): tensor shapes and reading rules.",
-)
-@click.option(
-    "--backbone-config",
-    default=None,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Backbone config (JSON or YAML): model sizes (see BackboneConfig).",
-)
-@click.option("--workers", type=click.IntRange(min=0), default=None, help="Ingestion worker processes.")
-@click.option("--resume", is_flag=True, help="Carry on from OUT/checkpoint (written after every epoch).")
-@quiet_option
 @_handle_errors
-def pretrain_command(
-    manifest: Path,
-    out: Path,
-    epochs: int,
-    batch_size: int,
-    learning_rate: float,
-    seed: int,
-    cache: Path | None,
-    ingest_config: Path | None,
-    backbone_config: Path | None,
-    workers: int | None,
-    resume: bool,
-    quiet: bool,
-) -> None:
+@arguments(PretrainArgs)
+def pretrain_command(args: PretrainArgs) -> None:
     """Self-supervised pretraining of the backbone on a cohort (labels not needed)."""
     from meddx.config import IngestConfig
-    from meddx.pretrain import pretrain
+    from meddx.training import pretrain
 
-    ingest = IngestConfig.from_file(ingest_config) if ingest_config else None
     result = pretrain(
-        manifest,
-        out,
-        epochs=epochs,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        seed=seed,
-        backbone_config=_backbone_config(backbone_config),
-        ingest_config=ingest,
-        cache_dir=cache,
-        workers=workers,
-        resume=resume,
-        progress=not quiet,
+        args.manifest,
+        args.out_dir,
+        ingest_config=IngestConfig.from_file(args.ingest_config) if args.ingest_config else None,
+        backbone_config=_backbone_config(args.backbone_config),
+        **args.values("manifest", "out_dir", "ingest_config", "backbone_config"),
     )
     for number, figures in enumerate(result.epochs, start=1):
         click.echo(
@@ -359,123 +255,21 @@ def pretrain_command(
 
 
 @main.command("finetune")
-@click.argument("manifest", type=click.Path(path_type=Path))
-@click.option(
-    "--out",
-    "out",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Folder for the model (config.json, model.safetensors, calibration.json, metrics.json).",
-)
-@click.option("--tasks", default=None, help="Comma-separated tasks (default: every label:<task> column).")
-@click.option(
-    "--backbone",
-    default=None,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="A pretrained backbone folder (meddx pretrain); default: a new backbone.",
-)
-@click.option(
-    "--mode",
-    type=click.Choice(["auto", "head", "full", "lora"]),
-    default="auto",
-    show_default=True,
-    help="head: frozen backbone; full: train everything; lora: LoRA adapters; auto: head with --backbone, else full.",
-)
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="At most this many epochs (default per mode).")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))  # DEFAULT_BATCH_SIZE
-@click.option(
-    "--lr",
-    "learning_rate",
-    default=None,
-    type=click.FloatRange(min=0, min_open=True),
-    help="AdamW learning rate (default per mode).",
-)
-@click.option(
-    "--patience",
-    default=5,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Epochs without a better validation AUROC before stopping.",
-)
-@click.option(
-    "--alpha",
-    default=0.1,
-    show_default=True,
-    type=click.FloatRange(0, 1, min_open=True, max_open=True),
-    help="Conformal miscoverage: sets hold the true class 1-alpha of the time.",
-)
-@click.option("--calibration", type=click.Choice(["temperature", "isotonic"]), default="temperature", show_default=True)
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option(
-    "--cache",
-    "cache",
-    default=None,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Ingest cache (default: MEDDX_CACHE, else the user cache directory).",
-)
-@click.option(
-    "--config",
-    "ingest_config",
-    default=None,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Ingest config (JSON or YAML) for a new backbone.",
-)
-@click.option(
-    "--backbone-config",
-    default=None,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Backbone config (JSON or YAML) for a new backbone.",
-)
-@click.option("--workers", type=click.IntRange(min=0), default=None, help="Ingestion worker processes.")
-@click.option("--resume", is_flag=True, help="Carry on from OUT/checkpoint.")
-@quiet_option
 @_handle_errors
-def finetune_command(
-    manifest: Path,
-    out: Path,
-    tasks: str | None,
-    backbone: Path | None,
-    mode: str,
-    epochs: int | None,
-    batch_size: int,
-    learning_rate: float | None,
-    patience: int,
-    alpha: float,
-    calibration: str,
-    seed: int,
-    cache: Path | None,
-    ingest_config: Path | None,
-    backbone_config: Path | None,
-    workers: int | None,
-    resume: bool,
-    quiet: bool,
-) -> None:
+@arguments(FinetuneArgs)
+def finetune_command(args: FinetuneArgs) -> None:
     """Fine-tune diagnostic heads on a labelled cohort, then calibrate them on its validation rows."""
     from meddx.config import IngestConfig
-    from meddx.train import Mode, finetune
+    from meddx.training import finetune
 
-    if backbone is not None:
-        _model_folder(backbone, "--backbone")
-    ingest = IngestConfig.from_file(ingest_config) if ingest_config else None
+    if args.backbone is not None:
+        _model_folder(args.backbone, "--backbone")
     model = finetune(
-        manifest,
-        out,
-        tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
-        mode=cast("Mode", mode),  # click.Choice has checked it
-        epochs=epochs,
-        backbone=backbone,
-        backbone_config=_backbone_config(backbone_config),
-        ingest_config=ingest,
-        cache_dir=cache,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        patience=patience,
-        seed=seed,
-        alpha=alpha,
-        calibration=calibration,
-        workers=workers,
-        resume=resume,
-        progress=not quiet,
+        args.manifest,
+        args.out_dir,
+        ingest_config=IngestConfig.from_file(args.ingest_config) if args.ingest_config else None,
+        backbone_config=_backbone_config(args.backbone_config),
+        **args.values("manifest", "out_dir", "ingest_config", "backbone_config"),
     )
     info = model.training_info
     click.echo(
@@ -487,166 +281,36 @@ def finetune_command(
             f"  {task}: validation AUROC {figures['auroc']:.3f}, ECE {figures['ece_before']:.3f} -> "
             f"{figures['ece_after']:.3f} after calibration ({figures['val_rows']} rows)"
         )
-    click.echo(f"model written to {out}")
+    click.echo(f"model written to {args.out_dir}")
 
 
 @main.command("diagnose")
-@click.argument("manifest", type=click.Path(path_type=Path))
-@click.option(
-    "--model",
-    "model",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="A fine-tuned model folder (meddx finetune).",
-)
-@click.option(
-    "--out",
-    "out",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Folder for predictions.parquet/.csv, risk_assessments.ndjson, errors.csv and run.json.",
-)
-@click.option("--split", default=None, help="Only rows of this split (e.g. test); default: every row.")
-@click.option(
-    "--cache",
-    "cache",
-    default=None,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Ingest cache (default: MEDDX_CACHE, else the user cache directory).",
-)
-@click.option(
-    "--workers",
-    type=click.IntRange(min=0),
-    default=None,
-    help="Ingestion worker processes (default: up to 4; 0 = in this process).",
-)
-@click.option("--resume", is_flag=True, help="Keep the finished chunks of a killed run in OUT and do the rest.")
-@click.option(
-    "--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Patients per forward pass."
-)
-@click.option(
-    "--chunk-size",
-    default=64,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Rows ingested ahead of the model at a time (the unit of --resume).",
-)
-@click.option("--no-contributions", is_flag=True, help="Skip the contribution:/ablation: columns (faster).")
-@click.option(
-    "--task-timeout",
-    type=click.FloatRange(min=0),
-    default=None,
-    help="Seconds one file may take before it is stopped and reported (default 600; 0 = no limit).",
-)
-@click.option(
-    "--engine",
-    type=click.Choice(["local", "ray"]),
-    default="local",
-    show_default=True,
-    help="local: worker processes on this machine; ray: ingestion as Ray tasks, the model in Ray actors "
-    "(pip install 'meddx[distributed]'; see docs/scaling.md).",
-)
-@click.option(
-    "--address",
-    default=None,
-    help="--engine ray: the Ray cluster to join (auto, HOST:6379, ray://HOST:10001); default: start a local Ray.",
-)
-@click.option("--actors", default=None, type=click.IntRange(min=1), help="--engine ray: model actors (default 1).")
-@click.option(
-    "--gpus-per-actor",
-    default=None,
-    type=click.FloatRange(min=0),
-    help="--engine ray: GPUs per model actor (fractions share a GPU; needs --device cuda).",
-)
-@click.option(
-    "--cpus-per-actor",
-    default=None,
-    type=click.FloatRange(min=0),
-    help="--engine ray: CPUs Ray reserves per model actor (default 1).",
-)
-@click.option("--device", default="cpu", show_default=True, help="Where the model runs (cpu, cuda).")
-@click.option(
-    "--store-sr",
-    is_flag=True,
-    help="Store a DICOM Structured Report per prediction made on PACS images back on the DICOMweb server.",
-)
-@click.option(
-    "--store-fhir",
-    is_flag=True,
-    help="Write each RiskAssessment to the FHIR server (fhir.url or MEDDX_FHIR_URL), once; see fhir_writes.csv.",
-)
-@quiet_option
 @_handle_errors
-def diagnose_command(
-    manifest: Path,
-    model: Path,
-    out: Path,
-    split: str | None,
-    cache: Path | None,
-    workers: int | None,
-    resume: bool,
-    batch_size: int,
-    chunk_size: int,
-    no_contributions: bool,
-    task_timeout: float | None,
-    engine: str,
-    address: str | None,
-    actors: int | None,
-    gpus_per_actor: float | None,
-    cpus_per_actor: float | None,
-    device: str,
-    store_sr: bool,
-    store_fhir: bool,
-    quiet: bool,
-) -> None:
+@arguments(DiagnoseArgs)
+def diagnose_command(args: DiagnoseArgs) -> None:
     """Calibrated diagnoses for every row of a cohort: predictions, FHIR RiskAssessments, errors.
 
     The cohort streams through in chunks (memory does not grow with it); ingestion runs in
     worker processes (or Ray tasks) while the model runs. A killed run finishes with --resume.
     """
-    from meddx.diagnose import diagnose
-    from meddx.ingest.runner import DEFAULT_TASK_TIMEOUT
+    from meddx.batch import diagnose
 
-    _model_folder(model, "--model")
-    timeout = DEFAULT_TASK_TIMEOUT if task_timeout is None else (task_timeout or None)
-    ray_settings = {
-        "address": address,
-        "actors": actors,
-        "gpus_per_actor": gpus_per_actor,
-        "cpus_per_actor": cpus_per_actor,
-    }
+    _model_folder(args.model, "--model")
+    given = args.ray_settings()
     ray_options = None
-    if any(v is not None for v in ray_settings.values()):
-        if engine != "ray":
-            given = ", ".join(f"--{k.replace('_', '-')}" for k, v in ray_settings.items() if v is not None)
-            raise click.UsageError(f"{given} only apply to --engine ray")
-        from meddx.ray_engine import RayOptions  # imports no Ray itself
+    if given:
+        if args.engine != "ray":
+            raise click.UsageError(f"{', '.join('--' + k.replace('_', '-') for k in given)} only apply to --engine ray")
+        from meddx.batch.options import RayOptions  # imports no Ray itself
 
-        default = RayOptions()
-        ray_options = RayOptions(
-            address=address,
-            actors=default.actors if actors is None else actors,
-            cpus_per_actor=default.cpus_per_actor if cpus_per_actor is None else cpus_per_actor,
-            gpus_per_actor=default.gpus_per_actor if gpus_per_actor is None else gpus_per_actor,
-        )
+        ray_options = RayOptions(**given)
     result = diagnose(
-        manifest,
-        model,
-        out,
-        split=split,
-        cache_dir=cache,
-        workers=workers,
-        resume=resume,
-        batch_size=batch_size,
-        chunk_size=chunk_size,
-        contributions=not no_contributions,
-        task_timeout=timeout,
-        engine=engine,
-        device=device,
-        store_sr=store_sr,
-        progress=not quiet,
+        args.manifest,
+        args.model,
+        args.out_dir,
+        task_timeout=args.task_timeout or None,  # 0: no limit
         ray_options=ray_options,
-        store_fhir=store_fhir,
+        **args.values("manifest", "model", "out_dir", "task_timeout", *RAY_SETTINGS),
     )
     click.echo(_diagnose_summary(result))
 
@@ -685,14 +349,8 @@ def _diagnose_summary(result) -> str:
     type=click.Path(file_okay=False, path_type=Path),
     help="Output folder.",
 )
-@click.option(
-    "--cache",
-    "cache",
-    default=None,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Ingest cache (default: OUT/cache).",
-)
-@click.option("--workers", type=click.IntRange(min=0), default=None, help="Ingestion worker processes.")
+@option(IngestArgs, "cache_dir", help="Ingest cache (default: OUT/cache).")
+@workers_option
 @click.option(
     "--patients",
     type=click.IntRange(min=10),
@@ -701,7 +359,7 @@ def _diagnose_summary(result) -> str:
 )
 @quiet_option
 @_handle_errors
-def demo(out: Path, cache: Path | None, workers: int | None, patients: int | None, quiet: bool) -> None:
+def demo(out: Path, cache_dir: Path | None, workers: int | None, patients: int | None, progress: bool) -> None:
     """The whole job on a synthetic cohort: generate it, fine-tune, calibrate, diagnose the test split, evaluate.
 
     The same steps as pipelines/demo.yaml (meddx run pipelines/demo.yaml). About 3 minutes on
@@ -713,8 +371,8 @@ def demo(out: Path, cache: Path | None, workers: int | None, patients: int | Non
     from meddx.pipelines import demo_pipeline, run_pipeline
 
     started = time.perf_counter()
-    resolved = demo_pipeline(out, cache, patients)
-    results = run_pipeline(resolved, workers=workers, progress=not quiet, echo=click.echo)
+    resolved = demo_pipeline(out, cache_dir, patients)
+    results = run_pipeline(resolved, workers=workers, progress=progress, echo=click.echo)
     diagnosed = next(r for k, r in results.items() if k.endswith("-diagnose"))
     click.echo("")
     click.echo(_diagnose_summary(diagnosed))
@@ -730,19 +388,15 @@ def demo(out: Path, cache: Path | None, workers: int | None, patients: int | Non
     type=click.Path(file_okay=False, path_type=Path),
     help="The run folder, {out} in the file (default: the file's out).",
 )
-@click.option(
-    "--cache",
-    "cache",
-    default=None,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="The ingest cache, {cache} in the file (default: the file's cache, else OUT/cache).",
+@option(
+    IngestArgs, "cache_dir", help="The ingest cache, {cache} in the file (default: the file's cache, else OUT/cache)."
 )
-@click.option("--workers", type=click.IntRange(min=0), default=None, help="Ingestion worker processes.")
+@workers_option
 @click.option("--check", is_flag=True, help="Only check the file (exit status 2 listing every problem).")
 @quiet_option
 @_handle_errors
 def run_command(
-    pipeline: Path, out: Path | None, cache: Path | None, workers: int | None, check: bool, quiet: bool
+    pipeline: Path, out: Path | None, cache_dir: Path | None, workers: int | None, check: bool, progress: bool
 ) -> None:
     """Run a pipeline file (pipelines/*.yaml): its steps in order, after checking all of it.
 
@@ -751,74 +405,26 @@ def run_command(
     """
     from meddx.pipelines import read_pipeline, run_pipeline
 
-    resolved = read_pipeline(pipeline, out=out, cache=cache)
+    resolved = read_pipeline(pipeline, out=out, cache=cache_dir)
     if check:
         click.echo(f"{pipeline}: {len(resolved.steps)} step(s), no problems")
         return
-    run_pipeline(resolved, workers=workers, progress=not quiet, echo=click.echo)
+    run_pipeline(resolved, workers=workers, progress=progress, echo=click.echo)
     click.echo(f"pipeline {resolved.pipeline.name} done; outputs in {resolved.out}")
 
 
 @main.command("evaluate")
-@click.argument("predictions", type=click.Path(path_type=Path))
-@click.option(
-    "--manifest",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="The cohort manifest with the label:<task> columns (joined on patient_id, index_time).",
-)
-@click.option(
-    "--out",
-    "out",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Folder for metrics.json, report.html and the PNG plots.",
-)
-@click.option("--by", default="", help="Subgroup columns, comma-separated (e.g. sex,site).")
-@click.option(
-    "--bootstrap",
-    "n_resamples",
-    default=1000,
-    show_default=True,
-    type=click.IntRange(min=0),
-    help="Bootstrap resamples per interval (0: no intervals).",
-)
-@click.option(
-    "--confidence",
-    default=0.95,
-    show_default=True,
-    type=click.FloatRange(0, 1, min_open=True, max_open=True),
-    help="Level of the intervals.",
-)
-@click.option(
-    "--bins",
-    "n_bins",
-    default=10,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Equal-width bins of the ECE and the reliability diagram.",
-)
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the bootstrap.")
-@quiet_option
 @_handle_errors
-def evaluate(
-    predictions: Path,
-    manifest: Path,
-    out: Path,
-    by: str,
-    n_resamples: int,
-    confidence: float,
-    n_bins: int,
-    seed: int,
-    quiet: bool,
-) -> None:
+@arguments(EvaluateArgs)
+def evaluate(args: EvaluateArgs) -> None:
     """Metrics (with bootstrap intervals), report.html and plots of a predictions file against its manifest."""
     from meddx.evaluate import evaluate as run_evaluation
     from meddx.metrics import MetricSettings
 
-    columns = [c.strip() for c in by.split(",") if c.strip()]
-    settings = MetricSettings(n_bins=n_bins, n_resamples=n_resamples, confidence=confidence, seed=seed)
-    result = run_evaluation(predictions, manifest, out, by=columns, settings=settings, progress=not quiet)
+    settings = MetricSettings(**args.values("predictions", "manifest", "out", "by", "progress"))
+    result = run_evaluation(
+        args.predictions, args.manifest, args.out, by=args.by, settings=settings, progress=args.progress
+    )
     for name, task in result.metrics["tasks"].items():
         after = task["overall"]["after_calibration"]
         conformal = task["overall"]["conformal"] or {}
@@ -969,7 +575,7 @@ def fhir_manifest_command(
 @fhir_config_option
 @quiet_option
 @_handle_errors
-def fhir_export_command(since, out: Path, types: tuple[str, ...], config_file: Path | None, quiet: bool) -> None:
+def fhir_export_command(since, out: Path, types: tuple[str, ...], config_file: Path | None, progress: bool) -> None:
     """Bulk-export the FHIR server's resources ($export) into NDJSON files the EHR reader reads."""
     from datetime import timezone
 
@@ -982,7 +588,7 @@ def fhir_export_command(since, out: Path, types: tuple[str, ...], config_file: P
         out,
         since=since.replace(tzinfo=timezone.utc) if since is not None else None,
         types=tuple(types) or DEFAULT_TYPES,
-        progress=not quiet,
+        progress=progress,
     )
     size = sum(result.files.values())
     click.echo(

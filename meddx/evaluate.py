@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from meddx import __version__
+from meddx._version import __version__
 from meddx.calibration import availability_groups
 from meddx.errors import PredictionsError
 from meddx.metrics import (
@@ -65,7 +65,7 @@ NO_ABLATION_NOTE = (
 NO_AVAILABILITY_NOTE = "the predictions have no 'modalities' column, so rows cannot be grouped by availability"
 NO_SETS_NOTE = "the predictions hold no prediction_set for this task, so there is no conformal coverage"
 NO_RAW_NOTE = "no raw_probability for every evaluated row, so metrics before calibration are left out"
-RUN_FILE = "run.json"  # what meddx diagnose writes beside its predictions (meddx.diagnose.RUN)
+RUN_FILE = "run.json"  # what meddx diagnose writes beside its predictions (meddx.batch.run_folder.RUN)
 MAX_RUN_BYTES = 16 << 20
 FULL_SETS_SHARE = 0.5  # warn when at least this share of prediction sets hold every class
 

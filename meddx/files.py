@@ -7,9 +7,15 @@ be read by the others. :func:`temp_file` and :func:`apply_umask` give such files
 ``open()`` would have given them (``0666 & ~umask``); :func:`folder_mode` does the same
 for a folder made by ``tempfile.mkdtemp`` (0700).
 
+Every file meddx replaces is written atomically, in one way: :func:`atomic_path` hands out a
+temporary file beside the target and renames it onto the target only when the writing
+finished (a reader sees the old file or the whole new one, never half of one; a failed write
+leaves no temporary file behind); :func:`write_atomic` does that for text or bytes.
+
 Example:
-    >>> fd, tmp = temp_file(Path("runs/model"), suffix=".tmp")  # doctest: +SKIP
-    >>> save_file(tensors, tmp); apply_umask(tmp); os.replace(tmp, target)  # doctest: +SKIP
+    >>> with atomic_path(Path("runs/model/best.safetensors")) as tmp:  # doctest: +SKIP
+    ...     save_file(tensors, tmp)
+    >>> write_atomic(Path("runs/ingest-1/report.json"), "{}")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -17,7 +23,10 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 _UMASK_LOCK = threading.Lock()
 
@@ -62,3 +71,54 @@ def temp_file(directory: str | Path, suffix: str = ".tmp") -> tuple[int, str]:
         os.unlink(tmp)
         raise
     return fd, tmp
+
+
+@contextmanager
+def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary file beside ``path`` to write; renamed onto ``path`` when the block ends without error.
+
+    The temporary file is made in ``path``'s folder (so the rename stays on one file system) with
+    the name ``tmp*<suffix>``; choose a suffix that readers of the folder skip. After the block it
+    gets the umask's mode (a writer such as ``safetensors`` may have made it 0600) and replaces
+    ``path``; when the block raises, it is removed and ``path`` is left as it was. The folder must exist.
+    """
+    path = Path(path)
+    fd, name = temp_file(path.parent, suffix)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        apply_umask(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+def save_tensors_atomic(tensors: dict[str, Any], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write torch ``tensors`` as a safetensors file at ``path`` atomically (see :func:`atomic_path`)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    return path
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Write text (UTF-8) or bytes to ``path`` atomically (see :func:`atomic_path`); makes the folder; returns ``path``.
+
+    Example:
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     written = write_atomic(Path(folder) / "a.json", "{}")
+        ...     print(written.read_text(), sorted(p.name for p in Path(folder).iterdir()))
+        {} ['a.json']
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding="utf-8")
+    return path

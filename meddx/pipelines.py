@@ -5,6 +5,11 @@ here (exported as ``schemas/pipeline.schema.json``), then that every input a ste
 or is made by an earlier step, and that every ``{placeholder}`` is known. Every problem is
 listed at once in one :class:`~meddx.errors.ConfigError` (``meddx run`` exits with status 2).
 
+A step's keys are its job's arguments (:mod:`meddx.arguments`: the names, defaults, choices and
+bounds of ``meddx <job>`` and of the Python function), less the cache, the workers and the
+progress bars, which the pipeline sets once; where the command line takes a config file, a step
+holds the config itself (``backbone_config``, ``ingest_config``, ``ray``).
+
 Paths: ``{out}`` stands for the run folder (the file's ``out``, or ``meddx run --out``);
 ``{cache}`` for the cache folder (the file's ``cache``, else ``{out}/cache``). Other relative
 paths are taken from the folder ``meddx run`` is started in.
@@ -29,22 +34,47 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from meddx.arguments import (
+    RAY_SETTINGS,
+    Arguments,
+    DiagnoseArgs,
+    EvaluateArgs,
+    FinetuneArgs,
+    PretrainArgs,
+)
+from meddx.batch.options import RayOptions
 from meddx.config import IngestConfig
 from meddx.errors import ConfigError
 from meddx.models.config import BackboneConfig
-from meddx.ray_engine import RayOptions
 
 logger = logging.getLogger(__name__)
 
 PLACEHOLDERS = ("out", "cache")
 
 
-class _Step(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Step(Arguments):
+    """A step of a pipeline file: the fields of its job's arguments model (:mod:`meddx.arguments`)."""
+
+    step: str  # each kind of step narrows it to its name
+
+
+# Set once for the whole pipeline (the file's cache and workers, meddx run --quiet), not per step.
+PIPELINE_LEVEL = ("cache_dir", "workers", "progress")
+
+
+def _step_model(step: str, args: type[Arguments], doc: str, leave_out: tuple[str, ...] = (), **own: Any) -> type[_Step]:
+    """The model of one kind of step: ``step: <step>``, the fields of ``args`` but ``leave_out``, then ``own``."""
+    fields: dict[str, Any] = {"step": (Literal[step], ...)}
+    for name, info in args.model_fields.items():
+        if name not in PIPELINE_LEVEL and name not in leave_out:
+            fields[name] = own.pop(name) if name in own else (info.annotation, info)
+    fields.update(own)
+    name = "".join(part.title() for part in step.split("-")) + "Step"
+    return create_model(name, __base__=_Step, __doc__=doc, __module__=__name__, **fields)
 
 
 class SampleDataStep(_Step):
@@ -56,81 +86,39 @@ class SampleDataStep(_Step):
     seed: int = 7
 
 
-class PretrainStep(_Step):
-    """Self-supervised pretraining of a new backbone (``meddx pretrain``)."""
+_BACKBONE_CONFIG = (BackboneConfig | None, Field(None, description="sizes of a new backbone (see BackboneConfig)"))
+_INGEST_CONFIG = (IngestConfig | None, Field(None, description="how files are read (see IngestConfig)"))
 
-    step: Literal["pretrain"]
-    manifest: str
-    out: str = Field(description="folder for the pretrained backbone")
-    epochs: int = Field(5, ge=1)
-    batch_size: int = Field(32, ge=2)
-    learning_rate: float = Field(1e-3, gt=0)
-    seed: int = 0
-    backbone_config: BackboneConfig | None = None
-    ingest_config: IngestConfig | None = None
-
-
-class FinetuneStep(_Step):
-    """Fine-tune and calibrate diagnostic heads (``meddx finetune``)."""
-
-    step: Literal["finetune"]
-    manifest: str
-    out: str = Field(description="folder for the model")
-    tasks: list[str] | None = Field(None, description="default: every label:<task> column")
-    mode: Literal["head", "full", "lora"] = "head"
-    backbone: str | None = Field(None, description="a pretrained backbone folder; default: a new backbone")
-    backbone_config: BackboneConfig | None = None
-    ingest_config: IngestConfig | None = None
-    epochs: int | None = Field(None, ge=1)
-    batch_size: int = Field(64, ge=1)  # meddx.train.DEFAULT_BATCH_SIZE
-    learning_rate: float | None = Field(None, gt=0)
-    patience: int = Field(5, ge=1)
-    alpha: float = Field(0.1, gt=0, lt=1)
-    calibration: Literal["temperature", "isotonic"] = "temperature"
-    lora: dict[str, Any] | None = Field(None, description="mode lora: r, alpha, dropout, text_encoder")
-    head_dropout: float = Field(0.1, ge=0, lt=1)
-    head_input: Literal["summary", "summary+modalities"] = "summary"
-    schedule: Literal["cosine", "constant"] = "cosine"
-    device: str | None = Field(None, description="cpu or cuda; default: cuda when available")
-    resume: bool = False
-    seed: int = 0
+PretrainStep = _step_model(
+    "pretrain",
+    PretrainArgs,
+    "Self-supervised pretraining of a new backbone (``meddx pretrain``).",
+    backbone_config=_BACKBONE_CONFIG,
+    ingest_config=_INGEST_CONFIG,
+)
+FinetuneStep = _step_model(
+    "finetune",
+    FinetuneArgs,
+    "Fine-tune and calibrate diagnostic heads (``meddx finetune``).",
+    backbone_config=_BACKBONE_CONFIG,
+    ingest_config=_INGEST_CONFIG,
+)
+DiagnoseStep = _step_model(
+    "diagnose",
+    DiagnoseArgs,
+    "Batch diagnosis (``meddx diagnose``).",
+    leave_out=RAY_SETTINGS,
+    ray=(RayOptions | None, Field(None, description="engine ray: address, actors, cpus_per_actor, gpus_per_actor...")),
+)
+EvaluateStep = _step_model("evaluate", EvaluateArgs, "Metrics, report.html and plots (``meddx evaluate``).")
 
 
-class DiagnoseStep(_Step):
-    """Batch diagnosis (``meddx diagnose``)."""
-
-    step: Literal["diagnose"]
-    manifest: str
-    model: str = Field(description="a fine-tuned model folder")
-    out: str = Field(description="folder for predictions, RiskAssessments, errors.csv and run.json")
-    split: str | None = None
-    batch_size: int = Field(64, ge=1)
-    chunk_size: int = Field(64, ge=1)
-    contributions: bool = True
-    resume: bool = False
-    store_sr: bool = Field(False, description="store a DICOM SR per prediction made on PACS images on the server")
-    store_fhir: bool = Field(False, description="write each RiskAssessment to the FHIR server (once, resume included)")
-    engine: Literal["local", "ray"] = "local"
-    ray: RayOptions | None = Field(None, description="engine ray: address, actors, cpus_per_actor, gpus_per_actor...")
-    device: str = "cpu"
-
-
-class EvaluateStep(_Step):
-    """Metrics, report.html and plots (``meddx evaluate``)."""
-
-    step: Literal["evaluate"]
-    predictions: str
-    manifest: str
-    out: str
-    by: list[str] = Field(default_factory=list, description="subgroup columns")
-    bootstrap: int = Field(1000, ge=0)
-    bins: int = Field(10, ge=1)
-    seed: int = 0
-
-
-Step = Annotated[
-    SampleDataStep | PretrainStep | FinetuneStep | DiagnoseStep | EvaluateStep, Field(discriminator="step")
-]
+if TYPE_CHECKING:  # the step models are made at run time: checkers see their base
+    Step = _Step
+else:
+    Step = Annotated[
+        SampleDataStep | PretrainStep | FinetuneStep | DiagnoseStep | EvaluateStep, Field(discriminator="step")
+    ]
 
 
 class Pipeline(BaseModel):
@@ -238,12 +226,17 @@ class ResolvedPipeline:
                 if value is None:
                     continue
                 wanted = Path(value)
-                if "{" in value:  # an unknown placeholder, reported already
+                if "{" in str(value):  # an unknown placeholder, reported already
                     continue
                 if not wanted.exists() and not any(wanted == m or m in wanted.parents for m in made):
                     problems.append(f"steps.{number}.{name}: {value} does not exist and no earlier step writes it")
-            made.append(Path(step.out))
+            made.append(Path(_written(step)))
         return problems
+
+
+def _written(step: Any) -> str | Path:
+    """The folder (or file) a step writes: its ``out``."""
+    return step.out_dir if hasattr(step, "out_dir") else step.out
 
 
 def resolve(pipeline: Pipeline, out: str | Path | None = None, cache: str | Path | None = None) -> ResolvedPipeline:
@@ -259,8 +252,10 @@ def resolve(pipeline: Pipeline, out: str | Path | None = None, cache: str | Path
     for number, step in enumerate(pipeline.steps):
         changes = {}
         for name, value in step:
-            if isinstance(value, str) and "{" in value:
-                changes[name] = _fill(value, values, f"steps.{number}.{name}", unknown)
+            if isinstance(value, str | Path) and "{" in str(value):
+                where = f"steps.{number}.{type(step).model_fields[name].alias or name}"
+                filled = _fill(str(value), values, where, unknown)
+                changes[name] = Path(filled) if isinstance(value, Path) else filled
         steps.append(step.model_copy(update=changes))
     return ResolvedPipeline(pipeline, run_out, cache, steps, unknown)
 
@@ -314,93 +309,64 @@ def _sample_data(step: SampleDataStep, cache: Path, workers, progress, echo) -> 
     return manifest
 
 
-def _pretrain(step: PretrainStep, cache: Path, workers, progress, echo):
-    from meddx.pretrain import pretrain
+def _pretrain(step: Any, cache: Path, workers, progress, echo):
+    from meddx.training import pretrain
 
     result = pretrain(
         step.manifest,
-        step.out,
-        epochs=step.epochs,
-        batch_size=step.batch_size,
-        learning_rate=step.learning_rate,
-        seed=step.seed,
-        backbone_config=step.backbone_config,
-        ingest_config=step.ingest_config,
+        step.out_dir,
         cache_dir=cache,
         workers=workers,
         progress=progress,
+        **step.values("step", "manifest", "out_dir"),
     )
     echo(f"  pretrained backbone written to {result.out_dir}")
     return result
 
 
-def _finetune(step: FinetuneStep, cache: Path, workers, progress, echo):
-    from meddx.train import finetune
+def _finetune(step: Any, cache: Path, workers, progress, echo):
+    from meddx.training import finetune
 
     model = finetune(
         step.manifest,
-        step.out,
-        tasks=step.tasks,
-        mode=step.mode,
-        epochs=step.epochs,
-        backbone=step.backbone,
-        backbone_config=step.backbone_config,
-        ingest_config=step.ingest_config,
+        step.out_dir,
         cache_dir=cache,
-        batch_size=step.batch_size,
-        learning_rate=step.learning_rate,
-        patience=step.patience,
-        seed=step.seed,
-        alpha=step.alpha,
-        calibration=step.calibration,
-        lora=step.lora,
-        head_dropout=step.head_dropout,
-        head_input=step.head_input,
-        schedule=step.schedule,
-        device=step.device,
-        resume=step.resume,
         workers=workers,
         progress=progress,
+        **step.values("step", "manifest", "out_dir"),
     )
     info = model.training_info
     echo(
         f"  fine-tuned ({info['mode']}) on {info['rows']['train']} rows in {info['fit_seconds']:.1f} s; "
-        f"calibrated on {info['rows']['val']} validation rows; model: {step.out}"
+        f"calibrated on {info['rows']['val']} validation rows; model: {step.out_dir}"
     )
     return model
 
 
-def _diagnose(step: DiagnoseStep, cache: Path, workers, progress, echo):
-    from meddx.diagnose import diagnose
+def _diagnose(step: Any, cache: Path, workers, progress, echo):
+    from meddx.batch import diagnose
 
     result = diagnose(
         step.manifest,
         step.model,
-        step.out,
-        split=step.split,
+        step.out_dir,
         cache_dir=cache,
         workers=workers,
-        resume=step.resume,
-        batch_size=step.batch_size,
-        chunk_size=step.chunk_size,
-        contributions=step.contributions,
-        store_sr=step.store_sr,
-        store_fhir=step.store_fhir,
-        engine=step.engine,
-        ray_options=step.ray,
-        device=step.device,
         progress=progress,
+        task_timeout=step.task_timeout or None,  # 0: no limit
+        ray_options=step.ray,
+        **step.values("step", "manifest", "model", "out_dir", "task_timeout", "ray"),
     )
     counts = result.counts
     echo(f"  diagnosed {counts['diagnosed_rows']} of {counts['rows']} rows; predictions: {result.predictions}")
     return result
 
 
-def _evaluate(step: EvaluateStep, cache: Path, workers, progress, echo):
+def _evaluate(step: Any, cache: Path, workers, progress, echo):
     from meddx.evaluate import evaluate
     from meddx.metrics import MetricSettings
 
-    settings = MetricSettings(n_bins=step.bins, n_resamples=step.bootstrap, seed=step.seed)
+    settings = MetricSettings(**step.values("step", "predictions", "manifest", "out", "by"))
     result = evaluate(step.predictions, step.manifest, step.out, by=step.by, settings=settings, progress=progress)
     echo(f"  wrote {result.metrics_path} and {result.report_path}")
     return result

@@ -17,32 +17,15 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone, tzinfo
-from enum import Enum
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from meddx.errors import LeakageError
+from meddx.specs import MODALITIES, Modality, TensorSpec
 
 if TYPE_CHECKING:  # torch is imported lazily: `import torch` costs seconds at CLI start
     import torch
-
-
-class Modality(str, Enum):
-    """The six input modalities, in the fixed order of every presence mask."""
-
-    IMAGING = "imaging"
-    EHR = "ehr"
-    NOTES = "notes"
-    DEVICE_LOGS = "device_logs"
-    AUDIO = "audio"
-    VIDEO = "video"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-MODALITIES: tuple[Modality, ...] = tuple(Modality)
 
 
 # --------------------------------------------------------------------------- time
@@ -270,8 +253,6 @@ class PatientTensors:
 
 
 UNKNOWN_LABEL = -1  # an empty label cell: left out of that task's loss and metrics, never a negative
-
-TensorSpec = dict[Modality, dict[str, tuple[tuple[int, ...], "torch.dtype"]]]
 
 
 @dataclass

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from meddx.cohort import Cohort, CohortRow
 from meddx.data.store import TensorStore, row_key
-from meddx.ingest.base import build_ingestors
+from meddx.ingest.registry import build_ingestors
 from meddx.ingest.runner import (
     IngestOutcome,
     IngestTask,

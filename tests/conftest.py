@@ -78,7 +78,7 @@ def sample_cache(tmp_path_factory) -> Path:
 def tiny_model(tmp_path_factory, sample_cache: Path) -> Path:
     """A model folder: a new tiny backbone fine-tuned end to end for two epochs on sample_data, calibrated."""
     from meddx.models import BackboneConfig
-    from meddx.train import finetune
+    from meddx.training import finetune
 
     out = tmp_path_factory.mktemp("tiny-model")
     finetune(SAMPLE_MANIFEST, out, mode="full", epochs=2, seed=0, cache_dir=sample_cache, workers=2, progress=False,

@@ -20,7 +20,8 @@ from meddx.config import (
     NotesConfig,
     VideoConfig,
 )
-from meddx.ingest.base import IngestRequest, registered_ingestors
+from meddx.ingest.base import IngestRequest
+from meddx.ingest.registry import registered_ingestors
 from meddx.models.config import BackboneConfig
 from meddx.records import MODALITIES, Modality, PatientRecord, PatientTensors, parse_time
 

@@ -17,8 +17,8 @@ from click.testing import CliRunner
 from conftest import REPO, SAMPLE_MANIFEST, process_alive
 from fhir.resources.R4B.riskassessment import RiskAssessment
 
+from meddx.batch import diagnose
 from meddx.cli import main
-from meddx.diagnose import diagnose
 
 MODALITY_COLUMNS = ["imaging", "ehr", "notes", "device_logs", "audio", "video"]
 KEY = ["patient_id", "index_time", "task"]

@@ -16,9 +16,10 @@ import pytest
 from click.testing import CliRunner
 from conftest import SAMPLE_MANIFEST
 
+from meddx.batch import diagnose
+from meddx.batch.run_folder import LOCK, PARTS, PLAN, make_plan, start_or_resume, write_chunk
 from meddx.cli import main
 from meddx.cohort import load_cohort
-from meddx.diagnose import LOCK, PARTS, PLAN, _plan, _start_or_resume, diagnose, write_chunk
 from meddx.errors import ConfigError
 from meddx.models.folder import check_model_folder
 
@@ -50,9 +51,9 @@ def _unfinished_run(model: Path, out: Path) -> Path:
     """A run folder as a killed run leaves it before its first chunk: OUT/parts/plan.json."""
     rows = load_cohort(SAMPLE_MANIFEST).split("test")
     checked = check_model_folder(model, fingerprint=True)
-    plan = _plan(SAMPLE_MANIFEST, checked, "test", CHUNK_SIZE, rows, False)
+    plan = make_plan(SAMPLE_MANIFEST, checked, "test", CHUNK_SIZE, rows, False)
     n_chunks = -(-len(rows) // CHUNK_SIZE)
-    _start_or_resume(out, plan, False, [CHUNK_SIZE * len(checked.tasks)] * n_chunks)
+    start_or_resume(out, plan, False, [CHUNK_SIZE * len(checked.tasks)] * n_chunks)
     return out / PARTS
 
 

@@ -472,7 +472,7 @@ def test_diagnose_store_fhir_writes_each_risk_assessment_once(
 ) -> None:
     """Four rows, one per chunk: the run dies after writing chunk 1; on --resume chunk 1 is written
     again (the server keeps one), chunk 2's transaction is refused (its rows still diagnosed)."""
-    import meddx.diagnose
+    import meddx.batch.run_folder
 
     fhir = server["server"]
     sample = pd.read_csv(SAMPLE / "manifest.csv", dtype=str)
@@ -492,16 +492,16 @@ def test_diagnose_store_fhir_writes_each_risk_assessment_once(
     args = ["diagnose", str(manifest), "--model", str(tiny_model), "--out", str(out), "--cache",
             str(tmp_path / "cache"), "--workers", "0", "--chunk-size", "1", "--store-fhir", "--quiet"]  # fmt: skip
 
-    write_chunk = meddx.diagnose.write_chunk
+    write_chunk = meddx.batch.run_folder.write_chunk
 
     def dies_after_writing_chunk_1(parts, number, *rest):
         if number == 1:
             raise KeyboardInterrupt
         write_chunk(parts, number, *rest)
 
-    monkeypatch.setattr(meddx.diagnose, "write_chunk", dies_after_writing_chunk_1)
+    monkeypatch.setattr(meddx.batch.run_folder, "write_chunk", dies_after_writing_chunk_1)
     assert CliRunner().invoke(main, args).exit_code != 0
-    monkeypatch.setattr(meddx.diagnose, "write_chunk", write_chunk)
+    monkeypatch.setattr(meddx.batch.run_folder, "write_chunk", write_chunk)
 
     request = FhirClient.request
     third = rows["patient_id"].iloc[2]

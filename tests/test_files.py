@@ -9,11 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from meddx.data.index import write_atomic
 from meddx.data.store import TensorStore
-from meddx.files import current_umask, temp_file
+from meddx.files import atomic_path, current_umask, save_tensors_atomic, temp_file, write_atomic
 from meddx.records import Modality
-from meddx.training_state import atomic_save_tensors, atomic_write_text
 
 
 @pytest.fixture()
@@ -34,8 +32,8 @@ def test_the_umask_is_read_without_changing_it(group_umask) -> None:
 
 
 def test_atomic_writers_follow_the_umask(group_umask, tmp_path: Path) -> None:
-    atomic_write_text("{}", tmp_path / "metrics.json")
-    atomic_save_tensors({"w": torch.zeros(2)}, tmp_path / "best.safetensors")
+    write_atomic(tmp_path / "metrics.json", "{}")
+    save_tensors_atomic({"w": torch.zeros(2)}, tmp_path / "best.safetensors")
     write_atomic(tmp_path / "index.json", "{}")
     stored = TensorStore(tmp_path / "aligned").put("k" * 64, {Modality.AUDIO: {"mel": torch.zeros(2)}})
     fd, tmp = temp_file(tmp_path)
@@ -43,3 +41,16 @@ def test_atomic_writers_follow_the_umask(group_umask, tmp_path: Path) -> None:
     for path in (tmp_path / "metrics.json", tmp_path / "best.safetensors", tmp_path / "index.json", stored, Path(tmp)):
         assert _mode(path) == 0o664, path
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".tmp") == [Path(tmp).name]  # no leftovers
+
+
+def test_an_atomic_write_that_fails_leaves_the_old_file_and_no_temporary_file(tmp_path: Path) -> None:
+    target = write_atomic(tmp_path / "report.json", "old")
+    with pytest.raises(RuntimeError, match="cut short"), atomic_path(target) as tmp:
+        tmp.write_text("half of the new")
+        raise RuntimeError("cut short")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+    with atomic_path(target, suffix=".partial") as tmp:
+        assert tmp.parent == tmp_path and tmp.suffix == ".partial" and tmp.name != target.name
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]

@@ -18,15 +18,16 @@ from click.testing import CliRunner
 from model_batches import SAMPLE, tiny_backbone_config, tiny_ingest_config
 from safetensors.torch import load_file
 
+from meddx.batch import predict_cohort
 from meddx.cli import main
 from meddx.cohort import TaskSpec, load_cohort
 from meddx.errors import ConfigError, ModelError
 from meddx.models import FoundationBackbone
 from meddx.models.diagnosis import DiagnosisModel
 from meddx.models.heads import DiagnosisHeads, class_weights_from, task_loss
-from meddx.pretrain import pretrain
 from meddx.splits import with_splits
-from meddx.train import finetune, recompute_batch_norm_statistics
+from meddx.training import finetune, pretrain
+from meddx.training.batch_norm import recompute_batch_norm_statistics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,7 +85,7 @@ def test_head_mode_gives_a_calibrated_model_and_contract_predictions(base) -> No
     assert {"config.json", "model.safetensors", "calibration.json", "metrics.json"} <= saved
     calibration = json.loads((root / "head" / "calibration.json").read_text())["tasks"]["disease"]
     assert calibration["calibrator"]["n_fitted"] > 0 and calibration["conformal"]["alpha"] == 0.1
-    predictions = model.predict(SAMPLE, split="test", cache_dir=cache, workers=0)
+    predictions = predict_cohort(model, SAMPLE, split="test", cache_dir=cache, workers=0)
     test_rows = [r for r in load_cohort(SAMPLE) if r.split == "test"]
     assert len(predictions) == len(test_rows)  # one row per (patient, index time, task)
     for column in ("patient_id", "index_time", "task", "probability", "raw_probability", "prediction",
@@ -108,8 +109,8 @@ def test_a_model_folder_round_trip_gives_identical_predictions(base) -> None:
     root, cache = base
     model = finetune(SAMPLE, root / "full", mode="full", epochs=2, backbone=root / "backbone", cache_dir=cache,
                      workers=0, progress=False)
-    first = model.predict(SAMPLE, split="test", cache_dir=cache, workers=0)
-    again = DiagnosisModel.from_pretrained(root / "full").predict(SAMPLE, split="test", cache_dir=cache, workers=0)
+    first = predict_cohort(model, SAMPLE, split="test", cache_dir=cache, workers=0)
+    again = predict_cohort(DiagnosisModel.from_pretrained(root / "full"), SAMPLE, split="test", cache_dir=cache, workers=0)
     pd.testing.assert_frame_equal(first, again, check_exact=False, atol=1e-6)
     # the fine-tuned folder is also a backbone folder
     assert FoundationBackbone.from_pretrained(root / "full").config == model.backbone.config
@@ -160,10 +161,10 @@ def test_heads_can_read_the_summary_and_the_modality_embeddings(base) -> None:
                      workers=0, progress=False, head_input="summary+modalities")
     width = 2 * model.backbone.config.d_model
     assert model.heads.heads["disease"][-1].in_features == width
-    first = model.predict(SAMPLE, split="test", cache_dir=cache, workers=0)
+    first = predict_cohort(model, SAMPLE, split="test", cache_dir=cache, workers=0)
     loaded = DiagnosisModel.from_pretrained(root / "wide")
     assert loaded.head_input == "summary+modalities"
-    pd.testing.assert_frame_equal(first, loaded.predict(SAMPLE, split="test", cache_dir=cache, workers=0),
+    pd.testing.assert_frame_equal(first, predict_cohort(loaded, SAMPLE, split="test", cache_dir=cache, workers=0),
                                   check_exact=False, atol=1e-6)
     with pytest.raises(ConfigError, match="head_input"):
         DiagnosisModel(model.backbone, model.tasks, head_input="everything")
@@ -183,8 +184,8 @@ def test_lora_leaves_the_saved_base_weights_unchanged(base) -> None:
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # the adapters did learn
     loaded = DiagnosisModel.from_pretrained(root / "lora")
     np.testing.assert_allclose(
-        loaded.predict(SAMPLE, split="test", cache_dir=cache, workers=0)["probability"],
-        model.predict(SAMPLE, split="test", cache_dir=cache, workers=0)["probability"], atol=1e-6,
+        predict_cohort(loaded, SAMPLE, split="test", cache_dir=cache, workers=0)["probability"],
+        predict_cohort(model, SAMPLE, split="test", cache_dir=cache, workers=0)["probability"], atol=1e-6,
     )
 
 
@@ -260,7 +261,8 @@ def test_finetune_command(base, tmp_path: Path) -> None:
 
 DDP_SCRIPT = """
 import sys
-from meddx.train import finetune, recompute_batch_norm_statistics
+from meddx.training import finetune
+from meddx.training.batch_norm import recompute_batch_norm_statistics
 from meddx.models import BackboneConfig
 import json
 if __name__ == "__main__":
@@ -312,7 +314,7 @@ def test_torchrun_ddp_gives_the_single_process_result(tmp_path: Path) -> None:
 HEAD_DDP_SCRIPT = """
 import logging
 import sys
-from meddx.train import finetune
+from meddx.training import finetune
 from meddx.models import BackboneConfig
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")

@@ -32,13 +32,14 @@ from meddx.config import (
 )
 from meddx.errors import IngestError
 from meddx.ingest.audio import AudioIngestor
-from meddx.ingest.base import IngestRequest, build_ingestors
+from meddx.ingest.base import IngestRequest
 from meddx.ingest.device_logs import read_device_log
 from meddx.ingest.dicom import ImagingIngestor
 from meddx.ingest.dicom_io import decode_frames, looks_like_dicom, read_dicom
 from meddx.ingest.ehr_tensorizer import EhrTensorizer
 from meddx.ingest.fhir import FhirIngestor
 from meddx.ingest.notes import NotesIngestor, bundled_text_model
+from meddx.ingest.registry import build_ingestors
 from meddx.ingest.video import VideoIngestor
 from meddx.records import Event, Modality, ModalityRecord, parse_time
 from meddx.synth import write_ct_series
@@ -60,7 +61,8 @@ if limit:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 from pathlib import Path
 from meddx.errors import IngestError
-from meddx.ingest.base import IngestRequest, build_ingestors
+from meddx.ingest.base import IngestRequest
+from meddx.ingest.registry import build_ingestors
 from meddx.records import Modality, parse_time
 readers = build_ingestors()
 for reader, paths in json.loads(sys.argv[2]):

@@ -11,7 +11,8 @@ import soundfile
 from meddx.config import AudioConfig, IngestConfig
 from meddx.errors import ConfigError, IngestError
 from meddx.ingest.audio import AudioIngestor, AudioTensorizer, n_frames, resampling_ratio
-from meddx.ingest.base import IngestRequest, registered_ingestors
+from meddx.ingest.base import IngestRequest
+from meddx.ingest.registry import registered_ingestors
 from meddx.records import Modality, PatientRecord, parse_time
 from meddx.synth import write_lung_sound
 

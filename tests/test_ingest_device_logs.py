@@ -13,7 +13,7 @@ import pytest
 
 from meddx.config import DeviceLogConfig, IngestConfig
 from meddx.errors import ConfigError, IngestError, NotFittedError
-from meddx.ingest.base import IngestRequest, registered_ingestors
+from meddx.ingest.base import IngestRequest
 from meddx.ingest.device_logs import (
     DeviceLogIngestor,
     DeviceLogTensorizer,
@@ -21,6 +21,7 @@ from meddx.ingest.device_logs import (
     grid_length,
     read_device_log,
 )
+from meddx.ingest.registry import registered_ingestors
 from meddx.records import Modality, PatientRecord, is_available, parse_time
 from meddx.synth import write_device_log
 

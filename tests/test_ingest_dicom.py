@@ -18,10 +18,11 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGLSLossless, MPEG4HP41
 
 from meddx.config import ImagingConfig, IngestConfig
+from meddx.dicom_times import dicom_time
 from meddx.errors import ConfigError, IngestError
 from meddx.ingest.base import IngestRequest
 from meddx.ingest.dicom import ImagingIngestor
-from meddx.ingest.dicom_io import decode_frames, dicom_time, read_dicom
+from meddx.ingest.dicom_io import decode_frames, read_dicom
 from meddx.ingest.dicom_series import load_series
 from meddx.records import Modality, PatientRecord, parse_time
 from meddx.synth import write_ct_series

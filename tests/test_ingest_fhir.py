@@ -14,9 +14,10 @@ import pytest
 
 from meddx.config import EhrConfig, IngestConfig
 from meddx.errors import ConfigError, IngestError, NotFittedError
-from meddx.ingest.base import IngestRequest, registered_ingestors
+from meddx.ingest.base import IngestRequest
 from meddx.ingest.ehr_tensorizer import EhrTensorizer
 from meddx.ingest.fhir import FhirIngestor, declared_version, release_of
+from meddx.ingest.registry import registered_ingestors
 from meddx.ingest.units import convert, to_canonical
 from meddx.records import Modality, PatientRecord, parse_time
 from meddx.synth import DISEASE_SNOMED, write_fhir_bundle

@@ -11,8 +11,9 @@ import pytest
 
 from meddx.config import IngestConfig, NotesConfig
 from meddx.errors import ConfigError, IngestError
-from meddx.ingest.base import IngestRequest, registered_ingestors
+from meddx.ingest.base import IngestRequest
 from meddx.ingest.notes import NotesIngestor, bundled_text_model
+from meddx.ingest.registry import registered_ingestors
 from meddx.records import Modality, PatientRecord, parse_time
 from meddx.synth import write_fhir_bundle, write_note
 

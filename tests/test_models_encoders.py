@@ -8,9 +8,9 @@ from model_batches import fitted_aligner, random_patient, tiny_backbone_config
 from safetensors.torch import save_file
 
 from meddx.errors import ConfigError, ModelError
-from meddx.ingest.base import ArrayField
 from meddx.models.encoders import EhrEncoder, ImagingEncoder, VideoEncoder
 from meddx.records import Modality, collate
+from meddx.specs import ArrayField
 
 VOLUME_SPEC = {
     "volume": ArrayField((8, 16, 16), "float32"),

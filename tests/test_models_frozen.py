@@ -6,9 +6,9 @@ import torch
 from model_batches import tiny_backbone_config
 from safetensors.torch import save_file
 
-from meddx.ingest.base import ArrayField
 from meddx.models.encoders import ImagingEncoder, VideoEncoder
 from meddx.models.frozen import FrozenOutputs
+from meddx.specs import ArrayField
 
 VOLUME_SPEC = {
     "volume": ArrayField((8, 16, 16), "float32"),

@@ -13,7 +13,8 @@ import pytest
 import meddx
 from meddx.align import Aligner
 from meddx.errors import ModelError, NotFittedError
-from meddx.ingest.base import Tensorizer, registered_ingestors
+from meddx.ingest.base import Tensorizer
+from meddx.ingest.registry import registered_ingestors
 from meddx.records import ModalityRecord, PatientRecord
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -445,18 +445,18 @@ def test_diagnose_store_sr_puts_one_report_per_prediction_on_the_pacs(
             str(tmp_path / "cache"), "--workers", "0", "--chunk-size", "1", "--store-sr", "--quiet"]
 
     # The run dies after its first chunk (P1's SR stored); --resume must not store P1's again.
-    import meddx.diagnose
+    import meddx.batch.run_folder
 
-    write_chunk = meddx.diagnose.write_chunk
+    write_chunk = meddx.batch.run_folder.write_chunk
 
     def dies_after_the_first_chunk(parts, number, *rest):
         if number > 0:
             raise KeyboardInterrupt
         write_chunk(parts, number, *rest)
 
-    monkeypatch.setattr(meddx.diagnose, "write_chunk", dies_after_the_first_chunk)
+    monkeypatch.setattr(meddx.batch.run_folder, "write_chunk", dies_after_the_first_chunk)
     assert CliRunner().invoke(main, args).exit_code != 0
-    monkeypatch.setattr(meddx.diagnose, "write_chunk", write_chunk)
+    monkeypatch.setattr(meddx.batch.run_folder, "write_chunk", write_chunk)
     result = CliRunner().invoke(main, [*args, "--resume"])
     assert result.exit_code == 0, result.output
     assert "DICOM SRs stored on the PACS: 2 (0 failed)" in result.output

@@ -95,9 +95,9 @@ def test_demo_yaml_runs(tmp_path: Path, sample_cache: Path) -> None:
 
 
 def test_finetune_defaults_are_the_library_defaults() -> None:
-    """The CLI and the pipeline step repeat meddx.train's batch size (they must not import torch to show it)."""
+    """The CLI and the pipeline step repeat meddx.training's batch size (they must not import torch to show it)."""
     from meddx.pipelines import FinetuneStep
-    from meddx.train import DEFAULT_BATCH_SIZE
+    from meddx.training import DEFAULT_BATCH_SIZE
 
     finetune_command = main.commands["finetune"]
     cli_default = next(p.default for p in finetune_command.params if p.name == "batch_size")
@@ -108,10 +108,10 @@ def test_steps_offer_the_library_choices_with_its_defaults() -> None:
     import inspect
     from typing import get_args
 
-    from meddx.diagnose import diagnose
+    from meddx.batch import diagnose
     from meddx.models.diagnosis import HEAD_INPUTS
     from meddx.pipelines import DiagnoseStep, FinetuneStep
-    from meddx.train import SCHEDULES, finetune
+    from meddx.training import SCHEDULES, finetune
 
     fields = FinetuneStep.model_fields
     assert set(get_args(fields["schedule"].annotation)) == set(SCHEDULES)
@@ -125,10 +125,10 @@ def test_steps_offer_the_library_choices_with_its_defaults() -> None:
 
 
 def test_engine_and_training_choices_reach_the_library(tmp_path: Path, monkeypatch) -> None:
-    import meddx.diagnose
-    import meddx.train
+    import meddx.batch.run
+    import meddx.training
+    from meddx.batch import RayOptions
     from meddx.pipelines import run_pipeline
-    from meddx.ray_engine import RayOptions
 
     calls: dict[str, dict] = {}
 
@@ -140,8 +140,8 @@ def test_engine_and_training_choices_reach_the_library(tmp_path: Path, monkeypat
     def record(name):
         return lambda *args, **kwargs: calls.setdefault(name, kwargs) and Ran()
 
-    monkeypatch.setattr(meddx.train, "finetune", record("finetune"))
-    monkeypatch.setattr(meddx.diagnose, "diagnose", record("diagnose"))
+    monkeypatch.setattr(meddx.training, "finetune", record("finetune"))
+    monkeypatch.setattr(meddx.batch.run, "diagnose", record("diagnose"))
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("patient_id,index_time\np1,2024-01-01T00:00:00Z\n")
     (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump({

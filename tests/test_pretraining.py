@@ -14,7 +14,7 @@ from meddx.cli import main
 from meddx.errors import ModelError
 from meddx.models import FoundationBackbone
 from meddx.models.pretraining import choose_hidden_modalities, info_nce
-from meddx.pretrain import pretrain
+from meddx.training import pretrain
 
 
 def test_one_present_modality_is_hidden_per_patient_with_two_or_more() -> None:

@@ -18,10 +18,10 @@ import pytest
 from click.testing import CliRunner
 from conftest import REPO, SAMPLE_MANIFEST
 
+from meddx.batch import diagnose
+from meddx.batch.options import RayOptions
 from meddx.cli import main
-from meddx.diagnose import diagnose
 from meddx.errors import ConfigError, MeddxError
-from meddx.ray_engine import RayOptions
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'meddx[distributed]'); the engine needs it")
 
@@ -138,25 +138,25 @@ def test_a_file_that_crashes_its_reader_fails_one_modality(tmp_path: Path, tiny_
 
 def test_an_interrupted_run_resumes_with_every_row_once(tmp_path: Path, tiny_model: Path, sample_cache: Path,
                                                         local_ray: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import meddx.ray_engine as ray_engine
+    from meddx.batch import run_folder
 
     rows = _sample_rows().query("split == 'test'").head(8)
     manifest = _manifest(rows, tmp_path / "cohort" / "manifest.csv")
     out = tmp_path / "run"
-    write = ray_engine.write_result
+    write = run_folder.write_chunk
     written: list[int] = []
 
-    def write_two_then_fail(parts: Path, result: dict) -> None:
+    def write_two_then_fail(parts: Path, number: int, *args) -> None:
         if len(written) == 2:
             raise KeyboardInterrupt  # the user pressed Ctrl-C after two chunks
-        write(parts, result)
-        written.append(int(result["chunk"]))
+        write(parts, number, *args)
+        written.append(number)
 
-    monkeypatch.setattr(ray_engine, "write_result", write_two_then_fail)
+    monkeypatch.setattr(run_folder, "write_chunk", write_two_then_fail)
     with pytest.raises(KeyboardInterrupt):
         diagnose(manifest, tiny_model, out, cache_dir=sample_cache, chunk_size=2, engine="ray", progress=False)
     assert len(list((out / "parts").glob("chunk-*.parquet"))) == 2 and not (out / "run.json").exists()
-    monkeypatch.setattr(ray_engine, "write_result", write)
+    monkeypatch.setattr(run_folder, "write_chunk", write)
 
     result = diagnose(manifest, tiny_model, out, cache_dir=sample_cache, chunk_size=2, engine="ray", resume=True,
                       progress=False)
@@ -193,7 +193,7 @@ def _stumble(batch: dict) -> dict:
 
 
 def test_an_error_raised_in_a_stage_reaches_the_caller_as_a_meddx_error(local_ray: Path) -> None:
-    from meddx.ray_engine import _results
+    from meddx.batch.engines.on_ray import _results
 
     with pytest.raises(ConfigError, match="^the test says no$"):  # ours, as raised: the CLI's exit status 2
         list(_results(ray, ray.data.from_items([{"a": 1}]).map_batches(_refuse)))
@@ -213,8 +213,8 @@ def test_ray_settings_are_refused_where_they_cannot_work(tmp_path: Path, tiny_mo
 
 
 def test_meddx_never_imports_ray_for_the_local_engine() -> None:
-    code = ("import sys, meddx, meddx.cli, meddx.diagnose, meddx.ray_engine\n"
-            "from meddx.ray_engine import RayOptions\nRayOptions().check('cpu')\n"
+    code = ("import sys, meddx, meddx.cli, meddx.batch.run, meddx.batch.engines.on_ray\n"
+            "from meddx.batch import RayOptions\nRayOptions().check('cpu')\n"
             "print('ray' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -225,7 +225,7 @@ def test_without_ray_the_engine_says_how_to_install_it(tmp_path: Path) -> None:
     blocker = tmp_path / "ray"  # a package named ray that cannot be imported, ahead of the real one
     blocker.mkdir()
     (blocker / "__init__.py").write_text("raise ImportError('No module named ray (blocked by the test)')\n")
-    code = ("from meddx.ray_engine import import_ray\nfrom meddx.errors import ConfigError\n"
+    code = ("from meddx.batch.engines.on_ray import import_ray\nfrom meddx.errors import ConfigError\n"
             "try:\n    import_ray()\nexcept ConfigError as exc:\n    print(exc)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"})

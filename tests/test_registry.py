@@ -13,7 +13,8 @@ from meddx.cohort import load_cohort
 from meddx.config import IngestConfig
 from meddx.errors import ConfigError, IngestError
 from meddx.ingest import base
-from meddx.ingest.base import IngestRequest, Ingestor, register_ingestor, registered_ingestors
+from meddx.ingest.base import Ingestor, IngestRequest, register_ingestor
+from meddx.ingest.registry import registered_ingestors
 from meddx.records import MODALITIES, Modality, PatientRecord, collate, parse_time
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data" / "manifest.csv"

@@ -28,7 +28,7 @@ from meddx.cohort import TaskSpec
 from meddx.data.index import CohortIndex, IndexRow
 from meddx.data.store import TensorStore
 from meddx.errors import ConfigError
-from meddx.ingest.base import ArraySpec
+from meddx.predictions.columns import SET_SEPARATOR
 from meddx.records import (
     Modality,
     PatientBatch,
@@ -37,6 +37,7 @@ from meddx.records import (
     collate,
     parse_time,
 )
+from meddx.specs import ArraySpec
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -171,8 +172,8 @@ class CohortDataset(Dataset):
                     "patient_id": e.patient_id,
                     "index_time": e.index_time,
                     "split": e.split,
-                    "modalities": "|".join(e.records),
-                    "modality_errors": "|".join(e.errors),
+                    "modalities": SET_SEPARATOR.join(e.records),
+                    "modality_errors": SET_SEPARATOR.join(e.errors),
                     **{f"label:{t}": e.labels[t] for t in self.tasks},
                     **e.extras,
                 }

@@ -22,13 +22,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meddx import __version__
+from meddx._version import __version__
 from meddx.cohort import Cohort, TaskSpec
 from meddx.config import IngestConfig
 from meddx.errors import ModelError
-from meddx.files import temp_file
-from meddx.ingest.base import ArrayField, ArraySpec
+from meddx.files import write_atomic
 from meddx.records import UNKNOWN_LABEL, Modality
+from meddx.specs import ArrayField, ArraySpec
 
 INDEX_FORMAT = "meddx-cohort-index/1"
 
@@ -160,19 +160,6 @@ class CohortIndex:
 
     def store_root(self, index_path: str | Path) -> Path:
         return Path(index_path).parent / self.store
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write text through a temporary file and ``os.replace`` (no half-written file, ever)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temp_file(path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # -------------------------------------------------------------------- identities

@@ -35,10 +35,10 @@ from meddx.data.index import (
     label_index,
     manifest_identity,
     source_signature,
-    write_atomic,
 )
 from meddx.data.store import TensorStore, aligner_hash, row_key
 from meddx.errors import ConfigError, MeddxError, ModelError
+from meddx.files import write_atomic
 from meddx.ingest.base import Tensorizer
 from meddx.ingest.runner import (
     DEFAULT_TASK_TIMEOUT,

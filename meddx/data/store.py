@@ -29,14 +29,13 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from meddx import __version__
+from meddx._version import __version__
 from meddx.errors import ModelError
-from meddx.files import apply_umask
+from meddx.files import atomic_path
 from meddx.records import MODALITIES, Modality
 
 if TYPE_CHECKING:
@@ -115,15 +114,8 @@ class TensorStore:
                 flat[f"{Modality(modality).value}{_SEPARATOR}{name}"] = tensor.detach().cpu().contiguous()
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(flat, tmp, metadata={"format": STORE_FORMAT, "meddx": __version__})
-            apply_umask(tmp)  # mkstemp and safetensors write 0600
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(path) as tmp:
+            save_file(flat, str(tmp), metadata={"format": STORE_FORMAT, "meddx": __version__})
         return path
 
     def get(self, key: str) -> dict[Modality, dict[str, torch.Tensor]]:

@@ -72,7 +72,7 @@ def study_time(item: dict[str, Any], site_zone: tzinfo | None) -> datetime | Non
     """
     from pydicom.dataset import Dataset
 
-    from meddx.ingest.dicom_io import dicom_time
+    from meddx.dicom_times import dicom_time
 
     ds = Dataset()
     for tag, keyword in (("00080020", "StudyDate"), ("00080030", "StudyTime"), ("00080201", "TimezoneOffsetFromUTC")):

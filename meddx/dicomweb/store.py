@@ -53,7 +53,7 @@ from meddx.config import DicomWebConfig
 from meddx.dicomweb.client import connect, describe_failure, open_session, server_url
 from meddx.dicomweb.ref import DicomWebRef, is_uid, server_id
 from meddx.errors import ConfigError, IngestError, short_reason
-from meddx.files import folder_mode, temp_file
+from meddx.files import folder_mode, write_atomic
 
 if TYPE_CHECKING:
     from dicomweb_client import DICOMwebClient
@@ -181,7 +181,7 @@ class SeriesStore:
                 raise IngestError(
                     f"dicomweb:studies/{study_uid}", _IMAGING, "the DICOMweb server has no series in this study"
                 )
-            _write_atomic(listing, json.dumps(items, sort_keys=True))
+            write_atomic(listing, json.dumps(items, sort_keys=True))
         entries = []
         for item in items:
             uid = str(_tag(item, "0020000E") or "")
@@ -375,11 +375,3 @@ def _check_instance(header: pydicom.Dataset, ref: DicomWebRef, patients: set[str
             "the retrieved series holds instances of more than one PatientID (another patient's mixed in);"
             " the series was not stored",
         )
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temp_file(path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)

@@ -1,6 +1,6 @@
 """Prediction rows as FHIR R4 ``RiskAssessment`` resources, validated before they are written.
 
-One resource per prediction row with status ``ok``:
+One resource per :class:`~meddx.predictions.types.TaskPrediction` (a diagnosed row and task):
 
 * ``subject``: the patient, as a logical reference by the manifest's ``patient_id`` (no name,
   no birth date, nothing else about the patient);
@@ -25,12 +25,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from meddx.errors import ModelError
+from meddx.predictions.columns import SET_SEPARATOR
+from meddx.predictions.types import TaskPrediction
 
 EXTENSION_BASE = "https://meddx.dev/fhir/StructureDefinition/"
 PATIENT_ID_SYSTEM = "urn:meddx:manifest-patient-id"
 MODEL_SYSTEM = "urn:meddx:model"
 PREDICTION_ID_SYSTEM = "urn:meddx:prediction"
-SET_SEPARATOR = "|"
 
 
 @dataclass(frozen=True)
@@ -52,83 +53,64 @@ class ModelProvenance:
     calibration: Mapping[str, str]
 
 
-def _cell(row: Mapping[str, Any], column: str) -> Any:
-    value = row.get(column)
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    return value
-
-
 def _extension(name: str, **value: Any) -> dict[str, Any]:
     return {"url": EXTENSION_BASE + name, **value}
 
 
-def risk_assessment(row: Mapping[str, Any], classes: tuple[str, ...], model: ModelProvenance) -> dict[str, Any]:
-    """The RiskAssessment (a validated JSON-able dict) of one ``ok`` prediction row.
+def risk_assessment(prediction: TaskPrediction, model: ModelProvenance) -> dict[str, Any]:
+    """The RiskAssessment (a validated JSON-able dict) of one prediction.
 
     Args:
-        row: one row of the predictions table (column -> value).
-        classes: the task's classes (``("0", "1")`` for a binary task).
+        prediction: one task's prediction for one patient at one index time.
         model: the model's provenance.
 
     Raises:
-        ModelError: the row is not ``ok``, or the resource does not validate.
+        ModelError: the resource does not validate.
 
     Example:
         >>> model = ModelProvenance("model", "ab" * 32, "0.1.0", {"disease": 0.1}, {"disease": "temperature"})
-        >>> row = {"patient_id": "P1", "index_time": "2024-03-05T14:00:00Z", "task": "disease", "status": "ok",
-        ...        "probability": 0.8, "raw_probability": 0.7, "prediction": "1", "prediction_set": "1",
-        ...        "modalities": "imaging|ehr", "contribution:imaging": 0.4}
-        >>> resource = risk_assessment(row, ("0", "1"), model)
+        >>> prediction = TaskPrediction("P1", "2024-03-05T14:00:00Z", "disease", "binary", ("0", "1"), 1,
+        ...     (0.2, 0.8), (0.3, 0.7), "1", ("1",), ("imaging", "ehr"), {"imaging": 0.4}, {"imaging": (0.5, 0.5)})
+        >>> resource = risk_assessment(prediction, model)
         >>> resource["prediction"][0]["probabilityDecimal"], [b["display"] for b in resource["basis"]]
         (0.8, ['imaging', 'ehr'])
     """
     from fhir.resources.R4B.riskassessment import RiskAssessment
     from pydantic import ValidationError
 
-    if row.get("status") != "ok":
-        raise ModelError(f"a RiskAssessment is only made for rows with status ok, not {row.get('status')!r}")
-    task = str(row["task"])
-    patient_id, index_time = str(row["patient_id"]), str(row["index_time"])
-    binary = tuple(classes) == ("0", "1")
-    contributions = sorted(
-        (
-            (column.removeprefix("contribution:"), float(v))
-            for column, v in row.items()
-            if column.startswith("contribution:") and _cell(row, column) is not None
-        ),
-        key=lambda item: -abs(item[1]),
-    )
+    task = prediction.task
+    patient_id, index_time = prediction.patient_id, prediction.index_time
+    contributions = sorted(prediction.contributions.items(), key=lambda item: -abs(item[1]))
     rationale = (
         "change of the logit when each modality is withheld: "
         + ", ".join(f"{name} {value:+.3f}" for name, value in contributions)
         if contributions
         else None
     )
-    if binary:
-        outcomes = [("1", _cell(row, "probability"))]
+    if prediction.is_binary:
+        outcomes = [("1", prediction.probability)]
     else:
-        outcomes = [(c, _cell(row, f"probability:{c}")) for c in classes]
+        outcomes = list(zip(prediction.classes, prediction.probabilities, strict=True))
     predictions = []
     for name, probability in outcomes:
         entry: dict[str, Any] = {
             "outcome": {"coding": [{"system": f"urn:meddx:task:{task}", "code": name}], "text": f"{task} = {name}"},
         }
-        if probability is not None:
+        if probability is not None and not math.isnan(probability):
             entry["probabilityDecimal"] = round(float(probability), 6)
         if rationale:
             entry["rationale"] = rationale
         predictions.append(entry)
 
     alpha = model.alpha.get(task)
-    prediction_set = _cell(row, "prediction_set")
+    prediction_set = None if prediction.prediction_set is None else SET_SEPARATOR.join(prediction.prediction_set)
     extensions = [
         _extension("model-version", valueString=f"meddx {model.meddx_version}"),
         _extension("model-sha256", valueString=model.sha256),
-        _extension("predicted-class", valueString=str(row["prediction"])),
+        _extension("predicted-class", valueString=prediction.prediction),
     ]
-    raw = _cell(row, "raw_probability")
-    if raw is not None:
+    raw = prediction.raw_probability
+    if not math.isnan(raw):
         extensions.append(_extension("raw-probability", valueDecimal=round(float(raw), 6)))
     if alpha is not None:
         extensions.append(_extension("calibration-alpha", valueDecimal=alpha))
@@ -141,12 +123,12 @@ def risk_assessment(row: Mapping[str, Any], classes: tuple[str, ...], model: Mod
         else "no conformal set"
     )
     note = (
-        f"Predicted {task} = {row['prediction']} by meddx model {model.name} (sha256 {model.sha256[:12]}..., "
+        f"Predicted {task} = {prediction.prediction} by meddx model {model.name} (sha256 {model.sha256[:12]}..., "
         f"meddx {model.meddx_version}); probabilities calibrated by {model.calibration.get(task, 'nothing')}; "
         f"{set_text}."
     )
     identity = hashlib.sha256(f"{patient_id}\x1f{index_time}\x1f{task}\x1f{model.sha256}".encode()).hexdigest()
-    modalities = [m for m in str(row.get("modalities") or "").split(SET_SEPARATOR) if m]
+    modalities = list(prediction.modalities)
     resource = {
         "resourceType": "RiskAssessment",
         "id": identity[:64],
@@ -173,16 +155,7 @@ def risk_assessment(row: Mapping[str, Any], classes: tuple[str, ...], model: Mod
     return resource
 
 
-def risk_assessments(
-    rows: Iterable[Mapping[str, Any]], tasks: Mapping[str, tuple[str, ...]], model: ModelProvenance
-) -> Iterator[dict[str, Any]]:
-    """One validated RiskAssessment per ``ok`` row (others are skipped).
-
-    Args:
-        rows: prediction rows (e.g. ``frame.to_dict("records")``).
-        tasks: task -> its classes.
-        model: the model's provenance.
-    """
-    for row in rows:
-        if row.get("status") == "ok":
-            yield risk_assessment(row, tasks[str(row["task"])], model)
+def risk_assessments(predictions: Iterable[TaskPrediction], model: ModelProvenance) -> Iterator[dict[str, Any]]:
+    """One validated RiskAssessment per prediction, in their order."""
+    for prediction in predictions:
+        yield risk_assessment(prediction, model)

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from meddx.config import FhirServerConfig
+    from meddx.predictions.types import TaskPrediction
     from meddx.streaming import ReadyChunk
 
 logger = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ class FhirWriter:
 
     Example:
         >>> writer = FhirWriter(config.fhir)  # doctest: +SKIP
-        >>> writer.write(ready_chunk, predictions_frame, resources)  # doctest: +SKIP
+        >>> writer.write(ready_chunk, task_predictions, resources)  # doctest: +SKIP
     """
 
     def __init__(self, config: FhirServerConfig):
@@ -94,13 +95,16 @@ class FhirWriter:
         except FhirRequestError as exc:
             logger.warning("--store-fhir preflight: %s; the chunks' writes may fail (see fhir_writes.csv)", exc)
 
-    def write(self, ready: ReadyChunk, frame: pd.DataFrame, resources: Sequence[dict[str, Any]]) -> pd.DataFrame:
-        """Write one chunk's RiskAssessments (one per ``ok`` row of ``frame``, in order); one row each."""
+    def write(
+        self, ready: ReadyChunk, predictions: Sequence[TaskPrediction], resources: Sequence[dict[str, Any]]
+    ) -> pd.DataFrame:
+        """Write one chunk's RiskAssessments (one per prediction, in order); one ``WRITE_COLUMNS`` row each."""
         import pandas as pd
 
-        ok = frame[frame["status"] == "ok"].to_dict("records")
-        if len(ok) != len(resources):
-            raise MeddxError(f"chunk {ready.number}: {len(ok)} ok rows but {len(resources)} RiskAssessments")
+        if len(predictions) != len(resources):
+            raise MeddxError(
+                f"chunk {ready.number}: {len(predictions)} predictions but {len(resources)} RiskAssessments"
+            )
         refs = {
             r.row.row: r.row.remote[Modality.EHR]
             for r in ready.rows
@@ -108,16 +112,16 @@ class FhirWriter:
         }
         sent = []
         outcomes = []
-        for row, resource in zip(ok, resources, strict=True):
-            ref = refs.get(row.get("_row"))
+        for prediction, resource in zip(predictions, resources, strict=True):
+            ref = refs.get(prediction.row)
             if isinstance(ref, FhirRef):
                 resource = {**resource, "subject": {**resource["subject"], "reference": f"Patient/{ref.patient_id}"}}
             sent.append(resource)
             outcomes.append(
                 {
-                    "patient_id": row["patient_id"],
-                    "index_time": row["index_time"],
-                    "task": row["task"],
+                    "patient_id": prediction.patient_id,
+                    "index_time": prediction.index_time,
+                    "task": prediction.task,
                     "identifier": identifier_of(resource),
                 }
             )

@@ -28,6 +28,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from meddx.errors import MeddxError, PredictionsError
+from meddx.predictions.columns import (
+    OK,
+    PATIENT_ID,
+    PREDICTION,
+    PREDICTION_SET,
+    PROBABILITY,
+    SET_SEPARATOR,
+    STATUS,
+    TASK,
+)
 
 if TYPE_CHECKING:
     import highdicom
@@ -125,24 +135,24 @@ def build_prediction_sr(
 
     if not source_series_datasets:
         raise PredictionsError("a prediction SR needs the source series' instances; none were given")
-    if _cell(prediction_row, "status") not in ("", "ok"):
+    if _cell(prediction_row, STATUS) not in ("", OK):
         raise PredictionsError("only rows with status 'ok' become SRs; this row failed")
-    task = _cell(prediction_row, "task")
+    task = _cell(prediction_row, TASK)
     if not task:
         raise PredictionsError("the prediction row has no task")
     try:
-        probability = float(_cell(prediction_row, "probability"))
+        probability = float(_cell(prediction_row, PROBABILITY))
     except ValueError:
         raise PredictionsError(f"the prediction row of task {task!r} has no probability") from None
     if not 0.0 <= probability <= 1.0:
         raise PredictionsError(f"the probability of task {task!r} is outside [0, 1]")
     first = source_series_datasets[0]
-    if _cell(prediction_row, "patient_id") != str(first.get("PatientID", "")).strip():
+    if _cell(prediction_row, PATIENT_ID) != str(first.get("PatientID", "")).strip():
         raise PredictionsError(
             "the prediction row's patient_id is not the source series' PatientID; pair each row with its own series"
         )
-    prediction = _cell(prediction_row, "prediction")
-    members = [c for c in _cell(prediction_row, "prediction_set").split("|") if c]
+    prediction = _cell(prediction_row, PREDICTION)
+    members = [c for c in _cell(prediction_row, PREDICTION_SET).split(SET_SEPARATOR) if c]
 
     algorithm = AlgorithmIdentification(name=model_info.name, version=model_info.version)
     tracking = TrackingIdentifier(uid=generate_uid(), identifier=f"meddx {task}")

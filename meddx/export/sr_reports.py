@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from meddx.config import IngestConfig
+    from meddx.predictions.types import TaskPrediction
     from meddx.streaming import ReadyChunk
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class PacsReporter:
 
     Example:
         >>> reporter = PacsReporter(config, "runs/cache", ModelInfo("chest-ct", "0.1.0"), "run-1")  # doctest: +SKIP
-        >>> reporter.report(ready_chunk, predictions_frame)  # doctest: +SKIP
+        >>> reporter.report(ready_chunk, task_predictions)  # doctest: +SKIP
     """
 
     def __init__(self, config: IngestConfig, cache_dir: str | Path, model_info: ModelInfo, run_id: str):
@@ -96,18 +97,20 @@ class PacsReporter:
         folder = self.store.fetch(study_uid, series_uid)
         return [pydicom.dcmread(path, stop_before_pixels=True) for path in sorted(folder.glob("*.dcm"))]
 
-    def report(self, ready: ReadyChunk, frame: pd.DataFrame) -> pd.DataFrame:
+    def report(self, ready: ReadyChunk, predictions: Sequence[TaskPrediction]) -> pd.DataFrame:
         """Make and store the SRs of one chunk's predictions; one ``SR_COLUMNS`` row per SR attempted."""
         import pandas as pd
 
+        from meddx.predictions.table import prediction_row
+
         series = self._series_of(ready)
-        wanted = frame[(frame["status"] == "ok") & frame["_row"].isin(list(series))]
-        wanted = wanted[[("imaging" in str(m).split("|")) for m in wanted["modalities"]]]
+        wanted = [p for p in predictions if p.row in series and "imaging" in p.modalities]
         outcomes: list[dict[str, Any]] = []
         made: list[tuple[dict[str, Any], Any]] = []
         headers: dict[tuple[str, str], list[Any]] = {}
-        for number, row in enumerate(wanted.to_dict("records"), start=1):
-            study_uid, series_uid = series[row["_row"]]
+        for number, prediction in enumerate(wanted, start=1):
+            row = prediction_row(prediction)
+            study_uid, series_uid = series[prediction.row]
             outcome = {
                 "patient_id": row["patient_id"],
                 "index_time": row["index_time"],

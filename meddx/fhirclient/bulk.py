@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from typing import Any
 from meddx.config import FhirServerConfig
 from meddx.errors import ConfigError
 from meddx.fhirclient.client import FhirClient, FhirRequestError
+from meddx.files import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -74,9 +74,7 @@ def _state(out: Path) -> dict[str, Any]:
 
 
 def _save(out: Path, state: dict[str, Any]) -> None:
-    tmp = out / f"{STATE_FILE}.tmp"
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, out / STATE_FILE)
+    write_atomic(out / STATE_FILE, json.dumps(state, indent=2))
 
 
 def _wait(answer_headers: Mapping[str, str], attempt: int, config: FhirServerConfig) -> float:

@@ -39,6 +39,7 @@ from urllib.parse import urljoin, urlsplit
 from meddx.config import FhirServerConfig
 from meddx.dicomweb.ref import display_url
 from meddx.errors import ConfigError, MeddxError
+from meddx.files import atomic_path
 
 if TYPE_CHECKING:
     import requests
@@ -433,10 +434,8 @@ class FhirClient:
 
     def download(self, url: str, dest: Path, what: str, *, auth: bool = True) -> int:
         """Write the body of ``url`` (on this server) to ``dest`` atomically; returns its size in bytes."""
-        tmp = dest.with_name(dest.name + ".part")
-        with open(tmp, "wb") as handle:
+        with atomic_path(dest, suffix=".part") as tmp, open(tmp, "wb") as handle:
             self.request("GET", url, what, sink=handle, auth=auth, headers={"Accept": "application/fhir+ndjson"})
-        os.replace(tmp, dest)
         return dest.stat().st_size
 
 

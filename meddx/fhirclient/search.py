@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -40,6 +38,7 @@ from meddx.config import FhirServerConfig
 from meddx.dicomweb.ref import server_id
 from meddx.fhirclient.client import FhirClient, FhirRequestError, client_for
 from meddx.fhirclient.ref import FhirRef
+from meddx.files import write_atomic
 
 # resource type -> (its date search parameter, whether the reader falls back to another element
 # when the parameter's element is missing: then resources without it are searched for as well)
@@ -121,11 +120,7 @@ class AnswerCache:
 
     def put(self, ref: FhirRef, index_time: datetime, search: Search, resources: list[dict[str, Any]]) -> None:
         path = self._path(ref, index_time, search)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            json.dump({"resources": resources}, handle)
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps({"resources": resources}))
 
     def get_version(self) -> tuple[bool, str | None]:
         """(known, fhirVersion) of the server's CapabilityStatement, as asked before."""

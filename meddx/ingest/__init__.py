@@ -7,11 +7,10 @@ from meddx.ingest.base import (
     Ingestor,
     IngestRequest,
     Tensorizer,
-    build_ingestors,
     register_ingestor,
-    registered_ingestors,
     unregister_ingestor,
 )
+from meddx.ingest.registry import build_ingestors, registered_ingestors
 
 __all__ = [
     "ArrayTensorizer",

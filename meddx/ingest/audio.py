@@ -38,9 +38,10 @@ import numpy as np
 
 from meddx.config import AudioConfig, IngestConfig
 from meddx.errors import ConfigError, IngestError
-from meddx.ingest.base import ArrayField, ArraySpec, ArrayTensorizer, Ingestor, IngestRequest, register_ingestor
+from meddx.ingest.base import ArrayTensorizer, Ingestor, IngestRequest, register_ingestor
 from meddx.ingest.file_checks import check_source
 from meddx.records import Modality, ModalityRecord
+from meddx.specs import ArrayField, ArraySpec
 
 if TYPE_CHECKING:  # torch/torchaudio are imported lazily: they cost seconds at CLI start
     import torch

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -26,41 +26,7 @@ from meddx.dicomweb.ref import DicomWebRef
 from meddx.errors import ConfigError
 from meddx.fhirclient.ref import FhirRef
 from meddx.records import Modality, ModalityRecord
-
-ArrayRole = Literal["values", "mask", "token_mask", "ids", "age_hours"]
-ARRAY_ROLES: tuple[str, ...] = ("values", "mask", "token_mask", "ids", "age_hours")
-
-
-class ArrayField(NamedTuple):
-    """What one array of a modality is, so that encoders never hard-code array names.
-
-    Attributes:
-        shape: the fixed shape of one patient's array.
-        dtype: numpy dtype name (``float32``, ``bool``, ``int64``).
-        role: ``values`` (numbers to encode); ``mask`` (bool, True where the values in ``of`` were
-            observed; its axes are the values' axes starting at ``axis``); ``token_mask`` (bool,
-            True for real items/tokens of the arrays in ``of``, False for padding); ``ids``
-            (int64 indices into a vocabulary of ``vocab_size`` rows, 0 = padding); ``age_hours``
-            (float32 hours before the index time of the items of ``of``, or of the whole record when
-            ``of`` is empty).
-        of: the arrays a mask, token mask or age describes.
-        axis: for masks, the first axis of the described array that the mask's axes line up with.
-        vocab_size: for ids, the rows an embedding needs.
-
-    Example:
-        >>> ArrayField((8, 360), "bool", "mask", of=("values",)).role
-        'mask'
-    """
-
-    shape: tuple[int, ...]
-    dtype: str
-    role: ArrayRole = "values"
-    of: tuple[str, ...] = ()
-    axis: int = 0
-    vocab_size: int | None = None
-
-
-ArraySpec = dict[str, ArrayField]  # array name -> what it is
+from meddx.specs import ArraySpec
 
 
 @dataclass(frozen=True)
@@ -208,13 +174,9 @@ def unregister_ingestor(modality: Modality | str) -> type[Ingestor] | None:
     return _REGISTRY.pop(Modality(modality), None)
 
 
-def registered_ingestors() -> dict[Modality, type[Ingestor]]:
-    """The registered ingestor classes, after importing meddx's built-in ones."""
-    import meddx.ingest  # noqa: F401  (registers the built-in readers)
+def ingestors_registered_so_far() -> dict[Modality, type[Ingestor]]:
+    """The classes registered until now; the built-in readers are among them only once imported.
 
+    Ask :func:`meddx.ingest.registry.registered_ingestors` for the full set: it imports them first.
+    """
     return dict(_REGISTRY)
-
-
-def build_ingestors(config: IngestConfig | None = None) -> dict[Modality, Ingestor]:
-    """One instance of every registered ingestor."""
-    return {m: cls(config) for m, cls in registered_ingestors().items()}

@@ -71,9 +71,10 @@ import pandas as pd
 
 from meddx.config import DeviceLogConfig, IngestConfig
 from meddx.errors import ConfigError, IngestError, NotFittedError
-from meddx.ingest.base import ArrayField, ArraySpec, Ingestor, IngestRequest, Tensorizer, register_ingestor
+from meddx.ingest.base import Ingestor, IngestRequest, Tensorizer, register_ingestor
 from meddx.ingest.file_checks import check_source
 from meddx.records import Modality, ModalityRecord, wall_time_to_utc
+from meddx.specs import ArrayField, ArraySpec
 
 if TYPE_CHECKING:
     import pyarrow as pa

@@ -69,7 +69,7 @@ lateral view give ``[True, True, False, ...]``); ``meta["kind"]`` is ``"2d"``. M
 than ``D`` slices: the first ``D`` by InstanceNumber are kept, with a warning.
 
 **Time and leakage.** A slice is placed in time by its acquisition, else series, else
-study date and time (:func:`meddx.ingest.dicom_io.dicom_time`). DICOM times carry no zone:
+study date and time (:func:`meddx.dicom_times.dicom_time`). DICOM times carry no zone:
 ``TimezoneOffsetFromUTC`` gives it when present, else ``IngestConfig.site_timezone``, else
 they are read as UTC (``meta["time_zone"]`` says which); a date without a time is the end
 of that day. A series is dated as a whole, by its last slice; undated slices of a dated
@@ -115,11 +115,12 @@ from meddx.config import ImagingConfig, IngestConfig
 from meddx.dicomweb.ref import DicomWebRef
 from meddx.errors import IngestError, short_reason
 from meddx.fhirclient.ref import FhirRef
-from meddx.ingest.base import ArrayField, ArraySpec, ArrayTensorizer, Ingestor, IngestRequest, register_ingestor
+from meddx.ingest.base import ArrayTensorizer, Ingestor, IngestRequest, register_ingestor
 from meddx.ingest.dicom_series import DicomSeries, load_series
 from meddx.ingest.file_checks import check_source
 from meddx.ingest.image_resize import resize_in_plane, resize_volume, tensor_to_numpy
 from meddx.records import Modality, ModalityRecord
+from meddx.specs import ArrayField, ArraySpec
 
 if TYPE_CHECKING:
     from meddx.dicomweb.store import SeriesStore

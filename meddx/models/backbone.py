@@ -28,12 +28,12 @@ import torch
 from torch import nn
 
 from meddx.errors import ConfigError
-from meddx.ingest.base import ArraySpec
 from meddx.models.attention import encoder_on_attended
 from meddx.models.config import BackboneConfig
 from meddx.models.encoders import ENCODERS, EncoderOutput, ImagingEncoder, ModalityEncoder, NotesEncoder
 from meddx.models.encoders.base import masked_mean, zero_where_not
 from meddx.records import MODALITIES, Modality, PatientBatch
+from meddx.specs import ArraySpec
 
 if TYPE_CHECKING:
     from meddx.align import Aligner

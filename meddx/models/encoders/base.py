@@ -1,6 +1,6 @@
 """What every modality encoder shares: its output, role lookups in the array spec, masked pooling.
 
-Encoders find their arrays by **role** (see :class:`~meddx.ingest.base.ArrayField`), never by
+Encoders find their arrays by **role** (see :class:`~meddx.specs.ArrayField`), never by
 name, so a custom reader with other array names works as long as it declares roles.
 """
 
@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from meddx.errors import ConfigError
-from meddx.ingest.base import ArrayField, ArraySpec
 from meddx.models.config import BackboneConfig
 from meddx.records import Modality
+from meddx.specs import ArrayField, ArraySpec
 
 
 class EncoderOutput(NamedTuple):

@@ -14,17 +14,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meddx.ingest.base import ArraySpec
 from meddx.models.config import BackboneConfig
 from meddx.models.encoders.base import EncoderOutput, ModalityEncoder, find_one, mask_like, zero_where_not
 from meddx.records import Modality
+from meddx.specs import ArraySpec
 
 
 class DeviceLogEncoder(ModalityEncoder):
     """Channel grid ``(P, C, T)`` with its mask → ``(P, C * ceil(T / patch_length), d_model)`` tokens.
 
     Example:
-        >>> from meddx.ingest.base import ArrayField
+        >>> from meddx.specs import ArrayField
         >>> spec = {"values": ArrayField((2, 60), "float32"),
         ...         "mask": ArrayField((2, 60), "bool", "mask", of=("values",))}
         >>> encoder = DeviceLogEncoder(BackboneConfig(d_model=16, n_heads=2, device_logs={"patch_length": 30}), spec)

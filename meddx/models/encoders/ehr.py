@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from meddx.errors import ConfigError
-from meddx.ingest.base import ArraySpec
 from meddx.models.config import BackboneConfig
 from meddx.models.encoders.base import EncoderOutput, ModalityEncoder, find_arrays, find_one, zero_where_not
 from meddx.records import Modality
+from meddx.specs import ArraySpec
 
 
 class EhrEncoder(ModalityEncoder):
@@ -24,7 +24,7 @@ class EhrEncoder(ModalityEncoder):
     ``lab_tokens="feature_bin"``), then codes (``C``, most recent first as the tensorizer keeps them).
 
     Example:
-        >>> from meddx.ingest.base import ArrayField
+        >>> from meddx.specs import ArrayField
         >>> spec = {"lab_values": ArrayField((3, 4), "float32"),
         ...         "lab_mask": ArrayField((3, 4), "bool", "mask", of=("lab_values",)),
         ...         "code_ids": ArrayField((5,), "int64", "ids", vocab_size=10),

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from meddx.errors import ConfigError, ModelError
-from meddx.ingest.base import ArraySpec
 from meddx.models.config import BackboneConfig, ImagingEncoderConfig
 from meddx.models.encoders.base import (
     EncoderOutput,
@@ -26,6 +25,7 @@ from meddx.models.encoders.base import (
 )
 from meddx.models.frozen import FrozenOutputs
 from meddx.records import Modality
+from meddx.specs import ArraySpec
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class ImagingEncoder(ModalityEncoder):
     """Volume ``(P, D, H, W)`` with its slice mask → ``(P, T, d_model)`` tokens (T = cells of ``token_grid``).
 
     Example:
-        >>> from meddx.ingest.base import ArrayField
+        >>> from meddx.specs import ArrayField
         >>> spec = {"volume": ArrayField((8, 16, 16), "float32"),
         ...         "slice_mask": ArrayField((8,), "bool", "mask", of=("volume",))}
         >>> config = BackboneConfig(d_model=16, n_heads=2, imaging={"block_config": (1, 1), "input_pool": 1})

@@ -22,11 +22,12 @@ import torch
 from torch import nn
 
 from meddx.errors import ConfigError
-from meddx.ingest.base import ArraySpec
 from meddx.models.config import BackboneConfig
 from meddx.models.encoders.base import EncoderOutput, ModalityEncoder, find_arrays, find_one, masked_mean
 from meddx.models.text_cache import TextEmbeddingCache, chunk_keys
 from meddx.records import Modality
+from meddx.specs import ArraySpec
+from meddx.text_model import bundled_text_model, model_files_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -38,15 +39,11 @@ def text_model_folder(model: str | None) -> Path:
     """The folder of the configured text model (None = the bundled all-MiniLM-L6-v2)."""
     if model is not None:
         return Path(model)
-    from meddx.ingest.notes import bundled_text_model
-
     return bundled_text_model()
 
 
 def text_model_version(folder: str) -> str:
     """A digest of the model folder's config and weight files: the cache key's encoder version."""
-    from meddx.models.checkpoint import model_files_sha256
-
     return model_files_sha256(folder)
 
 

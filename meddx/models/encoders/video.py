@@ -11,12 +11,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from meddx.ingest.base import ArraySpec
 from meddx.models.attention import encoder_on_attended
 from meddx.models.config import BackboneConfig
 from meddx.models.encoders.base import EncoderOutput, ModalityEncoder, average_pool, find_one, zero_where_not
 from meddx.models.frozen import FrozenOutputs
 from meddx.records import Modality
+from meddx.specs import ArraySpec
 
 
 def _frame_cnn(channels: int, width: int) -> nn.Sequential:
@@ -35,7 +35,7 @@ class VideoEncoder(ModalityEncoder):
     """Frames ``(P, F, C, H, W)`` with their mask → ``(P, F, d_model)`` tokens, one per frame.
 
     Example:
-        >>> from meddx.ingest.base import ArrayField
+        >>> from meddx.specs import ArrayField
         >>> spec = {"frames": ArrayField((4, 1, 16, 16), "float32"),
         ...         "frame_mask": ArrayField((4,), "bool", "mask", of=("frames",))}
         >>> encoder = VideoEncoder(BackboneConfig(d_model=16, n_heads=2), spec).eval()

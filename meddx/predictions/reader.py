@@ -1,4 +1,4 @@
-"""The predictions table (``predictions.parquet`` / ``.csv``) and what evaluation reads from it.
+"""The predictions table's reader (``predictions.parquet`` / ``.csv``): what evaluation reads from it.
 
 One row per (patient_id, index_time, task); the columns are defined in the README
 ("Predictions") and in ``schemas/prediction_row.schema.json``. :func:`load_task_rows` joins a
@@ -20,19 +20,25 @@ from typing import Any
 import numpy as np
 
 from meddx.errors import ConfigError, PredictionsError
+from meddx.predictions.columns import (
+    ABLATION_PREFIX,
+    CLASS_PROBABILITY_PREFIX,
+    INDEX_TIME,
+    MODALITIES_COLUMN,
+    OK,
+    PATIENT_ID,
+    PREDICTION_SET,
+    PROBABILITY,
+    RAW_CLASS_PROBABILITY_PREFIX,
+    RAW_PROBABILITY,
+    REQUIRED_COLUMNS,
+    SET_SEPARATOR,
+    STATUS,
+    STATUSES,
+    TASK,
+)
 
 logger = logging.getLogger(__name__)
-
-REQUIRED_COLUMNS = ("patient_id", "index_time", "task", "status")
-PROBABILITY = "probability"
-RAW_PROBABILITY = "raw_probability"
-PREDICTION_SET = "prediction_set"
-MODALITIES_COLUMN = "modalities"
-CLASS_PROBABILITY_PREFIX = "probability:"
-RAW_CLASS_PROBABILITY_PREFIX = "raw_probability:"
-ABLATION_PREFIX = "ablation:"
-SET_SEPARATOR = "|"
-STATUSES = ("ok", "error")
 
 
 @dataclass
@@ -98,7 +104,7 @@ def read_predictions(path: str | Path):
             f"predictions file {path} lacks the column(s) {', '.join(missing)}; "
             "see the README's Predictions section for the columns"
         )
-    for column in ("patient_id", "task", "status", PREDICTION_SET, MODALITIES_COLUMN):
+    for column in (PATIENT_ID, TASK, STATUS, PREDICTION_SET, MODALITIES_COLUMN):
         if column in frame.columns:
             frame[column] = frame[column].map(lambda v: "" if _is_empty(v) else str(v).strip())
     return frame
@@ -162,17 +168,17 @@ def load_task_rows(predictions: str | Path, manifest: str | Path, by: Sequence[s
     cohort = load_cohort(manifest)
 
     times = pd.to_datetime(
-        frame["index_time"].map(lambda v: None if _is_empty(v) else v), utc=True, format="ISO8601", errors="coerce"
+        frame[INDEX_TIME].map(lambda v: None if _is_empty(v) else v), utc=True, format="ISO8601", errors="coerce"
     )
     _refuse(path, np.flatnonzero(times.isna().to_numpy()), "index_time is not an ISO 8601 time with a time zone")
-    keys = list(zip(frame["patient_id"], (t.isoformat() for t in times), strict=True))
+    keys = list(zip(frame[PATIENT_ID], (t.isoformat() for t in times), strict=True))
     by_key = {(row.patient_id, pd.Timestamp(row.index_time).isoformat()): row for row in cohort}
     unmatched = np.flatnonzero([key not in by_key for key in keys])
     _refuse(path, unmatched, f"no manifest row in {cohort.path} has this patient_id and index_time")
-    keyed_tasks = pd.Series([(*k, t) for k, t in zip(keys, frame["task"], strict=True)])
+    keyed_tasks = pd.Series([(*k, t) for k, t in zip(keys, frame[TASK], strict=True)])
     duplicated = np.flatnonzero(keyed_tasks.duplicated().to_numpy())
     _refuse(path, duplicated, "a second row for the same patient_id, index_time and task")
-    bad_status = np.flatnonzero(~frame["status"].isin(STATUSES).to_numpy())
+    bad_status = np.flatnonzero(~frame[STATUS].isin(STATUSES).to_numpy())
     _refuse(path, bad_status, f"status must be one of {', '.join(STATUSES)}")
     manifest_rows = [by_key[key] for key in keys]
 
@@ -184,12 +190,12 @@ def load_task_rows(predictions: str | Path, manifest: str | Path, by: Sequence[s
             )
 
     results = []
-    for task in dict.fromkeys(frame["task"]):
+    for task in dict.fromkeys(frame[TASK]):
         if task not in cohort.tasks:
             raise PredictionsError(
                 f"{path}: task {task!r} has no label:{task} column in {cohort.path}; add its labels to the manifest"
             )
-        rows = np.flatnonzero((frame["task"] == task).to_numpy())
+        rows = np.flatnonzero((frame[TASK] == task).to_numpy())
         results.append(_task_rows(path, frame, rows, cohort.tasks[task], [manifest_rows[i] for i in rows], by))
     if not results:
         raise PredictionsError(f"{path} has no rows")
@@ -215,7 +221,7 @@ def _class_columns(frame, rows: np.ndarray, prefix: str) -> list[str]:
 def _task_rows(path: Path, frame, rows: np.ndarray, spec, manifest_rows: list, by: Sequence[str]) -> TaskRows:
     task = spec.name
     sub = frame.iloc[rows]
-    ok = (sub["status"] == "ok").to_numpy()
+    ok = (sub[STATUS] == OK).to_numpy()
     labels_text = [row.labels.get(task) for row in manifest_rows]
     labelled = np.asarray([text is not None for text in labels_text])
 

@@ -1,9 +1,10 @@
-"""Batch diagnosis on Ray (``meddx diagnose --engine ray``): the same chunks, on a cluster.
+"""The Ray engine (``meddx diagnose --engine ray``): the same chunks, on a cluster.
 
-:func:`meddx.diagnose.diagnose` plans the run (chunks of rows, ``--resume``), and assembles the
-final files and ``run.json`` for both engines; this module only makes the chunks' part files.
-A Ray Dataset holds one item per chunk still to do (its manifest rows, as JSON). Two stages run
-over it, streamed, so the cluster's memory holds a few chunks whatever the cohort's size:
+:func:`meddx.batch.diagnose` plans the run (chunks of rows, ``--resume``), writes each finished
+chunk and assembles the final files for both engines; this engine only turns the chunks still
+to do into a stream of :class:`~meddx.batch.predict.ChunkOutput`. A Ray Dataset holds one item
+per chunk (its manifest rows, as JSON). Two stages run over it, streamed, so the cluster's
+memory holds a few chunks whatever the cohort's size:
 
 1. **ingestion**, stateless Ray tasks (``map_batches`` with a function, one CPU each): every
    (row, modality) of the chunk through the local engine's own code (a
@@ -11,13 +12,12 @@ over it, streamed, so the cluster's memory holds a few chunks whatever the cohor
    rows' aligned tensors, packed into one safetensors blob per chunk. A file that cannot be read, crashes its reader or
    hangs past ``task_timeout`` is an error outcome, exactly as in the local engine;
 2. **the model**, an actor pool (``map_batches`` with a callable class): each actor loads the
-   model folder once, runs :func:`meddx.diagnose.chunk_frames` on the blob and makes the FHIR
-   RiskAssessments. ``gpus_per_actor`` puts each actor on a GPU.
+   model folder once and runs :func:`meddx.batch.predict.predict_chunk` on the blob, returning
+   the chunk's typed predictions as JSON. ``gpus_per_actor`` puts each actor on a GPU.
 
-The driver writes each finished chunk to ``OUT/parts/`` (one Parquet shard per chunk, with its
-``.ndjson`` and ``.errors.csv``) as it arrives, atomically, the shard last: that is what
-``--resume`` keeps. Ray retries a task whose worker died (``max_retries``) and restarts a dead
-actor (``max_restarts``), so a lost node costs its chunks' work, never a row twice.
+The driver writes each finished chunk as it arrives (the writers of :mod:`meddx.batch.writers`):
+that is what ``--resume`` keeps. Ray retries a task whose worker died (``max_retries``) and
+restarts a dead actor (``max_restarts``), so a lost node costs its chunks' work, never a row twice.
 
 On a cluster, every node must read the manifest's files, the model folder and the cache folder
 at the same paths (a shared file system); the outputs are written by the driver only.
@@ -27,62 +27,29 @@ Ray is an optional extra (``pip install 'meddx[distributed]'``); nothing else in
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
 import time
 import warnings
-from collections.abc import Generator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Generator, Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from meddx.batch.options import ChunkSettings, EngineJob, RayOptions
+from meddx.batch.predict import ChunkOutput
 from meddx.cohort import Cohort, CohortRow
 from meddx.errors import ConfigError, MeddxError
+from meddx.predictions.types import TaskPrediction
 from meddx.records import Modality
 
 if TYPE_CHECKING:
-    from meddx.align import Aligner
-    from meddx.export.fhir import ModelProvenance
     from meddx.streaming import ChunkFeeder, ReadyChunk
 
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'meddx[distributed]'"
-
-
-@dataclass(frozen=True)
-class RayOptions:
-    """How the Ray engine uses the cluster.
-
-    Attributes:
-        address: the Ray cluster to join (``auto``, ``ray://head:10001``, ``head:6379``); None
-            starts a local Ray sized to this machine and stops it afterwards.
-        actors: model actors (each loads the model once).
-        cpus_per_actor: CPUs Ray reserves for each actor (its torch threads).
-        gpus_per_actor: GPUs per actor (fractions share a GPU); > 0 needs ``device="cuda"``.
-        max_retries: times Ray re-runs an ingestion task whose worker died, and restarts a dead actor.
-
-    Example:
-        >>> RayOptions(actors=2, gpus_per_actor=1.0).actors
-        2
-    """
-
-    address: str | None = None
-    actors: int = 1
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
-    max_retries: int = 3
-
-    def check(self, device: str) -> None:
-        """Raise :class:`~meddx.errors.ConfigError` for settings that cannot work."""
-        if self.actors < 1:
-            raise ConfigError(f"--actors must be >= 1; got {self.actors}")
-        if self.cpus_per_actor < 0 or self.gpus_per_actor < 0 or self.max_retries < 0:
-            raise ConfigError("cpus_per_actor, gpus_per_actor and max_retries must be >= 0")
-        if self.gpus_per_actor > 0 and not device.startswith("cuda"):
-            raise ConfigError(f"--gpus-per-actor {self.gpus_per_actor:g} needs --device cuda; got --device {device}")
 
 
 def import_ray() -> Any:
@@ -245,76 +212,44 @@ def ingest_chunks(batch: dict[str, Any], setup: dict[str, Any]) -> dict[str, lis
 
 
 class ChunkPredictor:
-    """Ray actor: loads the model folder once, then turns ready chunks into their part files' contents.
+    """Ray actor: loads the model folder once, then turns ready chunks into their typed predictions.
 
     Args:
         model_dir: the model folder (readable on every node).
-        text_cache: the frozen text encoder's cache folder.
-        provenance: what the RiskAssessments say about the model.
-        batch_size: patients per forward pass.
-        contributions: add the contribution:/ablation: columns.
-        device: where the model runs.
+        cache_root: the cache folder (the frozen text encoder's cache is under it).
+        settings: batch size, contributions, device.
         threads: torch threads of the model (Ray sets ``OMP_NUM_THREADS`` to the actor's CPUs,
             which on one machine would starve the model while ingestion sits idle on a warm cache).
 
     Example:
-        >>> predictor = ChunkPredictor("runs/model", "cache/text", provenance, 64, True, "cpu")  # doctest: +SKIP
+        >>> predictor = ChunkPredictor("runs/model", "cache", ChunkSettings())  # doctest: +SKIP
         >>> predictor(ingest_chunks(batch, setup))["rows"]  # rows of each chunk  # doctest: +SKIP
         [256]
     """
 
-    def __init__(
-        self,
-        model_dir: str,
-        text_cache: str,
-        provenance: ModelProvenance,
-        batch_size: int,
-        contributions: bool,
-        device: str,
-        threads: int | None = None,
-    ):
+    def __init__(self, model_dir: str, cache_root: str, settings: ChunkSettings, threads: int | None = None):
         import torch
 
-        from meddx.models.diagnosis import DiagnosisModel
+        from meddx.batch.predict import load_model
 
         if threads is not None:
             torch.set_num_threads(threads)
-
-        self.net = DiagnosisModel.from_pretrained(model_dir, cache_dir=text_cache)
-        self.net.eval().to(device)
-        self.spec = self.net.aligner.tensor_spec()
-        self.classes = {name: tuple(spec.classes) for name, spec in self.net.tasks.items()}
-        self.provenance = provenance
-        self.batch_size = batch_size
-        self.contributions = contributions
-        self.device = device
+        self.net = load_model(Path(model_dir), Path(cache_root), settings.device)
+        self.settings = settings
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-        import torch
+        from meddx.batch.predict import predict_chunk
 
-        from meddx.diagnose import chunk_frames
-        from meddx.export.fhir import risk_assessments
-
-        out: dict[str, list] = {k: [] for k in ("chunk", "rows", "predictions", "resources", "errors", "seconds")}
+        out: dict[str, list] = {k: [] for k in ("chunk", "rows", "ready", "predictions", "seconds")}
         for number, ready_text, blob in zip(batch["chunk"], batch["ready"], batch["tensors"], strict=True):
             started = time.perf_counter()
             ready = _ready_from_json(ready_text)
             store = _BlobStore(bytes(blob)) if len(blob) else None
-            with torch.no_grad():
-                frame, errors = chunk_frames(
-                    self.net, ready, store, self.spec, self.batch_size, self.contributions, self.device
-                )
-            records = [{str(k): v for k, v in r.items()} for r in frame.to_dict("records")]
-            resources = list(risk_assessments(records, self.classes, self.provenance))
-            sink = pa.BufferOutputStream()
-            pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), sink)
+            predictions = predict_chunk(self.net, ready, store, self.settings)
             out["chunk"].append(int(number))
             out["rows"].append(len(ready.rows))
-            out["predictions"].append(sink.getvalue().to_pybytes())
-            out["resources"].append("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in resources))
-            out["errors"].append(errors.to_json(orient="records"))
+            out["ready"].append(ready_text)
+            out["predictions"].append(json.dumps([p.to_json() for p in predictions]))
             out["seconds"].append(json.dumps({"ingest": ready.ingest_seconds, "model": time.perf_counter() - started}))
         return out
 
@@ -364,103 +299,77 @@ def _quiet_data(ray: Any) -> None:
         data_logger.setLevel(logging.WARNING)
 
 
-def diagnose_on_ray(
-    cohort: Cohort,
-    todo: Sequence[tuple[int, Sequence[CohortRow]]],
-    aligner: Aligner,
-    model_dir: Path,
-    cache_root: Path,
-    parts: Path,
-    provenance: ModelProvenance,
-    *,
-    options: RayOptions,
-    workers: int | None,
-    task_timeout: float | None,
-    batch_size: int,
-    contributions: bool,
-    plugins: tuple[str, ...],
-    device: str,
-    progress: bool,
-) -> dict[str, Any]:
-    """Diagnose the chunks ``todo`` on Ray, writing each one's part files; returns timings and settings.
+class RayEngine:
+    """Streams a job's chunks through Ray tasks (ingestion) and Ray actors (the model).
 
-    Called by :func:`meddx.diagnose.diagnose` with ``engine="ray"``, which plans, resumes and
-    assembles; see there. ``workers`` caps the ingestion tasks running at once (None: every CPU
-    slot the actors leave).
+    Args:
+        options: how it uses the cluster (address, actors, CPUs and GPUs per actor, retries).
 
     Example:
         >>> diagnose("cohort.csv", "runs/model", "runs/out", engine="ray",  # doctest: +SKIP
         ...          ray_options=RayOptions(address="auto", actors=4, gpus_per_actor=1.0), device="cuda")
 
-    Raises:
+    Raises (from :meth:`run`):
         ConfigError: Ray is not installed, the cluster cannot be joined or has no CPU left for
             ingestion. MeddxError: a stage failed after Ray's retries (finished chunks are kept:
             run again with ``resume=True``).
     """
-    from tqdm.auto import tqdm
 
-    from meddx.ingest.base import build_ingestors
-    from meddx.ingest.runner import check_run, tasks_for
+    def __init__(self, options: RayOptions):
+        self.options = options
+        self.timings: dict[str, float] = {"ingest": 0.0, "model": 0.0}
+        self.settings: dict[str, Any] = {}
 
-    options.check(device)
-    ray = import_ray()
-    check_run(
-        aligner.config, build_ingestors(aligner.config), tasks_for(cohort, build_ingestors(aligner.config)), cache_root
-    )  # fail before the cluster starts: config, readers, cache
-    started_here = _start(ray, options, progress)
-    timings = {"ingest": 0.0, "model": 0.0, "writing": 0.0}
-    results: Generator[dict[str, Any], None, None] | None = None
-    try:
-        _quiet_data(ray)
-        cpus = float(ray.cluster_resources().get("CPU", 0))
-        left = cpus - options.actors * options.cpus_per_actor
-        if left < 1:
-            raise ConfigError(
-                f"the Ray cluster has {cpus:g} CPUs and {options.actors} actor(s) of {options.cpus_per_actor:g} CPU "
-                "take them all; lower --actors or cpus_per_actor so at least one is left for ingestion"
-            )
-        stages = _stages(
-            ray,
-            cohort,
-            todo,
-            aligner,
-            model_dir,
-            cache_root,
-            provenance,
-            options,
-            workers,
-            task_timeout,
-            batch_size,
-            contributions,
-            plugins,
-            device,
+    def run(self, job: EngineJob) -> Iterator[ChunkOutput]:
+        """The chunks as they finish. ``job.ingest.workers`` caps the ingestion tasks running at
+        once (None: every CPU slot the actors leave)."""
+        from tqdm.auto import tqdm
+
+        from meddx.ingest.registry import build_ingestors
+        from meddx.ingest.runner import check_run, tasks_for
+
+        options = self.options
+        options.check(job.chunk.device)
+        ray = import_ray()
+        config = job.aligner.config
+        check_run(  # fail before the cluster starts: config, readers, cache
+            config, build_ingestors(config), tasks_for(job.cohort, build_ingestors(config)), job.ingest.cache_root
         )
-        logger.info("diagnosing %d chunk(s) on Ray (%g CPUs, %d actor(s))", len(todo), cpus, options.actors)
-        results = _results(ray, stages)
-        with tqdm(total=sum(len(c) for _, c in todo), desc="diagnose", unit="row", disable=not progress) as bar:
-            for result in results:
-                tick = time.perf_counter()
-                write_result(parts, result)
-                timings["writing"] += time.perf_counter() - tick
-                seconds = json.loads(result["seconds"])
-                timings["ingest"] += seconds["ingest"]
-                timings["model"] += seconds["model"]
-                bar.update(int(result["rows"]))
-    finally:
-        if results is not None:
-            results.close()  # stops the stages (and frees their actors) when the driver stops early
-        if started_here:
-            ray.shutdown()
-    settings = {
-        "workers": workers,
-        "ray_address": options.address,
-        "ray_cpus": cpus,
-        "actors": options.actors,
-        "cpus_per_actor": options.cpus_per_actor,
-        "gpus_per_actor": options.gpus_per_actor,
-        "max_retries": options.max_retries,
-    }
-    return {"timings": timings, "settings": settings}
+        started_here = _start(ray, options, job.progress)
+        results: Generator[dict[str, Any], None, None] | None = None
+        try:
+            _quiet_data(ray)
+            cpus = float(ray.cluster_resources().get("CPU", 0))
+            left = cpus - options.actors * options.cpus_per_actor
+            if left < 1:
+                raise ConfigError(
+                    f"the Ray cluster has {cpus:g} CPUs and {options.actors} actor(s) of {options.cpus_per_actor:g} "
+                    "CPU take them all; lower --actors or cpus_per_actor so at least one is left for ingestion"
+                )
+            self.settings = {
+                "workers": job.ingest.workers or None,
+                "ray_address": options.address,
+                "ray_cpus": cpus,
+                "actors": options.actors,
+                "cpus_per_actor": options.cpus_per_actor,
+                "gpus_per_actor": options.gpus_per_actor,
+                "max_retries": options.max_retries,
+            }
+            logger.info("diagnosing %d chunk(s) on Ray (%g CPUs, %d actor(s))", len(job.todo), cpus, options.actors)
+            results = _results(ray, _stages(ray, job, options))
+            with tqdm(total=job.rows, desc="diagnose", unit="row", disable=not job.progress) as bar:
+                for result in results:
+                    seconds = json.loads(result["seconds"])
+                    self.timings["ingest"] += seconds["ingest"]
+                    self.timings["model"] += seconds["model"]
+                    predictions = [TaskPrediction.from_json(p) for p in json.loads(result["predictions"])]
+                    yield ChunkOutput(_ready_from_json(result["ready"]), predictions, seconds)
+                    bar.update(int(result["rows"]))
+        finally:
+            if results is not None:
+                results.close()  # stops the stages (and frees their actors) when the driver stops early
+            if started_here:
+                ray.shutdown()
 
 
 def _model_threads(options: RayOptions) -> int:
@@ -474,32 +383,18 @@ def _model_threads(options: RayOptions) -> int:
     return max(1, int(options.cpus_per_actor))
 
 
-def _stages(
-    ray: Any,
-    cohort: Cohort,
-    todo: Sequence[tuple[int, Sequence[CohortRow]]],
-    aligner: Aligner,
-    model_dir: Path,
-    cache_root: Path,
-    provenance: ModelProvenance,
-    options: RayOptions,
-    workers: int | None,
-    task_timeout: float | None,
-    batch_size: int,
-    contributions: bool,
-    plugins: tuple[str, ...],
-    device: str,
-) -> Any:
+def _stages(ray: Any, job: EngineJob, options: RayOptions) -> Any:
     """The Ray Dataset of the run (lazy): the chunks' rows -> ingestion tasks -> model actors."""
     setup = {
-        "manifest": str(cohort.path),
-        "extra_columns": list(cohort.extra_columns),
-        "aligner": json.dumps(aligner.state_dict()),
-        "cache": str(cache_root),
-        "task_timeout": task_timeout,
-        "plugins": list(plugins),
+        "manifest": str(job.cohort.path),
+        "extra_columns": list(job.cohort.extra_columns),
+        "aligner": json.dumps(job.aligner.state_dict()),
+        "cache": str(job.ingest.cache_root),
+        "task_timeout": job.ingest.task_timeout,
+        "plugins": list(job.ingest.plugins),
     }
-    items = [{"chunk": k, "rows": json.dumps([_row_json(r) for r in rows])} for k, rows in todo]
+    workers = job.ingest.workers or None
+    items = [{"chunk": k, "rows": json.dumps([_row_json(r) for r in rows])} for k, rows in job.todo]
     dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))  # a chunk per block
     with warnings.catch_warnings():
         # Ray >= 2.60 flags the retry settings (extra remote arguments) as deprecated, yet names
@@ -517,12 +412,9 @@ def _stages(
             ChunkPredictor,
             batch_size=1,
             fn_constructor_kwargs=dict(
-                model_dir=str(model_dir),
-                text_cache=str(cache_root / "text-embeddings"),
-                provenance=provenance,
-                batch_size=batch_size,
-                contributions=contributions,
-                device=device,
+                model_dir=str(job.model_dir),
+                cache_root=str(job.ingest.cache_root),
+                settings=job.chunk,
                 threads=_model_threads(options),
             ),
             compute=ray.data.ActorPoolStrategy(size=options.actors),
@@ -562,17 +454,3 @@ def _as_meddx_error(exc: BaseException) -> MeddxError:
     return MeddxError(
         f"the Ray run stopped ({detail}); its finished chunks are kept: run the same command again with --resume"
     )
-
-
-def write_result(parts: Path, result: dict[str, Any]) -> None:
-    """One finished chunk's part files, with the local engine's writer (the shard, last, marks it done)."""
-    import pandas as pd
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from meddx.diagnose import ERROR_COLUMNS, write_chunk
-
-    frame = pq.read_table(pa.BufferReader(result["predictions"])).to_pandas()
-    errors = pd.DataFrame(json.loads(result["errors"]), columns=ERROR_COLUMNS)
-    resources = [json.loads(line) for line in io.StringIO(result["resources"])]
-    write_chunk(parts, int(result["chunk"]), frame, errors, resources)
