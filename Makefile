@@ -16,7 +16,33 @@ LATEST_TESTS := tests/test_sample_data.py tests/test_ingest_video.py tests/test_
 	tests/test_ingest_fhir.py tests/test_ingest_audio.py tests/test_ingest_notes.py tests/test_ingest_device_logs.py \
 	tests/test_models_checkpoint.py tests/test_schemas.py tests/test_calibration.py tests/test_metrics.py
 
-.PHONY: demo test test-latest lint install constraints sample-data schemas bench clean
+# `make test-quick`: the suite without the tests marked slow (a minute or more: training, end-to-end runs), pacs
+# (a real Orthanc), ray (a local Ray) or notebooks (executes notebooks/); markers in pyproject.toml.
+QUICK_MARKERS := not slow and not pacs and not ray and not notebooks
+# `make doctest`: the docstring examples of the modules whose examples run offline in seconds (from the
+# repository root: they read sample_data/ and tests/data/). A module whose examples all run belongs here.
+DOCTEST_MODULES := meddx/__init__.py meddx/align.py meddx/arguments.py meddx/batch/engines/local.py \
+	meddx/batch/options.py meddx/cache.py meddx/calibration.py meddx/cli_options.py meddx/cohort.py \
+	meddx/config.py meddx/config_files.py meddx/data/__init__.py meddx/data/dataset.py \
+	meddx/data/index.py meddx/data/prefetch.py meddx/data/store.py meddx/dicom_times.py \
+	meddx/dicomweb/client.py meddx/dicomweb/guard.py meddx/dicomweb/multipart.py meddx/dicomweb/query.py \
+	meddx/dicomweb/ref.py meddx/dicomweb/store.py meddx/errors.py meddx/evaluate.py meddx/export/fhir.py \
+	meddx/export/fhir_writes.py meddx/export/sr.py meddx/fhirclient/client.py meddx/fhirclient/query.py \
+	meddx/fhirclient/ref.py meddx/fhirclient/search.py meddx/files.py meddx/ingest/audio.py \
+	meddx/ingest/device_logs.py meddx/ingest/dicom.py meddx/ingest/dicom_io.py \
+	meddx/ingest/dicom_series.py meddx/ingest/ehr_tensorizer.py meddx/ingest/fhir.py \
+	meddx/ingest/fhir_bulk.py meddx/ingest/file_checks.py meddx/ingest/image_resize.py \
+	meddx/ingest/notes.py meddx/ingest/units.py meddx/ingest/video.py meddx/metrics.py \
+	meddx/models/backbone.py meddx/models/config.py meddx/models/encoders/audio.py \
+	meddx/models/encoders/device_logs.py meddx/models/encoders/ehr.py meddx/models/encoders/imaging.py \
+	meddx/models/encoders/video.py meddx/models/frozen.py meddx/models/heads.py \
+	meddx/models/pretraining.py meddx/models/text_cache.py meddx/pipelines.py \
+	meddx/predictions/columns.py meddx/predictions/table.py meddx/predictions/types.py meddx/records.py \
+	meddx/specs.py meddx/splits.py meddx/synth.py meddx/training/__init__.py \
+	meddx/training/distributed.py meddx/training/early_stopping.py meddx/training/fits.py \
+	meddx/training/trainer.py meddx/training/validation.py
+
+.PHONY: demo test test-quick doctest test-latest lint install constraints sample-data schemas bench clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@echo "installing meddx and its dependencies into $(VENV) at the versions in $(CONSTRAINTS) (PyTorch included: a few minutes)"
@@ -51,8 +77,16 @@ constraints:
 demo: $(STAMP)
 	$(VENV)/bin/meddx demo --out runs/demo
 
+# Everything: the whole suite, then the docstring examples.
 test: $(STAMP)
 	$(PY) -m pytest -q
+	$(PY) -m pytest -q --doctest-modules $(DOCTEST_MODULES)
+
+test-quick: $(STAMP)
+	$(PY) -m pytest -q -m "$(QUICK_MARKERS)"
+
+doctest: $(STAMP)
+	$(PY) -m pytest -q --doctest-modules $(DOCTEST_MODULES)
 
 # ruff (lint rules and format) and mypy over the library; settings in pyproject.toml.
 lint: $(LINT_STAMP)

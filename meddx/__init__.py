@@ -6,7 +6,9 @@ only the error types load with it; every other name loads its module on first us
 
 Example:
     >>> import meddx
-    >>> cohort = meddx.load_cohort("sample_data/manifest.csv")  # doctest: +SKIP
+    >>> cohort = meddx.load_cohort("sample_data/manifest.csv")
+    >>> len(cohort), sorted(cohort.tasks)
+    (60, ['disease'])
     >>> report = meddx.ingest_cohort(cohort, "runs/cache", out_dir="runs/ingest-1")  # doctest: +SKIP
 """
 

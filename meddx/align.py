@@ -44,9 +44,19 @@ class Aligner:
     """Fits and applies the tensorizers of every modality.
 
     Example:
-        >>> aligner = Aligner(IngestConfig()).fit(train_records)  # doctest: +SKIP
-        >>> tensors = aligner.transform(record)  # doctest: +SKIP
-        >>> batch = collate([tensors], aligner.tensor_spec())  # doctest: +SKIP
+        >>> from pathlib import Path
+        >>> from meddx.ingest.audio import AudioIngestor
+        >>> from meddx.ingest.base import IngestRequest
+        >>> from meddx.records import Modality, PatientRecord, collate, parse_time
+        >>> index_time = parse_time("2024-12-03T08:27:00Z")
+        >>> record = PatientRecord("P0001", index_time)
+        >>> record.add(AudioIngestor().read(IngestRequest("P0001", index_time,
+        ...     {Modality.AUDIO: Path("sample_data/patients/P0001/lung_sound.wav")})))
+        >>> aligner = Aligner(IngestConfig()).fit([record])  # the training rows' records
+        >>> tensors = aligner.transform(record)  # PatientTensors: every modality, masks for the missing
+        >>> batch = collate([tensors], aligner.tensor_spec())
+        >>> batch.present.tolist()  # (B, 6): which modalities each patient has
+        [[False, False, False, False, True, False]]
     """
 
     def __init__(self, config: IngestConfig | None = None):

@@ -153,8 +153,22 @@ class RecordCache:
     """A folder of cached records keyed by :func:`cache_key`.
 
     Example:
-        >>> cache = RecordCache("runs/cache")  # doctest: +SKIP
-        >>> cache.put(key, record); cache.get(key).modality  # doctest: +SKIP
+        >>> import tempfile
+        >>> from meddx.config import IngestConfig
+        >>> from meddx.ingest.audio import AudioIngestor
+        >>> from meddx.ingest.base import IngestRequest
+        >>> from meddx.records import parse_time
+        >>> wav = Path("sample_data/patients/P0001/lung_sound.wav")
+        >>> record = AudioIngestor().read(IngestRequest("P0001", parse_time("2024-12-03T08:27:00Z"),
+        ...                                             {Modality.AUDIO: wav}))
+        >>> key = cache_key(Modality.AUDIO, [wav], "P0001", "2024-12-03T08:27:00+00:00", IngestConfig(),
+        ...                 reader=AudioIngestor)
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     cache = RecordCache(folder)
+        ...     _ = cache.put(key, record)
+        ...     cached, missing = cache.get(key), cache.get("0" * 64)
+        >>> cached.modality.value, cached.arrays["log_mel"].shape, missing
+        ('audio', (32, 251), None)
     """
 
     def __init__(self, root: str | Path):

@@ -183,8 +183,14 @@ class TemperatureScaler:
         nll_before_, nll_after_: mean NLL at ``T = 1`` and at ``temperature_``.
 
     Example:
-        >>> scaler = TemperatureScaler().fit(val_logits, val_labels)  # doctest: +SKIP
-        >>> scaler.transform(test_logits)                               # doctest: +SKIP
+        >>> import numpy as np
+        >>> val_logits = np.array([2.0, 1.5, -1.0, -2.5, 0.5, -0.5, 3.0, -3.0])
+        >>> val_labels = np.array([1, 1, 0, 0, 0, 1, 1, 0])
+        >>> scaler = TemperatureScaler().fit(val_logits, val_labels)
+        >>> round(scaler.temperature_, 2)
+        0.73
+        >>> scaler.transform(np.array([2.0, -2.0])).round(2)  # probabilities of class 1
+        array([0.94, 0.06])
     """
 
     kind = "temperature"
@@ -284,8 +290,12 @@ class IsotonicCalibrator:
         n_fitted_: number of rows it was fitted on.
 
     Example:
-        >>> calibrator = IsotonicCalibrator().fit(val_logits, val_labels)  # doctest: +SKIP
-        >>> calibrator.transform(test_logits)                                # doctest: +SKIP
+        >>> import numpy as np
+        >>> val_logits = np.array([2.0, 1.5, -1.0, -2.5, 0.5, -0.5, 3.0, -3.0])
+        >>> val_labels = np.array([1, 1, 0, 0, 0, 1, 1, 0])
+        >>> calibrator = IsotonicCalibrator().fit(val_logits, val_labels)
+        >>> calibrator.transform(np.array([2.0, -2.0])).round(2)
+        array([1., 0.])
     """
 
     kind = "isotonic"
@@ -476,9 +486,15 @@ class ConformalClassifier:
         n_fitted_, n_classes_: validation rows and classes fitted on.
 
     Example:
-        >>> conformal = ConformalClassifier(alpha=0.1)  # doctest: +SKIP
-        >>> conformal = conformal.fit(val_probs, val_labels, availability=val_mask)  # doctest: +SKIP
-        >>> sets = conformal.predict_set(test_probs, availability=test_mask)  # (N, C) bool  # doctest: +SKIP
+        >>> import numpy as np
+        >>> val_probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.2, 0.8], [0.6, 0.4], [0.45, 0.55]])
+        >>> val_labels = np.array([0, 0, 1, 1, 1, 1])
+        >>> conformal = ConformalClassifier(alpha=0.2).fit(val_probs, val_labels)  # availability=(N, M) mask
+        >>> round(conformal.threshold_, 2)  # the pooled threshold on 1 - p(class)
+        0.6
+        >>> conformal.predict_set(np.array([[0.95, 0.05], [0.5, 0.5]]))  # (N, C) bool
+        array([[ True, False],
+               [ True,  True]])
     """
 
     kind = "conformal"
@@ -643,8 +659,14 @@ class TaskCalibration:
     """What one task's probabilities go through: a calibrator, then (optionally) conformal sets.
 
     Example:
-        >>> entry = TaskCalibration(("0", "1"), TemperatureScaler().fit(val_logits, val_labels))  # doctest: +SKIP
-        >>> save_calibration("model_dir", {"disease": entry})                                       # doctest: +SKIP
+        >>> import tempfile
+        >>> import numpy as np
+        >>> scaler = TemperatureScaler().fit(np.array([2.0, -1.0, 0.5, -2.0]), np.array([1, 0, 0, 1]))
+        >>> with tempfile.TemporaryDirectory() as model_dir:
+        ...     written = save_calibration(model_dir, {"disease": TaskCalibration(("0", "1"), scaler)})
+        ...     loaded = load_calibration(model_dir)
+        >>> written.name, loaded["disease"].classes, loaded["disease"].calibrator.kind
+        ('calibration.json', ('0', '1'), 'temperature')
     """
 
     classes: tuple[str, ...]

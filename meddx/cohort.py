@@ -164,8 +164,8 @@ class Cohort:
     also logged when the manifest is loaded.
 
     Example:
-        >>> cohort = load_cohort("sample_data/manifest.csv")  # doctest: +SKIP
-        >>> len(cohort), cohort.tasks["disease"].kind  # doctest: +SKIP
+        >>> cohort = load_cohort("sample_data/manifest.csv")
+        >>> len(cohort), cohort.tasks["disease"].kind
         (60, 'binary')
     """
 
@@ -339,7 +339,7 @@ def load_cohort(path: str | Path) -> Cohort:
     """Read and validate a cohort manifest.
 
     Args:
-        path: a ``.csv`` or ``.parquet`` manifest (columns: see the README and docs/design.md).
+        path: a ``.csv`` or ``.parquet`` manifest (columns: see docs/manifest.md).
 
     Returns:
         The validated :class:`Cohort`; its ``warnings`` (also logged) list what is allowed
@@ -349,7 +349,9 @@ def load_cohort(path: str | Path) -> Cohort:
         ManifestError: listing every problem found (row, column, reason).
 
     Example:
-        >>> cohort = load_cohort("sample_data/manifest.csv")  # doctest: +SKIP
+        >>> cohort = load_cohort("sample_data/manifest.csv")
+        >>> cohort.rows[0].patient_id, cohort.rows[0].split, cohort.warnings
+        ('P0001', 'test', [])
     """
     path = Path(path).resolve()
     base = path.parent

@@ -258,8 +258,13 @@ class IngestConfig(_Section):
                 the message names the file.
 
         Example:
-            >>> IngestConfig.from_file("configs/gpu.yaml").imaging.spatial_size  # doctest: +SKIP
-            (64, 128, 128)
+            >>> import tempfile
+            >>> with tempfile.TemporaryDirectory() as folder:
+            ...     path = Path(folder, "ingest.yaml")
+            ...     _ = path.write_text("imaging: {spatial_size: [64, 128, 128]}\\nsite_timezone: Europe/Berlin\\n")
+            ...     config = IngestConfig.from_file(path)
+            >>> config.imaging.spatial_size, config.site_timezone
+            ((64, 128, 128), 'Europe/Berlin')
         """
         from meddx.config_files import read_config_data
 

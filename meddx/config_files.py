@@ -15,7 +15,7 @@ Every problem is a :class:`~meddx.errors.ConfigError` naming the file.
 
 Example:
     >>> from meddx.config_files import read_config_data
-    >>> read_config_data("pipelines/demo.yaml", "pipeline")["version"]  # doctest: +SKIP
+    >>> read_config_data("pipelines/demo.yaml", "pipeline")["version"]
     1
 """
 

@@ -19,7 +19,7 @@ def short_reason(exc: BaseException, limit: int = 300) -> str:
     """A library exception's message on one line, cut to ``limit`` characters, for a meddx message.
 
     Example:
-        >>> short_reason(ValueError("bad\n  header"))
+        >>> short_reason(ValueError("bad\\n  header"))
         'bad header'
     """
     text = " ".join(str(exc).split()) or type(exc).__name__

@@ -298,7 +298,7 @@ def evaluate(
     """Evaluate a predictions file and write ``metrics.json``, ``report.html`` and PNG plots.
 
     Args:
-        predictions: ``predictions.parquet`` or ``.csv`` (the columns of the README's Predictions).
+        predictions: ``predictions.parquet`` or ``.csv`` (the columns: docs/diagnose.md, "Predictions").
         manifest: the cohort manifest with the ``label:<task>`` columns (and subgroup columns).
         out: output folder (created).
         by: subgroup columns, e.g. ``["sex", "site"]``.

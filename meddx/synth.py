@@ -34,8 +34,13 @@ deterministic for a seed: every random draw comes from a generator derived from
 JSON keys are sorted. Changing one writer does not shift the others' draws.
 
 Example:
+    >>> import tempfile
+    >>> from meddx.cohort import load_cohort
     >>> from meddx.synth import generate_cohort
-    >>> manifest = generate_cohort("/tmp/cohort", n_patients=12, seed=7)  # doctest: +SKIP
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     cohort = load_cohort(generate_cohort(folder, n_patients=3, seed=7))
+    >>> len(cohort), cohort.tasks["disease"].classes
+    (3, ('0', '1'))
 """
 
 from __future__ import annotations
@@ -185,9 +190,12 @@ def write_ct_series(
         The written files in InstanceNumber order (whatever their names).
 
     Example:
-        >>> files = write_ct_series("/tmp/ct", severity=1.5, rng=np.random.default_rng(0),
-        ...     acquisition_time=datetime(2024, 3, 5, 9, tzinfo=timezone.utc),
-        ...     patient_id="P0001")  # doctest: +SKIP
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     files = write_ct_series(Path(folder, "ct"), severity=1.5, rng=np.random.default_rng(0),
+        ...         acquisition_time=datetime(2024, 3, 5, 9, tzinfo=timezone.utc), patient_id="P0001")
+        >>> len(files), files[0].suffix
+        (12, '.dcm')
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -389,9 +397,14 @@ def write_fhir_bundle(
         patient_name: ``Family^Given``; a fake one when None.
 
     Example:
-        >>> write_fhir_bundle("/tmp/p.json", patient_id="P0001", severity=0.3,
-        ...     rng=np.random.default_rng(0), index_time=datetime(2024, 3, 5, 14, tzinfo=timezone.utc),
-        ...     sex="F", age=64)  # doctest: +SKIP
+        >>> import json, tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = write_fhir_bundle(Path(folder, "p.json"), patient_id="P0001", severity=0.3,
+        ...         rng=np.random.default_rng(0), index_time=datetime(2024, 3, 5, 14, tzinfo=timezone.utc),
+        ...         sex="F", age=64)
+        ...     bundle = json.loads(path.read_text())
+        >>> bundle["resourceType"], bundle["entry"][0]["resource"]["resourceType"]
+        ('Bundle', 'Patient')
     """
     if crp_unit not in ("mg/L", "mg/dL"):
         raise ValueError(f"crp_unit must be 'mg/L' or 'mg/dL', got {crp_unit!r}")
@@ -660,7 +673,11 @@ def write_note(path: str | Path, *, severity: float, rng: np.random.Generator) -
     examination line reads "crackles" or "clear to auscultation" in the same way.
 
     Example:
-        >>> write_note("/tmp/note.txt", severity=1.0, rng=np.random.default_rng(0))  # doctest: +SKIP
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     text = write_note(Path(folder, "note.txt"), severity=1.0, rng=np.random.default_rng(0)).read_text()
+        >>> text.splitlines()[:3]
+        ['EMERGENCY DEPARTMENT NOTE', '', 'Chief complaint: productive cough.']
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -726,8 +743,13 @@ def write_device_log(
     them). Severity lowers spo2 and raises resp_rate a little.
 
     Example:
-        >>> write_device_log("/tmp/vitals.csv", severity=0.5, rng=np.random.default_rng(0),
-        ...     index_time=datetime(2024, 3, 5, 14, tzinfo=timezone.utc))  # doctest: +SKIP
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = write_device_log(Path(folder, "vitals.csv"), severity=0.5, rng=np.random.default_rng(0),
+        ...         index_time=datetime(2024, 3, 5, 14, tzinfo=timezone.utc))
+        ...     lines = path.read_text().splitlines()
+        >>> lines[:2]
+        ['timestamp,channel,value', '2024-03-05T06:00:00Z,heart_rate,86']
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -805,8 +827,14 @@ def write_lung_sound(
     With two channels the second one hears the crackles fainter, with its own noise.
 
     Example:
-        >>> write_lung_sound("/tmp/lung.wav", severity=1.0, rng=np.random.default_rng(0),
-        ...     sample_rate=8000)  # doctest: +SKIP
+        >>> import tempfile
+        >>> import soundfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = write_lung_sound(Path(folder, "lung.wav"), severity=1.0, rng=np.random.default_rng(0),
+        ...         sample_rate=8000)
+        ...     info = soundfile.info(path)
+        >>> info.samplerate, info.channels
+        (8000, 1)
     """
     import soundfile
     from scipy.signal import butter, sosfilt
@@ -864,7 +892,15 @@ def write_pulse_video(
     and readable by opencv-python-headless); frames are written as 8-bit BGR.
 
     Example:
-        >>> write_pulse_video("/tmp/echo.mp4", severity=0.0, rng=np.random.default_rng(0))  # doctest: +SKIP
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = write_pulse_video(Path(folder, "echo.mp4"), severity=0.0, rng=np.random.default_rng(0))
+        ...     import cv2
+        ...     capture = cv2.VideoCapture(str(path))
+        ...     frames = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+        ...     capture.release()
+        >>> frames > 0
+        True
     """
     import cv2
 
@@ -1025,9 +1061,12 @@ def generate_cohort(out: str | Path, n_patients: int = 60, seed: int = 7) -> Pat
         The path of ``manifest.csv``.
 
     Example:
-        >>> manifest = generate_cohort("/tmp/cohort", n_patients=12, seed=7)  # doctest: +SKIP
-        >>> manifest.name  # doctest: +SKIP
-        'manifest.csv'
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     manifest = generate_cohort(folder, n_patients=2, seed=7)
+        ...     header = manifest.read_text().splitlines()[0]
+        >>> manifest.name, header.split(",")[:3]
+        ('manifest.csv', ['patient_id', 'index_time', 'split'])
     """
     if n_patients < 1:
         raise ValueError(f"n_patients must be at least 1, got {n_patients}")

@@ -51,6 +51,19 @@ def orthanc_factory(tmp_path: Path) -> Iterator[Callable[[], OrthancServer]]:
         server.stop()
 
 
+# Markers set by the fixtures a test needs (pyproject.toml registers them; `make test-quick` leaves them out).
+# tiny_model trains a model (about 30 s on 2 cores); the tests that need it are slow.
+MARKER_OF_FIXTURE = {"orthanc": "pacs", "orthanc_factory": "pacs", "local_ray": "ray", "tiny_model": "slow"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests that use a real Orthanc ``pacs``, those that start a local Ray ``ray``, and those that
+    need the trained ``tiny_model`` ``slow``."""
+    for item in items:
+        for name in sorted({MARKER_OF_FIXTURE[f] for f in getattr(item, "fixturenames", ()) if f in MARKER_OF_FIXTURE}):
+            item.add_marker(name)
+
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_MANIFEST = REPO / "sample_data" / "manifest.csv"
 

@@ -21,6 +21,7 @@ from meddx.config import IngestConfig
 from meddx.synth import generate_cohort
 
 
+@pytest.mark.slow
 def test_ingest_reports_coverage_and_keeps_going_past_a_bad_file(tmp_path: Path) -> None:
     manifest = generate_cohort(tmp_path / "cohort", n_patients=6, seed=11)
     rows = pd.read_csv(manifest, dtype=str, keep_default_na=False)
@@ -155,6 +156,7 @@ def test_bad_arguments_exit_2() -> None:
     assert result.exit_code == 2
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     """The demo at the committed sample cohort's size (the full 600-patient demo takes minutes)."""
     out = tmp_path / "demo"

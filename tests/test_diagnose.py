@@ -38,6 +38,7 @@ def _sample_rows() -> pd.DataFrame:
     return pd.read_csv(SAMPLE_MANIFEST, dtype=str, keep_default_na=False)
 
 
+@pytest.mark.slow
 def test_cli_diagnoses_the_test_split_of_sample_data(tmp_path: Path, tiny_model: Path, sample_cache: Path) -> None:
     out = tmp_path / "run"
     args = ["diagnose", str(SAMPLE_MANIFEST), "--model", str(tiny_model), "--out", str(out), "--split", "test",
@@ -104,6 +105,7 @@ def test_every_risk_assessment_validates_and_names_no_one(tmp_path: Path, tiny_m
     assert birth_dates - {None} and not any(d in "".join(lines) for d in birth_dates if d)
 
 
+@pytest.mark.slow
 def test_a_broken_file_fails_one_modality_and_a_row_without_inputs_is_one_error_row(
     tmp_path: Path, tiny_model: Path, sample_cache: Path
 ) -> None:
@@ -162,6 +164,7 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_a_run_killed_midway_finishes_with_resume_and_every_row_once(tmp_path: Path, tiny_model: Path,
                                                                      sample_cache: Path) -> None:
     rows = _sample_rows().query("split == 'test'").head(8)

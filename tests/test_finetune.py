@@ -54,6 +54,7 @@ def test_unknown_labels_stay_out_of_the_loss() -> None:
     assert weights[1] > weights[0]  # the rare class weighs more
 
 
+@pytest.mark.slow
 def test_heads_remove_the_class_weight_shift_outside_training() -> None:
     """A weighted loss learns log-odds + log(pos_weight); eval-mode logits estimate the real probability."""
     torch.manual_seed(0)
@@ -75,6 +76,7 @@ def test_heads_remove_the_class_weight_shift_outside_training() -> None:
     assert float(torch.sigmoid(heads(pooled)["t"]).mean()) == pytest.approx(float(labels.float().mean()), abs=0.01)
 
 
+@pytest.mark.slow
 def test_head_mode_gives_a_calibrated_model_and_contract_predictions(base) -> None:
     root, cache = base
     model = finetune(SAMPLE, root / "head", mode="head", epochs=40, backbone=root / "backbone", cache_dir=cache,
@@ -102,6 +104,7 @@ def test_head_mode_gives_a_calibrated_model_and_contract_predictions(base) -> No
     assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("encoders.notes.text_model."))
 
 
+@pytest.mark.slow
 def test_a_model_folder_round_trip_gives_identical_predictions(base) -> None:
     root, cache = base
     model = finetune(SAMPLE, root / "full", mode="full", epochs=2, backbone=root / "backbone", cache_dir=cache,
@@ -113,6 +116,7 @@ def test_a_model_folder_round_trip_gives_identical_predictions(base) -> None:
     assert FoundationBackbone.from_pretrained(root / "full").config == model.backbone.config
 
 
+@pytest.mark.slow
 def test_full_mode_keeps_batch_norm_statistics_of_the_final_weights(base) -> None:
     """Eval mode must normalise as training did: the statistics of the training rows under the kept weights.
 
@@ -150,6 +154,7 @@ def test_full_mode_keeps_batch_norm_statistics_of_the_final_weights(base) -> Non
     torch.testing.assert_close(norm.running_mean, before, atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_heads_can_read_the_summary_and_the_modality_embeddings(base) -> None:
     root, cache = base
     model = finetune(SAMPLE, root / "wide", mode="head", epochs=10, backbone=root / "backbone", cache_dir=cache,
@@ -165,6 +170,7 @@ def test_heads_can_read_the_summary_and_the_modality_embeddings(base) -> None:
         DiagnosisModel(model.backbone, model.tasks, head_input="everything")
 
 
+@pytest.mark.slow
 def test_lora_leaves_the_saved_base_weights_unchanged(base) -> None:
     root, cache = base
     model = finetune(SAMPLE, root / "lora", mode="lora", epochs=2, backbone=root / "backbone", cache_dir=cache,
@@ -183,6 +189,7 @@ def test_lora_leaves_the_saved_base_weights_unchanged(base) -> None:
     )
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_checkpoint(base) -> None:
     root, cache = base
     finetune(SAMPLE, root / "resume", mode="full", epochs=1, patience=5, backbone=root / "backbone",
@@ -201,6 +208,7 @@ def test_resume_continues_from_the_checkpoint(base) -> None:
     assert by_reference == {"backbone.encoders.notes.text_model.": model.backbone.notes_encoder.version}
 
 
+@pytest.mark.slow
 def test_bad_requests_are_refused_with_what_to_do(base, tmp_path: Path) -> None:
     root, cache = base
     with pytest.raises(ConfigError, match="unknown task"):
@@ -229,6 +237,7 @@ def test_a_seeded_split_keeps_each_patient_in_one_split(tmp_path: Path) -> None:
     assert {s for v in split_of.values() for s in v} == {"train", "val", "test"}
 
 
+@pytest.mark.slow
 def test_finetune_command(base, tmp_path: Path) -> None:
     """Also: the epoch message counts epochs (head mode validates every 2nd of 100), files follow the umask."""
     root, cache = base
@@ -263,6 +272,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 def test_torchrun_ddp_gives_the_single_process_result(tmp_path: Path) -> None:
     """2 processes (gloo, CPU) with half of each global batch each make the same updates as one process.
 
@@ -314,6 +324,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 def test_torchrun_head_mode_embeds_one_shard_per_rank_and_gives_the_single_process_result(tmp_path: Path) -> None:
     """``head`` mode under torchrun: each of 2 ranks runs the backbone over half the rows, then both fit the
     heads on every row's embeddings: the same validation history and heads as one process."""

@@ -67,6 +67,7 @@ def pydicom_decodes(path: Path) -> bool:
 # --------------------------------------------------------------------- real DICOM files
 
 
+@pytest.mark.slow
 def test_every_local_pydicom_test_file_gives_a_volume_or_an_ingest_error() -> None:
     files = sorted(TEST_FILES.rglob("*.dcm")) + sorted(EXTERNAL_TEST_FILES.rglob("*.dcm"))
     assert len(files) >= 140, f"pydicom and pydicom-data ship {len(files)} .dcm test files here"

@@ -47,6 +47,7 @@ def test_committed_notebook_holds_its_outputs(path: Path) -> None:
         assert not LOCAL_PATH.search(text), f"an output shows a local path: {text[:200]!r}"
 
 
+@pytest.mark.notebooks
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_executes(path: Path, tmp_path: Path) -> None:
     notebook = nbformat.read(path, as_version=4)

@@ -332,6 +332,7 @@ def _error(run: Run, kind: str) -> str:
     return run.errors[_patient(kind)]
 
 
+@pytest.mark.slow
 def test_the_sound_rows_are_read_and_the_run_stays_small(run: Run) -> None:
     assert run.ok == ["H-disk", "H-good"]
     assert set(run.errors) == {_patient(kind) for kind in KINDS if kind != "good"}
@@ -347,6 +348,7 @@ def test_the_sound_rows_are_read_and_the_run_stays_small(run: Run) -> None:
     assert PASSWORD not in run.output
 
 
+@pytest.mark.slow
 def test_endless_and_oversized_answers_are_cut_off_by_the_limits(run: Run) -> None:
     assert "sent more than 8 MB for one series (dicomweb.max_series_mb); refused" in _error(run, "endless-parts")
     assert "sent more than 2 MB for one instance (dicomweb.max_instance_mb); refused" in _error(run, "endless-part")
@@ -358,17 +360,20 @@ def test_endless_and_oversized_answers_are_cut_off_by_the_limits(run: Run) -> No
     assert "MemoryError" not in run.output and "Traceback" not in run.output
 
 
+@pytest.mark.slow
 def test_a_slow_drip_is_cut_off_by_the_deadline(run: Run) -> None:
     for kind in ("drip-body", "drip-headers"):
         assert f"did not finish its answer within {DEADLINE_S:g} s (dicomweb.deadline_s)" in _error(run, kind)
 
 
+@pytest.mark.slow
 def test_a_redirect_to_another_origin_is_not_followed(run: Run) -> None:
     reason = _error(run, "redirect-away")
     assert f"redirected to another origin (http://127.0.0.1:{run.away.server_address[1]}); not followed" in reason
     assert not [path for path, _ in run.away.requests if "/series/" in path]  # nothing was asked of it
 
 
+@pytest.mark.slow
 def test_a_series_of_another_patient_or_study_is_refused(run: Run) -> None:
     assert "belongs to another patient: its PatientID is not the row's patient_id" in _error(run, "other-patient")
     assert "SOMEONE-ELSE" not in run.output

@@ -68,6 +68,7 @@ def test_a_bad_pipeline_is_refused_before_any_work_with_every_problem(tmp_path: 
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_demo_yaml_runs(tmp_path: Path, sample_cache: Path) -> None:
     """demo.yaml as committed but smaller: 60 patients, as sample_data, and 2 epochs (the full demo takes minutes;
     tests/test_cli.py runs `meddx demo --patients 60` with the demo's own training settings)."""

@@ -46,6 +46,7 @@ def pretrained(tmp_path_factory) -> tuple[Path, Path, list]:
     return root, cache, result.epochs
 
 
+@pytest.mark.slow
 def test_pretraining_writes_a_loadable_backbone_and_safe_checkpoints(pretrained) -> None:
     root, _, epochs = pretrained
     assert len(epochs) == 2
@@ -58,6 +59,7 @@ def test_pretraining_writes_a_loadable_backbone_and_safe_checkpoints(pretrained)
     assert checkpoint <= {".safetensors", ".json"}  # no pickle anywhere
 
 
+@pytest.mark.slow
 def test_a_resumed_run_goes_on_exactly_as_an_uninterrupted_one(pretrained) -> None:
     root, cache, straight = pretrained
     common = dict(batch_size=16, seed=3, backbone_config=tiny_backbone_config(modality_dropout=0.3),
@@ -72,6 +74,7 @@ def test_a_resumed_run_goes_on_exactly_as_an_uninterrupted_one(pretrained) -> No
     assert all(torch.allclose(first[k], second[k], atol=1e-3) for k in first)
 
 
+@pytest.mark.slow
 def test_resume_without_a_checkpoint_is_refused(tmp_path: Path, pretrained) -> None:
     _, cache, _ = pretrained
     with pytest.raises(ModelError, match="no checkpoint"):
@@ -79,6 +82,7 @@ def test_resume_without_a_checkpoint_is_refused(tmp_path: Path, pretrained) -> N
                  ingest_config=tiny_ingest_config(), cache_dir=cache, workers=0, progress=False)
 
 
+@pytest.mark.slow
 def test_pretrain_command(tmp_path: Path, pretrained) -> None:
     _, cache, _ = pretrained
     backbone_config = tmp_path / "backbone.json"

@@ -81,6 +81,7 @@ def test_a_native_crash_is_isolated_and_the_run_goes_on(tmp_path: Path, echo_reg
     assert [o.patient_id for o in report.outcomes] == [f"p{i}" for i in range(6)]  # manifest order
 
 
+@pytest.mark.slow
 def test_a_hung_reader_is_stopped_and_the_run_goes_on(tmp_path: Path, echo_registry) -> None:
     manifest = make_cohort(tmp_path, ["ok", "hang", "fine", "good"])
     report = ingest_cohort(
@@ -92,6 +93,7 @@ def test_a_hung_reader_is_stopped_and_the_run_goes_on(tmp_path: Path, echo_regis
     assert "took longer than 15 s" in hung.error and "p1.txt" in hung.error
 
 
+@pytest.mark.slow
 def test_a_slow_worker_start_up_does_not_count_against_a_file(tmp_path: Path, echo_registry, monkeypatch) -> None:
     """The task timeout counts from when a worker starts the file: workers that take longer than it to
     start (importing torch on a loaded machine) time no file out."""

@@ -109,6 +109,7 @@ def large_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate_cohort(tmp_path_factory.mktemp("large"), n_patients=200, seed=7)
 
 
+@pytest.mark.slow
 def test_missing_rate_is_about_ten_percent(large_cohort: Path) -> None:
     frame = _manifest(large_cohort)
     rate = (frame[list(MODALITIES)] == "").to_numpy().mean()
@@ -395,6 +396,7 @@ def _video_feature(path: Path) -> list[float]:
     return [float(np.log(series.std() / series.mean()))]
 
 
+@pytest.mark.slow
 def test_each_modality_is_weak_alone_and_strong_together(large_cohort: Path) -> None:
     frame = _manifest(large_cohort)
     root = large_cohort.parent

@@ -8,8 +8,8 @@ enough, because reading files, safetensors' deserialisation and NumPy's stacking
 most of their time outside the GIL.
 
 Example:
-    >>> for batch in prefetched(loader):  # doctest: +SKIP
-    ...     loss = step(batch)
+    >>> list(prefetched(iter(range(5))))  # in a training loop: for batch in prefetched(loader): ...
+    [0, 1, 2, 3, 4]
 """
 
 from __future__ import annotations

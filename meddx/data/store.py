@@ -82,9 +82,13 @@ class TensorStore:
     """A folder of aligned rows, one safetensors file per key.
 
     Example:
-        >>> store = TensorStore("runs/cache/aligned")  # doctest: +SKIP
-        >>> store.put(key, patient_tensors.tensors)  # doctest: +SKIP
-        >>> store.get(key)[Modality.AUDIO]["log_mel"].shape  # doctest: +SKIP
+        >>> import tempfile
+        >>> import numpy as np
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     store = TensorStore(folder)
+        ...     _ = store.put("row-key", {Modality.AUDIO: {"log_mel": np.zeros((32, 251), np.float32)}})
+        ...     shape = store.get("row-key")[Modality.AUDIO]["log_mel"].shape
+        >>> shape
         torch.Size([32, 251])
     """
 

@@ -109,11 +109,14 @@ def build_prediction_sr(
             ``patient_id`` is not the source images' PatientID (named by column, not by value).
 
     Example:
-        >>> sr = build_prediction_sr(series, {"patient_id": "P1", "index_time": "2024-03-05T14:00:00Z",
+        >>> from pathlib import Path
+        >>> from meddx.ingest.dicom_io import read_dicom
+        >>> series = [read_dicom(path) for path in sorted(Path("sample_data/patients/P0001/ct").iterdir())]
+        >>> sr = build_prediction_sr(series, {"patient_id": "P0001", "index_time": "2024-12-03T08:27:00Z",
         ...     "task": "disease", "probability": 0.83, "prediction": "1", "prediction_set": "1",
-        ...     "status": "ok"}, ModelInfo("meddx-demo", "0.1.0"))  # doctest: +SKIP
-        >>> sr.Modality  # doctest: +SKIP
-        'SR'
+        ...     "status": "ok"}, ModelInfo("meddx-demo", "0.1.0"))
+        >>> sr.Modality, sr.StudyInstanceUID == series[0].StudyInstanceUID  # a new series in the source study
+        ('SR', True)
     """
     from highdicom.sr import (
         AlgorithmIdentification,

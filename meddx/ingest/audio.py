@@ -166,9 +166,9 @@ class AudioIngestor(Ingestor):
     Example:
         >>> from meddx.records import parse_time
         >>> reader = AudioIngestor()
-        >>> record = reader.read(IngestRequest("p1", parse_time("2024-03-05T14:00:00Z"),
-        ...                                    {Modality.AUDIO: Path("lung.wav")}))  # doctest: +SKIP
-        >>> record.arrays["log_mel"].shape, record.arrays["frame_mask"].shape  # doctest: +SKIP
+        >>> record = reader.read(IngestRequest("P0001", parse_time("2024-12-03T08:27:00Z"),
+        ...                                    {Modality.AUDIO: Path("sample_data/patients/P0001/lung_sound.wav")}))
+        >>> record.arrays["log_mel"].shape, record.arrays["frame_mask"].shape
         ((32, 251), (251,))
     """
 
@@ -205,7 +205,9 @@ class AudioIngestor(Ingestor):
             IngestError: soundfile cannot read the file, or it holds no samples.
 
         Example:
-            >>> wave, rate, meta, warnings = AudioIngestor().load(Path("lung.wav"))  # doctest: +SKIP
+            >>> wave, rate, meta, warnings = AudioIngestor().load(Path("sample_data/patients/P0001/lung_sound.wav"))
+            >>> wave.shape, rate, warnings
+            ((20000,), 8000, [])
         """
         import soundfile
 

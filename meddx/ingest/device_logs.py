@@ -512,8 +512,11 @@ class DeviceLogTensorizer(Tensorizer):
     logged at DEBUG level, and :meth:`unknown_channels` lists them for a record).
 
     Example:
-        >>> tensorizer = DeviceLogTensorizer(IngestConfig()).fit(train_records)  # doctest: +SKIP
-        >>> tensorizer.transform(record)["values"].shape  # doctest: +SKIP
+        >>> from meddx.records import parse_time
+        >>> record = read_device_log(Path("sample_data/patients/P0002/vitals.csv"),
+        ...                          parse_time("2024-11-06T23:20:00Z"), DeviceLogConfig())
+        >>> tensorizer = DeviceLogTensorizer(IngestConfig()).fit([record])  # the training rows' records
+        >>> tensorizer.transform(record)["values"].shape  # (max_channels, minutes)
         (8, 360)
     """
 
@@ -640,10 +643,10 @@ class DeviceLogIngestor(Ingestor):
     Example:
         >>> from meddx.records import parse_time
         >>> reader = DeviceLogIngestor()
-        >>> request = IngestRequest("p1", parse_time("2024-03-05T14:00:00Z"),
-        ...                         {Modality.DEVICE_LOGS: Path("monitor.csv")})
-        >>> record = reader.read(request)  # doctest: +SKIP
-        >>> record.arrays["values"].shape, record.meta["channels"]  # doctest: +SKIP
+        >>> request = IngestRequest("P0002", parse_time("2024-11-06T23:20:00Z"),
+        ...                         {Modality.DEVICE_LOGS: Path("sample_data/patients/P0002/vitals.csv")})
+        >>> record = reader.read(request)
+        >>> record.arrays["values"].shape, record.meta["channels"]
         ((3, 360), ['heart_rate', 'resp_rate', 'spo2'])
     """
 
@@ -673,8 +676,10 @@ def read_device_log(
 
     Example:
         >>> from meddx.records import parse_time
-        >>> record = read_device_log(Path("monitor.csv"), parse_time("2024-03-05T14:00:00Z"),
-        ...                          DeviceLogConfig())  # doctest: +SKIP
+        >>> record = read_device_log(Path("sample_data/patients/P0002/vitals.csv"),
+        ...                          parse_time("2024-11-06T23:20:00Z"), DeviceLogConfig())
+        >>> record.arrays["values"].shape  # (channels, minutes of the look-back window)
+        (3, 360)
     """
 
     def fail(reason: str) -> NoReturn:

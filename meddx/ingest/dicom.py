@@ -94,10 +94,10 @@ Example:
     >>> from meddx.ingest.base import IngestRequest
     >>> from meddx.records import Modality, parse_time
     >>> reader = ImagingIngestor()
-    >>> record = reader.read(IngestRequest("p1", parse_time("2024-03-05T14:00:00Z"),
-    ...                                    {Modality.IMAGING: Path("ct_series/")}))  # doctest: +SKIP
-    >>> record.arrays["volume"].shape  # doctest: +SKIP
-    (32, 64, 64)
+    >>> record = reader.read(IngestRequest("P0001", parse_time("2024-12-03T08:27:00Z"),
+    ...                                    {Modality.IMAGING: Path("sample_data/patients/P0001/ct")}))
+    >>> record.arrays["volume"].shape, record.arrays["slice_mask"].shape  # IngestConfig().imaging.spatial_size
+    ((32, 64, 64), (32,))
 """
 
 from __future__ import annotations

@@ -83,8 +83,10 @@ def looks_like_dicom(path: Path) -> bool:
     bytes are read, and only from a regular file (never from a FIFO or a device).
 
     Example:
-        >>> looks_like_dicom(Path("notes.txt"))  # doctest: +SKIP
+        >>> looks_like_dicom(Path("sample_data/patients/P0001/note.txt"))
         False
+        >>> looks_like_dicom(sorted(Path("sample_data/patients/P0001/ct").iterdir())[0])
+        True
     """
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
@@ -120,8 +122,8 @@ def read_dicom(path: Path, modality: str = _IMAGING, max_file_mb: float | None =
         IngestError: not a regular file, over the size limit, not a DICOM file, or unreadable.
 
     Example:
-        >>> ds = read_dicom(Path("CT_small.dcm"))  # doctest: +SKIP
-        >>> ds.Modality  # doctest: +SKIP
+        >>> ds = read_dicom(sorted(Path("sample_data/patients/P0001/ct").iterdir())[0])
+        >>> ds.Modality
         'CT'
     """
     path = check_source(path, modality, max_file_mb=max_file_mb, expected="a DICOM file")
@@ -178,8 +180,9 @@ def decode_frames(ds: Dataset, path: Path, modality: str = _IMAGING, frames: Seq
             installed plugin decodes (the message names the syntax and the plugins).
 
     Example:
-        >>> decode_frames(read_dicom(Path("MR_small.dcm")), Path("MR_small.dcm")).shape  # doctest: +SKIP
-        (1, 64, 64)
+        >>> path = sorted(Path("sample_data/patients/P0001/ct").iterdir())[0]
+        >>> decode_frames(read_dicom(path), path).shape  # (frames, rows, columns)
+        (1, 48, 48)
     """
     if not has_pixels(ds):
         sop = ds.get("SOPClassUID")

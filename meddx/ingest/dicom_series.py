@@ -162,8 +162,10 @@ class DicomSeries:
             IngestError: a file's pixel data cannot be decoded.
 
         Example:
-            >>> series = load_series(Path("ct_series/"))  # doctest: +SKIP
-            >>> hu = series.values()  # doctest: +SKIP
+            >>> series = load_series(Path("sample_data/patients/P0001/ct"))
+            >>> hu = series.values()  # (slices, rows, columns), Hounsfield units
+            >>> hu.shape, hu.dtype
+            ((12, 48, 48), dtype('float32'))
         """
         n, rows, columns = self.shape
         size: tuple[int, int] = (in_plane[0], in_plane[1]) if in_plane else (rows, columns)
@@ -347,9 +349,9 @@ def load_series(
             several patients in one folder, or a file over ``max_file_mb``.
 
     Example:
-        >>> series = load_series(Path("ct_series/"))  # doctest: +SKIP
-        >>> series.spacing, series.values().shape  # doctest: +SKIP
-        ((2.5, 0.7, 0.7), (12, 48, 48))
+        >>> series = load_series(Path("sample_data/patients/P0001/ct"))
+        >>> series.spacing, series.values().shape  # spacing in mm: (slice, row, column)
+        ((5.0, 7.245, 7.245), (12, 48, 48))
     """
     path = check_source(path, _IMAGING, max_file_mb=max_file_mb, folder_ok=True, expected="a DICOM file or folder")
     with quiet_pydicom():  # header values are read lazily; keep pydicom from quoting them

@@ -64,9 +64,16 @@ class EhrTensorizer(Tensorizer):
       as female, male, other/unknown.
 
     Example:
-        >>> tensorizer = EhrTensorizer(IngestConfig()).fit(train_records)  # doctest: +SKIP
-        >>> tensorizer.transform(record)["lab_values"].shape  # doctest: +SKIP
-        (16, 8)
+        >>> from pathlib import Path
+        >>> from meddx.config import IngestConfig
+        >>> from meddx.ingest.base import IngestRequest
+        >>> from meddx.ingest.fhir import FhirIngestor
+        >>> record = FhirIngestor().read(IngestRequest("P0001", parse_time("2024-12-03T08:27:00Z"),
+        ...     {Modality.EHR: Path("sample_data/patients/P0001/ehr.json")}))
+        >>> tensorizer = EhrTensorizer(IngestConfig()).fit([record])  # the training rows' records
+        >>> arrays = tensorizer.transform(record)
+        >>> arrays["lab_values"].shape, arrays["code_ids"].shape, arrays["demographics"].shape
+        ((16, 8), (64,), (4,))
     """
 
     modality = Modality.EHR

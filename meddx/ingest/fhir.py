@@ -574,12 +574,13 @@ class FhirIngestor(Ingestor):
     per type and the counts of what was dropped or skipped.
 
     Example:
+        >>> from meddx.records import parse_time
         >>> reader = FhirIngestor()
-        >>> request = IngestRequest("129c6ac7-...", parse_time("2020-01-01T00:00:00Z"),
-        ...                         {Modality.EHR: Path("synthea-bulk-10")})  # doctest: +SKIP
-        >>> record = reader.read(request)  # doctest: +SKIP
-        >>> record.meta["resources"]["Condition"]  # doctest: +SKIP
-        49
+        >>> request = IngestRequest("P0001", parse_time("2024-12-03T08:27:00Z"),
+        ...                         {Modality.EHR: Path("sample_data/patients/P0001/ehr.json")})
+        >>> record = reader.read(request)
+        >>> record.meta["resources"]["Observation"], record.meta["sex"], record.meta["age_years"]
+        (12, 'female', 80)
     """
 
     modality = Modality.EHR

@@ -15,9 +15,10 @@ Lines that are not valid JSON are remembered with their line numbers; when a pat
 is read, those whose bytes mention the patient's id are reported as skipped resources.
 
 Example:
-    >>> index = BulkIndex.build(Path("synthea-bulk-10"), {"Patient", "Condition"})  # doctest: +SKIP
-    >>> for line in index.lines("129c6ac7-8d06-89de-ad63-0204a93e76c3"):  # doctest: +SKIP
-    ...     print(line.file.name, line.number, line.resource_type)
+    >>> index = BulkIndex.build(Path("tests/data/synthea-bulk"), {"Patient", "Condition"})
+    >>> lines = list(index.lines("3af3708d-41f1-cd80-f3dd-ec5ac76072bf"))  # the patient's resources
+    >>> len(lines), lines[0].file.name, lines[0].number, lines[0].resource_type
+    (7, 'Condition.000.ndjson', 9, 'Condition')
 """
 
 from __future__ import annotations

@@ -10,12 +10,15 @@ only test ``is_file()``. :func:`check_source` refuses all of these with an
 * anything that is not a regular file (or a folder, where the reader takes one): a named
   pipe, a character or block device, a socket;
 * a regular file larger than the modality's ``max_file_mb`` (each section of
-  :class:`~meddx.config.IngestConfig` has one; README lists the defaults). The limit is on
+  :class:`~meddx.config.IngestConfig` has one; docs/ingest.md lists the defaults). The limit is on
   the file's size on disk, read from ``stat`` without opening the file.
 
 Example:
-    >>> check_source(Path("notes/visit.txt"), "notes", max_file_mb=32)  # doctest: +SKIP
-    PosixPath('notes/visit.txt')
+    >>> check_source(Path("sample_data/patients/P0001/note.txt"), "notes", max_file_mb=32).name
+    'note.txt'
+    >>> check_source(Path("/dev/null"), "notes", max_file_mb=32)
+    Traceback (most recent call last):
+    meddx.errors.IngestError: ...
 """
 
 from __future__ import annotations
@@ -117,8 +120,8 @@ def regular_files(folder: Path) -> list[Path]:
     """The non-hidden regular files directly in ``folder``, by name (FIFOs, devices, sockets left out).
 
     Example:
-        >>> regular_files(Path("notes"))  # doctest: +SKIP
-        [PosixPath('notes/2024-03-01.txt'), PosixPath('notes/2024-03-05.txt')]
+        >>> [path.name for path in regular_files(Path("sample_data/patients/P0001"))]
+        ['echo.mp4', 'ehr.json', 'lung_sound.wav', 'note.txt']
     """
     found = []
     for entry in os.scandir(folder):

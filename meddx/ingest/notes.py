@@ -126,8 +126,8 @@ def read_text_file(path: Path, modality: str = "notes", max_file_mb: float | Non
     "Unicode"). The file must be a regular file of at most ``max_file_mb`` MiB.
 
     Example:
-        >>> read_text_file(Path("note.txt"))  # doctest: +SKIP
-        'Chief complaint: cough.'
+        >>> read_text_file(Path("sample_data/patients/P0001/note.txt")).splitlines()[:3]
+        ['EMERGENCY DEPARTMENT NOTE', '', 'Chief complaint: productive cough.']
     """
     check_source(path, modality, max_file_mb=max_file_mb, expected="a UTF-8 text file")
     try:
@@ -287,10 +287,11 @@ class NotesIngestor(Ingestor):
     The tokenizer is loaded once per instance, on first use, from local files only.
 
     Example:
+        >>> from meddx.records import parse_time
         >>> reader = NotesIngestor()
-        >>> record = reader.read(IngestRequest("p1", parse_time("2024-03-05T14:00:00Z"),
-        ...                                    {Modality.NOTES: Path("note.txt")}))  # doctest: +SKIP
-        >>> record.arrays["input_ids"].shape  # doctest: +SKIP
+        >>> record = reader.read(IngestRequest("P0001", parse_time("2024-12-03T08:27:00Z"),
+        ...                                    {Modality.NOTES: Path("sample_data/patients/P0001/note.txt")}))
+        >>> record.arrays["input_ids"].shape  # (chunks, tokens)
         (4, 128)
     """
 

@@ -42,9 +42,9 @@ Example:
     >>> from meddx.ingest.base import IngestRequest
     >>> from meddx.records import parse_time
     >>> reader = VideoIngestor()
-    >>> record = reader.read(IngestRequest("p1", parse_time("2024-03-05T14:00:00Z"),
-    ...                                    {Modality.VIDEO: Path("echo.mp4")}))  # doctest: +SKIP
-    >>> record.arrays["frames"].shape  # doctest: +SKIP
+    >>> record = reader.read(IngestRequest("P0001", parse_time("2024-12-03T08:27:00Z"),
+    ...                                    {Modality.VIDEO: Path("sample_data/patients/P0001/echo.mp4")}))
+    >>> record.arrays["frames"].shape  # (T, C, H, W)
     (16, 1, 64, 64)
 """
 

@@ -6,8 +6,12 @@ whose label for that task is unknown (an empty manifest cell), never treating th
 negatives. Class weights (inverse frequency on the training rows) counter imbalance.
 
 Example:
-    >>> heads = DiagnosisHeads(64, {"disease": TaskSpec("disease", "binary", ("0", "1"))})  # doctest: +SKIP
-    >>> logits = heads(pooled)  # {"disease": (B,)}  # doctest: +SKIP
+    >>> import torch
+    >>> heads = DiagnosisHeads(64, {"disease": TaskSpec("disease", "binary", ("0", "1")),
+    ...                             "grade": TaskSpec("grade", "multiclass", ("0", "1", "2"))})
+    >>> logits = heads(torch.zeros(4, 64))  # the backbone's pooled embedding (B, D)
+    >>> {task: tuple(value.shape) for task, value in logits.items()}
+    {'disease': (4,), 'grade': (4, 3)}
 """
 
 from __future__ import annotations

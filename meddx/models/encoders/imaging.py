@@ -133,7 +133,7 @@ class ImagingEncoder(ModalityEncoder):
         >>> from meddx.specs import ArrayField
         >>> spec = {"volume": ArrayField((8, 16, 16), "float32"),
         ...         "slice_mask": ArrayField((8,), "bool", "mask", of=("volume",))}
-        >>> config = BackboneConfig(d_model=16, n_heads=2, imaging={"block_config": (1, 1)})
+        >>> config = BackboneConfig(d_model=16, n_heads=2, imaging={"block_config": (1, 1), "input_pool": 1})
         >>> encoder = ImagingEncoder(config, spec).eval()
         >>> out = encoder({"volume": torch.rand(2, 8, 16, 16), "slice_mask": torch.ones(2, 8, dtype=torch.bool)})
         >>> tuple(out.tokens.shape), tuple(out.token_mask.shape)
