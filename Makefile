@@ -31,7 +31,8 @@ DOCTEST_MODULES := meddx/__init__.py meddx/align.py meddx/arguments.py meddx/bat
 	meddx/fhirclient/ref.py meddx/fhirclient/search.py meddx/files.py meddx/ingest/audio.py \
 	meddx/ingest/device_logs.py meddx/ingest/dicom.py meddx/ingest/dicom_io.py \
 	meddx/ingest/dicom_series.py meddx/ingest/ehr_tensorizer.py meddx/ingest/fhir.py \
-	meddx/ingest/fhir_bulk.py meddx/ingest/file_checks.py meddx/ingest/image_resize.py \
+	meddx/ingest/fhir_bulk.py meddx/ingest/fhir_status.py meddx/ingest/fhir_times.py \
+	meddx/ingest/fhir_versions.py meddx/ingest/file_checks.py meddx/ingest/image_resize.py \
 	meddx/ingest/notes.py meddx/ingest/units.py meddx/ingest/video.py meddx/metrics.py \
 	meddx/models/backbone.py meddx/models/config.py meddx/models/encoders/audio.py \
 	meddx/models/encoders/device_logs.py meddx/models/encoders/ehr.py meddx/models/encoders/imaging.py \

@@ -14,7 +14,8 @@ import pytest
 from fhir.resources.R4B.bundle import Bundle
 
 from meddx.config import IngestConfig
-from meddx.ingest.fhir import RETRACTED_STATUSES, FhirIngestor
+from meddx.ingest.fhir import FhirIngestor
+from meddx.ingest.fhir_status import RETRACTED_STATUSES
 from meddx.records import PatientRecord, parse_time
 
 INDEX = datetime(2024, 3, 5, 14, tzinfo=timezone.utc)

@@ -16,7 +16,8 @@ from meddx.config import EhrConfig, IngestConfig
 from meddx.errors import ConfigError, IngestError, NotFittedError
 from meddx.ingest.base import IngestRequest
 from meddx.ingest.ehr_tensorizer import EhrTensorizer
-from meddx.ingest.fhir import FhirIngestor, declared_version, release_of
+from meddx.ingest.fhir import FhirIngestor
+from meddx.ingest.fhir_versions import declared_version, release_of
 from meddx.ingest.registry import registered_ingestors
 from meddx.ingest.units import convert, to_canonical
 from meddx.records import Modality, PatientRecord, parse_time
