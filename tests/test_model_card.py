@@ -131,7 +131,8 @@ def test_a_folder_without_card_or_summary_loads_and_a_bad_summary_is_refused(tin
     card = card_sections(write_model_card(folder).read_text())
     assert "no training_summary.json" in card["Training data"]
 
-    (folder / TRAINING_SUMMARY_FILE).write_text(json.dumps({"format": "meddx-training-summary/1", "rows": {"train": -1}}))
+    bad = {"format": "meddx-training-summary/1", "rows": {"train": -1}}
+    (folder / TRAINING_SUMMARY_FILE).write_text(json.dumps(bad))
     with pytest.raises(ModelError, match=r"training_summary\.json: rows must map each split"):
         check_model_folder(folder)
     (folder / TRAINING_SUMMARY_FILE).write_text("[1, 2]")
@@ -142,10 +143,12 @@ def test_a_folder_without_card_or_summary_loads_and_a_bad_summary_is_refused(tin
 def test_input_summaries_take_each_readers_facts() -> None:
     notes = [
         ModalityRecord("notes", "n.txt", arrays={"attention_mask": [[1] * k + [0] * (8 - k)]},
-                       events=[Event(None, "note", "n.txt", text="x" * (10 * k))], meta={"n_notes": 1, "truncated": False})
+                       events=[Event(None, "note", "n.txt", text="x" * (10 * k))],
+                       meta={"n_notes": 1, "truncated": False})
         for k in (2, 4, 6)
     ]
-    ct = ModalityRecord("imaging", "ct/", meta={"spacing_mm": [5.0, 0.7, 0.8], "window": [-1000, 1000], "modality": "CT"})
+    ct = ModalityRecord("imaging", "ct/", meta={"spacing_mm": [5.0, 0.7, 0.8], "window": [-1000, 1000],
+                                                "modality": "CT"})
     monitor = ModalityRecord("device_logs", "v.csv", meta={"channels": ["hr", "spo2"], "n_samples": 240,
                                                             "window_hours": 2.0, "step_minutes": 1.0})
     summary = input_summaries([*notes, ct, monitor])

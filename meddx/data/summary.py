@@ -12,7 +12,8 @@ facts each reader puts in ``ModalityRecord.meta`` (and, for notes, their text an
 * notes: notes, characters, tokens, whether they were cut;
 * device_logs: channels, samples per channel and hour in the window, the grid step;
 * audio: sample rate, channels, duration;
-* video: frames per second (from FrameTime), source frames, the intensity window.
+* video: frames per second (a file's announced rate, a DICOM cine's FrameTime), source frames, the
+  intensity window.
 
 A numeric fact is summarised as ``{"n", "min", "p05", "median", "p95", "max"}``; a categorical
 one as ``{"n", "counts": {value: rows}}`` (the 20 most common values). Dates are kept to the
@@ -116,10 +117,10 @@ def record_facts(record: ModalityRecord) -> dict[str, float | str | None]:
             "duration_s": frames / rate if rate and frames is not None else None,
         }
     if modality == Modality.VIDEO:
-        frame_ms = _number(meta.get("frame_time_ms"))
+        frame_ms = _number(meta.get("frame_time_ms"))  # a DICOM cine's FrameTime; a video file's own rate: fps
         low, high = _window(meta)
         return {
-            "fps": 1000.0 / frame_ms if frame_ms else None,
+            "fps": _number(meta.get("fps")) or (1000.0 / frame_ms if frame_ms else None),
             "source_frames": _number(meta.get("n_source_frames")),
             "intensity_low": low,
             "intensity_high": high,
