@@ -68,6 +68,8 @@ def test_finetune_writes_a_card_with_every_section_and_the_folders_figures(tiny_
     audio = summary["inputs"]["audio"]["sample_rate_hz"]
     assert (audio["n"], audio["median"], audio["max"]) == (len(rates), statistics.median(rates), max(rates))
     assert f"| audio | sample_rate_hz | {len(rates)} |" in sections["Training data"]
+    videos = [r for r in cohort.rows if r.split in ("train", "val") and Modality.VIDEO in r.paths]
+    assert summary["inputs"]["video"]["fps"]["n"] == len(videos)  # every sample clip is a file announcing its rate
 
     calibration = json.loads((tiny_model / "calibration.json").read_text())
     threshold = calibration["tasks"]["disease"]["conformal"]["threshold"]
