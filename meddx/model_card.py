@@ -190,13 +190,14 @@ def _stats_cell(stats: dict[str, Any]) -> tuple[str, str, str]:
     if "counts" in stats:
         counts = ", ".join(f"{k}: {v}" for k, v in _dict(stats.get("counts")).items())
         return str(stats.get("n", 0)), counts or "n/a", ""
+    if "distinct" in stats:
+        return str(stats.get("n", 0)), f"{stats['distinct']} distinct values", ""
     if not stats.get("n"):
         return "0", "n/a", ""
-    return (
-        str(stats["n"]),
-        _f(stats.get("median")),
-        f"{_f(stats.get('p05'))} to {_f(stats.get('p95'))} (min {_f(stats.get('min'))}, max {_f(stats.get('max'))})",
-    )
+    spread = f"{_f(stats.get('p05'))} to {_f(stats.get('p95'))}"
+    if "min" in stats and "max" in stats:
+        spread += f" (min {_f(stats.get('min'))}, max {_f(stats.get('max'))})"
+    return str(stats["n"]), _f(stats.get("median")), spread
 
 
 def input_table(inputs: dict[str, Any], other: dict[str, Any] | None = None, names: tuple[str, str] = ("", "")) -> str:
@@ -435,7 +436,10 @@ def _known_limits(summary: dict[str, Any], ood: Any) -> str:
         limits.append(f"Index times span {months.get('first')} to {months.get('last')}; later practice may differ.")
     age = _dict(_dict(_dict(summary.get("inputs")).get("ehr")).get("age_years"))
     if age.get("n"):
-        limits.append(f"Ages seen (from the EHR): {_f(age.get('min'), 0)} to {_f(age.get('max'), 0)} years.")
+        limits.append(
+            f"Ages (from the EHR) mostly {_f(age.get('p05'), 0)} to {_f(age.get('p95'), 0)} years (5th to 95th "
+            "percentile); younger or older patients are outside what it saw."
+        )
     if not isinstance(ood, dict):
         limits.append("No out-of-distribution thresholds: unusual rows are not flagged.")
     return "## Known limits\n\n" + "\n".join(f"- {line}" for line in limits) + "\n"

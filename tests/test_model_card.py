@@ -59,6 +59,8 @@ def test_finetune_writes_a_card_with_every_section_and_the_folders_figures(tiny_
         for modality in (Modality.IMAGING, Modality.DEVICE_LOGS, Modality.AUDIO, Modality.VIDEO):
             assert summary["modalities"][split][modality.value] == sum(modality in r.paths for r in rows)
     assert summary["subgroups"]["sex"]["counts"] == dict(Counter(r.extras["sex"] for r in cohort.rows))
+    ages = summary["subgroups"]["age"]  # many distinct numbers: percentiles only, never one patient's age
+    assert "min" not in ages and ages["median"] == statistics.median(float(r.extras["age"]) for r in cohort.rows)
     assert summary["sites"] is None and "no `site` column" in sections["Known limits"]
     rates = [
         soundfile.info(str(r.paths[Modality.AUDIO])).samplerate
@@ -153,11 +155,14 @@ def test_input_summaries_take_each_readers_facts() -> None:
                                                 "modality": "CT"})
     monitor = ModalityRecord("device_logs", "v.csv", meta={"channels": ["hr", "spo2"], "n_samples": 240,
                                                             "window_hours": 2.0, "step_minutes": 1.0})
-    summary = input_summaries([*notes, ct, monitor])
+    ehr = [ModalityRecord("ehr", "e.json", meta={"age_years": age, "sex": "female"}) for age in (30, 50, 97)]
+    summary = input_summaries([*notes, ct, monitor, *ehr])
+    assert set(summary["ehr"]["age_years"]) == {"n", "p05", "median", "p95"}  # no one patient's own age
+    assert summary["ehr"]["age_years"]["median"] == 50
     assert summary["notes"]["tokens"]["median"] == 4 and summary["notes"]["characters"]["max"] == 60
     assert summary["notes"]["truncated"]["counts"] == {"false": 3}
     assert summary["imaging"]["slice_spacing_mm"]["median"] == 5.0
     assert summary["imaging"]["pixel_spacing_mm"]["median"] == pytest.approx(0.75)
     assert summary["imaging"]["dicom_modality"]["counts"] == {"CT": 1}
     assert summary["device_logs"]["samples_per_channel_hour"]["median"] == 60.0
-    assert list(summary) == ["imaging", "notes", "device_logs"]  # the fixed modality order
+    assert list(summary) == ["imaging", "ehr", "notes", "device_logs"]  # the fixed modality order

@@ -15,9 +15,11 @@ facts each reader puts in ``ModalityRecord.meta`` (and, for notes, their text an
 * video: frames per second (a file's announced rate, a DICOM cine's FrameTime), source frames, the
   intensity window.
 
-A numeric fact is summarised as ``{"n", "min", "p05", "median", "p95", "max"}``; a categorical
-one as ``{"n", "counts": {value: rows}}`` (the 20 most common values). Dates are kept to the
-month and nothing names a patient: the summary is meant to be shared with the model.
+A numeric fact is summarised as ``{"n", "min", "p05", "median", "p95", "max"}`` (ages and the
+manifest's numeric columns without ``min`` and ``max``: one patient's own value); a categorical
+one as ``{"n", "counts": {value: rows}}`` (the 20 most common values; a manifest column with more
+distinct texts only as how many). Dates are kept to the month and nothing names a patient: the
+summary is meant to be shared with the model.
 
 Example:
     >>> from meddx.records import ModalityRecord
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
     from meddx.data.index import CohortIndex
 
 MAX_CATEGORIES = 20  # a column with more distinct values is not a subgroup column (or only its top ones are shown)
+PERSONAL_FACTS = ("age_years",)  # summarised without their extremes (numeric_summary)
 SPLITS = ("train", "val", "test")
 
 
@@ -128,12 +131,18 @@ def record_facts(record: ModalityRecord) -> dict[str, float | str | None]:
     return {}
 
 
-def numeric_summary(values: Iterable[float]) -> dict[str, float | int]:
-    """``{"n", "min", "p05", "median", "p95", "max"}`` of finite values (``{"n": 0}`` when none)."""
+def numeric_summary(values: Iterable[float], extremes: bool = True) -> dict[str, float | int]:
+    """``{"n", "min", "p05", "median", "p95", "max"}`` of finite values (``{"n": 0}`` when none).
+
+    ``extremes=False`` leaves out ``min`` and ``max``: one row's own value (an age of 97, an
+    identifier) is not for a shared summary.
+    """
     array = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
     if not len(array):
         return {"n": 0}
     p05, median, p95 = np.percentile(array, [5, 50, 95])
+    if not extremes:
+        return {"n": len(array), "p05": float(p05), "median": float(median), "p95": float(p95)}
     return {
         "n": len(array),
         "min": float(array.min()),
@@ -158,7 +167,8 @@ def _summarise(facts: list[dict[str, float | str | None]]) -> dict[str, Any]:
         if values and all(isinstance(v, str) for v in values):
             summary[name] = category_summary(values)  # type: ignore[arg-type]
         else:
-            summary[name] = numeric_summary(v for v in values if isinstance(v, float))
+            numbers = (v for v in values if isinstance(v, float))
+            summary[name] = numeric_summary(numbers, extremes=name not in PERSONAL_FACTS)
     return summary
 
 
@@ -186,12 +196,17 @@ def cached_records(cache: RecordCache, keys: Iterable[tuple[str, str]]) -> Itera
 
 
 def _column_summary(values: list[str]) -> dict[str, Any]:
-    """A manifest column: numeric when every filled cell is a number with many values, else categories."""
+    """A manifest column: percentiles when every filled cell is a number and there are many values,
+    counts per value when there are few; a column of many distinct texts (names, free text) only
+    says how many it has, never which (it would name patients)."""
     filled = [v for v in values if v not in ("", None)]
+    missing = len(values) - len(filled)
     numbers = [_number(_float(v)) for v in filled]
-    if filled and all(n is not None for n in numbers) and len(set(filled)) > MAX_CATEGORIES:
-        return {**numeric_summary(numbers), "missing": len(values) - len(filled)}  # type: ignore[arg-type]
-    return {**category_summary(str(v) for v in filled), "missing": len(values) - len(filled)}
+    if len(set(filled)) <= MAX_CATEGORIES:
+        return {**category_summary(str(v) for v in filled), "missing": missing}
+    if all(n is not None for n in numbers):
+        return {**numeric_summary(numbers, extremes=False), "missing": missing}  # type: ignore[arg-type]
+    return {"n": len(filled), "distinct": len(set(filled)), "missing": missing}
 
 
 def _float(value: Any) -> float | None:
