@@ -166,3 +166,27 @@ def test_input_summaries_take_each_readers_facts() -> None:
     assert summary["imaging"]["dicom_modality"]["counts"] == {"CT": 1}
     assert summary["device_logs"]["samples_per_channel_hour"]["median"] == 60.0
     assert list(summary) == ["imaging", "ehr", "notes", "device_logs"]  # the fixed modality order
+
+
+def test_the_summary_counts_sites_and_keeps_dates_to_the_month(sample_cache: Path, tmp_path: Path) -> None:
+    import pandas as pd
+
+    from meddx.cache import RecordCache
+    from meddx.data import prepare_cohort
+    from meddx.data.summary import cohort_summary
+
+    table = pd.read_csv(SAMPLE_MANIFEST, dtype=str, keep_default_na=False)
+    for column in ("imaging", "ehr", "notes", "device_logs", "audio", "video"):
+        table[column] = [str(SAMPLE_MANIFEST.parent / v) if v else "" for v in table[column]]
+    table["site"] = ["north" if i % 3 else "south" for i in range(len(table))]
+    table.to_csv(tmp_path / "manifest.csv", index=False)
+    prepared = prepare_cohort(tmp_path / "manifest.csv", cache_dir=sample_cache, workers=0, progress=False)
+    summary = cohort_summary(prepared.dataset().index, RecordCache(sample_cache), ["disease"])
+    for split in ("train", "val", "test"):
+        expected = Counter(table.site[table.split == split])
+        assert summary["sites"][split] == dict(expected)
+    assert "site" not in summary["subgroups"]  # shown as sites, not again as a subgroup
+    months = sorted(t[:7] for t in table.index_time)
+    assert summary["index_months"] == {"first": months[0], "last": months[-1]}
+    assert not any(t in json.dumps(summary) for t in table.index_time)  # no row's own time
+    assert not any(p in json.dumps(summary) for p in table.patient_id)
