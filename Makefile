@@ -23,7 +23,7 @@ QUICK_MARKERS := not slow and not pacs and not ray and not notebooks
 # repository root: they read sample_data/ and tests/data/). A module whose examples all run belongs here.
 DOCTEST_MODULES := meddx/__init__.py meddx/align.py meddx/arguments.py meddx/batch/engines/local.py \
 	meddx/batch/options.py meddx/cache.py meddx/calibration.py meddx/cli_options.py meddx/cohort.py \
-	meddx/config.py meddx/config_files.py meddx/data/__init__.py meddx/data/dataset.py \
+	meddx/config.py meddx/config_files.py meddx/data/__init__.py meddx/data/dataset.py meddx/data/summary.py \
 	meddx/data/index.py meddx/data/prefetch.py meddx/data/store.py meddx/dicom_times.py \
 	meddx/dicomweb/client.py meddx/dicomweb/guard.py meddx/dicomweb/multipart.py meddx/dicomweb/query.py \
 	meddx/dicomweb/ref.py meddx/dicomweb/store.py meddx/errors.py meddx/evaluate.py meddx/export/fhir.py \

@@ -57,6 +57,7 @@ def test_clip_gives_the_configured_shapes(tmp_path: Path, suffix: str) -> None:
     assert mask.dtype == bool and mask.all()
     assert 0.0 <= frames.min() and frames.max() <= 1.0 and frames.std() > 0.05
     assert record.time is None and record.meta["n_source_frames"] == 24
+    assert record.meta["fps"] == pytest.approx(12.0)  # write_pulse_video's rate, as the container announces it
 
     config = IngestConfig(video=VideoConfig(n_frames=6, size=(32, 40), color="rgb"))
     rgb = read(path, config)

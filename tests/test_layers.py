@@ -71,6 +71,7 @@ LAYERS: dict[str, int] = {
             "meddx.batch",
             "meddx.export",
             "meddx.synth",
+            "meddx.model_card",
         ),
         5,
     ),

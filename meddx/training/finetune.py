@@ -209,10 +209,19 @@ def finetune(
         }
         if out_dir is not None and ranks.is_main:
             model.save_pretrained(out_dir)
+            _describe(out_dir, train, cache_dir, chosen)
     finally:
         teardown_distributed(ranks)
     model.eval()
     return model
+
+
+def _describe(out_dir: str | Path, train: Any, cache_dir: str | Path | None, tasks: dict[str, TaskSpec]) -> None:
+    """training_summary.json and the model card README.md (meddx.model_card)."""
+    from meddx.cache import default_cache_dir
+    from meddx.model_card import describe_training
+
+    describe_training(out_dir, train.index, default_cache_dir(cache_dir), tasks)
 
 
 def _chosen_tasks(cohort: Cohort, tasks: Sequence[str] | None) -> dict[str, TaskSpec]:
