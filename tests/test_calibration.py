@@ -100,11 +100,23 @@ def test_calibrators_refuse_bad_input_and_use_before_fit() -> None:
 
 def test_availability_groups_from_masks_counts_mappings_and_functions() -> None:
     mask = np.array([[1, 1, 1], [1, 0, 1], [0, 0, 1], [0, 0, 0]], bool)
-    assert availability_groups(mask).tolist() == ["all present", "one missing", "two or more missing", "two or more missing"]
+    assert availability_groups(mask).tolist() == [
+        "all present",
+        "one missing",
+        "two or more missing",
+        "two or more missing",
+    ]
     assert availability_groups(np.array([0, 1, 2, 3])).tolist() == availability_groups(mask).tolist()
-    assert availability_groups(np.array([0, 1, 4]), {0: "full", 1: "partial"}).tolist() == ["full", "partial", "partial"]
+    assert availability_groups(np.array([0, 1, 4]), {0: "full", 1: "partial"}).tolist() == [
+        "full",
+        "partial",
+        "partial",
+    ]
     assert availability_groups(mask, lambda m: np.where(m[:, 0], "imaging", "no imaging")).tolist() == [
-        "imaging", "imaging", "no imaging", "no imaging"
+        "imaging",
+        "imaging",
+        "no imaging",
+        "no imaging",
     ]
     assert availability_groups(np.array(["a", "b"])).tolist() == ["a", "b"]
     with pytest.raises(ConfigError, match="key 0"):

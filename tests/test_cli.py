@@ -45,7 +45,17 @@ def test_record_warnings_go_to_the_runs_own_folder_also_from_the_cache(tmp_path:
     runner = CliRunner()
     outputs = {}
     for run in ("first", "second"):  # the second run finds every record in the shared cache
-        args = ["ingest", str(manifest), "--cache", str(cache), "--out", str(tmp_path / run), "--workers", "0", "--quiet"]
+        args = [
+            "ingest",
+            str(manifest),
+            "--cache",
+            str(cache),
+            "--out",
+            str(tmp_path / run),
+            "--workers",
+            "0",
+            "--quiet",
+        ]
         result = runner.invoke(main, args)
         assert result.exit_code == 0, result.output
         outputs[run] = pd.read_csv(tmp_path / run / "warnings.csv")
@@ -74,8 +84,19 @@ def test_ingest_config_file_sets_the_shapes(tmp_path: Path) -> None:
     config = tmp_path / "ingest.yaml"
     config.write_text("audio:\n  duration_s: 1.0\n  n_mels: 16\nvideo:\n  n_frames: 4\n  size: [16, 16]\n")
     run = tmp_path / "run"
-    args = ["ingest", str(manifest), "--cache", str(tmp_path / "cache"), "--config", str(config), "--out", str(run),
-            "--workers", "0", "--quiet"]
+    args = [
+        "ingest",
+        str(manifest),
+        "--cache",
+        str(tmp_path / "cache"),
+        "--config",
+        str(config),
+        "--out",
+        str(run),
+        "--workers",
+        "0",
+        "--quiet",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     used = IngestConfig.model_validate_json((run / "ingest_config.json").read_text())
@@ -103,7 +124,18 @@ def test_an_unusable_config_stops_ingest_before_any_work(tmp_path: Path, text: s
     config = tmp_path / "ingest.yaml"
     config.write_text(text)
     cache, run = tmp_path / "cache", tmp_path / "run"
-    args = ["ingest", str(manifest), "--cache", str(cache), "--config", str(config), "--out", str(run), "--workers", "0"]
+    args = [
+        "ingest",
+        str(manifest),
+        "--cache",
+        str(cache),
+        "--config",
+        str(config),
+        "--out",
+        str(run),
+        "--workers",
+        "0",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2, result.output
     assert says in result.output
@@ -167,8 +199,11 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     # the summary says what was trained on how many rows, the figure with its interval, and what it means
     assert "trained: a new backbone, trained from scratch end to end" in result.output
     assert "on the 36 labelled training rows" in result.output and "calibrated on 12 validation rows" in result.output
-    assert re.search(r"test split, disease: AUROC [01]\.\d{3} \(95% bootstrap interval [01]\.\d{3}-[01]\.\d{3}\), "
-                     r"n 12 rows", result.output)
+    assert re.search(
+        r"test split, disease: AUROC [01]\.\d{3} \(95% bootstrap interval [01]\.\d{3}-[01]\.\d{3}\), "
+        r"n 12 rows",
+        result.output,
+    )
     assert "what it means: AUROC is the chance" in result.output
     assert f"report: {out / 'evaluation' / 'report.html'}" in result.output
     assert re.search(r"demo time: \d+ s", result.output.strip().splitlines()[-1])
@@ -187,8 +222,18 @@ def test_a_killed_ingest_leaves_no_worker_behind(tmp_path: Path) -> None:
     """Workers hold both ends of their task queue; without a parent watch they would wait forever."""
     manifest = generate_cohort(tmp_path / "cohort", n_patients=6, seed=5)
     cache = tmp_path / "cache"
-    args = [sys.executable, "-m", "meddx.cli", "ingest", str(manifest), "--cache", str(cache), "--workers", "2",
-            "--quiet"]
+    args = [
+        sys.executable,
+        "-m",
+        "meddx.cli",
+        "ingest",
+        str(manifest),
+        "--cache",
+        str(cache),
+        "--workers",
+        "2",
+        "--quiet",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
     deadline = time.monotonic() + 600  # the bounds here are only reached by a hang

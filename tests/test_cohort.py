@@ -109,7 +109,9 @@ def test_one_class_multiclass_task_is_refused(folder: Path) -> None:
 def test_absolute_paths_may_point_anywhere(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     elsewhere = tmp_path_factory.mktemp("elsewhere") / "lung.wav"
     elsewhere.write_bytes(b"RIFF")
-    path = write(folder, f"p1,2024-03-05T14:00:00Z,train,,{elsewhere},1,mild,F\np2,2024-03-05T14:00:00Z,train,,,0,severe,F\n")
+    path = write(
+        folder, f"p1,2024-03-05T14:00:00Z,train,,{elsewhere},1,mild,F\np2,2024-03-05T14:00:00Z,train,,,0,severe,F\n"
+    )
     assert load_cohort(path).rows[0].paths[Modality.AUDIO] == elsewhere
 
 
@@ -170,7 +172,9 @@ def test_an_index_time_pandas_cannot_hold_fails_in_validate(folder: Path, when: 
 
 def test_integer_coded_grades_are_a_multiclass_task(folder: Path) -> None:
     body = "".join(f"p{g}{k},2024-03-05T14:00:00Z,train,,,{g},,F\n" for g in (4, 0, 2, 1, 3, 10) for k in "ab")
-    cohort = load_cohort(write(folder, body, header="patient_id,index_time,split,imaging,audio,label:grade,label:stage,sex\n"))
+    cohort = load_cohort(
+        write(folder, body, header="patient_id,index_time,split,imaging,audio,label:grade,label:stage,sex\n")
+    )
     grade = cohort.tasks["grade"]
     assert grade.kind == "multiclass" and grade.classes == ("0", "1", "2", "3", "4", "10")  # numeric order
     assert cohort.rows[0].labels["grade"] == "4"

@@ -37,8 +37,12 @@ def write_cohort(folder: Path) -> Path:
     rows["label:stage"] = [STAGES[i % 3] for i in range(len(rows))]
     (folder / "broken.wav").write_bytes(b"RIFF\x00\x00not really a wave file")
     broken = {c: "" for c in rows.columns} | {
-        "patient_id": "X0001", "index_time": "2024-06-01T00:00:00Z", "split": "train", "audio": "broken.wav",
-        "sex": "F", "age": "50",
+        "patient_id": "X0001",
+        "index_time": "2024-06-01T00:00:00Z",
+        "split": "train",
+        "audio": "broken.wav",
+        "sex": "F",
+        "age": "50",
     }
     rows = pd.concat([rows, pd.DataFrame([broken])], ignore_index=True)
     manifest = folder / "manifest.csv"

@@ -41,8 +41,23 @@ def _sample_rows() -> pd.DataFrame:
 @pytest.mark.slow
 def test_cli_diagnoses_the_test_split_of_sample_data(tmp_path: Path, tiny_model: Path, sample_cache: Path) -> None:
     out = tmp_path / "run"
-    args = ["diagnose", str(SAMPLE_MANIFEST), "--model", str(tiny_model), "--out", str(out), "--split", "test",
-            "--cache", str(sample_cache), "--workers", "2", "--chunk-size", "5", "--quiet"]
+    args = [
+        "diagnose",
+        str(SAMPLE_MANIFEST),
+        "--model",
+        str(tiny_model),
+        "--out",
+        str(out),
+        "--split",
+        "test",
+        "--cache",
+        str(sample_cache),
+        "--workers",
+        "2",
+        "--chunk-size",
+        "5",
+        "--quiet",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "diagnosed 12 of 12 rows" in result.output and "12 FHIR RiskAssessments" in result.output
@@ -75,22 +90,36 @@ def test_cli_diagnoses_the_test_split_of_sample_data(tmp_path: Path, tiny_model:
     assert list(pd.read_csv(out / "errors.csv").columns) == ["patient_id", "index_time", "modality", "path", "error"]
 
     # what `meddx evaluate` reads
-    evaluated = CliRunner().invoke(main, ["evaluate", str(out / "predictions.parquet"), "--manifest",
-                                          str(SAMPLE_MANIFEST), "--out", str(tmp_path / "eval"), "--bootstrap", "0"])
+    evaluated = CliRunner().invoke(
+        main,
+        [
+            "evaluate",
+            str(out / "predictions.parquet"),
+            "--manifest",
+            str(SAMPLE_MANIFEST),
+            "--out",
+            str(tmp_path / "eval"),
+            "--bootstrap",
+            "0",
+        ],
+    )
     assert evaluated.exit_code == 0, evaluated.output
     assert (tmp_path / "eval" / "report.html").is_file()
 
 
-def test_every_risk_assessment_validates_and_names_no_one(tmp_path: Path, tiny_model: Path,
-                                                           sample_cache: Path) -> None:
-    result = diagnose(SAMPLE_MANIFEST, tiny_model, tmp_path / "run", split="test", cache_dir=sample_cache,
-                      workers=0, progress=False)
+def test_every_risk_assessment_validates_and_names_no_one(tmp_path: Path, tiny_model: Path, sample_cache: Path) -> None:
+    result = diagnose(
+        SAMPLE_MANIFEST, tiny_model, tmp_path / "run", split="test", cache_dir=sample_cache, workers=0, progress=False
+    )
     frame = pd.read_parquet(result.predictions)
     lines = result.risk_assessments.read_text().splitlines()
     assert len(lines) == (frame.status == "ok").sum() == 12
     sha256 = json.loads(result.run.read_text())["model"]["sha256"]
-    birth_dates = {json.loads((SAMPLE_MANIFEST.parent / p).read_text())["entry"][0]["resource"].get("birthDate")
-                   for p in _sample_rows().query("split == 'test'").ehr if p}
+    birth_dates = {
+        json.loads((SAMPLE_MANIFEST.parent / p).read_text())["entry"][0]["resource"].get("birthDate")
+        for p in _sample_rows().query("split == 'test'").ehr
+        if p
+    }
     for line, (_, row) in zip(lines, frame.iterrows(), strict=True):
         resource = RiskAssessment.model_validate_json(line)
         assert resource.subject.identifier.value == row.patient_id
@@ -125,10 +154,12 @@ def test_a_broken_file_fails_one_modality_and_a_row_without_inputs_is_one_error_
     damaged_rows.loc[all_bad, "audio"] = str(broken_wav)
     damaged_rows.to_csv(damaged, index=False)
 
-    reference = pd.read_parquet(diagnose(clean, tiny_model, tmp_path / "a", cache_dir=sample_cache, workers=1,
-                                         progress=False).predictions)
-    result = diagnose(damaged, tiny_model, tmp_path / "b", cache_dir=sample_cache, workers=1, chunk_size=2,
-                      progress=False)
+    reference = pd.read_parquet(
+        diagnose(clean, tiny_model, tmp_path / "a", cache_dir=sample_cache, workers=1, progress=False).predictions
+    )
+    result = diagnose(
+        damaged, tiny_model, tmp_path / "b", cache_dir=sample_cache, workers=1, chunk_size=2, progress=False
+    )
     frame = pd.read_parquet(result.predictions)
     assert len(frame) == 5 and list(frame.patient_id) == list(rows.patient_id)
 
@@ -141,9 +172,12 @@ def test_a_broken_file_fails_one_modality_and_a_row_without_inputs_is_one_error_
     assert set(partial.modalities.split("|")) == set(reference.iloc[one_bad].modalities.split("|")) - {"audio"}
 
     others = [i for i in range(5) if i not in (one_bad, all_bad)]
-    pd.testing.assert_frame_equal(frame.iloc[others].reset_index(drop=True),
-                                  reference.iloc[others].reset_index(drop=True)[frame.columns], check_dtype=False,
-                                  atol=1e-5)  # batches differ: float32 sums in another order
+    pd.testing.assert_frame_equal(
+        frame.iloc[others].reset_index(drop=True),
+        reference.iloc[others].reset_index(drop=True)[frame.columns],
+        check_dtype=False,
+        atol=1e-5,
+    )  # batches differ: float32 sums in another order
     assert not (frame.iloc[others].modality_errors != "").any()
 
     errors = pd.read_csv(result.errors, dtype=str, keep_default_na=False)
@@ -165,13 +199,30 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_a_run_killed_midway_finishes_with_resume_and_every_row_once(tmp_path: Path, tiny_model: Path,
-                                                                     sample_cache: Path) -> None:
+def test_a_run_killed_midway_finishes_with_resume_and_every_row_once(
+    tmp_path: Path, tiny_model: Path, sample_cache: Path
+) -> None:
     rows = _sample_rows().query("split == 'test'").head(8)
     manifest = _absolute_manifest(rows, tmp_path / "cohort" / "manifest.csv")
     out, cold_cache = tmp_path / "run", tmp_path / "cold-cache"  # a cold cache: each chunk takes a while
-    args = [sys.executable, "-m", "meddx.cli", "diagnose", str(manifest), "--model", str(tiny_model), "--out",
-            str(out), "--cache", str(cold_cache), "--workers", "1", "--chunk-size", "2", "--quiet"]
+    args = [
+        sys.executable,
+        "-m",
+        "meddx.cli",
+        "diagnose",
+        str(manifest),
+        "--model",
+        str(tiny_model),
+        "--out",
+        str(out),
+        "--cache",
+        str(cold_cache),
+        "--workers",
+        "1",
+        "--chunk-size",
+        "2",
+        "--quiet",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 600  # the bounds here are only reached by a hang
@@ -199,8 +250,9 @@ def test_a_run_killed_midway_finishes_with_resume_and_every_row_once(tmp_path: P
     assert len((out / "risk_assessments.ndjson").read_text().splitlines()) == 8
 
     # the same as a run that was never killed
-    reference = pd.read_parquet(diagnose(manifest, tiny_model, tmp_path / "whole", cache_dir=cold_cache, workers=0,
-                                         progress=False).predictions)
+    reference = pd.read_parquet(
+        diagnose(manifest, tiny_model, tmp_path / "whole", cache_dir=cold_cache, workers=0, progress=False).predictions
+    )
     pd.testing.assert_frame_equal(frame, reference, atol=1e-5)
 
     again = CliRunner().invoke(main, args[3:] + ["--resume"])  # finished: nothing to do
@@ -211,19 +263,45 @@ def test_resume_refuses_a_run_of_another_model_or_split(tmp_path: Path, tiny_mod
     out = tmp_path / "run"
     (out / "parts").mkdir(parents=True)
     (out / "parts" / "plan.json").write_text(json.dumps({"format": "meddx-diagnose-run/1", "split": "val"}))
-    args = ["diagnose", str(SAMPLE_MANIFEST), "--model", str(tiny_model), "--out", str(out), "--split", "test",
-            "--cache", str(sample_cache), "--workers", "0", "--resume", "--quiet"]
+    args = [
+        "diagnose",
+        str(SAMPLE_MANIFEST),
+        "--model",
+        str(tiny_model),
+        "--out",
+        str(out),
+        "--split",
+        "test",
+        "--cache",
+        str(sample_cache),
+        "--workers",
+        "0",
+        "--resume",
+        "--quiet",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and "--resume" in result.output and "split" in result.output
 
 
 def test_bad_arguments_are_refused_before_any_work(tmp_path: Path, tiny_model: Path) -> None:
     runner = CliRunner()
-    result = runner.invoke(main, ["diagnose", str(SAMPLE_MANIFEST), "--model", str(tiny_model), "--out",
-                                  str(tmp_path / "a"), "--split", "holdout"])
+    result = runner.invoke(
+        main,
+        [
+            "diagnose",
+            str(SAMPLE_MANIFEST),
+            "--model",
+            str(tiny_model),
+            "--out",
+            str(tmp_path / "a"),
+            "--split",
+            "holdout",
+        ],
+    )
     assert result.exit_code == 2 and "no rows of split 'holdout'" in result.output
-    result = runner.invoke(main, ["diagnose", str(SAMPLE_MANIFEST), "--model", str(tmp_path), "--out",
-                                  str(tmp_path / "b")])
+    result = runner.invoke(
+        main, ["diagnose", str(SAMPLE_MANIFEST), "--model", str(tmp_path), "--out", str(tmp_path / "b")]
+    )
     assert result.exit_code == 2 and "--model" in result.output and "model.safetensors" in result.output
 
 

@@ -139,7 +139,9 @@ def test_a_40_mb_note_is_refused_before_reading_under_a_memory_limit(tmp_path: P
 )
 def test_each_modality_refuses_a_file_over_its_configured_size(modality: str, path: Path, config: IngestConfig) -> None:
     reader = build_ingestors(config)[Modality(modality)]
-    with pytest.raises(IngestError, match=rf"over the .* MB limit for {modality} files.*{modality}\.max_file_mb") as caught:
+    with pytest.raises(
+        IngestError, match=rf"over the .* MB limit for {modality} files.*{modality}\.max_file_mb"
+    ) as caught:
         reader.read(IngestRequest("P0001", parse_time(P1_INDEX), {Modality(modality): path}))
     refused = Path(caught.value.path)
     assert refused == path or refused.parent == path  # the file itself, or the file of the series folder
@@ -185,10 +187,22 @@ def test_a_series_folder_with_another_patients_series_is_an_error(tmp_path: Path
 def test_two_series_sharing_a_series_uid_are_not_merged(tmp_path: Path, differs_in: str) -> None:
     folder = tmp_path / "ct"
     acquired = parse_time("2024-03-05T09:00:00Z")
-    first = write_ct_series(folder / "first", severity=1.0, rng=np.random.default_rng(1), acquisition_time=acquired,
-                            patient_id="P0001", n_slices=10)
-    second = write_ct_series(folder / "second", severity=1.0, rng=np.random.default_rng(2), acquisition_time=acquired,
-                             patient_id="P0001", n_slices=6)
+    first = write_ct_series(
+        folder / "first",
+        severity=1.0,
+        rng=np.random.default_rng(1),
+        acquisition_time=acquired,
+        patient_id="P0001",
+        n_slices=10,
+    )
+    second = write_ct_series(
+        folder / "second",
+        severity=1.0,
+        rng=np.random.default_rng(2),
+        acquisition_time=acquired,
+        patient_id="P0001",
+        n_slices=6,
+    )
     shared_uid = str(pydicom.dcmread(first[0]).SeriesInstanceUID)
     other = pydicom.uid.generate_uid()
     for file in second:
@@ -196,8 +210,9 @@ def test_two_series_sharing_a_series_uid_are_not_merged(tmp_path: Path, differs_
         ds.SeriesInstanceUID = shared_uid  # the same UID in another study / frame of reference
         setattr(ds, differs_in, other)
         ds.save_as(file)
-    record = ImagingIngestor().read(IngestRequest("P0001", parse_time("2100-01-01T00:00:00Z"),
-                                                  {Modality.IMAGING: folder}))
+    record = ImagingIngestor().read(
+        IngestRequest("P0001", parse_time("2100-01-01T00:00:00Z"), {Modality.IMAGING: folder})
+    )
     assert record.meta["n_series"] == 2 and record.meta["n_slices"] == 10  # the 10-slice series alone
     assert record.meta["series_uid"] == shared_uid
     assert any("kept apart, not merged" in w for w in record.warnings)
@@ -282,8 +297,10 @@ def test_the_ehr_tensorizer_masks_non_finite_and_implausible_values_itself() -> 
     glucose = "http://loinc.org|2345-7"
 
     def record(values: list[float]) -> ModalityRecord:
-        events = [Event(parse_time(f"2024-03-0{d + 1}T08:00:00Z"), "observation", glucose, value=v, unit="mg/dL")
-                  for d, v in enumerate(values)]
+        events = [
+            Event(parse_time(f"2024-03-0{d + 1}T08:00:00Z"), "observation", glucose, value=v, unit="mg/dL")
+            for d, v in enumerate(values)
+        ]
         return ModalityRecord(Modality.EHR, "hand-made", events=events, meta={"index_time": index.isoformat()})
 
     train = [record([90.0, 110.0]), record([100.0, float("inf")]), record([95.0, 1e308]), record([105.0, -40.0])]
@@ -319,9 +336,14 @@ def test_multichannel_audio_mixes_down_block_by_block_to_the_channel_mean(tmp_pa
 def test_an_index_time_pandas_cannot_hold_is_a_typed_error_in_every_reader(index_time: str) -> None:
     when = parse_time(index_time)
     readers = build_ingestors(SMALL_NOTES)
-    paths = {Modality.IMAGING: P1 / "ct", Modality.EHR: P1 / "ehr.json", Modality.NOTES: P1 / "note.txt",
-             Modality.AUDIO: P1 / "lung_sound.wav", Modality.VIDEO: P1 / "echo.mp4",
-             Modality.DEVICE_LOGS: P2 / "vitals.csv"}
+    paths = {
+        Modality.IMAGING: P1 / "ct",
+        Modality.EHR: P1 / "ehr.json",
+        Modality.NOTES: P1 / "note.txt",
+        Modality.AUDIO: P1 / "lung_sound.wav",
+        Modality.VIDEO: P1 / "echo.mp4",
+        Modality.DEVICE_LOGS: P2 / "vitals.csv",
+    }
     for modality, reader in readers.items():
         try:
             reader.read(IngestRequest("P0001", when, {modality: paths[modality]}))
@@ -364,20 +386,32 @@ def test_a_long_note_tokenised_from_a_prefix_equals_the_whole_note(tmp_path: Pat
     note.write_text(" ".join(rng.choice(words, size=60_000)), encoding="utf-8")  # ~100x what 4 chunks need
     record = NotesIngestor(SMALL_NOTES).read(IngestRequest("P0001", parse_time(P1_INDEX), {Modality.NOTES: note}))
     tokenizer = AutoTokenizer.from_pretrained(str(bundled_text_model()), local_files_only=True)
-    whole = tokenizer(note.read_text(encoding="utf-8"), max_length=32, truncation=True, padding="max_length",
-                      return_overflowing_tokens=True)["input_ids"]
+    whole = tokenizer(
+        note.read_text(encoding="utf-8"),
+        max_length=32,
+        truncation=True,
+        padding="max_length",
+        return_overflowing_tokens=True,
+    )["input_ids"]
     np.testing.assert_array_equal(record.arrays["input_ids"], np.asarray(whole[:4]))
     assert record.meta["truncated"]
 
 
 def test_nan_slice_positions_are_called_not_finite_not_missing(tmp_path: Path) -> None:
-    files = write_ct_series(tmp_path / "ct", severity=1.0, rng=np.random.default_rng(4),
-                            acquisition_time=parse_time("2024-03-05T09:00:00Z"), patient_id="P0001", n_slices=6)
+    files = write_ct_series(
+        tmp_path / "ct",
+        severity=1.0,
+        rng=np.random.default_rng(4),
+        acquisition_time=parse_time("2024-03-05T09:00:00Z"),
+        patient_id="P0001",
+        n_slices=6,
+    )
     ds = pydicom.dcmread(files[0])
     ds["ImagePositionPatient"].value = b"NaN\\NaN\\NaN "  # DS bytes as a broken modality writes them
     ds.save_as(files[0])
-    record = ImagingIngestor().read(IngestRequest("P0001", parse_time("2100-01-01T00:00:00Z"),
-                                                  {Modality.IMAGING: tmp_path / "ct"}))
+    record = ImagingIngestor().read(
+        IngestRequest("P0001", parse_time("2100-01-01T00:00:00Z"), {Modality.IMAGING: tmp_path / "ct"})
+    )
     note = next(w for w in record.warnings if "ordered by InstanceNumber" in w)
     assert "1 slice(s) have ImagePositionPatient/ImageOrientationPatient values that are not finite" in note
     assert "lack" not in note
@@ -385,11 +419,13 @@ def test_nan_slice_positions_are_called_not_finite_not_missing(tmp_path: Path) -
 
 def test_timestamps_mixing_epoch_and_iso_name_a_row_of_each_kind(tmp_path: Path) -> None:
     path = tmp_path / "vitals.csv"
-    pd.DataFrame({
-        "timestamp": ["1709647140", "1709647200", "2024-03-05T14:01:00Z", "2024-03-05T14:02:00Z"],
-        "channel": ["heart_rate"] * 4,
-        "value": [80, 81, 82, 83],
-    }).to_csv(path, index=False)
+    pd.DataFrame(
+        {
+            "timestamp": ["1709647140", "1709647200", "2024-03-05T14:01:00Z", "2024-03-05T14:02:00Z"],
+            "channel": ["heart_rate"] * 4,
+            "value": [80, 81, 82, 83],
+        }
+    ).to_csv(path, index=False)
     with pytest.raises(IngestError, match=r"mix epoch seconds \(first in row 1\) and ISO 8601 text \(first in row 3\)"):
         read_device_log(path, parse_time("2024-03-05T15:00:00Z"), DeviceLogConfig())
 

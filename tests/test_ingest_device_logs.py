@@ -111,8 +111,11 @@ def test_rows_after_the_index_time_are_dropped(tmp_path: Path) -> None:
             "minute": [0, 1, 30],
             "channel": ["heart_rate", "heart_rate", "spo2"],
             "value": [300.0, 333.0, 42.0],
-            "time": [pd.Timestamp(INDEX) + timedelta(seconds=1), pd.Timestamp(INDEX) + timedelta(minutes=1),
-                     pd.Timestamp(INDEX) + timedelta(minutes=30)],
+            "time": [
+                pd.Timestamp(INDEX) + timedelta(seconds=1),
+                pd.Timestamp(INDEX) + timedelta(minutes=1),
+                pd.Timestamp(INDEX) + timedelta(minutes=30),
+            ],
         }
     )
     clean = read(write_long(rows, tmp_path / "clean.csv"))
@@ -124,8 +127,13 @@ def test_rows_after_the_index_time_are_dropped(tmp_path: Path) -> None:
 
 
 def test_the_leakage_boundary_is_the_shared_rule(tmp_path: Path) -> None:
-    times = ["2024-03-05T13:59:59.999999Z", "2024-03-05T14:00:00Z", "2024-03-05T15:00:00+01:00",
-             "2024-03-05T14:00:00.000001Z", "2024-03-05T14:00:01Z"]
+    times = [
+        "2024-03-05T13:59:59.999999Z",
+        "2024-03-05T14:00:00Z",
+        "2024-03-05T15:00:00+01:00",
+        "2024-03-05T14:00:00.000001Z",
+        "2024-03-05T14:00:01Z",
+    ]
     lines = ["timestamp,channel,value"] + [f"{t},hr,{60 + i}" for i, t in enumerate(times)]
     (tmp_path / "edge.csv").write_text("\n".join(lines) + "\n")
     record = read(tmp_path / "edge.csv")
@@ -263,9 +271,7 @@ def test_channel_aliases_merge_and_units_convert(tmp_path: Path) -> None:
 
 def test_text_values_are_counted_and_text_columns_ignored(tmp_path: Path) -> None:
     (tmp_path / "wide.csv").write_text(
-        "timestamp,hr,spo2,bed\n"
-        "2024-03-05T13:58:30Z,80,---,B12\n"
-        "2024-03-05T13:59:30Z,81,97,B12\n"
+        "timestamp,hr,spo2,bed\n2024-03-05T13:58:30Z,80,---,B12\n2024-03-05T13:59:30Z,81,97,B12\n"
     )
     record = read(tmp_path / "wide.csv")
     assert record.meta["channels"] == ["heart_rate", "spo2"]
@@ -313,9 +319,12 @@ def test_zone_less_times_are_read_in_the_site_time_zone(tmp_path: Path) -> None:
     request = IngestRequest("p1", index, {Modality.DEVICE_LOGS: tmp_path / "autumn.csv"})
     record = DeviceLogIngestor(IngestConfig(site_timezone="Europe/Berlin")).read(request)
     assert record.time == index
-    assert DeviceLogIngestor(IngestConfig(site_timezone="Europe/Berlin")).read(
-        IngestRequest("p1", index - timedelta(seconds=1), request.paths)
-    ) is None
+    assert (
+        DeviceLogIngestor(IngestConfig(site_timezone="Europe/Berlin")).read(
+            IngestRequest("p1", index - timedelta(seconds=1), request.paths)
+        )
+        is None
+    )
 
 
 # --------------------------------------------------------------------------- bad files

@@ -98,8 +98,13 @@ def test_every_local_pydicom_test_file_gives_a_volume_or_an_ingest_error() -> No
 
 def test_compressed_transfer_syntaxes_match_their_uncompressed_original() -> None:
     reference = read(TEST_FILES / "MR_small.dcm").arrays["volume"]
-    for name in ("MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm",
-                 "MR_small_bigendian.dcm", "MR_small_implicit.dcm"):
+    for name in (
+        "MR_small_RLE.dcm",
+        "MR_small_jp2klossless.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "MR_small_bigendian.dcm",
+        "MR_small_implicit.dcm",
+    ):
         np.testing.assert_allclose(read(TEST_FILES / name).arrays["volume"], reference, atol=1e-6, err_msg=name)
 
 
@@ -303,8 +308,17 @@ def test_series_acquired_after_the_index_time_is_excluded(tmp_path: Path) -> Non
 def _strip_times(path: Path) -> None:
     """Remove every date and time element from a DICOM file (an undated instance)."""
     ds = pydicom.dcmread(path)
-    for keyword in ("StudyDate", "StudyTime", "SeriesDate", "SeriesTime", "AcquisitionDate", "AcquisitionTime",
-                    "ContentDate", "ContentTime", "AcquisitionDateTime"):
+    for keyword in (
+        "StudyDate",
+        "StudyTime",
+        "SeriesDate",
+        "SeriesTime",
+        "AcquisitionDate",
+        "AcquisitionTime",
+        "ContentDate",
+        "ContentTime",
+        "AcquisitionDateTime",
+    ):
         if keyword in ds:
             delattr(ds, keyword)
     ds.save_as(path)
@@ -343,8 +357,12 @@ def test_a_later_series_is_dropped_whole_and_the_rule_picks_among_the_rest(tmp_p
 def _ct_small_at(folder: Path, study_time: str, offset: str | None) -> Path:
     """pydicom's CT_small.dcm, re-dated: the same wall time in its Study/Series/Acquisition fields."""
     ds = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
-    for date_kw, time_kw in (("StudyDate", "StudyTime"), ("SeriesDate", "SeriesTime"),
-                             ("AcquisitionDate", "AcquisitionTime"), ("ContentDate", "ContentTime")):
+    for date_kw, time_kw in (
+        ("StudyDate", "StudyTime"),
+        ("SeriesDate", "SeriesTime"),
+        ("AcquisitionDate", "AcquisitionTime"),
+        ("ContentDate", "ContentTime"),
+    ):
         setattr(ds, date_kw, "20240115")
         setattr(ds, time_kw, study_time)
     if "AcquisitionDateTime" in ds:
@@ -484,8 +502,15 @@ def test_undecodable_transfer_syntax_names_syntax_and_plugins(tmp_path: Path) ->
 
 def test_phi_never_reaches_meta_warnings_or_logs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     folder = tmp_path / "ct"
-    files = write_ct_series(folder, severity=0.5, rng=np.random.default_rng(1), acquisition_time=ACQUIRED,
-                            patient_id="MRN-8675309", patient_name="Quixote^Dulcinea", drop_slice=4)
+    files = write_ct_series(
+        folder,
+        severity=0.5,
+        rng=np.random.default_rng(1),
+        acquisition_time=ACQUIRED,
+        patient_id="MRN-8675309",
+        patient_name="Quixote^Dulcinea",
+        drop_slice=4,
+    )
     for file in files:
         ds = pydicom.dcmread(file)
         ds.PatientBirthDate = "19610704"

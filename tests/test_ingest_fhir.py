@@ -26,9 +26,7 @@ SYNTHEA = Path(__file__).resolve().parent / "data" / "synthea-bulk"
 INDEX = parse_time("2020-01-01T00:00:00Z")
 GEN_INDEX = datetime(2024, 3, 5, 14, tzinfo=timezone.utc)
 DECEASED = {"3af3708d-41f1-cd80-f3dd-ec5ac76072bf"}  # born 1960-04-13, died 1971-10-01
-SMALL = IngestConfig(
-    ehr=EhrConfig(lookback_days=4.0, n_bins=4, n_lab_features=6, max_codes=8, code_vocab_size=16)
-)
+SMALL = IngestConfig(ehr=EhrConfig(lookback_days=4.0, n_bins=4, n_lab_features=6, max_codes=8, code_vocab_size=16))
 
 
 def _patient_ids(folder: Path) -> list[str]:
@@ -492,8 +490,10 @@ def test_a_result_issued_after_the_index_time_is_not_known_at_it(tmp_path: Path)
     path = _bundle(tmp_path, "P1", seed=5)
     bundle = json.loads(path.read_text())
     observations = [
-        e["resource"] for e in bundle["entry"]
-        if e["resource"]["resourceType"] == "Observation" and "post-index" not in json.dumps(e["resource"].get("meta", {}))
+        e["resource"]
+        for e in bundle["entry"]
+        if e["resource"]["resourceType"] == "Observation"
+        and "post-index" not in json.dumps(e["resource"].get("meta", {}))
     ]
     late = observations[0]
     late["effectiveDateTime"] = (GEN_INDEX - timedelta(hours=2)).isoformat()

@@ -126,8 +126,14 @@ def test_document_reference_notes_from_synthea_in_date_order(tmp_path: Path) -> 
 
 def test_post_index_document_reference_is_excluded(reader, tmp_path: Path) -> None:
     bundle = write_fhir_bundle(
-        tmp_path / "b.json", patient_id="P1", severity=1.0, rng=np.random.default_rng(5),
-        index_time=GEN_INDEX, sex="M", age=50, label=1,
+        tmp_path / "b.json",
+        patient_id="P1",
+        severity=1.0,
+        rng=np.random.default_rng(5),
+        index_time=GEN_INDEX,
+        sex="M",
+        age=50,
+        label=1,
     )
     note = write_note(tmp_path / "note.txt", severity=1.0, rng=np.random.default_rng(5))
     record = reader.read(_request({Modality.EHR: bundle, Modality.NOTES: note}))
@@ -143,8 +149,13 @@ def test_post_index_document_reference_is_excluded(reader, tmp_path: Path) -> No
 
 def test_an_ehr_row_without_notes_gives_nothing(reader, tmp_path: Path) -> None:
     bundle = write_fhir_bundle(
-        tmp_path / "b.json", patient_id="P1", severity=0.0, rng=np.random.default_rng(1),
-        index_time=GEN_INDEX, sex="F", age=30,
+        tmp_path / "b.json",
+        patient_id="P1",
+        severity=0.0,
+        rng=np.random.default_rng(1),
+        index_time=GEN_INDEX,
+        sex="F",
+        age=30,
     )
     data = json.loads(bundle.read_text())
     data["entry"] = [e for e in data["entry"] if e["resource"]["resourceType"] != "DocumentReference"]

@@ -62,9 +62,7 @@ def test_clip_gives_the_configured_shapes(tmp_path: Path, suffix: str) -> None:
     rgb = read(path, config)
     assert rgb.arrays["frames"].shape == (6, 3, 32, 40) and rgb.arrays["frame_mask"].all()
     tensorizer = VideoIngestor(config).tensorizer()
-    assert {k: v.shape for k, v in tensorizer.transform(rgb).items()} == {
-        "frames": (6, 3, 32, 40), "frame_mask": (6,)
-    }
+    assert {k: v.shape for k, v in tensorizer.transform(rgb).items()} == {"frames": (6, 3, 32, 40), "frame_mask": (6,)}
 
 
 def test_frames_are_sampled_uniformly_over_the_clip(tmp_path: Path) -> None:
@@ -116,8 +114,12 @@ def test_truncated_mp4_and_bad_files_name_the_file(tmp_path: Path) -> None:
     empty.write_bytes(b"")
     garbage = tmp_path / "noise.avi"
     garbage.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
-    for path, reason in [(cut, "cannot open"), (empty, "empty file"), (garbage, "cannot open"),
-                         (tmp_path / "missing.mp4", "no such file")]:
+    for path, reason in [
+        (cut, "cannot open"),
+        (empty, "empty file"),
+        (garbage, "cannot open"),
+        (tmp_path / "missing.mp4", "no such file"),
+    ]:
         with pytest.raises(IngestError, match=reason) as caught:
             read(path)
         assert caught.value.path == str(path) and caught.value.modality == "video"
@@ -159,8 +161,14 @@ def test_a_cine_is_dated_by_its_last_frame_and_the_site_time_zone(tmp_path: Path
     from pydicom.sequence import Sequence
 
     ds = pydicom.dcmread(CINE)
-    for keyword in ("StudyDate", "StudyTime", "SeriesDate", "SeriesTime", "AcquisitionDateTime",
-                    "TimezoneOffsetFromUTC"):
+    for keyword in (
+        "StudyDate",
+        "StudyTime",
+        "SeriesDate",
+        "SeriesTime",
+        "AcquisitionDateTime",
+        "TimezoneOffsetFromUTC",
+    ):
         if keyword in ds:
             delattr(ds, keyword)
     frames = []

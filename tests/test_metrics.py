@@ -26,7 +26,7 @@ def _binary(rng: np.random.Generator, n: int, rounded: bool = False):
     probabilities = rng.random(n)
     if rounded:  # many ties, as a coarse model gives
         probabilities = np.round(probabilities, 1)
-    labels = (rng.random(n) < probabilities ** 1.5).astype(int)
+    labels = (rng.random(n) < probabilities**1.5).astype(int)
     return labels, probabilities
 
 
@@ -126,7 +126,7 @@ def test_bootstrap_leaves_out_resamples_with_one_class() -> None:
 def test_metric_table_and_groups() -> None:
     rng = np.random.default_rng(6)
     labels, probabilities = _binary(rng, 300)
-    raw = probabilities ** 0.5  # monotone: same ranking, other calibration
+    raw = probabilities**0.5  # monotone: same ranking, other calibration
     sets = np.stack([probabilities < 0.9, probabilities > 0.1], axis=1)
     settings = MetricSettings(n_resamples=50)
     table = metric_table(labels, probabilities, raw, sets, settings)

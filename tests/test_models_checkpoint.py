@@ -51,7 +51,9 @@ def test_the_aligner_is_read_without_building_the_network(saved) -> None:
     """diagnose starts ingesting with it while the network loads; it must be the one the network uses."""
     backbone, folder, batch, aligner = saved
     read = read_aligner(folder)
-    assert read.state_dict() == aligner.state_dict() == FoundationBackbone.from_pretrained(folder).aligner().state_dict()
+    assert (
+        read.state_dict() == aligner.state_dict() == FoundationBackbone.from_pretrained(folder).aligner().state_dict()
+    )
     patient = aligner.transform(fitted_aligner()[1][0])
     again = read.transform(fitted_aligner()[1][0])
     for modality, arrays in patient.tensors.items():

@@ -39,7 +39,9 @@ def test_frozen_chunks_are_computed_once_then_read_from_disk(tmp_path) -> None:
     assert torch.equal(later(arrays).tokens, first.tokens) and not later_calls
     _, more = _notes([1, 3])  # one patient seen, one new: only the new chunks reach the model
     computed = []
-    later.text_model.register_forward_hook(lambda m, a, k, out: computed.append(k["input_ids"].shape[0]), with_kwargs=True)
+    later.text_model.register_forward_hook(
+        lambda m, a, k, out: computed.append(k["input_ids"].shape[0]), with_kwargs=True
+    )
     later(more)
     assert computed and sum(computed) == int(more["chunk_mask"][1].sum())
 

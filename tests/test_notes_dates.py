@@ -129,4 +129,6 @@ def test_a_long_dated_note_gives_each_chunk_its_note(tmp_path: Path) -> None:
     n = record.meta["n_chunks"]
     assert n == 4 and record.meta["chunk_note"][-1] == len(record.events) - 1
     assert record.arrays["chunk_age_hours"][: record.meta["n_chunks"]].tolist()[-1] == pytest.approx(2.0)
-    assert len(record.meta["chunk_note"]) == len(record.arrays["chunk_age_hours"][: record.meta["n_chunks"]].tolist()) == n
+    assert (
+        len(record.meta["chunk_note"]) == len(record.arrays["chunk_age_hours"][: record.meta["n_chunks"]].tolist()) == n
+    )

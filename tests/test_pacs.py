@@ -441,8 +441,22 @@ def test_diagnose_store_sr_puts_one_report_per_prediction_on_the_pacs(
     cells["P3"] = str(studies["P3"].folder)  # images from files: diagnosed, but no SR (not on the PACS)
     manifest = _manifest(tmp_path, cells)
     out = tmp_path / "run"
-    args = ["diagnose", str(manifest), "--model", str(tiny_model), "--out", str(out), "--cache",
-            str(tmp_path / "cache"), "--workers", "0", "--chunk-size", "1", "--store-sr", "--quiet"]
+    args = [
+        "diagnose",
+        str(manifest),
+        "--model",
+        str(tiny_model),
+        "--out",
+        str(out),
+        "--cache",
+        str(tmp_path / "cache"),
+        "--workers",
+        "0",
+        "--chunk-size",
+        "1",
+        "--store-sr",
+        "--quiet",
+    ]
 
     # The run dies after its first chunk (P1's SR stored); --resume must not store P1's again.
     import meddx.batch.run_folder
@@ -503,8 +517,21 @@ def test_store_sr_without_a_server_is_refused_before_any_work(tiny_model: Path, 
     manifest = _manifest(tmp_path, {"P1": "dicomweb:studies/1.2.3"})
     out = tmp_path / "run"
     result = CliRunner().invoke(
-        main, ["diagnose", str(manifest), "--model", str(tiny_model), "--out", str(out), "--cache",
-               str(tmp_path / "cache"), "--workers", "0", "--store-sr", "--quiet"]
+        main,
+        [
+            "diagnose",
+            str(manifest),
+            "--model",
+            str(tiny_model),
+            "--out",
+            str(out),
+            "--cache",
+            str(tmp_path / "cache"),
+            "--workers",
+            "0",
+            "--store-sr",
+            "--quiet",
+        ],
     )
     assert result.exit_code != 0
     assert "MEDDX_DICOMWEB_URL" in result.output

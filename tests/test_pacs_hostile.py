@@ -293,8 +293,22 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         "MEDDX_DICOMWEB_USER": USER,
         "MEDDX_DICOMWEB_PASSWORD": PASSWORD,
     }
-    args = [sys.executable, "-m", "meddx.cli", "ingest", str(root / "manifest.csv"), "--cache", str(root / "cache"),
-            "--config", str(root / "ingest.json"), "--out", str(root / "run"), "--workers", "0", "--quiet"]
+    args = [
+        sys.executable,
+        "-m",
+        "meddx.cli",
+        "ingest",
+        str(root / "manifest.csv"),
+        "--cache",
+        str(root / "cache"),
+        "--config",
+        str(root / "ingest.json"),
+        "--out",
+        str(root / "run"),
+        "--workers",
+        "0",
+        "--quiet",
+    ]
     launcher = [sys.executable, "-c", LAUNCHER, str(root / "maxrss.txt")]
     with open(root / "output.txt", "wb") as output:
         # In a session of its own, so that a hung run is stopped whole (launcher, run, and its workers).

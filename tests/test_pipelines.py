@@ -49,8 +49,13 @@ def test_a_bad_pipeline_is_refused_before_any_work_with_every_problem(tmp_path: 
     out = tmp_path / "run"
     result = CliRunner().invoke(main, ["run", str(bad), "--out", str(out)])
     assert result.exit_code == 2, result.output
-    for says in ("4 problems", "version: Input should be 1", "steps.0.finetune.mode", "steps.1.evaluate.extra",
-                 "steps.2: Input tag 'transmogrify'"):
+    for says in (
+        "4 problems",
+        "version: Input should be 1",
+        "steps.0.finetune.mode",
+        "steps.1.evaluate.extra",
+        "steps.2: Input tag 'transmogrify'",
+    ):
         assert says in result.output
     assert not out.exists()
 
@@ -144,15 +149,33 @@ def test_engine_and_training_choices_reach_the_library(tmp_path: Path, monkeypat
     monkeypatch.setattr(meddx.batch.run, "diagnose", record("diagnose"))
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("patient_id,index_time\np1,2024-01-01T00:00:00Z\n")
-    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump({
-        "version": 1, "name": "choices", "out": str(tmp_path / "run"),
-        "steps": [
-            {"step": "finetune", "manifest": str(manifest), "out": "{out}/model", "mode": "full",
-             "schedule": "constant", "head_input": "summary+modalities"},
-            {"step": "diagnose", "manifest": str(manifest), "model": "{out}/model", "out": "{out}/diagnose",
-             "engine": "ray", "ray": {"actors": 2, "address": "auto"}},
-        ],
-    }))
+    (tmp_path / "pipeline.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "version": 1,
+                "name": "choices",
+                "out": str(tmp_path / "run"),
+                "steps": [
+                    {
+                        "step": "finetune",
+                        "manifest": str(manifest),
+                        "out": "{out}/model",
+                        "mode": "full",
+                        "schedule": "constant",
+                        "head_input": "summary+modalities",
+                    },
+                    {
+                        "step": "diagnose",
+                        "manifest": str(manifest),
+                        "model": "{out}/model",
+                        "out": "{out}/diagnose",
+                        "engine": "ray",
+                        "ray": {"actors": 2, "address": "auto"},
+                    },
+                ],
+            }
+        )
+    )
     run_pipeline(read_pipeline(tmp_path / "pipeline.yaml"), progress=False, echo=lambda line: None)
     assert calls["finetune"]["schedule"] == "constant"
     assert calls["finetune"]["head_input"] == "summary+modalities"

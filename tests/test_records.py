@@ -42,7 +42,11 @@ def test_leakage_rule_keeps_past_present_and_undated() -> None:
     assert is_available(INDEX, INDEX)  # at the index time is allowed
     assert is_available(None, INDEX)  # undated files are taken as available
     assert not is_available(INDEX + second, INDEX)
-    events = [Event(INDEX - second, "condition", "a"), Event(INDEX + second, "condition", "b"), Event(None, "note", "c")]
+    events = [
+        Event(INDEX - second, "condition", "a"),
+        Event(INDEX + second, "condition", "b"),
+        Event(None, "note", "c"),
+    ]
     kept, dropped = keep_available(events, INDEX)
     assert [e.code for e in kept] == ["a", "c"] and dropped == 1
 

@@ -52,7 +52,11 @@ def test_bad_files_are_reported_and_the_others_kept(tmp_path: Path, echo_registr
     assert table.loc["audio", "ok"] == 2 and table.loc["audio", "errors"] == 3 and table.loc["audio", "empty"] == 1
     errors_csv = pd.read_csv(report.write_errors(tmp_path / "errors.csv"))
     assert list(errors_csv.columns) == ["patient_id", "index_time", "modality", "path", "error"]
-    assert sorted(errors_csv.patient_id) == ["p1", "p2", "p3"] and set(errors_csv.path) == {"p1.txt", "p2.txt", "p3.txt"}
+    assert sorted(errors_csv.patient_id) == ["p1", "p2", "p3"] and set(errors_csv.path) == {
+        "p1.txt",
+        "p2.txt",
+        "p3.txt",
+    }
     records = {r.patient_id: r for r in report.patient_records()}
     assert records["p5"].records[Modality.AUDIO].events[0].text == "okay"
     assert records["p1"].records == {}
@@ -107,7 +111,11 @@ def test_a_slow_worker_start_up_does_not_count_against_a_file(tmp_path: Path, ec
     monkeypatch.syspath_prepend(str(code))  # the spawned workers inherit sys.path
     manifest = make_cohort(tmp_path, ["ok", "fine"])
     report = ingest_cohort(
-        load_cohort(manifest), tmp_path / "cache", workers=2, progress=False,
-        plugins=("slow_start_plugin", *PLUGIN), task_timeout=15,
+        load_cohort(manifest),
+        tmp_path / "cache",
+        workers=2,
+        progress=False,
+        plugins=("slow_start_plugin", *PLUGIN),
+        task_timeout=15,
     )
     assert [o.status for o in report.outcomes] == ["ok", "ok"], [o.error for o in report.outcomes]

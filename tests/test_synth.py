@@ -141,9 +141,7 @@ def test_ct_series_are_part10_ct_with_geometry_and_hounsfield_units(cohort: Path
         z = sorted(float(ds.ImagePositionPatient[2]) for ds in slices)
         assert np.allclose(np.diff(z), float(slices[0].SpacingBetweenSlices))
         assert [float(v) for v in slices[0].ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
-        volume = np.stack(
-            [ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in slices]
-        )
+        volume = np.stack([ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in slices])
         assert volume.shape == (12, 48, 48) and slices[0].pixel_array.dtype == np.int16
         assert -1060 < np.median(volume[:, 0, :]) < -940  # air at the edge
         assert -10 < np.median(volume[:, 24, :][:, 18:30]) < 90  # soft tissue at the centre
@@ -250,7 +248,11 @@ def test_rle_series_is_the_pixel_twin_of_the_uncompressed_one(tmp_path: Path) ->
 
 def test_drop_slice_leaves_a_gap_and_severity_grows_the_lesion(tmp_path: Path) -> None:
     files = write_ct_series(
-        tmp_path / "gap", severity=0.0, rng=np.random.default_rng(1), acquisition_time=INDEX, patient_id="P1",
+        tmp_path / "gap",
+        severity=0.0,
+        rng=np.random.default_rng(1),
+        acquisition_time=INDEX,
+        patient_id="P1",
         drop_slice=5,
     )
     numbers = sorted(int(pydicom.dcmread(f).InstanceNumber) for f in files)
@@ -258,7 +260,10 @@ def test_drop_slice_leaves_a_gap_and_severity_grows_the_lesion(tmp_path: Path) -
 
     def lesion_voxels(severity: float) -> int:
         series = write_ct_series(
-            tmp_path / f"s{severity}", severity=severity, rng=np.random.default_rng(2), acquisition_time=INDEX,
+            tmp_path / f"s{severity}",
+            severity=severity,
+            rng=np.random.default_rng(2),
+            acquisition_time=INDEX,
             patient_id="P2",
         )
         total = 0
@@ -273,8 +278,16 @@ def test_drop_slice_leaves_a_gap_and_severity_grows_the_lesion(tmp_path: Path) -
 
 def test_bundle_units_follow_the_arguments(tmp_path: Path) -> None:
     path = write_fhir_bundle(
-        tmp_path / "b.json", patient_id="P7", severity=0.0, rng=np.random.default_rng(0), index_time=INDEX,
-        sex="female", age=70, crp_unit="mg/dL", temperature_unit="[degF]", label=1,
+        tmp_path / "b.json",
+        patient_id="P7",
+        severity=0.0,
+        rng=np.random.default_rng(0),
+        index_time=INDEX,
+        sex="female",
+        age=70,
+        crp_unit="mg/dL",
+        temperature_unit="[degF]",
+        label=1,
     )
     Bundle.model_validate_json(path.read_text(encoding="utf-8"))
     observations = [
@@ -289,8 +302,14 @@ def test_bundle_units_follow_the_arguments(tmp_path: Path) -> None:
     assert {c["code"]["coding"][0]["code"] for c in panel["component"]} == {"8480-6", "8462-4"}
     with pytest.raises(ValueError, match="crp_unit"):
         write_fhir_bundle(
-            tmp_path / "x.json", patient_id="P7", severity=0.0, rng=np.random.default_rng(0), index_time=INDEX,
-            sex="F", age=70, crp_unit="g/L",
+            tmp_path / "x.json",
+            patient_id="P7",
+            severity=0.0,
+            rng=np.random.default_rng(0),
+            index_time=INDEX,
+            sex="F",
+            age=70,
+            crp_unit="g/L",
         )
 
 
