@@ -42,7 +42,7 @@ def _batches(patients: int, batch_size: int, root: Path):
     aligner = Aligner().fit(records)
     task = next(iter(cohort.tasks), None)
     tensors = []
-    for row, record in zip(cohort, records):
+    for row, record in zip(cohort, records, strict=True):
         item = aligner.transform(record)
         if task is not None and row.labels.get(task) is not None:
             item.labels = {task: int(row.labels[task])}

@@ -146,7 +146,7 @@ def main() -> None:
         optimizer = torch.optim.AdamW(heads.parameters(), lr=3e-3)
         times = []
         embeddings = None
-        for epoch in range(3):
+        for _ in range(3):
             start = time.perf_counter()
             if embeddings is None:  # the first epoch computes every embedding once
                 embeddings = compute_embeddings(backbone, dataset, batch_size=64)

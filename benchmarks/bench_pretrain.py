@@ -112,7 +112,6 @@ def main() -> None:
 
     rows = []
     for seed in args.seeds:
-        t0 = time.perf_counter()
         folder = OUT / f"pretrained-seed{seed}"
         done = folder / "pretraining.json"
         if done.is_file() and len(json.loads(done.read_text())["epochs"]) == args.epochs:

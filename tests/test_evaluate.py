@@ -71,7 +71,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     manifest.loc[:4, "label:disease"] = ""  # unknown labels are left out, not counted as negatives
     manifest.to_csv(folder / "manifest.csv", index=False)
 
-    modalities = ["|".join(m for m, p in zip(MODALITIES, row) if p) for row in present]
+    modalities = ["|".join(m for m, p in zip(MODALITIES, row, strict=True) if p) for row in present]
     calibrated = scaler.transform(logit)
     sets = conformal.predict_set(calibrated, availability=n_missing)
     binary = pd.DataFrame(
@@ -82,7 +82,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "probability": calibrated,
             "raw_probability": 1 / (1 + np.exp(-logit)),
             "prediction": (calibrated >= 0.5).astype(int).astype(str),
-            "prediction_set": ["|".join(c for c, keep in zip("01", row) if keep) for row in sets],
+            "prediction_set": ["|".join(c for c, keep in zip("01", row, strict=True) if keep) for row in sets],
             "modalities": modalities,
             "modality_errors": "",
             "status": "ok",
@@ -102,7 +102,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "probability": stage_probabilities.max(axis=1),
             "raw_probability": stage_raw.max(axis=1),
             "prediction": np.asarray(STAGES)[stage_probabilities.argmax(axis=1)],
-            "prediction_set": ["|".join(c for c, keep in zip(STAGES, row) if keep) for row in stage_sets],
+            "prediction_set": ["|".join(c for c, keep in zip(STAGES, row, strict=True) if keep) for row in stage_sets],
             "modalities": modalities,
             "modality_errors": "",
             "status": "ok",
@@ -214,7 +214,7 @@ def test_metrics_json_holds_every_table(files: dict[str, Path], tmp_path: Path) 
 def test_csv_and_parquet_give_the_same_rows(files: dict[str, Path]) -> None:
     from_csv = load_task_rows(files["csv"], files["manifest"], by=["site"])
     from_parquet = load_task_rows(files["parquet"], files["manifest"], by=["site"])
-    for a, b in zip(from_csv, from_parquet):
+    for a, b in zip(from_csv, from_parquet, strict=True):
         assert a.name == b.name and a.classes == b.classes
         np.testing.assert_array_equal(a.labels, b.labels)
         np.testing.assert_allclose(a.probabilities, b.probabilities)

@@ -109,7 +109,7 @@ def test_dev_zero_is_refused_by_every_reader_under_a_memory_limit() -> None:
     cases = [(m, {m: "/dev/zero"}) for m in ALL_READERS]
     cases.append(("notes", {"ehr": "/dev/zero"}))  # notes read FHIR DocumentReferences too
     results = run_readers(cases, memory_limit=2 << 30)
-    for (reader, _), result in zip(cases, results):
+    for (reader, _), result in zip(cases, results, strict=True):
         assert result["outcome"] == "IngestError", (reader, result)
         assert result["path"] == "/dev/zero" and result["modality"] == reader
         assert "a character device, not a regular file" in result["reason"]
@@ -162,7 +162,7 @@ def test_a_fifo_is_refused_by_every_reader_without_hanging(tmp_path: Path) -> No
     cases.append(("notes", {"notes": str(notes_folder)}))
     cases.append(("notes", {"notes": str(P1 / "note.txt"), "ehr": str(fifo)}))
     results = run_readers(cases)
-    for (reader, _), result in zip(cases[:6], results[:6]):
+    for (reader, _), result in zip(cases[:6], results[:6], strict=True):
         assert result["outcome"] == "IngestError" and result["path"] == str(fifo), (reader, result)
         assert "is a named pipe (FIFO), not a regular file" in result["reason"]
     assert results[6]["outcome"] == "record" and results[6]["warnings"] == []

@@ -219,7 +219,7 @@ def test_wide_csv_jsonl_epoch_and_offsets_give_the_same_grid_as_long_csv(tmp_pat
     assert_same_grid(reference, read(tmp_path / "wide.csv"))
 
     with open(tmp_path / "long.jsonl", "w") as handle:
-        for t, c, v in zip(_iso(rows["time"]), rows["channel"], rows["value"]):
+        for t, c, v in zip(_iso(rows["time"]), rows["channel"], rows["value"], strict=True):
             handle.write(json.dumps({"timestamp": t, "channel": c, "value": v}) + "\n")
     assert_same_grid(reference, read(tmp_path / "long.jsonl"))
 

@@ -15,7 +15,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEGLSLossless, MPEG4HP41
+from pydicom.uid import MPEG4HP41, JPEGLSLossless
 
 from meddx.config import ImagingConfig, IngestConfig
 from meddx.dicom_times import dicom_time
@@ -194,7 +194,7 @@ def write_enhanced_ct(path: Path, z_positions: list[float], intercepts: list[flo
     shared.PlaneOrientationSequence, shared.PixelMeasuresSequence = Sequence([orientation]), Sequence([measures])
     ds.SharedFunctionalGroupsSequence = Sequence([shared])
     per_frame = []
-    for z, intercept in zip(z_positions, intercepts):
+    for z, intercept in zip(z_positions, intercepts, strict=True):
         item, position, transform = Dataset(), Dataset(), Dataset()
         position.ImagePositionPatient = [0.0, 0.0, z]
         transform.RescaleSlope, transform.RescaleIntercept = 1, intercept

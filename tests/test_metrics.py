@@ -103,7 +103,10 @@ def test_coverage_and_set_size() -> None:
 
 def test_bootstrap_interval_is_seeded_and_brackets_the_value() -> None:
     labels, probabilities = _binary(np.random.default_rng(5), 400)
-    statistic = lambda rows: auroc(labels[rows], probabilities[rows])
+
+    def statistic(rows: np.ndarray) -> float:
+        return auroc(labels[rows], probabilities[rows])
+
     first = bootstrap(statistic, 400, n_resamples=300, seed=1)
     assert first == bootstrap(statistic, 400, n_resamples=300, seed=1)
     assert first.low < first.value < first.high and first.n_resamples == 300

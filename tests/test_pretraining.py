@@ -81,7 +81,7 @@ def test_a_resumed_run_goes_on_exactly_as_an_uninterrupted_one(pretrained) -> No
     )
     pretrain(SAMPLE, root / "resumed", epochs=1, **common)
     resumed = pretrain(SAMPLE, root / "resumed", epochs=2, resume=True, **common).epochs
-    for a, b in zip(straight, resumed):
+    for a, b in zip(straight, resumed, strict=True):
         assert a["total"] == pytest.approx(b["total"], rel=1e-5)
     first = FoundationBackbone.from_pretrained(root / "straight").state_dict()
     second = FoundationBackbone.from_pretrained(root / "resumed").state_dict()

@@ -11,11 +11,11 @@ import torch
 from meddx.errors import LeakageError
 from meddx.records import (
     MODALITIES,
+    UNKNOWN_LABEL,
     Event,
     Modality,
     ModalityRecord,
     PatientRecord,
-    UNKNOWN_LABEL,
     PatientTensors,
     collate,
     is_available,

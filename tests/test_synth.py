@@ -237,7 +237,7 @@ def test_rle_series_is_the_pixel_twin_of_the_uncompressed_one(tmp_path: Path) ->
     plain = write_ct_series(tmp_path / "plain", rng=np.random.default_rng(3), **common)
     rle = write_ct_series(tmp_path / "rle", rng=np.random.default_rng(3), rle=True, **common)
     assert [p.name for p in plain] == [f"slice_{i:03d}.dcm" for i in range(12)]
-    for a, b in zip(plain, rle):
+    for a, b in zip(plain, rle, strict=True):
         da, db = pydicom.dcmread(a), pydicom.dcmread(b)
         assert da.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
         assert db.file_meta.TransferSyntaxUID == RLELossless
