@@ -152,7 +152,8 @@ def test_evaluate_command_writes_every_file_and_section(files: dict[str, Path], 
         "reliability_stage.png",
         "subgroups_stage.png",
     ):
-        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+        assert (out / name).is_file(), name
+        assert (out / name).stat().st_size > 0, name
         if name.endswith(".png"):
             assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / "ablation_stage.png").exists()
@@ -187,7 +188,8 @@ def test_metrics_json_holds_every_table(files: dict[str, Path], tmp_path: Path) 
     for phase in ("before_calibration", "after_calibration"):
         for metric in ("auroc", "auprc", "brier", "ece"):
             estimate = overall[phase][metric]
-            assert estimate["n"] == 392 and estimate["n_resamples"] == 100
+            assert estimate["n"] == 392
+            assert estimate["n_resamples"] == 100
             assert estimate["low"] < estimate["high"], (phase, metric)
             if metric != "ece":  # ECE is biased upwards on resamples: its interval may sit above the value
                 assert estimate["low"] <= estimate["value"] <= estimate["high"], (phase, metric)
@@ -201,13 +203,16 @@ def test_metrics_json_holds_every_table(files: dict[str, Path], tmp_path: Path) 
     assert set(groups) == {"all present", "one missing", "two or more missing"}
     assert sum(g["n"] for g in groups.values()) == 392
     assert disease["availability"]["modalities"] == MODALITIES
-    assert set(disease["subgroups"]) == {"sex", "site"} and set(disease["subgroups"]["sex"]) == {"F", "M"}
+    assert set(disease["subgroups"]) == {"sex", "site"}
+    assert set(disease["subgroups"]["sex"]) == {"F", "M"}
     imaging = disease["ablation"]["imaging"]
     assert imaging["withheld"]["auroc"]["value"] < imaging["full"]["auroc"]["value"]
     assert imaging["auroc_drop"]["value"] > 0
     stage = metrics["tasks"]["stage"]
-    assert stage["kind"] == "multiclass" and stage["classes"] == STAGES
-    assert stage["ablation"] is None and any("ablation" in note for note in stage["notes"])
+    assert stage["kind"] == "multiclass"
+    assert stage["classes"] == STAGES
+    assert stage["ablation"] is None
+    assert any("ablation" in note for note in stage["notes"])
     assert stage["overall"]["conformal"]["mean_set_size"]["value"] > 1
 
 
@@ -215,7 +220,8 @@ def test_csv_and_parquet_give_the_same_rows(files: dict[str, Path]) -> None:
     from_csv = load_task_rows(files["csv"], files["manifest"], by=["site"])
     from_parquet = load_task_rows(files["parquet"], files["manifest"], by=["site"])
     for a, b in zip(from_csv, from_parquet, strict=True):
-        assert a.name == b.name and a.classes == b.classes
+        assert a.name == b.name
+        assert a.classes == b.classes
         np.testing.assert_array_equal(a.labels, b.labels)
         np.testing.assert_allclose(a.probabilities, b.probabilities)
         np.testing.assert_array_equal(a.sets, b.sets)
@@ -236,18 +242,25 @@ def test_bad_predictions_exit_2_with_rows_not_patients(files: dict[str, Path], t
     runner = CliRunner()
     args = ["--manifest", str(files["manifest"]), "--out", str(tmp_path / "out")]
     result = runner.invoke(main, ["evaluate", str(bad), *args])
-    assert result.exit_code == 2 and "data row(s) 4" in result.output and "P9999" not in result.output
+    assert result.exit_code == 2
+    assert "data row(s) 4" in result.output
+    assert "P9999" not in result.output
     result = runner.invoke(main, ["evaluate", str(files["csv"]), *args, "--by", "ward"])
-    assert result.exit_code == 2 and "'ward'" in result.output and "sex" in result.output
+    assert result.exit_code == 2
+    assert "'ward'" in result.output
+    assert "sex" in result.output
     frame = pd.read_csv(files["csv"], dtype=str, keep_default_na=False).drop(columns=["status"])
     frame.to_csv(bad, index=False)
     result = runner.invoke(main, ["evaluate", str(bad), *args])
-    assert result.exit_code == 2 and "status" in result.output
+    assert result.exit_code == 2
+    assert "status" in result.output
     frame = pd.read_csv(files["csv"], dtype=str, keep_default_na=False)
     frame.loc[0, "probability"] = "1.7"
     frame.to_csv(bad, index=False)
     result = runner.invoke(main, ["evaluate", str(bad), *args])
-    assert result.exit_code == 2 and "[0, 1]" in result.output and "rows 1" in result.output
+    assert result.exit_code == 2
+    assert "[0, 1]" in result.output
+    assert "rows 1" in result.output
 
 
 def _minimal_files(tmp_path: Path) -> None:
@@ -285,8 +298,11 @@ def test_a_minimal_predictions_file_still_gives_every_section(tmp_path: Path) ->
         settings=MetricSettings(n_resamples=50),
     )
     flu = result.metrics["tasks"]["flu"]
-    assert flu["overall"]["n"] == 12 and flu["overall"]["before_calibration"] is None
-    assert flu["overall"]["conformal"] is None and flu["availability"] is None and flu["ablation"] is None
+    assert flu["overall"]["n"] == 12
+    assert flu["overall"]["before_calibration"] is None
+    assert flu["overall"]["conformal"] is None
+    assert flu["availability"] is None
+    assert flu["ablation"] is None
     assert len(flu["notes"]) == 4
     assert flu["subgroups"]["ward"]["b"]["after_calibration"]["auroc"] == {
         "value": None,
@@ -307,7 +323,8 @@ def test_the_bootstrap_shows_a_bar_of_every_interval_and_quiet_hides_it(tmp_path
     args = ["evaluate", str(tmp_path / "predictions.csv"), "--manifest", str(tmp_path / "manifest.csv"), "--by", "ward"]
     shown = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "a"), "--bootstrap", "5"])
     quiet = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "b"), "--bootstrap", "5", "--quiet"])
-    assert shown.exit_code == 0 and quiet.exit_code == 0, shown.output + quiet.output
+    assert shown.exit_code == 0, shown.output + quiet.output
+    assert quiet.exit_code == 0, shown.output + quiet.output
     # AUROC, AUPRC, Brier, ECE overall and in wards a and b: counted before the bar starts
     assert re.search(r"evaluate: 100%\|.*?\| 12/12 ", shown.stderr), shown.stderr
     assert quiet.stderr == ""

@@ -101,7 +101,8 @@ def test_head_mode_gives_a_calibrated_model_and_contract_predictions(base) -> No
     saved = {p.name for p in (root / "head").iterdir()}
     assert {"config.json", "model.safetensors", "calibration.json", "metrics.json"} <= saved
     calibration = json.loads((root / "head" / "calibration.json").read_text())["tasks"]["disease"]
-    assert calibration["calibrator"]["n_fitted"] > 0 and calibration["conformal"]["alpha"] == 0.1
+    assert calibration["calibrator"]["n_fitted"] > 0
+    assert calibration["conformal"]["alpha"] == 0.1
     predictions = predict_cohort(model, SAMPLE, split="test", cache_dir=cache, workers=0)
     test_rows = [r for r in load_cohort(SAMPLE) if r.split == "test"]
     assert len(predictions) == len(test_rows)  # one row per (patient, index time, task)
@@ -118,7 +119,8 @@ def test_head_mode_gives_a_calibrated_model_and_contract_predictions(base) -> No
         "sex",
     ):
         assert column in predictions.columns, column
-    assert predictions["probability"].between(0, 1).all() and (predictions["status"] == "ok").all()
+    assert predictions["probability"].between(0, 1).all()
+    assert (predictions["status"] == "ok").all()
     # a contribution for each present modality, empty where the modality was absent
     for _, row in predictions.iterrows():
         used = set(row["modalities"].split("|"))
@@ -245,7 +247,8 @@ def test_lora_leaves_the_saved_base_weights_unchanged(base) -> None:
     for key, value in base_weights.items():
         assert torch.equal(tuned[key], value), key  # every base weight as it was
     adapter = load_file(str(root / "lora" / "adapter.safetensors"))
-    assert adapter and all("lora_" in k for k in adapter)
+    assert adapter
+    assert all("lora_" in k for k in adapter)
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # the adapters did learn
     loaded = DiagnosisModel.from_pretrained(root / "lora")
     np.testing.assert_allclose(
@@ -351,10 +354,12 @@ def test_finetune_command(base, tmp_path: Path) -> None:
     finally:
         os.umask(before)
     assert result.exit_code == 0, result.output
-    assert "validation AUROC" in result.output and (tmp_path / "model" / "calibration.json").is_file()
+    assert "validation AUROC" in result.output
+    assert (tmp_path / "model" / "calibration.json").is_file()
     best, run = (int(n) for n in re.search(r"best epoch (\d+) of (\d+)", result.output).groups())
     history = json.loads((tmp_path / "model" / "metrics.json").read_text())["history"]
-    assert best <= run and len(history) == run // 2  # a check every 2nd epoch: 100 // 50
+    assert best <= run
+    assert len(history) == run // 2  # a check every 2nd epoch: 100 // 50
     assert run == 100 or run - best >= 5 * 2  # patience 5 checks
     for name in ("model.safetensors", "metrics.json", "calibration.json", "config.json"):
         assert stat.S_IMODE((tmp_path / "model" / name).stat().st_mode) == 0o640, name

@@ -111,7 +111,8 @@ def test_dev_zero_is_refused_by_every_reader_under_a_memory_limit() -> None:
     results = run_readers(cases, memory_limit=2 << 30)
     for (reader, _), result in zip(cases, results, strict=True):
         assert result["outcome"] == "IngestError", (reader, result)
-        assert result["path"] == "/dev/zero" and result["modality"] == reader
+        assert result["path"] == "/dev/zero"
+        assert result["modality"] == reader
         assert "a character device, not a regular file" in result["reason"]
         assert "folder" not in result["reason"].split(";")[0]  # never called "a folder"
 
@@ -122,8 +123,10 @@ def test_a_40_mb_note_is_refused_before_reading_under_a_memory_limit(tmp_path: P
     with open(note, "w", encoding="utf-8") as handle:
         handle.write(line * (40 * 1024 * 1024 // len(line) + 1))  # real text, just over 40 MiB
     [result] = run_readers([("notes", {"notes": str(note)})], memory_limit=2 << 30)
-    assert result["outcome"] == "IngestError" and result["path"] == str(note)
-    assert "40.0 MB, over the 32 MB limit" in result["reason"] and "notes.max_file_mb" in result["reason"]
+    assert result["outcome"] == "IngestError"
+    assert result["path"] == str(note)
+    assert "40.0 MB, over the 32 MB limit" in result["reason"]
+    assert "notes.max_file_mb" in result["reason"]
 
 
 @pytest.mark.parametrize(
@@ -163,9 +166,11 @@ def test_a_fifo_is_refused_by_every_reader_without_hanging(tmp_path: Path) -> No
     cases.append(("notes", {"notes": str(P1 / "note.txt"), "ehr": str(fifo)}))
     results = run_readers(cases)
     for (reader, _), result in zip(cases[:6], results[:6], strict=True):
-        assert result["outcome"] == "IngestError" and result["path"] == str(fifo), (reader, result)
+        assert result["outcome"] == "IngestError", (reader, result)
+        assert result["path"] == str(fifo), (reader, result)
         assert "is a named pipe (FIFO), not a regular file" in result["reason"]
-    assert results[6]["outcome"] == "record" and results[6]["warnings"] == []
+    assert results[6]["outcome"] == "record"
+    assert results[6]["warnings"] == []
     assert results[7]["outcome"] == "record"
     assert any(str(fifo) in w and "named pipe" in w for w in results[7]["warnings"])
 
@@ -180,7 +185,8 @@ def test_a_series_folder_with_another_patients_series_is_an_error(tmp_path: Path
     with pytest.raises(IngestError, match="2 different PatientID values") as caught:
         ImagingIngestor().read(IngestRequest("P0001", parse_time("2100-01-01T00:00:00Z"), {Modality.IMAGING: folder}))
     assert caught.value.path == str(folder)
-    assert "77654033" not in str(caught.value) and "98890234" not in str(caught.value)  # identifiers never printed
+    assert "77654033" not in str(caught.value)
+    assert "98890234" not in str(caught.value)  # identifiers never printed
 
 
 @pytest.mark.parametrize("differs_in", ["StudyInstanceUID", "FrameOfReferenceUID"])
@@ -213,7 +219,8 @@ def test_two_series_sharing_a_series_uid_are_not_merged(tmp_path: Path, differs_
     record = ImagingIngestor().read(
         IngestRequest("P0001", parse_time("2100-01-01T00:00:00Z"), {Modality.IMAGING: folder})
     )
-    assert record.meta["n_series"] == 2 and record.meta["n_slices"] == 10  # the 10-slice series alone
+    assert record.meta["n_series"] == 2
+    assert record.meta["n_slices"] == 10  # the 10-slice series alone
     assert record.meta["series_uid"] == shared_uid
     assert any("kept apart, not merged" in w for w in record.warnings)
     differ = "StudyInstanceUID" if differs_in == "StudyInstanceUID" else "FrameOfReferenceUID"
@@ -245,12 +252,14 @@ def test_a_broken_ehr_file_does_not_fail_the_good_note_file(tmp_path: Path) -> N
     index = parse_time(P1_INDEX)
     for name, broken in _broken_bundles(tmp_path).items():
         record = reader.read(IngestRequest("P0001", index, {Modality.NOTES: P1 / "note.txt", Modality.EHR: broken}))
-        assert record is not None and record.meta["from_files"] == 1, name
+        assert record is not None, name
+        assert record.meta["from_files"] == 1, name
         assert record.source == str(P1 / "note.txt")
         assert any(str(broken) in w for w in record.warnings), (name, record.warnings)
         with pytest.raises(IngestError) as caught:  # without note files, the error names the broken EHR file
             reader.read(IngestRequest("P0001", index, {Modality.EHR: broken}))
-        assert caught.value.path == str(broken) and caught.value.modality == "notes", name
+        assert caught.value.path == str(broken), name
+        assert caught.value.modality == "notes", name
         with pytest.raises(IngestError) as caught:  # and the EHR reader's own error is typed too
             FhirIngestor().read(IngestRequest("P0001", index, {Modality.EHR: broken}))
         assert caught.value.path == str(broken), name
@@ -286,7 +295,8 @@ def test_a_lab_value_of_1e308_is_masked_and_counted_and_keeps_every_patient_fini
     assert any("masked 1 lab value" in w for w in records[0].warnings)
     assert all(r.meta["implausible_values"] == 0 for r in records[1:])
     tensorizer = EhrTensorizer(IngestConfig()).fit(records)
-    assert np.all(np.isfinite(tensorizer.lab_mean_)) and np.all(np.isfinite(tensorizer.lab_std_))
+    assert np.all(np.isfinite(tensorizer.lab_mean_))
+    assert np.all(np.isfinite(tensorizer.lab_std_))
     for record in records:
         arrays = tensorizer.transform(record)
         assert np.all(np.isfinite(arrays["lab_values"])), record.source
@@ -306,9 +316,11 @@ def test_the_ehr_tensorizer_masks_non_finite_and_implausible_values_itself() -> 
     train = [record([90.0, 110.0]), record([100.0, float("inf")]), record([95.0, 1e308]), record([105.0, -40.0])]
     tensorizer = EhrTensorizer(IngestConfig()).fit(train)
     row = tensorizer.lab_codes_.index(glucose)
-    assert 90.0 <= tensorizer.lab_mean_[row] <= 110.0 and tensorizer.lab_std_[row] < 50.0
+    assert 90.0 <= tensorizer.lab_mean_[row] <= 110.0
+    assert tensorizer.lab_std_[row] < 50.0
     arrays = tensorizer.transform(record([100.0, float("nan"), 1e308]))
-    assert np.all(np.isfinite(arrays["lab_values"])) and arrays["lab_counts"][row].sum() == 1
+    assert np.all(np.isfinite(arrays["lab_values"]))
+    assert arrays["lab_counts"][row].sum() == 1
 
 
 def test_an_audio_header_claiming_2_ghz_is_refused(tmp_path: Path) -> None:
@@ -328,7 +340,8 @@ def test_multichannel_audio_mixes_down_block_by_block_to_the_channel_mean(tmp_pa
     wave, got_rate, meta, _ = AudioIngestor().load(path)
     wanted = 4 * rate
     start = (70_000 - wanted) // 2
-    assert got_rate == rate and meta["orig_channels"] == 3
+    assert got_rate == rate
+    assert meta["orig_channels"] == 3
     np.testing.assert_allclose(wave, channels[start : start + wanted].mean(axis=1), atol=1e-6)
 
 
@@ -445,8 +458,10 @@ def test_an_unusable_pixel_array_shape_says_what_was_found_and_expected(tmp_path
         decode_frames(read_dicom(path), path)
     reason = caught.value.reason
     assert caught.value.path == str(path)
-    assert "decodes to an array of shape (1, 3, 3, 3, 3)" in reason and "needs (frames, 3, 3, 3)" in reason
-    assert "SamplesPerPixel=3" in reason and "PALETTE COLOR" in reason
+    assert "decodes to an array of shape (1, 3, 3, 3, 3)" in reason
+    assert "needs (frames, 3, 3, 3)" in reason
+    assert "SamplesPerPixel=3" in reason
+    assert "PALETTE COLOR" in reason
 
 
 # ------------------------------------------------------------------ one DICOM sniffing rule
@@ -454,7 +469,8 @@ def test_an_unusable_pixel_array_shape_says_what_was_found_and_expected(tmp_path
 
 def test_one_sniffing_rule_finds_dicom_without_a_preamble(tmp_path: Path) -> None:
     for name in ("ExplVR_LitEndNoMeta.dcm", "ExplVR_BigEndNoMeta.dcm", "rtstruct.dcm"):  # no preamble in pydicom
-        assert (TEST_FILES / name).read_bytes()[128:132] != b"DICM" and looks_like_dicom(TEST_FILES / name), name
+        assert (TEST_FILES / name).read_bytes()[128:132] != b"DICM", name
+        assert looks_like_dicom(TEST_FILES / name), name
     for other in (P1 / "echo.mp4", P1 / "lung_sound.wav", P1 / "note.txt", P1 / "ehr.json"):
         assert not looks_like_dicom(other), other
     fifo = tmp_path / "pipe"

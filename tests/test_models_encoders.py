@@ -38,7 +38,8 @@ def test_imaging_encoder_ignores_unobserved_slices(network, dims) -> None:
     noisy = dict(arrays, volume=torch.where(arrays["slice_mask"][..., None, None], arrays["volume"], torch.nan))
     with torch.no_grad():
         out, again = encoder(arrays), encoder(noisy)
-    assert out.tokens.shape == (2, 4, 16) and out.token_mask.all()
+    assert out.tokens.shape == (2, 4, 16)
+    assert out.token_mask.all()
     assert torch.equal(out.token_age_hours, torch.tensor([[2.0] * 4, [30.0] * 4]))
     assert torch.allclose(out.tokens, again.tokens, atol=1e-6)
 
@@ -92,7 +93,8 @@ def test_ehr_tokens_from_the_fitted_spec(lab_tokens) -> None:
     lab_count = n_labs * n_bins if lab_tokens == "feature_bin" else n_labs
     assert out.tokens.shape == (2, 1 + lab_count + spec["code_ids"].shape[0], 16)
     codes = out.token_mask[:, 1 + lab_count :]
-    assert torch.equal(codes, arrays["code_mask"]) and out.token_mask[:, 0].all()
+    assert torch.equal(codes, arrays["code_mask"])
+    assert out.token_mask[:, 0].all()
     assert torch.equal(out.token_age_hours[:, 1 + lab_count :], arrays["code_age_hours"])
     if lab_tokens == "feature":  # a lab token is as old as its newest observed bin
         labs = arrays["lab_mask"]
@@ -177,7 +179,8 @@ def test_attention_dropout_is_its_own_rate() -> None:
     }
     encoder = VideoEncoder(tiny_backbone_config(dropout=0.1, attention_dropout=0.0), spec)
     layer = encoder.temporal.layers[0]
-    assert layer.self_attn.dropout == 0.0 and layer.dropout1.p == 0.1
+    assert layer.self_attn.dropout == 0.0
+    assert layer.dropout1.p == 0.1
 
 
 def test_zero_where_not_zeroes_masked_entries_even_nan_and_skips_the_copy_when_nothing_is_masked() -> None:

@@ -143,4 +143,5 @@ def test_pretrain_command(tmp_path: Path, pretrained) -> None:
     result = CliRunner().invoke(
         main, ["pretrain", str(SAMPLE), "--out", str(tmp_path / "x"), "--backbone-config", str(bad), "--quiet"]
     )
-    assert result.exit_code == 2 and "backbone config" in result.output
+    assert result.exit_code == 2
+    assert "backbone config" in result.output

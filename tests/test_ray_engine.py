@@ -87,15 +87,20 @@ def test_ray_predictions_equal_the_local_engines(
     )
     expected, got = pd.read_parquet(local.predictions), pd.read_parquet(on_ray.predictions)
     assert list(got.columns) == list(expected.columns)
-    assert got[KEY].equals(expected[KEY]) and len(got) == 12 and (got.status == "ok").all()
+    assert got[KEY].equals(expected[KEY])
+    assert len(got) == 12
+    assert (got.status == "ok").all()
     pd.testing.assert_frame_equal(got, expected, check_exact=False, atol=1e-5, rtol=0)
     assert pd.read_csv(on_ray.predictions_csv, dtype=str).shape == got.shape
     assert on_ray.risk_assessments.read_text().count("\n") == 12
     assert on_ray.errors.read_text() == local.errors.read_text()
 
     run = json.loads(on_ray.run.read_text())
-    assert run["complete"] and run["settings"]["engine"] == "ray" and run["settings"]["actors"] == 1
-    assert run["counts"]["prediction_rows"] == 12 and run["counts"]["chunks"] == 3
+    assert run["complete"]
+    assert run["settings"]["engine"] == "ray"
+    assert run["settings"]["actors"] == 1
+    assert run["counts"]["prediction_rows"] == 12
+    assert run["counts"]["chunks"] == 3
     assert not (tmp_path / "ray" / "parts").exists()
     # the sharded Parquet: one part per chunk, together the same rows as predictions.parquet
     shards = sorted((tmp_path / "ray" / "predictions").glob("part-*.parquet"))
@@ -129,9 +134,12 @@ def test_the_cli_runs_the_ray_engine(tmp_path: Path, tiny_model: Path, sample_ca
     ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    assert "diagnosed 12 of 12 rows" in result.output and "12 FHIR RiskAssessments" in result.output
+    assert "diagnosed 12 of 12 rows" in result.output
+    assert "12 FHIR RiskAssessments" in result.output
     settings = json.loads((out / "run.json").read_text())["settings"]
-    assert settings["engine"] == "ray" and settings["cpus_per_actor"] == 0.5 and settings["ray_cpus"] == 2
+    assert settings["engine"] == "ray"
+    assert settings["cpus_per_actor"] == 0.5
+    assert settings["ray_cpus"] == 2
 
 
 def test_a_corrupt_file_gives_one_error_row(
@@ -160,11 +168,15 @@ def test_a_corrupt_file_gives_one_error_row(
     frame = pd.read_parquet(result.predictions)
     assert list(frame.patient_id) == list(rows.patient_id)
     error = frame[frame.status == "error"]
-    assert len(error) == 1 and error.patient_id.iloc[0] == rows.patient_id[victim]
-    assert error.modality_errors.iloc[0] == "audio" and pd.isna(error.probability.iloc[0])
+    assert len(error) == 1
+    assert error.patient_id.iloc[0] == rows.patient_id[victim]
+    assert error.modality_errors.iloc[0] == "audio"
+    assert pd.isna(error.probability.iloc[0])
     errors = pd.read_csv(result.errors, dtype=str, keep_default_na=False)
-    assert sorted(errors.modality) == ["", "audio"] and str(broken.name) in errors.path.str.cat()
-    assert result.counts["undiagnosed_rows"] == 1 and result.counts["risk_assessments"] == 3
+    assert sorted(errors.modality) == ["", "audio"]
+    assert str(broken.name) in errors.path.str.cat()
+    assert result.counts["undiagnosed_rows"] == 1
+    assert result.counts["risk_assessments"] == 3
 
 
 def test_a_file_that_crashes_its_reader_fails_one_modality(
@@ -187,10 +199,13 @@ def test_a_file_that_crashes_its_reader_fails_one_modality(
         progress=False,
     )
     frame = pd.read_parquet(result.predictions)
-    assert len(frame) == 3 and (frame.status == "ok").all()
-    assert list(frame.modality_errors) == ["audio", "", ""] and "audio" not in frame.modalities[0]
+    assert len(frame) == 3
+    assert (frame.status == "ok").all()
+    assert list(frame.modality_errors) == ["audio", "", ""]
+    assert "audio" not in frame.modalities[0]
     errors = pd.read_csv(result.errors, dtype=str, keep_default_na=False)
-    assert len(errors) == 1 and "crashed the worker process" in errors.error[0]
+    assert len(errors) == 1
+    assert "crashed the worker process" in errors.error[0]
 
 
 def test_an_interrupted_run_resumes_with_every_row_once(
@@ -213,15 +228,19 @@ def test_an_interrupted_run_resumes_with_every_row_once(
     monkeypatch.setattr(run_folder, "write_chunk", write_two_then_fail)
     with pytest.raises(KeyboardInterrupt):
         diagnose(manifest, tiny_model, out, cache_dir=sample_cache, chunk_size=2, engine="ray", progress=False)
-    assert len(list((out / "parts").glob("chunk-*.parquet"))) == 2 and not (out / "run.json").exists()
+    assert len(list((out / "parts").glob("chunk-*.parquet"))) == 2
+    assert not (out / "run.json").exists()
     monkeypatch.setattr(run_folder, "write_chunk", write)
 
     result = diagnose(
         manifest, tiny_model, out, cache_dir=sample_cache, chunk_size=2, engine="ray", resume=True, progress=False
     )
     frame = pd.read_parquet(result.predictions)
-    assert len(frame) == 8 and not frame.duplicated(KEY).any() and list(frame.patient_id) == list(rows.patient_id)
-    assert result.counts["chunks_done_before"] == 2 and result.counts["risk_assessments"] == 8
+    assert len(frame) == 8
+    assert not frame.duplicated(KEY).any()
+    assert list(frame.patient_id) == list(rows.patient_id)
+    assert result.counts["chunks_done_before"] == 2
+    assert result.counts["risk_assessments"] == 8
     reference = diagnose(
         manifest, tiny_model, tmp_path / "whole", cache_dir=sample_cache, workers=0, chunk_size=2, progress=False
     )
@@ -251,7 +270,9 @@ def test_an_ingestion_worker_that_dies_is_retried(
     )
     assert marker.exists()
     frame = pd.read_parquet(result.predictions)
-    assert len(frame) == 2 and (frame.status == "ok").all() and not frame.duplicated(KEY).any()
+    assert len(frame) == 2
+    assert (frame.status == "ok").all()
+    assert not frame.duplicated(KEY).any()
 
 
 def _refuse(batch: dict) -> dict:
@@ -290,7 +311,8 @@ def test_ray_settings_are_refused_where_they_cannot_work(tmp_path: Path, tiny_mo
             "--quiet",
         ],
     )
-    assert result.exit_code == 2 and "--actors only apply to --engine ray" in result.output
+    assert result.exit_code == 2
+    assert "--actors only apply to --engine ray" in result.output
     assert issubclass(ConfigError, MeddxError)
 
 
