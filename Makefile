@@ -91,10 +91,12 @@ test-quick: $(STAMP)
 doctest: $(STAMP)
 	$(PY) -m pytest -q --doctest-modules $(DOCTEST_MODULES)
 
-# ruff (lint rules and format) and mypy over the library; settings in pyproject.toml.
+# ruff (lint rules and format) over the library, tests and benchmarks, and mypy over the library; settings in
+# pyproject.toml.
+LINT_PATHS := meddx tests benchmarks
 lint: $(LINT_STAMP)
-	$(VENV)/bin/ruff check meddx
-	$(VENV)/bin/ruff format --check meddx
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 	$(VENV)/bin/mypy
 
 # Regenerate the committed sample cohort (byte for byte, except the videos: the same decoded frames).

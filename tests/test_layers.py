@@ -80,6 +80,7 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(("meddx.cli", "meddx.pipelines", "meddx.demo", "meddx.schemas", "meddx"), 6),
 }
 
+
 @dataclass(frozen=True)
 class Import:
     """One import of a meddx module by another, where it is written."""

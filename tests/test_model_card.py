@@ -60,8 +60,10 @@ def test_finetune_writes_a_card_with_every_section_and_the_folders_figures(tiny_
             assert summary["modalities"][split][modality.value] == sum(modality in r.paths for r in rows)
     assert summary["subgroups"]["sex"]["counts"] == dict(Counter(r.extras["sex"] for r in cohort.rows))
     ages = summary["subgroups"]["age"]  # many distinct numbers: percentiles only, never one patient's age
-    assert "min" not in ages and ages["median"] == statistics.median(float(r.extras["age"]) for r in cohort.rows)
-    assert summary["sites"] is None and "no `site` column" in sections["Known limits"]
+    assert "min" not in ages
+    assert ages["median"] == statistics.median(float(r.extras["age"]) for r in cohort.rows)
+    assert summary["sites"] is None
+    assert "no `site` column" in sections["Known limits"]
     rates = [
         soundfile.info(str(r.paths[Modality.AUDIO])).samplerate
         for r in cohort.rows
@@ -89,16 +91,26 @@ def test_evaluate_refreshes_only_the_metrics_and_shows_the_inputs_side_by_side(
 ) -> None:
     folder = Path(shutil.copytree(tiny_model, tmp_path / "model"))
     before = (folder / CARD_FILE).read_text()
-    run = diagnose(SAMPLE_MANIFEST, folder, tmp_path / "run", split="test", cache_dir=sample_cache, workers=0,
-                   progress=False)
-    result = evaluate(run.predictions, SAMPLE_MANIFEST, tmp_path / "eval", by=["sex"],
-                      settings=MetricSettings(n_resamples=50), progress=False, model_card=folder,
-                      cache_dir=sample_cache)
+    run = diagnose(
+        SAMPLE_MANIFEST, folder, tmp_path / "run", split="test", cache_dir=sample_cache, workers=0, progress=False
+    )
+    result = evaluate(
+        run.predictions,
+        SAMPLE_MANIFEST,
+        tmp_path / "eval",
+        by=["sex"],
+        settings=MetricSettings(n_resamples=50),
+        progress=False,
+        model_card=folder,
+        cache_dir=sample_cache,
+    )
     after = (folder / CARD_FILE).read_text()
     old, new = card_sections(before), card_sections(after)
     assert [t for t in SECTIONS if old[t] != new[t]] == ["Metrics"]
-    assert before.split("\n---\n", 1)[1].split("<!-- meddx:metrics:begin")[0] == after.split("\n---\n", 1)[1].split(
-        "<!-- meddx:metrics:begin")[0]
+    assert (
+        before.split("\n---\n", 1)[1].split("<!-- meddx:metrics:begin")[0]
+        == after.split("\n---\n", 1)[1].split("<!-- meddx:metrics:begin")[0]
+    )
 
     overall = result.metrics["tasks"]["disease"]["overall"]
     auroc = overall["after_calibration"]["auroc"]
@@ -131,7 +143,8 @@ def test_a_folder_without_card_or_summary_loads_and_a_bad_summary_is_refused(tin
     (folder / CARD_FILE).unlink()
     (folder / TRAINING_SUMMARY_FILE).unlink()
     checked = check_model_folder(folder, fingerprint=True)
-    assert checked.training_summary is None and checked.fingerprint == fingerprint  # they change no output
+    assert checked.training_summary is None
+    assert checked.fingerprint == fingerprint
     card = card_sections(write_model_card(folder).read_text())
     assert "no training_summary.json" in card["Training data"]
 
@@ -146,20 +159,29 @@ def test_a_folder_without_card_or_summary_loads_and_a_bad_summary_is_refused(tin
 
 def test_input_summaries_take_each_readers_facts() -> None:
     notes = [
-        ModalityRecord("notes", "n.txt", arrays={"attention_mask": [[1] * k + [0] * (8 - k)]},
-                       events=[Event(None, "note", "n.txt", text="x" * (10 * k))],
-                       meta={"n_notes": 1, "truncated": False})
+        ModalityRecord(
+            "notes",
+            "n.txt",
+            arrays={"attention_mask": [[1] * k + [0] * (8 - k)]},
+            events=[Event(None, "note", "n.txt", text="x" * (10 * k))],
+            meta={"n_notes": 1, "truncated": False},
+        )
         for k in (2, 4, 6)
     ]
-    ct = ModalityRecord("imaging", "ct/", meta={"spacing_mm": [5.0, 0.7, 0.8], "window": [-1000, 1000],
-                                                "modality": "CT"})
-    monitor = ModalityRecord("device_logs", "v.csv", meta={"channels": ["hr", "spo2"], "n_samples": 240,
-                                                            "window_hours": 2.0, "step_minutes": 1.0})
+    ct = ModalityRecord(
+        "imaging", "ct/", meta={"spacing_mm": [5.0, 0.7, 0.8], "window": [-1000, 1000], "modality": "CT"}
+    )
+    monitor = ModalityRecord(
+        "device_logs",
+        "v.csv",
+        meta={"channels": ["hr", "spo2"], "n_samples": 240, "window_hours": 2.0, "step_minutes": 1.0},
+    )
     ehr = [ModalityRecord("ehr", "e.json", meta={"age_years": age, "sex": "female"}) for age in (30, 50, 97)]
     summary = input_summaries([*notes, ct, monitor, *ehr])
     assert set(summary["ehr"]["age_years"]) == {"n", "p05", "median", "p95"}  # no one patient's own age
     assert summary["ehr"]["age_years"]["median"] == 50
-    assert summary["notes"]["tokens"]["median"] == 4 and summary["notes"]["characters"]["max"] == 60
+    assert summary["notes"]["tokens"]["median"] == 4
+    assert summary["notes"]["characters"]["max"] == 60
     assert summary["notes"]["truncated"]["counts"] == {"false": 3}
     assert summary["imaging"]["slice_spacing_mm"]["median"] == 5.0
     assert summary["imaging"]["pixel_spacing_mm"]["median"] == pytest.approx(0.75)
