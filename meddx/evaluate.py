@@ -28,7 +28,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -311,7 +311,7 @@ def compare_inputs(
     from meddx.records import parse_time
 
     folder = check_model_folder(model_folder)
-    config = Aligner.from_state_dict(folder.checkpoint.aligner).config
+    config = Aligner.from_state_dict(cast("dict[str, Any]", folder.checkpoint.aligner)).config  # checked: not None
     frame = read_predictions(predictions)
     predicted = set()
     for patient, when in zip(frame[PATIENT_ID], frame[INDEX_TIME], strict=True):

@@ -404,8 +404,8 @@ def _inputs_html(metrics: dict[str, Any]) -> str:
     inputs = metrics.get("inputs")
     if not isinstance(inputs, dict):
         return ""
-    training = inputs.get("training") if isinstance(inputs.get("training"), dict) else {}
-    batch = inputs.get("batch") if isinstance(inputs.get("batch"), dict) else {}
+    training: dict[str, Any] = inputs["training"] if isinstance(inputs.get("training"), dict) else {}
+    batch: dict[str, Any] = inputs["batch"] if isinstance(inputs.get("batch"), dict) else {}
     rows = []
     for modality in dict.fromkeys([*training, *batch]):
         facts = {**(training.get(modality) or {}), **(batch.get(modality) or {})}

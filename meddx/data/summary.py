@@ -104,7 +104,7 @@ def record_facts(record: ModalityRecord) -> dict[str, float | str | None]:
             "truncated": str(bool(meta["truncated"])).lower() if "truncated" in meta else None,
         }
     if modality == Modality.DEVICE_LOGS:
-        channels = meta.get("channels") if isinstance(meta.get("channels"), list) else []
+        channels: list[Any] = meta["channels"] if isinstance(meta.get("channels"), list) else []
         samples, hours = _number(meta.get("n_samples")), _number(meta.get("window_hours"))
         rate = samples / len(channels) / hours if channels and samples is not None and hours else None
         return {
@@ -190,7 +190,7 @@ def cached_records(cache: RecordCache, keys: Iterable[tuple[str, str]]) -> Itera
             record = cache.get(key)
         else:
             meta = cache.meta(key)
-            record = ModalityRecord(modality, "", meta=meta) if meta else None
+            record = ModalityRecord(Modality(modality), "", meta=meta) if meta else None
         if record is not None:
             yield record
 

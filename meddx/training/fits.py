@@ -105,7 +105,7 @@ class EndToEnd:
         self.train, self.val = data
         self.settings, self.ranks = settings, ranks
         self.weights: dict[str, torch.Tensor] = {}
-        self.stepper = model
+        self.stepper: torch.nn.Module = model
         if ranks.world > 1:
             self.stepper = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         # the same sampler with one replica gives a single process the same global batches as N ranks
@@ -239,8 +239,8 @@ def fit(
     """
     chosen = model.tasks
     weights = {t: w.to(ranks.device) for t, w in class_weights(data[0], chosen).items()}
-    for task, task_weights in weights.items():
-        model.heads.set_class_weights(task, task_weights)
+    for name, task_weights in weights.items():
+        model.heads.set_class_weights(name, task_weights)
     if mode == "head":
         task: EndToEnd | HeadsOnEmbeddings = HeadsOnEmbeddings(model, data, settings, ranks)
         # heads are tiny: check validation every few epochs so early stopping costs nothing

@@ -77,7 +77,10 @@ class FitTask(Protocol):
     """What :class:`Trainer` trains: a module, its trainable parameters, batches, a loss and a score."""
 
     module: Any  # what early stopping keeps and the checkpoint holds
-    steps_per_epoch: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one epoch (sets the learning-rate schedule)."""
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """The parameters the optimizer updates (and clipping bounds)."""
@@ -138,9 +141,11 @@ class Trainer:
         from meddx.errors import ConfigError
 
         task, config, stopper = self.task, self.config, self.stopper
-        if resume and self.checkpoints is None:
-            raise ConfigError("resume needs out_dir (the checkpoint lives in out_dir/checkpoint)")
-        start = self.checkpoints.resume(task.module, self.optimizer, stopper) if resume else 0
+        start = 0
+        if resume:
+            if self.checkpoints is None:
+                raise ConfigError("resume needs out_dir (the checkpoint lives in out_dir/checkpoint)")
+            start = self.checkpoints.resume(task.module, self.optimizer, stopper)
         epoch = start - 1
         for epoch in range(start, config.epochs):
             self._run_epoch(epoch)

@@ -9,7 +9,7 @@ of the run folder or the writers that consume the stream:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ class Engine(Protocol):
     timings: dict[str, float]
     settings: dict[str, Any]
 
-    def run(self, job: EngineJob) -> Iterator[ChunkOutput]:
+    def run(self, job: EngineJob) -> Generator[ChunkOutput, None, None]:
         """The job's chunks as they finish (in order for the local engine, as they come on Ray)."""
         ...
 

@@ -9,7 +9,7 @@ Workers are spawned, so a script that runs it with workers must guard its entry 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
 from meddx.batch.predict import ChunkOutput, load_model, predict_chunk
@@ -31,7 +31,7 @@ class LocalEngine:
         self.timings: dict[str, float] = {"ingest": 0.0, "model": 0.0, "waiting_for_ingest": 0.0}
         self.settings: dict[str, Any] = {}
 
-    def run(self, job: EngineJob) -> Iterator[ChunkOutput]:
+    def run(self, job: EngineJob) -> Generator[ChunkOutput, None, None]:
         from tqdm.auto import tqdm
 
         from meddx.ingest.runner import default_workers

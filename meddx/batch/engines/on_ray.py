@@ -32,7 +32,7 @@ import logging
 import re
 import time
 import warnings
-from collections.abc import Generator, Iterator
+from collections.abc import Generator
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -320,7 +320,7 @@ class RayEngine:
         self.timings: dict[str, float] = {"ingest": 0.0, "model": 0.0}
         self.settings: dict[str, Any] = {}
 
-    def run(self, job: EngineJob) -> Iterator[ChunkOutput]:
+    def run(self, job: EngineJob) -> Generator[ChunkOutput, None, None]:
         """The chunks as they finish. ``job.ingest.workers`` caps the ingestion tasks running at
         once (None: every CPU slot the actors leave)."""
         from tqdm.auto import tqdm
