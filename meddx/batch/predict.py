@@ -66,7 +66,12 @@ def predict_chunk(
     errors = {r.row.row: tuple(r.modality_errors) for r in ready.rows}
     order = {t: i for i, t in enumerate(model.tasks)}
     predictions.sort(key=lambda p: (p.row, order[p.task]))
-    return [dataclasses.replace(p, modality_errors=errors[p.row]) for p in predictions]
+    return [
+        dataclasses.replace(
+            p, modality_errors=errors[p.row], abstain=settings.abstain and p.ood is not None and p.ood > 1
+        )
+        for p in predictions
+    ]
 
 
 def predict_cohort(

@@ -119,6 +119,7 @@ def diagnose(
     chunk_size: int = 64,
     contributions: bool = True,
     task_timeout: float | None = DEFAULT_TASK_TIMEOUT,
+    abstain: bool = True,
     plugins: tuple[str, ...] = (),
     engine: str = "local",
     device: str = "cpu",
@@ -141,6 +142,9 @@ def diagnose(
         chunk_size: rows per chunk (what is ingested ahead, and the unit of resuming).
         contributions: add ``contribution:<modality>`` and ``ablation:<modality>`` columns.
         task_timeout: seconds one file may take in a worker (None: no limit).
+        abstain: a row above the model's fused out-of-distribution threshold (``ood`` > 1) gets
+            ``status=abstain`` and a ``preliminary`` RiskAssessment; its prediction is still written.
+            False: ``ood`` columns only. Without ``ood.json`` in the model folder nothing abstains.
         plugins: modules that register custom ingestors (imported in every worker).
         engine: ``local`` (worker processes on this machine) or ``ray`` (ingestion as Ray tasks,
             the model in Ray actors; :mod:`meddx.batch.engines.on_ray`, ``pip install 'meddx[distributed]'``).
@@ -209,7 +213,7 @@ def diagnose(
         aligner,
         model_dir,
         IngestSettings(cache_root, workers, task_timeout, tuple(plugins)),
-        ChunkSettings(batch_size, contributions, device),
+        ChunkSettings(batch_size, contributions, device, abstain),
         progress,
     )
     workers = default_workers() if workers is None else workers
@@ -272,6 +276,7 @@ def diagnose(
             "engine": engine,
             "device": device,
             "contributions": contributions,
+            "abstain": abstain,
             "resume": resume,
             "store_sr": store_sr,
             "store_fhir": store_fhir,
