@@ -14,7 +14,8 @@
 
 Any problem is a :class:`~meddx.errors.ModelError` naming the file and the field. The
 fingerprint is one SHA-256 over every file that changes the outputs (config with tensorizers,
-weights, adapter, calibration, OOD scorers and thresholds; the bundled text model enters through its hash in ``config.json``):
+weights, adapter, calibration, OOD scorers and thresholds; the bundled text model enters through
+its hash in ``config.json``):
 ``meddx diagnose --resume`` compares it with the one its run plan recorded.
 
 Example:
