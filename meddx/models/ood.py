@@ -8,7 +8,8 @@ thresholded on the validation rows:
   the model's first task; rows without a label only shape nothing), with one covariance shared by
   the classes and shrunk by Ledoit-Wolf (``sklearn.covariance.LedoitWolf``): stable when a space
   has more dimensions than rows;
-* ``knn``: the distance to the ``k``-th nearest training embedding (unit-normalised);
+* ``knn``: the distance to the ``k``-th nearest training embedding (each dimension standardised
+  on the training rows);
 * :func:`energy_score` of the logits is measured beside them (``docs/design.md``) but not saved:
   it sees only what the heads see.
 
@@ -20,7 +21,7 @@ set the same way, so the fused flag too fires on about ``rate`` of unshifted row
 fused threshold; above 1 is flagged.
 
 Saved in the model folder as ``ood.safetensors`` (per space its class means and shrunk precision,
-or its neighbour bank, and a reference sample of at most :data:`REFERENCE_ROWS` training
+or its standardised neighbour bank, and a reference sample of at most :data:`REFERENCE_ROWS` training
 embeddings for the batch shift test :func:`mmd_test`) and ``ood.json`` (method, thresholds,
 rate, rows fitted on, dimensions); :func:`load_ood` checks both whole.
 
@@ -106,8 +107,9 @@ class SpaceScorer:
                 distances.append(np.einsum("nd,de,ne->n", d, precision, d))
             return np.sqrt(np.maximum(np.min(distances, axis=0), 0.0))
         bank = self.tensors["bank"]
-        unit = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-        distances = np.sqrt(np.maximum(2.0 - 2.0 * unit @ bank.T, 0.0))  # (n, N)
+        z = (x - self.tensors["center"]) / self.tensors["scale"]
+        squared = (z**2).sum(1)[:, None] + (bank**2).sum(1)[None, :] - 2 * z @ bank.T
+        distances = np.sqrt(np.maximum(squared, 0.0))  # (n, N)
         k = min(KNN_K, bank.shape[0])
         return np.partition(distances, k - 1, axis=1)[:, k - 1]
 
@@ -117,8 +119,9 @@ def fit_space(x: np.ndarray, labels: np.ndarray, method: str, seed: int = 0) -> 
     x = np.asarray(x, dtype=np.float64)
     if method == "knn":
         rng = np.random.default_rng(seed)
-        bank = x[rng.permutation(len(x))[:KNN_BANK_ROWS]]
-        return SpaceScorer(method, {"bank": bank / np.maximum(np.linalg.norm(bank, axis=1, keepdims=True), 1e-12)})
+        center, scale = x.mean(axis=0, keepdims=True), np.maximum(x.std(axis=0, keepdims=True), 1e-6)
+        bank = (x[rng.permutation(len(x))[:KNN_BANK_ROWS]] - center) / scale
+        return SpaceScorer(method, {"bank": bank, "center": center, "scale": scale})
     from sklearn.covariance import LedoitWolf
 
     classes = [c for c in np.unique(labels) if c >= 0 and (labels == c).sum() >= 2]
@@ -341,7 +344,7 @@ def load_ood(folder: str | Path) -> OodModel | None:
         dim = dims[space]
         if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= MAX_DIM:
             raise ModelError(f"{meta_path}: dims.{space} must be an integer from 1 to {MAX_DIM}; got {dim!r}")
-        names = ("means", "precision") if method == "mahalanobis" else ("bank",)
+        names = ("means", "precision") if method == "mahalanobis" else ("bank", "center", "scale")
         found = {}
         for name in names:
             key = f"{space}.{name}"

@@ -1,0 +1,178 @@
+"""Out-of-distribution scores: the false-alarm rate holds on unshifted rows, a shifted modality is
+flagged and named, the files are checked on load and fingerprinted, and abstained rows reach every
+output (predictions table, FHIR RiskAssessments) with their status."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from meddx.errors import ModelError
+from meddx.models.folder import check_model_folder
+from meddx.models.ood import OOD_JSON, OOD_TENSORS, SUMMARY, fit_ood, load_ood, mmd_test
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_MANIFEST = REPO / "sample_data" / "manifest.csv"
+
+
+def _cohort(rng: np.random.Generator, n: int, shift: dict[str, float] | None = None):
+    """Two classes; ``ehr`` and ``audio`` embeddings (8 and 12 dims) and a summary mixing them."""
+    labels = rng.integers(0, 2, n)
+    ehr = rng.normal(size=(n, 8)) + labels[:, None] * 1.5
+    audio = rng.normal(size=(n, 12)) * np.linspace(0.5, 2, 12) + labels[:, None]
+    for name, amount in (shift or {}).items():
+        if name == "audio":
+            audio = audio + amount
+        else:
+            ehr = ehr * amount
+    summary = np.c_[ehr[:, :4], audio[:, :4]] * 0.1 + rng.normal(size=(n, 8))
+    return {"ehr": ehr, "audio": audio, SUMMARY: summary}, labels
+
+
+@pytest.mark.parametrize("method", ["mahalanobis", "knn"])
+def test_unshifted_rows_are_flagged_at_about_the_rate_and_a_shifted_modality_is_named(method: str) -> None:
+    rng = np.random.default_rng(0)
+    train, labels = _cohort(rng, 600)
+    val, _ = _cohort(rng, 400)
+    ood = fit_ood(train, labels, val, method=method, rate=0.05)
+    test, _ = _cohort(rng, 2000)
+    ratios, fused = ood.score(test)
+    assert 0.025 <= np.mean(fused > 1) <= 0.09  # binomial spread on 400 validation rows
+    for space in ("ehr", "audio"):
+        assert 0.025 <= np.mean(ratios[space] > 1) <= 0.09
+
+    shifted, _ = _cohort(rng, 300, shift={"audio": 4.0})
+    ratios, fused = ood.score(shifted)
+    assert np.mean(fused > 1) > 0.9
+    flagged = fused > 1
+    assert np.mean(ratios["audio"][flagged] > 1) > 0.95  # the flag names the shifted modality
+    assert np.mean(ratios["ehr"] > 1) < 0.12  # and not the untouched one
+
+
+def test_absent_modalities_get_no_score_and_do_not_raise_the_fused_one() -> None:
+    rng = np.random.default_rng(1)
+    train, labels = _cohort(rng, 300)
+    val, _ = _cohort(rng, 200)
+    present = {s: np.ones(200, dtype=bool) for s in val}
+    present["audio"][:100] = False
+    ood = fit_ood(train, labels, val, val_present=present)
+    assert ood.rows["val"]["audio"] == 100
+    test, _ = _cohort(rng, 50)
+    test["audio"] = test["audio"] + 50.0  # garbage where the rows have no audio
+    have = {s: np.ones(50, dtype=bool) for s in test}
+    have["audio"][:] = False  # the shifted audio is not there: nothing to flag
+    ratios, fused = ood.score(test, have)
+    assert np.isnan(ratios["audio"]).all()
+    assert np.mean(fused > 1) < 0.2
+
+
+def test_too_few_rows_give_no_scores() -> None:
+    rng = np.random.default_rng(2)
+    train, labels = _cohort(rng, 8)
+    val, _ = _cohort(rng, 3)
+    assert fit_ood(train, labels, val) is None
+
+
+def test_the_shift_test_tells_a_moved_sample_from_a_drawn_one() -> None:
+    rng = np.random.default_rng(3)
+    reference = rng.normal(size=(200, 6))
+    same = mmd_test(reference, rng.normal(size=(100, 6)), seed=0)
+    moved = mmd_test(reference, rng.normal(size=(100, 6)) + 1.0, seed=0)
+    assert same["p_value"] > 0.05 and moved["p_value"] < 0.01
+    assert moved["mmd"] > 3 * same["mmd"]
+
+
+def _ood_folder(tiny_model: Path, tmp_path: Path) -> Path:
+    folder = Path(shutil.copytree(tiny_model, tmp_path / "model"))
+    assert (folder / OOD_JSON).is_file() and (folder / OOD_TENSORS).is_file(), "finetune writes the OOD files"
+    return folder
+
+
+@pytest.mark.slow
+def test_finetune_saves_checked_and_fingerprinted_ood_files(tiny_model: Path, tmp_path: Path) -> None:
+    folder = _ood_folder(tiny_model, tmp_path)
+    summary = json.loads((folder / OOD_JSON).read_text())
+    assert summary["method"] == "mahalanobis" and summary["false_alarm_rate"] == 0.05
+    assert SUMMARY in summary["thresholds"] and set(summary["dims"]) == set(summary["thresholds"])
+    assert all(n >= 10 for n in summary["rows"]["train"].values())
+    checked = check_model_folder(folder, fingerprint=True)
+    assert checked.ood is not None and OOD_JSON in checked.sha256 and OOD_TENSORS in checked.sha256
+
+    document = json.loads((folder / OOD_JSON).read_text())
+    document["fused_threshold"] *= 2
+    (folder / OOD_JSON).write_text(json.dumps(document))
+    assert check_model_folder(folder, fingerprint=True).fingerprint != checked.fingerprint
+
+    document["thresholds"][SUMMARY] = -1.0
+    (folder / OOD_JSON).write_text(json.dumps(document))
+    with pytest.raises(ModelError, match=r"ood.json: thresholds.summary"):
+        check_model_folder(folder)
+    (folder / OOD_JSON).unlink()
+    with pytest.raises(ModelError, match="without the other"):
+        check_model_folder(folder)
+    (folder / OOD_TENSORS).unlink()  # an older folder: neither file; it loads, with no scores
+    assert check_model_folder(folder).ood is None and load_ood(folder) is None
+
+
+def _set_fused_threshold(folder: Path, factor: float) -> None:
+    document = json.loads((folder / OOD_JSON).read_text())
+    document["fused_threshold"] *= factor
+    (folder / OOD_JSON).write_text(json.dumps(document))
+
+
+@pytest.mark.slow
+def test_abstained_rows_are_in_the_predictions_and_the_risk_assessments(
+    tiny_model: Path, sample_cache: Path, tmp_path: Path
+) -> None:
+    from meddx.batch import diagnose
+
+    folder = _ood_folder(tiny_model, tmp_path)
+    plain = pd.read_parquet(
+        diagnose(SAMPLE_MANIFEST, folder, tmp_path / "plain", split="test", cache_dir=sample_cache, workers=1,
+                 progress=False).predictions
+    )
+    assert "ood" in plain.columns and any(c.startswith("ood:") for c in plain.columns)
+    expected = np.where(plain["ood"] > 1, "abstain", "ok")
+    assert (plain["status"].to_numpy() == expected).all()
+
+    _set_fused_threshold(folder, 1e-6)  # every row is now far above the fused threshold
+    result = diagnose(SAMPLE_MANIFEST, folder, tmp_path / "abstain", split="test", cache_dir=sample_cache,
+                      workers=1, progress=False)
+    frame = pd.read_parquet(result.predictions)
+    assert len(frame) == len(plain) and (frame["status"] == "abstain").all()
+    assert frame["probability"].notna().all()  # the prediction is still written
+    resources = [json.loads(line) for line in result.risk_assessments.read_text().splitlines()]
+    assert len(resources) == len(frame)
+    assert all(r["status"] == "preliminary" for r in resources)
+    notes = [n["text"] for r in resources for n in r["note"] if n["text"].startswith("Out of distribution")]
+    assert len(notes) == len(resources) and all("flagged:" in n and "abstains" in n for n in notes)
+    run = json.loads(result.run.read_text())
+    assert run["settings"]["abstain"] is True
+
+    kept = pd.read_parquet(
+        diagnose(SAMPLE_MANIFEST, folder, tmp_path / "kept", split="test", cache_dir=sample_cache, workers=1,
+                 progress=False, abstain=False).predictions
+    )
+    assert (kept["status"] == "ok").all() and (kept["ood"] > 1).all()
+
+
+@pytest.mark.slow
+def test_a_folder_without_ood_files_predicts_without_ood_columns(
+    tiny_model: Path, sample_cache: Path, tmp_path: Path
+) -> None:
+    from meddx.batch import diagnose
+
+    folder = _ood_folder(tiny_model, tmp_path)
+    (folder / OOD_JSON).unlink()
+    (folder / OOD_TENSORS).unlink()
+    frame = pd.read_parquet(
+        diagnose(SAMPLE_MANIFEST, folder, tmp_path / "run", split="test", cache_dir=sample_cache, workers=1,
+                 progress=False).predictions
+    )
+    assert not any(c == "ood" or c.startswith("ood:") for c in frame.columns)
+    assert (frame["status"] == "ok").all()
