@@ -14,7 +14,7 @@ unshifted ones (rows that have the modality), the share of shifted rows flagged 
 the share of unshifted test rows flagged (the false-alarm rate, target 0.05), and how often the
 flag names the shifted modality.
 
-Run: ``PYTHONPATH=. .venv/bin/python benchmarks/bench_ood.py [--patients 240] [--epochs 3]``.
+Run: ``PYTHONPATH=. .venv/bin/python benchmarks/bench_ood.py [--patients 240] [--epochs 3] [--reuse]``.
 """
 
 from __future__ import annotations
@@ -73,23 +73,29 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=240)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--out", default="/tmp/meddx-bench-ood")
+    parser.add_argument("--reuse", action="store_true", help="score with OUT/model if it is there")
     args = parser.parse_args()
     out = Path(args.out)
     cache = out / "cache"
     base = generate_cohort(out / "base", n_patients=args.patients, seed=7)
     started = time.perf_counter()
-    model = finetune(
-        base,
-        out / "model",
-        mode="full",
-        epochs=args.epochs,
-        seed=0,
-        cache_dir=cache,
-        workers=2,
-        progress=False,
-        backbone_config=BackboneConfig(d_model=16, n_layers=1, n_heads=2),
-    )
-    print(f"fine-tuned on {model.training_info['rows']} in {time.perf_counter() - started:.0f} s")
+    if args.reuse and (out / "model" / "ood.json").is_file():
+        from meddx.models.diagnosis import DiagnosisModel
+
+        model = DiagnosisModel.from_pretrained(out / "model")
+    else:
+        model = finetune(
+            base,
+            out / "model",
+            mode="full",
+            epochs=args.epochs,
+            seed=0,
+            cache_dir=cache,
+            workers=2,
+            progress=False,
+            backbone_config=BackboneConfig(d_model=16, n_layers=1, n_heads=2),
+        )
+    print(f"model on {model.training_info['rows']} rows in {time.perf_counter() - started:.0f} s")
     kind = next(iter(model.tasks.values())).kind
     train = embeddings_of(model, base, "train", cache)
     val = embeddings_of(model, base, "val", cache)

@@ -153,6 +153,9 @@ def test_abstained_rows_are_in_the_predictions_and_the_risk_assessments(
     assert len(notes) == len(resources) and all("flagged:" in n and "abstains" in n for n in notes)
     run = json.loads(result.run.read_text())
     assert run["settings"]["abstain"] is True
+    shift = run["shift"]
+    assert shift["fused"]["flagged_share"] == 1.0 and shift["fused"]["rows"] == frame["patient_id"].nunique()
+    assert 0 < shift["summary"]["p_value"] <= 1 and shift["summary"]["mmd"] >= 0
 
     kept = pd.read_parquet(
         diagnose(SAMPLE_MANIFEST, folder, tmp_path / "kept", split="test", cache_dir=sample_cache, workers=1,

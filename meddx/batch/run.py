@@ -13,7 +13,8 @@ assembled into the final files:
   modality is named in ``modality_errors`` and the rest still diagnose;
 * ``risk_assessments.ndjson``: one validated FHIR R4 RiskAssessment per ``ok`` row;
 * ``errors.csv``: every ingest error, and every row that could not be diagnosed;
-* ``run.json``: the model (name, SHA-256 of ``model.safetensors``), versions, counts, timings;
+* ``run.json``: the model (name, SHA-256 of ``model.safetensors``), versions, counts, timings,
+  and with a model that has OOD scores the batch ``"shift"`` report (:mod:`meddx.batch.shift`);
   written last, with ``"complete": true``.
 
 A run killed at any point (even SIGKILL) and started again with ``resume=True`` keeps its
@@ -229,10 +230,17 @@ def diagnose(
         fhir_writer = FhirWriter(aligner.config.fhir)
     writer = ChunkWriter(out / PARTS, list(checked.tasks), provenance, reporter, fhir_writer)
     runner = make_engine(engine, ray_options)
+    shift = None
+    if checked.ood is not None:
+        from meddx.batch.shift import ShiftSample
+
+        shift = ShiftSample(checked.ood)
     with closing(runner.run(job)) as outputs:
         for output in outputs:
             tick = time.perf_counter()
             writer.write(output)
+            if shift is not None:
+                shift.add(output)
             timings["writing"] += time.perf_counter() - tick
     timings.update(runner.timings)
 
@@ -283,6 +291,7 @@ def diagnose(
             **runner.settings,
         },
         "counts": counts,
+        "shift": shift.report() if shift is not None else None,
         "timings_seconds": {k: round(v, 3) for k, v in timings.items()},
         "rows_per_second": round(job.rows / max(timings["total"], 1e-9), 2),
     }

@@ -229,16 +229,23 @@ class DiagnosisModel(nn.Module):
     # --------------------------------------------------------------- predicting
 
     @torch.no_grad()
-    def task_predictions(self, batch: PatientBatch, contributions: bool = True) -> list[TaskPrediction]:
+    def task_predictions(
+        self, batch: PatientBatch, contributions: bool = True, embeddings: dict[str, list] | None = None
+    ) -> list[TaskPrediction]:
         """The typed predictions of one batch: every task, each task's rows in batch order.
 
         With ``contributions``, each present modality's contribution (the logit change when it is
         withheld; binary: the positive class's logit, multiclass: the predicted class's) and its
-        ablation probabilities (calibrated, with it withheld) ride along.
+        ablation probabilities (calibrated, with it withheld) ride along. ``embeddings``, when
+        given, gets each OOD space's ``(P, D)`` embeddings of the rows that have it appended
+        (what the batch shift test of ``diagnose`` reads).
         """
-        logits, withheld, (embeddings, have) = self._batch_outputs(batch, ablations=contributions)
+        logits, withheld, (spaces, have) = self._batch_outputs(batch, ablations=contributions)
         present = batch.present.cpu().numpy()  # (B, M)
-        ood_ratios, ood_fused = self.ood.score(embeddings, have) if self.ood is not None else ({}, None)
+        ood_ratios, ood_fused = self.ood.score(spaces, have) if self.ood is not None else ({}, None)
+        if embeddings is not None:
+            for space, values in spaces.items():
+                embeddings.setdefault(space, []).append(values[have[space]])
         index_times = [t.isoformat().replace("+00:00", "Z") for t in batch.index_times]
         used = [tuple(m.value for j, m in enumerate(MODALITIES) if present[i, j]) for i in range(len(batch))]
         predictions: list[TaskPrediction] = []
