@@ -74,8 +74,12 @@ def test_absent_modalities_get_no_score_and_do_not_raise_the_fused_one() -> None
 def test_too_few_rows_give_no_scores() -> None:
     rng = np.random.default_rng(2)
     train, labels = _cohort(rng, 8)
-    val, _ = _cohort(rng, 3)
+    val, _ = _cohort(rng, 30)
     assert fit_ood(train, labels, val) is None
+    train, labels = _cohort(rng, 100)
+    val, _ = _cohort(rng, 15)  # the 95% quantile of 15 rows would be their largest: the rate cannot hold
+    assert fit_ood(train, labels, val, rate=0.05) is None
+    assert fit_ood(train, labels, val, rate=0.1) is not None
 
 
 def test_the_shift_test_tells_a_moved_sample_from_a_drawn_one() -> None:

@@ -15,8 +15,12 @@ thresholded on the validation rows:
 
 Each space's threshold is the conformal ``1 - rate`` quantile of its validation scores, so an
 unshifted row is flagged with probability about ``rate`` (``ood_false_alarm``, default 0.05). A
-row's fused score is the largest of its spaces' score-to-threshold ratios, with its own threshold
-set the same way, so the fused flag too fires on about ``rate`` of unshifted rows. What a row gets
+row's fused score is the largest of its spaces' score-to-threshold ratios; its threshold is the
+same quantile of the validation rows' fused scores *cross-fitted* (each half's ratios against
+thresholds set on the other half: ratios against thresholds set on the same rows would never
+pass 1 and the fused flag would fire far more often than ``rate``). A space needs at least
+``ceil((1 - rate) / rate)`` validation rows (19 at 5%), fewer cannot honour the rate; with
+no space left the model has no OOD scores (logged). What a row gets
 (:meth:`OodModel.score`) are ratios: ``ood:<space>`` = score / threshold and ``ood`` = fused /
 fused threshold; above 1 is flagged.
 
@@ -61,7 +65,6 @@ REFERENCE_ROWS = 512
 KNN_BANK_ROWS = 4096
 KNN_K = 10
 MIN_TRAIN_ROWS = 10
-MIN_VAL_ROWS = 5
 MAX_DIM = 65_536
 
 
@@ -258,7 +261,8 @@ def fit_ood(
         seed: picks the reference sample and the kNN bank.
 
     Returns:
-        The model, or None when no space has enough rows (at least 10 training, 5 validation).
+        The model, or None when no space has enough rows (at least 10 training rows and
+        :func:`min_val_rows` validation rows).
     """
     if method not in METHODS:
         raise ValueError(f"ood method must be one of {', '.join(METHODS)}; got {method!r}")
@@ -272,7 +276,7 @@ def fit_ood(
     for space, x in train.items():
         have = np.ones(len(x), dtype=bool) if train_present is None else train_present[space]
         vhave = np.ones(len(val[space]), dtype=bool) if val_present is None else val_present[space]
-        if have.sum() < MIN_TRAIN_ROWS or vhave.sum() < MIN_VAL_ROWS:
+        if have.sum() < MIN_TRAIN_ROWS or vhave.sum() < min_val_rows(rate):
             logger.info("ood: %s has %d training and %d validation rows; not scored", space, have.sum(), vhave.sum())
             continue
         scorer = fit_space(x[have], labels[have], method, seed)
@@ -285,14 +289,41 @@ def fit_ood(
         references[space] = np.asarray(x[have])[rng.permutation(int(have.sum()))[:REFERENCE_ROWS]]
         rows["train"][space], rows["val"][space] = int(have.sum()), int(vhave.sum())
         full = np.full(len(vhave), np.nan)
-        full[vhave] = scores / threshold
+        full[vhave] = scores
         val_scores[space] = full
     if not scorers:
         return None
-    n_val = len(next(iter(val.values())))
-    fused = _largest(val_scores, n_val)
-    fused_threshold = conformal_quantile(fused[fused > 0], rate) if (fused > 0).any() else 1.0
+    fused = _cross_fitted_fused(val_scores, rate, seed)
+    if (fused > 0).sum() < min_val_rows(rate):
+        return None
+    fused_threshold = conformal_quantile(fused[fused > 0], rate)
     return OodModel(method, rate, scorers, thresholds, fused_threshold, rows, references)
+
+
+def min_val_rows(rate: float) -> int:
+    """The fewest validation rows whose conformal quantile at ``rate`` is not simply their largest score.
+
+    Example:
+        >>> min_val_rows(0.05), min_val_rows(0.1)
+        (19, 9)
+    """
+    return math.ceil((1 - rate) / rate - 1e-9)
+
+
+def _cross_fitted_fused(val_scores: dict[str, np.ndarray], rate: float, seed: int) -> np.ndarray:
+    """Each validation row's fused score against per-space thresholds set on the other half of the rows."""
+    n = len(next(iter(val_scores.values())))
+    half = np.random.default_rng(seed).permutation(n) < n // 2
+    ratios: dict[str, np.ndarray] = {}
+    for space, scores in val_scores.items():
+        ratio = np.full(n, np.nan)
+        for fold in (half, ~half):
+            other = ~fold & ~np.isnan(scores)
+            if other.sum() == 0:
+                continue
+            ratio[fold] = scores[fold] / conformal_quantile(scores[other], rate)
+        ratios[space] = ratio
+    return _largest(ratios, n)
 
 
 def _positive(value: Any, where: str) -> float:

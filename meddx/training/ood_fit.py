@@ -75,7 +75,15 @@ def fit_ood_scores(
         rate=rate,
     )
     if ood is None:
-        logger.warning("too few training or validation rows for out-of-distribution scores; the model has none")
+        from meddx.models.ood import MIN_TRAIN_ROWS, min_val_rows
+
+        logger.warning(
+            "out-of-distribution scores need %d training and %d validation rows with a modality (false-alarm "
+            "rate %.3f); this cohort has too few, so the model has none and diagnose will not abstain",
+            MIN_TRAIN_ROWS,
+            min_val_rows(rate),
+            rate,
+        )
     else:
         logger.info("ood: %s thresholds at false-alarm rate %.3f: %s", method, rate, ood.thresholds)
     return ood
