@@ -16,9 +16,6 @@ from meddx.errors import ModelError
 from meddx.models.folder import check_model_folder
 from meddx.models.ood import OOD_JSON, OOD_TENSORS, SUMMARY, fit_ood, load_ood, mmd_test
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE_MANIFEST = REPO / "sample_data" / "manifest.csv"
-
 
 def _cohort(rng: np.random.Generator, n: int, shift: dict[str, float] | None = None):
     """Two classes; ``ehr`` and ``audio`` embeddings (8 and 12 dims) and a summary mixing them."""
@@ -91,15 +88,38 @@ def test_the_shift_test_tells_a_moved_sample_from_a_drawn_one() -> None:
     assert moved["mmd"] > 3 * same["mmd"]
 
 
-def _ood_folder(tiny_model: Path, tmp_path: Path) -> Path:
-    folder = Path(shutil.copytree(tiny_model, tmp_path / "model"))
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A generated cohort of 150 patients (about 30 validation rows: enough for a 5% threshold), a tiny
+    model fine-tuned on it for one epoch, and their ingest cache."""
+    from meddx.models import BackboneConfig
+    from meddx.synth import generate_cohort
+    from meddx.training import finetune
+
+    root = tmp_path_factory.mktemp("ood-cohort")
+    manifest = generate_cohort(root / "cohort", n_patients=150, seed=11)
+    cache = root / "cache"
+    finetune(manifest, root / "model", mode="full", epochs=1, seed=0, cache_dir=cache, workers=2, progress=False,
+             backbone_config=BackboneConfig(d_model=16, n_layers=1, n_heads=2))
+    return manifest, root / "model", cache
+
+
+def _ood_folder(model: Path, tmp_path: Path) -> Path:
+    folder = Path(shutil.copytree(model, tmp_path / "model"))
     assert (folder / OOD_JSON).is_file() and (folder / OOD_TENSORS).is_file(), "finetune writes the OOD files"
     return folder
 
 
 @pytest.mark.slow
-def test_finetune_saves_checked_and_fingerprinted_ood_files(tiny_model: Path, tmp_path: Path) -> None:
-    folder = _ood_folder(tiny_model, tmp_path)
+def test_too_few_validation_rows_leave_a_model_without_ood_files(tiny_model: Path) -> None:
+    # sample_data has 12 validation rows: a 5% threshold cannot be set, so finetune writes none
+    assert not (tiny_model / OOD_JSON).exists() and not (tiny_model / OOD_TENSORS).exists()
+    assert check_model_folder(tiny_model).ood is None
+
+
+@pytest.mark.slow
+def test_finetune_saves_checked_and_fingerprinted_ood_files(generated, tmp_path: Path) -> None:
+    folder = _ood_folder(generated[1], tmp_path)
     summary = json.loads((folder / OOD_JSON).read_text())
     assert summary["method"] == "mahalanobis" and summary["false_alarm_rate"] == 0.05
     assert SUMMARY in summary["thresholds"] and set(summary["dims"]) == set(summary["thresholds"])
@@ -130,14 +150,13 @@ def _set_fused_threshold(folder: Path, factor: float) -> None:
 
 
 @pytest.mark.slow
-def test_abstained_rows_are_in_the_predictions_and_the_risk_assessments(
-    tiny_model: Path, sample_cache: Path, tmp_path: Path
-) -> None:
+def test_abstained_rows_are_in_the_predictions_and_the_risk_assessments(generated, tmp_path: Path) -> None:
     from meddx.batch import diagnose
 
-    folder = _ood_folder(tiny_model, tmp_path)
+    manifest, model, cache = generated
+    folder = _ood_folder(model, tmp_path)
     plain = pd.read_parquet(
-        diagnose(SAMPLE_MANIFEST, folder, tmp_path / "plain", split="test", cache_dir=sample_cache, workers=1,
+        diagnose(manifest, folder, tmp_path / "plain", split="test", cache_dir=cache, workers=1,
                  progress=False).predictions
     )
     assert "ood" in plain.columns and any(c.startswith("ood:") for c in plain.columns)
@@ -145,7 +164,7 @@ def test_abstained_rows_are_in_the_predictions_and_the_risk_assessments(
     assert (plain["status"].to_numpy() == expected).all()
 
     _set_fused_threshold(folder, 1e-6)  # every row is now far above the fused threshold
-    result = diagnose(SAMPLE_MANIFEST, folder, tmp_path / "abstain", split="test", cache_dir=sample_cache,
+    result = diagnose(manifest, folder, tmp_path / "abstain", split="test", cache_dir=cache,
                       workers=1, progress=False)
     frame = pd.read_parquet(result.predictions)
     assert len(frame) == len(plain) and (frame["status"] == "abstain").all()
@@ -162,24 +181,66 @@ def test_abstained_rows_are_in_the_predictions_and_the_risk_assessments(
     assert 0 < shift["summary"]["p_value"] <= 1 and shift["summary"]["mmd"] >= 0
 
     kept = pd.read_parquet(
-        diagnose(SAMPLE_MANIFEST, folder, tmp_path / "kept", split="test", cache_dir=sample_cache, workers=1,
+        diagnose(manifest, folder, tmp_path / "kept", split="test", cache_dir=cache, workers=1,
                  progress=False, abstain=False).predictions
     )
     assert (kept["status"] == "ok").all() and (kept["ood"] > 1).all()
 
 
 @pytest.mark.slow
-def test_a_folder_without_ood_files_predicts_without_ood_columns(
-    tiny_model: Path, sample_cache: Path, tmp_path: Path
-) -> None:
+def test_a_folder_without_ood_files_predicts_without_ood_columns(generated, tmp_path: Path) -> None:
     from meddx.batch import diagnose
 
-    folder = _ood_folder(tiny_model, tmp_path)
+    manifest, model, cache = generated
+    folder = _ood_folder(model, tmp_path)
     (folder / OOD_JSON).unlink()
     (folder / OOD_TENSORS).unlink()
     frame = pd.read_parquet(
-        diagnose(SAMPLE_MANIFEST, folder, tmp_path / "run", split="test", cache_dir=sample_cache, workers=1,
+        diagnose(manifest, folder, tmp_path / "run", split="test", cache_dir=cache, workers=1,
                  progress=False).predictions
     )
     assert not any(c == "ood" or c.startswith("ood:") for c in frame.columns)
     assert (frame["status"] == "ok").all()
+
+
+def _tone(folder: Path, patients: set[str]) -> None:
+    """Replace the lung sounds of ``patients`` with a loud 1 kHz tone (another device, strongly)."""
+    import soundfile
+
+    for wav in folder.glob("patients/*/*.wav"):
+        if wav.parent.name not in patients:
+            continue
+        info = soundfile.info(wav)
+        tone = 0.8 * np.sin(2 * np.pi * 1000.0 * np.arange(info.frames) / info.samplerate)
+        soundfile.write(wav, np.stack([tone] * info.channels, axis=1) if info.channels > 1 else tone, info.samplerate)
+
+
+@pytest.mark.slow
+def test_an_unshifted_test_split_is_flagged_rarely_and_a_shifted_modality_for_most_rows(
+    generated, tmp_path: Path
+) -> None:
+    from meddx.batch import diagnose
+
+    manifest, model, cache = generated
+    plain = diagnose(manifest, model, tmp_path / "plain", split="test", cache_dir=cache, workers=1, progress=False)
+    frame = pd.read_parquet(plain.predictions)
+    assert frame["ood"].notna().all()
+    assert (frame["ood"] > 1).mean() <= 0.2  # 5% configured; about 30 test rows
+
+    shifted_folder = Path(shutil.copytree(manifest.parent, tmp_path / "shifted"))
+    test_patients = set(frame["patient_id"])
+    _tone(shifted_folder, test_patients)
+    shifted = diagnose(shifted_folder / "manifest.csv", model, tmp_path / "shifted-run", split="test",
+                       cache_dir=tmp_path / "cache", workers=1, progress=False)
+    moved = pd.read_parquet(shifted.predictions)
+    with_audio = moved[moved["modalities"].str.contains("audio")]
+    assert len(with_audio) >= 10
+    assert (with_audio["status"] == "abstain").mean() >= 0.8
+    flagged = with_audio[with_audio["status"] == "abstain"]
+    assert (flagged["ood:audio"] > 1).all()  # the flag names the shifted modality
+    resources = [json.loads(line) for line in shifted.risk_assessments.read_text().splitlines()]
+    notes = [n["text"] for r in resources if r["status"] == "preliminary" for n in r["note"][1:]]
+    assert notes and all("audio" in n for n in notes)
+    shift = json.loads(shifted.run.read_text())["shift"]
+    assert shift["audio"]["flagged_share"] >= 0.8 and shift["audio"]["p_value"] < 0.05
+    assert json.loads(plain.run.read_text())["shift"]["audio"]["flagged_share"] <= 0.25
