@@ -23,7 +23,7 @@ QUICK_MARKERS := not slow and not pacs and not ray and not notebooks
 # repository root: they read sample_data/ and tests/data/). A module whose examples all run belongs here.
 DOCTEST_MODULES := meddx/__init__.py meddx/align.py meddx/arguments.py meddx/batch/engines/local.py \
 	meddx/batch/options.py meddx/cache.py meddx/calibration.py meddx/cli_options.py meddx/cohort.py \
-	meddx/config.py meddx/config_files.py meddx/data/__init__.py meddx/data/dataset.py \
+	meddx/config.py meddx/config_files.py meddx/data/__init__.py meddx/data/dataset.py meddx/data/summary.py \
 	meddx/data/index.py meddx/data/prefetch.py meddx/data/store.py meddx/dicom_times.py \
 	meddx/dicomweb/client.py meddx/dicomweb/guard.py meddx/dicomweb/multipart.py meddx/dicomweb/query.py \
 	meddx/dicomweb/ref.py meddx/dicomweb/store.py meddx/errors.py meddx/evaluate.py meddx/export/fhir.py \
@@ -31,14 +31,17 @@ DOCTEST_MODULES := meddx/__init__.py meddx/align.py meddx/arguments.py meddx/bat
 	meddx/fhirclient/ref.py meddx/fhirclient/search.py meddx/files.py meddx/ingest/audio.py \
 	meddx/ingest/device_logs.py meddx/ingest/dicom.py meddx/ingest/dicom_io.py \
 	meddx/ingest/dicom_series.py meddx/ingest/ehr_tensorizer.py meddx/ingest/fhir.py \
-	meddx/ingest/fhir_bulk.py meddx/ingest/file_checks.py meddx/ingest/image_resize.py \
+	meddx/ingest/fhir_bulk.py meddx/ingest/fhir_status.py meddx/ingest/fhir_times.py \
+	meddx/ingest/fhir_versions.py meddx/ingest/file_checks.py meddx/ingest/image_resize.py \
 	meddx/ingest/notes.py meddx/ingest/units.py meddx/ingest/video.py meddx/metrics.py \
 	meddx/models/backbone.py meddx/models/config.py meddx/models/encoders/audio.py \
 	meddx/models/encoders/device_logs.py meddx/models/encoders/ehr.py meddx/models/encoders/imaging.py \
 	meddx/models/encoders/video.py meddx/models/frozen.py meddx/models/heads.py \
 	meddx/models/pretraining.py meddx/models/text_cache.py meddx/pipelines.py \
 	meddx/predictions/columns.py meddx/predictions/table.py meddx/predictions/types.py meddx/records.py \
-	meddx/specs.py meddx/splits.py meddx/synth.py meddx/training/__init__.py \
+	meddx/specs.py meddx/splits.py meddx/synth/__init__.py meddx/synth/audio.py meddx/synth/cohort.py \
+	meddx/synth/ct.py meddx/synth/device_logs.py meddx/synth/fhir.py meddx/synth/notes.py \
+	meddx/synth/video.py meddx/training/__init__.py \
 	meddx/training/distributed.py meddx/training/early_stopping.py meddx/training/fits.py \
 	meddx/training/trainer.py meddx/training/validation.py
 
@@ -88,10 +91,12 @@ test-quick: $(STAMP)
 doctest: $(STAMP)
 	$(PY) -m pytest -q --doctest-modules $(DOCTEST_MODULES)
 
-# ruff (lint rules and format) and mypy over the library; settings in pyproject.toml.
+# ruff (lint rules and format) over the library, tests and benchmarks, and mypy over the library; settings in
+# pyproject.toml.
+LINT_PATHS := meddx tests benchmarks
 lint: $(LINT_STAMP)
-	$(VENV)/bin/ruff check meddx
-	$(VENV)/bin/ruff format --check meddx
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 	$(VENV)/bin/mypy
 
 # Regenerate the committed sample cohort (byte for byte, except the videos: the same decoded frames).

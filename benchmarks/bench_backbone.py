@@ -42,7 +42,7 @@ def _batches(patients: int, batch_size: int, root: Path):
     aligner = Aligner().fit(records)
     task = next(iter(cohort.tasks), None)
     tensors = []
-    for row, record in zip(cohort, records):
+    for row, record in zip(cohort, records, strict=True):
         item = aligner.transform(record)
         if task is not None and row.labels.get(task) is not None:
             item.labels = {task: int(row.labels[task])}
@@ -74,7 +74,9 @@ def _measure(aligner, batches, task, patients: int, device: torch.device, cache_
         logits = head(backbone(batch).pooled).squeeze(1)
         if task is not None:
             known = batch.label_mask[task]
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits[known], batch.labels[task][known].float())
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                logits[known], batch.labels[task][known].float()
+            )
         else:
             loss = logits.pow(2).mean()
         optimizer.zero_grad()
@@ -98,7 +100,9 @@ def main() -> None:
         root = Path(tmp)
         start = time.perf_counter()
         aligner, batches, task = _batches(args.patients, args.batch, root)
-        print(f"cohort: {args.patients} patients generated, ingested and aligned in {time.perf_counter() - start:.1f} s")
+        print(
+            f"cohort: {args.patients} patients generated, ingested and aligned in {time.perf_counter() - start:.1f} s"
+        )
         batches = [b.to(device) for b in batches]
         for n, threads in enumerate([int(t) for t in args.threads.split(",") if t] or [torch.get_num_threads()]):
             torch.set_num_threads(threads)

@@ -47,8 +47,10 @@ def main() -> None:
         start = time.perf_counter()
         prepared = prepare_cohort(manifest, cache_dir=root / "cache", workers=args.workers, progress=False)
         seconds = time.perf_counter() - start
-        print(f"prepare (ingest {args.workers} workers + fit + align + index): {seconds:.1f} s, "
-              f"{args.patients / seconds:.1f} patients/s, {len(prepared.report.errors)} ingest errors")
+        print(
+            f"prepare (ingest {args.workers} workers + fit + align + index): {seconds:.1f} s, "
+            f"{args.patients / seconds:.1f} patients/s, {len(prepared.report.errors)} ingest errors"
+        )
 
         start = time.perf_counter()
         again = prepare_cohort(manifest, cache_dir=root / "cache", workers=args.workers, progress=False)
@@ -59,18 +61,23 @@ def main() -> None:
 
         dataset = again.dataset()
         store_mib = sum(p.stat().st_size for p in dataset.store.root.rglob("*.safetensors")) / 2**20
-        print(f"store: {store_mib:.0f} MiB, {store_mib / len(dataset) * 1024:.0f} KiB per row; "
-              f"index: {again.index_path.stat().st_size / 1024:.0f} KiB")
+        print(
+            f"store: {store_mib:.0f} MiB, {store_mib / len(dataset) * 1024:.0f} KiB per row; "
+            f"index: {again.index_path.stat().st_size / 1024:.0f} KiB"
+        )
         epoch = ConcatDataset([dataset] * args.repeat)
         torch.set_num_threads(1)  # as a training process on 2 cores would leave one for the loader
         for loader_workers in (0, 0, 2, 2):  # each twice: the first pass may still meet the store's writeback
-            loader = DataLoader(epoch, batch_size=args.batch_size, shuffle=True, num_workers=loader_workers,
-                                collate_fn=dataset.collate)
+            loader = DataLoader(
+                epoch, batch_size=args.batch_size, shuffle=True, num_workers=loader_workers, collate_fn=dataset.collate
+            )
             start = time.perf_counter()
             rows = sum(len(batch) for batch in loader)
             seconds = time.perf_counter() - start
-            print(f"epoch of {rows} rows, batch {args.batch_size}, {loader_workers} loader workers: "
-                  f"{seconds:.2f} s, {rows / seconds:.0f} patients/s")
+            print(
+                f"epoch of {rows} rows, batch {args.batch_size}, {loader_workers} loader workers: "
+                f"{seconds:.2f} s, {rows / seconds:.0f} patients/s"
+            )
         self_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         children_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         print(f"peak RSS: this process {self_mib:.0f} MiB, largest child {children_mib:.0f} MiB")

@@ -53,10 +53,12 @@ def fine_tune(prepared, train, test, config, modality: str | None, seed: int, ep
     torch.manual_seed(seed)
     backbone = FoundationBackbone.from_aligner(config, prepared.aligner, cache_dir=text_cache)
     head = torch.nn.Linear(config.d_model, 1)
-    optimizer = torch.optim.AdamW([p for p in backbone.parameters() if p.requires_grad] + list(head.parameters()),
-                                  lr=1e-3)
-    loader = DataLoader(train, batch_size=32, shuffle=True, collate_fn=train.collate,
-                        generator=torch.Generator().manual_seed(seed))
+    optimizer = torch.optim.AdamW(
+        [p for p in backbone.parameters() if p.requires_grad] + list(head.parameters()), lr=1e-3
+    )
+    loader = DataLoader(
+        train, batch_size=32, shuffle=True, collate_fn=train.collate, generator=torch.Generator().manual_seed(seed)
+    )
     started = time.perf_counter()
     for _ in range(epochs):
         backbone.train()
@@ -109,10 +111,13 @@ def main() -> None:
                 for variant in args.variants.split(","):
                     config = BackboneConfig.from_dict(VARIANTS[variant])
                     modality = None if case == "fused" else case
-                    auc, n, seconds = fine_tune(prepared, train, test, config, modality, seed, args.epochs,
-                                                Path(text_cache))
-                    print(f"{case:8s} seed {seed} {variant:7s} test AUROC {auc:.3f} (n={n}); "
-                          f"training {seconds:.0f} s", flush=True)
+                    auc, n, seconds = fine_tune(
+                        prepared, train, test, config, modality, seed, args.epochs, Path(text_cache)
+                    )
+                    print(
+                        f"{case:8s} seed {seed} {variant:7s} test AUROC {auc:.3f} (n={n}); training {seconds:.0f} s",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":  # ingestion spawns worker processes

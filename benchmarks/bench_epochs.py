@@ -41,13 +41,16 @@ def prepared_first(patients: int):
     started = time.perf_counter()
     prepared = prepare_cohort(manifest, cache_dir=OUT / "cache", workers=2, progress=False)
     dataset = prepared.dataset().with_inputs()
-    print(f"{len(dataset)} cached patients ready in {time.perf_counter() - started:.1f} s (prepared before: "
-          f"{prepared.report is None})")
+    print(
+        f"{len(dataset)} cached patients ready in {time.perf_counter() - started:.1f} s (prepared before: "
+        f"{prepared.report is None})"
+    )
     return dataset
 
 
-def training_epochs(dataset, batch_size: int, frozen_trunks: bool = False, seed: int = 0,
-                    device: str = "cpu") -> tuple[float, float]:
+def training_epochs(
+    dataset, batch_size: int, frozen_trunks: bool = False, seed: int = 0, device: str = "cpu"
+) -> tuple[float, float]:
     """Seconds of a first and a second training epoch of a fresh default backbone (own, empty text cache)."""
     import torch
     from torch.utils.data import DataLoader
@@ -63,10 +66,16 @@ def training_epochs(dataset, batch_size: int, frozen_trunks: bool = False, seed:
             backbone.freeze_trunks()
         backbone.to(device)
         head = torch.nn.Linear(backbone.config.d_model, 1).to(device)
-        optimizer = torch.optim.AdamW([p for p in backbone.parameters() if p.requires_grad] + list(head.parameters()),
-                                      lr=1e-3)
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=dataset.collate,
-                            generator=torch.Generator().manual_seed(seed))
+        optimizer = torch.optim.AdamW(
+            [p for p in backbone.parameters() if p.requires_grad] + list(head.parameters()), lr=1e-3
+        )
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=True,
+            collate_fn=dataset.collate,
+            generator=torch.Generator().manual_seed(seed),
+        )
         times = []
         for _ in range(2):
             backbone.train()
@@ -75,7 +84,9 @@ def training_epochs(dataset, batch_size: int, frozen_trunks: bool = False, seed:
                 batch = batch.to(device)
                 known = batch.label_mask[task]
                 logits = head(backbone(batch).pooled).squeeze(-1)
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits[known], batch.labels[task][known].float())
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                    logits[known], batch.labels[task][known].float()
+                )
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -83,20 +94,25 @@ def training_epochs(dataset, batch_size: int, frozen_trunks: bool = False, seed:
     return times[0], times[1]
 
 
-def print_training_epochs(dataset, batch_size: int, repeats: int, frozen_trunks: bool = False,
-                          device: str = "cpu") -> None:
+def print_training_epochs(
+    dataset, batch_size: int, repeats: int, frozen_trunks: bool = False, device: str = "cpu"
+) -> None:
     """Time ``repeats`` pairs of first and second epochs (each with a fresh backbone) and print them."""
     cached = "text and frozen trunks" if frozen_trunks else "text"
     ratios = []
     for repeat in range(repeats):
         first, second = training_epochs(dataset, batch_size, frozen_trunks, seed=repeat, device=device)
         ratios.append(first / second)
-        print(f"training epoch 1: {first:.1f} s ({len(dataset) / first:.1f} patients/s; {cached} computed); "
-              f"epoch 2: {second:.1f} s ({len(dataset) / second:.1f} patients/s; {cached} cached); "
-              f"{first / second:.2f}x faster")
+        print(
+            f"training epoch 1: {first:.1f} s ({len(dataset) / first:.1f} patients/s; {cached} computed); "
+            f"epoch 2: {second:.1f} s ({len(dataset) / second:.1f} patients/s; {cached} cached); "
+            f"{first / second:.2f}x faster"
+        )
     if repeats > 1:
-        print(f"second epoch faster than the first: median {statistics.median(ratios):.2f}x "
-              f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x over {repeats} pairs)")
+        print(
+            f"second epoch faster than the first: median {statistics.median(ratios):.2f}x "
+            f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x over {repeats} pairs)"
+        )
 
 
 def main() -> None:
@@ -130,7 +146,7 @@ def main() -> None:
         optimizer = torch.optim.AdamW(heads.parameters(), lr=3e-3)
         times = []
         embeddings = None
-        for epoch in range(3):
+        for _ in range(3):
             start = time.perf_counter()
             if embeddings is None:  # the first epoch computes every embedding once
                 embeddings = compute_embeddings(backbone, dataset, batch_size=64)
@@ -145,8 +161,10 @@ def main() -> None:
                 loss.backward()
                 optimizer.step()
             times.append(time.perf_counter() - start)
-        print(f"head-only epoch 1: {times[0]:.1f} s (embeddings computed once); epoch 2: {times[1]:.3f} s; "
-              f"{times[0] / times[1]:.0f}x faster")
+        print(
+            f"head-only epoch 1: {times[0]:.1f} s (embeddings computed once); epoch 2: {times[1]:.3f} s; "
+            f"{times[0] / times[1]:.0f}x faster"
+        )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak memory (this process): {peak:.0f} MiB")
 

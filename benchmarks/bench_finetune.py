@@ -259,8 +259,10 @@ def main() -> None:
         best_single = max(singles, key=lambda r: r[1])
         print(f"\nfused - best single ({best_single[0]}): {table[0][1] - best_single[1]:+.3f}")
     print(f"fused - late fusion: {table[0][1] - late:+.3f}")
-    print(f"no model can exceed AUROC {bayes_ceiling():.3f} on this cohort (the exact posterior from error-free "
-          "views; see bayes_ceiling)")
+    print(
+        f"no model can exceed AUROC {bayes_ceiling():.3f} on this cohort (the exact posterior from error-free "
+        "views; see bayes_ceiling)"
+    )
 
 
 if __name__ == "__main__":  # ingestion spawns worker processes

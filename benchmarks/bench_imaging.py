@@ -4,8 +4,9 @@ Imaging: a 64-slice 512x512 CT series written by ``meddx.synth.write_ct_series``
 file names) is read by the imaging ingestor (default config: sort, HU, window, resize to
 ``spatial_size``) and, for comparison, by plain ``pydicom.dcmread(f).pixel_array`` over the
 same files. Both warm (files cached, libraries imported, one untimed run of each); the
-two are timed in alternation, 3 rounds, and the best wall time of each is compared (alternating keeps load from other processes on a shared machine
-from favouring one side). Process CPU time is printed too. Target: <= 2.0x.
+two are timed in alternation, 3 rounds, and the best wall time of each is compared
+(alternating keeps load from other processes on a shared machine from favouring one side).
+Process CPU time is printed too. Target: <= 2.0x.
 
 Run: ``.venv/bin/python benchmarks/bench_imaging.py`` (prints the figures).
 """
@@ -14,9 +15,9 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pydicom

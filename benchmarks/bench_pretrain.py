@@ -52,8 +52,13 @@ def end_to_end_auroc(backbone, train_set, test_set, seed: int, epochs: int = 30,
     head = torch.nn.Linear(backbone.config.d_model, 1)
     params = [p for p in backbone.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
-    loader = DataLoader(train_set, batch_size=16, shuffle=True, collate_fn=train_set.collate,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        train_set,
+        batch_size=16,
+        shuffle=True,
+        collate_fn=train_set.collate,
+        generator=torch.Generator().manual_seed(seed),
+    )
     backbone.train()
     for _ in range(epochs):
         for batch in loader:
@@ -97,25 +102,29 @@ def main() -> None:
 
     started = time.perf_counter()
     base = prepare_cohort(unlabelled, cache_dir=cache, workers=args.workers, progress=False)
-    train_set = prepare_cohort(labelled, cache_dir=cache, aligner=base.aligner, workers=args.workers,
-                               progress=False).dataset()
-    test_set = prepare_cohort(test, cache_dir=cache, aligner=base.aligner, workers=args.workers,
-                              progress=False).dataset()
+    train_set = prepare_cohort(
+        labelled, cache_dir=cache, aligner=base.aligner, workers=args.workers, progress=False
+    ).dataset()
+    test_set = prepare_cohort(
+        test, cache_dir=cache, aligner=base.aligner, workers=args.workers, progress=False
+    ).dataset()
     print(f"prepared 1000 + 60 + 600 patients in {time.perf_counter() - started:.0f} s")
 
     rows = []
     for seed in args.seeds:
-        t0 = time.perf_counter()
         folder = OUT / f"pretrained-seed{seed}"
         done = folder / "pretraining.json"
         if done.is_file() and len(json.loads(done.read_text())["epochs"]) == args.epochs:
             epochs = json.loads(done.read_text())["epochs"]  # this pretraining ran already: reuse it
         else:
-            epochs = pretrain(unlabelled, folder, epochs=args.epochs, seed=seed, cache_dir=cache,
-                              workers=args.workers, progress=False).epochs
+            epochs = pretrain(
+                unlabelled, folder, epochs=args.epochs, seed=seed, cache_dir=cache, workers=args.workers, progress=False
+            ).epochs
         pretrain_s = sum(e["seconds"] for e in epochs)
         pretrained = FoundationBackbone.from_pretrained(folder)
-        pretrained_auc = probe_auroc(compute_embeddings(pretrained, train_set), compute_embeddings(pretrained, test_set))
+        pretrained_auc = probe_auroc(
+            compute_embeddings(pretrained, train_set), compute_embeddings(pretrained, test_set)
+        )
 
         torch.manual_seed(seed)
         scratch = FoundationBackbone.from_aligner(BackboneConfig(), base.aligner)
@@ -123,9 +132,11 @@ def main() -> None:
         scratch_e2e = end_to_end_auroc(scratch, train_set, test_set, seed)
         last = epochs[-1]
         rows.append((seed, pretrained_auc, scratch_probe, scratch_e2e))
-        print(f"seed {seed}: pretrained+probe {pretrained_auc:.3f} | scratch+probe {scratch_probe:.3f} | "
-              f"scratch end-to-end {scratch_e2e:.3f} | pretraining {pretrain_s:.0f} s, last epoch losses "
-              f"masked {last['masked']:.3f} contrastive {last['contrastive']:.3f}")
+        print(
+            f"seed {seed}: pretrained+probe {pretrained_auc:.3f} | scratch+probe {scratch_probe:.3f} | "
+            f"scratch end-to-end {scratch_e2e:.3f} | pretraining {pretrain_s:.0f} s, last epoch losses "
+            f"masked {last['masked']:.3f} contrastive {last['contrastive']:.3f}"
+        )
 
     table = np.array([r[1:] for r in rows])
     mean = table.mean(axis=0)

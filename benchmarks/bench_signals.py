@@ -26,9 +26,11 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -135,9 +137,9 @@ def bench_logs(files: dict[str, Path], repeat: int) -> list[dict[str, Any]]:
     for name, path in files.items():
         plain, arrow, ours = best_of_each(
             [
-                lambda: pd.read_csv(path),
-                lambda: pd.read_csv(path, engine="pyarrow"),
-                lambda: read_device_log(path, INDEX, config),
+                partial(pd.read_csv, path),
+                partial(pd.read_csv, path, engine="pyarrow"),
+                partial(read_device_log, path, INDEX, config),
             ],
             repeat,
         )
@@ -205,9 +207,9 @@ def bench_video(files: dict[str, Path], repeat: int) -> list[dict[str, Any]]:
     for name, path in files.items():
         if reader is not None:
             request = IngestRequest("p1", INDEX, {Modality.VIDEO: path})
-            plain, ours = best_of_each([lambda: read_all(path), lambda: reader.read(request)], repeat)
+            plain, ours = best_of_each([partial(read_all, path), partial(reader.read, request)], repeat)
         else:
-            plain = best_of(lambda: read_all(path), repeat)
+            plain = best_of(partial(read_all, path), repeat)
         row: dict[str, Any] = {
             "ingestor": "video",
             "file": name,

@@ -58,8 +58,10 @@ def main() -> None:
             start = time.perf_counter()
             dataset.collate(items)
             stacks.append(time.perf_counter() - start)
-        print(f"data, {threads} torch thread(s): read {1000 * min(reads):.0f} ms, collate {1000 * min(stacks):.0f} ms "
-              f"per batch of {args.batch}")
+        print(
+            f"data, {threads} torch thread(s): read {1000 * min(reads):.0f} ms, collate {1000 * min(stacks):.0f} ms "
+            f"per batch of {args.batch}"
+        )
 
     torch.set_num_threads(args.threads)
     batch = dataset.collate([dataset[i] for i in range(args.batch)])
@@ -68,8 +70,9 @@ def main() -> None:
         models = {}
         for name, overrides in VARIANTS.items():
             torch.manual_seed(0)
-            models[name] = FoundationBackbone.from_aligner(BackboneConfig.from_dict(overrides), dataset.aligner,
-                                                           cache_dir=text_cache).train()
+            models[name] = FoundationBackbone.from_aligner(
+                BackboneConfig.from_dict(overrides), dataset.aligner, cache_dir=text_cache
+            ).train()
             models[name](batch)  # the text model runs once, then its embeddings are cached
 
         def timed(key: tuple[str, str], step: Callable[[], None]) -> None:
@@ -84,9 +87,13 @@ def main() -> None:
                     encoder = backbone.encoders[modality.value]
                     timed((name, modality.value), lambda e=encoder, a=arrays: e(a).tokens.sum().backward())
                 encoded = backbone.encode(batch)
-                detached = EncodedBatch({m: t.detach().requires_grad_() for m, t in encoded.tokens.items()},
-                                        encoded.token_mask, encoded.token_age_hours, encoded.present,
-                                        encoded.encoder_embeddings.detach())
+                detached = EncodedBatch(
+                    {m: t.detach().requires_grad_() for m, t in encoded.tokens.items()},
+                    encoded.token_mask,
+                    encoded.token_age_hours,
+                    encoded.present,
+                    encoded.encoder_embeddings.detach(),
+                )
                 timed((name, "fusion"), lambda b=backbone, d=detached: b.fuse(d).pooled.sum().backward())
                 timed((name, "whole"), lambda b=backbone: b(batch).pooled.sum().backward())
     print(f"forward + backward, {args.threads} torch thread(s), best of {args.reps}:")

@@ -342,6 +342,15 @@ class EvaluateArgs(Arguments):
         int, Field(ge=1, alias="bins", description="Equal-width bins of the ECE and the reliability diagram.")
     ] = 10
     seed: Annotated[int, Field(description="Seed of the bootstrap.")] = 0
+    model_card: Annotated[
+        Path | None,
+        Field(
+            description="The model folder that made the predictions: refresh the metrics section of its card "
+            "(README.md) and show the evaluated rows' inputs beside the training ones."
+        ),
+        Cli(folder=True),
+    ] = None
+    cache_dir: CacheDir = None
     progress: Progress = True
 
 

@@ -421,9 +421,18 @@ def evaluate(args: EvaluateArgs) -> None:
     from meddx.evaluate import evaluate as run_evaluation
     from meddx.metrics import MetricSettings
 
-    settings = MetricSettings(**args.values("predictions", "manifest", "out", "by", "progress"))
+    settings = MetricSettings(
+        **args.values("predictions", "manifest", "out", "by", "progress", "model_card", "cache_dir")
+    )
     result = run_evaluation(
-        args.predictions, args.manifest, args.out, by=args.by, settings=settings, progress=args.progress
+        args.predictions,
+        args.manifest,
+        args.out,
+        by=args.by,
+        settings=settings,
+        progress=args.progress,
+        model_card=args.model_card,
+        cache_dir=args.cache_dir,
     )
     for name, task in result.metrics["tasks"].items():
         after = task["overall"]["after_calibration"]
@@ -438,6 +447,8 @@ def evaluate(args: EvaluateArgs) -> None:
         for warning in task["warnings"]:
             click.echo(f"  warning: {warning}")
     click.echo(f"wrote {result.metrics_path}, {result.report_path} and {len(result.plots)} plots")
+    if args.model_card is not None:
+        click.echo(f"refreshed the metrics of the model card {args.model_card / 'README.md'}")
 
 
 @main.group("pacs")

@@ -287,6 +287,50 @@ def model_provenance(predictions: str | Path) -> tuple[dict[str, Any] | None, st
     return info, None
 
 
+def compare_inputs(
+    predictions: str | Path, manifest: str | Path, model_folder: str | Path, cache_dir: str | Path | None = None
+) -> dict[str, Any]:
+    """The predicted rows' per-modality input summaries beside the training ones: ``{"training", "batch"}``.
+
+    ``training`` comes from the model folder's ``training_summary.json`` (None when it has none);
+    ``batch`` from the records of the manifest rows the predictions file names, read with the
+    model's ingest config (:func:`meddx.data.summary.batch_input_summaries`).
+
+    Raises:
+        ModelError: the model folder does not load.
+    """
+    from dataclasses import replace
+
+    from meddx.align import Aligner
+    from meddx.cache import default_cache_dir
+    from meddx.cohort import load_cohort
+    from meddx.data.summary import batch_input_summaries
+    from meddx.models.folder import check_model_folder
+    from meddx.predictions import read_predictions
+    from meddx.predictions.columns import INDEX_TIME, PATIENT_ID
+    from meddx.records import parse_time
+
+    folder = check_model_folder(model_folder)
+    config = Aligner.from_state_dict(folder.checkpoint.aligner).config
+    frame = read_predictions(predictions)
+    predicted = set()
+    for patient, when in zip(frame[PATIENT_ID], frame[INDEX_TIME], strict=True):
+        try:
+            predicted.add((str(patient), parse_time(str(when))))
+        except ValueError:
+            continue  # load_task_rows has refused such a file already; a bad time names no row
+    cohort = load_cohort(manifest)
+    cohort = replace(cohort, rows=[r for r in cohort.rows if (r.patient_id, r.index_time) in predicted])
+    training = folder.training_summary
+    return {
+        "model": str(model_folder),
+        "training": training.get("inputs") if training else None,
+        "training_of": training.get("inputs_of") if training else None,
+        "batch": batch_input_summaries(cohort, config, default_cache_dir(cache_dir)),
+        "batch_rows": len(cohort.rows),
+    }
+
+
 def evaluate(
     predictions: str | Path,
     manifest: str | Path,
@@ -294,6 +338,8 @@ def evaluate(
     by: Sequence[str] = (),
     settings: MetricSettings = DEFAULT_SETTINGS,
     progress: bool = True,
+    model_card: str | Path | None = None,
+    cache_dir: str | Path | None = None,
 ) -> EvaluationResult:
     """Evaluate a predictions file and write ``metrics.json``, ``report.html`` and PNG plots.
 
@@ -304,6 +350,12 @@ def evaluate(
         by: subgroup columns, e.g. ``["sex", "site"]``.
         settings: ECE bins, bootstrap resamples, interval level and seed.
         progress: show a progress bar over the bootstrap intervals (the long part).
+        model_card: the model folder that made the predictions: its card's metrics section
+            (``README.md``, :mod:`meddx.model_card`) is refreshed from these results, and
+            ``metrics.json`` and the report gain ``inputs``: the evaluated rows' per-modality
+            input summaries beside the training ones (``training_summary.json``).
+        cache_dir: the ingest cache the predicted rows' records are in (with ``model_card``;
+            default ``MEDDX_CACHE``, else the user cache).
 
     Returns:
         An :class:`EvaluationResult`.
@@ -329,10 +381,16 @@ def evaluate(
         "notes": [model_note] if model_note else [],
     }
     metrics = _with_progress(lambda s: compute_metrics(tasks, s, sources), settings, progress)
+    if model_card is not None:
+        metrics["inputs"] = compare_inputs(predictions, manifest, model_card, cache_dir)
     metrics_path = out / METRICS_FILE
     metrics_path.write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")  # strict JSON
     report_path, plots = write_report(out, tasks, metrics)
     logger.info("wrote %s, %s and %d plots", metrics_path, report_path, len(plots))
+    if model_card is not None:
+        from meddx.model_card import refresh_card_metrics
+
+        refresh_card_metrics(model_card, metrics)
     return EvaluationResult(metrics, metrics_path, report_path, plots)
 
 

@@ -366,8 +366,17 @@ def _evaluate(step: Any, cache: Path, workers, progress, echo):
     from meddx.evaluate import evaluate
     from meddx.metrics import MetricSettings
 
-    settings = MetricSettings(**step.values("step", "predictions", "manifest", "out", "by"))
-    result = evaluate(step.predictions, step.manifest, step.out, by=step.by, settings=settings, progress=progress)
+    settings = MetricSettings(**step.values("step", "predictions", "manifest", "out", "by", "model_card"))
+    result = evaluate(
+        step.predictions,
+        step.manifest,
+        step.out,
+        by=step.by,
+        settings=settings,
+        progress=progress,
+        model_card=step.model_card,
+        cache_dir=cache,
+    )
     echo(f"  wrote {result.metrics_path} and {result.report_path}")
     return result
 

@@ -390,6 +390,43 @@ def _model_html(metrics: dict[str, Any]) -> str:
     return "<h3>Model</h3>" + _table(["", ""], lines)
 
 
+def _stats_text(stats: Any) -> str:
+    """One input fact over rows (meddx.data.summary): ``median [p05, p95] (n rows)`` or the counts per value."""
+    if not isinstance(stats, dict) or not stats.get("n"):
+        return "-"
+    if isinstance(stats.get("counts"), dict):
+        return ", ".join(f"{k}: {v}" for k, v in stats["counts"].items())
+    return f"{stats['median']:.4g} [{stats['p05']:.4g}, {stats['p95']:.4g}] ({stats['n']} rows)"
+
+
+def _inputs_html(metrics: dict[str, Any]) -> str:
+    """The evaluated rows' per-modality inputs beside the training ones (``meddx evaluate --model-card``)."""
+    inputs = metrics.get("inputs")
+    if not isinstance(inputs, dict):
+        return ""
+    training = inputs.get("training") if isinstance(inputs.get("training"), dict) else {}
+    batch = inputs.get("batch") if isinstance(inputs.get("batch"), dict) else {}
+    rows = []
+    for modality in dict.fromkeys([*training, *batch]):
+        facts = {**(training.get(modality) or {}), **(batch.get(modality) or {})}
+        for fact in facts:
+            mine = _stats_text((training.get(modality) or {}).get(fact))
+            theirs = _stats_text((batch.get(modality) or {}).get(fact))
+            if mine != "-" or theirs != "-":
+                rows.append([modality, fact, mine, theirs])
+    of = html.escape(", ".join(inputs.get("training_of") or []))
+    n = html.escape(str(inputs.get("batch_rows", "?")))
+    note = "" if inputs.get("training") else _note("the model folder has no training_summary.json: no training side")
+    return (
+        "<h3>Inputs: training rows and these rows</h3>"
+        f"<p>What the readers found in the model's training rows ({of}) and in the {n} rows evaluated here: "
+        "median [5th, 95th percentile]. "
+        "A difference says what changed (another scanner's spacing, another monitor's rate, another note template).</p>"
+        + note
+        + _table(["modality", "input", "training", "evaluated"], rows)
+    )
+
+
 def write_report(out: Path, tasks: list[TaskRows], metrics: dict[str, Any]) -> tuple[Path, list[Path]]:
     """Write the PNG plots and ``report.html`` into ``out``; returns the report and the plots."""
     import matplotlib
@@ -447,6 +484,7 @@ def write_report(out: Path, tasks: list[TaskRows], metrics: dict[str, Any]) -> t
             summary_rows,
         )
         + _model_html(metrics)
+        + _inputs_html(metrics)
     )
     document = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>meddx evaluation</title>'

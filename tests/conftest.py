@@ -81,8 +81,17 @@ def tiny_model(tmp_path_factory, sample_cache: Path) -> Path:
     from meddx.training import finetune
 
     out = tmp_path_factory.mktemp("tiny-model")
-    finetune(SAMPLE_MANIFEST, out, mode="full", epochs=2, seed=0, cache_dir=sample_cache, workers=2, progress=False,
-             backbone_config=BackboneConfig(d_model=16, n_layers=1, n_heads=2))
+    finetune(
+        SAMPLE_MANIFEST,
+        out,
+        mode="full",
+        epochs=2,
+        seed=0,
+        cache_dir=sample_cache,
+        workers=2,
+        progress=False,
+        backbone_config=BackboneConfig(d_model=16, n_layers=1, n_heads=2),
+    )
     return out
 
 

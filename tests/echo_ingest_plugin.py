@@ -15,7 +15,6 @@ from datetime import timedelta
 import numpy as np
 
 import meddx.ingest  # noqa: F401  (built-in readers first, so ours replaces theirs)
-
 from meddx.errors import IngestError
 from meddx.ingest.base import ArrayTensorizer, Ingestor, IngestRequest, register_ingestor, unregister_ingestor
 from meddx.records import Event, Modality, ModalityRecord

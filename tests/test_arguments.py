@@ -142,13 +142,15 @@ def test_the_command_has_exactly_the_arguments_options(job: str) -> None:
         assert shown == option_name(name, info)
         assert param.required == (info.is_required() or cli.argument), name
         if isinstance(param, click.Option) and param.is_flag:
-            assert param.default is False and info.default is cli.turns_off, name
+            assert param.default is False, name
+            assert info.default is cli.turns_off, name
             continue
         if not info.is_required() and info.default not in (None, []):
             assert param.default == info.default, name
         choices = _choices(info.annotation)
         if choices is not None:
-            assert isinstance(param.type, click.Choice) and list(param.type.choices) == list(choices), name
+            assert isinstance(param.type, click.Choice), name
+            assert list(param.type.choices) == list(choices), name
         assert (param.help if isinstance(param, click.Option) else info.description) == (
             cli.help or info.description
         ), name
@@ -173,7 +175,8 @@ def test_the_pipeline_step_is_the_arguments_model(job: str) -> None:
     for name in expected - own:
         mine, theirs = step.model_fields[name], model.model_fields[name]
         assert outward_name(name, mine) == outward_name(name, theirs)
-        assert mine.is_required() == theirs.is_required() and _same(mine.default, theirs.default), name
+        assert mine.is_required() == theirs.is_required(), name
+        assert _same(mine.default, theirs.default), name
 
 
 def test_the_finetune_step_takes_the_librarys_mode_default() -> None:
@@ -186,7 +189,8 @@ def test_the_finetune_step_takes_the_librarys_mode_default() -> None:
 
 def test_names_outside_python_are_the_aliases() -> None:
     args = EvaluateArgs.model_validate({"predictions": "p.csv", "manifest": "m.csv", "out": "e", "bins": 5})
-    assert args.n_bins == 5 and args.n_resamples == 1000
+    assert args.n_bins == 5
+    assert args.n_resamples == 1000
     assert EvaluateArgs(predictions="p.csv", manifest="m.csv", out="e", n_bins=5).n_bins == 5
     assert FinetuneArgs.model_validate({"manifest": "m.csv", "out": "model"}).out_dir == Path("model")
     with pytest.raises(ValueError, match="epoch"):
@@ -211,7 +215,8 @@ def test_the_command_line_turns_into_one_model() -> None:
     assert args.values("manifest", "model", "out_dir", *RAY_SETTINGS)["batch_size"] == 64
 
     result = CliRunner().invoke(show, ["m.csv", "--model", "model", "--out", "d", "--engine", "spark"])
-    assert result.exit_code == 2 and "'spark' is not one of 'local', 'ray'" in result.output
+    assert result.exit_code == 2
+    assert "'spark' is not one of 'local', 'ray'" in result.output
 
 
 def test_finetune_tasks_are_split_on_commas() -> None:
@@ -224,4 +229,6 @@ def test_finetune_tasks_are_split_on_commas() -> None:
 
     result = CliRunner().invoke(show, ["m.csv", "--out", "o", "--tasks", " a, b,,", "--mode", "lora"])
     assert result.exit_code == 0, result.output
-    assert seen[0].tasks == ["a", "b"] and seen[0].mode == "lora" and seen[0].lora is None
+    assert seen[0].tasks == ["a", "b"]
+    assert seen[0].mode == "lora"
+    assert seen[0].lora is None

@@ -26,12 +26,17 @@ def test_round_trip_keeps_arrays_events_and_meta(tmp_path: Path) -> None:
     )
     cache = RecordCache(tmp_path)
     path = cache.put("ab" * 32, record)
-    assert path.suffix == ".safetensors" and path.read_bytes()[8:9] == b"{"  # a safetensors header, no pickle
+    assert path.suffix == ".safetensors"
+    assert path.read_bytes()[8:9] == b"{"  # a safetensors header, no pickle
     back = cache.get("ab" * 32)
     assert back is not None
-    assert back.events == record.events and back.meta == record.meta and back.warnings == record.warnings
-    assert back.time == INDEX and back.modality is Modality.EHR
-    assert back.arrays["mask"].dtype == np.bool_ and back.arrays["ids"].tolist() == [0, 1, 2]
+    assert back.events == record.events
+    assert back.meta == record.meta
+    assert back.warnings == record.warnings
+    assert back.time == INDEX
+    assert back.modality is Modality.EHR
+    assert back.arrays["mask"].dtype == np.bool_
+    assert back.arrays["ids"].tolist() == [0, 1, 2]
     assert cache.get("cd" * 32) is None
 
 
@@ -39,7 +44,10 @@ def test_record_without_arrays(tmp_path: Path) -> None:
     cache = RecordCache(tmp_path)
     cache.put("ef" * 32, ModalityRecord(Modality.NOTES, "note.txt", events=[Event(None, "note", "n", text="hi")]))
     back = cache.get("ef" * 32)
-    assert back is not None and back.arrays == {} and back.events[0].text == "hi" and back.time is None
+    assert back is not None
+    assert back.arrays == {}
+    assert back.events[0].text == "hi"
+    assert back.time is None
 
 
 def test_key_changes_with_content_config_patient_and_time(tmp_path: Path) -> None:
@@ -74,7 +82,8 @@ def test_key_changes_with_the_reader_class_and_its_version(tmp_path: Path) -> No
     assert key_of(PatchedAudio) != key_of(AudioIngestor)
     PatchedAudio.version += 1
     bumped = key_of(PatchedAudio)
-    assert bumped != key_of(AudioIngestor) and reader_name(PatchedAudio).endswith(f"@{AudioIngestor.version + 2}")
+    assert bumped != key_of(AudioIngestor)
+    assert reader_name(PatchedAudio).endswith(f"@{AudioIngestor.version + 2}")
 
 
 def test_default_cache_dir_prefers_the_argument_then_the_environment(tmp_path: Path, monkeypatch) -> None:
@@ -83,4 +92,6 @@ def test_default_cache_dir_prefers_the_argument_then_the_environment(tmp_path: P
     assert default_cache_dir() == tmp_path / "env"
     monkeypatch.delenv("MEDDX_CACHE")
     fallback = default_cache_dir()
-    assert fallback.is_absolute() and "meddx" in fallback.parts and fallback != tmp_path / "env"
+    assert fallback.is_absolute()
+    assert "meddx" in fallback.parts
+    assert fallback != tmp_path / "env"

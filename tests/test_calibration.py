@@ -100,11 +100,23 @@ def test_calibrators_refuse_bad_input_and_use_before_fit() -> None:
 
 def test_availability_groups_from_masks_counts_mappings_and_functions() -> None:
     mask = np.array([[1, 1, 1], [1, 0, 1], [0, 0, 1], [0, 0, 0]], bool)
-    assert availability_groups(mask).tolist() == ["all present", "one missing", "two or more missing", "two or more missing"]
+    assert availability_groups(mask).tolist() == [
+        "all present",
+        "one missing",
+        "two or more missing",
+        "two or more missing",
+    ]
     assert availability_groups(np.array([0, 1, 2, 3])).tolist() == availability_groups(mask).tolist()
-    assert availability_groups(np.array([0, 1, 4]), {0: "full", 1: "partial"}).tolist() == ["full", "partial", "partial"]
+    assert availability_groups(np.array([0, 1, 4]), {0: "full", 1: "partial"}).tolist() == [
+        "full",
+        "partial",
+        "partial",
+    ]
     assert availability_groups(mask, lambda m: np.where(m[:, 0], "imaging", "no imaging")).tolist() == [
-        "imaging", "imaging", "no imaging", "no imaging"
+        "imaging",
+        "imaging",
+        "no imaging",
+        "no imaging",
     ]
     assert availability_groups(np.array(["a", "b"])).tolist() == ["a", "b"]
     with pytest.raises(ConfigError, match="key 0"):
@@ -201,7 +213,8 @@ def test_conformal_round_trips_through_json_with_counts() -> None:
     probs, labels, missing = _grouped_rows(np.random.default_rng(10), 400)
     conformal = ConformalClassifier(alpha=0.2, min_group_size=30).fit(probs, labels, availability=missing)
     saved = json.loads(json.dumps(conformal.to_dict()))
-    assert saved["n_fitted"] == 400 and saved["alpha"] == 0.2
+    assert saved["n_fitted"] == 400
+    assert saved["alpha"] == 0.2
     assert sum(g["n_fitted"] for g in saved["groups"].values()) == 400
     restored = ConformalClassifier.from_dict(saved)
     np.testing.assert_array_equal(
@@ -234,7 +247,8 @@ def test_calibration_file_round_trip_and_refusals(tmp_path) -> None:
     path = save_calibration(tmp_path, {"disease": TaskCalibration(("0", "1"), scaler, conformal)})
     assert path.name == "calibration.json"
     loaded = load_calibration(tmp_path)["disease"]
-    assert loaded.classes == ("0", "1") and loaded.calibrator.n_fitted_ == 500
+    assert loaded.classes == ("0", "1")
+    assert loaded.calibrator.n_fitted_ == 500
     np.testing.assert_array_equal(
         loaded.conformal.predict_set(loaded.calibrator.transform(logits), missing),
         conformal.predict_set(scaler.transform(logits), missing),

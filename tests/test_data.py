@@ -37,8 +37,12 @@ def write_cohort(folder: Path) -> Path:
     rows["label:stage"] = [STAGES[i % 3] for i in range(len(rows))]
     (folder / "broken.wav").write_bytes(b"RIFF\x00\x00not really a wave file")
     broken = {c: "" for c in rows.columns} | {
-        "patient_id": "X0001", "index_time": "2024-06-01T00:00:00Z", "split": "train", "audio": "broken.wav",
-        "sex": "F", "age": "50",
+        "patient_id": "X0001",
+        "index_time": "2024-06-01T00:00:00Z",
+        "split": "train",
+        "audio": "broken.wav",
+        "sex": "F",
+        "age": "50",
     }
     rows = pd.concat([rows, pd.DataFrame([broken])], ignore_index=True)
     manifest = folder / "manifest.csv"
@@ -68,10 +72,13 @@ def all_items(dataset: CohortDataset) -> list:
 
 
 def test_index_rows_labels_splits_and_errors(prepared) -> None:
-    assert prepared.report is not None and len(prepared.report.errors) == 1  # the broken WAV
-    assert set(prepared.tasks) == {"disease", "stage"} and prepared.tasks["stage"].classes == ("mild", "severe")
+    assert prepared.report is not None
+    assert len(prepared.report.errors) == 1  # the broken WAV
+    assert set(prepared.tasks) == {"disease", "stage"}
+    assert prepared.tasks["stage"].classes == ("mild", "severe")
     everything = prepared.dataset()
-    assert len(everything) == N_SAMPLE_ROWS + 1 and everything.rows == list(range(1, N_SAMPLE_ROWS + 2))
+    assert len(everything) == N_SAMPLE_ROWS + 1
+    assert everything.rows == list(range(1, N_SAMPLE_ROWS + 2))
     manifest = pd.read_csv(prepared.report.cohort.path, dtype=str, keep_default_na=False)
     for item, (_, line) in zip(all_items(everything), manifest.iterrows(), strict=True):
         assert item.patient_id == line["patient_id"]
@@ -81,12 +88,15 @@ def test_index_rows_labels_splits_and_errors(prepared) -> None:
         named = {m for m in MODALITIES if line[m.value]}
         assert set(item.tensors) <= named
     broken = everything[N_SAMPLE_ROWS]
-    assert broken.patient_id == "X0001" and broken.tensors == {}
+    assert broken.patient_id == "X0001"
+    assert broken.tensors == {}
     table = everything.table()
-    assert table.loc[N_SAMPLE_ROWS, "modality_errors"] == "audio" and table.loc[0, "sex"] == manifest.loc[0, "sex"]
+    assert table.loc[N_SAMPLE_ROWS, "modality_errors"] == "audio"
+    assert table.loc[0, "sex"] == manifest.loc[0, "sex"]
     train = prepared.dataset(split="train", tasks=["stage"])
     assert all(line.split == "train" for line in train.index.rows if line.row in train.rows)
-    assert len(train) == (manifest["split"] == "train").sum() and set(train[0].labels) == {"stage"}
+    assert len(train) == (manifest["split"] == "train").sum()
+    assert set(train[0].labels) == {"stage"}
     assert set(train.tasks) == {"stage"}
 
 
@@ -102,7 +112,8 @@ def test_items_equal_what_the_aligner_makes_from_the_ingest_cache(prepared) -> N
             if outcome.status == "ok":
                 record.add(cache.get(outcome.key))
         expected = prepared.aligner.transform(record)
-        assert list(item.tensors) == list(expected.tensors) and item.index_time == row.index_time
+        assert list(item.tensors) == list(expected.tensors)
+        assert item.index_time == row.index_time
         for modality, named in expected.tensors.items():
             assert set(item.tensors[modality]) == set(named)
             for name, tensor in named.items():
@@ -115,7 +126,8 @@ def test_shapes_and_dtypes_follow_the_array_spec_and_batches_collate(prepared) -
     assert dataset.array_spec == prepared.aligner.array_spec()
     assert dataset.tensor_spec == prepared.aligner.tensor_spec()
     batch = dataset.collate(all_items(dataset))
-    assert batch.rows.tolist() == dataset.rows and batch.present.shape == (len(dataset), len(MODALITIES))
+    assert batch.rows.tolist() == dataset.rows
+    assert batch.present.shape == (len(dataset), len(MODALITIES))
     for modality, named in batch.tensors.items():
         for name, field in dataset.array_spec[modality].items():
             assert tuple(named[name].shape) == (len(batch.rows_with(modality)), *field.shape)
@@ -137,8 +149,10 @@ def test_the_fast_path_reads_no_source_file(cohort_copy: Path, shared_cache: Pat
     monkeypatch.setattr(prepare_module, "load_cohort", forbidden)
     monkeypatch.setattr(Aligner, "transform", forbidden)
     again = prepare_cohort(cohort_copy, cache_dir=shared_cache, workers=0, progress=False)
-    assert again.index_path == first.index_path and again.report is None
-    assert aligner_hash(again.aligner) == aligner_hash(first.aligner) and again.tasks == first.tasks
+    assert again.index_path == first.index_path
+    assert again.report is None
+    assert aligner_hash(again.aligner) == aligner_hash(first.aligner)
+    assert again.tasks == first.tasks
 
     dataset = again.dataset()
     loader = DataLoader(dataset, batch_size=4, shuffle=False, num_workers=2, collate_fn=dataset.collate)
@@ -162,7 +176,8 @@ def test_the_fast_path_reads_no_source_file(cohort_copy: Path, shared_cache: Pat
 def test_batches_pin_memory(prepared) -> None:
     dataset = prepared.dataset()
     batch = next(iter(DataLoader(dataset, batch_size=4, pin_memory=True, collate_fn=dataset.collate)))
-    assert batch.present.is_pinned() and all(t.is_pinned() for d in batch.tensors.values() for t in d.values())
+    assert batch.present.is_pinned()
+    assert all(t.is_pinned() for d in batch.tensors.values() for t in d.values())
 
 
 def test_a_changed_source_rebuilds_only_its_row(cohort_copy: Path, shared_cache: Path, monkeypatch) -> None:
@@ -178,7 +193,8 @@ def test_a_changed_source_rebuilds_only_its_row(cohort_copy: Path, shared_cache:
     new_keys = {row.row: row.key for row in again.dataset().index.rows}
     # Notes fit nothing, so the aligner is the same and only row 3 (P0003) is aligned again.
     assert aligner_hash(again.aligner) == aligner_hash(first.aligner)
-    assert {row for row in keys if keys[row] != new_keys[row]} == {3} and transformed == ["P0003"]
+    assert {row for row in keys if keys[row] != new_keys[row]} == {3}
+    assert transformed == ["P0003"]
 
 
 def test_a_given_aligner_finds_the_same_index(prepared, shared_cache: Path, monkeypatch) -> None:
@@ -186,7 +202,8 @@ def test_a_given_aligner_finds_the_same_index(prepared, shared_cache: Path, monk
     manifest = prepared.report.cohort.path
     given = Aligner.from_state_dict(json.loads(json.dumps(prepared.aligner.state_dict())))
     again = prepare_cohort(manifest, cache_dir=shared_cache, aligner=given, progress=False)
-    assert again.index_path == prepared.index_path and again.aligner is given
+    assert again.index_path == prepared.index_path
+    assert again.aligner is given
     with pytest.raises(ConfigError, match="aligner's"):
         prepare_cohort(manifest, cache_dir=shared_cache, aligner=given, config=IngestConfig.gpu())
     with pytest.raises(ModelError, match="not fitted"):
@@ -202,7 +219,8 @@ def test_without_a_split_column_the_aligner_fits_on_every_row(prepared, shared_c
     fit = Aligner.fit
     monkeypatch.setattr(Aligner, "fit", lambda self, records: fitted_on.append(len(list(records))) or fit(self, []))
     result = prepare_cohort(unsplit, cache_dir=shared_cache, workers=0, progress=False)
-    assert fitted_on == [len(manifest)] and len(result.dataset(split="train")) == 0
+    assert fitted_on == [len(manifest)]
+    assert len(result.dataset(split="train")) == 0
     assert len(result.dataset()) == len(manifest)
 
 
@@ -228,7 +246,8 @@ def test_a_pruned_store_is_rebuilt(cohort_copy: Path, shared_cache: Path) -> Non
     with pytest.raises(ModelError, match="prepare_cohort again"):
         dataset[0]
     again = prepare_cohort(cohort_copy, cache_dir=shared_cache, workers=0, progress=False)
-    assert again.report is not None and key in again.dataset().store
+    assert again.report is not None
+    assert key in again.dataset().store
 
 
 def test_store_round_trip_is_safetensors_and_atomic(tmp_path: Path) -> None:
@@ -238,12 +257,14 @@ def test_store_round_trip_is_safetensors_and_atomic(tmp_path: Path) -> None:
         Modality.EHR: {"code_ids": torch.arange(4)},
     }
     path = store.put("ab" * 32, tensors)
-    assert path.read_bytes()[8:9] == b"{" and [p.name for p in path.parent.iterdir()] == [path.name]
+    assert path.read_bytes()[8:9] == b"{"
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
     back = store.get("ab" * 32)
     assert list(back) == [Modality.EHR, Modality.VIDEO]  # modality order, whatever the file order
     for modality, named in tensors.items():
         for name, tensor in named.items():
-            assert torch.equal(back[modality][name], tensor) and back[modality][name].dtype == tensor.dtype
+            assert torch.equal(back[modality][name], tensor)
+            assert back[modality][name].dtype == tensor.dtype
     path.write_bytes(b"\x00" * 4)
     with pytest.raises(ModelError, match="cannot be read"):
         store.get("ab" * 32)
@@ -267,7 +288,8 @@ def test_store_reader_gives_what_safetensors_gives_and_refuses_damaged_files(tmp
     expected, got = load(path.read_bytes()), read_safetensors(path)
     assert sorted(got) == sorted(expected)
     for name, tensor in expected.items():
-        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
+        assert got[name].dtype == tensor.dtype, name
+        assert torch.equal(got[name], tensor), name
     got["volume"] += 1  # writable views: a model may modify its batch in place
     data = path.read_bytes()
     for damaged in (data[:5], data[:20], data[:-1], b"\xff" * 8 + data[8:], data[:8] + b"[" + data[9:]):

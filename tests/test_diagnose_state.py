@@ -81,7 +81,8 @@ def test_resume_refuses_a_model_whose_calibration_changed(model_copy, tmp_path, 
     calibration["tasks"][task]["calibrator"]["temperature"] *= 1.5  # valid, but other probabilities
     (model_copy / "calibration.json").write_text(json.dumps(calibration))
     result = CliRunner().invoke(main, _args(model_copy, out, sample_cache, "--resume"))
-    assert result.exit_code == 2 and "another model_fingerprint" in result.output, result.output
+    assert result.exit_code == 2, result.output
+    assert "another model_fingerprint" in result.output, result.output
 
 
 def test_a_garbled_plan_is_named_with_how_to_start_over(tiny_model, tmp_path, sample_cache) -> None:
@@ -89,7 +90,8 @@ def test_a_garbled_plan_is_named_with_how_to_start_over(tiny_model, tmp_path, sa
     (_unfinished_run(tiny_model, out) / PLAN).write_text('{"format": "meddx-diag')
     result = CliRunner().invoke(main, _args(tiny_model, out, sample_cache, "--resume"))
     assert result.exit_code == 2, result.output
-    assert f"{out / PARTS / PLAN} is damaged" in result.output and "run without --resume" in result.output
+    assert f"{out / PARTS / PLAN} is damaged" in result.output
+    assert "run without --resume" in result.output
 
 
 @pytest.mark.parametrize("name", ["chunk-00000.copy.parquet", "chunk-99999.parquet", "notes.txt"])
@@ -116,16 +118,19 @@ def test_a_damaged_chunk_is_named_before_any_work(tiny_model, tmp_path, sample_c
     table.write_bytes(table.read_bytes()[: len(table.read_bytes()) // 2])  # cut short
     result = CliRunner().invoke(main, _args(tiny_model, out, sample_cache, "--resume"))
     assert result.exit_code == 2, result.output
-    assert f"{table} is damaged" in result.output and "run without --resume to start over" in result.output
+    assert f"{table} is damaged" in result.output
+    assert "run without --resume to start over" in result.output
 
     _chunk_zero(parts, CHUNK_SIZE * tasks + 1)  # a chunk of other rows than the plan's
     result = CliRunner().invoke(main, _args(tiny_model, out, sample_cache, "--resume"))
-    assert result.exit_code == 2 and "prediction rows where the plan gives" in result.output, result.output
+    assert result.exit_code == 2, result.output
+    assert "prediction rows where the plan gives" in result.output, result.output
 
     _chunk_zero(parts, CHUNK_SIZE * tasks)
     (parts / "chunk-00000.ndjson").write_text("{not json\n")
     result = CliRunner().invoke(main, _args(tiny_model, out, sample_cache, "--resume"))
-    assert result.exit_code == 2 and "chunk-00000.ndjson is damaged" in result.output, result.output
+    assert result.exit_code == 2, result.output
+    assert "chunk-00000.ndjson is damaged" in result.output, result.output
 
 
 def test_a_second_run_on_the_same_folder_is_refused(tiny_model, tmp_path, sample_cache) -> None:
@@ -134,7 +139,8 @@ def test_a_second_run_on_the_same_folder_is_refused(tiny_model, tmp_path, sample
     with open(out / LOCK, "a") as held:  # another run holds the folder
         fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         result = CliRunner().invoke(main, _args(tiny_model, out, sample_cache, "--resume"))
-    assert result.exit_code == 2 and "another meddx diagnose is writing to" in result.output, result.output
+    assert result.exit_code == 2, result.output
+    assert "another meddx diagnose is writing to" in result.output, result.output
 
     # a holder killed with SIGKILL leaves the folder free: the kernel drops its lock
     holder = subprocess.Popen(
@@ -149,13 +155,16 @@ def test_a_second_run_on_the_same_folder_is_refused(tiny_model, tmp_path, sample
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    assert holder.stdout is not None
+    assert holder.stdout.readline() == "held\n"
     result = CliRunner().invoke(main, _args(tiny_model, out, sample_cache, "--resume"))
-    assert result.exit_code == 2 and "another meddx diagnose" in result.output
+    assert result.exit_code == 2
+    assert "another meddx diagnose" in result.output
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     result = CliRunner().invoke(main, _args(tiny_model, out, sample_cache, "--resume"))
-    assert result.exit_code == 2 and "plan.json is damaged" in result.output, result.output
+    assert result.exit_code == 2, result.output
+    assert "plan.json is damaged" in result.output, result.output
 
     # a run that failed released the folder (twice in one process: the lock does not outlive the call)
     for _ in range(2):

@@ -71,10 +71,12 @@ def test_twelve_rows_say_what_they_rest_on(tmp_path: Path) -> None:
     small, full_sets = flu["warnings"]
     width = auroc_half_width(6, 6)
     assert f"6 positives and 6 negatives a 95% interval on AUROC is about +/-{width:.2f}" in small
-    assert f"about {rows_for_auroc_line()} rows of each class" in small and "+/-0.10" in small
+    assert f"about {rows_for_auroc_line()} rows of each class" in small
+    assert "+/-0.10" in small
     assert "12 of the 12 prediction sets hold every class" in full_sets
     conformal = flu["overall"]["conformal"]
-    assert conformal["coverage"]["value"] == 1.0 and conformal["mean_set_size"]["value"] == 2.0
+    assert conformal["coverage"]["value"] == 1.0
+    assert conformal["mean_set_size"]["value"] == 2.0
 
     report = html.unescape(result.report_path.read_text())
     for text in (
@@ -102,9 +104,11 @@ def test_enough_rows_give_no_small_n_warning(tmp_path: Path) -> None:
     files = _write(tmp_path, labels.tolist(), np.clip(0.3 * labels + rng.random(400) * 0.7, 0, 1))
     result = evaluate(files["predictions"], files["manifest"], tmp_path / "out", settings=FAST)
     flu = result.metrics["tasks"]["flu"]
-    assert min(flu["class_counts"].values()) >= rows_for_auroc_line() and flu["warnings"] == []
+    assert min(flu["class_counts"].values()) >= rows_for_auroc_line()
+    assert flu["warnings"] == []
     assert "Too few rows" not in result.report_path.read_text()
-    assert result.metrics["model"] is None and "no meddx diagnose run.json" in result.metrics["notes"][0]
+    assert result.metrics["model"] is None
+    assert "no meddx diagnose run.json" in result.metrics["notes"][0]
     assert "Model: unknown" in result.report_path.read_text()
 
 
@@ -137,9 +141,11 @@ def test_one_class_gives_n_a_with_the_reason(tmp_path: Path) -> None:
     assert "AUROC n/a" in result.output
     after = json.loads((tmp_path / "out" / "metrics.json").read_text())["tasks"]["flu"]["overall"]["after_calibration"]
     reason = "only one class among the 12 rows (12 negatives, no positive)"
-    assert after["auroc"]["value"] is None and after["auroc"]["reason"] == reason
+    assert after["auroc"]["value"] is None
+    assert after["auroc"]["reason"] == reason
     assert after["auprc"]["reason"] == reason
-    assert after["brier"]["value"] is not None and after["brier"]["reason"] is None
+    assert after["brier"]["value"] is not None
+    assert after["brier"]["reason"] is None
     report = html.unescape((tmp_path / "out" / "report.html").read_text())
     assert f"n/a — {reason}" in report
 
@@ -148,7 +154,8 @@ def test_no_interval_says_why(tmp_path: Path) -> None:
     files = _write(tmp_path, [0, 1] * 10, np.linspace(0.05, 0.95, 20))
     result = evaluate(files["predictions"], files["manifest"], tmp_path / "out", settings=MetricSettings(n_resamples=0))
     auroc = result.metrics["tasks"]["flu"]["overall"]["after_calibration"]["auroc"]
-    assert auroc["value"] is not None and auroc["low"] is None
+    assert auroc["value"] is not None
+    assert auroc["low"] is None
     assert auroc["reason"] == "no interval: the bootstrap was turned off (0 resamples)"
 
 
@@ -161,7 +168,8 @@ def test_every_probability_nan_exits_2_and_says_why(tmp_path: Path) -> None:
         main, ["evaluate", str(parquet), "--manifest", str(files["manifest"]), "--out", str(tmp_path / "out")]
     )
     assert result.exit_code == 2, (result.output, result.exception)
-    assert "nothing to evaluate" in result.output and "12 no probability (empty or NaN)" in result.output
+    assert "nothing to evaluate" in result.output
+    assert "12 no probability (empty or NaN)" in result.output
 
 
 def test_a_task_without_evaluable_rows_is_explained_beside_one_that_has_them(tmp_path: Path) -> None:

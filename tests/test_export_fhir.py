@@ -11,28 +11,48 @@ from fhir.resources.R4B.riskassessment import RiskAssessment
 from meddx.export.fhir import EXTENSION_BASE, ModelProvenance, risk_assessment, risk_assessments
 from meddx.predictions import TaskPrediction
 
-MODEL = ModelProvenance("chest-ct", "ab" * 32, "0.1.0", {"disease": 0.1, "stage": None},
-                        {"disease": "TemperatureScaler", "stage": "IsotonicCalibrator"})
+MODEL = ModelProvenance(
+    "chest-ct",
+    "ab" * 32,
+    "0.1.0",
+    {"disease": 0.1, "stage": None},
+    {"disease": "TemperatureScaler", "stage": "IsotonicCalibrator"},
+)
 
 
 def _binary(**changes) -> TaskPrediction:
-    fields = dict(patient_id="P7", index_time="2024-03-05T14:00:00Z", task="disease", kind="binary",
-                  classes=("0", "1"), row=3, probabilities=(0.25, 0.75), raw_probabilities=(0.4, 0.6),
-                  prediction="1", prediction_set=("1",), modalities=("imaging", "ehr"),
-                  contributions={"imaging": 0.2, "ehr": -0.9}, ablations={"imaging": (0.5, 0.5), "ehr": (0.1, 0.9)})
+    fields = dict(
+        patient_id="P7",
+        index_time="2024-03-05T14:00:00Z",
+        task="disease",
+        kind="binary",
+        classes=("0", "1"),
+        row=3,
+        probabilities=(0.25, 0.75),
+        raw_probabilities=(0.4, 0.6),
+        prediction="1",
+        prediction_set=("1",),
+        modalities=("imaging", "ehr"),
+        contributions={"imaging": 0.2, "ehr": -0.9},
+        ablations={"imaging": (0.5, 0.5), "ehr": (0.1, 0.9)},
+    )
     return TaskPrediction(**{**fields, **changes})
 
 
 def _extensions(resource: dict) -> dict[str, object]:
-    return {e["url"].removeprefix(EXTENSION_BASE): next(v for k, v in e.items() if k != "url")
-            for e in resource["extension"]}
+    return {
+        e["url"].removeprefix(EXTENSION_BASE): next(v for k, v in e.items() if k != "url")
+        for e in resource["extension"]
+    }
 
 
 def test_a_binary_prediction_becomes_one_valid_outcome_with_its_provenance() -> None:
     resource = risk_assessment(_binary(), MODEL)
     RiskAssessment.model_validate(resource)
-    assert resource["subject"] == {"type": "Patient",
-                                   "identifier": {"system": "urn:meddx:manifest-patient-id", "value": "P7"}}
+    assert resource["subject"] == {
+        "type": "Patient",
+        "identifier": {"system": "urn:meddx:manifest-patient-id", "value": "P7"},
+    }
     assert resource["occurrenceDateTime"] == "2024-03-05T14:00:00Z"
     assert resource["status"] == "final"
     [outcome] = resource["prediction"]
@@ -42,8 +62,14 @@ def test_a_binary_prediction_becomes_one_valid_outcome_with_its_provenance() -> 
     assert outcome["rationale"] == "change of the logit when each modality is withheld: ehr -0.900, imaging +0.200"
     assert [b["display"] for b in resource["basis"]] == ["imaging", "ehr"]
     extensions = _extensions(resource)
-    assert extensions == {"model-version": "meddx 0.1.0", "model-sha256": "ab" * 32, "predicted-class": "1",
-                          "raw-probability": 0.6, "calibration-alpha": 0.1, "conformal-set": "1"}
+    assert extensions == {
+        "model-version": "meddx 0.1.0",
+        "model-sha256": "ab" * 32,
+        "predicted-class": "1",
+        "raw-probability": 0.6,
+        "calibration-alpha": 0.1,
+        "conformal-set": "1",
+    }
     note = resource["note"][0]["text"]
     assert "conformal set {1} (holds the true class with probability 90%)" in note
     assert "calibrated by TemperatureScaler" in note
@@ -53,13 +79,24 @@ def test_a_binary_prediction_becomes_one_valid_outcome_with_its_provenance() -> 
 
 
 def test_a_multiclass_prediction_gives_every_class_its_probability() -> None:
-    prediction = _binary(task="stage", kind="multiclass", classes=("0", "1", "2"), probabilities=(0.2, 0.5, 0.3),
-                         raw_probabilities=(0.3, 0.4, 0.3), prediction="1", prediction_set=("1", "2"),
-                         contributions={}, ablations={})
+    prediction = _binary(
+        task="stage",
+        kind="multiclass",
+        classes=("0", "1", "2"),
+        probabilities=(0.2, 0.5, 0.3),
+        raw_probabilities=(0.3, 0.4, 0.3),
+        prediction="1",
+        prediction_set=("1", "2"),
+        contributions={},
+        ablations={},
+    )
     resource = risk_assessment(prediction, MODEL)
     RiskAssessment.model_validate(resource)
     assert [(o["outcome"]["coding"][0]["code"], o["probabilityDecimal"]) for o in resource["prediction"]] == [
-        ("0", 0.2), ("1", 0.5), ("2", 0.3)]  # not taken for binary although it has classes 0 and 1
+        ("0", 0.2),
+        ("1", 0.5),
+        ("2", 0.3),
+    ]  # not taken for binary although it has classes 0 and 1
     assert not any("rationale" in o for o in resource["prediction"])
     extensions = _extensions(resource)
     assert extensions["raw-probability"] == 0.4  # of the predicted class

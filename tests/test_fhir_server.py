@@ -214,7 +214,8 @@ def test_a_patient_from_the_server_equals_the_same_resources_from_files(server, 
     for pid in synthea_ids:  # a Bulk export on disk vs the server
         got = on_server.read_patient(FhirRef(pid), "row-id", INDEX)
         want = from_files.read_patient(SYNTHEA, pid, INDEX)
-        assert got.meta["source_kind"] == "fhir" and got.source == f"fhir:Patient/{pid}"
+        assert got.meta["source_kind"] == "fhir"
+        assert got.source == f"fhir:Patient/{pid}"
         assert _comparable(got) == _comparable(want), pid
         assert got.meta["n_events"] > 10
     for pid, bundle in server["bundles"].items():  # a Bundle file vs the server
@@ -304,7 +305,8 @@ def test_refused_credentials_stop_the_run_once_with_status_2(tmp_path: Path, mon
         assert result.exit_code == 2
         assert result.output.count("refused the credentials") == 1
         assert "MEDDX_FHIR_TOKEN" in result.output
-        assert "wrong-token-value" not in result.output and "wrong-token-value" not in caplog.text
+        assert "wrong-token-value" not in result.output
+        assert "wrong-token-value" not in caplog.text
         assert not (tmp_path / "run" / "errors.csv").exists()  # nothing was read
 
         monkeypatch.setenv("MEDDX_FHIR_TOKEN", "s3cret-token")  # the right one works
@@ -330,7 +332,8 @@ def test_an_unreachable_server_is_a_warning_and_one_error_per_row(tmp_path: Path
     )
     config = _config(f"http://127.0.0.1:{port}/fhir", retries=1, backoff_s=0.0)
     report = ingest_cohort(load_cohort(manifest), tmp_path / "cache", config, workers=0, progress=False)
-    assert "FHIR preflight: a test search" in caplog.text and "cannot reach" in caplog.text
+    assert "FHIR preflight: a test search" in caplog.text
+    assert "cannot reach" in caplog.text
     by = {(o.patient_id, o.modality): o for o in report.outcomes}
     assert by[("fallback-1", Modality.EHR)].status == "ok"
     assert by[("a", Modality.EHR)].status == "error"
@@ -451,8 +454,10 @@ def test_hostile_answers_each_fail_their_own_row_only(hostile: Hostile, tmp_path
     config = _config(hostile.base, max_response_mb=1.0, max_concurrency=1, backoff_s=0.0, max_retry_after_s=5.0)
     report = ingest_cohort(load_cohort(manifest), tmp_path / "cache", config, workers=0, progress=False)
     errors = {o.patient_id: o.error for o in report.outcomes if o.modality == Modality.EHR}
-    assert errors["good"] is None and errors["busy"] is None  # a 429 with Retry-After: 1 is waited out
-    assert "points at another server" in errors["other-host"] and "198.51.100.7" in errors["other-host"]
+    assert errors["good"] is None
+    assert errors["busy"] is None  # a 429 with Retry-After: 1 is waited out
+    assert "points at another server" in errors["other-host"]
+    assert "198.51.100.7" in errors["other-host"]
     assert "larger than fhir.max_response_mb (1 MB)" in errors["endless"]
     assert "announces 10,737,418,240 bytes" in errors["huge"]
     assert "not JSON" in errors["malformed"]
@@ -518,7 +523,8 @@ def test_diagnose_store_fhir_writes_each_risk_assessment_once(
     assert "RiskAssessments on the FHIR server: 3 (1 failed)" in result.output
 
     predictions = pd.read_parquet(out / "predictions.parquet")
-    assert (predictions.status == "ok").all() and len(predictions) == 4  # the refused write cost no prediction
+    assert (predictions.status == "ok").all()
+    assert len(predictions) == 4  # the refused write cost no prediction
     writes = pd.read_csv(out / "fhir_writes.csv", dtype=str, keep_default_na=False)
     assert list(writes.patient_id) == list(rows["patient_id"])
     assert list(writes.status) == ["created", "exists", "error", "created"]
@@ -592,7 +598,8 @@ def test_fhir_manifest_finds_inpatient_stays_and_ingests_end_to_end(server, tmp_
         ],  # fmt: skip
     )
     assert result.exit_code == 0, result.output
-    assert "1 left out (no Patient subject)" in result.output and "1 left out (no start)" in result.output
+    assert "1 left out (no Patient subject)" in result.output
+    assert "1 left out (no start)" in result.output
     rows = pd.read_csv(manifest, dtype=str)
     assert list(rows.patient_id) == ["cohort-1", "cohort-2"]
     assert list(rows.index_time) == ["2030-01-11T08:00:00Z", "2030-01-13T23:59:59.999999Z"]
@@ -637,14 +644,18 @@ def test_fhir_export_resumes_and_gives_a_folder_read_as_the_server(
     monkeypatch.setattr(FhirClient, "request", counting)
     monkeypatch.setattr(FhirClient, "download", dies_after_two_files)
     assert CliRunner().invoke(main, args).exit_code != 0
-    assert len(list(out.glob("*.ndjson"))) == 2 and not list(out.glob("*.part"))
+    assert len(list(out.glob("*.ndjson"))) == 2
+    assert not list(out.glob("*.part"))
     monkeypatch.setattr(FhirClient, "download", download)
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    assert result.output.startswith("resumed: ") and len(kick_offs) == 1  # polled and finished, not started again
+    assert result.output.startswith("resumed: ")
+    assert len(kick_offs) == 1  # polled and finished, not started again
     state = json.loads((out / ".meddx-export.json").read_text())
-    assert state["complete"] and set(state["files"]) == {p.name for p in out.glob("*.ndjson")}
-    assert "Observation.000.ndjson" in state["files"] and (out / "CapabilityStatement.json").is_file()
+    assert state["complete"]
+    assert set(state["files"]) == {p.name for p in out.glob("*.ndjson")}
+    assert "Observation.000.ndjson" in state["files"]
+    assert (out / "CapabilityStatement.json").is_file()
 
     on_server = FhirIngestor(_config(fhir.base))
     from_export = FhirIngestor()

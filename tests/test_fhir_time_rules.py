@@ -14,7 +14,8 @@ import pytest
 from fhir.resources.R4B.bundle import Bundle
 
 from meddx.config import IngestConfig
-from meddx.ingest.fhir import RETRACTED_STATUSES, FhirIngestor
+from meddx.ingest.fhir import FhirIngestor
+from meddx.ingest.fhir_status import RETRACTED_STATUSES
 from meddx.records import PatientRecord, parse_time
 
 INDEX = datetime(2024, 3, 5, 14, tzinfo=timezone.utc)
@@ -146,7 +147,8 @@ def test_a_period_counts_from_its_end(tmp_path: Path) -> None:
     ended_before = encounter("e1", period={"start": iso(-30), "end": iso(-6)})
     ends_after = encounter("e2", period={"start": iso(-30), "end": iso(+6)})  # started before, ended after
     record = read(tmp_path, ended_before, ends_after)
-    assert kept_ids(record).get("Encounter") == 1 and record.meta["dropped_after_index"] == 1
+    assert kept_ids(record).get("Encounter") == 1
+    assert record.meta["dropped_after_index"] == 1
     assert [e.time for e in record.events if e.kind == "encounter"] == [parse_time(iso(-6))]
 
 
@@ -179,7 +181,8 @@ def test_every_kind_of_period_counts_from_its_end(tmp_path: Path, make) -> None:
     assert read(tmp_path, resource).meta["dropped_after_index"] == 1
     resource = {k: v for k, v in make(iso(-2)).items() if v is not None}
     record = read(tmp_path, resource)
-    assert record.meta["dropped_after_index"] == 0 and record.time == parse_time(iso(-2))
+    assert record.meta["dropped_after_index"] == 0
+    assert record.time == parse_time(iso(-2))
 
 
 def test_recorded_after_the_period_ended_still_counts_from_the_recording(tmp_path: Path) -> None:
@@ -216,7 +219,8 @@ RETRACTED = [
 @pytest.mark.parametrize("kind,status,make", RETRACTED, ids=[f"{k}/{s}" for k, s, _ in RETRACTED])
 def test_retracted_or_never_happened_resources_are_dropped_and_counted(tmp_path: Path, kind, status, make) -> None:
     record = read(tmp_path, make(status))
-    assert record.events == [] and kind not in kept_ids(record)
+    assert record.events == []
+    assert kind not in kept_ids(record)
     assert record.meta["dropped_by_status"] == 1
     assert record.meta["dropped_by_status_detail"] == {f"{kind}/{status}": 1}
     assert record.meta["dropped_after_index"] == 0
@@ -245,16 +249,19 @@ def test_valid_statuses_are_kept(tmp_path: Path) -> None:
         med_request("m1", status="on-hold"),
         med_statement("m2", status="unknown"),
     )
-    assert record.meta["dropped_by_status"] == 0 and record.meta["n_events"] == 6
+    assert record.meta["dropped_by_status"] == 0
+    assert record.meta["n_events"] == 6
 
 
 def test_a_medication_stopped_before_the_index_time_is_dropped(tmp_path: Path) -> None:
     stopped_before = med_statement("m1", status="stopped", effectivePeriod={"start": iso(-300), "end": iso(-24)})
     record = read(tmp_path, stopped_before)
-    assert record.events == [] and record.meta["dropped_by_status_detail"] == {"MedicationStatement/stopped": 1}
+    assert record.events == []
+    assert record.meta["dropped_by_status_detail"] == {"MedicationStatement/stopped": 1}
     # stopped at an unknown time: it was prescribed at the index time, and nothing says it had stopped
     record = read(tmp_path, med_request("m2", status="stopped"))
-    assert [e.kind for e in record.events] == ["medication"] and record.meta["dropped_by_status"] == 0
+    assert [e.kind for e in record.events] == ["medication"]
+    assert record.meta["dropped_by_status"] == 0
 
 
 def test_an_r5_medication_request_stopped_after_the_index_time_is_kept(tmp_path: Path) -> None:
@@ -309,7 +316,8 @@ def test_amended_and_corrected_values_need_a_version_time_at_or_before_the_index
 
 def test_an_amended_note_without_a_version_time_is_dropped(tmp_path: Path) -> None:
     record = read(tmp_path, document("d1", doc_status="amended"))
-    assert record.events == [] and record.meta["dropped_by_status_detail"] == {"DocumentReference/amended": 1}
+    assert record.events == []
+    assert record.meta["dropped_by_status_detail"] == {"DocumentReference/amended": 1}
     dated = {**document("d1", doc_status="amended"), "meta": {"lastUpdated": iso(-1)}}
     assert read(tmp_path, dated).time == parse_time(iso(-1))
 

@@ -28,7 +28,8 @@ def _mode(path: Path) -> int:
 
 
 def test_the_umask_is_read_without_changing_it(group_umask) -> None:
-    assert current_umask() == 0o002 and current_umask() == 0o002
+    assert current_umask() == 0o002
+    assert current_umask() == 0o002
 
 
 def test_atomic_writers_follow_the_umask(group_umask, tmp_path: Path) -> None:
@@ -51,6 +52,9 @@ def test_an_atomic_write_that_fails_leaves_the_old_file_and_no_temporary_file(tm
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
     with atomic_path(target, suffix=".partial") as tmp:
-        assert tmp.parent == tmp_path and tmp.suffix == ".partial" and tmp.name != target.name
+        assert tmp.parent == tmp_path
+        assert tmp.suffix == ".partial"
+        assert tmp.name != target.name
         tmp.write_bytes(b"new")
-    assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+    assert target.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]

@@ -37,8 +37,17 @@ def base(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny pretrained backbone (one epoch) and the cache it was made with."""
     root = tmp_path_factory.mktemp("finetune")
     cache = root / "cache"
-    pretrain(SAMPLE, root / "backbone", epochs=1, batch_size=16, backbone_config=tiny_backbone_config(),
-             ingest_config=tiny_ingest_config(), cache_dir=cache, workers=0, progress=False)
+    pretrain(
+        SAMPLE,
+        root / "backbone",
+        epochs=1,
+        batch_size=16,
+        backbone_config=tiny_backbone_config(),
+        ingest_config=tiny_ingest_config(),
+        cache_dir=cache,
+        workers=0,
+        progress=False,
+    )
     return root, cache
 
 
@@ -79,19 +88,39 @@ def test_heads_remove_the_class_weight_shift_outside_training() -> None:
 @pytest.mark.slow
 def test_head_mode_gives_a_calibrated_model_and_contract_predictions(base) -> None:
     root, cache = base
-    model = finetune(SAMPLE, root / "head", mode="head", epochs=40, backbone=root / "backbone", cache_dir=cache,
-                     workers=0, progress=False)
+    model = finetune(
+        SAMPLE,
+        root / "head",
+        mode="head",
+        epochs=40,
+        backbone=root / "backbone",
+        cache_dir=cache,
+        workers=0,
+        progress=False,
+    )
     saved = {p.name for p in (root / "head").iterdir()}
     assert {"config.json", "model.safetensors", "calibration.json", "metrics.json"} <= saved
     calibration = json.loads((root / "head" / "calibration.json").read_text())["tasks"]["disease"]
-    assert calibration["calibrator"]["n_fitted"] > 0 and calibration["conformal"]["alpha"] == 0.1
+    assert calibration["calibrator"]["n_fitted"] > 0
+    assert calibration["conformal"]["alpha"] == 0.1
     predictions = predict_cohort(model, SAMPLE, split="test", cache_dir=cache, workers=0)
     test_rows = [r for r in load_cohort(SAMPLE) if r.split == "test"]
     assert len(predictions) == len(test_rows)  # one row per (patient, index time, task)
-    for column in ("patient_id", "index_time", "task", "probability", "raw_probability", "prediction",
-                   "prediction_set", "modalities", "status", "sex"):
+    for column in (
+        "patient_id",
+        "index_time",
+        "task",
+        "probability",
+        "raw_probability",
+        "prediction",
+        "prediction_set",
+        "modalities",
+        "status",
+        "sex",
+    ):
         assert column in predictions.columns, column
-    assert predictions["probability"].between(0, 1).all() and (predictions["status"] == "ok").all()
+    assert predictions["probability"].between(0, 1).all()
+    assert (predictions["status"] == "ok").all()
     # a contribution for each present modality, empty where the modality was absent
     for _, row in predictions.iterrows():
         used = set(row["modalities"].split("|"))
@@ -107,10 +136,20 @@ def test_head_mode_gives_a_calibrated_model_and_contract_predictions(base) -> No
 @pytest.mark.slow
 def test_a_model_folder_round_trip_gives_identical_predictions(base) -> None:
     root, cache = base
-    model = finetune(SAMPLE, root / "full", mode="full", epochs=2, backbone=root / "backbone", cache_dir=cache,
-                     workers=0, progress=False)
+    model = finetune(
+        SAMPLE,
+        root / "full",
+        mode="full",
+        epochs=2,
+        backbone=root / "backbone",
+        cache_dir=cache,
+        workers=0,
+        progress=False,
+    )
     first = predict_cohort(model, SAMPLE, split="test", cache_dir=cache, workers=0)
-    again = predict_cohort(DiagnosisModel.from_pretrained(root / "full"), SAMPLE, split="test", cache_dir=cache, workers=0)
+    again = predict_cohort(
+        DiagnosisModel.from_pretrained(root / "full"), SAMPLE, split="test", cache_dir=cache, workers=0
+    )
     pd.testing.assert_frame_equal(first, again, check_exact=False, atol=1e-6)
     # the fine-tuned folder is also a backbone folder
     assert FoundationBackbone.from_pretrained(root / "full").config == model.backbone.config
@@ -127,8 +166,17 @@ def test_full_mode_keeps_batch_norm_statistics_of_the_final_weights(base) -> Non
     from meddx.records import Modality
 
     root, cache = base
-    model = finetune(SAMPLE, mode="full", epochs=3, batch_size=8, learning_rate=3e-3, backbone=root / "backbone",
-                     cache_dir=cache, workers=0, progress=False)
+    model = finetune(
+        SAMPLE,
+        mode="full",
+        epochs=3,
+        batch_size=8,
+        learning_rate=3e-3,
+        backbone=root / "backbone",
+        cache_dir=cache,
+        workers=0,
+        progress=False,
+    )
     prepared = prepare_cohort(SAMPLE, cache_dir=cache, aligner=model.aligner, workers=0, progress=False)
     train = prepared.dataset(split="train", tasks=["disease"]).with_inputs()
     encoder = model.backbone.encoders["imaging"]
@@ -157,15 +205,25 @@ def test_full_mode_keeps_batch_norm_statistics_of_the_final_weights(base) -> Non
 @pytest.mark.slow
 def test_heads_can_read_the_summary_and_the_modality_embeddings(base) -> None:
     root, cache = base
-    model = finetune(SAMPLE, root / "wide", mode="head", epochs=10, backbone=root / "backbone", cache_dir=cache,
-                     workers=0, progress=False, head_input="summary+modalities")
+    model = finetune(
+        SAMPLE,
+        root / "wide",
+        mode="head",
+        epochs=10,
+        backbone=root / "backbone",
+        cache_dir=cache,
+        workers=0,
+        progress=False,
+        head_input="summary+modalities",
+    )
     width = 2 * model.backbone.config.d_model
     assert model.heads.heads["disease"][-1].in_features == width
     first = predict_cohort(model, SAMPLE, split="test", cache_dir=cache, workers=0)
     loaded = DiagnosisModel.from_pretrained(root / "wide")
     assert loaded.head_input == "summary+modalities"
-    pd.testing.assert_frame_equal(first, predict_cohort(loaded, SAMPLE, split="test", cache_dir=cache, workers=0),
-                                  check_exact=False, atol=1e-6)
+    pd.testing.assert_frame_equal(
+        first, predict_cohort(loaded, SAMPLE, split="test", cache_dir=cache, workers=0), check_exact=False, atol=1e-6
+    )
     with pytest.raises(ConfigError, match="head_input"):
         DiagnosisModel(model.backbone, model.tasks, head_input="everything")
 
@@ -173,29 +231,59 @@ def test_heads_can_read_the_summary_and_the_modality_embeddings(base) -> None:
 @pytest.mark.slow
 def test_lora_leaves_the_saved_base_weights_unchanged(base) -> None:
     root, cache = base
-    model = finetune(SAMPLE, root / "lora", mode="lora", epochs=2, backbone=root / "backbone", cache_dir=cache,
-                     workers=0, progress=False, lora={"r": 2, "alpha": 4})
+    model = finetune(
+        SAMPLE,
+        root / "lora",
+        mode="lora",
+        epochs=2,
+        backbone=root / "backbone",
+        cache_dir=cache,
+        workers=0,
+        progress=False,
+        lora={"r": 2, "alpha": 4},
+    )
     base_weights = load_file(str(root / "backbone" / "model.safetensors"))
     tuned = load_file(str(root / "lora" / "model.safetensors"))
     for key, value in base_weights.items():
         assert torch.equal(tuned[key], value), key  # every base weight as it was
     adapter = load_file(str(root / "lora" / "adapter.safetensors"))
-    assert adapter and all("lora_" in k for k in adapter)
+    assert adapter
+    assert all("lora_" in k for k in adapter)
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # the adapters did learn
     loaded = DiagnosisModel.from_pretrained(root / "lora")
     np.testing.assert_allclose(
         predict_cohort(loaded, SAMPLE, split="test", cache_dir=cache, workers=0)["probability"],
-        predict_cohort(model, SAMPLE, split="test", cache_dir=cache, workers=0)["probability"], atol=1e-6,
+        predict_cohort(model, SAMPLE, split="test", cache_dir=cache, workers=0)["probability"],
+        atol=1e-6,
     )
 
 
 @pytest.mark.slow
 def test_resume_continues_from_the_checkpoint(base) -> None:
     root, cache = base
-    finetune(SAMPLE, root / "resume", mode="full", epochs=1, patience=5, backbone=root / "backbone",
-             cache_dir=cache, workers=0, progress=False)
-    model = finetune(SAMPLE, root / "resume", mode="full", epochs=2, patience=5, backbone=root / "backbone",
-                     cache_dir=cache, workers=0, progress=False, resume=True)
+    finetune(
+        SAMPLE,
+        root / "resume",
+        mode="full",
+        epochs=1,
+        patience=5,
+        backbone=root / "backbone",
+        cache_dir=cache,
+        workers=0,
+        progress=False,
+    )
+    model = finetune(
+        SAMPLE,
+        root / "resume",
+        mode="full",
+        epochs=2,
+        patience=5,
+        backbone=root / "backbone",
+        cache_dir=cache,
+        workers=0,
+        progress=False,
+        resume=True,
+    )
     assert model.training_info["epochs_run"] == 2
     checkpoint = root / "resume" / "checkpoint"
     assert {p.suffix for p in checkpoint.iterdir()} <= {".safetensors", ".json"}
@@ -243,17 +331,35 @@ def test_finetune_command(base, tmp_path: Path) -> None:
     root, cache = base
     before = os.umask(0o027)
     try:
-        result = CliRunner().invoke(main, [
-            "finetune", str(SAMPLE), "--out", str(tmp_path / "model"), "--backbone", str(root / "backbone"),
-            "--mode", "head", "--epochs", "100", "--cache", str(cache), "--workers", "0", "--quiet",
-        ])
+        result = CliRunner().invoke(
+            main,
+            [
+                "finetune",
+                str(SAMPLE),
+                "--out",
+                str(tmp_path / "model"),
+                "--backbone",
+                str(root / "backbone"),
+                "--mode",
+                "head",
+                "--epochs",
+                "100",
+                "--cache",
+                str(cache),
+                "--workers",
+                "0",
+                "--quiet",
+            ],
+        )
     finally:
         os.umask(before)
     assert result.exit_code == 0, result.output
-    assert "validation AUROC" in result.output and (tmp_path / "model" / "calibration.json").is_file()
+    assert "validation AUROC" in result.output
+    assert (tmp_path / "model" / "calibration.json").is_file()
     best, run = (int(n) for n in re.search(r"best epoch (\d+) of (\d+)", result.output).groups())
     history = json.loads((tmp_path / "model" / "metrics.json").read_text())["history"]
-    assert best <= run and len(history) == run // 2  # a check every 2nd epoch: 100 // 50
+    assert best <= run
+    assert len(history) == run // 2  # a check every 2nd epoch: 100 // 50
     assert run == 100 or run - best >= 5 * 2  # patience 5 checks
     for name in ("model.safetensors", "metrics.json", "calibration.json", "config.json"):
         assert stat.S_IMODE((tmp_path / "model" / name).stat().st_mode) == 0o640, name
@@ -286,18 +392,41 @@ def test_torchrun_ddp_gives_the_single_process_result(tmp_path: Path) -> None:
     config = tiny_backbone_config(modality_dropout=0.0).model_dump_json()
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}  # torchrun leaves its rendezvous files there
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "TMPDIR": str(tmp_path),
+    }  # torchrun leaves its rendezvous files there
     try:
         frame.to_csv(manifest, index=False)
         cache = tmp_path / "cache"
-        single = subprocess.run([sys.executable, str(script), str(tmp_path / "one"), str(cache), str(manifest),
-                                 config], env=env, capture_output=True, text=True, timeout=600)
+        single = subprocess.run(
+            [sys.executable, str(script), str(tmp_path / "one"), str(cache), str(manifest), config],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert single.returncode == 0, single.stderr[-3000:]
         ddp = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-             str(script), str(tmp_path / "two"), str(cache), str(manifest), config],
-            env=env, capture_output=True, text=True, timeout=600,
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                "2",
+                str(script),
+                str(tmp_path / "two"),
+                str(cache),
+                str(manifest),
+                config,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         assert ddp.returncode == 0, ddp.stderr[-3000:]
     finally:
@@ -305,7 +434,10 @@ def test_torchrun_ddp_gives_the_single_process_result(tmp_path: Path) -> None:
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert json.loads((tmp_path / "two" / "config.json").read_text())["diagnosis"]["training"]["world_size"] == 2
-    a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    a, b = (
+        load_file(str(tmp_path / "one" / "model.safetensors")),
+        load_file(str(tmp_path / "two" / "model.safetensors")),
+    )
     # Adam turns rounding-level gradient differences of near-zero gradients into steps of up to lr (1e-3)
     assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 5e-3
     assert one["history"] == pytest.approx(two["history"], abs=1e-6)
@@ -331,16 +463,39 @@ def test_torchrun_head_mode_embeds_one_shard_per_rank_and_gives_the_single_proce
     config = tiny_backbone_config().model_dump_json()
     script = tmp_path / "ddp_head.py"
     script.write_text(HEAD_DDP_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}  # torchrun leaves its rendezvous files there
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "TMPDIR": str(tmp_path),
+    }  # torchrun leaves its rendezvous files there
     cache = tmp_path / "cache"
-    single = subprocess.run([sys.executable, str(script), str(tmp_path / "one"), str(cache), config, str(SAMPLE)],
-                            env=env, capture_output=True, text=True, timeout=600)
+    single = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "one"), str(cache), config, str(SAMPLE)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     ddp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(script), str(tmp_path / "two"), str(cache), config, str(SAMPLE)],
-        env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(tmp_path / "two"),
+            str(cache),
+            config,
+            str(SAMPLE),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     train_rows = json.loads((tmp_path / "one" / "config.json").read_text())["diagnosis"]["training"]["rows"]["train"]

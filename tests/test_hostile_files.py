@@ -109,9 +109,10 @@ def test_dev_zero_is_refused_by_every_reader_under_a_memory_limit() -> None:
     cases = [(m, {m: "/dev/zero"}) for m in ALL_READERS]
     cases.append(("notes", {"ehr": "/dev/zero"}))  # notes read FHIR DocumentReferences too
     results = run_readers(cases, memory_limit=2 << 30)
-    for (reader, _), result in zip(cases, results):
+    for (reader, _), result in zip(cases, results, strict=True):
         assert result["outcome"] == "IngestError", (reader, result)
-        assert result["path"] == "/dev/zero" and result["modality"] == reader
+        assert result["path"] == "/dev/zero"
+        assert result["modality"] == reader
         assert "a character device, not a regular file" in result["reason"]
         assert "folder" not in result["reason"].split(";")[0]  # never called "a folder"
 
@@ -122,8 +123,10 @@ def test_a_40_mb_note_is_refused_before_reading_under_a_memory_limit(tmp_path: P
     with open(note, "w", encoding="utf-8") as handle:
         handle.write(line * (40 * 1024 * 1024 // len(line) + 1))  # real text, just over 40 MiB
     [result] = run_readers([("notes", {"notes": str(note)})], memory_limit=2 << 30)
-    assert result["outcome"] == "IngestError" and result["path"] == str(note)
-    assert "40.0 MB, over the 32 MB limit" in result["reason"] and "notes.max_file_mb" in result["reason"]
+    assert result["outcome"] == "IngestError"
+    assert result["path"] == str(note)
+    assert "40.0 MB, over the 32 MB limit" in result["reason"]
+    assert "notes.max_file_mb" in result["reason"]
 
 
 @pytest.mark.parametrize(
@@ -139,7 +142,9 @@ def test_a_40_mb_note_is_refused_before_reading_under_a_memory_limit(tmp_path: P
 )
 def test_each_modality_refuses_a_file_over_its_configured_size(modality: str, path: Path, config: IngestConfig) -> None:
     reader = build_ingestors(config)[Modality(modality)]
-    with pytest.raises(IngestError, match=rf"over the .* MB limit for {modality} files.*{modality}\.max_file_mb") as caught:
+    with pytest.raises(
+        IngestError, match=rf"over the .* MB limit for {modality} files.*{modality}\.max_file_mb"
+    ) as caught:
         reader.read(IngestRequest("P0001", parse_time(P1_INDEX), {Modality(modality): path}))
     refused = Path(caught.value.path)
     assert refused == path or refused.parent == path  # the file itself, or the file of the series folder
@@ -160,10 +165,12 @@ def test_a_fifo_is_refused_by_every_reader_without_hanging(tmp_path: Path) -> No
     cases.append(("notes", {"notes": str(notes_folder)}))
     cases.append(("notes", {"notes": str(P1 / "note.txt"), "ehr": str(fifo)}))
     results = run_readers(cases)
-    for (reader, _), result in zip(cases[:6], results[:6]):
-        assert result["outcome"] == "IngestError" and result["path"] == str(fifo), (reader, result)
+    for (reader, _), result in zip(cases[:6], results[:6], strict=True):
+        assert result["outcome"] == "IngestError", (reader, result)
+        assert result["path"] == str(fifo), (reader, result)
         assert "is a named pipe (FIFO), not a regular file" in result["reason"]
-    assert results[6]["outcome"] == "record" and results[6]["warnings"] == []
+    assert results[6]["outcome"] == "record"
+    assert results[6]["warnings"] == []
     assert results[7]["outcome"] == "record"
     assert any(str(fifo) in w and "named pipe" in w for w in results[7]["warnings"])
 
@@ -178,17 +185,30 @@ def test_a_series_folder_with_another_patients_series_is_an_error(tmp_path: Path
     with pytest.raises(IngestError, match="2 different PatientID values") as caught:
         ImagingIngestor().read(IngestRequest("P0001", parse_time("2100-01-01T00:00:00Z"), {Modality.IMAGING: folder}))
     assert caught.value.path == str(folder)
-    assert "77654033" not in str(caught.value) and "98890234" not in str(caught.value)  # identifiers never printed
+    assert "77654033" not in str(caught.value)
+    assert "98890234" not in str(caught.value)  # identifiers never printed
 
 
 @pytest.mark.parametrize("differs_in", ["StudyInstanceUID", "FrameOfReferenceUID"])
 def test_two_series_sharing_a_series_uid_are_not_merged(tmp_path: Path, differs_in: str) -> None:
     folder = tmp_path / "ct"
     acquired = parse_time("2024-03-05T09:00:00Z")
-    first = write_ct_series(folder / "first", severity=1.0, rng=np.random.default_rng(1), acquisition_time=acquired,
-                            patient_id="P0001", n_slices=10)
-    second = write_ct_series(folder / "second", severity=1.0, rng=np.random.default_rng(2), acquisition_time=acquired,
-                             patient_id="P0001", n_slices=6)
+    first = write_ct_series(
+        folder / "first",
+        severity=1.0,
+        rng=np.random.default_rng(1),
+        acquisition_time=acquired,
+        patient_id="P0001",
+        n_slices=10,
+    )
+    second = write_ct_series(
+        folder / "second",
+        severity=1.0,
+        rng=np.random.default_rng(2),
+        acquisition_time=acquired,
+        patient_id="P0001",
+        n_slices=6,
+    )
     shared_uid = str(pydicom.dcmread(first[0]).SeriesInstanceUID)
     other = pydicom.uid.generate_uid()
     for file in second:
@@ -196,9 +216,11 @@ def test_two_series_sharing_a_series_uid_are_not_merged(tmp_path: Path, differs_
         ds.SeriesInstanceUID = shared_uid  # the same UID in another study / frame of reference
         setattr(ds, differs_in, other)
         ds.save_as(file)
-    record = ImagingIngestor().read(IngestRequest("P0001", parse_time("2100-01-01T00:00:00Z"),
-                                                  {Modality.IMAGING: folder}))
-    assert record.meta["n_series"] == 2 and record.meta["n_slices"] == 10  # the 10-slice series alone
+    record = ImagingIngestor().read(
+        IngestRequest("P0001", parse_time("2100-01-01T00:00:00Z"), {Modality.IMAGING: folder})
+    )
+    assert record.meta["n_series"] == 2
+    assert record.meta["n_slices"] == 10  # the 10-slice series alone
     assert record.meta["series_uid"] == shared_uid
     assert any("kept apart, not merged" in w for w in record.warnings)
     differ = "StudyInstanceUID" if differs_in == "StudyInstanceUID" else "FrameOfReferenceUID"
@@ -230,12 +252,14 @@ def test_a_broken_ehr_file_does_not_fail_the_good_note_file(tmp_path: Path) -> N
     index = parse_time(P1_INDEX)
     for name, broken in _broken_bundles(tmp_path).items():
         record = reader.read(IngestRequest("P0001", index, {Modality.NOTES: P1 / "note.txt", Modality.EHR: broken}))
-        assert record is not None and record.meta["from_files"] == 1, name
+        assert record is not None, name
+        assert record.meta["from_files"] == 1, name
         assert record.source == str(P1 / "note.txt")
         assert any(str(broken) in w for w in record.warnings), (name, record.warnings)
         with pytest.raises(IngestError) as caught:  # without note files, the error names the broken EHR file
             reader.read(IngestRequest("P0001", index, {Modality.EHR: broken}))
-        assert caught.value.path == str(broken) and caught.value.modality == "notes", name
+        assert caught.value.path == str(broken), name
+        assert caught.value.modality == "notes", name
         with pytest.raises(IngestError) as caught:  # and the EHR reader's own error is typed too
             FhirIngestor().read(IngestRequest("P0001", index, {Modality.EHR: broken}))
         assert caught.value.path == str(broken), name
@@ -271,7 +295,8 @@ def test_a_lab_value_of_1e308_is_masked_and_counted_and_keeps_every_patient_fini
     assert any("masked 1 lab value" in w for w in records[0].warnings)
     assert all(r.meta["implausible_values"] == 0 for r in records[1:])
     tensorizer = EhrTensorizer(IngestConfig()).fit(records)
-    assert np.all(np.isfinite(tensorizer.lab_mean_)) and np.all(np.isfinite(tensorizer.lab_std_))
+    assert np.all(np.isfinite(tensorizer.lab_mean_))
+    assert np.all(np.isfinite(tensorizer.lab_std_))
     for record in records:
         arrays = tensorizer.transform(record)
         assert np.all(np.isfinite(arrays["lab_values"])), record.source
@@ -282,16 +307,20 @@ def test_the_ehr_tensorizer_masks_non_finite_and_implausible_values_itself() -> 
     glucose = "http://loinc.org|2345-7"
 
     def record(values: list[float]) -> ModalityRecord:
-        events = [Event(parse_time(f"2024-03-0{d + 1}T08:00:00Z"), "observation", glucose, value=v, unit="mg/dL")
-                  for d, v in enumerate(values)]
+        events = [
+            Event(parse_time(f"2024-03-0{d + 1}T08:00:00Z"), "observation", glucose, value=v, unit="mg/dL")
+            for d, v in enumerate(values)
+        ]
         return ModalityRecord(Modality.EHR, "hand-made", events=events, meta={"index_time": index.isoformat()})
 
     train = [record([90.0, 110.0]), record([100.0, float("inf")]), record([95.0, 1e308]), record([105.0, -40.0])]
     tensorizer = EhrTensorizer(IngestConfig()).fit(train)
     row = tensorizer.lab_codes_.index(glucose)
-    assert 90.0 <= tensorizer.lab_mean_[row] <= 110.0 and tensorizer.lab_std_[row] < 50.0
+    assert 90.0 <= tensorizer.lab_mean_[row] <= 110.0
+    assert tensorizer.lab_std_[row] < 50.0
     arrays = tensorizer.transform(record([100.0, float("nan"), 1e308]))
-    assert np.all(np.isfinite(arrays["lab_values"])) and arrays["lab_counts"][row].sum() == 1
+    assert np.all(np.isfinite(arrays["lab_values"]))
+    assert arrays["lab_counts"][row].sum() == 1
 
 
 def test_an_audio_header_claiming_2_ghz_is_refused(tmp_path: Path) -> None:
@@ -311,7 +340,8 @@ def test_multichannel_audio_mixes_down_block_by_block_to_the_channel_mean(tmp_pa
     wave, got_rate, meta, _ = AudioIngestor().load(path)
     wanted = 4 * rate
     start = (70_000 - wanted) // 2
-    assert got_rate == rate and meta["orig_channels"] == 3
+    assert got_rate == rate
+    assert meta["orig_channels"] == 3
     np.testing.assert_allclose(wave, channels[start : start + wanted].mean(axis=1), atol=1e-6)
 
 
@@ -319,9 +349,14 @@ def test_multichannel_audio_mixes_down_block_by_block_to_the_channel_mean(tmp_pa
 def test_an_index_time_pandas_cannot_hold_is_a_typed_error_in_every_reader(index_time: str) -> None:
     when = parse_time(index_time)
     readers = build_ingestors(SMALL_NOTES)
-    paths = {Modality.IMAGING: P1 / "ct", Modality.EHR: P1 / "ehr.json", Modality.NOTES: P1 / "note.txt",
-             Modality.AUDIO: P1 / "lung_sound.wav", Modality.VIDEO: P1 / "echo.mp4",
-             Modality.DEVICE_LOGS: P2 / "vitals.csv"}
+    paths = {
+        Modality.IMAGING: P1 / "ct",
+        Modality.EHR: P1 / "ehr.json",
+        Modality.NOTES: P1 / "note.txt",
+        Modality.AUDIO: P1 / "lung_sound.wav",
+        Modality.VIDEO: P1 / "echo.mp4",
+        Modality.DEVICE_LOGS: P2 / "vitals.csv",
+    }
     for modality, reader in readers.items():
         try:
             reader.read(IngestRequest("P0001", when, {modality: paths[modality]}))
@@ -364,20 +399,32 @@ def test_a_long_note_tokenised_from_a_prefix_equals_the_whole_note(tmp_path: Pat
     note.write_text(" ".join(rng.choice(words, size=60_000)), encoding="utf-8")  # ~100x what 4 chunks need
     record = NotesIngestor(SMALL_NOTES).read(IngestRequest("P0001", parse_time(P1_INDEX), {Modality.NOTES: note}))
     tokenizer = AutoTokenizer.from_pretrained(str(bundled_text_model()), local_files_only=True)
-    whole = tokenizer(note.read_text(encoding="utf-8"), max_length=32, truncation=True, padding="max_length",
-                      return_overflowing_tokens=True)["input_ids"]
+    whole = tokenizer(
+        note.read_text(encoding="utf-8"),
+        max_length=32,
+        truncation=True,
+        padding="max_length",
+        return_overflowing_tokens=True,
+    )["input_ids"]
     np.testing.assert_array_equal(record.arrays["input_ids"], np.asarray(whole[:4]))
     assert record.meta["truncated"]
 
 
 def test_nan_slice_positions_are_called_not_finite_not_missing(tmp_path: Path) -> None:
-    files = write_ct_series(tmp_path / "ct", severity=1.0, rng=np.random.default_rng(4),
-                            acquisition_time=parse_time("2024-03-05T09:00:00Z"), patient_id="P0001", n_slices=6)
+    files = write_ct_series(
+        tmp_path / "ct",
+        severity=1.0,
+        rng=np.random.default_rng(4),
+        acquisition_time=parse_time("2024-03-05T09:00:00Z"),
+        patient_id="P0001",
+        n_slices=6,
+    )
     ds = pydicom.dcmread(files[0])
     ds["ImagePositionPatient"].value = b"NaN\\NaN\\NaN "  # DS bytes as a broken modality writes them
     ds.save_as(files[0])
-    record = ImagingIngestor().read(IngestRequest("P0001", parse_time("2100-01-01T00:00:00Z"),
-                                                  {Modality.IMAGING: tmp_path / "ct"}))
+    record = ImagingIngestor().read(
+        IngestRequest("P0001", parse_time("2100-01-01T00:00:00Z"), {Modality.IMAGING: tmp_path / "ct"})
+    )
     note = next(w for w in record.warnings if "ordered by InstanceNumber" in w)
     assert "1 slice(s) have ImagePositionPatient/ImageOrientationPatient values that are not finite" in note
     assert "lack" not in note
@@ -385,11 +432,13 @@ def test_nan_slice_positions_are_called_not_finite_not_missing(tmp_path: Path) -
 
 def test_timestamps_mixing_epoch_and_iso_name_a_row_of_each_kind(tmp_path: Path) -> None:
     path = tmp_path / "vitals.csv"
-    pd.DataFrame({
-        "timestamp": ["1709647140", "1709647200", "2024-03-05T14:01:00Z", "2024-03-05T14:02:00Z"],
-        "channel": ["heart_rate"] * 4,
-        "value": [80, 81, 82, 83],
-    }).to_csv(path, index=False)
+    pd.DataFrame(
+        {
+            "timestamp": ["1709647140", "1709647200", "2024-03-05T14:01:00Z", "2024-03-05T14:02:00Z"],
+            "channel": ["heart_rate"] * 4,
+            "value": [80, 81, 82, 83],
+        }
+    ).to_csv(path, index=False)
     with pytest.raises(IngestError, match=r"mix epoch seconds \(first in row 1\) and ISO 8601 text \(first in row 3\)"):
         read_device_log(path, parse_time("2024-03-05T15:00:00Z"), DeviceLogConfig())
 
@@ -409,8 +458,10 @@ def test_an_unusable_pixel_array_shape_says_what_was_found_and_expected(tmp_path
         decode_frames(read_dicom(path), path)
     reason = caught.value.reason
     assert caught.value.path == str(path)
-    assert "decodes to an array of shape (1, 3, 3, 3, 3)" in reason and "needs (frames, 3, 3, 3)" in reason
-    assert "SamplesPerPixel=3" in reason and "PALETTE COLOR" in reason
+    assert "decodes to an array of shape (1, 3, 3, 3, 3)" in reason
+    assert "needs (frames, 3, 3, 3)" in reason
+    assert "SamplesPerPixel=3" in reason
+    assert "PALETTE COLOR" in reason
 
 
 # ------------------------------------------------------------------ one DICOM sniffing rule
@@ -418,7 +469,8 @@ def test_an_unusable_pixel_array_shape_says_what_was_found_and_expected(tmp_path
 
 def test_one_sniffing_rule_finds_dicom_without_a_preamble(tmp_path: Path) -> None:
     for name in ("ExplVR_LitEndNoMeta.dcm", "ExplVR_BigEndNoMeta.dcm", "rtstruct.dcm"):  # no preamble in pydicom
-        assert (TEST_FILES / name).read_bytes()[128:132] != b"DICM" and looks_like_dicom(TEST_FILES / name), name
+        assert (TEST_FILES / name).read_bytes()[128:132] != b"DICM", name
+        assert looks_like_dicom(TEST_FILES / name), name
     for other in (P1 / "echo.mp4", P1 / "lung_sound.wav", P1 / "note.txt", P1 / "ehr.json"):
         assert not looks_like_dicom(other), other
     fifo = tmp_path / "pipe"

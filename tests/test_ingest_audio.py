@@ -40,13 +40,18 @@ def read(reader: AudioIngestor, path: Path):
 
 
 def check_shapes(record) -> None:
-    assert record.modality is Modality.AUDIO and record.time is None
-    assert record.arrays["log_mel"].shape == (16, FRAMES) and record.arrays["log_mel"].dtype == np.float32
-    assert record.arrays["frame_mask"].shape == (FRAMES,) and record.arrays["frame_mask"].dtype == bool
+    assert record.modality is Modality.AUDIO
+    assert record.time is None
+    assert record.arrays["log_mel"].shape == (16, FRAMES)
+    assert record.arrays["log_mel"].dtype == np.float32
+    assert record.arrays["frame_mask"].shape == (FRAMES,)
+    assert record.arrays["frame_mask"].dtype == bool
     assert np.isfinite(record.arrays["log_mel"]).all()
     mask = record.arrays["frame_mask"]
     n_valid = int(mask.sum())
-    assert n_valid >= 1 and mask[:n_valid].all() and not mask[n_valid:].any()  # valid frames come first
+    assert n_valid >= 1
+    assert mask[:n_valid].all()
+    assert not mask[n_valid:].any()  # valid frames come first
     assert (record.arrays["log_mel"][:, ~mask] == 0).all()
 
 
@@ -65,10 +70,13 @@ def test_every_scipy_wav_gives_a_spectrogram_or_an_ingest_error(reader: AudioIng
         try:
             record = read(reader, path)
         except IngestError as exc:
-            assert exc.path == str(path) and exc.modality == "audio" and "soundfile" in exc.reason
+            assert exc.path == str(path)
+            assert exc.modality == "audio"
+            assert "soundfile" in exc.reason
             continue
         check_shapes(record)
-        assert record.meta["orig_sample_rate"] > 0 and record.meta["subtype"]
+        assert record.meta["orig_sample_rate"] > 0
+        assert record.meta["subtype"]
         ours.append(path.name)
     assert len(readable) >= 16, f"soundfile reads only {len(readable)} of scipy's {len(wavs)} WAVs"
     assert set(readable) <= set(ours), f"soundfile reads these but meddx does not: {set(readable) - set(ours)}"
@@ -105,7 +113,8 @@ def test_shapes_and_masks_match_the_config(
     check_shapes(record)
     real = min(int(round(seconds * 4000)), 8000)
     assert record.meta["n_valid_frames"] == int(record.arrays["frame_mask"].sum()) == 1 + real // 64
-    assert record.meta["orig_channels"] == channels and record.meta["orig_sample_rate"] == rate
+    assert record.meta["orig_channels"] == channels
+    assert record.meta["orig_sample_rate"] == rate
     assert record.arrays["frame_mask"].all() == (seconds >= 2.0)
     PatientRecord("p1", INDEX).add(record)  # undated: available at the index time
 
@@ -117,14 +126,16 @@ def test_synthetic_lung_sounds_read_in_mono_and_stereo(reader: AudioIngestor, tm
     for path, channels, valid in ((mono, 1, FRAMES), (stereo, 2, 1 + 4000 // 64)):
         record = read(reader, path)
         check_shapes(record)
-        assert record.meta["orig_channels"] == channels and record.meta["n_valid_frames"] == valid
+        assert record.meta["orig_channels"] == channels
+        assert record.meta["n_valid_frames"] == valid
 
 
 def test_resampling_keeps_a_tone_at_its_frequency() -> None:
     reader = AudioIngestor(IngestConfig())  # 4000 Hz
     for rate in (22050, 44100, 48000, 8000):
         wave = reader.resample(tone(440, rate, 2.0)[:, 0], rate)
-        assert wave.dtype == np.float32 and abs(wave.shape[0] - 8000) <= 1
+        assert wave.dtype == np.float32
+        assert abs(wave.shape[0] - 8000) <= 1
         spectrum = np.abs(np.fft.rfft(wave * np.hanning(wave.shape[0])))
         peak = np.fft.rfftfreq(wave.shape[0], 1 / 4000)[spectrum.argmax()]
         assert peak == pytest.approx(440.0, abs=1.0), rate
@@ -152,7 +163,8 @@ def test_odd_sample_rates_resample_with_a_small_kernel() -> None:
     assert resampling_ratio(44100, 4000) == (441, 40)
     assert resampling_ratio(1234, 4000) == (617, 2000)
     orig, new = resampling_ratio(44101, 4000)
-    assert max(orig, new) <= 2000 and abs(new / orig - 4000 / 44101) < 1e-6
+    assert max(orig, new) <= 2000
+    assert abs(new / orig - 4000 / 44101) < 1e-6
     wave = AudioIngestor(IngestConfig()).resample(tone(440, 44101, 1.0)[:, 0], 44101)
     assert abs(wave.shape[0] - 4000) <= 1
 
@@ -162,7 +174,9 @@ def test_a_long_recording_is_centre_cropped(reader: AudioIngestor, tmp_path: Pat
     path = tmp_path / "ramp.wav"
     soundfile.write(path, ramp, 4000, subtype="FLOAT")
     wave, rate, meta, _ = reader.load(path)
-    assert rate == 4000 and wave.shape == (8000,) and meta["orig_frames"] == 40000
+    assert rate == 4000
+    assert wave.shape == (8000,)
+    assert meta["orig_frames"] == 40000
     np.testing.assert_allclose(wave[[0, -1]], ramp[[16000, 23999]])
 
 
@@ -174,7 +188,8 @@ def test_nan_samples_are_zeroed_and_reported(reader: AudioIngestor, tmp_path: Pa
     soundfile.write(path, wave, 4000, subtype="FLOAT")
     record = read(reader, path)
     check_shapes(record)
-    assert record.meta["n_nonfinite"] == 11 and "NaN" in record.warnings[0]
+    assert record.meta["n_nonfinite"] == 11
+    assert "NaN" in record.warnings[0]
 
 
 # ------------------------------------------------------------------------- bad files
@@ -199,7 +214,8 @@ def test_bad_audio_files_raise_ingest_error_naming_the_file(reader: AudioIngesto
     for path in paths:
         with pytest.raises(IngestError) as caught:
             read(reader, path)
-        assert caught.value.path == str(path) and caught.value.modality == "audio"
+        assert caught.value.path == str(path)
+        assert caught.value.modality == "audio"
     with pytest.raises(IngestError, match="zero length"):
         read(reader, zero)
     with pytest.raises(IngestError, match="Format not recognised"):  # what soundfile said
@@ -221,7 +237,8 @@ def test_a_truncated_wav_reads_what_is_there(reader: AudioIngestor, tmp_path: Pa
 
 def test_registered_reader_and_tensorizer(tmp_path: Path) -> None:
     cls = registered_ingestors()[Modality.AUDIO]
-    assert cls is AudioIngestor and cls.tensorizer_class is AudioTensorizer
+    assert cls is AudioIngestor
+    assert cls.tensorizer_class is AudioTensorizer
     path = tmp_path / "a.wav"
     soundfile.write(path, tone(440, 8000, 1.0), 8000, subtype="PCM_16")
     record = cls(CONFIG).read(IngestRequest("p1", INDEX, {Modality.AUDIO: path}))

@@ -80,22 +80,28 @@ def assert_same_grid(a, b) -> None:
 def test_long_csv_gives_the_grid_with_gaps_masked(tmp_path: Path) -> None:
     rows = vitals()
     record = read(write_long(rows, tmp_path / "monitor.csv"))
-    assert record.modality is Modality.DEVICE_LOGS and record.source.endswith("monitor.csv")
-    assert record.arrays["values"].shape == (3, L) and record.arrays["values"].dtype == np.float32
-    assert record.arrays["mask"].shape == (3, L) and record.arrays["mask"].dtype == bool
+    assert record.modality is Modality.DEVICE_LOGS
+    assert record.source.endswith("monitor.csv")
+    assert record.arrays["values"].shape == (3, L)
+    assert record.arrays["values"].dtype == np.float32
+    assert record.arrays["mask"].shape == (3, L)
+    assert record.arrays["mask"].dtype == bool
     assert record.meta["channels"] == ["heart_rate", "resp_rate", "spo2"]
     grid = grid_of(record)
     # step k holds minute k - (L - 1): the last step is the index time itself
     minute_of_step = np.arange(L) - (L - 1)
     hr_values, hr_mask = grid["heart_rate"]
     in_gap = (minute_of_step > -180) & (minute_of_step <= -120)
-    assert not hr_mask[in_gap].any() and hr_mask[~in_gap].all()
+    assert not hr_mask[in_gap].any()
+    assert hr_mask[~in_gap].all()
     assert (hr_values[in_gap] == 0).all()
-    assert grid["spo2"][1].all() and grid["resp_rate"][1].all()
+    assert grid["spo2"][1].all()
+    assert grid["resp_rate"][1].all()
     expected = rows[rows["channel"] == "spo2"].set_index("minute")["value"]
     np.testing.assert_allclose(grid["spo2"][0], expected.loc[minute_of_step].to_numpy(), rtol=1e-6)
     assert record.time == INDEX  # the sample at the index time is kept (time <= index_time)
-    assert record.meta["n_before_window"] == 3 * 60 and record.meta["n_after_index"] == 0
+    assert record.meta["n_before_window"] == 3 * 60
+    assert record.meta["n_after_index"] == 0
 
 
 def test_unsorted_rows_give_the_same_grid(tmp_path: Path) -> None:
@@ -111,28 +117,38 @@ def test_rows_after_the_index_time_are_dropped(tmp_path: Path) -> None:
             "minute": [0, 1, 30],
             "channel": ["heart_rate", "heart_rate", "spo2"],
             "value": [300.0, 333.0, 42.0],
-            "time": [pd.Timestamp(INDEX) + timedelta(seconds=1), pd.Timestamp(INDEX) + timedelta(minutes=1),
-                     pd.Timestamp(INDEX) + timedelta(minutes=30)],
+            "time": [
+                pd.Timestamp(INDEX) + timedelta(seconds=1),
+                pd.Timestamp(INDEX) + timedelta(minutes=1),
+                pd.Timestamp(INDEX) + timedelta(minutes=30),
+            ],
         }
     )
     clean = read(write_long(rows, tmp_path / "clean.csv"))
     leaky = read(write_long(pd.concat([late, rows]), tmp_path / "leaky.csv"))
     assert_same_grid(clean, leaky)
     assert not np.isin(leaky.arrays["values"], [300.0, 333.0, 42.0]).any()
-    assert leaky.meta["n_after_index"] == 3 and leaky.time == INDEX
+    assert leaky.meta["n_after_index"] == 3
+    assert leaky.time == INDEX
     PatientRecord("p1", INDEX).add(leaky)  # the record passes the leakage check
 
 
 def test_the_leakage_boundary_is_the_shared_rule(tmp_path: Path) -> None:
-    times = ["2024-03-05T13:59:59.999999Z", "2024-03-05T14:00:00Z", "2024-03-05T15:00:00+01:00",
-             "2024-03-05T14:00:00.000001Z", "2024-03-05T14:00:01Z"]
+    times = [
+        "2024-03-05T13:59:59.999999Z",
+        "2024-03-05T14:00:00Z",
+        "2024-03-05T15:00:00+01:00",
+        "2024-03-05T14:00:00.000001Z",
+        "2024-03-05T14:00:01Z",
+    ]
     lines = ["timestamp,channel,value"] + [f"{t},hr,{60 + i}" for i, t in enumerate(times)]
     (tmp_path / "edge.csv").write_text("\n".join(lines) + "\n")
     record = read(tmp_path / "edge.csv")
     kept = [60 + i for i, t in enumerate(times) if is_available(parse_time(t), INDEX)]
     assert kept == [60, 61, 62]
     assert record.arrays["values"][0, -1] == pytest.approx(np.mean(kept))
-    assert record.meta["n_after_index"] == len(times) - len(kept) and record.time == INDEX
+    assert record.meta["n_after_index"] == len(times) - len(kept)
+    assert record.time == INDEX
 
 
 def test_a_synthetic_log_reads_as_if_its_post_index_rows_were_never_written(tmp_path: Path) -> None:
@@ -148,7 +164,8 @@ def test_a_synthetic_log_reads_as_if_its_post_index_rows_were_never_written(tmp_
     assert full.arrays["values"].shape == (3, L)
     assert not full.arrays["mask"].all()  # the generator unplugs the monitor for a while
     hr = grid_of(full)["heart_rate"]
-    assert (hr[0][hr[1]] >= 0).all() and (grid_of(full)["spo2"][0] <= 100).all()
+    assert (hr[0][hr[1]] >= 0).all()
+    assert (grid_of(full)["spo2"][0] <= 100).all()
 
 
 def test_duplicates_and_samples_within_a_step_are_averaged(tmp_path: Path) -> None:
@@ -161,8 +178,11 @@ def test_duplicates_and_samples_within_a_step_are_averaged(tmp_path: Path) -> No
     ]
     (tmp_path / "dup.csv").write_text("\n".join(lines) + "\n")
     values, mask = grid_of(read(tmp_path / "dup.csv"))["heart_rate"]
-    assert mask[-2] and not mask[-1] and mask[-3]
-    assert values[-2] == pytest.approx(90.0) and values[-3] == pytest.approx(70.0)
+    assert mask[-2]
+    assert not mask[-1]
+    assert mask[-3]
+    assert values[-2] == pytest.approx(90.0)
+    assert values[-3] == pytest.approx(70.0)
 
 
 def test_impossible_values_are_masked_and_counted_not_clipped(tmp_path: Path) -> None:
@@ -180,11 +200,15 @@ def test_impossible_values_are_masked_and_counted_not_clipped(tmp_path: Path) ->
     record = read(write_long(rows, tmp_path / "bad.csv"))
     grid = grid_of(record)
     step = {m: L - 1 + m for m in (-10, -20, -30)}
-    assert not grid["spo2"][1][step[-10]] and not grid["spo2"][1][step[-30]]
-    assert not grid["heart_rate"][1][step[-10]] and not grid["resp_rate"][1][step[-20]]
-    assert grid["spo2"][1].sum() == L - 2 and grid["heart_rate"][1].sum() == L - 60 - 1
+    assert not grid["spo2"][1][step[-10]]
+    assert not grid["spo2"][1][step[-30]]
+    assert not grid["heart_rate"][1][step[-10]]
+    assert not grid["resp_rate"][1][step[-20]]
+    assert grid["spo2"][1].sum() == L - 2
+    assert grid["heart_rate"][1].sum() == L - 60 - 1
     assert record.meta["n_implausible"] == {"spo2": 2, "heart_rate": 1, "resp_rate": 1}
-    assert grid["spo2"][0].max() <= 100.0 and not np.isin(record.arrays["values"], [127.0, 100.0, 180.0]).any()
+    assert grid["spo2"][0].max() <= 100.0
+    assert not np.isin(record.arrays["values"], [127.0, 100.0, 180.0]).any()
     assert record.warnings  # the user hears about it
 
 
@@ -193,7 +217,8 @@ def test_a_step_with_a_good_and_an_impossible_sample_keeps_the_good_one(tmp_path
         "timestamp,channel,value\n2024-03-05T13:59:10Z,SpO2,97\n2024-03-05T13:59:20Z,SPO2,250\n"
     )
     record = read(tmp_path / "mix.csv")
-    assert record.meta["channels"] == ["spo2"] and record.arrays["values"][0, -1] == pytest.approx(97.0)
+    assert record.meta["channels"] == ["spo2"]
+    assert record.arrays["values"][0, -1] == pytest.approx(97.0)
     assert record.meta["n_implausible"] == {"spo2": 1}
 
 
@@ -211,7 +236,7 @@ def test_wide_csv_jsonl_epoch_and_offsets_give_the_same_grid_as_long_csv(tmp_pat
     assert_same_grid(reference, read(tmp_path / "wide.csv"))
 
     with open(tmp_path / "long.jsonl", "w") as handle:
-        for t, c, v in zip(_iso(rows["time"]), rows["channel"], rows["value"]):
+        for t, c, v in zip(_iso(rows["time"]), rows["channel"], rows["value"], strict=True):
             handle.write(json.dumps({"timestamp": t, "channel": c, "value": v}) + "\n")
     assert_same_grid(reference, read(tmp_path / "long.jsonl"))
 
@@ -263,13 +288,12 @@ def test_channel_aliases_merge_and_units_convert(tmp_path: Path) -> None:
 
 def test_text_values_are_counted_and_text_columns_ignored(tmp_path: Path) -> None:
     (tmp_path / "wide.csv").write_text(
-        "timestamp,hr,spo2,bed\n"
-        "2024-03-05T13:58:30Z,80,---,B12\n"
-        "2024-03-05T13:59:30Z,81,97,B12\n"
+        "timestamp,hr,spo2,bed\n2024-03-05T13:58:30Z,80,---,B12\n2024-03-05T13:59:30Z,81,97,B12\n"
     )
     record = read(tmp_path / "wide.csv")
     assert record.meta["channels"] == ["heart_rate", "spo2"]
-    assert record.meta["n_unreadable"] == 1 and record.meta["ignored_columns"] == ["bed"]
+    assert record.meta["n_unreadable"] == 1
+    assert record.meta["ignored_columns"] == ["bed"]
     assert record.arrays["mask"][:, -2:].tolist() == [[True, True], [False, True]]
 
 
@@ -303,7 +327,8 @@ def test_zone_less_times_are_read_in_the_site_time_zone(tmp_path: Path) -> None:
     for name in ("naive.csv", "naive.jsonl"):  # Arrow's parsed timestamps and text timestamps
         record = read_device_log(tmp_path / name, INDEX, CONFIG, site_zone=berlin)
         assert record.time == parse_time("2024-03-05T13:59:30Z"), name
-        assert record.arrays["values"][0, -1] == pytest.approx(80.0) and record.meta["time_zone"] == "site"
+        assert record.arrays["values"][0, -1] == pytest.approx(80.0)
+        assert record.meta["time_zone"] == "site"
     assert read_device_log(tmp_path / "naive.csv", INDEX, CONFIG, berlin).meta["n_after_index"] == 1
     # read as UTC, 14:59:30 is after the index time: nothing in the window
     assert read_device_log(tmp_path / "naive.csv", INDEX, DeviceLogConfig(assume_utc=True), berlin) is None
@@ -313,9 +338,12 @@ def test_zone_less_times_are_read_in_the_site_time_zone(tmp_path: Path) -> None:
     request = IngestRequest("p1", index, {Modality.DEVICE_LOGS: tmp_path / "autumn.csv"})
     record = DeviceLogIngestor(IngestConfig(site_timezone="Europe/Berlin")).read(request)
     assert record.time == index
-    assert DeviceLogIngestor(IngestConfig(site_timezone="Europe/Berlin")).read(
-        IngestRequest("p1", index - timedelta(seconds=1), request.paths)
-    ) is None
+    assert (
+        DeviceLogIngestor(IngestConfig(site_timezone="Europe/Berlin")).read(
+            IngestRequest("p1", index - timedelta(seconds=1), request.paths)
+        )
+        is None
+    )
 
 
 # --------------------------------------------------------------------------- bad files
@@ -344,7 +372,8 @@ def test_bad_files_raise_ingest_error_naming_the_file(tmp_path: Path, name: str,
     path.write_text(content)
     with pytest.raises(IngestError, match=reason) as caught:
         read(path)
-    assert caught.value.path == str(path) and caught.value.modality == "device_logs"
+    assert caught.value.path == str(path)
+    assert caught.value.modality == "device_logs"
     assert str(path) in str(caught.value)
 
 
@@ -403,8 +432,10 @@ def test_tensorizer_fits_a_vocabulary_normalises_and_round_trips(tmp_path: Path)
     out = tensorizer.transform(records[1])
     assert set(out) == set(tensorizer.spec()) == {"values", "mask"}
     assert out["values"].shape == out["mask"].shape == (3, L)
-    assert out["values"].dtype == np.float32 and out["mask"].dtype == bool
-    assert out["mask"].sum() == 1 and out["mask"][0, -2]  # etco2 ignored, only hr at 13:59
+    assert out["values"].dtype == np.float32
+    assert out["mask"].dtype == bool
+    assert out["mask"].sum() == 1
+    assert out["mask"][0, -2]  # etco2 ignored, only hr at 13:59
     assert out["values"][0, -2] == pytest.approx((100 - tensorizer.mean_[0]) / tensorizer.std_[0], rel=1e-5)
     assert (out["values"][~out["mask"]] == 0).all()
     assert tensorizer.unknown_channels(records[1]) == ["etco2"]
@@ -424,4 +455,5 @@ def test_tensorizer_fitted_on_nothing_gives_empty_arrays(tmp_path: Path) -> None
     tensorizer = DeviceLogTensorizer(IngestConfig()).fit([])
     record = read(write_long(vitals(), tmp_path / "a.csv"))
     out = tensorizer.transform(record)
-    assert out["values"].shape == (8, L) and not out["mask"].any()
+    assert out["values"].shape == (8, L)
+    assert not out["mask"].any()

@@ -15,7 +15,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEGLSLossless, MPEG4HP41
+from pydicom.uid import MPEG4HP41, JPEGLSLossless
 
 from meddx.config import ImagingConfig, IngestConfig
 from meddx.dicom_times import dicom_time
@@ -77,14 +77,19 @@ def test_every_local_pydicom_test_file_gives_a_volume_or_an_ingest_error() -> No
         try:
             record = read(path)
         except IngestError as exc:
-            assert exc.path == str(path) and exc.modality == "imaging" and exc.reason
+            assert exc.path == str(path)
+            assert exc.modality == "imaging"
+            assert exc.reason
             errors.append(path)
             continue
         assert record is not None
         for name, (shape, dtype, *_) in spec.items():
-            assert record.arrays[name].shape == shape and record.arrays[name].dtype == np.dtype(dtype), path.name
+            assert record.arrays[name].shape == shape, path.name
+            assert record.arrays[name].dtype == np.dtype(dtype), path.name
         volume = record.arrays["volume"]
-        assert np.isfinite(volume).all() and volume.min() >= 0.0 and volume.max() <= 1.0, path.name
+        assert np.isfinite(volume).all(), path.name
+        assert volume.min() >= 0.0, path.name
+        assert volume.max() <= 1.0, path.name
         assert record.arrays["slice_mask"].any(), path.name
         json.dumps(record.meta)
         volumes.append(path)
@@ -98,8 +103,13 @@ def test_every_local_pydicom_test_file_gives_a_volume_or_an_ingest_error() -> No
 
 def test_compressed_transfer_syntaxes_match_their_uncompressed_original() -> None:
     reference = read(TEST_FILES / "MR_small.dcm").arrays["volume"]
-    for name in ("MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm",
-                 "MR_small_bigendian.dcm", "MR_small_implicit.dcm"):
+    for name in (
+        "MR_small_RLE.dcm",
+        "MR_small_jp2klossless.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "MR_small_bigendian.dcm",
+        "MR_small_implicit.dcm",
+    ):
         np.testing.assert_allclose(read(TEST_FILES / name).arrays["volume"], reference, atol=1e-6, err_msg=name)
 
 
@@ -121,9 +131,11 @@ def test_monochrome1_is_inverted(tmp_path: Path) -> None:
 
 def test_a_single_image_takes_the_2d_path() -> None:
     record = read(TEST_FILES / "CT_small.dcm")
-    assert record.meta["kind"] == "2d" and record.meta["modality"] == "CT"
+    assert record.meta["kind"] == "2d"
+    assert record.meta["modality"] == "CT"
     assert record.arrays["slice_mask"].tolist() == [True] + [False] * 31
-    assert record.arrays["volume"][1:].max() == 0.0 and record.arrays["volume"][0].std() > 0.05
+    assert record.arrays["volume"][1:].max() == 0.0
+    assert record.arrays["volume"][0].std() > 0.05
     assert record.meta["window"] == [-1000.0, 1000.0]  # the CT preset, not a percentile window
 
 
@@ -140,10 +152,12 @@ def test_radiograph_views_of_different_sizes_are_separate_slices(tmp_path: Path)
         ds.PixelData = (ramp if instance == 1 else ramp[::-1, ::-1].copy()).tobytes()  # rising vs falling
         ds.save_as(folder / f"view{instance}.dcm")
     record = read(folder)
-    assert record.meta["kind"] == "2d" and record.arrays["slice_mask"].tolist() == [True, True] + [False] * 30
+    assert record.meta["kind"] == "2d"
+    assert record.arrays["slice_mask"].tolist() == [True, True] + [False] * 30
     volume = record.arrays["volume"]
     # InstanceNumber 1 (the rising 40x48 ramp) comes first; both views fill the (H, W) plane.
-    assert volume[0, 0, 0] < volume[0, -1, -1] and volume[1, 0, 0] > volume[1, -1, -1]
+    assert volume[0, 0, 0] < volume[0, -1, -1]
+    assert volume[1, 0, 0] > volume[1, -1, -1]
     assert volume[2:].max() == 0.0
 
 
@@ -160,9 +174,11 @@ def test_area_shrink_matches_monai_for_integer_factors() -> None:
 
 def test_multiframe_rt_dose_becomes_a_volume_ordered_by_grid_offsets() -> None:
     series = load_series(TEST_FILES / "rtdose.dcm")
-    assert series.shape == (15, 10, 10) and not series.is_2d
+    assert series.shape == (15, 10, 10)
+    assert not series.is_2d
     record = read(TEST_FILES / "rtdose.dcm")
-    assert record.meta["kind"] == "3d" and record.arrays["slice_mask"].all()
+    assert record.meta["kind"] == "3d"
+    assert record.arrays["slice_mask"].all()
 
 
 def write_enhanced_ct(path: Path, z_positions: list[float], intercepts: list[float], stored: np.ndarray) -> None:
@@ -189,7 +205,7 @@ def write_enhanced_ct(path: Path, z_positions: list[float], intercepts: list[flo
     shared.PlaneOrientationSequence, shared.PixelMeasuresSequence = Sequence([orientation]), Sequence([measures])
     ds.SharedFunctionalGroupsSequence = Sequence([shared])
     per_frame = []
-    for z, intercept in zip(z_positions, intercepts):
+    for z, intercept in zip(z_positions, intercepts, strict=True):
         item, position, transform = Dataset(), Dataset(), Dataset()
         position.ImagePositionPatient = [0.0, 0.0, z]
         transform.RescaleSlope, transform.RescaleIntercept = 1, intercept
@@ -215,7 +231,9 @@ def test_folder_with_several_series_keeps_one_by_the_rule() -> None:
     folder = TEST_FILES / "dicomdirtests" / "77654033"  # three one-image CR series and a 4-slice CT series
     uids = {str(pydicom.dcmread(f).SeriesInstanceUID) for f in folder.rglob("*") if f.is_file()}
     record = read(folder)
-    assert record.meta["n_series"] == 4 and record.meta["modality"] == "CT" and record.meta["n_slices"] == 4
+    assert record.meta["n_series"] == 4
+    assert record.meta["modality"] == "CT"
+    assert record.meta["n_slices"] == 4
     assert any("4 series" in w for w in record.warnings)
     first = read(folder, IngestConfig(imaging=ImagingConfig(series_rule="first_uid")))
     assert first.meta["series_uid"] == min(uids) != record.meta["series_uid"]
@@ -231,7 +249,8 @@ def test_slices_in_several_orientations_are_an_inconsistent_series(series: str) 
 
 def test_projection_radiograph_takes_the_2d_path() -> None:
     record = read(TEST_FILES / "dicomdirtests" / "77654033" / "CR1")
-    assert record.meta["kind"] == "2d" and record.meta["modality"] == "CR"
+    assert record.meta["kind"] == "2d"
+    assert record.meta["modality"] == "CR"
     assert record.arrays["slice_mask"].sum() == 1
 
 
@@ -254,10 +273,12 @@ def test_shuffled_series_comes_back_sorted_with_hounsfield_units(tmp_path: Path)
     config = IngestConfig(imaging=ImagingConfig(spatial_size=(12, 48, 48), windows={"CT": (lower, upper)}))
     record = read(folder, config)
     volume = record.arrays["volume"]
-    assert 0.0 < volume.min() and volume.max() < 1.0  # nothing clipped
+    assert 0.0 < volume.min()
+    assert volume.max() < 1.0  # nothing clipped
     np.testing.assert_allclose(volume * (upper - lower) + lower, expected, atol=1e-2)
     assert record.meta["spacing_mm"][0] == pytest.approx(series.spacing[0])
-    assert record.meta["n_slices"] == 12 and record.warnings == []
+    assert record.meta["n_slices"] == 12
+    assert record.warnings == []
 
 
 def test_rle_series_equals_its_uncompressed_twin(tmp_path: Path) -> None:
@@ -281,7 +302,8 @@ def test_duplicate_positions_are_dropped_and_reported(tmp_path: Path) -> None:
     files = ct_series(tmp_path / "dup", shuffle=False)
     shutil.copy(files[3], tmp_path / "dup" / "copy_of_slice_3.dcm")
     series = load_series(tmp_path / "dup")
-    assert series.shape[0] == 12 and any("repeat a position" in w for w in series.warnings)
+    assert series.shape[0] == 12
+    assert any("repeat a position" in w for w in series.warnings)
 
 
 def test_series_acquired_after_the_index_time_is_excluded(tmp_path: Path) -> None:
@@ -295,7 +317,8 @@ def test_series_acquired_after_the_index_time_is_excluded(tmp_path: Path) -> Non
     assert read(tmp_path / "during", index_time=ACQUIRED + timedelta(seconds=5.4)) is None
     index = ACQUIRED + timedelta(seconds=5.5)
     record = read(tmp_path / "during", index_time=index)
-    assert record.meta["n_slices"] == 12 and record.meta["n_dropped_after_index"] == 0
+    assert record.meta["n_slices"] == 12
+    assert record.meta["n_dropped_after_index"] == 0
     assert record.time == index  # the series is dated by its last slice
     PatientRecord("p1", index).add(record)
 
@@ -303,8 +326,17 @@ def test_series_acquired_after_the_index_time_is_excluded(tmp_path: Path) -> Non
 def _strip_times(path: Path) -> None:
     """Remove every date and time element from a DICOM file (an undated instance)."""
     ds = pydicom.dcmread(path)
-    for keyword in ("StudyDate", "StudyTime", "SeriesDate", "SeriesTime", "AcquisitionDate", "AcquisitionTime",
-                    "ContentDate", "ContentTime", "AcquisitionDateTime"):
+    for keyword in (
+        "StudyDate",
+        "StudyTime",
+        "SeriesDate",
+        "SeriesTime",
+        "AcquisitionDate",
+        "AcquisitionTime",
+        "ContentDate",
+        "ContentTime",
+        "AcquisitionDateTime",
+    ):
         if keyword in ds:
             delattr(ds, keyword)
     ds.save_as(path)
@@ -322,7 +354,8 @@ def test_undated_instances_take_their_series_time_and_straddle_nothing(tmp_path:
     assert read(tmp_path / "mixed", index_time=dated_times[2]) is None
     # At the series' time the whole series is kept, undated slices included, at that time.
     record = read(tmp_path / "mixed", index_time=last_dated)
-    assert record.meta["n_slices"] == 12 and record.meta["n_undated_slices"] == 4
+    assert record.meta["n_slices"] == 12
+    assert record.meta["n_undated_slices"] == 4
     assert record.time == last_dated
     PatientRecord("p1", last_dated).add(record)
     series = load_series(tmp_path / "mixed")
@@ -333,9 +366,11 @@ def test_a_later_series_is_dropped_whole_and_the_rule_picks_among_the_rest(tmp_p
     ct_series(tmp_path / "two" / "early", seed=1, n_slices=6)
     ct_series(tmp_path / "two" / "late", seed=2, n_slices=10, acquisition_time=INDEX + timedelta(minutes=5))
     everything = read(tmp_path / "two")  # index time far away: most slices wins
-    assert everything.meta["n_slices"] == 10 and everything.meta["n_series"] == 2
+    assert everything.meta["n_slices"] == 10
+    assert everything.meta["n_series"] == 2
     record = read(tmp_path / "two", index_time=INDEX)
-    assert record.meta["n_slices"] == 6 and record.meta["n_series_dropped_after_index"] == 1
+    assert record.meta["n_slices"] == 6
+    assert record.meta["n_series_dropped_after_index"] == 1
     assert record.meta["n_dropped_after_index"] == 10
     assert any("dropped whole" in w for w in record.warnings)
 
@@ -343,8 +378,12 @@ def test_a_later_series_is_dropped_whole_and_the_rule_picks_among_the_rest(tmp_p
 def _ct_small_at(folder: Path, study_time: str, offset: str | None) -> Path:
     """pydicom's CT_small.dcm, re-dated: the same wall time in its Study/Series/Acquisition fields."""
     ds = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
-    for date_kw, time_kw in (("StudyDate", "StudyTime"), ("SeriesDate", "SeriesTime"),
-                             ("AcquisitionDate", "AcquisitionTime"), ("ContentDate", "ContentTime")):
+    for date_kw, time_kw in (
+        ("StudyDate", "StudyTime"),
+        ("SeriesDate", "SeriesTime"),
+        ("AcquisitionDate", "AcquisitionTime"),
+        ("ContentDate", "ContentTime"),
+    ):
         setattr(ds, date_kw, "20240115")
         setattr(ds, time_kw, study_time)
     if "AcquisitionDateTime" in ds:
@@ -366,14 +405,16 @@ def test_zone_less_dicom_times_use_the_site_time_zone(tmp_path: Path) -> None:
     index = parse_time("2024-01-15T09:30:00Z")
     assert read(path, index_time=index) is None  # read as UTC (the default), 10:00Z is after 09:30Z
     record = read(path, berlin, index_time=index)
-    assert record.time == parse_time("2024-01-15T09:00:00Z") and record.meta["time_zone"] == "site"
+    assert record.time == parse_time("2024-01-15T09:00:00Z")
+    assert record.meta["time_zone"] == "site"
     assert read(path, index_time=parse_time("2024-01-15T10:00:00Z")).meta["time_zone"] == "assumed UTC"
     assert read(path, IngestConfig(site_timezone="America/New_York"), index_time=index) is None  # 15:00Z
 
     # TimezoneOffsetFromUTC wins over the site zone
     offset = _ct_small_at(tmp_path / "offset", "100000", offset="-0500")
     record = read(offset, berlin, index_time=parse_time("2024-01-15T15:00:00Z"))
-    assert record.time == parse_time("2024-01-15T15:00:00Z") and record.meta["time_zone"] == "TimezoneOffsetFromUTC"
+    assert record.time == parse_time("2024-01-15T15:00:00Z")
+    assert record.meta["time_zone"] == "TimezoneOffsetFromUTC"
     assert read(offset, berlin, index_time=index) is None
 
 
@@ -400,7 +441,8 @@ def test_resampling_to_a_spacing_pads_and_masks(tmp_path: Path) -> None:
     assert record.meta["voxel_spacing_mm"][0] == pytest.approx(12 * native.spacing[0] / depth)
     volume = record.arrays["volume"]
     border = (32 - rows) // 2
-    assert volume[:, :border].max() == 0.0 and volume[record.arrays["slice_mask"], 16].max() > 0.0
+    assert volume[:, :border].max() == 0.0
+    assert volume[record.arrays["slice_mask"], 16].max() > 0.0
 
 
 def test_nifti_file_loads_with_its_axes(tmp_path: Path) -> None:
@@ -412,11 +454,13 @@ def test_nifti_file_loads_with_its_axes(tmp_path: Path) -> None:
         imaging=ImagingConfig(spatial_size=(6, 16, 20), windows={"CT": (-1000.0, 1000.0)}, nifti_modality="CT")
     )
     record = read(path, config)
-    assert record.time is None and record.meta["source_format"] == "nifti"
+    assert record.time is None
+    assert record.meta["source_format"] == "nifti"
     assert record.meta["spacing_mm"] == pytest.approx([2.5, 0.9, 0.8])
     np.testing.assert_allclose(record.arrays["volume"] * 2000.0 - 1000.0, data.transpose(2, 1, 0), atol=1e-3)
     default = read(path)
-    assert default.arrays["volume"].shape == (32, 64, 64) and default.arrays["slice_mask"].all()
+    assert default.arrays["volume"].shape == (32, 64, 64)
+    assert default.arrays["slice_mask"].all()
 
 
 def test_non_dicom_and_truncated_files_name_the_file(tmp_path: Path) -> None:
@@ -451,7 +495,8 @@ def test_non_dicom_files_in_a_series_folder_are_skipped(tmp_path: Path) -> None:
     (tmp_path / "ct" / "notes.txt").write_text("scanner export log")
     (tmp_path / "ct" / "DICOMDIR").write_bytes(b"\0" * 200)
     record = read(tmp_path / "ct")
-    assert record.meta["n_slices"] == 12 and record.meta["n_skipped_files"] == 2
+    assert record.meta["n_slices"] == 12
+    assert record.meta["n_skipped_files"] == 2
 
 
 def test_differing_slice_sizes_are_an_inconsistent_series(tmp_path: Path) -> None:
@@ -472,20 +517,29 @@ def test_undecodable_transfer_syntax_names_syntax_and_plugins(tmp_path: Path) ->
     ds.save_as(broken)
     with pytest.raises(IngestError, match="JPEG-LS Lossless") as caught:
         read(broken)
-    assert "pylibjpeg-libjpeg" in caught.value.reason and caught.value.path == str(broken)
+    assert "pylibjpeg-libjpeg" in caught.value.reason
+    assert caught.value.path == str(broken)
 
     ds.file_meta.TransferSyntaxUID = MPEG4HP41
     video = tmp_path / "mpeg.dcm"
     ds.save_as(video)
     with pytest.raises(IngestError, match="MPEG-4") as caught:
         decode_frames(read_dicom(video), video)
-    assert "MP4" in caught.value.reason and "video stream" in caught.value.reason
+    assert "MP4" in caught.value.reason
+    assert "video stream" in caught.value.reason
 
 
 def test_phi_never_reaches_meta_warnings_or_logs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     folder = tmp_path / "ct"
-    files = write_ct_series(folder, severity=0.5, rng=np.random.default_rng(1), acquisition_time=ACQUIRED,
-                            patient_id="MRN-8675309", patient_name="Quixote^Dulcinea", drop_slice=4)
+    files = write_ct_series(
+        folder,
+        severity=0.5,
+        rng=np.random.default_rng(1),
+        acquisition_time=ACQUIRED,
+        patient_id="MRN-8675309",
+        patient_name="Quixote^Dulcinea",
+        drop_slice=4,
+    )
     for file in files:
         ds = pydicom.dcmread(file)
         ds.PatientBirthDate = "19610704"

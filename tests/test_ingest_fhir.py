@@ -16,7 +16,8 @@ from meddx.config import EhrConfig, IngestConfig
 from meddx.errors import ConfigError, IngestError, NotFittedError
 from meddx.ingest.base import IngestRequest
 from meddx.ingest.ehr_tensorizer import EhrTensorizer
-from meddx.ingest.fhir import FhirIngestor, declared_version, release_of
+from meddx.ingest.fhir import FhirIngestor
+from meddx.ingest.fhir_versions import declared_version, release_of
 from meddx.ingest.registry import registered_ingestors
 from meddx.ingest.units import convert, to_canonical
 from meddx.records import Modality, PatientRecord, parse_time
@@ -26,9 +27,7 @@ SYNTHEA = Path(__file__).resolve().parent / "data" / "synthea-bulk"
 INDEX = parse_time("2020-01-01T00:00:00Z")
 GEN_INDEX = datetime(2024, 3, 5, 14, tzinfo=timezone.utc)
 DECEASED = {"3af3708d-41f1-cd80-f3dd-ec5ac76072bf"}  # born 1960-04-13, died 1971-10-01
-SMALL = IngestConfig(
-    ehr=EhrConfig(lookback_days=4.0, n_bins=4, n_lab_features=6, max_codes=8, code_vocab_size=16)
-)
+SMALL = IngestConfig(ehr=EhrConfig(lookback_days=4.0, n_bins=4, n_lab_features=6, max_codes=8, code_vocab_size=16))
 
 
 def _patient_ids(folder: Path) -> list[str]:
@@ -98,7 +97,8 @@ def test_a_deceased_patient_earlier_in_life() -> None:
         "Patient": 1,
         "Procedure": 4,
     }
-    assert record.meta["age_years"] == 4 and record.meta["deceased_at_index"] is False
+    assert record.meta["age_years"] == 4
+    assert record.meta["deceased_at_index"] is False
     assert max(e.time for e in record.events) <= parse_time("1965-01-01T00:00:00Z")
 
 
@@ -109,10 +109,13 @@ def test_tensorizer_on_the_synthea_export(synthea_records) -> None:
     for record in records:
         arrays = tensorizer.transform(record)
         for name, (shape, dtype, *_) in spec.items():
-            assert arrays[name].shape == shape and arrays[name].dtype == np.dtype(dtype), name
+            assert arrays[name].shape == shape, name
+            assert arrays[name].dtype == np.dtype(dtype), name
         assert not arrays["lab_mask"].any()  # no Observations in this export
         n = int(arrays["code_mask"].sum())
-        assert n > 0 and (arrays["code_ids"][:n] > 0).all() and (arrays["code_ids"][n:] == 0).all()
+        assert n > 0
+        assert (arrays["code_ids"][:n] > 0).all()
+        assert (arrays["code_ids"][n:] == 0).all()
         assert np.all(np.diff(arrays["code_age_hours"][:n]) >= 0)  # newest first
     # the last patient was not in the fit: some of its codes are out of vocabulary (id 1)
     unseen = [tensorizer.transform(r)["code_ids"] for r in records[3:]]
@@ -170,18 +173,22 @@ def test_a_broken_line_in_an_ndjson_export_is_skipped_and_reported(tmp_path: Pat
         record = FhirIngestor().read_patient(folder, pid, late)
     assert record.meta["skipped_resources"] == 3
     assert record.meta["resources"] == {"Condition": 21 - 2, "Encounter": 15}
-    assert record.meta["sex"] == "unknown" and record.meta["age_years"] is None
+    assert record.meta["sex"] == "unknown"
+    assert record.meta["age_years"] is None
     text = "\n".join(record.warnings)
     assert f"Condition.000.ndjson line {mine[0] + 1}: not valid JSON" in text
-    assert f"Condition.000.ndjson line {mine[1] + 1}" in text and "onsetDateTime" in text
-    assert f"Patient (Patient.000.ndjson line {row + 1})" in text and "birthDate" in text
+    assert f"Condition.000.ndjson line {mine[1] + 1}" in text
+    assert "onsetDateTime" in text
+    assert f"Patient (Patient.000.ndjson line {row + 1})" in text
+    assert "birthDate" in text
     # no identifiers, names or birth dates in the warnings or the log
     logged = text + caplog.text + json.dumps(record.meta)
     for phi in (pid, "1995", patient["name"][0]["family"], patient["identifier"][2]["value"]):
         assert phi not in logged
     # another patient of the same files is not affected
     neighbour = FhirIngestor().read_patient(folder, "6a4160eb-a793-2f86-2302-378626f46cce", late)
-    assert neighbour.meta["skipped_resources"] == 0 and neighbour.meta["resources"]["Condition"] == 62
+    assert neighbour.meta["skipped_resources"] == 0
+    assert neighbour.meta["resources"]["Condition"] == 62
 
 
 def test_a_broken_first_line_does_not_hide_the_rest_of_its_file(tmp_path: Path, caplog) -> None:
@@ -216,7 +223,8 @@ def test_an_export_of_an_unsupported_version_is_refused(tmp_path: Path) -> None:
 def test_a_patient_absent_from_the_export_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(IngestError, match="no resources of the row's patient_id") as caught:
         FhirIngestor().read_patient(SYNTHEA, "no-such-patient", INDEX)
-    assert caught.value.path == str(SYNTHEA) and caught.value.modality == "ehr"
+    assert caught.value.path == str(SYNTHEA)
+    assert caught.value.modality == "ehr"
 
 
 # ------------------------------------------------------------------- generated Bundles
@@ -260,7 +268,8 @@ def test_post_index_resources_never_reach_the_tensors(generated) -> None:
     for record in records:
         arrays = tensorizer.transform(record)
         values = arrays["lab_values"][crp][arrays["lab_mask"][crp]] * std + mean
-        assert values.size and values.max() < 200.0  # the planted CRP is 250 mg/L
+        assert values.size
+        assert values.max() < 200.0  # the planted CRP is 250 mg/L
         kept_crp = [e.value for e in record.events if e.code == "http://loinc.org|1988-5"]
         assert max(kept_crp) < 200.0
 
@@ -361,7 +370,8 @@ def test_invalid_json_bundle(tmp_path: Path) -> None:
     path.write_text('{"resourceType": "Bundle", "entry": [')
     with pytest.raises(IngestError, match="not valid JSON") as caught:
         _read(path, "P1")
-    assert caught.value.path == str(path) and caught.value.modality == "ehr"
+    assert caught.value.path == str(path)
+    assert caught.value.modality == "ehr"
 
 
 def test_another_patients_bundle(tmp_path: Path) -> None:
@@ -369,7 +379,8 @@ def test_another_patients_bundle(tmp_path: Path) -> None:
     with pytest.raises(IngestError, match="another patient") as caught:
         _read(path, "P0002")
     assert caught.value.path == str(path)
-    assert "P0001" not in str(caught.value) and "P0002" not in str(caught.value)  # no identifiers
+    assert "P0001" not in str(caught.value)
+    assert "P0002" not in str(caught.value)  # no identifiers
 
 
 def test_an_invalid_resource_in_a_bundle_is_skipped_and_reported(tmp_path: Path) -> None:
@@ -459,11 +470,13 @@ def test_an_r5_bundle_is_read_with_r5_models(tmp_path: Path) -> None:
     codes = {(e.kind, e.code) for e in record.events}
     assert ("encounter", "http://terminology.hl7.org/CodeSystem/v3-ActCode|IMP") in codes
     assert ("medication", f"{RXNORM}|1191") in codes
-    assert record.meta["age_years"] == 53 and record.meta["sex"] == "male"
+    assert record.meta["age_years"] == 53
+    assert record.meta["sex"] == "male"
     # without the declaration it is read as R4, where these elements do not exist: both are skipped
     path.write_text(json.dumps(_r5_bundle(declared=False)))
     record = _read(path, "R5P")
-    assert record.meta["skipped_resources"] == 2 and record.events == []
+    assert record.meta["skipped_resources"] == 2
+    assert record.events == []
     assert sum("fails FHIR R4B validation" in w for w in record.warnings) == 2
 
 
@@ -492,8 +505,10 @@ def test_a_result_issued_after_the_index_time_is_not_known_at_it(tmp_path: Path)
     path = _bundle(tmp_path, "P1", seed=5)
     bundle = json.loads(path.read_text())
     observations = [
-        e["resource"] for e in bundle["entry"]
-        if e["resource"]["resourceType"] == "Observation" and "post-index" not in json.dumps(e["resource"].get("meta", {}))
+        e["resource"]
+        for e in bundle["entry"]
+        if e["resource"]["resourceType"] == "Observation"
+        and "post-index" not in json.dumps(e["resource"].get("meta", {}))
     ]
     late = observations[0]
     late["effectiveDateTime"] = (GEN_INDEX - timedelta(hours=2)).isoformat()

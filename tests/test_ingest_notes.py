@@ -47,8 +47,10 @@ def test_a_text_file_is_tokenised_with_the_bundled_tokenizer(reader, tmp_path: P
     PatientRecord("P1", GEN_INDEX).add(record)
     assert record.time is None  # a text file is undated
     arrays = reader.tensorizer().transform(record)
-    assert arrays["input_ids"].shape == (4, 32) and arrays["input_ids"].dtype == np.int64
-    assert arrays["attention_mask"].dtype == bool and arrays["chunk_mask"].dtype == bool
+    assert arrays["input_ids"].shape == (4, 32)
+    assert arrays["input_ids"].dtype == np.int64
+    assert arrays["attention_mask"].dtype == bool
+    assert arrays["chunk_mask"].dtype == bool
     reference = AutoTokenizer.from_pretrained(str(bundled_text_model()), local_files_only=True)
     expected = reference(path.read_text(), max_length=32, truncation=True)["input_ids"]
     assert arrays["input_ids"][0, : len(expected)].tolist() == expected  # [CLS] ... [SEP] of the first window
@@ -63,16 +65,19 @@ def test_a_long_note_is_chunked_with_a_chunk_mask(reader, tmp_path: Path) -> Non
     assert 30 < n_tokens <= 60  # two windows of 32 - 2 special tokens
     record = reader.read(_request({Modality.NOTES: short}))
     np.testing.assert_array_equal(record.arrays["chunk_mask"], [True, True, False, False])
-    assert record.arrays["attention_mask"][0].all() and not record.arrays["attention_mask"][2:].any()
+    assert record.arrays["attention_mask"][0].all()
+    assert not record.arrays["attention_mask"][2:].any()
     assert record.meta["truncated"] is False
 
     long = tmp_path / "long.txt"
     long.write_text("Patient reports productive cough, fever and pleuritic chest pain. " * 40)
     record = reader.read(_request({Modality.NOTES: long}))
-    assert record.arrays["chunk_mask"].all() and record.meta["truncated"] is True
+    assert record.arrays["chunk_mask"].all()
+    assert record.meta["truncated"] is True
     assert record.meta["n_chunks"] == 4
     cls_id, sep_id = reader.tokenizer.cls_token_id, reader.tokenizer.sep_token_id
-    assert (record.arrays["input_ids"][:, 0] == cls_id).all() and (record.arrays["input_ids"][:, -1] == sep_id).all()
+    assert (record.arrays["input_ids"][:, 0] == cls_id).all()
+    assert (record.arrays["input_ids"][:, -1] == sep_id).all()
 
 
 def test_a_folder_of_notes_in_name_order(tmp_path: Path) -> None:
@@ -84,7 +89,8 @@ def test_a_folder_of_notes_in_name_order(tmp_path: Path) -> None:
     reader = NotesIngestor(IngestConfig(notes=NotesConfig(max_length=32, max_chunks=4, undated="keep")))
     record = reader.read(_request({Modality.NOTES: folder}))
     assert [e.text for e in record.events] == ["first note", "second note"]
-    assert record.meta["from_files"] == 2 and record.meta["files_undated"] == 2
+    assert record.meta["from_files"] == 2
+    assert record.meta["files_undated"] == 2
 
 
 def test_a_non_utf8_note_is_an_error_naming_the_file(reader, tmp_path: Path) -> None:
@@ -92,7 +98,8 @@ def test_a_non_utf8_note_is_an_error_naming_the_file(reader, tmp_path: Path) -> 
     path.write_bytes("Fièvre et toux depuis trois jours.".encode("latin-1"))
     with pytest.raises(IngestError, match="not UTF-8") as caught:
         reader.read(_request({Modality.NOTES: path}))
-    assert caught.value.path == str(path) and caught.value.modality == "notes"
+    assert caught.value.path == str(path)
+    assert caught.value.modality == "notes"
     folder = tmp_path / "folder"
     folder.mkdir()
     (folder / "ok.txt").write_text("fine")
@@ -115,10 +122,12 @@ def test_document_reference_notes_from_synthea_in_date_order(tmp_path: Path) -> 
             when = parse_time(doc["date"])
             if doc["subject"]["reference"] == f"Patient/{pid}" and when <= INDEX:
                 dates.append(when)
-    assert record.meta["from_fhir"] == len(dates) == 54 and record.meta["dropped_after_index"] == 5
+    assert record.meta["from_fhir"] == len(dates) == 54
+    assert record.meta["dropped_after_index"] == 5
     # each Synthea note fits one 512-token chunk: the six newest notes, oldest first
     assert [e.time for e in record.events] == sorted(dates)[-6:]
-    assert record.arrays["chunk_mask"].all() and record.time == max(dates)
+    assert record.arrays["chunk_mask"].all()
+    assert record.time == max(dates)
     for row, event in enumerate(record.events):  # Synthea notes open with their date
         decoded = reader.tokenizer.decode(record.arrays["input_ids"][row], skip_special_tokens=True)
         assert decoded.replace(" ", "").startswith(event.text.strip().splitlines()[0])
@@ -126,16 +135,24 @@ def test_document_reference_notes_from_synthea_in_date_order(tmp_path: Path) -> 
 
 def test_post_index_document_reference_is_excluded(reader, tmp_path: Path) -> None:
     bundle = write_fhir_bundle(
-        tmp_path / "b.json", patient_id="P1", severity=1.0, rng=np.random.default_rng(5),
-        index_time=GEN_INDEX, sex="M", age=50, label=1,
+        tmp_path / "b.json",
+        patient_id="P1",
+        severity=1.0,
+        rng=np.random.default_rng(5),
+        index_time=GEN_INDEX,
+        sex="M",
+        age=50,
+        label=1,
     )
     note = write_note(tmp_path / "note.txt", severity=1.0, rng=np.random.default_rng(5))
     record = reader.read(_request({Modality.EHR: bundle, Modality.NOTES: note}))
     PatientRecord("P1", GEN_INDEX).add(record)
-    assert record.meta["from_fhir"] == 1 and record.meta["from_files"] == 1
+    assert record.meta["from_fhir"] == 1
+    assert record.meta["from_files"] == 1
     assert record.meta["dropped_after_index"] == 1
     texts = [e.text for e in record.events]
-    assert texts[0].startswith("Triage note") and texts[-1] == note.read_text()  # dated first, file last
+    assert texts[0].startswith("Triage note")
+    assert texts[-1] == note.read_text()  # dated first, file last
     assert not any("Discharge summary" in t for t in texts)
     discharge = reader.tokenizer("discharge", add_special_tokens=False)["input_ids"]
     assert not np.isin(record.arrays["input_ids"], discharge).any()
@@ -143,8 +160,13 @@ def test_post_index_document_reference_is_excluded(reader, tmp_path: Path) -> No
 
 def test_an_ehr_row_without_notes_gives_nothing(reader, tmp_path: Path) -> None:
     bundle = write_fhir_bundle(
-        tmp_path / "b.json", patient_id="P1", severity=0.0, rng=np.random.default_rng(1),
-        index_time=GEN_INDEX, sex="F", age=30,
+        tmp_path / "b.json",
+        patient_id="P1",
+        severity=0.0,
+        rng=np.random.default_rng(1),
+        index_time=GEN_INDEX,
+        sex="F",
+        age=30,
     )
     data = json.loads(bundle.read_text())
     data["entry"] = [e for e in data["entry"] if e["resource"]["resourceType"] != "DocumentReference"]

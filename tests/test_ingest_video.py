@@ -53,25 +53,32 @@ def test_clip_gives_the_configured_shapes(tmp_path: Path, suffix: str) -> None:
     path = clip(tmp_path / f"echo{suffix}")
     record = read(path)
     frames, mask = record.arrays["frames"], record.arrays["frame_mask"]
-    assert frames.shape == (16, 1, 64, 64) and frames.dtype == np.float32
-    assert mask.dtype == bool and mask.all()
-    assert 0.0 <= frames.min() and frames.max() <= 1.0 and frames.std() > 0.05
-    assert record.time is None and record.meta["n_source_frames"] == 24
+    assert frames.shape == (16, 1, 64, 64)
+    assert frames.dtype == np.float32
+    assert mask.dtype == bool
+    assert mask.all()
+    assert 0.0 <= frames.min()
+    assert frames.max() <= 1.0
+    assert frames.std() > 0.05
+    assert record.time is None
+    assert record.meta["n_source_frames"] == 24
+    assert record.meta["fps"] == pytest.approx(12.0)  # write_pulse_video's rate, as the container announces it
 
     config = IngestConfig(video=VideoConfig(n_frames=6, size=(32, 40), color="rgb"))
     rgb = read(path, config)
-    assert rgb.arrays["frames"].shape == (6, 3, 32, 40) and rgb.arrays["frame_mask"].all()
+    assert rgb.arrays["frames"].shape == (6, 3, 32, 40)
+    assert rgb.arrays["frame_mask"].all()
     tensorizer = VideoIngestor(config).tensorizer()
-    assert {k: v.shape for k, v in tensorizer.transform(rgb).items()} == {
-        "frames": (6, 3, 32, 40), "frame_mask": (6,)
-    }
+    assert {k: v.shape for k, v in tensorizer.transform(rgb).items()} == {"frames": (6, 3, 32, 40), "frame_mask": (6,)}
 
 
 def test_frames_are_sampled_uniformly_over_the_clip(tmp_path: Path) -> None:
     path = clip(tmp_path / "echo.avi")
     source = every_frame(path)
     wanted = sample_indices(len(source), 16)
-    assert wanted[0] == 0 and wanted[-1] == len(source) - 1 and len(wanted) == 16
+    assert wanted[0] == 0
+    assert wanted[-1] == len(source) - 1
+    assert len(wanted) == 16
     record = read(path)
     for t, index in enumerate(wanted):
         np.testing.assert_allclose(record.arrays["frames"][t, 0], expected_gray(source[index], (64, 64)), atol=1e-6)
@@ -80,7 +87,8 @@ def test_frames_are_sampled_uniformly_over_the_clip(tmp_path: Path) -> None:
 def test_short_clip_is_padded_and_masked(tmp_path: Path) -> None:
     record = read(clip(tmp_path / "short.avi", n_frames=5))
     assert record.arrays["frame_mask"].tolist() == [True] * 5 + [False] * 11
-    assert record.arrays["frames"][5:].max() == 0.0 and record.arrays["frames"][:5].min() > 0.0
+    assert record.arrays["frames"][5:].max() == 0.0
+    assert record.arrays["frames"][:5].min() > 0.0
     assert any("fewer than 16" in w for w in record.warnings)
 
 
@@ -90,7 +98,8 @@ def test_unknown_frame_count_decodes_everything_then_samples(tmp_path: Path) -> 
     images = [rng.integers(0, 255, (40, 48, 3), dtype=np.uint8) for _ in range(20)]
     path.write_bytes(b"".join(cv2.imencode(".jpg", image)[1].tobytes() for image in images))
     record = read(path)
-    assert record.meta["n_source_frames"] == 20 and record.arrays["frame_mask"].all()
+    assert record.meta["n_source_frames"] == 20
+    assert record.arrays["frame_mask"].all()
     source = every_frame(path)
     np.testing.assert_allclose(record.arrays["frames"][-1, 0], expected_gray(source[-1], (64, 64)), atol=1e-6)
 
@@ -116,18 +125,25 @@ def test_truncated_mp4_and_bad_files_name_the_file(tmp_path: Path) -> None:
     empty.write_bytes(b"")
     garbage = tmp_path / "noise.avi"
     garbage.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
-    for path, reason in [(cut, "cannot open"), (empty, "empty file"), (garbage, "cannot open"),
-                         (tmp_path / "missing.mp4", "no such file")]:
+    for path, reason in [
+        (cut, "cannot open"),
+        (empty, "empty file"),
+        (garbage, "cannot open"),
+        (tmp_path / "missing.mp4", "no such file"),
+    ]:
         with pytest.raises(IngestError, match=reason) as caught:
             read(path)
-        assert caught.value.path == str(path) and caught.value.modality == "video"
+        assert caught.value.path == str(path)
+        assert caught.value.modality == "video"
 
 
 def test_multiframe_dicom_becomes_video() -> None:
     record = read(CINE, index_time=parse_time("2030-01-01T00:00:00Z"))
     frames = record.arrays["frames"]
-    assert frames.shape == (16, 1, 64, 64) and record.arrays["frame_mask"].all()
-    assert record.meta["source_format"] == "dicom" and record.meta["n_source_frames"] == 30
+    assert frames.shape == (16, 1, 64, 64)
+    assert record.arrays["frame_mask"].all()
+    assert record.meta["source_format"] == "dicom"
+    assert record.meta["n_source_frames"] == 30
     assert record.time == dicom_acquired(CINE)
     # The sampled frames are pydicom's frames, as luminance.
     rgb = pydicom.dcmread(CINE).pixel_array  # (30, H, W, 3) RGB
@@ -141,7 +157,8 @@ def test_multiframe_dicom_becomes_video() -> None:
 def dicom_acquired(path: Path) -> datetime:
     """SeriesDate/SeriesTime (this file has no acquisition date), read as UTC."""
     ds = pydicom.dcmread(path, stop_before_pixels=True)
-    assert "AcquisitionDate" not in ds and "AcquisitionDateTime" not in ds
+    assert "AcquisitionDate" not in ds
+    assert "AcquisitionDateTime" not in ds
     return datetime.strptime(f"{ds.SeriesDate}{ds.SeriesTime}", "%Y%m%d%H%M%S").replace(tzinfo=timezone.utc)
 
 
@@ -159,8 +176,14 @@ def test_a_cine_is_dated_by_its_last_frame_and_the_site_time_zone(tmp_path: Path
     from pydicom.sequence import Sequence
 
     ds = pydicom.dcmread(CINE)
-    for keyword in ("StudyDate", "StudyTime", "SeriesDate", "SeriesTime", "AcquisitionDateTime",
-                    "TimezoneOffsetFromUTC"):
+    for keyword in (
+        "StudyDate",
+        "StudyTime",
+        "SeriesDate",
+        "SeriesTime",
+        "AcquisitionDateTime",
+        "TimezoneOffsetFromUTC",
+    ):
         if keyword in ds:
             delattr(ds, keyword)
     frames = []
@@ -176,13 +199,15 @@ def test_a_cine_is_dated_by_its_last_frame_and_the_site_time_zone(tmp_path: Path
     last = parse_time("2024-03-05T10:00:29Z")
     assert read(path, index_time=last - timedelta(seconds=1)) is None  # 29 of 30 frames were known: not enough
     record = read(path, index_time=last)
-    assert record.time == last and record.meta["time_zone"] == "assumed UTC"
+    assert record.time == last
+    assert record.meta["time_zone"] == "assumed UTC"
     assert record.arrays["frame_mask"].all()
     # the same wall times at a site in New York (UTC-5 in March before the switch)
     site = IngestConfig(site_timezone="America/New_York")
     assert read(path, site, index_time=last) is None
     record = read(path, site, index_time=last + timedelta(hours=5))
-    assert record.time == last + timedelta(hours=5) and record.meta["time_zone"] == "site"
+    assert record.time == last + timedelta(hours=5)
+    assert record.meta["time_zone"] == "site"
     ds.TimezoneOffsetFromUTC = "+0100"  # the file's own offset wins over the site zone
     ds.save_as(path)
     assert read(path, site, index_time=last - timedelta(hours=1)).time == last - timedelta(hours=1)

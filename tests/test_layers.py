@@ -71,6 +71,7 @@ LAYERS: dict[str, int] = {
             "meddx.batch",
             "meddx.export",
             "meddx.synth",
+            "meddx.model_card",
         ),
         5,
     ),
@@ -78,6 +79,7 @@ LAYERS: dict[str, int] = {
     # (manifest, config, model folder, pipeline), and the package's lazy public names
     **dict.fromkeys(("meddx.cli", "meddx.pipelines", "meddx.demo", "meddx.schemas", "meddx"), 6),
 }
+
 
 @dataclass(frozen=True)
 class Import:

@@ -26,7 +26,7 @@ def _binary(rng: np.random.Generator, n: int, rounded: bool = False):
     probabilities = rng.random(n)
     if rounded:  # many ties, as a coarse model gives
         probabilities = np.round(probabilities, 1)
-    labels = (rng.random(n) < probabilities ** 1.5).astype(int)
+    labels = (rng.random(n) < probabilities**1.5).astype(int)
     return labels, probabilities
 
 
@@ -90,7 +90,8 @@ def test_ece_is_small_for_calibrated_and_large_for_overconfident_probabilities()
     overconfident = np.clip((probabilities - 0.5) * 3 + 0.5, 0, 1)
     assert ece(labels, overconfident) > 0.1
     curve = reliability_curve(labels, probabilities)
-    assert curve.count.sum() == 20000 and len(curve.confidence) == 10
+    assert curve.count.sum() == 20000
+    assert len(curve.confidence) == 10
     np.testing.assert_allclose(curve.frequency, curve.confidence, atol=0.03)
 
 
@@ -103,13 +104,18 @@ def test_coverage_and_set_size() -> None:
 
 def test_bootstrap_interval_is_seeded_and_brackets_the_value() -> None:
     labels, probabilities = _binary(np.random.default_rng(5), 400)
-    statistic = lambda rows: auroc(labels[rows], probabilities[rows])
+
+    def statistic(rows: np.ndarray) -> float:
+        return auroc(labels[rows], probabilities[rows])
+
     first = bootstrap(statistic, 400, n_resamples=300, seed=1)
     assert first == bootstrap(statistic, 400, n_resamples=300, seed=1)
-    assert first.low < first.value < first.high and first.n_resamples == 300
+    assert first.low < first.value < first.high
+    assert first.n_resamples == 300
     assert bootstrap(statistic, 400, n_resamples=300, seed=2) != first
     wider = bootstrap(statistic, 400, n_resamples=300, confidence=0.99, seed=1)
-    assert wider.low < first.low and wider.high > first.high
+    assert wider.low < first.low
+    assert wider.high > first.high
 
 
 def test_bootstrap_leaves_out_resamples_with_one_class() -> None:
@@ -117,16 +123,19 @@ def test_bootstrap_leaves_out_resamples_with_one_class() -> None:
     labels[:2] = 1  # two positives: many resamples hold none
     probabilities = np.linspace(0, 1, 40)
     estimate = bootstrap(lambda rows: auroc(labels[rows], probabilities[rows]), 40, n_resamples=400, seed=0)
-    assert estimate.value is not None and 0 < estimate.n_resamples < 400
+    assert estimate.value is not None
+    assert 0 < estimate.n_resamples < 400
     undefined = bootstrap(lambda rows: auroc(np.zeros(len(rows), int), probabilities[rows]), 40, n_resamples=50)
-    assert undefined.value is None and undefined.low is None and undefined.high is None
+    assert undefined.value is None
+    assert undefined.low is None
+    assert undefined.high is None
     assert math.isnan(auroc(np.zeros(5, int), np.linspace(0, 1, 5)))
 
 
 def test_metric_table_and_groups() -> None:
     rng = np.random.default_rng(6)
     labels, probabilities = _binary(rng, 300)
-    raw = probabilities ** 0.5  # monotone: same ranking, other calibration
+    raw = probabilities**0.5  # monotone: same ranking, other calibration
     sets = np.stack([probabilities < 0.9, probabilities > 0.1], axis=1)
     settings = MetricSettings(n_resamples=50)
     table = metric_table(labels, probabilities, raw, sets, settings)

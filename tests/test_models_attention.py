@@ -54,4 +54,5 @@ def test_lora_on_the_attention_output_projection_takes_effect() -> None:
     x, attend = torch.randn(2, 4, 16), torch.ones(2, 4, dtype=torch.bool)
     encoder_on_attended(encoder, x, attend).sum().backward()
     lora_b = encoder.layers[0].self_attn.out_proj.lora_B["default"].weight
-    assert lora_b.grad is not None and lora_b.grad.abs().sum() > 0
+    assert lora_b.grad is not None
+    assert lora_b.grad.abs().sum() > 0

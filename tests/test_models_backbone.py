@@ -40,9 +40,12 @@ def test_sample_patients_give_one_embedding_each(setup) -> None:
         out = backbone(batch)
     assert isinstance(out, BackboneOutput)
     B, D = len(patients), backbone.config.d_model
-    assert out.pooled.shape == (B, D) and out.modality_embeddings.shape == (B, len(MODALITIES), D)
-    assert torch.equal(out.modality_mask, batch.present) and torch.equal(out.encoder_mask, batch.present)
-    assert out.tokens.shape[:2] == out.token_mask.shape and out.token_modality.shape == out.tokens.shape[1:2]
+    assert out.pooled.shape == (B, D)
+    assert out.modality_embeddings.shape == (B, len(MODALITIES), D)
+    assert torch.equal(out.modality_mask, batch.present)
+    assert torch.equal(out.encoder_mask, batch.present)
+    assert out.tokens.shape[:2] == out.token_mask.shape
+    assert out.token_modality.shape == out.tokens.shape[1:2]
     assert torch.isfinite(out.pooled).all()
 
 
@@ -53,13 +56,18 @@ def test_every_subset_of_modalities(setup, subset) -> None:
     D = backbone.config.d_model
     for modality in subset:
         tokens, mask, age = backbone.encoders[modality.value](batch.tensors[modality])
-        assert tokens.shape[0] == 2 and tokens.shape[2] == D and mask.shape == tokens.shape[:2] == age.shape
-        assert mask.dtype == torch.bool and mask.any(dim=1).all()
+        assert tokens.shape[0] == 2
+        assert tokens.shape[2] == D
+        assert mask.shape == tokens.shape[:2] == age.shape
+        assert mask.dtype == torch.bool
+        assert mask.any(dim=1).all()
     with torch.no_grad():
         out = backbone(batch)
     expected = torch.tensor([m in subset for m in MODALITIES]).expand(2, -1)
-    assert out.pooled.shape == (2, D) and torch.isfinite(out.pooled).all()
-    assert torch.equal(out.modality_mask, expected) and torch.equal(out.encoder_mask, expected)
+    assert out.pooled.shape == (2, D)
+    assert torch.isfinite(out.pooled).all()
+    assert torch.equal(out.modality_mask, expected)
+    assert torch.equal(out.encoder_mask, expected)
     assert (out.modality_embeddings[~expected] == 0).all()
     assert set(out.token_modality.unique().tolist()) == {MODALITIES.index(m) for m in subset}
 
@@ -143,7 +151,8 @@ def test_modality_dropout_hides_some_but_never_all(setup) -> None:
     kept = backbone._modality_dropout(keep)
     assert not (kept & ~keep).any()  # never adds a modality
     assert (kept.any(dim=1) == keep.any(dim=1)).all()  # never empties a patient
-    assert kept[:50, 2].all() and (kept.sum() < keep.sum())
+    assert kept[:50, 2].all()
+    assert kept.sum() < keep.sum()
 
 
 def test_training_skips_the_encoders_of_hidden_modalities_except_cached_ones(setup) -> None:
@@ -162,7 +171,8 @@ def test_training_skips_the_encoders_of_hidden_modalities_except_cached_ones(set
             assert seen[modality.value] == len(batch)
         else:
             assert seen.get(modality.value, 0) == int(used[m]) < len(batch)
-    assert model.encoders["notes"].frozen and not model.encoders["imaging"].frozen
+    assert model.encoders["notes"].frozen
+    assert not model.encoders["imaging"].frozen
 
 
 def test_keeping_removes_rows_of_modalities_not_kept(setup) -> None:
@@ -211,7 +221,8 @@ def test_max_tokens_per_modality_keeps_the_first_real_tokens(setup) -> None:
     with torch.no_grad():
         out = small(batch)
     counts = torch.bincount(out.token_modality, minlength=len(MODALITIES))
-    assert counts.max() <= 3 and out.token_mask.any()
+    assert counts.max() <= 3
+    assert out.token_mask.any()
 
 
 def test_a_batch_modality_without_an_encoder_is_refused(setup) -> None:
@@ -278,4 +289,5 @@ def test_batch_logits_withhold_each_present_modality_in_one_fusion(setup, head_i
             lacking = [i for i, mix in enumerate(mixes) if modality not in mix]
             assert np.array_equal(withheld[modality][task][lacking], logits[task][lacking])  # nothing withheld
     plain, none = model.batch_logits(batch, ablations=False)
-    assert none == {} and all(np.allclose(plain[t], logits[t]) for t in tasks)
+    assert none == {}
+    assert all(np.allclose(plain[t], logits[t]) for t in tasks)

@@ -43,7 +43,8 @@ def test_round_trip_gives_identical_outputs(saved) -> None:
     for field in ("pooled", "modality_embeddings", "encoder_embeddings", "tokens"):
         assert torch.equal(getattr(a, field), getattr(b, field)), field
     restored = loaded.aligner()
-    assert isinstance(restored, Aligner) and restored.array_spec() == aligner.array_spec()
+    assert isinstance(restored, Aligner)
+    assert restored.array_spec() == aligner.array_spec()
     assert loaded.config == backbone.config
 
 
@@ -51,7 +52,9 @@ def test_the_aligner_is_read_without_building_the_network(saved) -> None:
     """diagnose starts ingesting with it while the network loads; it must be the one the network uses."""
     backbone, folder, batch, aligner = saved
     read = read_aligner(folder)
-    assert read.state_dict() == aligner.state_dict() == FoundationBackbone.from_pretrained(folder).aligner().state_dict()
+    assert (
+        read.state_dict() == aligner.state_dict() == FoundationBackbone.from_pretrained(folder).aligner().state_dict()
+    )
     patient = aligner.transform(fitted_aligner()[1][0])
     again = read.transform(fitted_aligner()[1][0])
     for modality, arrays in patient.tensors.items():
@@ -62,7 +65,8 @@ def test_the_aligner_is_read_without_building_the_network(saved) -> None:
 def test_the_bundled_frozen_text_model_is_not_copied(saved) -> None:
     _, folder, _, _ = saved
     config = json.loads((folder / "config.json").read_text())
-    assert config["text_weights"] == "bundled" and config["text_model_version"]
+    assert config["text_weights"] == "bundled"
+    assert config["text_model_version"]
     assert not any(k.startswith(TEXT_PREFIX) for k in load_file(str(folder / "model.safetensors")))
 
 

@@ -30,13 +30,16 @@ def _volume_arrays(n_slices_real: int = 3):
 @pytest.mark.parametrize("network", ["densenet", "resnet"])
 @pytest.mark.parametrize("dims", [2, 3])
 def test_imaging_encoder_ignores_unobserved_slices(network, dims) -> None:
-    config = tiny_backbone_config(imaging={"network": network, "spatial_dims": dims, "widths": [4, 4, 8, 8], "block_config": [1, 1]})
+    config = tiny_backbone_config(
+        imaging={"network": network, "spatial_dims": dims, "widths": [4, 4, 8, 8], "block_config": [1, 1]}
+    )
     encoder = ImagingEncoder(config, VOLUME_SPEC).eval()
     arrays = _volume_arrays()
     noisy = dict(arrays, volume=torch.where(arrays["slice_mask"][..., None, None], arrays["volume"], torch.nan))
     with torch.no_grad():
         out, again = encoder(arrays), encoder(noisy)
-    assert out.tokens.shape == (2, 4, 16) and out.token_mask.all()
+    assert out.tokens.shape == (2, 4, 16)
+    assert out.token_mask.all()
     assert torch.equal(out.token_age_hours, torch.tensor([[2.0] * 4, [30.0] * 4]))
     assert torch.allclose(out.tokens, again.tokens, atol=1e-6)
 
@@ -48,16 +51,23 @@ def test_imaging_weights_load_from_safetensors_only(tmp_path) -> None:
     path = tmp_path / "imaging.safetensors"
     save_file({k: v.contiguous() for k, v in source.trunk.state_dict().items()}, str(path))
     torch.manual_seed(2)
-    loaded = ImagingEncoder(config.model_copy(update={"imaging": config.imaging.model_copy(update={"weights": str(path)})}), VOLUME_SPEC)
+    loaded = ImagingEncoder(
+        config.model_copy(update={"imaging": config.imaging.model_copy(update={"weights": str(path)})}), VOLUME_SPEC
+    )
     for key, value in source.trunk.state_dict().items():
         assert torch.equal(loaded.trunk.state_dict()[key], value)
     pickled = tmp_path / "imaging.pt"
     torch.save(source.trunk.state_dict(), pickled)
     with pytest.raises(ModelError, match="never loads pickle"):
-        ImagingEncoder(config.model_copy(update={"imaging": config.imaging.model_copy(update={"weights": str(pickled)})}), VOLUME_SPEC)
+        ImagingEncoder(
+            config.model_copy(update={"imaging": config.imaging.model_copy(update={"weights": str(pickled)})}),
+            VOLUME_SPEC,
+        )
     other = tiny_backbone_config(imaging={"init_features": 6, "block_config": [1, 1]})
     with pytest.raises(ModelError, match="do not fit"):
-        ImagingEncoder(other.model_copy(update={"imaging": other.imaging.model_copy(update={"weights": str(path)})}), VOLUME_SPEC)
+        ImagingEncoder(
+            other.model_copy(update={"imaging": other.imaging.model_copy(update={"weights": str(path)})}), VOLUME_SPEC
+        )
 
 
 def test_a_network_too_deep_for_the_volume_is_a_config_error() -> None:
@@ -83,7 +93,8 @@ def test_ehr_tokens_from_the_fitted_spec(lab_tokens) -> None:
     lab_count = n_labs * n_bins if lab_tokens == "feature_bin" else n_labs
     assert out.tokens.shape == (2, 1 + lab_count + spec["code_ids"].shape[0], 16)
     codes = out.token_mask[:, 1 + lab_count :]
-    assert torch.equal(codes, arrays["code_mask"]) and out.token_mask[:, 0].all()
+    assert torch.equal(codes, arrays["code_mask"])
+    assert out.token_mask[:, 0].all()
     assert torch.equal(out.token_age_hours[:, 1 + lab_count :], arrays["code_age_hours"])
     if lab_tokens == "feature":  # a lab token is as old as its newest observed bin
         labs = arrays["lab_mask"]
@@ -93,7 +104,10 @@ def test_ehr_tokens_from_the_fitted_spec(lab_tokens) -> None:
 
 
 def test_video_tokens_see_motion_not_only_appearance() -> None:
-    spec = {"frames": ArrayField((4, 1, 16, 16), "float32"), "frame_mask": ArrayField((4,), "bool", "mask", of=("frames",))}
+    spec = {
+        "frames": ArrayField((4, 1, 16, 16), "float32"),
+        "frame_mask": ArrayField((4,), "bool", "mask", of=("frames",)),
+    }
     torch.manual_seed(0)
     encoder = VideoEncoder(tiny_backbone_config(), spec).eval()
     for p in encoder.appearance.parameters():  # blind the appearance path: only motion can tell clips apart
@@ -117,7 +131,11 @@ def test_imaging_input_pool_averages_the_volume_before_the_network() -> None:
         "volume": ArrayField((16, 32, 32), "float32"),
         "slice_mask": ArrayField((16,), "bool", "mask", of=("volume",)),
     }
-    pooled_spec = {**spec, "volume": ArrayField((8, 16, 16), "float32"), "slice_mask": ArrayField((8,), "bool", "mask", of=("volume",))}
+    pooled_spec = {
+        **spec,
+        "volume": ArrayField((8, 16, 16), "float32"),
+        "slice_mask": ArrayField((8,), "bool", "mask", of=("volume",)),
+    }
     imaging = {"init_features": 4, "growth_rate": 4, "block_config": [1, 1]}
     torch.manual_seed(0)
     pooling = ImagingEncoder(tiny_backbone_config(imaging={**imaging, "input_pool": 2}), spec).eval()
@@ -136,7 +154,10 @@ def test_imaging_input_pool_averages_the_volume_before_the_network() -> None:
 
 
 def test_video_input_pool_averages_frames_before_the_cnns() -> None:
-    spec = {"frames": ArrayField((4, 1, 32, 32), "float32"), "frame_mask": ArrayField((4,), "bool", "mask", of=("frames",))}
+    spec = {
+        "frames": ArrayField((4, 1, 32, 32), "float32"),
+        "frame_mask": ArrayField((4,), "bool", "mask", of=("frames",)),
+    }
     small = {"frames": ArrayField((4, 1, 16, 16), "float32"), "frame_mask": spec["frame_mask"]}
     torch.manual_seed(0)
     pooling = VideoEncoder(tiny_backbone_config(video={"frame_features": 8, "input_pool": 2}), spec).eval()
@@ -152,10 +173,14 @@ def test_video_input_pool_averages_frames_before_the_cnns() -> None:
 
 
 def test_attention_dropout_is_its_own_rate() -> None:
-    spec = {"frames": ArrayField((4, 1, 16, 16), "float32"), "frame_mask": ArrayField((4,), "bool", "mask", of=("frames",))}
+    spec = {
+        "frames": ArrayField((4, 1, 16, 16), "float32"),
+        "frame_mask": ArrayField((4,), "bool", "mask", of=("frames",)),
+    }
     encoder = VideoEncoder(tiny_backbone_config(dropout=0.1, attention_dropout=0.0), spec)
     layer = encoder.temporal.layers[0]
-    assert layer.self_attn.dropout == 0.0 and layer.dropout1.p == 0.1
+    assert layer.self_attn.dropout == 0.0
+    assert layer.dropout1.p == 0.1
 
 
 def test_zero_where_not_zeroes_masked_entries_even_nan_and_skips_the_copy_when_nothing_is_masked() -> None:

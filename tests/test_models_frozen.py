@@ -38,7 +38,8 @@ def test_a_frozen_imaging_trunk_runs_once_per_volume_and_matches_running_it() ->
     plain = ImagingEncoder(tiny_backbone_config(imaging={"block_config": [1, 1]}), VOLUME_SPEC)
     plain.load_state_dict(frozen.state_dict())
     frozen.train(), plain.eval()  # a frozen trunk keeps its running statistics even in training
-    assert not frozen.trunk.training and not any(p.requires_grad for p in frozen.trunk.parameters())
+    assert not frozen.trunk.training
+    assert not any(p.requires_grad for p in frozen.trunk.parameters())
     assert all(p.requires_grad for p in frozen.project.parameters())
     calls = _counting(frozen.trunk)
     arrays, other = _volumes(1), _volumes(2)
@@ -91,7 +92,8 @@ def test_frozen_video_cnns_match_running_them_and_run_once_per_frame() -> None:
     clip = {"frames": torch.rand(2, 4, 1, 16, 16), "frame_mask": torch.tensor([[True] * 4, [True, True, False, False]])}
     with torch.no_grad():
         first, again, expected = frozen(clip).tokens, frozen(clip).tokens, plain(clip).tokens
-    assert torch.allclose(first, expected, atol=1e-6) and torch.equal(first, again)
+    assert torch.allclose(first, expected, atol=1e-6)
+    assert torch.equal(first, again)
     assert calls == [8]  # the second pass ran nothing
 
 
@@ -111,6 +113,8 @@ def test_freeze_trunks_freezes_imaging_and_video_and_survives_a_round_trip(tmp_p
     frozen = [*imaging.trunk.parameters(), *video.appearance.parameters(), *video.motion.parameters()]
     assert not any(p.requires_grad for p in frozen)
     assert all(p.requires_grad for p in [*imaging.project.parameters(), *backbone.fusion.parameters()])
-    assert backbone.config.imaging.frozen and backbone.config.video.frozen
+    assert backbone.config.imaging.frozen
+    assert backbone.config.video.frozen
     loaded = FoundationBackbone.from_pretrained(backbone.save_pretrained(tmp_path / "model"))
-    assert loaded.encoders["imaging"].frozen and loaded.encoders["video"].frozen
+    assert loaded.encoders["imaging"].frozen
+    assert loaded.encoders["video"].frozen

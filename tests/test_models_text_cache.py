@@ -31,17 +31,22 @@ def test_frozen_chunks_are_computed_once_then_read_from_disk(tmp_path) -> None:
     first = encoder(arrays)
     assert len(calls) == 1
     second = encoder(arrays)  # the second epoch
-    assert len(calls) == 1 and torch.equal(first.tokens, second.tokens)
+    assert len(calls) == 1
+    assert torch.equal(first.tokens, second.tokens)
     assert list(tmp_path.rglob("*.safetensors"))  # persisted as safetensors
     torch.manual_seed(0)
     later = NotesEncoder(tiny_backbone_config(), spec, cache_dir=tmp_path)  # a later run
     later_calls = _counting(later)
-    assert torch.equal(later(arrays).tokens, first.tokens) and not later_calls
+    assert torch.equal(later(arrays).tokens, first.tokens)
+    assert not later_calls
     _, more = _notes([1, 3])  # one patient seen, one new: only the new chunks reach the model
     computed = []
-    later.text_model.register_forward_hook(lambda m, a, k, out: computed.append(k["input_ids"].shape[0]), with_kwargs=True)
+    later.text_model.register_forward_hook(
+        lambda m, a, k, out: computed.append(k["input_ids"].shape[0]), with_kwargs=True
+    )
     later(more)
-    assert computed and sum(computed) == int(more["chunk_mask"][1].sum())
+    assert computed
+    assert sum(computed) == int(more["chunk_mask"][1].sum())
 
 
 def test_cached_embeddings_equal_fresh_ones(tmp_path) -> None:
@@ -55,7 +60,8 @@ def test_cached_embeddings_equal_fresh_ones(tmp_path) -> None:
     with torch.no_grad():
         assert torch.allclose(cached(arrays).tokens, trainable(arrays).tokens, atol=1e-5)
         trainable(arrays)
-    assert len(calls) == 2 and trainable.cache is None  # a trainable encoder is never cached
+    assert len(calls) == 2
+    assert trainable.cache is None  # a trainable encoder is never cached
 
 
 def test_a_torn_cache_file_is_skipped(tmp_path) -> None:
@@ -63,7 +69,8 @@ def test_a_torn_cache_file_is_skipped(tmp_path) -> None:
     cache.put({"a": torch.ones(3)})
     (tmp_path / "v1" / "torn.safetensors").write_bytes(b"\x00\x01")
     again = TextEmbeddingCache(tmp_path, "v1")
-    assert torch.equal(again.get(["a"])[0], torch.ones(3)) and len(again) == 1
+    assert torch.equal(again.get(["a"])[0], torch.ones(3))
+    assert len(again) == 1
 
 
 def test_chunks_of_any_length_mix_embed_as_alone_and_repeats_are_computed_once(tmp_path) -> None:

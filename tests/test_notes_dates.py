@@ -54,8 +54,10 @@ def test_undated_files_in_a_folder_are_dropped_by_default(folder: Path) -> None:
     ]
     meta = record.meta
     assert (meta["files_dated"], meta["files_undated"], meta["files_dropped_undated"]) == (3, 2, 2)
-    assert meta["files_dropped_after_index"] == 1 and meta["dropped_after_index"] == 1
-    assert meta["from_files"] == 2 and meta["undated_rule"] == "drop"
+    assert meta["files_dropped_after_index"] == 1
+    assert meta["dropped_after_index"] == 1
+    assert meta["from_files"] == 2
+    assert meta["undated_rule"] == "drop"
     assert any("2 undated note file(s)" in w for w in record.warnings)
     assert any("misdated.txt" in w and "not an ISO 8601" in w for w in record.warnings)
     assert not any("Discharged" in (e.text or "") for e in record.events)
@@ -70,7 +72,8 @@ def test_undated_files_kept_count_as_written_at_the_index_time(folder: Path) -> 
     assert record.arrays["chunk_age_hours"][: record.meta["n_chunks"]].tolist() == pytest.approx(
         [(INDEX - record.events[0].time).total_seconds() / 3600, 4.5, 0.0, 0.0]
     )
-    assert record.meta["files_dropped_undated"] == 0 and record.time == parse_time("2024-03-05T09:30:00Z")
+    assert record.meta["files_dropped_undated"] == 0
+    assert record.time == parse_time("2024-03-05T09:30:00Z")
 
 
 def test_undated_files_can_be_an_error_naming_the_file(folder: Path) -> None:
@@ -85,7 +88,9 @@ def test_an_undated_file_named_directly_is_available_at_the_index_time(tmp_path:
     note = tmp_path / "note.txt"
     note.write_text("Chief complaint: cough.\n", encoding="utf-8")
     record = read(reader(policy), note)
-    assert record.time is None and record.meta["files_undated"] == 1 and record.meta["from_files"] == 1
+    assert record.time is None
+    assert record.meta["files_undated"] == 1
+    assert record.meta["from_files"] == 1
     assert record.arrays["chunk_age_hours"][: record.meta["n_chunks"]].tolist() == [0.0]
 
 
@@ -94,7 +99,8 @@ def test_a_file_named_directly_but_dated_after_the_index_time_is_dropped(tmp_pat
     note.write_text("Written after the index time.\n", encoding="utf-8")
     assert read(reader("keep"), note) is None
     record = read(reader("keep"), note, index_time=INDEX + timedelta(minutes=30))
-    assert record.time == INDEX + timedelta(minutes=30) and record.meta["files_dated"] == 1
+    assert record.time == INDEX + timedelta(minutes=30)
+    assert record.meta["files_dated"] == 1
 
 
 def test_note_dates_without_a_zone_use_the_site_time_zone(tmp_path: Path) -> None:
@@ -111,7 +117,8 @@ def test_note_dates_without_a_zone_use_the_site_time_zone(tmp_path: Path) -> Non
 
 def test_the_later_of_name_and_header_counts() -> None:
     when, problem = note_file_time(Path("2024-03-01_note.txt"), "Date: 2024-03-04T10:00:00Z\ntext")
-    assert when == parse_time("2024-03-04T10:00:00Z") and problem is None
+    assert when == parse_time("2024-03-04T10:00:00Z")
+    assert problem is None
     when, _ = note_file_time(Path("20240306_note.txt"), "Date: 2024-03-04T10:00:00Z\ntext")
     assert when == parse_time("2024-03-06T23:59:59.999999Z")
     # not dates: a longer number, an impossible month, a date in the text below the first line
@@ -127,6 +134,9 @@ def test_a_long_dated_note_gives_each_chunk_its_note(tmp_path: Path) -> None:
     (folder / "20240305T1200Z_new.txt").write_text("Fever and cough with chills. " * 12, encoding="utf-8")
     record = read(reader(max_chunks=4), folder)
     n = record.meta["n_chunks"]
-    assert n == 4 and record.meta["chunk_note"][-1] == len(record.events) - 1
+    assert n == 4
+    assert record.meta["chunk_note"][-1] == len(record.events) - 1
     assert record.arrays["chunk_age_hours"][: record.meta["n_chunks"]].tolist()[-1] == pytest.approx(2.0)
-    assert len(record.meta["chunk_note"]) == len(record.arrays["chunk_age_hours"][: record.meta["n_chunks"]].tolist()) == n
+    assert (
+        len(record.meta["chunk_note"]) == len(record.arrays["chunk_age_hours"][: record.meta["n_chunks"]].tolist()) == n
+    )

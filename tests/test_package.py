@@ -32,7 +32,8 @@ def test_import_meddx_is_cheap_and_every_public_name_resolves() -> None:
     assert len(meddx.__all__) == len(set(meddx.__all__))
     for name in meddx.__all__:
         assert getattr(meddx, name) is not None, name
-    assert meddx.load_cohort.__module__ == "meddx.cohort" and meddx.ingest_cohort.__module__ == "meddx.ingest.runner"
+    assert meddx.load_cohort.__module__ == "meddx.cohort"
+    assert meddx.ingest_cohort.__module__ == "meddx.ingest.runner"
     with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
         meddx.nothing_here  # noqa: B018
 

@@ -246,8 +246,11 @@ def test_a_wrong_password_is_reported_once_before_anything_is_read(
     with pytest.raises(DicomWebAuthError) as caught:
         ingest_cohort(load_cohort(manifest), tmp_path / "cache", _config(pacs), workers=0, progress=False)
     message = str(caught.value)
-    assert "HTTP 401" in message and "MEDDX_DICOMWEB_USER" in message and "MEDDX_DICOMWEB_PASSWORD" in message
-    assert "not-the-password" not in message and "not-the-password" not in caplog.text
+    assert "HTTP 401" in message
+    assert "MEDDX_DICOMWEB_USER" in message
+    assert "MEDDX_DICOMWEB_PASSWORD" in message
+    assert "not-the-password" not in message
+    assert "not-the-password" not in caplog.text
 
     config_file = tmp_path / "ingest.json"
     config_file.write_text(_config(pacs).model_dump_json())
@@ -288,7 +291,8 @@ def test_unknown_studies_and_series_are_row_errors(pacs, studies, logged_in, tmp
     )
     report = ingest_cohort(cohort, tmp_path / "cache", _config(pacs), workers=0, progress=False)
     by_patient = {o.patient_id: o for o in report.outcomes}
-    assert "HTTP 404" in by_patient["P1"].error and by_patient["P1"].path.endswith("/series/1.2.3.999")
+    assert "HTTP 404" in by_patient["P1"].error
+    assert by_patient["P1"].path.endswith("/series/1.2.3.999")
     assert "no series in this study" in by_patient["P2"].error
     assert by_patient["P3"].status == "ok"
 
@@ -403,7 +407,8 @@ def test_prediction_srs_are_stored_and_read_back_valid(pacs, studies, logged_in,
         path = tmp_path / f"{row['patient_id']}.dcm"
         back.save_as(path, enforce_file_format=True)
         read = pydicom.dcmread(path)
-        assert read.Modality == "SR" and read.StudyInstanceUID == studies[row["patient_id"]].study_uid
+        assert read.Modality == "SR"
+        assert read.StudyInstanceUID == studies[row["patient_id"]].study_uid
         parsed = highdicom.sr.srread(path)
         assert isinstance(parsed, highdicom.sr.Comprehensive3DSR)
         evidence = parsed.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
@@ -416,7 +421,8 @@ def test_prediction_srs_are_stored_and_read_back_valid(pacs, studies, logged_in,
         assert float(_numeric(read)) == pytest.approx(row["probability"])
         members = {m for m in row["prediction_set"].split("|")}
         assert members <= set(_set_members(read))
-        assert "meddx-test" in text and "0.1.0" in text
+        assert "meddx-test" in text
+        assert "0.1.0" in text
         buffer = io.BytesIO()
         read.save_as(buffer)  # writes again: a valid dataset
 
@@ -441,8 +447,22 @@ def test_diagnose_store_sr_puts_one_report_per_prediction_on_the_pacs(
     cells["P3"] = str(studies["P3"].folder)  # images from files: diagnosed, but no SR (not on the PACS)
     manifest = _manifest(tmp_path, cells)
     out = tmp_path / "run"
-    args = ["diagnose", str(manifest), "--model", str(tiny_model), "--out", str(out), "--cache",
-            str(tmp_path / "cache"), "--workers", "0", "--chunk-size", "1", "--store-sr", "--quiet"]
+    args = [
+        "diagnose",
+        str(manifest),
+        "--model",
+        str(tiny_model),
+        "--out",
+        str(out),
+        "--cache",
+        str(tmp_path / "cache"),
+        "--workers",
+        "0",
+        "--chunk-size",
+        "1",
+        "--store-sr",
+        "--quiet",
+    ]
 
     # The run dies after its first chunk (P1's SR stored); --resume must not store P1's again.
     import meddx.batch.run_folder
@@ -462,9 +482,11 @@ def test_diagnose_store_sr_puts_one_report_per_prediction_on_the_pacs(
     assert "DICOM SRs stored on the PACS: 2 (0 failed)" in result.output
 
     predictions = pd.read_parquet(out / "predictions.parquet")
-    assert (predictions.status == "ok").all() and len(predictions) == 3
+    assert (predictions.status == "ok").all()
+    assert len(predictions) == 3
     reports = pd.read_csv(out / "structured_reports.csv", dtype=str, keep_default_na=False)
-    assert list(reports.patient_id) == ["P1", "P2"] and (reports.status == "stored").all()
+    assert list(reports.patient_id) == ["P1", "P2"]
+    assert (reports.status == "stored").all()
     assert json.loads((out / "run.json").read_text())["counts"]["structured_reports_stored"] == 2
 
     client = connect(_config(pacs).dicomweb)
@@ -489,7 +511,8 @@ def test_diagnose_store_sr_puts_one_report_per_prediction_on_the_pacs(
         headers = (pydicom.dcmread(f, stop_before_pixels=True) for f in sorted(study.folder.rglob("*.dcm")))
         source = next(h for h in headers if h.SeriesInstanceUID == read_series)
         sr = pydicom.dcmread(path)
-        assert sr.PatientName == source.PatientName and "PatientBirthDate" in sr
+        assert sr.PatientName == source.PatientName
+        assert "PatientBirthDate" in sr
         family = str(source.PatientName).split("^")[0]
         pattern = re.compile(rf"\b{re.escape(family)}\b")
         for written in out.rglob("*"):
@@ -503,8 +526,21 @@ def test_store_sr_without_a_server_is_refused_before_any_work(tiny_model: Path, 
     manifest = _manifest(tmp_path, {"P1": "dicomweb:studies/1.2.3"})
     out = tmp_path / "run"
     result = CliRunner().invoke(
-        main, ["diagnose", str(manifest), "--model", str(tiny_model), "--out", str(out), "--cache",
-               str(tmp_path / "cache"), "--workers", "0", "--store-sr", "--quiet"]
+        main,
+        [
+            "diagnose",
+            str(manifest),
+            "--model",
+            str(tiny_model),
+            "--out",
+            str(out),
+            "--cache",
+            str(tmp_path / "cache"),
+            "--workers",
+            "0",
+            "--store-sr",
+            "--quiet",
+        ],
     )
     assert result.exit_code != 0
     assert "MEDDX_DICOMWEB_URL" in result.output
@@ -582,7 +618,8 @@ def test_the_manifest_checks_dicomweb_cells(tmp_path: Path) -> None:
 
     pd.DataFrame(rows[:1]).to_csv(path, index=False)
     row = load_cohort(path).rows[0]
-    assert row.paths == {} and row.remote == {Modality.IMAGING: DicomWebRef("1.2.840.1", "1.2.840.1.2")}
+    assert row.paths == {}
+    assert row.remote == {Modality.IMAGING: DicomWebRef("1.2.840.1", "1.2.840.1.2")}
 
 
 def test_credentials_never_go_in_the_config() -> None:

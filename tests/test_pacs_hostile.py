@@ -293,8 +293,22 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         "MEDDX_DICOMWEB_USER": USER,
         "MEDDX_DICOMWEB_PASSWORD": PASSWORD,
     }
-    args = [sys.executable, "-m", "meddx.cli", "ingest", str(root / "manifest.csv"), "--cache", str(root / "cache"),
-            "--config", str(root / "ingest.json"), "--out", str(root / "run"), "--workers", "0", "--quiet"]
+    args = [
+        sys.executable,
+        "-m",
+        "meddx.cli",
+        "ingest",
+        str(root / "manifest.csv"),
+        "--cache",
+        str(root / "cache"),
+        "--config",
+        str(root / "ingest.json"),
+        "--out",
+        str(root / "run"),
+        "--workers",
+        "0",
+        "--quiet",
+    ]
     launcher = [sys.executable, "-c", LAUNCHER, str(root / "maxrss.txt")]
     with open(root / "output.txt", "wb") as output:
         # In a session of its own, so that a hung run is stopped whole (launcher, run, and its workers).
@@ -357,7 +371,8 @@ def test_endless_and_oversized_answers_are_cut_off_by_the_limits(run: Run) -> No
     assert "announced more than 8 MB for one series" in _error(run, "single-claims-10gb")
     reason = _error(run, "endless-json")
     assert "sent more than 1 MB for a QIDO-RS answer (dicomweb.max_json_mb)" in reason
-    assert "MemoryError" not in run.output and "Traceback" not in run.output
+    assert "MemoryError" not in run.output
+    assert "Traceback" not in run.output
 
 
 @pytest.mark.slow

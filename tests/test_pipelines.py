@@ -29,7 +29,8 @@ def test_every_pipeline_file_validates(path: Path) -> None:
     data = yaml.safe_load(path.read_text())
     jsonschema.validate(data, SCHEMA)
     resolved = read_pipeline(path, out="runs/somewhere", check_inputs=False)
-    assert resolved.steps and not resolved.problems(check_inputs=False)
+    assert resolved.steps
+    assert not resolved.problems(check_inputs=False)
     assert all("{" not in str(v) for step in resolved.steps for _, v in step)  # every placeholder filled
 
 
@@ -49,8 +50,13 @@ def test_a_bad_pipeline_is_refused_before_any_work_with_every_problem(tmp_path: 
     out = tmp_path / "run"
     result = CliRunner().invoke(main, ["run", str(bad), "--out", str(out)])
     assert result.exit_code == 2, result.output
-    for says in ("4 problems", "version: Input should be 1", "steps.0.finetune.mode", "steps.1.evaluate.extra",
-                 "steps.2: Input tag 'transmogrify'"):
+    for says in (
+        "4 problems",
+        "version: Input should be 1",
+        "steps.0.finetune.mode",
+        "steps.1.evaluate.extra",
+        "steps.2: Input tag 'transmogrify'",
+    ):
         assert says in result.output
     assert not out.exists()
 
@@ -63,8 +69,11 @@ def test_a_bad_pipeline_is_refused_before_any_work_with_every_problem(tmp_path: 
     with pytest.raises(ConfigError) as caught:
         read_pipeline(missing, out=out)
     message = str(caught.value)
-    assert "5 problems" in message and "unknown placeholder(s) {outt}" in message
-    assert "steps.0.manifest" in message and "steps.0.model" in message and "steps.1.predictions" in message
+    assert "5 problems" in message
+    assert "unknown placeholder(s) {outt}" in message
+    assert "steps.0.manifest" in message
+    assert "steps.0.model" in message
+    assert "steps.1.predictions" in message
     assert not out.exists()
 
 
@@ -82,16 +91,21 @@ def test_demo_yaml_runs(tmp_path: Path, sample_cache: Path) -> None:
     args = ["run", str(smaller), "--out", str(out), "--cache", str(sample_cache), "--workers", "2", "--quiet"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    assert "[4/4] evaluate" in result.output and "pipeline demo done" in result.output
+    assert "[4/4] evaluate" in result.output
+    assert "pipeline demo done" in result.output
     predictions = pd.read_parquet(out / "diagnose" / "predictions.parquet")
-    assert len(predictions) == 12 and (predictions.status == "ok").all()
-    assert (out / "evaluation" / "report.html").is_file() and (out / "model" / "calibration.json").is_file()
+    assert len(predictions) == 12
+    assert (predictions.status == "ok").all()
+    assert (out / "evaluation" / "report.html").is_file()
+    assert (out / "model" / "calibration.json").is_file()
     # The evaluation says what it rests on: the model diagnose used, and that 12 rows are too few.
     metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
-    assert metrics["model"]["name"] == "model" and metrics["model"]["path"] == str(out / "model")
+    assert metrics["model"]["name"] == "model"
+    assert metrics["model"]["path"] == str(out / "model")
     assert metrics["model"]["training_rows"]["train"] > 0
     disease = metrics["tasks"]["disease"]
-    assert sum(disease["class_counts"].values()) == 12 and disease["warnings"][0].startswith("Too few rows")
+    assert sum(disease["class_counts"].values()) == 12
+    assert disease["warnings"][0].startswith("Too few rows")
 
 
 def test_finetune_defaults_are_the_library_defaults() -> None:
@@ -144,15 +158,33 @@ def test_engine_and_training_choices_reach_the_library(tmp_path: Path, monkeypat
     monkeypatch.setattr(meddx.batch.run, "diagnose", record("diagnose"))
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("patient_id,index_time\np1,2024-01-01T00:00:00Z\n")
-    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump({
-        "version": 1, "name": "choices", "out": str(tmp_path / "run"),
-        "steps": [
-            {"step": "finetune", "manifest": str(manifest), "out": "{out}/model", "mode": "full",
-             "schedule": "constant", "head_input": "summary+modalities"},
-            {"step": "diagnose", "manifest": str(manifest), "model": "{out}/model", "out": "{out}/diagnose",
-             "engine": "ray", "ray": {"actors": 2, "address": "auto"}},
-        ],
-    }))
+    (tmp_path / "pipeline.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "version": 1,
+                "name": "choices",
+                "out": str(tmp_path / "run"),
+                "steps": [
+                    {
+                        "step": "finetune",
+                        "manifest": str(manifest),
+                        "out": "{out}/model",
+                        "mode": "full",
+                        "schedule": "constant",
+                        "head_input": "summary+modalities",
+                    },
+                    {
+                        "step": "diagnose",
+                        "manifest": str(manifest),
+                        "model": "{out}/model",
+                        "out": "{out}/diagnose",
+                        "engine": "ray",
+                        "ray": {"actors": 2, "address": "auto"},
+                    },
+                ],
+            }
+        )
+    )
     run_pipeline(read_pipeline(tmp_path / "pipeline.yaml"), progress=False, echo=lambda line: None)
     assert calls["finetune"]["schedule"] == "constant"
     assert calls["finetune"]["head_input"] == "summary+modalities"

@@ -40,8 +40,16 @@ def pretrained(tmp_path_factory) -> tuple[Path, Path, list]:
     root = tmp_path_factory.mktemp("pretrain")
     cache = root / "cache"
     result = pretrain(
-        SAMPLE, root / "straight", epochs=2, batch_size=16, seed=3, backbone_config=tiny_backbone_config(
-            modality_dropout=0.3), ingest_config=tiny_ingest_config(), cache_dir=cache, workers=0, progress=False,
+        SAMPLE,
+        root / "straight",
+        epochs=2,
+        batch_size=16,
+        seed=3,
+        backbone_config=tiny_backbone_config(modality_dropout=0.3),
+        ingest_config=tiny_ingest_config(),
+        cache_dir=cache,
+        workers=0,
+        progress=False,
     )
     return root, cache, result.epochs
 
@@ -62,11 +70,18 @@ def test_pretraining_writes_a_loadable_backbone_and_safe_checkpoints(pretrained)
 @pytest.mark.slow
 def test_a_resumed_run_goes_on_exactly_as_an_uninterrupted_one(pretrained) -> None:
     root, cache, straight = pretrained
-    common = dict(batch_size=16, seed=3, backbone_config=tiny_backbone_config(modality_dropout=0.3),
-                  ingest_config=tiny_ingest_config(), cache_dir=cache, workers=0, progress=False)
+    common = dict(
+        batch_size=16,
+        seed=3,
+        backbone_config=tiny_backbone_config(modality_dropout=0.3),
+        ingest_config=tiny_ingest_config(),
+        cache_dir=cache,
+        workers=0,
+        progress=False,
+    )
     pretrain(SAMPLE, root / "resumed", epochs=1, **common)
     resumed = pretrain(SAMPLE, root / "resumed", epochs=2, resume=True, **common).epochs
-    for a, b in zip(straight, resumed):
+    for a, b in zip(straight, resumed, strict=True):
         assert a["total"] == pytest.approx(b["total"], rel=1e-5)
     first = FoundationBackbone.from_pretrained(root / "straight").state_dict()
     second = FoundationBackbone.from_pretrained(root / "resumed").state_dict()
@@ -78,8 +93,17 @@ def test_a_resumed_run_goes_on_exactly_as_an_uninterrupted_one(pretrained) -> No
 def test_resume_without_a_checkpoint_is_refused(tmp_path: Path, pretrained) -> None:
     _, cache, _ = pretrained
     with pytest.raises(ModelError, match="no checkpoint"):
-        pretrain(SAMPLE, tmp_path / "new", epochs=1, resume=True, backbone_config=tiny_backbone_config(),
-                 ingest_config=tiny_ingest_config(), cache_dir=cache, workers=0, progress=False)
+        pretrain(
+            SAMPLE,
+            tmp_path / "new",
+            epochs=1,
+            resume=True,
+            backbone_config=tiny_backbone_config(),
+            ingest_config=tiny_ingest_config(),
+            cache_dir=cache,
+            workers=0,
+            progress=False,
+        )
 
 
 @pytest.mark.slow
@@ -89,16 +113,35 @@ def test_pretrain_command(tmp_path: Path, pretrained) -> None:
     backbone_config.write_text(tiny_backbone_config().model_dump_json())
     ingest_config = tmp_path / "ingest.json"
     ingest_config.write_text(tiny_ingest_config().model_dump_json())
-    result = CliRunner().invoke(main, [
-        "pretrain", str(SAMPLE), "--out", str(tmp_path / "out"), "--epochs", "1", "--batch-size", "16",
-        "--cache", str(cache), "--config", str(ingest_config), "--backbone-config", str(backbone_config),
-        "--workers", "0", "--quiet",
-    ])
+    result = CliRunner().invoke(
+        main,
+        [
+            "pretrain",
+            str(SAMPLE),
+            "--out",
+            str(tmp_path / "out"),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--cache",
+            str(cache),
+            "--config",
+            str(ingest_config),
+            "--backbone-config",
+            str(backbone_config),
+            "--workers",
+            "0",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "epoch 1: loss" in result.output
     assert json.loads((tmp_path / "out" / "pretraining.json").read_text())["epochs"]
     bad = tmp_path / "bad.json"
     bad.write_text('{"d_model": 3}')
-    result = CliRunner().invoke(main, ["pretrain", str(SAMPLE), "--out", str(tmp_path / "x"),
-                                       "--backbone-config", str(bad), "--quiet"])
-    assert result.exit_code == 2 and "backbone config" in result.output
+    result = CliRunner().invoke(
+        main, ["pretrain", str(SAMPLE), "--out", str(tmp_path / "x"), "--backbone-config", str(bad), "--quiet"]
+    )
+    assert result.exit_code == 2
+    assert "backbone config" in result.output

@@ -18,14 +18,17 @@ def test_a_bar_over_workers_shows_no_eta_while_they_start_then_the_rate_of_the_r
     now[0] += 30  # the workers start: imports, a tokenizer, a FHIR index
     for _ in range(3):
         count(1)
-        assert STARTING in str(bar) and "<" not in str(bar)  # no ETA yet
+        assert STARTING in str(bar)
+        assert "<" not in str(bar)  # no ETA yet
         now[0] += 1
     for _ in range(6):  # warm: one file a second
         count(1)
         now[0] += 1
     rate = bar.format_dict["rate"]
     assert 0.8 < rate < 1.5, rate  # counting the start-up, the rate would be about 0.1/s: an ETA of hours
-    assert bar.n == 9 and STARTING not in str(bar) and "<16:" in str(bar)  # 991 files at 1/s
+    assert bar.n == 9
+    assert STARTING not in str(bar)
+    assert "<16:" in str(bar)  # 991 files at 1/s
     assert bar.format_dict["elapsed"] == 39  # from the start, start-up included
     bar.close()
 

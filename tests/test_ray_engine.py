@@ -37,8 +37,13 @@ def local_ray(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """
     plugins = tmp_path_factory.mktemp("ray-plugins")
     path = os.pathsep.join([str(REPO), str(REPO / "tests"), str(plugins), os.environ.get("PYTHONPATH", "")])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": {"PYTHONPATH": path}})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _node_ip_address="127.0.0.1",
+        runtime_env={"env_vars": {"PYTHONPATH": path}},
+    )
     yield plugins
     ray.shutdown()
 
@@ -57,23 +62,45 @@ def _sample_rows() -> pd.DataFrame:
     return pd.read_csv(SAMPLE_MANIFEST, dtype=str, keep_default_na=False)
 
 
-def test_ray_predictions_equal_the_local_engines(tmp_path: Path, tiny_model: Path, sample_cache: Path,
-                                                 local_ray: Path) -> None:
-    local = diagnose(SAMPLE_MANIFEST, tiny_model, tmp_path / "local", split="test", cache_dir=sample_cache,
-                     workers=0, chunk_size=5, progress=False)
-    on_ray = diagnose(SAMPLE_MANIFEST, tiny_model, tmp_path / "ray", split="test", cache_dir=sample_cache,
-                      chunk_size=5, engine="ray", progress=False)
+def test_ray_predictions_equal_the_local_engines(
+    tmp_path: Path, tiny_model: Path, sample_cache: Path, local_ray: Path
+) -> None:
+    local = diagnose(
+        SAMPLE_MANIFEST,
+        tiny_model,
+        tmp_path / "local",
+        split="test",
+        cache_dir=sample_cache,
+        workers=0,
+        chunk_size=5,
+        progress=False,
+    )
+    on_ray = diagnose(
+        SAMPLE_MANIFEST,
+        tiny_model,
+        tmp_path / "ray",
+        split="test",
+        cache_dir=sample_cache,
+        chunk_size=5,
+        engine="ray",
+        progress=False,
+    )
     expected, got = pd.read_parquet(local.predictions), pd.read_parquet(on_ray.predictions)
     assert list(got.columns) == list(expected.columns)
-    assert got[KEY].equals(expected[KEY]) and len(got) == 12 and (got.status == "ok").all()
+    assert got[KEY].equals(expected[KEY])
+    assert len(got) == 12
+    assert (got.status == "ok").all()
     pd.testing.assert_frame_equal(got, expected, check_exact=False, atol=1e-5, rtol=0)
     assert pd.read_csv(on_ray.predictions_csv, dtype=str).shape == got.shape
     assert on_ray.risk_assessments.read_text().count("\n") == 12
     assert on_ray.errors.read_text() == local.errors.read_text()
 
     run = json.loads(on_ray.run.read_text())
-    assert run["complete"] and run["settings"]["engine"] == "ray" and run["settings"]["actors"] == 1
-    assert run["counts"]["prediction_rows"] == 12 and run["counts"]["chunks"] == 3
+    assert run["complete"]
+    assert run["settings"]["engine"] == "ray"
+    assert run["settings"]["actors"] == 1
+    assert run["counts"]["prediction_rows"] == 12
+    assert run["counts"]["chunks"] == 3
     assert not (tmp_path / "ray" / "parts").exists()
     # the sharded Parquet: one part per chunk, together the same rows as predictions.parquet
     shards = sorted((tmp_path / "ray" / "predictions").glob("part-*.parquet"))
@@ -84,18 +111,40 @@ def test_ray_predictions_equal_the_local_engines(tmp_path: Path, tiny_model: Pat
 
 def test_the_cli_runs_the_ray_engine(tmp_path: Path, tiny_model: Path, sample_cache: Path, local_ray: Path) -> None:
     out = tmp_path / "run"
-    args = ["diagnose", str(SAMPLE_MANIFEST), "--model", str(tiny_model), "--out", str(out), "--split", "test",
-            "--cache", str(sample_cache), "--chunk-size", "6", "--engine", "ray", "--actors", "1",
-            "--cpus-per-actor", "0.5", "--quiet"]
+    args = [
+        "diagnose",
+        str(SAMPLE_MANIFEST),
+        "--model",
+        str(tiny_model),
+        "--out",
+        str(out),
+        "--split",
+        "test",
+        "--cache",
+        str(sample_cache),
+        "--chunk-size",
+        "6",
+        "--engine",
+        "ray",
+        "--actors",
+        "1",
+        "--cpus-per-actor",
+        "0.5",
+        "--quiet",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    assert "diagnosed 12 of 12 rows" in result.output and "12 FHIR RiskAssessments" in result.output
+    assert "diagnosed 12 of 12 rows" in result.output
+    assert "12 FHIR RiskAssessments" in result.output
     settings = json.loads((out / "run.json").read_text())["settings"]
-    assert settings["engine"] == "ray" and settings["cpus_per_actor"] == 0.5 and settings["ray_cpus"] == 2
+    assert settings["engine"] == "ray"
+    assert settings["cpus_per_actor"] == 0.5
+    assert settings["ray_cpus"] == 2
 
 
-def test_a_corrupt_file_gives_one_error_row(tmp_path: Path, tiny_model: Path, sample_cache: Path,
-                                            local_ray: Path) -> None:
+def test_a_corrupt_file_gives_one_error_row(
+    tmp_path: Path, tiny_model: Path, sample_cache: Path, local_ray: Path
+) -> None:
     rows = _sample_rows().query("split == 'test'").head(4).reset_index(drop=True)
     broken = tmp_path / "broken.wav"
     broken.write_bytes(b"RIFF\x00\x00not really a wave file")
@@ -105,21 +154,34 @@ def test_a_corrupt_file_gives_one_error_row(tmp_path: Path, tiny_model: Path, sa
     rows.loc[victim, "audio"] = str(broken)
     manifest = _manifest(rows, tmp_path / "cohort" / "manifest.csv")
 
-    result = diagnose(manifest, tiny_model, tmp_path / "run", cache_dir=sample_cache, chunk_size=2, engine="ray",
-                      workers=1, progress=False)  # one ingestion task at a time
+    result = diagnose(
+        manifest,
+        tiny_model,
+        tmp_path / "run",
+        cache_dir=sample_cache,
+        chunk_size=2,
+        engine="ray",
+        workers=1,
+        progress=False,
+    )  # one ingestion task at a time
     assert json.loads(result.run.read_text())["settings"]["workers"] == 1
     frame = pd.read_parquet(result.predictions)
     assert list(frame.patient_id) == list(rows.patient_id)
     error = frame[frame.status == "error"]
-    assert len(error) == 1 and error.patient_id.iloc[0] == rows.patient_id[victim]
-    assert error.modality_errors.iloc[0] == "audio" and pd.isna(error.probability.iloc[0])
+    assert len(error) == 1
+    assert error.patient_id.iloc[0] == rows.patient_id[victim]
+    assert error.modality_errors.iloc[0] == "audio"
+    assert pd.isna(error.probability.iloc[0])
     errors = pd.read_csv(result.errors, dtype=str, keep_default_na=False)
-    assert sorted(errors.modality) == ["", "audio"] and str(broken.name) in errors.path.str.cat()
-    assert result.counts["undiagnosed_rows"] == 1 and result.counts["risk_assessments"] == 3
+    assert sorted(errors.modality) == ["", "audio"]
+    assert str(broken.name) in errors.path.str.cat()
+    assert result.counts["undiagnosed_rows"] == 1
+    assert result.counts["risk_assessments"] == 3
 
 
-def test_a_file_that_crashes_its_reader_fails_one_modality(tmp_path: Path, tiny_model: Path, sample_cache: Path,
-                                                          local_ray: Path) -> None:
+def test_a_file_that_crashes_its_reader_fails_one_modality(
+    tmp_path: Path, tiny_model: Path, sample_cache: Path, local_ray: Path
+) -> None:
     rows = _sample_rows().query("split == 'test'").head(3).reset_index(drop=True)
     rows["audio"] = ""
     crash = tmp_path / "crash.txt"
@@ -127,17 +189,28 @@ def test_a_file_that_crashes_its_reader_fails_one_modality(tmp_path: Path, tiny_
     rows.loc[0, "audio"] = str(crash)
     manifest = _manifest(rows, tmp_path / "cohort" / "manifest.csv")
 
-    result = diagnose(manifest, tiny_model, tmp_path / "run", cache_dir=sample_cache, engine="ray",
-                      plugins=("echo_ingest_plugin",), progress=False)
+    result = diagnose(
+        manifest,
+        tiny_model,
+        tmp_path / "run",
+        cache_dir=sample_cache,
+        engine="ray",
+        plugins=("echo_ingest_plugin",),
+        progress=False,
+    )
     frame = pd.read_parquet(result.predictions)
-    assert len(frame) == 3 and (frame.status == "ok").all()
-    assert list(frame.modality_errors) == ["audio", "", ""] and "audio" not in frame.modalities[0]
+    assert len(frame) == 3
+    assert (frame.status == "ok").all()
+    assert list(frame.modality_errors) == ["audio", "", ""]
+    assert "audio" not in frame.modalities[0]
     errors = pd.read_csv(result.errors, dtype=str, keep_default_na=False)
-    assert len(errors) == 1 and "crashed the worker process" in errors.error[0]
+    assert len(errors) == 1
+    assert "crashed the worker process" in errors.error[0]
 
 
-def test_an_interrupted_run_resumes_with_every_row_once(tmp_path: Path, tiny_model: Path, sample_cache: Path,
-                                                        local_ray: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_interrupted_run_resumes_with_every_row_once(
+    tmp_path: Path, tiny_model: Path, sample_cache: Path, local_ray: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from meddx.batch import run_folder
 
     rows = _sample_rows().query("split == 'test'").head(8)
@@ -155,21 +228,28 @@ def test_an_interrupted_run_resumes_with_every_row_once(tmp_path: Path, tiny_mod
     monkeypatch.setattr(run_folder, "write_chunk", write_two_then_fail)
     with pytest.raises(KeyboardInterrupt):
         diagnose(manifest, tiny_model, out, cache_dir=sample_cache, chunk_size=2, engine="ray", progress=False)
-    assert len(list((out / "parts").glob("chunk-*.parquet"))) == 2 and not (out / "run.json").exists()
+    assert len(list((out / "parts").glob("chunk-*.parquet"))) == 2
+    assert not (out / "run.json").exists()
     monkeypatch.setattr(run_folder, "write_chunk", write)
 
-    result = diagnose(manifest, tiny_model, out, cache_dir=sample_cache, chunk_size=2, engine="ray", resume=True,
-                      progress=False)
+    result = diagnose(
+        manifest, tiny_model, out, cache_dir=sample_cache, chunk_size=2, engine="ray", resume=True, progress=False
+    )
     frame = pd.read_parquet(result.predictions)
-    assert len(frame) == 8 and not frame.duplicated(KEY).any() and list(frame.patient_id) == list(rows.patient_id)
-    assert result.counts["chunks_done_before"] == 2 and result.counts["risk_assessments"] == 8
-    reference = diagnose(manifest, tiny_model, tmp_path / "whole", cache_dir=sample_cache, workers=0, chunk_size=2,
-                         progress=False)
+    assert len(frame) == 8
+    assert not frame.duplicated(KEY).any()
+    assert list(frame.patient_id) == list(rows.patient_id)
+    assert result.counts["chunks_done_before"] == 2
+    assert result.counts["risk_assessments"] == 8
+    reference = diagnose(
+        manifest, tiny_model, tmp_path / "whole", cache_dir=sample_cache, workers=0, chunk_size=2, progress=False
+    )
     pd.testing.assert_frame_equal(frame, pd.read_parquet(reference.predictions), check_exact=False, atol=1e-5, rtol=0)
 
 
-def test_an_ingestion_worker_that_dies_is_retried(tmp_path: Path, tiny_model: Path, sample_cache: Path,
-                                                  local_ray: Path) -> None:
+def test_an_ingestion_worker_that_dies_is_retried(
+    tmp_path: Path, tiny_model: Path, sample_cache: Path, local_ray: Path
+) -> None:
     rows = _sample_rows().query("split == 'test'").head(2)
     manifest = _manifest(rows, tmp_path / "cohort" / "manifest.csv")
     marker = tmp_path / "died-once"
@@ -177,11 +257,22 @@ def test_an_ingestion_worker_that_dies_is_retried(tmp_path: Path, tiny_model: Pa
     (local_ray / "die_once_plugin.py").write_text(
         f"import os, pathlib\nm = pathlib.Path({str(marker)!r})\nif not m.exists():\n    m.touch()\n    os._exit(1)\n"
     )
-    result = diagnose(manifest, tiny_model, tmp_path / "run", cache_dir=sample_cache, chunk_size=1, engine="ray",
-                      plugins=("die_once_plugin",), progress=False, ray_options=RayOptions(max_retries=2))
+    result = diagnose(
+        manifest,
+        tiny_model,
+        tmp_path / "run",
+        cache_dir=sample_cache,
+        chunk_size=1,
+        engine="ray",
+        plugins=("die_once_plugin",),
+        progress=False,
+        ray_options=RayOptions(max_retries=2),
+    )
     assert marker.exists()
     frame = pd.read_parquet(result.predictions)
-    assert len(frame) == 2 and (frame.status == "ok").all() and not frame.duplicated(KEY).any()
+    assert len(frame) == 2
+    assert (frame.status == "ok").all()
+    assert not frame.duplicated(KEY).any()
 
 
 def _refuse(batch: dict) -> dict:
@@ -206,18 +297,38 @@ def test_ray_settings_are_refused_where_they_cannot_work(tmp_path: Path, tiny_mo
         RayOptions(gpus_per_actor=1).check("cpu")
     with pytest.raises(ConfigError, match="need --engine ray"):
         diagnose(SAMPLE_MANIFEST, tiny_model, tmp_path / "run", ray_options=RayOptions(actors=2))
-    result = CliRunner().invoke(main, ["diagnose", str(SAMPLE_MANIFEST), "--model", str(tiny_model), "--out",
-                                       str(tmp_path / "run"), "--actors", "2", "--quiet"])
-    assert result.exit_code == 2 and "--actors only apply to --engine ray" in result.output
+    result = CliRunner().invoke(
+        main,
+        [
+            "diagnose",
+            str(SAMPLE_MANIFEST),
+            "--model",
+            str(tiny_model),
+            "--out",
+            str(tmp_path / "run"),
+            "--actors",
+            "2",
+            "--quiet",
+        ],
+    )
+    assert result.exit_code == 2
+    assert "--actors only apply to --engine ray" in result.output
     assert issubclass(ConfigError, MeddxError)
 
 
 def test_meddx_never_imports_ray_for_the_local_engine() -> None:
-    code = ("import sys, meddx, meddx.cli, meddx.batch.run, meddx.batch.engines.on_ray\n"
-            "from meddx.batch import RayOptions\nRayOptions().check('cpu')\n"
-            "print('ray' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    code = (
+        "import sys, meddx, meddx.cli, meddx.batch.run, meddx.batch.engines.on_ray\n"
+        "from meddx.batch import RayOptions\nRayOptions().check('cpu')\n"
+        "print('ray' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert done.stdout.strip() == "False"
 
 
@@ -225,8 +336,15 @@ def test_without_ray_the_engine_says_how_to_install_it(tmp_path: Path) -> None:
     blocker = tmp_path / "ray"  # a package named ray that cannot be imported, ahead of the real one
     blocker.mkdir()
     (blocker / "__init__.py").write_text("raise ImportError('No module named ray (blocked by the test)')\n")
-    code = ("from meddx.batch.engines.on_ray import import_ray\nfrom meddx.errors import ConfigError\n"
-            "try:\n    import_ray()\nexcept ConfigError as exc:\n    print(exc)\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                          env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"})
+    code = (
+        "from meddx.batch.engines.on_ray import import_ray\nfrom meddx.errors import ConfigError\n"
+        "try:\n    import_ray()\nexcept ConfigError as exc:\n    print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"},
+    )
     assert "pip install 'meddx[distributed]'" in done.stdout

@@ -11,11 +11,11 @@ import torch
 from meddx.errors import LeakageError
 from meddx.records import (
     MODALITIES,
+    UNKNOWN_LABEL,
     Event,
     Modality,
     ModalityRecord,
     PatientRecord,
-    UNKNOWN_LABEL,
     PatientTensors,
     collate,
     is_available,
@@ -42,9 +42,14 @@ def test_leakage_rule_keeps_past_present_and_undated() -> None:
     assert is_available(INDEX, INDEX)  # at the index time is allowed
     assert is_available(None, INDEX)  # undated files are taken as available
     assert not is_available(INDEX + second, INDEX)
-    events = [Event(INDEX - second, "condition", "a"), Event(INDEX + second, "condition", "b"), Event(None, "note", "c")]
+    events = [
+        Event(INDEX - second, "condition", "a"),
+        Event(INDEX + second, "condition", "b"),
+        Event(None, "note", "c"),
+    ]
     kept, dropped = keep_available(events, INDEX)
-    assert [e.code for e in kept] == ["a", "c"] and dropped == 1
+    assert [e.code for e in kept] == ["a", "c"]
+    assert dropped == 1
 
 
 def test_patient_record_refuses_leaked_items() -> None:
@@ -52,7 +57,8 @@ def test_patient_record_refuses_leaked_items() -> None:
     late = ModalityRecord(Modality.EHR, "bundle.json", events=[Event(INDEX + timedelta(days=1), "condition", "x")])
     with pytest.raises(LeakageError, match="after the index time") as caught:
         patient.add(late)
-    assert caught.value.path == "bundle.json" and caught.value.modality == "ehr"
+    assert caught.value.path == "bundle.json"
+    assert caught.value.modality == "ehr"
     with pytest.raises(LeakageError):
         patient.add(ModalityRecord(Modality.IMAGING, "ct", time=INDEX + timedelta(minutes=1)))
     patient.add(ModalityRecord(Modality.IMAGING, "ct", time=INDEX))
@@ -73,7 +79,8 @@ def test_collate_packs_each_modality_over_the_patients_that_have_it() -> None:
     b = patient("b", video={"frames": torch.full((4, 1, 2, 2), 0.5)})
     c = patient("c", audio={"log_mel": torch.full((2, 3), 2.0), "frame_mask": torch.zeros(3, dtype=torch.bool)})
     batch = collate([a, b, c])
-    assert batch.patient_ids == ["a", "b", "c"] and len(batch) == 3
+    assert batch.patient_ids == ["a", "b", "c"]
+    assert len(batch) == 3
     # absent modalities are not zero-filled: audio holds a and c only, in batch order
     assert batch.tensors[Modality.AUDIO]["log_mel"].shape == (2, 2, 3)
     assert batch.tensors[Modality.AUDIO]["log_mel"][1].eq(2.0).all()
@@ -96,7 +103,8 @@ def test_collate_carries_rows_labels_and_label_masks() -> None:
     assert batch.label_mask["sepsis"].tolist() == [True, False]
     assert batch.label_mask["grade"].tolist() == [True, False]  # b has no grade label: unknown
     moved = batch.to("cpu")
-    assert moved.labels["sepsis"].device.type == "cpu" and moved.rows.tolist() == [4, 7]
+    assert moved.labels["sepsis"].device.type == "cpu"
+    assert moved.rows.tolist() == [4, 7]
 
 
 def test_collate_checks_tensors_against_the_spec() -> None:
@@ -129,7 +137,8 @@ def test_collate_copies_every_dtype_exactly_and_owns_its_memory() -> None:
     batch = collate(items).tensors[Modality.EHR]
     for name in arrays[0]:
         expected = torch.stack([a[name] for a in arrays])
-        assert batch[name].dtype == expected.dtype and torch.equal(batch[name], expected), name
+        assert batch[name].dtype == expected.dtype, name
+        assert torch.equal(batch[name], expected), name
     before = arrays[0]["x"].clone()
     batch["x"].add_(1.0)  # the batch is a copy: writing to it leaves the patients' tensors alone
     assert torch.equal(arrays[0]["x"], before)

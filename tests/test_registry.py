@@ -57,7 +57,8 @@ def test_unregister_then_register_replaces_a_reader() -> None:
                 return None
 
         register_ingestor(MyAudio)
-        assert registered_ingestors()[Modality.AUDIO] is MyAudio and original is not MyAudio
+        assert registered_ingestors()[Modality.AUDIO] is MyAudio
+        assert original is not MyAudio
     finally:
         base._REGISTRY.clear()
         base._REGISTRY.update(saved)
@@ -77,19 +78,22 @@ def test_reader_contract(modality: Modality, sample_rows, tmp_path: Path) -> Non
     missing = tmp_path / ("nothing" + Path(GARBAGE_NAME[modality]).suffix)
     with pytest.raises(IngestError) as caught:
         reader.read(IngestRequest("p1", INDEX, {modality: missing}))
-    assert caught.value.path == str(missing) and caught.value.modality == modality.value
+    assert caught.value.path == str(missing)
+    assert caught.value.modality == modality.value
 
     garbage = tmp_path / GARBAGE_NAME[modality]
     garbage.write_bytes(bytes(np.random.default_rng(0).integers(128, 256, 600, dtype=np.uint8)))
     with pytest.raises(IngestError) as caught:
         reader.read(IngestRequest("p1", INDEX, {modality: garbage}))
-    assert caught.value.path == str(garbage) and caught.value.modality == modality.value
+    assert caught.value.path == str(garbage)
+    assert caught.value.modality == modality.value
 
     row = sample_rows[modality]
     request = IngestRequest(row.patient_id, row.index_time, dict(row.paths))
     assert reader.wants(request)
     record = reader.read(request)
-    assert record is not None and record.modality is modality
+    assert record is not None
+    assert record.modality is modality
     PatientRecord(row.patient_id, row.index_time).add(record)  # nothing after the index time
 
     tensorizer = reader.tensorizer().fit([record])
@@ -97,7 +101,8 @@ def test_reader_contract(modality: Modality, sample_rows, tmp_path: Path) -> Non
     spec = tensorizer.spec()
     assert set(arrays) == set(spec)
     for name, (shape, dtype, *_) in spec.items():
-        assert arrays[name].shape == shape and arrays[name].dtype == np.dtype(dtype), name
+        assert arrays[name].shape == shape, name
+        assert arrays[name].dtype == np.dtype(dtype), name
     restored = reader.tensorizer().load_state_dict(tensorizer.state_dict())
     cache = RecordCache(tmp_path / "cache")
     cache.put("00" * 32, record)
@@ -128,4 +133,5 @@ def test_aligner_makes_a_batch_from_sample_records(sample_rows) -> None:
         for name, tensor in arrays.items():
             assert tuple(tensor.shape) == (1, *spec[modality][name].shape), (modality, name)
         age = arrays["age_hours"]
-        assert age.shape == (1, 1) and (age >= 0).all()  # time before the index, every modality
+        assert age.shape == (1, 1)
+        assert (age >= 0).all()  # time before the index, every modality

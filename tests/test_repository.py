@@ -57,7 +57,8 @@ def outside_references(relative: Path, text: str) -> list[str]:
 def test_no_tracked_file_refers_to_a_path_outside_the_repository() -> None:
     problems = []
     files = tracked_files()
-    assert Path("README.md") in files and Path("meddx/__init__.py") in files
+    assert Path("README.md") in files
+    assert Path("meddx/__init__.py") in files
     for relative in files:
         path = ROOT / relative
         if path.is_symlink():

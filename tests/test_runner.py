@@ -45,14 +45,22 @@ def test_bad_files_are_reported_and_the_others_kept(tmp_path: Path, echo_registr
     status = {o.patient_id: o.status for o in report.outcomes}
     assert status == {"p0": "ok", "p1": "error", "p2": "error", "p3": "error", "p4": "empty", "p5": "ok"}
     errors = {o.patient_id: o.error for o in report.errors}
-    assert "the test file says bad" in errors["p1"] and "p1.txt" in errors["p1"]
+    assert "the test file says bad" in errors["p1"]
+    assert "p1.txt" in errors["p1"]
     assert "unexpected ValueError" in errors["p2"]
     assert "after the index time" in errors["p3"]  # the leakage guard caught a leaking reader
     table = report.coverage().set_index("modality")
-    assert table.loc["audio", "ok"] == 2 and table.loc["audio", "errors"] == 3 and table.loc["audio", "empty"] == 1
+    assert table.loc["audio", "ok"] == 2
+    assert table.loc["audio", "errors"] == 3
+    assert table.loc["audio", "empty"] == 1
     errors_csv = pd.read_csv(report.write_errors(tmp_path / "errors.csv"))
     assert list(errors_csv.columns) == ["patient_id", "index_time", "modality", "path", "error"]
-    assert sorted(errors_csv.patient_id) == ["p1", "p2", "p3"] and set(errors_csv.path) == {"p1.txt", "p2.txt", "p3.txt"}
+    assert sorted(errors_csv.patient_id) == ["p1", "p2", "p3"]
+    assert set(errors_csv.path) == {
+        "p1.txt",
+        "p2.txt",
+        "p3.txt",
+    }
     records = {r.patient_id: r for r in report.patient_records()}
     assert records["p5"].records[Modality.AUDIO].events[0].text == "okay"
     assert records["p1"].records == {}
@@ -68,7 +76,8 @@ def test_cache_is_reused_and_keyed_by_content(tmp_path: Path, echo_registry) -> 
     third = ingest_cohort(load_cohort(manifest), tmp_path / "cache", workers=0, progress=False)
     assert [o.cached for o in third.outcomes] == [True, False]
     record = RecordCache(tmp_path / "cache").get(third.outcomes[1].key)
-    assert record is not None and record.arrays["length"].tolist() == [7.0]
+    assert record is not None
+    assert record.arrays["length"].tolist() == [7.0]
 
 
 def test_a_native_crash_is_isolated_and_the_run_goes_on(tmp_path: Path, echo_registry) -> None:
@@ -90,7 +99,8 @@ def test_a_hung_reader_is_stopped_and_the_run_goes_on(tmp_path: Path, echo_regis
     status = {o.patient_id: o.status for o in report.outcomes}
     assert status == {"p0": "ok", "p1": "error", "p2": "ok", "p3": "ok"}
     hung = next(o for o in report.outcomes if o.patient_id == "p1")
-    assert "took longer than 15 s" in hung.error and "p1.txt" in hung.error
+    assert "took longer than 15 s" in hung.error
+    assert "p1.txt" in hung.error
 
 
 @pytest.mark.slow
@@ -107,7 +117,11 @@ def test_a_slow_worker_start_up_does_not_count_against_a_file(tmp_path: Path, ec
     monkeypatch.syspath_prepend(str(code))  # the spawned workers inherit sys.path
     manifest = make_cohort(tmp_path, ["ok", "fine"])
     report = ingest_cohort(
-        load_cohort(manifest), tmp_path / "cache", workers=2, progress=False,
-        plugins=("slow_start_plugin", *PLUGIN), task_timeout=15,
+        load_cohort(manifest),
+        tmp_path / "cache",
+        workers=2,
+        progress=False,
+        plugins=("slow_start_plugin", *PLUGIN),
+        task_timeout=15,
     )
     assert [o.status for o in report.outcomes] == ["ok", "ok"], [o.error for o in report.outcomes]

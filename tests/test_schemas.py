@@ -30,10 +30,20 @@ def test_manifest_schema_accepts_a_row_and_rejects_a_bad_split() -> None:
 def test_prediction_schema_checks_per_class_and_ablation_probabilities() -> None:
     schema = schema_documents()["prediction_row.schema.json"]
     row = {
-        "patient_id": "p1", "index_time": "2024-03-05T14:00:00Z", "task": "stage", "status": "ok",
-        "probability": 0.7, "prediction": "late", "prediction_set": "late|mid",
-        "probability:late": 0.7, "probability:mid": 0.2, "probability:early": 0.1,
-        "raw_probability:late": 0.9, "ablation:imaging:late": None, "contribution:imaging": -1.5, "sex": "F",
+        "patient_id": "p1",
+        "index_time": "2024-03-05T14:00:00Z",
+        "task": "stage",
+        "status": "ok",
+        "probability": 0.7,
+        "prediction": "late",
+        "prediction_set": "late|mid",
+        "probability:late": 0.7,
+        "probability:mid": 0.2,
+        "probability:early": 0.1,
+        "raw_probability:late": 0.9,
+        "ablation:imaging:late": None,
+        "contribution:imaging": -1.5,
+        "sex": "F",
     }
     jsonschema.validate(row, schema)
     for column in ("probability:mid", "raw_probability:late", "ablation:imaging:late"):

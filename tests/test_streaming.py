@@ -43,8 +43,11 @@ def test_chunks_come_ready_in_order_with_failures_named_and_tensors_stored(cohor
     with ChunkFeeder(cohort, chunks, aligner, folder / "cache", 0, None, on_read=read.append) as feeder:
         ready = list(feeder)
         assert [c.number for c in ready] == [0, 1, 2]
-        assert [[r.row.row for r in c.rows] for c in ready] == [[r.row for r in rows[:2]], [r.row for r in rows[2:4]],
-                                                                 [r.row for r in rows[4:]]]
+        assert [[r.row.row for r in c.rows] for c in ready] == [
+            [r.row for r in rows[:2]],
+            [r.row for r in rows[2:4]],
+            [r.row for r in rows[4:]],
+        ]
         assert sum(read) == 5  # every row counted once, as its last file came back
         by_row = {r.row.row: r for c in ready for r in c.rows}
         one_bad, all_bad = by_row[rows[1].row], by_row[rows[3].row]

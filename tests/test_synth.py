@@ -88,10 +88,12 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_manifest_follows_the_contract(cohort: Path) -> None:
     frame = _manifest(cohort)
     assert tuple(frame.columns) == MANIFEST_COLUMNS
-    assert len(frame) == 24 and frame["patient_id"].is_unique
+    assert len(frame) == 24
+    assert frame["patient_id"].is_unique
     assert set(frame["split"]) == {"train", "val", "test"}
     assert (frame["split"] == "train").sum() == 14  # 60/20/20 of 24
-    assert set(frame["sex"]) <= {"F", "M"} and set(frame[LABEL_COLUMN]) == {"0", "1"}
+    assert set(frame["sex"]) <= {"F", "M"}
+    assert set(frame[LABEL_COLUMN]) == {"0", "1"}
     assert frame["age"].astype(int).between(18, 100).all()
     assert frame["index_time"].str.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ").all()
     assert frame["index_time"].nunique() > 20
@@ -133,18 +135,19 @@ def test_ct_series_are_part10_ct_with_geometry_and_hounsfield_units(cohort: Path
         numbers = [int(ds.InstanceNumber) for ds in slices]
         shuffled += numbers != sorted(numbers)  # names sorted do not give the slice order
         assert {ds.SOPClassUID for ds in slices} == {pydicom.uid.CTImageStorage}
-        assert {ds.Modality for ds in slices} == {"CT"} and {ds.PatientID for ds in slices} == {row["patient_id"]}
-        assert len({ds.SeriesInstanceUID for ds in slices}) == 1 and len({ds.SOPInstanceUID for ds in slices}) == 12
+        assert {ds.Modality for ds in slices} == {"CT"}
+        assert {ds.PatientID for ds in slices} == {row["patient_id"]}
+        assert len({ds.SeriesInstanceUID for ds in slices}) == 1
+        assert len({ds.SOPInstanceUID for ds in slices}) == 12
         acquired = datetime.strptime(slices[0].AcquisitionDate + slices[0].AcquisitionTime, "%Y%m%d%H%M%S.%f")
         assert acquired.replace(tzinfo=timezone.utc) < _time(row["index_time"])
         # Positions step along the slice normal by SpacingBetweenSlices.
         z = sorted(float(ds.ImagePositionPatient[2]) for ds in slices)
         assert np.allclose(np.diff(z), float(slices[0].SpacingBetweenSlices))
         assert [float(v) for v in slices[0].ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
-        volume = np.stack(
-            [ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in slices]
-        )
-        assert volume.shape == (12, 48, 48) and slices[0].pixel_array.dtype == np.int16
+        volume = np.stack([ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in slices])
+        assert volume.shape == (12, 48, 48)
+        assert slices[0].pixel_array.dtype == np.int16
         assert -1060 < np.median(volume[:, 0, :]) < -940  # air at the edge
         assert -10 < np.median(volume[:, 24, :][:, 18:30]) < 90  # soft tissue at the centre
     assert syntaxes == {ExplicitVRLittleEndian, RLELossless}
@@ -208,14 +211,18 @@ def test_notes_logs_audio_and_video_open_with_their_libraries(cohort: Path) -> N
         spacing = times[log["channel"] == "spo2"].sort_values().diff().dropna()
         assert spacing.max() > pd.Timedelta(minutes=5)  # a gap
     n_logs = int((frame["device_logs"] != "").sum())
-    assert after == n_logs and unsorted == n_logs and artefacts >= n_logs // 3
+    assert after == n_logs
+    assert unsorted == n_logs
+    assert artefacts >= n_logs // 3
 
     rates: set[int] = set()
     for path in frame.loc[frame["audio"] != "", "audio"]:
         info = soundfile.info(str(root / path))
-        assert info.format == "WAV" and info.subtype == "PCM_16"
+        assert info.format == "WAV"
+        assert info.subtype == "PCM_16"
         samples, rate = soundfile.read(str(root / path))
-        assert 2.0 <= len(samples) / rate <= 4.0 and np.abs(samples).max() > 0.3
+        assert 2.0 <= len(samples) / rate <= 4.0
+        assert np.abs(samples).max() > 0.3
         rates.add(rate)
     assert len(rates) >= 3
 
@@ -228,7 +235,8 @@ def test_notes_logs_audio_and_video_open_with_their_libraries(cohort: Path) -> N
                 break
             frames.append(image)
         capture.release()
-        assert len(frames) == 24 and frames[0].shape == (64, 64, 3)
+        assert len(frames) == 24
+        assert frames[0].shape == (64, 64, 3)
 
 
 # --------------------------------------------------------------------------- writers alone
@@ -239,7 +247,7 @@ def test_rle_series_is_the_pixel_twin_of_the_uncompressed_one(tmp_path: Path) ->
     plain = write_ct_series(tmp_path / "plain", rng=np.random.default_rng(3), **common)
     rle = write_ct_series(tmp_path / "rle", rng=np.random.default_rng(3), rle=True, **common)
     assert [p.name for p in plain] == [f"slice_{i:03d}.dcm" for i in range(12)]
-    for a, b in zip(plain, rle):
+    for a, b in zip(plain, rle, strict=True):
         da, db = pydicom.dcmread(a), pydicom.dcmread(b)
         assert da.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
         assert db.file_meta.TransferSyntaxUID == RLELossless
@@ -250,7 +258,11 @@ def test_rle_series_is_the_pixel_twin_of_the_uncompressed_one(tmp_path: Path) ->
 
 def test_drop_slice_leaves_a_gap_and_severity_grows_the_lesion(tmp_path: Path) -> None:
     files = write_ct_series(
-        tmp_path / "gap", severity=0.0, rng=np.random.default_rng(1), acquisition_time=INDEX, patient_id="P1",
+        tmp_path / "gap",
+        severity=0.0,
+        rng=np.random.default_rng(1),
+        acquisition_time=INDEX,
+        patient_id="P1",
         drop_slice=5,
     )
     numbers = sorted(int(pydicom.dcmread(f).InstanceNumber) for f in files)
@@ -258,7 +270,10 @@ def test_drop_slice_leaves_a_gap_and_severity_grows_the_lesion(tmp_path: Path) -
 
     def lesion_voxels(severity: float) -> int:
         series = write_ct_series(
-            tmp_path / f"s{severity}", severity=severity, rng=np.random.default_rng(2), acquisition_time=INDEX,
+            tmp_path / f"s{severity}",
+            severity=severity,
+            rng=np.random.default_rng(2),
+            acquisition_time=INDEX,
             patient_id="P2",
         )
         total = 0
@@ -273,8 +288,16 @@ def test_drop_slice_leaves_a_gap_and_severity_grows_the_lesion(tmp_path: Path) -
 
 def test_bundle_units_follow_the_arguments(tmp_path: Path) -> None:
     path = write_fhir_bundle(
-        tmp_path / "b.json", patient_id="P7", severity=0.0, rng=np.random.default_rng(0), index_time=INDEX,
-        sex="female", age=70, crp_unit="mg/dL", temperature_unit="[degF]", label=1,
+        tmp_path / "b.json",
+        patient_id="P7",
+        severity=0.0,
+        rng=np.random.default_rng(0),
+        index_time=INDEX,
+        sex="female",
+        age=70,
+        crp_unit="mg/dL",
+        temperature_unit="[degF]",
+        label=1,
     )
     Bundle.model_validate_json(path.read_text(encoding="utf-8"))
     observations = [
@@ -284,13 +307,20 @@ def test_bundle_units_follow_the_arguments(tmp_path: Path) -> None:
     crp_units = {o["valueQuantity"]["unit"] for o in pre if o["code"]["coding"][0]["code"] == "1988-5"}
     temps = [o["valueQuantity"] for o in pre if o["code"]["coding"][0]["code"] == "8310-5"]
     assert crp_units == {"mg/dL"}
-    assert {t["unit"] for t in temps} == {"[degF]"} and all(95 < t["value"] < 106 for t in temps)
+    assert {t["unit"] for t in temps} == {"[degF]"}
+    assert all(95 < t["value"] < 106 for t in temps)
     panel = next(o for o in pre if o["code"]["coding"][0]["code"] == "85354-9")
     assert {c["code"]["coding"][0]["code"] for c in panel["component"]} == {"8480-6", "8462-4"}
     with pytest.raises(ValueError, match="crp_unit"):
         write_fhir_bundle(
-            tmp_path / "x.json", patient_id="P7", severity=0.0, rng=np.random.default_rng(0), index_time=INDEX,
-            sex="F", age=70, crp_unit="g/L",
+            tmp_path / "x.json",
+            patient_id="P7",
+            severity=0.0,
+            rng=np.random.default_rng(0),
+            index_time=INDEX,
+            sex="F",
+            age=70,
+            crp_unit="g/L",
         )
 
 
@@ -299,13 +329,15 @@ def test_stereo_audio_and_avi_video(tmp_path: Path) -> None:
         tmp_path / "s.wav", severity=1.0, rng=np.random.default_rng(0), sample_rate=11025, channels=2
     )
     samples, rate = soundfile.read(str(wav))
-    assert rate == 11025 and samples.shape == (33075, 2)
+    assert rate == 11025
+    assert samples.shape == (33075, 2)
     avi = write_pulse_video(tmp_path / "v.avi", severity=0.0, rng=np.random.default_rng(0), n_frames=10, size=32)
     capture = cv2.VideoCapture(str(avi))
     assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 10
     ok, image = capture.read()
     capture.release()
-    assert ok and image.shape == (32, 32, 3)
+    assert ok
+    assert image.shape == (32, 32, 3)
     with pytest.raises(ValueError, match=r"\.mp4 or \.avi"):
         write_pulse_video(tmp_path / "v.mkv", severity=0.0, rng=np.random.default_rng(0))
 
@@ -316,14 +348,17 @@ def test_stereo_audio_and_avi_video(tmp_path: Path) -> None:
 def test_generation_is_byte_for_byte_deterministic(tmp_path: Path) -> None:
     first = _hashes(generate_cohort(tmp_path / "a", n_patients=6, seed=3).parent)
     again = _hashes(generate_cohort(tmp_path / "b", n_patients=6, seed=3).parent)
-    assert first == again and len(first) > 40
+    assert first == again
+    assert len(first) > 40
     other = _hashes(generate_cohort(tmp_path / "c", n_patients=6, seed=4).parent)
     shared = set(first) & set(other)
-    assert shared and all(first[k] != other[k] for k in shared)
+    assert shared
+    assert all(first[k] != other[k] for k in shared)
     # A patient's files depend on the seed and the patient number only, not on the cohort size.
     fewer = _hashes(generate_cohort(tmp_path / "d", n_patients=4, seed=3).parent)
     fewer.pop("manifest.csv")
-    assert fewer and all(first[k] == v for k, v in fewer.items())
+    assert fewer
+    assert all(first[k] == v for k, v in fewer.items())
     # Re-generating into the same folder replaces the patients' files (no stale slices).
     assert _hashes(generate_cohort(tmp_path / "a", n_patients=6, seed=3).parent) == first
 

@@ -78,7 +78,9 @@ def test_validation_every_few_epochs_and_patience_counts_checks() -> None:
     task = LinearTask(scores=[0.9, 0.1, 0.1, 0.1, 0.1])
     summary = Trainer(task, LoopConfig(epochs=20, patience=2, learning_rate=0.05, validate_every=3)).fit()
     # checks after epochs 3, 6, 9 (1-based); the best is the first; 2 checks later (6 epochs) it stops
-    assert task.checks == 3 and summary["epochs_run"] == 9 and summary["best_epoch"] == 3
+    assert task.checks == 3
+    assert summary["epochs_run"] == 9
+    assert summary["best_epoch"] == 3
     last = LinearTask()
     Trainer(last, LoopConfig(epochs=7, patience=5, learning_rate=0.05, validate_every=3)).fit()
     assert last.checks == 3  # after epochs 3, 6 and the last one, 7
@@ -170,11 +172,16 @@ def test_without_validation_every_epoch_runs_and_the_last_weights_stay(tmp_path:
             return 2
 
     summary = Trainer(task, LoopConfig(epochs=4, patience=1, learning_rate=0.05, validate_every=None), Recorder()).fit()
-    assert task.checks == 0 and task.epochs_seen == [0, 1, 2, 3] and saved == [0, 1, 2, 3]
-    assert summary["epochs_run"] == 4 and summary["val_auroc"] == []
-    assert torch.equal(task.module.weight, weights[3]) and not torch.equal(weights[0], weights[3])  # the last ones
+    assert task.checks == 0
+    assert task.epochs_seen == [0, 1, 2, 3]
+    assert saved == [0, 1, 2, 3]
+    assert summary["epochs_run"] == 4
+    assert summary["val_auroc"] == []
+    assert torch.equal(task.module.weight, weights[3])
+    assert not torch.equal(weights[0], weights[3])  # the last ones
     resumed = LinearTask(scores=[])
     Trainer(resumed, LoopConfig(epochs=4, patience=1, learning_rate=0.05, validate_every=None), Recorder()).fit(
         resume=True
     )
-    assert resumed.epochs_seen == [2, 3] and saved[-2:] == [2, 3]
+    assert resumed.epochs_seen == [2, 3]
+    assert saved[-2:] == [2, 3]

@@ -51,6 +51,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -164,9 +165,10 @@ class VideoIngestor(Ingestor):
         shaper = _FrameShaper(config)
         if path.suffix.lower() in _DICOM_SUFFIXES or looks_like_dicom(path):
             return self._read_dicom(path, request, shaper)
-        frames, n_total, notes = _read_video(path, config.n_frames, shaper)
+        frames, n_total, notes, fps = _read_video(path, config.n_frames, shaper)
         meta = {
             "source_format": path.suffix.lower().lstrip(".") or "video",
+            "fps": fps,
             "n_source_frames": n_total,
             "n_kept_frames": len(frames),
             "warnings": notes,
@@ -269,13 +271,17 @@ def _open(path: Path):
     return capture
 
 
-def _read_video(path: Path, n_frames: int, shaper: _FrameShaper) -> tuple[list[np.ndarray], int, list[str]]:
-    """Sampled, shaped frames of a clip, the number of frames it has, and warnings."""
+def _read_video(
+    path: Path, n_frames: int, shaper: _FrameShaper
+) -> tuple[list[np.ndarray], int, list[str], float | None]:
+    """Sampled, shaped frames of a clip, the number of frames it has, warnings, and the frame rate it announces."""
     import cv2
 
     capture = _open(path)
     try:
         count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        rate = float(capture.get(cv2.CAP_PROP_FPS) or 0.0)
+        fps = rate if math.isfinite(rate) and 0 < rate <= 10_000 else None
         complete = False
         if count > 0:
             frames, complete = _grab_wanted(capture, sample_indices(count, n_frames), shaper)
@@ -283,7 +289,7 @@ def _read_video(path: Path, n_frames: int, shaper: _FrameShaper) -> tuple[list[n
         capture.release()
     notes: list[str] = []
     if complete:  # the announced count held (its last frame decoded): one pass was enough
-        return frames, count, notes
+        return frames, count, notes, fps
     # Unknown or wrong count: decode every frame (kept small), then sample.
     capture = _open(path)
     try:
@@ -301,7 +307,7 @@ def _read_video(path: Path, n_frames: int, shaper: _FrameShaper) -> tuple[list[n
             f"the container announces {count} frames but only {len(every)} decode (truncated or damaged file); "
             "sampled over those"
         )
-    return [every[i] for i in sample_indices(len(every), n_frames)], len(every), notes
+    return [every[i] for i in sample_indices(len(every), n_frames)], len(every), notes, fps
 
 
 def _grab_wanted(capture: Any, wanted: np.ndarray, shaper: _FrameShaper) -> tuple[list[np.ndarray], bool]:

@@ -10,12 +10,16 @@
   classes against the heads';
 * ``metrics.json``: a JSON object;
 * ``ood.json`` and ``ood.safetensors`` (optional: older folders have neither): the OOD method,
-  thresholds, rate and dimensions, and every tensor's shape against them (:func:`meddx.models.ood.load_ood`).
+  thresholds, rate and dimensions, and every tensor's shape against them (:func:`meddx.models.ood.load_ood`);
+* ``training_summary.json`` (optional: what the model was trained on, for its card ``README.md``):
+  its format, row counts and sections (:func:`check_training_summary`).
 
 Any problem is a :class:`~meddx.errors.ModelError` naming the file and the field. The
 fingerprint is one SHA-256 over every file that changes the outputs (config with tensorizers,
 weights, adapter, calibration, OOD scorers and thresholds; the bundled text model enters through
-its hash in ``config.json``):
+its hash in ``config.json``; ``training_summary.json`` and the card ``README.md`` describe the
+model and change no output, so they stay out of it: ``meddx evaluate --model-card`` may rewrite
+the card without breaking a resume):
 ``meddx diagnose --resume`` compares it with the one its run plan recorded.
 
 Example:
@@ -50,6 +54,9 @@ if TYPE_CHECKING:
 DIAGNOSIS_FORMAT = "meddx.diagnosis-model/1"
 ADAPTER_FILE = "adapter.safetensors"
 METRICS_FILE = "metrics.json"
+TRAINING_SUMMARY_FILE = "training_summary.json"
+TRAINING_SUMMARY_FORMAT = "meddx-training-summary/1"
+MAX_SUMMARY_BYTES = 4 << 20
 FINGERPRINT_FORMAT = "meddx-model-fingerprint/1"
 # What changes a model's outputs, in the order the fingerprint reads them.
 OUTPUT_FILES = (CONFIG_FILE, WEIGHTS_FILE, ADAPTER_FILE, CALIBRATION_FILE, OOD_JSON, OOD_TENSORS)
@@ -69,6 +76,7 @@ class ModelFolder:
         sha256: file name -> SHA-256, for the files that change outputs (with ``fingerprint=True``).
         fingerprint: one SHA-256 over them (with ``fingerprint=True``; else empty).
         ood: the checked OOD scorers, or None (a folder written before them, or too few rows).
+        training_summary: the checked ``training_summary.json``; None when the folder has none.
     """
 
     path: Path
@@ -78,6 +86,7 @@ class ModelFolder:
     sha256: dict[str, str] = field(default_factory=dict)
     fingerprint: str = ""
     ood: OodModel | None = None
+    training_summary: dict[str, Any] | None = None
 
 
 def file_sha256(path: str | Path) -> str:
@@ -156,6 +165,39 @@ def _metrics(path: Path) -> None:
         raise ModelError(f"{path} must hold a JSON object of validation figures")
 
 
+def check_training_summary(path: Path) -> dict[str, Any] | None:
+    """``training_summary.json`` checked (None when absent): a bounded JSON object of the known format.
+
+    Its sections (``meddx.data.summary``) are checked for their types, ``rows`` for counts; the
+    card writer reads the rest defensively.
+    """
+    if not path.is_file():
+        return None
+    if path.stat().st_size > MAX_SUMMARY_BYTES:
+        raise ModelError(f"{path} is over {MAX_SUMMARY_BYTES >> 20} MiB; it is not a meddx training summary")
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ModelError(f"{path} is not readable JSON ({exc}); copy the model folder again") from None
+    if not isinstance(summary, dict) or summary.get("format") != TRAINING_SUMMARY_FORMAT:
+        found = summary.get("format") if isinstance(summary, dict) else type(summary).__name__
+        raise ModelError(
+            f"{path}: format is {found!r}; this meddx reads {TRAINING_SUMMARY_FORMAT!r} "
+            "(delete the file to load the model without it)"
+        )
+    rows = summary.get("rows")
+    if (
+        not isinstance(rows, dict)
+        or not rows
+        or not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= 10**9 for n in rows.values())
+    ):
+        raise ModelError(f"{path}: rows must map each split to a count of rows; got {rows!r}")
+    for name in ("modalities", "labels", "subgroups", "inputs"):
+        if not isinstance(summary.get(name), dict):
+            raise ModelError(f"{path}: {name} must be a JSON object; got {type(summary.get(name)).__name__}")
+    return summary
+
+
 def check_model_folder(folder: str | Path, *, fingerprint: bool = False) -> ModelFolder:
     """Check every file of a fine-tuned model folder without building the network.
 
@@ -187,6 +229,7 @@ def check_model_folder(folder: str | Path, *, fingerprint: bool = False) -> Mode
     calibration = load_calibration(path, tasks={name: classes for name, (_, classes) in tasks.items()})
     _metrics(path / METRICS_FILE)
     found = ModelFolder(path, checkpoint, tasks, calibration, ood=load_ood(path))
+    found.training_summary = check_training_summary(path / TRAINING_SUMMARY_FILE)
     if fingerprint:
         names = [n for n in OUTPUT_FILES if (path / n).is_file() and (n != ADAPTER_FILE or adapter)]
         found.sha256 = {n: file_sha256(path / n) for n in names}

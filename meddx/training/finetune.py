@@ -213,6 +213,7 @@ def finetune(
         }
         if out_dir is not None and ranks.is_main:
             model.save_pretrained(out_dir)
+            _describe(out_dir, train, cache_dir, chosen)
     finally:
         teardown_distributed(ranks)
     model.eval()
@@ -226,6 +227,14 @@ def _fit_ood(model: DiagnosisModel, parts: tuple, rate: float, device: str):
     if not 0 < rate <= 0.5:
         raise ConfigError(f"ood_false_alarm must be in (0, 0.5]; got {rate!r}")
     return fit_ood_scores(model, *parts, rate=rate, device=device)
+
+
+def _describe(out_dir: str | Path, train: Any, cache_dir: str | Path | None, tasks: dict[str, TaskSpec]) -> None:
+    """training_summary.json and the model card README.md (meddx.model_card)."""
+    from meddx.cache import default_cache_dir
+    from meddx.model_card import describe_training
+
+    describe_training(out_dir, train.index, default_cache_dir(cache_dir), tasks)
 
 
 def _chosen_tasks(cohort: Cohort, tasks: Sequence[str] | None) -> dict[str, TaskSpec]:
