@@ -84,7 +84,8 @@ def test_the_shift_test_tells_a_moved_sample_from_a_drawn_one() -> None:
     reference = rng.normal(size=(200, 6))
     same = mmd_test(reference, rng.normal(size=(100, 6)), seed=0)
     moved = mmd_test(reference, rng.normal(size=(100, 6)) + 1.0, seed=0)
-    assert same["p_value"] > 0.05 and moved["p_value"] < 0.01
+    assert same["p_value"] > 0.05
+    assert moved["p_value"] < 0.01
     assert moved["mmd"] > 3 * same["mmd"]
 
 
@@ -99,21 +100,32 @@ def generated(tmp_path_factory) -> tuple[Path, Path, Path]:
     root = tmp_path_factory.mktemp("ood-cohort")
     manifest = generate_cohort(root / "cohort", n_patients=150, seed=11)
     cache = root / "cache"
-    finetune(manifest, root / "model", mode="full", epochs=1, seed=0, cache_dir=cache, workers=2, progress=False,
-             backbone_config=BackboneConfig(d_model=16, n_layers=1, n_heads=2))
+    finetune(
+        manifest,
+        root / "model",
+        mode="full",
+        epochs=1,
+        seed=0,
+        cache_dir=cache,
+        workers=2,
+        progress=False,
+        backbone_config=BackboneConfig(d_model=16, n_layers=1, n_heads=2),
+    )
     return manifest, root / "model", cache
 
 
 def _ood_folder(model: Path, tmp_path: Path) -> Path:
     folder = Path(shutil.copytree(model, tmp_path / "model"))
-    assert (folder / OOD_JSON).is_file() and (folder / OOD_TENSORS).is_file(), "finetune writes the OOD files"
+    assert (folder / OOD_JSON).is_file(), "finetune writes the OOD files"
+    assert (folder / OOD_TENSORS).is_file(), "finetune writes the OOD files"
     return folder
 
 
 @pytest.mark.slow
 def test_too_few_validation_rows_leave_a_model_without_ood_files(tiny_model: Path) -> None:
     # sample_data has 12 validation rows: a 5% threshold cannot be set, so finetune writes none
-    assert not (tiny_model / OOD_JSON).exists() and not (tiny_model / OOD_TENSORS).exists()
+    assert not (tiny_model / OOD_JSON).exists()
+    assert not (tiny_model / OOD_TENSORS).exists()
     assert check_model_folder(tiny_model).ood is None
 
 
@@ -121,11 +133,15 @@ def test_too_few_validation_rows_leave_a_model_without_ood_files(tiny_model: Pat
 def test_finetune_saves_checked_and_fingerprinted_ood_files(generated, tmp_path: Path) -> None:
     folder = _ood_folder(generated[1], tmp_path)
     summary = json.loads((folder / OOD_JSON).read_text())
-    assert summary["method"] == "mahalanobis" and summary["false_alarm_rate"] == 0.05
-    assert SUMMARY in summary["thresholds"] and set(summary["dims"]) == set(summary["thresholds"])
+    assert summary["method"] == "mahalanobis"
+    assert summary["false_alarm_rate"] == 0.05
+    assert SUMMARY in summary["thresholds"]
+    assert set(summary["dims"]) == set(summary["thresholds"])
     assert all(n >= 10 for n in summary["rows"]["train"].values())
     checked = check_model_folder(folder, fingerprint=True)
-    assert checked.ood is not None and OOD_JSON in checked.sha256 and OOD_TENSORS in checked.sha256
+    assert checked.ood is not None
+    assert OOD_JSON in checked.sha256
+    assert OOD_TENSORS in checked.sha256
 
     document = json.loads((folder / OOD_JSON).read_text())
     document["fused_threshold"] *= 2
@@ -140,7 +156,8 @@ def test_finetune_saves_checked_and_fingerprinted_ood_files(generated, tmp_path:
     with pytest.raises(ModelError, match="without the other"):
         check_model_folder(folder)
     (folder / OOD_TENSORS).unlink()  # an older folder: neither file; it loads, with no scores
-    assert check_model_folder(folder).ood is None and load_ood(folder) is None
+    assert check_model_folder(folder).ood is None
+    assert load_ood(folder) is None
 
 
 def _set_fused_threshold(folder: Path, factor: float) -> None:
@@ -156,35 +173,42 @@ def test_abstained_rows_are_in_the_predictions_and_the_risk_assessments(generate
     manifest, model, cache = generated
     folder = _ood_folder(model, tmp_path)
     plain = pd.read_parquet(
-        diagnose(manifest, folder, tmp_path / "plain", split="test", cache_dir=cache, workers=1,
-                 progress=False).predictions
+        diagnose(
+            manifest, folder, tmp_path / "plain", split="test", cache_dir=cache, workers=1, progress=False
+        ).predictions
     )
-    assert "ood" in plain.columns and any(c.startswith("ood:") for c in plain.columns)
+    assert "ood" in plain.columns
+    assert any(c.startswith("ood:") for c in plain.columns)
     expected = np.where(plain["ood"] > 1, "abstain", "ok")
     assert (plain["status"].to_numpy() == expected).all()
 
     _set_fused_threshold(folder, 1e-6)  # every row is now far above the fused threshold
-    result = diagnose(manifest, folder, tmp_path / "abstain", split="test", cache_dir=cache,
-                      workers=1, progress=False)
+    result = diagnose(manifest, folder, tmp_path / "abstain", split="test", cache_dir=cache, workers=1, progress=False)
     frame = pd.read_parquet(result.predictions)
-    assert len(frame) == len(plain) and (frame["status"] == "abstain").all()
+    assert len(frame) == len(plain)
+    assert (frame["status"] == "abstain").all()
     assert frame["probability"].notna().all()  # the prediction is still written
     resources = [json.loads(line) for line in result.risk_assessments.read_text().splitlines()]
     assert len(resources) == len(frame)
     assert all(r["status"] == "preliminary" for r in resources)
     notes = [n["text"] for r in resources for n in r["note"] if n["text"].startswith("Out of distribution")]
-    assert len(notes) == len(resources) and all("flagged:" in n and "abstains" in n for n in notes)
+    assert len(notes) == len(resources)
+    assert all("flagged:" in n and "abstains" in n for n in notes)
     run = json.loads(result.run.read_text())
     assert run["settings"]["abstain"] is True
     shift = run["shift"]
-    assert shift["fused"]["flagged_share"] == 1.0 and shift["fused"]["rows"] == frame["patient_id"].nunique()
-    assert 0 < shift["summary"]["p_value"] <= 1 and shift["summary"]["mmd"] >= 0
+    assert shift["fused"]["flagged_share"] == 1.0
+    assert shift["fused"]["rows"] == frame["patient_id"].nunique()
+    assert 0 < shift["summary"]["p_value"] <= 1
+    assert shift["summary"]["mmd"] >= 0
 
     kept = pd.read_parquet(
-        diagnose(manifest, folder, tmp_path / "kept", split="test", cache_dir=cache, workers=1,
-                 progress=False, abstain=False).predictions
+        diagnose(
+            manifest, folder, tmp_path / "kept", split="test", cache_dir=cache, workers=1, progress=False, abstain=False
+        ).predictions
     )
-    assert (kept["status"] == "ok").all() and (kept["ood"] > 1).all()
+    assert (kept["status"] == "ok").all()
+    assert (kept["ood"] > 1).all()
 
 
 @pytest.mark.slow
@@ -196,8 +220,9 @@ def test_a_folder_without_ood_files_predicts_without_ood_columns(generated, tmp_
     (folder / OOD_JSON).unlink()
     (folder / OOD_TENSORS).unlink()
     frame = pd.read_parquet(
-        diagnose(manifest, folder, tmp_path / "run", split="test", cache_dir=cache, workers=1,
-                 progress=False).predictions
+        diagnose(
+            manifest, folder, tmp_path / "run", split="test", cache_dir=cache, workers=1, progress=False
+        ).predictions
     )
     assert not any(c == "ood" or c.startswith("ood:") for c in frame.columns)
     assert (frame["status"] == "ok").all()
@@ -230,8 +255,15 @@ def test_an_unshifted_test_split_is_flagged_rarely_and_a_shifted_modality_for_mo
     shifted_folder = Path(shutil.copytree(manifest.parent, tmp_path / "shifted"))
     test_patients = set(frame["patient_id"])
     _tone(shifted_folder, test_patients)
-    shifted = diagnose(shifted_folder / "manifest.csv", model, tmp_path / "shifted-run", split="test",
-                       cache_dir=tmp_path / "cache", workers=1, progress=False)
+    shifted = diagnose(
+        shifted_folder / "manifest.csv",
+        model,
+        tmp_path / "shifted-run",
+        split="test",
+        cache_dir=tmp_path / "cache",
+        workers=1,
+        progress=False,
+    )
     moved = pd.read_parquet(shifted.predictions)
     with_audio = moved[moved["modalities"].str.contains("audio")]
     assert len(with_audio) >= 10
@@ -240,7 +272,9 @@ def test_an_unshifted_test_split_is_flagged_rarely_and_a_shifted_modality_for_mo
     assert (flagged["ood:audio"] > 1).all()  # the flag names the shifted modality
     resources = [json.loads(line) for line in shifted.risk_assessments.read_text().splitlines()]
     notes = [n["text"] for r in resources if r["status"] == "preliminary" for n in r["note"][1:]]
-    assert notes and all("audio" in n for n in notes)
+    assert notes
+    assert all("audio" in n for n in notes)
     shift = json.loads(shifted.run.read_text())["shift"]
-    assert shift["audio"]["flagged_share"] >= 0.8 and shift["audio"]["p_value"] < 0.05
+    assert shift["audio"]["flagged_share"] >= 0.8
+    assert shift["audio"]["p_value"] < 0.05
     assert json.loads(plain.run.read_text())["shift"]["audio"]["flagged_share"] <= 0.25
