@@ -196,6 +196,14 @@ class FinetuneArgs(Arguments):
     min_group_size: Annotated[
         int, Field(ge=1, description="Fewest validation rows for a subgroup's own conformal threshold.")
     ] = 50
+    ood_false_alarm: Annotated[
+        float,
+        Field(
+            gt=0,
+            le=0.5,
+            description="Share of validation rows the out-of-distribution thresholds flag (per modality and fused).",
+        ),
+    ] = 0.05
     head_dropout: Annotated[float, Field(ge=0, lt=1, description="Dropout inside each head.")] = 0.1
     head_input: Annotated[
         Literal["summary", "summary+modalities"],
@@ -255,6 +263,15 @@ class DiagnoseArgs(Arguments):
         Cli(name="--no-contributions", turns_off=True, help="Skip the contribution:/ablation: columns (faster)."),
     ] = True
     task_timeout: TaskTimeout = 600.0
+    abstain: Annotated[
+        bool,
+        Field(description="Rows above the model's fused out-of-distribution threshold get status abstain."),
+        Cli(
+            name="--no-abstain",
+            turns_off=True,
+            help="Keep status ok on out-of-distribution rows (their ood columns are still written).",
+        ),
+    ] = True
     engine: Annotated[
         Literal["local", "ray"],
         Field(

@@ -77,7 +77,15 @@ class PredictionRow(BaseModel):
     )
     modalities: str = Field("", description="modalities used, '|'-joined")
     modality_errors: str = Field("", description="modalities that failed to ingest, '|'-joined")
-    status: Literal["ok", "error"]
+    ood: float | None = Field(
+        None,
+        ge=0,
+        description="the row's fused out-of-distribution score over its threshold (above 1: flagged; "
+        "ood:<modality> columns: each modality's); absent when the model has no OOD scores",
+    )
+    status: Literal["ok", "error", "abstain"] = Field(
+        description="ok; error: not diagnosed; abstain: flagged out of distribution, its prediction still written"
+    )
 
 
 SCHEMAS: dict[str, type[BaseModel]] = {

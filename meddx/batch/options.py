@@ -59,11 +59,13 @@ class ChunkSettings:
         batch_size: patients per forward pass.
         contributions: add the ``contribution:``/``ablation:`` columns (a fusion pass per modality).
         device: where the model runs (``cpu``, ``cuda``).
+        abstain: rows above the model's fused OOD threshold get ``status=abstain``.
     """
 
     batch_size: int = 64
     contributions: bool = True
     device: str = "cpu"
+    abstain: bool = True
 
 
 @dataclass(frozen=True)

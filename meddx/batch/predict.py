@@ -28,11 +28,14 @@ class ChunkOutput:
         ready: the chunk after ingestion (its rows, outcomes and errors).
         predictions: the typed predictions of its diagnosed rows, in manifest order, then task order.
         seconds: ``ingest`` (in the workers) and ``model`` seconds spent on it.
+        embeddings: OOD space -> ``(P, D)`` embeddings of its rows that have it (the local engine;
+            the batch shift test's sample), else empty.
     """
 
     ready: ReadyChunk
     predictions: list[TaskPrediction]
     seconds: dict[str, float] = field(default_factory=dict)
+    embeddings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def number(self) -> int:
@@ -47,12 +50,18 @@ def load_model(model_dir: Path, cache_root: Path, device: str) -> DiagnosisModel
 
 
 def predict_chunk(
-    model: DiagnosisModel, ready: ReadyChunk, store: Any, settings: ChunkSettings
+    model: DiagnosisModel,
+    ready: ReadyChunk,
+    store: Any,
+    settings: ChunkSettings,
+    embeddings: dict[str, list] | None = None,
 ) -> list[TaskPrediction]:
     """The typed predictions of one ready chunk's rows that have inputs (``store``: their tensors).
 
     Each prediction names the modalities of its row that failed to ingest; rows are in manifest
-    order and each row's tasks in the model's order.
+    order and each row's tasks in the model's order. A row above the model's fused OOD threshold
+    is marked ``abstain`` when ``settings.abstain``. ``embeddings``, when given, gets each OOD
+    space's embeddings appended (:meth:`~meddx.models.diagnosis.DiagnosisModel.task_predictions`).
     """
     from meddx.records import collate
     from meddx.streaming import store_items
@@ -62,11 +71,18 @@ def predict_chunk(
     predictions: list[TaskPrediction] = []
     for start in range(0, len(with_inputs), settings.batch_size):
         batch = collate(store_items(store, with_inputs[start : start + settings.batch_size]), spec)
-        predictions += model.task_predictions(batch.to(settings.device), contributions=settings.contributions)
+        predictions += model.task_predictions(
+            batch.to(settings.device), contributions=settings.contributions, embeddings=embeddings
+        )
     errors = {r.row.row: tuple(r.modality_errors) for r in ready.rows}
     order = {t: i for i, t in enumerate(model.tasks)}
     predictions.sort(key=lambda p: (p.row, order[p.task]))
-    return [dataclasses.replace(p, modality_errors=errors[p.row]) for p in predictions]
+    return [
+        dataclasses.replace(
+            p, modality_errors=errors[p.row], abstain=settings.abstain and p.ood is not None and p.ood > 1
+        )
+        for p in predictions
+    ]
 
 
 def predict_cohort(

@@ -13,7 +13,8 @@ assembled into the final files:
   modality is named in ``modality_errors`` and the rest still diagnose;
 * ``risk_assessments.ndjson``: one validated FHIR R4 RiskAssessment per ``ok`` row;
 * ``errors.csv``: every ingest error, and every row that could not be diagnosed;
-* ``run.json``: the model (name, SHA-256 of ``model.safetensors``), versions, counts, timings;
+* ``run.json``: the model (name, SHA-256 of ``model.safetensors``), versions, counts, timings,
+  and with a model that has OOD scores the batch ``"shift"`` report (:mod:`meddx.batch.shift`);
   written last, with ``"complete": true``.
 
 A run killed at any point (even SIGKILL) and started again with ``resume=True`` keeps its
@@ -119,6 +120,7 @@ def diagnose(
     chunk_size: int = 64,
     contributions: bool = True,
     task_timeout: float | None = DEFAULT_TASK_TIMEOUT,
+    abstain: bool = True,
     plugins: tuple[str, ...] = (),
     engine: str = "local",
     device: str = "cpu",
@@ -141,6 +143,9 @@ def diagnose(
         chunk_size: rows per chunk (what is ingested ahead, and the unit of resuming).
         contributions: add ``contribution:<modality>`` and ``ablation:<modality>`` columns.
         task_timeout: seconds one file may take in a worker (None: no limit).
+        abstain: a row above the model's fused out-of-distribution threshold (``ood`` > 1) gets
+            ``status=abstain`` and a ``preliminary`` RiskAssessment; its prediction is still written.
+            False: ``ood`` columns only. Without ``ood.json`` in the model folder nothing abstains.
         plugins: modules that register custom ingestors (imported in every worker).
         engine: ``local`` (worker processes on this machine) or ``ray`` (ingestion as Ray tasks,
             the model in Ray actors; :mod:`meddx.batch.engines.on_ray`, ``pip install 'meddx[distributed]'``).
@@ -209,7 +214,7 @@ def diagnose(
         aligner,
         model_dir,
         IngestSettings(cache_root, workers, task_timeout, tuple(plugins)),
-        ChunkSettings(batch_size, contributions, device),
+        ChunkSettings(batch_size, contributions, device, abstain),
         progress,
     )
     workers = default_workers() if workers is None else workers
@@ -225,10 +230,17 @@ def diagnose(
         fhir_writer = FhirWriter(aligner.config.fhir)
     writer = ChunkWriter(out / PARTS, list(checked.tasks), provenance, reporter, fhir_writer)
     runner = make_engine(engine, ray_options)
+    shift = None
+    if checked.ood is not None:
+        from meddx.batch.shift import ShiftSample
+
+        shift = ShiftSample(checked.ood)
     with closing(runner.run(job)) as outputs:
         for output in outputs:
             tick = time.perf_counter()
             writer.write(output)
+            if shift is not None:
+                shift.add(output)
             timings["writing"] += time.perf_counter() - tick
     timings.update(runner.timings)
 
@@ -272,12 +284,14 @@ def diagnose(
             "engine": engine,
             "device": device,
             "contributions": contributions,
+            "abstain": abstain,
             "resume": resume,
             "store_sr": store_sr,
             "store_fhir": store_fhir,
             **runner.settings,
         },
         "counts": counts,
+        "shift": shift.report() if shift is not None else None,
         "timings_seconds": {k: round(v, 3) for k, v in timings.items()},
         "rows_per_second": round(job.rows / max(timings["total"], 1e-9), 2),
     }

@@ -10,7 +10,9 @@ One resource per :class:`~meddx.predictions.types.TaskPrediction` (a diagnosed r
   contributions of the modalities as ``rationale``;
 * ``basis``: one reference (by display) per modality the prediction used;
 * provenance as extensions: model version and SHA-256, calibration alpha, the conformal set,
-  the predicted class and the uncalibrated probability; the same in words in ``note``.
+  the predicted class and the uncalibrated probability; the same in words in ``note``;
+* a row flagged out of distribution (``ood`` above 1, :mod:`meddx.models.ood`) gets a second
+  ``note`` naming the flagged modalities, and ``status`` ``preliminary`` when the run abstains on it.
 
 The resources are validated with ``fhir.resources`` (its R4B models: R4 and R4B share this
 resource) and any that does not validate is a :class:`~meddx.errors.ModelError`.
@@ -127,6 +129,9 @@ def risk_assessment(prediction: TaskPrediction, model: ModelProvenance) -> dict[
         f"meddx {model.meddx_version}); probabilities calibrated by {model.calibration.get(task, 'nothing')}; "
         f"{set_text}."
     )
+    notes = [{"text": note}]
+    if prediction.ood is not None and prediction.ood > 1:
+        notes.append({"text": _ood_note(prediction)})
     identity = hashlib.sha256(f"{patient_id}\x1f{index_time}\x1f{task}\x1f{model.sha256}".encode()).hexdigest()
     modalities = list(prediction.modalities)
     resource = {
@@ -134,7 +139,7 @@ def risk_assessment(prediction: TaskPrediction, model: ModelProvenance) -> dict[
         "id": identity[:64],
         "identifier": [{"system": PREDICTION_ID_SYSTEM, "value": identity}],
         "extension": extensions,
-        "status": "final",
+        "status": "preliminary" if prediction.abstain else "final",
         "code": {"coding": [{"system": "urn:meddx:task", "code": task}], "text": task},
         "subject": {"type": "Patient", "identifier": {"system": PATIENT_ID_SYSTEM, "value": patient_id}},
         "occurrenceDateTime": index_time,
@@ -144,7 +149,7 @@ def risk_assessment(prediction: TaskPrediction, model: ModelProvenance) -> dict[
         },
         "basis": [{"display": m} for m in modalities],
         "prediction": predictions,
-        "note": [{"text": note}],
+        "note": notes,
     }
     if not resource["basis"]:
         del resource["basis"]
@@ -153,6 +158,17 @@ def risk_assessment(prediction: TaskPrediction, model: ModelProvenance) -> dict[
     except ValidationError as exc:
         raise ModelError(f"the RiskAssessment of task {task!r} does not validate as FHIR R4: {exc}") from None
     return resource
+
+
+def _ood_note(prediction: TaskPrediction) -> str:
+    """What a RiskAssessment says of a row flagged out of distribution (``ood`` above 1)."""
+    names = [("the fused patient summary" if s == "summary" else s) for s in prediction.flagged]
+    where = ", ".join(names) if names else "no single modality (only their combination)"
+    action = "the model abstains: review before use" if prediction.abstain else "use with care"
+    return (
+        f"Out of distribution: this row looks unlike the model's training rows (fused OOD score "
+        f"{prediction.ood:.2f} x its threshold); flagged: {where}; {action}."
+    )
 
 
 def risk_assessments(predictions: Iterable[TaskPrediction], model: ModelProvenance) -> Iterator[dict[str, Any]]:

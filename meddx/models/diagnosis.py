@@ -44,7 +44,8 @@ from meddx.records import MODALITIES, Modality, PatientBatch
 
 if TYPE_CHECKING:
     from meddx.calibration import TaskCalibration
-    from meddx.models.backbone import BackboneOutput, FoundationBackbone
+    from meddx.models.backbone import BackboneOutput, EncodedBatch, FoundationBackbone
+    from meddx.models.ood import OodModel
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +126,7 @@ class DiagnosisModel(nn.Module):
         self.metrics: dict[str, Any] = {}
         self.training_info: dict[str, Any] = {}
         self.adapter: dict[str, Any] | None = None
+        self.ood: OodModel | None = None
 
     @property
     def aligner(self):
@@ -142,6 +144,14 @@ class DiagnosisModel(nn.Module):
         return self.heads(self.head_features(self.backbone(batch, drop=drop)))
 
     @torch.no_grad()
+    def ood_embeddings(self, batch: PatientBatch) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The embeddings the OOD scores read (:mod:`meddx.models.ood`): space -> ``(B, D)``, and
+        space -> bool ``(B,)`` rows that have it. Spaces: each modality's encoder embedding, and
+        ``summary`` (what the heads read)."""
+        encoded = self.backbone.encode(batch)
+        return _ood_spaces(encoded, self.head_features(self.backbone.fuse(encoded)))
+
+    @torch.no_grad()
     def batch_logits(self, batch: PatientBatch, ablations: bool = True) -> tuple[dict, dict]:
         """Logits of a batch, and per present modality the logits with that modality withheld.
 
@@ -153,6 +163,11 @@ class DiagnosisModel(nn.Module):
             ``(logits, withheld)``: task -> ``(B,)``/``(B, C)`` arrays, and modality -> task -> the
             same with that modality withheld (rows that lacked it are unchanged).
         """
+        logits, withheld, _ = self._batch_outputs(batch, ablations)
+        return logits, withheld
+
+    def _batch_outputs(self, batch: PatientBatch, ablations: bool) -> tuple[dict, dict, tuple[dict, dict]]:
+        """:meth:`batch_logits` and :meth:`ood_embeddings` from one encoder pass."""
         encoded = self.backbone.encode(batch)
         if self.head_input != "summary":  # the heads read per-modality embeddings too: a fusion per variant
             return self._batch_logits_per_variant(encoded, ablations)
@@ -172,6 +187,7 @@ class DiagnosisModel(nn.Module):
                 without.append((modality, have))
         pooled = self.backbone.pooled_variants(encoded, torch.cat(rows), torch.cat(keep))  # (B + sum P_j, D)
         every = {t: v.float().cpu().numpy() for t, v in self.heads(pooled).items()}
+        spaces = _ood_spaces(encoded, pooled[:B])
         logits = {t: v[:B] for t, v in every.items()}
         withheld: dict[Modality, dict[str, np.ndarray]] = {}
         offset = B
@@ -183,15 +199,13 @@ class DiagnosisModel(nn.Module):
                 full[index] = values[offset : offset + len(index)]
                 withheld[modality][task] = full
             offset += len(index)
-        return logits, withheld
+        return logits, withheld, spaces
 
-    def _batch_logits_per_variant(self, encoded, ablations: bool) -> tuple[dict, dict]:
+    def _batch_logits_per_variant(self, encoded, ablations: bool) -> tuple[dict, dict, tuple[dict, dict]]:
         """:meth:`batch_logits` with one fusion per withheld modality (heads reading ``summary+modalities``)."""
         none = torch.zeros_like(encoded.present)
-        logits = {
-            t: v.float().cpu().numpy()
-            for t, v in self.heads(self.head_features(self.backbone.fuse(encoded, drop=none))).items()
-        }
+        base = self.head_features(self.backbone.fuse(encoded, drop=none))
+        logits = {t: v.float().cpu().numpy() for t, v in self.heads(base).items()}
         withheld: dict[Modality, dict[str, np.ndarray]] = {}
         if ablations:
             for j, modality in enumerate(MODALITIES):
@@ -201,7 +215,7 @@ class DiagnosisModel(nn.Module):
                 hide[:, j] = True
                 features = self.head_features(self.backbone.fuse(encoded, drop=hide))
                 withheld[modality] = {t: v.float().cpu().numpy() for t, v in self.heads(features).items()}
-        return logits, withheld
+        return logits, withheld, _ood_spaces(encoded, base)
 
     # ------------------------------------------------------------- calibration
 
@@ -215,15 +229,23 @@ class DiagnosisModel(nn.Module):
     # --------------------------------------------------------------- predicting
 
     @torch.no_grad()
-    def task_predictions(self, batch: PatientBatch, contributions: bool = True) -> list[TaskPrediction]:
+    def task_predictions(
+        self, batch: PatientBatch, contributions: bool = True, embeddings: dict[str, list] | None = None
+    ) -> list[TaskPrediction]:
         """The typed predictions of one batch: every task, each task's rows in batch order.
 
         With ``contributions``, each present modality's contribution (the logit change when it is
         withheld; binary: the positive class's logit, multiclass: the predicted class's) and its
-        ablation probabilities (calibrated, with it withheld) ride along.
+        ablation probabilities (calibrated, with it withheld) ride along. ``embeddings``, when
+        given, gets each OOD space's ``(P, D)`` embeddings of the rows that have it appended
+        (what the batch shift test of ``diagnose`` reads).
         """
-        logits, withheld = self.batch_logits(batch, ablations=contributions)
+        logits, withheld, (spaces, have) = self._batch_outputs(batch, ablations=contributions)
         present = batch.present.cpu().numpy()  # (B, M)
+        ood_ratios, ood_fused = self.ood.score(spaces, have) if self.ood is not None else ({}, None)
+        if embeddings is not None:
+            for space, values in spaces.items():
+                embeddings.setdefault(space, []).append(values[have[space]])
         index_times = [t.isoformat().replace("+00:00", "Z") for t in batch.index_times]
         used = [tuple(m.value for j, m in enumerate(MODALITIES) if present[i, j]) for i in range(len(batch))]
         predictions: list[TaskPrediction] = []
@@ -264,6 +286,8 @@ class DiagnosisModel(nn.Module):
                         modalities=used[i],
                         contributions={m.value: float(change[i]) for m, change, _ in here},
                         ablations={m.value: tuple(float(v) for v in ablated[i]) for m, _, ablated in here},
+                        ood_scores={s: float(v[i]) for s, v in ood_ratios.items() if np.isfinite(v[i])},
+                        ood=None if ood_fused is None else float(ood_fused[i]),
                     )
                 )
         return predictions
@@ -305,6 +329,13 @@ class DiagnosisModel(nn.Module):
         elif (folder / ADAPTER_FILE).exists():
             (folder / ADAPTER_FILE).unlink()
         save_calibration(folder, self.calibration)
+        if self.ood is not None:
+            self.ood.save(folder)
+        else:  # a folder written again without OOD scores must not keep stale ones
+            from meddx.models.ood import OOD_JSON, OOD_TENSORS
+
+            for name in (OOD_JSON, OOD_TENSORS):
+                (folder / name).unlink(missing_ok=True)
         write_atomic(folder / METRICS_FILE, json.dumps(self.metrics, indent=2, sort_keys=True, default=float))
         return folder
 
@@ -354,7 +385,22 @@ class DiagnosisModel(nn.Module):
         model.adapter = diagnosis.get("adapter")
         model.training_info = diagnosis.get("training", {})
         model.calibration = checked.calibration
+        model.ood = checked.ood
         metrics = folder / METRICS_FILE
         model.metrics = json.loads(metrics.read_text()) if metrics.is_file() else {}
         model.eval()
         return model
+
+
+def _ood_spaces(encoded: EncodedBatch, features: torch.Tensor) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Space -> ``(B, D)`` embeddings and space -> bool ``(B,)`` presence: each modality's encoder
+    embedding (rows that have it) and ``summary`` (the heads' input, every row)."""
+    from meddx.models.ood import SUMMARY
+
+    own = encoded.encoder_embeddings.float().cpu().numpy()  # (B, M, D)
+    present = encoded.present.cpu().numpy()  # (B, M)
+    embeddings = {m.value: own[:, j] for j, m in enumerate(MODALITIES) if present[:, j].any()}
+    have = {m.value: present[:, j] for j, m in enumerate(MODALITIES) if present[:, j].any()}
+    embeddings[SUMMARY] = features.float().cpu().numpy()
+    have[SUMMARY] = np.ones(len(present), dtype=bool)
+    return embeddings, have

@@ -9,14 +9,17 @@
 * ``calibration.json``: every field (temperatures, knots, thresholds, alpha), and its tasks and
   classes against the heads';
 * ``metrics.json``: a JSON object;
+* ``ood.json`` and ``ood.safetensors`` (optional: older folders have neither): the OOD method,
+  thresholds, rate and dimensions, and every tensor's shape against them (:func:`meddx.models.ood.load_ood`);
 * ``training_summary.json`` (optional: what the model was trained on, for its card ``README.md``):
   its format, row counts and sections (:func:`check_training_summary`).
 
 Any problem is a :class:`~meddx.errors.ModelError` naming the file and the field. The
 fingerprint is one SHA-256 over every file that changes the outputs (config with tensorizers,
-weights, adapter, calibration; the bundled text model enters through its hash in ``config.json``;
-``training_summary.json`` and the card ``README.md`` describe the model and change no output, so they
-stay out of it: ``meddx evaluate --model-card`` may rewrite the card without breaking a resume):
+weights, adapter, calibration, OOD scorers and thresholds; the bundled text model enters through
+its hash in ``config.json``; ``training_summary.json`` and the card ``README.md`` describe the
+model and change no output, so they stay out of it: ``meddx evaluate --model-card`` may rewrite
+the card without breaking a resume):
 ``meddx diagnose --resume`` compares it with the one its run plan recorded.
 
 Example:
@@ -42,9 +45,11 @@ from meddx.models.checkpoint import (
     check_safetensors,
     read_checkpoint,
 )
+from meddx.models.ood import OOD_JSON, OOD_TENSORS, load_ood
 
 if TYPE_CHECKING:
     from meddx.calibration import TaskCalibration
+    from meddx.models.ood import OodModel
 
 DIAGNOSIS_FORMAT = "meddx.diagnosis-model/1"
 ADAPTER_FILE = "adapter.safetensors"
@@ -54,7 +59,7 @@ TRAINING_SUMMARY_FORMAT = "meddx-training-summary/1"
 MAX_SUMMARY_BYTES = 4 << 20
 FINGERPRINT_FORMAT = "meddx-model-fingerprint/1"
 # What changes a model's outputs, in the order the fingerprint reads them.
-OUTPUT_FILES = (CONFIG_FILE, WEIGHTS_FILE, ADAPTER_FILE, CALIBRATION_FILE)
+OUTPUT_FILES = (CONFIG_FILE, WEIGHTS_FILE, ADAPTER_FILE, CALIBRATION_FILE, OOD_JSON, OOD_TENSORS)
 TASK_KINDS = ("binary", "multiclass")
 MAX_LORA_RANK = 1024
 
@@ -70,6 +75,7 @@ class ModelFolder:
         calibration: task -> its checked calibration (a task left out is uncalibrated).
         sha256: file name -> SHA-256, for the files that change outputs (with ``fingerprint=True``).
         fingerprint: one SHA-256 over them (with ``fingerprint=True``; else empty).
+        ood: the checked OOD scorers, or None (a folder written before them, or too few rows).
         training_summary: the checked ``training_summary.json``; None when the folder has none.
     """
 
@@ -79,6 +85,7 @@ class ModelFolder:
     calibration: dict[str, TaskCalibration]
     sha256: dict[str, str] = field(default_factory=dict)
     fingerprint: str = ""
+    ood: OodModel | None = None
     training_summary: dict[str, Any] | None = None
 
 
@@ -221,7 +228,7 @@ def check_model_folder(folder: str | Path, *, fingerprint: bool = False) -> Mode
         check_safetensors(path / ADAPTER_FILE)
     calibration = load_calibration(path, tasks={name: classes for name, (_, classes) in tasks.items()})
     _metrics(path / METRICS_FILE)
-    found = ModelFolder(path, checkpoint, tasks, calibration)
+    found = ModelFolder(path, checkpoint, tasks, calibration, ood=load_ood(path))
     found.training_summary = check_training_summary(path / TRAINING_SUMMARY_FILE)
     if fingerprint:
         names = [n for n in OUTPUT_FILES if (path / n).is_file() and (n != ADAPTER_FILE or adapter)]

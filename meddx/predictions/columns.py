@@ -20,17 +20,19 @@ PREDICTION = "prediction"
 PREDICTION_SET = "prediction_set"
 MODALITIES_COLUMN = "modalities"
 MODALITY_ERRORS = "modality_errors"
+OOD = "ood"  # the fused OOD score over its threshold (above 1: flagged)
 ROW = "_row"  # the manifest row (1-based) while a run is written; not in the final files
 
 CLASS_PROBABILITY_PREFIX = "probability:"
 RAW_CLASS_PROBABILITY_PREFIX = "raw_probability:"
 CONTRIBUTION_PREFIX = "contribution:"
 ABLATION_PREFIX = "ablation:"
-NUMERIC_PREFIXES = (PROBABILITY, RAW_PROBABILITY, CONTRIBUTION_PREFIX, ABLATION_PREFIX)
+OOD_PREFIX = "ood:"  # ood:<modality> (and ood:summary): that space's OOD score over its threshold
+NUMERIC_PREFIXES = (PROBABILITY, RAW_PROBABILITY, CONTRIBUTION_PREFIX, ABLATION_PREFIX, OOD)
 
 SET_SEPARATOR = "|"  # joins class names (prediction_set) and modality names (modalities, modality_errors)
-OK, ERROR = "ok", "error"
-STATUSES = (OK, ERROR)
+OK, ERROR, ABSTAIN = "ok", "error", "abstain"  # abstain: flagged out of distribution, prediction kept
+STATUSES = (OK, ERROR, ABSTAIN)
 REQUIRED_COLUMNS = (PATIENT_ID, INDEX_TIME, TASK, STATUS)
 HEAD_COLUMNS = (
     PATIENT_ID,
@@ -43,6 +45,7 @@ HEAD_COLUMNS = (
     PREDICTION_SET,
     MODALITIES_COLUMN,
     MODALITY_ERRORS,
+    OOD,
 )
 
 

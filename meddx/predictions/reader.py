@@ -22,6 +22,7 @@ import numpy as np
 from meddx.errors import ConfigError, PredictionsError
 from meddx.predictions.columns import (
     ABLATION_PREFIX,
+    ABSTAIN,
     CLASS_PROBABILITY_PREFIX,
     INDEX_TIME,
     MODALITIES_COLUMN,
@@ -221,7 +222,7 @@ def _class_columns(frame, rows: np.ndarray, prefix: str) -> list[str]:
 def _task_rows(path: Path, frame, rows: np.ndarray, spec, manifest_rows: list, by: Sequence[str]) -> TaskRows:
     task = spec.name
     sub = frame.iloc[rows]
-    ok = (sub[STATUS] == OK).to_numpy()
+    ok = sub[STATUS].isin((OK, ABSTAIN)).to_numpy()  # an abstained row still holds its prediction
     labels_text = [row.labels.get(task) for row in manifest_rows]
     labelled = np.asarray([text is not None for text in labels_text])
 

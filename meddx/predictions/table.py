@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from meddx.predictions.columns import (
     ABLATION_PREFIX,
+    ABSTAIN,
     CLASS_PROBABILITY_PREFIX,
     CONTRIBUTION_PREFIX,
     ERROR,
@@ -21,6 +22,8 @@ from meddx.predictions.columns import (
     MODALITIES_COLUMN,
     MODALITY_ERRORS,
     OK,
+    OOD,
+    OOD_PREFIX,
     PATIENT_ID,
     PREDICTION,
     PREDICTION_SET,
@@ -53,7 +56,7 @@ def prediction_row(p: TaskPrediction) -> dict[str, Any]:
         PATIENT_ID: p.patient_id,
         INDEX_TIME: p.index_time,
         TASK: p.task,
-        STATUS: OK,
+        STATUS: ABSTAIN if p.abstain else OK,
         MODALITIES_COLUMN: SET_SEPARATOR.join(p.modalities),
         PREDICTION: p.prediction,
         ROW: p.row,
@@ -76,6 +79,10 @@ def prediction_row(p: TaskPrediction) -> dict[str, Any]:
                 row[f"{ABLATION_PREFIX}{modality}:{name}"] = ablated[c]
     if p.modality_errors is not None:
         row[MODALITY_ERRORS] = SET_SEPARATOR.join(p.modality_errors)
+    if p.ood is not None:
+        row[OOD] = p.ood
+        for space, ratio in p.ood_scores.items():
+            row[OOD_PREFIX + space] = ratio
     return row
 
 

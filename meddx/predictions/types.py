@@ -25,6 +25,12 @@ class TaskPrediction:
         contributions: modality -> the logit change when it is withheld (present modalities only).
         ablations: modality -> calibrated probability per class with it withheld (binary: ``(1 - p, p)``).
         modality_errors: modalities named by the manifest that failed to ingest; None when not known.
+        ood_scores: space (a modality, or ``summary``: the heads' input) -> its out-of-distribution
+            score over its threshold (above 1: flagged); empty when the model has no OOD scores.
+        ood: the fused OOD score over its threshold (above 1: the row looks unlike the training rows),
+            or None when the model has no OOD scores.
+        abstain: the row was flagged and the run abstains on flagged rows (``status=abstain``; the
+            prediction is still written).
 
     Example:
         >>> p = TaskPrediction("P1", "2024-03-05T14:00:00Z", "disease", "binary", ("0", "1"), 3,
@@ -47,10 +53,18 @@ class TaskPrediction:
     contributions: dict[str, float] = field(default_factory=dict)
     ablations: dict[str, tuple[float, ...]] = field(default_factory=dict)
     modality_errors: tuple[str, ...] | None = None
+    ood_scores: dict[str, float] = field(default_factory=dict)
+    ood: float | None = None
+    abstain: bool = False
 
     @property
     def is_binary(self) -> bool:
         return self.kind == "binary"
+
+    @property
+    def flagged(self) -> tuple[str, ...]:
+        """The spaces (modalities, ``summary``) whose OOD score is above its threshold."""
+        return tuple(s for s, v in self.ood_scores.items() if v > 1)
 
     @property
     def probability(self) -> float:

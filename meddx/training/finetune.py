@@ -75,6 +75,7 @@ def finetune(
     alpha: float = 0.1,
     calibration: str = "temperature",
     min_group_size: int = 50,
+    ood_false_alarm: float = 0.05,
     lora: dict[str, Any] | None = None,
     head_dropout: float = 0.1,
     head_input: str = "summary",
@@ -103,6 +104,8 @@ def finetune(
         alpha: conformal miscoverage (0.1: sets hold the truth 90% of the time).
         calibration: ``temperature`` or ``isotonic``.
         min_group_size: fewest validation rows for a Mondrian group's own conformal threshold.
+        ood_false_alarm: share of validation rows the out-of-distribution thresholds flag
+            (:mod:`meddx.models.ood`; saved as ``ood.json`` and ``ood.safetensors``).
         lora: LoRA settings (``r``, ``alpha``, ``dropout``, ``text_encoder``) in ``lora`` mode.
         head_dropout: dropout inside each head.
         head_input: what the heads read: ``summary`` or ``summary+modalities`` (see
@@ -188,6 +191,7 @@ def finetune(
         fit_seconds = time.perf_counter() - started
 
         calibration_figures = calibrate(model, val, calibration, alpha, min_group_size, device=ranks.device)
+        model.ood = _fit_ood(model, (train, val), ood_false_alarm, ranks.device)
         model.training_info = {
             "mode": mode,
             "epochs_run": history["epochs_run"],  # epochs, not validation checks (head mode checks every few)
@@ -214,6 +218,15 @@ def finetune(
         teardown_distributed(ranks)
     model.eval()
     return model
+
+
+def _fit_ood(model: DiagnosisModel, parts: tuple, rate: float, device: str):
+    """The OOD scorers on the training rows, thresholds on the validation rows (:mod:`meddx.training.ood_fit`)."""
+    from meddx.training.ood_fit import fit_ood_scores
+
+    if not 0 < rate <= 0.5:
+        raise ConfigError(f"ood_false_alarm must be in (0, 0.5]; got {rate!r}")
+    return fit_ood_scores(model, *parts, rate=rate, device=device)
 
 
 def _describe(out_dir: str | Path, train: Any, cache_dir: str | Path | None, tasks: dict[str, TaskSpec]) -> None:

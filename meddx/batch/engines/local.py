@@ -65,10 +65,13 @@ class LocalEngine:
                     self.timings["waiting_for_ingest"] += time.perf_counter() - waiting
                     self.timings["ingest"] += ready.ingest_seconds
                     tick = time.perf_counter()
-                    predictions = predict_chunk(net, ready, feeder.store, job.chunk)
+                    embeddings: dict[str, list] = {}
+                    predictions = predict_chunk(net, ready, feeder.store, job.chunk, embeddings)
                     seconds = time.perf_counter() - tick
                     self.timings["model"] += seconds
-                    yield ChunkOutput(ready, predictions, {"ingest": ready.ingest_seconds, "model": seconds})
+                    yield ChunkOutput(
+                        ready, predictions, {"ingest": ready.ingest_seconds, "model": seconds}, embeddings
+                    )
                     diagnosed += len(ready.rows)
                     bar.set_postfix_str(f"{diagnosed} diagnosed")
                     waiting = time.perf_counter()
