@@ -47,7 +47,7 @@ class ShiftSample:
             for values in parts:
                 for row in np.asarray(values):
                     self._keep(space, row)
-        first = {}
+        first: dict[int, Any] = {}
         for p in output.predictions:
             first.setdefault(p.row, p)
         for p in first.values():

@@ -226,7 +226,8 @@ def _fit_ood(model: DiagnosisModel, parts: tuple, rate: float, device: str):
 
     if not 0 < rate <= 0.5:
         raise ConfigError(f"ood_false_alarm must be in (0, 0.5]; got {rate!r}")
-    return fit_ood_scores(model, *parts, rate=rate, device=device)
+    train, val = parts
+    return fit_ood_scores(model, train, val, rate=rate, device=device)
 
 
 def _describe(out_dir: str | Path, train: Any, cache_dir: str | Path | None, tasks: dict[str, TaskSpec]) -> None:
