@@ -287,6 +287,58 @@ def model_provenance(predictions: str | Path) -> tuple[dict[str, Any] | None, st
     return info, None
 
 
+SHIFT_TEST_KEYS = ("test", "mmd", "p_value", "reference_rows", "sampled_rows")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def batch_shift(predictions: str | Path) -> dict[str, Any] | None:
+    """How far the predicted rows are from the training rows: space -> ``rows``, ``flagged_share``, and the test.
+
+    The shares come from the table's OOD columns (``ood`` is ``fused``, ``ood:<space>`` each
+    modality and ``summary``; a score over its threshold above 1 is flagged), one value per
+    manifest row. The two-sample test of the rows' embeddings against the training ones (MMD with a
+    permutation p-value, :mod:`meddx.batch.shift`) comes from the ``run.json`` meddx diagnose wrote
+    beside the predictions, when it is there; its numbers are checked to be finite. None: the model
+    that made the predictions has no OOD scorers.
+
+    Example:
+        >>> import pandas as pd, tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     table = pd.DataFrame({"patient_id": ["a", "a", "b"], "index_time": ["2024-01-01T00:00:00Z"] * 3,
+        ...                           "task": ["x", "y", "x"], "status": ["ok", "ok", "abstain"],
+        ...                           "ood": [0.5, 0.5, 3.0], "ood:audio": [0.4, 0.4, 3.0]})
+        ...     table.to_csv(f"{folder}/predictions.csv", index=False)
+        ...     batch_shift(f"{folder}/predictions.csv")
+        {'fused': {'rows': 2, 'flagged_share': 0.5}, 'audio': {'rows': 2, 'flagged_share': 0.5}}
+    """
+    import pandas as pd
+
+    from meddx.predictions import read_predictions
+    from meddx.predictions.columns import INDEX_TIME, OOD, OOD_PREFIX, PATIENT_ID
+
+    frame = read_predictions(predictions)
+    columns = [c for c in frame.columns if c == OOD or c.startswith(OOD_PREFIX)]
+    if not columns:
+        return None
+    rows = frame.drop_duplicates([PATIENT_ID, INDEX_TIME])  # a row's tasks share its scores
+    found: dict[str, Any] = {}
+    for column in columns:
+        scores = pd.to_numeric(rows[column], errors="coerce")
+        scores = scores[np.isfinite(scores)]
+        if len(scores):
+            space = "fused" if column == OOD else column.removeprefix(OOD_PREFIX)
+            found[space] = {"rows": int(len(scores)), "flagged_share": round(float((scores > 1).mean()), 4)}
+    run = _read_json(Path(predictions).parent / RUN_FILE) if (Path(predictions).parent / RUN_FILE).is_file() else None
+    tested = run.get("shift") if isinstance(run, dict) else None
+    for space, entry in tested.items() if isinstance(tested, dict) else ():
+        if space in found and isinstance(entry, dict) and _finite(entry.get("p_value")) and _finite(entry.get("mmd")):
+            found[space].update({k: entry[k] for k in SHIFT_TEST_KEYS if k in entry})
+    return found
+
+
 def compare_inputs(
     predictions: str | Path, manifest: str | Path, model_folder: str | Path, cache_dir: str | Path | None = None
 ) -> dict[str, Any]:
@@ -381,6 +433,9 @@ def evaluate(
         "notes": [model_note] if model_note else [],
     }
     metrics = _with_progress(lambda s: compute_metrics(tasks, s, sources), settings, progress)
+    shift = batch_shift(predictions)
+    if shift is not None:
+        metrics["shift"] = shift
     if model_card is not None:
         metrics["inputs"] = compare_inputs(predictions, manifest, model_card, cache_dir)
     metrics_path = out / METRICS_FILE

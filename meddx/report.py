@@ -427,6 +427,36 @@ def _inputs_html(metrics: dict[str, Any]) -> str:
     )
 
 
+def _shift_html(metrics: dict[str, Any]) -> str:
+    """Out-of-distribution rows and the batch's shift per space (``metrics["shift"]``, meddx.evaluate.batch_shift)."""
+    shift = metrics.get("shift")
+    if not isinstance(shift, dict) or not shift:
+        return ""
+    rows = []
+    for space, entry in shift.items():
+        entry = entry if isinstance(entry, dict) else {}
+        share = entry.get("flagged_share")
+        p_value = entry.get("p_value")
+        rows.append(
+            [
+                space,
+                str(entry.get("rows", "-")),
+                f"{share:.1%}" if isinstance(share, (int, float)) else "-",
+                f"{entry['mmd']:.4g}" if isinstance(entry.get("mmd"), (int, float)) else "n/a",
+                f"{p_value:.3g}" if isinstance(p_value, (int, float)) else "n/a",
+            ]
+        )
+    return (
+        "<h3>Out-of-distribution rows and batch shift</h3>"
+        "<p>Per space (each modality's embedding, <code>summary</code> what the heads read, <code>fused</code> a row's "
+        "worst), the share of these rows whose OOD score is over the threshold set on the validation rows "
+        "(about the model's false-alarm rate, 5% by default, when nothing changed), and a two-sample test (MMD, "
+        "permutation p-value) of these rows' embeddings against the training rows' (from meddx diagnose's "
+        "run.json; n/a without it). A small p-value and a large share say this batch is unlike the training data.</p>"
+        + _table(["space", "rows", "flagged", "MMD", "p-value"], rows)
+    )
+
+
 def write_report(out: Path, tasks: list[TaskRows], metrics: dict[str, Any]) -> tuple[Path, list[Path]]:
     """Write the PNG plots and ``report.html`` into ``out``; returns the report and the plots."""
     import matplotlib
@@ -485,6 +515,7 @@ def write_report(out: Path, tasks: list[TaskRows], metrics: dict[str, Any]) -> t
         )
         + _model_html(metrics)
         + _inputs_html(metrics)
+        + _shift_html(metrics)
     )
     document = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>meddx evaluation</title>'

@@ -278,3 +278,19 @@ def test_an_unshifted_test_split_is_flagged_rarely_and_a_shifted_modality_for_mo
     assert shift["audio"]["flagged_share"] >= 0.8
     assert shift["audio"]["p_value"] < 0.05
     assert json.loads(plain.run.read_text())["shift"]["audio"]["flagged_share"] <= 0.25
+    # evaluate reports the same: each space's flagged share from the table, the test from run.json
+    from meddx.evaluate import evaluate
+    from meddx.metrics import MetricSettings
+
+    quick = MetricSettings(n_resamples=20)
+    moved_report = evaluate(
+        shifted.predictions, shifted_folder / "manifest.csv", tmp_path / "eval", settings=quick, progress=False
+    )
+    assert moved_report.metrics["shift"]["audio"]["p_value"] == shift["audio"]["p_value"]
+    rows_with_audio = moved.drop_duplicates(["patient_id", "index_time"])["ood:audio"].dropna()
+    assert moved_report.metrics["shift"]["audio"]["flagged_share"] == pytest.approx(
+        (rows_with_audio > 1).mean(), abs=1e-4
+    )
+    assert "Out-of-distribution rows and batch shift" in moved_report.report_path.read_text()
+    plain_report = evaluate(plain.predictions, manifest, tmp_path / "eval-plain", settings=quick, progress=False)
+    assert plain_report.metrics["shift"]["fused"]["flagged_share"] <= 0.2
