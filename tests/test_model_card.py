@@ -212,3 +212,8 @@ def test_the_summary_counts_sites_and_keeps_dates_to_the_month(sample_cache: Pat
     assert summary["index_months"] == {"first": months[0], "last": months[-1]}
     assert not any(t in json.dumps(summary) for t in table.index_time)  # no row's own time
     assert not any(p in json.dumps(summary) for p in table.patient_id)
+    # diagnose's run.json sets the same summaries beside the training ones (read from the records it read)
+    in_run = json.loads(run.run.read_text())["inputs"]
+    assert in_run["training"] == inputs["training"]
+    assert in_run["batch_rows"] == len(test_rows)
+    assert in_run["batch"] == inputs["batch"]

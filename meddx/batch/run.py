@@ -235,12 +235,19 @@ def diagnose(
         from meddx.batch.shift import ShiftSample
 
         shift = ShiftSample(checked.ood)
+    inputs = None
+    if checked.training_summary is not None:  # what the readers saw in the training rows, to set beside this run's
+        from meddx.batch.shift import InputSample
+
+        inputs = InputSample(checked.training_summary, cache_root)
     with closing(runner.run(job)) as outputs:
         for output in outputs:
             tick = time.perf_counter()
             writer.write(output)
             if shift is not None:
                 shift.add(output)
+            if inputs is not None:
+                inputs.add(output)
             timings["writing"] += time.perf_counter() - tick
     timings.update(runner.timings)
 
@@ -292,6 +299,7 @@ def diagnose(
         },
         "counts": counts,
         "shift": shift.report() if shift is not None else None,
+        "inputs": inputs.report() if inputs is not None else None,
         "timings_seconds": {k: round(v, 3) for k, v in timings.items()},
         "rows_per_second": round(job.rows / max(timings["total"], 1e-9), 2),
     }

@@ -3,6 +3,9 @@ or ``summary``: what the heads read), a two-sample test of this batch's embeddin
 reference sample of training embeddings saved with the model (``ood.safetensors``), and the share
 of the batch's rows flagged out of distribution.
 
+Beside it, ``run.json``'s ``"inputs"`` (:class:`InputSample`): what the readers found in this
+run's records, per modality, beside what they found in the training rows.
+
 The batch side is a seeded reservoir of at most :data:`~meddx.models.ood.REFERENCE_ROWS` rows per
 space over the chunks diagnosed in this run (chunks finished before a ``--resume`` are not in it;
 ``rows`` says how many were). The local engine feeds it; the Ray engine's chunks carry no
@@ -17,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -90,3 +94,37 @@ class ShiftSample:
             s for s in (SUMMARY,) if s in found
         ]
         return {s: found[s] for s in order}
+
+
+class InputSample:
+    """The records a run read, for their per-modality input summaries beside the training rows'.
+
+    ``run.json``'s ``"inputs"``: ``training`` (the model folder's ``training_summary.json``),
+    ``batch`` (:func:`meddx.data.summary.input_summaries` of the records this run read: spacing,
+    intensity window, note length, sampling and frame rates), so a user sees *what* changed. The
+    records are read back from the ingest cache (headers only, notes whole) after the run.
+    """
+
+    def __init__(self, training: dict[str, Any], cache_root: Path):
+        self.training = training
+        self.cache_root = cache_root
+        self.keys: list[tuple[str, str]] = []
+        self.rows = 0
+
+    def add(self, output: ChunkOutput) -> None:
+        """One finished chunk: the cache keys of every record its rows read."""
+        for ready in output.ready.rows:
+            self.rows += 1
+            self.keys += [(o.modality.value, o.key) for o in ready.outcomes if o.status == "ok" and o.key]
+
+    def report(self) -> dict[str, Any]:
+        """``{"training", "training_of", "batch", "batch_rows"}`` (as ``meddx evaluate --model-card`` gives)."""
+        from meddx.cache import RecordCache
+        from meddx.data.summary import cached_records, input_summaries
+
+        return {
+            "training": self.training.get("inputs"),
+            "training_of": self.training.get("inputs_of"),
+            "batch": input_summaries(cached_records(RecordCache(self.cache_root), self.keys)),
+            "batch_rows": self.rows,
+        }
