@@ -132,6 +132,11 @@ def test_evaluate_refreshes_only_the_metrics_and_shows_the_inputs_side_by_side(
     assert inputs["training"] == json.loads((folder / TRAINING_SUMMARY_FILE).read_text())["inputs"]
     assert "Inputs: training rows and these rows" in result.report_path.read_text()
     assert "| modality | input | rows (training) |" in new["Metrics"]
+    # diagnose's run.json sets the same summaries beside the training ones (read from the records it read)
+    in_run = json.loads(run.run.read_text())["inputs"]
+    assert in_run["training"] == inputs["training"]
+    assert in_run["batch_rows"] == len(test_rows)
+    assert in_run["batch"] == inputs["batch"]
 
     refresh_card_metrics(folder, result.metrics)  # the same figures again: the same card
     assert (folder / CARD_FILE).read_text() == after
@@ -212,8 +217,3 @@ def test_the_summary_counts_sites_and_keeps_dates_to_the_month(sample_cache: Pat
     assert summary["index_months"] == {"first": months[0], "last": months[-1]}
     assert not any(t in json.dumps(summary) for t in table.index_time)  # no row's own time
     assert not any(p in json.dumps(summary) for p in table.patient_id)
-    # diagnose's run.json sets the same summaries beside the training ones (read from the records it read)
-    in_run = json.loads(run.run.read_text())["inputs"]
-    assert in_run["training"] == inputs["training"]
-    assert in_run["batch_rows"] == len(test_rows)
-    assert in_run["batch"] == inputs["batch"]
