@@ -556,6 +556,11 @@ def test_a_failed_prediction_row_makes_no_sr(studies) -> None:
     row = {"patient_id": "P1", "index_time": "2024-03-06T09:00:00Z", "task": "disease", "status": "error"}
     with pytest.raises(PredictionsError, match="status 'ok'"):
         build_prediction_sr(source, row, ModelInfo("m", "1"))
+    flagged = {**row, "status": "abstain", "probability": 0.7, "prediction": "1", "prediction_set": "1"}
+    assert "Abstained: inputs unlike" in _content_text(build_prediction_sr(source, flagged, ModelInfo("m", "1")))
+    assert "Abstained" not in _content_text(
+        build_prediction_sr(source, {**flagged, "status": "ok"}, ModelInfo("m", "1"))
+    )
     with pytest.raises(PredictionsError, match="PatientID"):
         build_prediction_sr(
             source, {**row, "status": "ok", "probability": 0.5, "patient_id": "P2"}, ModelInfo("m", "1")

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from meddx.errors import MeddxError, PredictionsError
 from meddx.predictions.columns import (
+    ABSTAIN,
     OK,
     PATIENT_ID,
     PREDICTION,
@@ -96,7 +97,8 @@ def build_prediction_sr(
             data is not needed; headers read with ``stop_before_pixels`` do).
         prediction_row: a row of the predictions contract (``patient_id``, ``index_time``,
             ``task``, ``probability``, ``prediction``, ``prediction_set``, ``status``...), e.g. a
-            ``dict`` or a pandas row.
+            ``dict`` or a pandas row. An ``abstain`` row (out of distribution) gets an
+            "Out-of-distribution flag" evaluation saying so.
         model_info: the model's name and version.
         series_instance_uid: the SR series (pass the same one for every SR of a run); a new one
             when None.
@@ -105,7 +107,7 @@ def build_prediction_sr(
         instance_number: the SR's number within its series.
 
     Raises:
-        PredictionsError: the row is not an ``ok`` prediction with a probability, or its
+        PredictionsError: the row is not an ``ok`` or ``abstain`` prediction with a probability, or its
             ``patient_id`` is not the source images' PatientID (named by column, not by value).
 
     Example:
@@ -135,8 +137,9 @@ def build_prediction_sr(
 
     if not source_series_datasets:
         raise PredictionsError("a prediction SR needs the source series' instances; none were given")
-    if _cell(prediction_row, STATUS) not in ("", OK):
-        raise PredictionsError("only rows with status 'ok' become SRs; this row failed")
+    status = _cell(prediction_row, STATUS)
+    if status not in ("", OK, ABSTAIN):
+        raise PredictionsError("only rows with status 'ok' or 'abstain' become SRs; this row failed")
     task = _cell(prediction_row, TASK)
     if not task:
         raise PredictionsError("the prediction row has no task")
@@ -172,6 +175,13 @@ def build_prediction_sr(
         evaluations += [QualitativeEvaluation(set_name, _concept(c[:16], c)) for c in members]
     else:
         evaluations.append(QualitativeEvaluation(set_name, _concept("empty-set", "Empty conformal set")))
+    if status == ABSTAIN:  # out of distribution: the prediction is kept, and says it should not be relied on
+        evaluations.append(
+            QualitativeEvaluation(
+                _concept("ood-flag", "Out-of-distribution flag"),
+                _concept("abstain", "Abstained: inputs unlike the model's training data"),
+            )
+        )
     group = MeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
         measurements=[measurement],
