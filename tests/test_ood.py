@@ -210,6 +210,19 @@ def test_abstained_rows_are_in_the_predictions_and_the_risk_assessments(generate
     assert (kept["status"] == "ok").all()
     assert (kept["ood"] > 1).all()
 
+    # the Python API marks the same rows
+    from meddx.batch import predict_cohort
+    from meddx.models.diagnosis import DiagnosisModel
+
+    api = predict_cohort(DiagnosisModel.from_pretrained(folder), manifest, split="test", cache_dir=cache, workers=0)
+    assert (api["status"] == "abstain").all()
+    assert (
+        predict_cohort(
+            DiagnosisModel.from_pretrained(folder), manifest, split="test", cache_dir=cache, workers=0, abstain=False
+        )["status"]
+        == "ok"
+    ).all()
+
 
 @pytest.mark.slow
 def test_a_folder_without_ood_files_predicts_without_ood_columns(generated, tmp_path: Path) -> None:

@@ -77,12 +77,13 @@ def predict_chunk(
     errors = {r.row.row: tuple(r.modality_errors) for r in ready.rows}
     order = {t: i for i, t in enumerate(model.tasks)}
     predictions.sort(key=lambda p: (p.row, order[p.task]))
-    return [
-        dataclasses.replace(
-            p, modality_errors=errors[p.row], abstain=settings.abstain and p.ood is not None and p.ood > 1
-        )
-        for p in predictions
-    ]
+    predictions = [dataclasses.replace(p, modality_errors=errors[p.row]) for p in predictions]
+    return mark_abstained(predictions, settings.abstain)
+
+
+def mark_abstained(predictions: list[TaskPrediction], abstain: bool) -> list[TaskPrediction]:
+    """With ``abstain``, each prediction whose row's fused OOD score is over its threshold marked ``abstain``."""
+    return [dataclasses.replace(p, abstain=abstain and p.ood is not None and p.ood > 1) for p in predictions]
 
 
 def predict_cohort(
@@ -96,6 +97,7 @@ def predict_cohort(
     workers: int | None = None,
     progress: bool = False,
     device: str = "cpu",
+    abstain: bool = True,
 ) -> pd.DataFrame:
     """One row per (patient, index time, task), with the columns of the predictions contract.
 
@@ -108,6 +110,8 @@ def predict_cohort(
             (one more fusion pass per modality).
         cache_dir, workers, progress: for ingesting a cohort.
         device: where the model runs.
+        abstain: mark rows above the model's fused OOD threshold ``status = abstain`` (their
+            predictions kept), as ``diagnose`` does; a model without OOD scorers marks none.
 
     Example:
         >>> frame = predict_cohort(DiagnosisModel.from_pretrained("runs/model"), "cohort.csv")  # doctest: +SKIP
@@ -127,7 +131,7 @@ def predict_cohort(
     predictions: list[TaskPrediction] = []
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=dataset.collate):
         predictions += model.task_predictions(batch.to(device), contributions=contributions)
-    frame = prediction_frame(predictions)
+    frame = prediction_frame(mark_abstained(predictions, abstain))
     if len(frame):
         # the manifest's own columns ride along (sex, site...)
         table = dataset.table().drop(columns=["patient_id", "index_time", "split", "modalities"], errors="ignore")
