@@ -22,7 +22,8 @@ QUICK_MARKERS := not slow and not pacs and not ray and not notebooks
 # `make doctest`: the docstring examples of the modules whose examples run offline in seconds (from the
 # repository root: they read sample_data/ and tests/data/). A module whose examples all run belongs here.
 DOCTEST_MODULES := meddx/__init__.py meddx/align.py meddx/arguments.py meddx/batch/engines/local.py \
-	meddx/batch/options.py meddx/cache.py meddx/calibration.py meddx/cli_options.py meddx/cohort.py \
+	meddx/batch/options.py meddx/cache.py meddx/calibration/__init__.py meddx/calibration/conformal.py meddx/calibration/files.py \
+	meddx/calibration/isotonic.py meddx/calibration/temperature.py meddx/cli_options.py meddx/cohort.py \
 	meddx/config.py meddx/config_files.py meddx/data/__init__.py meddx/data/dataset.py meddx/data/summary.py \
 	meddx/data/index.py meddx/data/prefetch.py meddx/data/store.py meddx/dicom_times.py \
 	meddx/dicomweb/client.py meddx/dicomweb/guard.py meddx/dicomweb/multipart.py meddx/dicomweb/query.py \
