@@ -30,7 +30,7 @@ DOCTEST_MODULES := meddx/__init__.py meddx/align.py meddx/arguments.py meddx/bat
 	meddx/dicomweb/ref.py meddx/dicomweb/store.py meddx/errors.py meddx/evaluate.py meddx/export/fhir.py \
 	meddx/export/fhir_writes.py meddx/export/sr.py meddx/fhirclient/client.py meddx/fhirclient/query.py \
 	meddx/fhirclient/ref.py meddx/fhirclient/search.py meddx/files.py meddx/ingest/audio.py \
-	meddx/ingest/device_logs.py meddx/ingest/dicom.py meddx/ingest/dicom_io.py \
+	meddx/ingest/device_logs.py meddx/ingest/device_tensorizer.py meddx/ingest/dicom.py meddx/ingest/dicom_io.py \
 	meddx/ingest/dicom_series.py meddx/ingest/ehr_tensorizer.py meddx/ingest/fhir.py \
 	meddx/ingest/fhir_bulk.py meddx/ingest/fhir_status.py meddx/ingest/fhir_times.py \
 	meddx/ingest/fhir_versions.py meddx/ingest/file_checks.py meddx/ingest/image_resize.py \
