@@ -22,14 +22,15 @@ QUICK_MARKERS := not slow and not pacs and not ray and not notebooks
 # `make doctest`: the docstring examples of the modules whose examples run offline in seconds (from the
 # repository root: they read sample_data/ and tests/data/). A module whose examples all run belongs here.
 DOCTEST_MODULES := meddx/__init__.py meddx/align.py meddx/arguments.py meddx/batch/engines/local.py \
-	meddx/batch/options.py meddx/cache.py meddx/calibration.py meddx/cli_options.py meddx/cohort.py \
+	meddx/batch/options.py meddx/cache.py meddx/calibration/__init__.py meddx/calibration/conformal.py meddx/calibration/files.py \
+	meddx/calibration/isotonic.py meddx/calibration/temperature.py meddx/cli_options.py meddx/cohort.py \
 	meddx/config.py meddx/config_files.py meddx/data/__init__.py meddx/data/dataset.py meddx/data/summary.py \
 	meddx/data/index.py meddx/data/prefetch.py meddx/data/store.py meddx/dicom_times.py \
 	meddx/dicomweb/client.py meddx/dicomweb/guard.py meddx/dicomweb/multipart.py meddx/dicomweb/query.py \
 	meddx/dicomweb/ref.py meddx/dicomweb/store.py meddx/errors.py meddx/evaluate.py meddx/export/fhir.py \
 	meddx/export/fhir_writes.py meddx/export/sr.py meddx/fhirclient/client.py meddx/fhirclient/query.py \
 	meddx/fhirclient/ref.py meddx/fhirclient/search.py meddx/files.py meddx/ingest/audio.py \
-	meddx/ingest/device_logs.py meddx/ingest/dicom.py meddx/ingest/dicom_io.py \
+	meddx/ingest/device_logs.py meddx/ingest/device_tensorizer.py meddx/ingest/dicom.py meddx/ingest/dicom_io.py \
 	meddx/ingest/dicom_series.py meddx/ingest/ehr_tensorizer.py meddx/ingest/fhir.py \
 	meddx/ingest/fhir_bulk.py meddx/ingest/fhir_status.py meddx/ingest/fhir_times.py \
 	meddx/ingest/fhir_versions.py meddx/ingest/file_checks.py meddx/ingest/image_resize.py \

@@ -7,73 +7,17 @@ commands so that ``meddx --help`` starts fast.
 
 from __future__ import annotations
 
-import functools
 import logging
-import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from meddx._version import __version__
 from meddx.arguments import RAY_SETTINGS, DiagnoseArgs, EvaluateArgs, FinetuneArgs, IngestArgs, PretrainArgs
+from meddx.cli_errors import handle_errors, removed_if_left_empty
 from meddx.cli_options import arguments, option
-from meddx.errors import ConfigError, ManifestError, MeddxError, ModelError, NotFittedError, PredictionsError
-
-BAD_INPUT = 2
-FAILURE = 1
-
-
-def _handle_errors(command: Callable) -> Callable:
-    """Turn meddx errors into a message on stderr and the documented exit status."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        # click passes the options by name: out/cache, or out_dir/cache_dir (meddx.arguments' names)
-        out, cache = kwargs.get("out", kwargs.get("out_dir")), kwargs.get("cache", kwargs.get("cache_dir"))
-        with _removed_if_left_empty(out, cache):
-            try:
-                return command(*args, **kwargs)
-            except NotFittedError as exc:  # a bug, not the user's input
-                click.echo(f"error: {exc}", err=True)
-                sys.exit(FAILURE)
-            except (ManifestError, ConfigError, PredictionsError, ModelError) as exc:
-                # a model folder that is missing, damaged or from another version is bad input too
-                click.echo(f"error: {exc}", err=True)
-                sys.exit(BAD_INPUT)
-            except MeddxError as exc:
-                click.echo(f"error: {exc}", err=True)
-                sys.exit(FAILURE)
-
-    return wrapper
-
-
-@contextmanager
-def _removed_if_left_empty(*paths: Path | None) -> Iterator[None]:
-    """On failure, remove the folders of ``paths`` that this run created and left empty.
-
-    Only folders (and parent folders) that did not exist when the run started are candidates,
-    and only empty ones go: a failed run leaves no empty ``--out`` behind, and never touches a
-    folder the user made or one that holds anything (a killed run's parts for ``--resume``).
-    """
-    new: list[Path] = []
-    for path in paths:
-        folder = None if path is None else Path(path).absolute()
-        while folder is not None and not folder.exists() and folder != folder.parent:
-            new.append(folder)
-            folder = folder.parent
-    succeeded = False
-    try:
-        yield
-        succeeded = True
-    finally:
-        if not succeeded:
-            for folder in sorted(set(new), key=lambda f: len(f.parts), reverse=True):  # deepest first
-                try:
-                    folder.rmdir()  # refuses a folder that holds anything
-                except OSError:
-                    pass
+from meddx.cli_remote import fhir, pacs
+from meddx.errors import ConfigError
 
 
 def _model_folder(path: Path, option: str) -> Path:
@@ -130,7 +74,7 @@ def main(verbose: int) -> None:
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write.")
 @click.option("--patients", default=60, show_default=True, type=click.IntRange(min=1), help="Number of patients.")
 @click.option("--seed", default=7, show_default=True, type=int, help="Random seed (same seed, same bytes).")
-@_handle_errors
+@handle_errors
 def sample_data(out: Path, patients: int, seed: int) -> None:
     """Write a synthetic multimodal cohort in the real formats, with its manifest.csv."""
     from meddx.synth import generate_cohort
@@ -141,7 +85,7 @@ def sample_data(out: Path, patients: int, seed: int) -> None:
 
 @main.command("validate")
 @click.argument("manifest", type=click.Path(path_type=Path))
-@_handle_errors
+@handle_errors
 def validate(manifest: Path) -> None:
     """Check a manifest and list every problem (exit status 2 if any)."""
     from meddx.cohort import load_cohort
@@ -191,7 +135,7 @@ def _run_ingest(args: IngestArgs, cache: Path, out: Path):
 
 
 @main.command("ingest")
-@_handle_errors
+@handle_errors
 @arguments(IngestArgs)
 def ingest(args: IngestArgs) -> None:
     """Read every modality of every row into a cache; print coverage, errors and warnings.
@@ -203,7 +147,7 @@ def ingest(args: IngestArgs) -> None:
     from meddx.ingest.runner import new_run_folder
 
     run_folder = args.out_dir or new_run_folder()
-    with _removed_if_left_empty(run_folder):
+    with removed_if_left_empty(run_folder):
         _run_ingest(args, default_cache_dir(args.cache_dir), run_folder)
 
 
@@ -232,7 +176,7 @@ def _backbone_config(path: Path | None):
 
 
 @main.command("pretrain")
-@_handle_errors
+@handle_errors
 @arguments(PretrainArgs)
 def pretrain_command(args: PretrainArgs) -> None:
     """Self-supervised pretraining of the backbone on a cohort (labels not needed)."""
@@ -255,7 +199,7 @@ def pretrain_command(args: PretrainArgs) -> None:
 
 
 @main.command("finetune")
-@_handle_errors
+@handle_errors
 @arguments(FinetuneArgs)
 def finetune_command(args: FinetuneArgs) -> None:
     """Fine-tune diagnostic heads on a labelled cohort, then calibrate them on its validation rows."""
@@ -285,7 +229,7 @@ def finetune_command(args: FinetuneArgs) -> None:
 
 
 @main.command("diagnose")
-@_handle_errors
+@handle_errors
 @arguments(DiagnoseArgs)
 def diagnose_command(args: DiagnoseArgs) -> None:
     """Calibrated diagnoses for every row of a cohort: predictions, FHIR RiskAssessments, errors.
@@ -358,7 +302,7 @@ def _diagnose_summary(result) -> str:
     help="Size of the generated cohort (default 600: 360 training, 120 validation, 120 test rows).",
 )
 @quiet_option
-@_handle_errors
+@handle_errors
 def demo(out: Path, cache_dir: Path | None, workers: int | None, patients: int | None, progress: bool) -> None:
     """The whole job on a synthetic cohort: generate it, fine-tune, calibrate, diagnose the test split, evaluate.
 
@@ -394,7 +338,7 @@ def demo(out: Path, cache_dir: Path | None, workers: int | None, patients: int |
 @workers_option
 @click.option("--check", is_flag=True, help="Only check the file (exit status 2 listing every problem).")
 @quiet_option
-@_handle_errors
+@handle_errors
 def run_command(
     pipeline: Path, out: Path | None, cache_dir: Path | None, workers: int | None, check: bool, progress: bool
 ) -> None:
@@ -414,7 +358,7 @@ def run_command(
 
 
 @main.command("evaluate")
-@_handle_errors
+@handle_errors
 @arguments(EvaluateArgs)
 def evaluate(args: EvaluateArgs) -> None:
     """Metrics (with bootstrap intervals), report.html and plots of a predictions file against its manifest."""
@@ -451,161 +395,8 @@ def evaluate(args: EvaluateArgs) -> None:
         click.echo(f"refreshed the metrics of the model card {args.model_card / 'README.md'}")
 
 
-@main.group("pacs")
-def pacs() -> None:
-    """Work with a PACS over DICOMweb (server and credentials from --config and the environment)."""
-
-
-@pacs.command("manifest")
-@click.option("--modality", required=True, help="DICOM Modality the studies must hold (CT, MR, CR...).")
-@click.option("--since", required=True, type=click.DateTime(["%Y-%m-%d"]), help="First StudyDate, YYYY-MM-DD.")
-@click.option("--until", default=None, type=click.DateTime(["%Y-%m-%d"]), help="Last StudyDate (inclusive).")
-@click.option(
-    "--out",
-    "out",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="The manifest CSV to write (patient_id, index_time, imaging).",
-)
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Ingest config (YAML/JSON): its dicomweb section names the server, site_timezone the zone.",
-)
-@click.option(
-    "--index-offset",
-    default=60.0,
-    show_default=True,
-    type=click.FloatRange(min=0),
-    help="Minutes after the study's date and time that make each row's index time.",
-)
-@_handle_errors
-def pacs_manifest(modality: str, since, until, out: Path, config_file: Path | None, index_offset: float) -> None:
-    """Query the PACS (QIDO-RS) and write one manifest row per study found, ready for ingest and diagnosis."""
-    from datetime import timedelta
-
-    from meddx.config import IngestConfig
-    from meddx.dicomweb.query import pacs_manifest as query
-
-    config = IngestConfig.from_file(config_file) if config_file is not None else IngestConfig()
-    if until is not None and until < since:
-        raise ConfigError(f"--until {until:%Y-%m-%d} is before --since {since:%Y-%m-%d}")
-    found = query(
-        config.dicomweb,
-        modality,
-        since.date(),
-        until.date() if until is not None else None,
-        site_zone=config.site_zone(),
-        index_offset=timedelta(minutes=index_offset),
-    )
-    found.write(out)
-    left_out = "".join(f"; {n} left out ({why})" for why, n in found.skipped.items())
-    click.echo(f"{found.n_studies} {modality.upper()} stud{'y' if found.n_studies == 1 else 'ies'} found{left_out}")
-    click.echo(f"wrote {len(found.rows)} row{'s' if len(found.rows) != 1 else ''} to {out}")
-
-
-@main.group("fhir")
-def fhir() -> None:
-    """Work with the EHR's FHIR server (server from --config or MEDDX_FHIR_URL, credentials from the environment)."""
-
-
-fhir_config_option = click.option(
-    "--config",
-    "config_file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Ingest config (YAML/JSON): its fhir section names the server, site_timezone the zone.",
-)
-
-
-@fhir.command("manifest")
-@click.option("--encounter-class", required=True, help="Encounter class code (IMP inpatient, EMER, AMB...).")
-@click.option("--since", required=True, type=click.DateTime(["%Y-%m-%d"]), help="First start date, YYYY-MM-DD.")
-@click.option("--until", default=None, type=click.DateTime(["%Y-%m-%d"]), help="Last start date (inclusive).")
-@click.option(
-    "--out",
-    "out",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="The manifest CSV to write (patient_id, index_time, ehr, encounter).",
-)
-@fhir_config_option
-@click.option(
-    "--index-offset",
-    default=24.0,
-    show_default=True,
-    type=click.FloatRange(min=0),
-    help="Hours after the encounter's start that make each row's index time.",
-)
-@_handle_errors
-def fhir_manifest_command(
-    encounter_class: str, since, until, out: Path, config_file: Path | None, index_offset: float
-) -> None:
-    """Search the FHIR server for Encounters and write one manifest row per encounter (ehr = fhir:Patient/<id>)."""
-    from datetime import timedelta
-
-    from meddx.config import IngestConfig
-    from meddx.fhirclient.query import fhir_manifest
-
-    config = IngestConfig.from_file(config_file) if config_file is not None else IngestConfig()
-    if until is not None and until < since:
-        raise ConfigError(f"--until {until:%Y-%m-%d} is before --since {since:%Y-%m-%d}")
-    found = fhir_manifest(
-        config.fhir,
-        encounter_class,
-        since.date(),
-        until.date() if until is not None else None,
-        site_zone=config.site_zone(),
-        index_offset=timedelta(hours=index_offset),
-    )
-    found.write(out)
-    left_out = "".join(f"; {n} left out ({why})" for why, n in found.skipped.items())
-    click.echo(
-        f"{found.n_encounters} {encounter_class} encounter{'s' if found.n_encounters != 1 else ''} found{left_out}"
-    )
-    click.echo(f"wrote {len(found.rows)} row{'s' if len(found.rows) != 1 else ''} to {out}")
-
-
-@fhir.command("export")
-@click.option("--since", default=None, type=click.DateTime(["%Y-%m-%d"]), help="Only resources changed after it.")
-@click.option(
-    "--out",
-    "out",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="The folder to write (a Bulk export folder, readable as an ehr column); run again to resume.",
-)
-@click.option(
-    "--type",
-    "types",
-    multiple=True,
-    help="A resource type to export (repeat; default: the types the EHR reader uses).",
-)
-@fhir_config_option
-@quiet_option
-@_handle_errors
-def fhir_export_command(since, out: Path, types: tuple[str, ...], config_file: Path | None, progress: bool) -> None:
-    """Bulk-export the FHIR server's resources ($export) into NDJSON files the EHR reader reads."""
-    from datetime import timezone
-
-    from meddx.config import IngestConfig
-    from meddx.fhirclient.bulk import DEFAULT_TYPES, bulk_export
-
-    config = IngestConfig.from_file(config_file) if config_file is not None else IngestConfig()
-    result = bulk_export(
-        config.fhir,
-        out,
-        since=since.replace(tzinfo=timezone.utc) if since is not None else None,
-        types=tuple(types) or DEFAULT_TYPES,
-        progress=progress,
-    )
-    size = sum(result.files.values())
-    click.echo(
-        f"{'resumed: ' if result.resumed else ''}{len(result.files)} NDJSON file(s), {size / 2**20:.1f} MiB,"
-        f" in {result.out_dir} (transaction time {result.transaction_time})"
-    )
+main.add_command(pacs)
+main.add_command(fhir)
 
 
 def _number(value: float | None) -> str:

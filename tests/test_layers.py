@@ -77,7 +77,18 @@ LAYERS: dict[str, int] = {
     ),
     # 6 applications: the CLI, pipelines, the demo, the JSON schemas of every file a user writes
     # (manifest, config, model folder, pipeline), and the package's lazy public names
-    **dict.fromkeys(("meddx.cli", "meddx.pipelines", "meddx.demo", "meddx.schemas", "meddx"), 6),
+    **dict.fromkeys(
+        (
+            "meddx.cli",
+            "meddx.cli_errors",
+            "meddx.cli_remote",
+            "meddx.pipelines",
+            "meddx.demo",
+            "meddx.schemas",
+            "meddx",
+        ),
+        6,
+    ),
 }
 
 
