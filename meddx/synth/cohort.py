@@ -99,7 +99,9 @@ def _plan_patient(seed: int, i: int, ages: tuple[int, int] = (22, 90)) -> _Patie
     if all(missing.values()):
         missing["ehr"] = False
     sex = str(rng.choice(["F", "M"]))
-    age = int(rng.integers(ages[0], ages[1] + 1))
+    age = int(rng.integers(22, 91))
+    if ages != (22, 90):  # mapped, not redrawn: another range must not move the later draws
+        age = ages[0] + (age - 22) * (ages[1] - ages[0] + 1) // 69
     index_time = _BASE_DATE + timedelta(
         days=int(rng.integers(0, 365)), hours=int(rng.integers(0, 24)), minutes=int(rng.integers(0, 60))
     )
