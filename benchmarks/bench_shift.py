@@ -1,7 +1,7 @@
 """Site shifts: does the row OOD score tell another site's rows apart, and does the flag mean something?
 
 A base cohort (``meddx.synth.generate_cohort``, seed 7, default 300 patients, its 60/20/20 split
-column) fine-tunes a tiny model (``full``, BackboneConfig d_model 16, 1 layer, 2 heads, 3 epochs;
+column) fine-tunes a tiny model (``full``, BackboneConfig d_model 16, 1 layer, 2 heads, 10 epochs;
 OOD scores fitted on the training rows, thresholds on the validation rows at 5% false alarm: what
 ``finetune`` does). A held-out cohort of other patients (seed 8, default 100 patients, every row) is
 diagnosed as it is and once per site shift in :data:`meddx.synth.SITE_SHIFTS`: the same patients,
@@ -18,7 +18,7 @@ Per shift, over the held-out patients that have the shifted modality:
   the conformal sets' coverage of the true label and their mean size (n: rows in each group).
 
 Run: ``PYTHONPATH=. .venv/bin/python benchmarks/bench_shift.py [--patients 300] [--eval-patients 100]
-[--epochs 3] [--out /tmp/meddx-bench-shift] [--reuse]``.
+[--epochs 10] [--out /tmp/meddx-bench-shift] [--reuse]``.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--patients", type=int, default=300)
     parser.add_argument("--eval-patients", type=int, default=100)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--out", default="/tmp/meddx-bench-shift")
     parser.add_argument("--reuse", action="store_true", help="diagnose with OUT/model if it is there")
     args = parser.parse_args()
