@@ -22,6 +22,7 @@ import pytest
 import soundfile
 from fhir.resources.R4B.bundle import Bundle
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
+from scipy.ndimage import binary_erosion
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
@@ -34,6 +35,8 @@ from meddx.synth import (
     LABEL_COLUMN,
     MANIFEST_COLUMNS,
     POST_INDEX_TAG,
+    SITE_SHIFTS,
+    Shift,
     generate_cohort,
     write_ct_series,
     write_fhir_bundle,
@@ -470,3 +473,161 @@ def test_each_modality_is_weak_alone_and_strong_together(large_cohort: Path) -> 
         assert 0.55 < auroc < 0.85, (modality, alone)
     assert together >= 0.85, (together, alone)
     assert together > max(alone.values()) + 0.03, (together, alone)
+
+
+# --------------------------------------------------------------------------- site shifts
+
+_SHIFT_PATIENTS = 6
+_MODALITY_FILES = (("imaging", "/ct/"), ("ehr", "/ehr.json"), ("notes", "/note.txt"), ("device_logs", "/vitals.csv"))
+_MODALITY_FILES += (("audio", "/lung_sound.wav"), ("video", "/echo."))
+
+
+def _modality_of(name: str) -> str:
+    return next(m for m, part in _MODALITY_FILES if part in name)
+
+
+def _shifted(cohort: Path, tmp_path: Path, shift: Shift) -> tuple[Path, set[str]]:
+    """A shifted twin of the cohort fixture's first patients, and the modalities whose files differ."""
+    manifest = generate_cohort(tmp_path / "shifted", n_patients=_SHIFT_PATIENTS, seed=11, shift=shift)
+    base = generate_cohort(tmp_path / "base", n_patients=_SHIFT_PATIENTS, seed=11)
+    before, after = _hashes(base.parent), _hashes(manifest.parent)
+    before.pop("manifest.csv")
+    after.pop("manifest.csv")
+    assert {_modality_of(k) for k in before} == {_modality_of(k) for k in after}
+    changed = {_modality_of(k) for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    kept = _manifest(base).drop(columns="age")
+    assert _manifest(manifest).drop(columns="age").equals(kept)  # same patients, files, splits, labels
+    # The unshifted cohort is the cohort fixture's first patients (files depend on seed and patient only).
+    assert all(_hashes(cohort.parent)[k] == v for k, v in before.items())
+    return manifest, changed
+
+
+def _series(folder: Path) -> list[pydicom.Dataset]:
+    return sorted((pydicom.dcmread(p) for p in folder.iterdir()), key=lambda ds: int(ds.InstanceNumber))
+
+
+def _first_with(manifest: Path, modality: str) -> list[str]:
+    frame = _manifest(manifest)
+    return [v for v in frame[modality] if v]
+
+
+def test_default_shift_changes_nothing(tmp_path: Path) -> None:
+    plain = _hashes(generate_cohort(tmp_path / "a", n_patients=3, seed=5).parent)
+    assert _hashes(generate_cohort(tmp_path / "b", n_patients=3, seed=5, shift=Shift()).parent) == plain
+    assert Shift().modalities == ()
+    assert {name: s.modalities for name, s in SITE_SHIFTS.items()} == {
+        "ct-sharp-kernel": ("imaging",),
+        "ct-thick-slices": ("imaging",),
+        "monitor-15s-offset": ("device_logs",),
+        "notes-ward-template": ("notes",),
+        "children": ("ehr",),
+    }
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"ct_kernel": "bone"},
+        {"note_template": "icu"},
+        {"ct_slice_thickness": 0.0},
+        {"device_interval_s": 0},
+        {"age_range": (30, 20)},
+    ],
+)
+def test_shift_refuses_values_it_cannot_write(bad: dict) -> None:
+    with pytest.raises(ValueError, match="Shift"):
+        Shift(**bad)
+
+
+def test_sharp_kernel_shifts_only_the_ct_texture(cohort: Path, tmp_path: Path) -> None:
+    manifest, changed = _shifted(cohort, tmp_path, Shift(ct_kernel="sharp"))
+    assert changed == {"imaging"}
+    for relative in _first_with(manifest, "imaging"):
+        plain, sharp = _series(tmp_path / "base" / relative), _series(tmp_path / "shifted" / relative)
+        assert "ConvolutionKernel" not in plain[0]
+        assert sharp[0].ConvolutionKernel == "SHARP"
+        assert [ds.SliceThickness for ds in sharp] == [ds.SliceThickness for ds in plain]
+        assert sharp[0].PixelSpacing == plain[0].PixelSpacing
+        hu = [
+            np.stack([ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in s])
+            for s in (plain, sharp)
+        ]
+        # Soft tissue away from any edge: its in-plane texture roughens.
+        tissue = binary_erosion((hu[0] > -200) & (hu[0] < 200), np.ones((1, 5, 5), dtype=bool))
+        rough = [np.std(np.diff(v, axis=2)[tissue[:, :, 1:] & tissue[:, :, :-1]]) for v in hu]
+        assert rough[1] > 2.5 * rough[0]
+        assert abs(np.median(hu[1][tissue]) - np.median(hu[0][tissue])) < 15  # same tissue, same HU level
+
+
+def test_slice_thickness_shift_writes_the_geometry(cohort: Path, tmp_path: Path) -> None:
+    manifest, changed = _shifted(cohort, tmp_path, Shift(ct_slice_thickness=10.0))
+    assert changed == {"imaging"}
+    for relative in _first_with(manifest, "imaging"):
+        sharp = _series(tmp_path / "shifted" / relative)
+        assert {float(ds.SliceThickness) for ds in sharp} == {10.0}
+        assert {float(ds.SpacingBetweenSlices) for ds in sharp} == {10.0}
+        z = np.array([float(ds.ImagePositionPatient[2]) for ds in sharp])
+        assert np.allclose(np.abs(np.diff(z)), 10.0)
+
+
+def test_monitor_shift_samples_at_another_rate_with_an_offset(cohort: Path, tmp_path: Path) -> None:
+    manifest, changed = _shifted(cohort, tmp_path, Shift(device_interval_s=15, device_offset=6.0))
+    assert changed == {"device_logs"}
+    frame = _manifest(manifest)
+    differences = []
+    for relative, index_time in zip(frame["device_logs"], frame["index_time"], strict=True):
+        if not relative:
+            continue
+        logs = [pd.read_csv(tmp_path / root / relative) for root in ("base", "shifted")]
+        steps = []
+        for log in logs:
+            hr = log[log["channel"] == "heart_rate"]
+            times = pd.to_datetime(hr["timestamp"]).sort_values().diff().dt.total_seconds().dropna()
+            steps.append(times.mode().iloc[0])
+        assert steps == [60.0, 15.0]
+        before = [
+            log[(pd.to_datetime(log["timestamp"]) <= _time(index_time)) & (log["channel"] == "heart_rate")]
+            for log in logs
+        ]
+        values = [b["value"][(b["value"] > 0)].median() for b in before]
+        differences.append(values[1] - values[0])
+    assert differences
+    assert 3.0 < np.mean(differences) < 9.0
+
+
+def test_ward_template_rewrites_the_notes_only(cohort: Path, tmp_path: Path) -> None:
+    manifest, changed = _shifted(cohort, tmp_path, Shift(note_template="ward"))
+    assert changed == {"notes"}
+    for relative in _first_with(manifest, "notes"):
+        plain = (tmp_path / "base" / relative).read_text(encoding="utf-8")
+        ward = (tmp_path / "shifted" / relative).read_text(encoding="utf-8")
+        assert plain.startswith("EMERGENCY DEPARTMENT NOTE")
+        assert re.match(r"WARD ROUND - DAY [1-7]\n", ward)
+        assert [line[:2] for line in ward.splitlines() if line[:2] in ("S:", "O:", "A:", "P:")] == [
+            "S:",
+            "O:",
+            "A:",
+            "P:",
+        ]
+        assert "Chief complaint" not in ward
+        # The same findings: what the ED note reports, the ward note reports.
+        reported = re.search(r"Chief complaint: (.*)\.", plain).group(1)
+        assert (reported == "general malaise") == ("feeling generally unwell" in ward)
+        assert ("crackles at the" in plain) == ("basal crepitations" in ward)
+
+
+def test_age_shift_moves_the_ages_and_the_birth_dates(cohort: Path, tmp_path: Path) -> None:
+    manifest, changed = _shifted(cohort, tmp_path, Shift(age_range=(2, 15)))
+    assert changed == {"ehr"}
+    frame = _manifest(manifest)
+    ages = frame["age"].astype(int)
+    assert ages.between(2, 15).all()
+    assert _manifest(tmp_path / "base" / "manifest.csv")["age"].astype(int).between(22, 90).all()
+    for relative, age, index_time in zip(frame["ehr"], ages, frame["index_time"], strict=True):
+        if not relative:
+            continue
+        bundle = json.loads((tmp_path / "shifted" / relative).read_text(encoding="utf-8"))
+        patient = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient")
+        born = pd.Timestamp(patient["birthDate"])
+        years = (_time(index_time).tz_localize(None) - born).days / 365.25
+        assert abs(years - age) <= 1.5

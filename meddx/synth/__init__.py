@@ -33,6 +33,11 @@ deterministic for a seed: every random draw comes from a generator derived from
 ``(seed, patient, stream)``, dates are fixed, UIDs are hashed from seeded entropy, and
 JSON keys are sorted. Changing one writer does not shift the others' draws.
 
+``generate_cohort(..., shift=Shift(...))`` writes the same patients as another site would
+(a sharp CT kernel or other slice thickness, a monitor sampling at another rate with a
+calibration offset, notes from a ward-round template, another age range; see
+:class:`Shift` and :data:`SITE_SHIFTS`), for testing out-of-distribution detection.
+
 Example:
     >>> import tempfile
     >>> from meddx.cohort import load_cohort
@@ -57,6 +62,7 @@ from meddx.synth.ct import write_ct_series
 from meddx.synth.device_logs import write_device_log
 from meddx.synth.fhir import DISEASE_SNOMED, POST_INDEX_TAG, write_fhir_bundle
 from meddx.synth.notes import write_note
+from meddx.synth.shift import SITE_SHIFTS, Shift
 from meddx.synth.video import write_pulse_video
 
 __all__ = [
@@ -68,6 +74,8 @@ __all__ = [
     "MISSING_RATE",
     "MODALITY_COLUMNS",
     "POST_INDEX_TAG",
+    "SITE_SHIFTS",
+    "Shift",
     "VIEW_NOISE",
     "generate_cohort",
     "write_ct_series",

@@ -17,6 +17,7 @@ from meddx.synth.ct import write_ct_series
 from meddx.synth.device_logs import write_device_log
 from meddx.synth.fhir import write_fhir_bundle
 from meddx.synth.notes import write_note
+from meddx.synth.shift import Shift
 from meddx.synth.video import write_pulse_video
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class _PatientPlan:
     acquisition_time: datetime
 
 
-def _plan_patient(seed: int, i: int) -> _PatientPlan:
+def _plan_patient(seed: int, i: int, ages: tuple[int, int] = (22, 90)) -> _PatientPlan:
     rng = _patient_rng(seed, i, "patient")
     severity = float(rng.normal())
     label = label_from_severity(severity + LABEL_NOISE * float(rng.normal()))
@@ -99,6 +100,8 @@ def _plan_patient(seed: int, i: int) -> _PatientPlan:
         missing["ehr"] = False
     sex = str(rng.choice(["F", "M"]))
     age = int(rng.integers(22, 91))
+    if ages != (22, 90):  # mapped, not redrawn: another range must not move the later draws
+        age = ages[0] + (age - 22) * (ages[1] - ages[0] + 1) // 69
     index_time = _BASE_DATE + timedelta(
         days=int(rng.integers(0, 365)), hours=int(rng.integers(0, 24)), minutes=int(rng.integers(0, 60))
     )
@@ -121,7 +124,7 @@ def _plan_patient(seed: int, i: int) -> _PatientPlan:
     )
 
 
-def _write_modality(modality: str, plan: _PatientPlan, folder: Path, rng: np.random.Generator) -> Path:
+def _write_modality(modality: str, plan: _PatientPlan, folder: Path, rng: np.random.Generator, shift: Shift) -> Path:
     """Write one modality of a planned patient; returns the path the manifest names."""
     severity = plan.views[modality]
     if modality == "imaging":
@@ -133,6 +136,8 @@ def _write_modality(modality: str, plan: _PatientPlan, folder: Path, rng: np.ran
             patient_id=plan.patient_id,
             rle=plan.rle,
             patient_name=plan.name,
+            kernel=shift.ct_kernel,
+            slice_thickness=shift.ct_slice_thickness,
         )
         return folder / "ct"
     if modality == "ehr":
@@ -150,10 +155,16 @@ def _write_modality(modality: str, plan: _PatientPlan, folder: Path, rng: np.ran
             patient_name=plan.name,
         )
     if modality == "notes":
-        return write_note(folder / "note.txt", severity=severity, rng=rng)
+        return write_note(folder / "note.txt", severity=severity, rng=rng, template=shift.note_template)
     if modality == "device_logs":
         return write_device_log(
-            folder / "vitals.csv", severity=severity, rng=rng, index_time=plan.index_time, label=plan.label
+            folder / "vitals.csv",
+            severity=severity,
+            rng=rng,
+            index_time=plan.index_time,
+            label=plan.label,
+            interval_s=shift.device_interval_s,
+            offset=shift.device_offset,
         )
     if modality == "audio":
         return write_lung_sound(
@@ -169,7 +180,7 @@ def _write_modality(modality: str, plan: _PatientPlan, folder: Path, rng: np.ran
     raise ValueError(f"unknown modality {modality!r}")
 
 
-def generate_cohort(out: str | Path, n_patients: int = 60, seed: int = 7) -> Path:
+def generate_cohort(out: str | Path, n_patients: int = 60, seed: int = 7, *, shift: Shift | None = None) -> Path:
     """Generate a synthetic cohort in the real formats and write its ``manifest.csv``.
 
     Files go under ``out/patients/<id>/``; the manifest holds paths relative to ``out``,
@@ -181,6 +192,9 @@ def generate_cohort(out: str | Path, n_patients: int = 60, seed: int = 7) -> Pat
         out: the output folder (created).
         n_patients: how many patients (one index time each).
         seed: the seed of every random draw.
+        shift: generate as another site would (see :class:`~meddx.synth.shift.Shift`): the
+            same patients, severities, labels and splits as without it, with one modality's
+            files (or the ages) changed; None (or ``Shift()``) writes the default output.
 
     Returns:
         The path of ``manifest.csv``.
@@ -197,10 +211,12 @@ def generate_cohort(out: str | Path, n_patients: int = 60, seed: int = 7) -> Pat
         raise ValueError(f"n_patients must be at least 1, got {n_patients}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    shift = Shift() if shift is None else shift
+    ages = shift.age_range or (22, 90)
     splits = _splits(n_patients, seed)
     rows: list[dict[str, str]] = []
     for i in range(n_patients):
-        plan = _plan_patient(seed, i)
+        plan = _plan_patient(seed, i, ages)
         folder = out / "patients" / plan.patient_id
         if folder.exists():  # stale files (e.g. old CT slices) would join the new series
             shutil.rmtree(folder)
@@ -216,7 +232,7 @@ def generate_cohort(out: str | Path, n_patients: int = 60, seed: int = 7) -> Pat
             if plan.missing[modality]:
                 row[modality] = ""
                 continue
-            written = _write_modality(modality, plan, folder, _patient_rng(seed, i, modality))
+            written = _write_modality(modality, plan, folder, _patient_rng(seed, i, modality), shift)
             relative = written.relative_to(out).as_posix()
             row[modality] = relative + "/" if written.is_dir() else relative
         rows.append(row)

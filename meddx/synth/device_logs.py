@@ -21,6 +21,8 @@ def write_device_log(
     hours: float = 8.0,
     label: int | None = None,
     post_index_minutes: int = 30,
+    interval_s: int = 60,
+    offset: float = 0.0,
 ) -> Path:
     """Write a long monitor log CSV ``timestamp,channel,value`` ending after ``index_time``.
 
@@ -28,7 +30,9 @@ def write_device_log(
     index time, with missing stretches (all channels or one), impossible values (spo2 0 or
     127, heart_rate -1, resp_rate 0), a few rows out of order, and ``post_index_minutes``
     of rows after the index time whose values give ``label`` away (an ingestor must drop
-    them). Severity lowers spo2 and raises resp_rate a little.
+    them). Severity lowers spo2 and raises resp_rate a little. ``interval_s`` samples every
+    that many seconds instead of each minute (gaps and artefacts then count in samples);
+    ``offset`` is a calibration offset added to every value (spo2 still capped at 100).
 
     Example:
         >>> import tempfile
@@ -43,9 +47,11 @@ def write_device_log(
     path.parent.mkdir(parents=True, exist_ok=True)
     label = label_from_severity(severity) if label is None else int(label)
     index_time = index_time.astimezone(timezone.utc).replace(second=0, microsecond=0)
-    n_before = int(round(hours * 60))
-    minutes = np.arange(-n_before, post_index_minutes + 1)
-    n = len(minutes)
+    if interval_s < 1:
+        raise ValueError(f"interval_s must be at least 1 second, got {interval_s}")
+    n_before = int(round(hours * 3600 / interval_s))
+    seconds = np.arange(-n_before, post_index_minutes * 60 // interval_s + 1) * interval_s
+    n = len(seconds)
 
     def walk(scale: float) -> np.ndarray:  # slow drift, as physiology wanders
         steps = rng.normal(0.0, scale, size=n)
@@ -59,7 +65,7 @@ def write_device_log(
         "spo2": np.minimum(100.0, base_spo2 + np.clip(walk(0.08), -1.5, 1.5) + rng.normal(0.0, 0.7, size=n)),
         "resp_rate": base_rr + np.clip(walk(0.1), -3, 3) + rng.normal(0.0, 1.2, size=n),
     }
-    after = minutes > 0
+    after = seconds > 0
     values["spo2"][after] = (86.0 if label else 99.0) + rng.normal(0.0, 0.5, size=int(after.sum()))
     values["heart_rate"][after] = (125.0 if label else 70.0) + rng.normal(0.0, 2.0, size=int(after.sum()))
 
@@ -75,13 +81,18 @@ def write_device_log(
     for c in _DEVICE_CHANNELS:  # the leaking rows after the index time are always there
         present[c][after] = True
 
+    if offset:
+        for c in _DEVICE_CHANNELS:
+            values[c] = values[c] + offset
+        values["spo2"] = np.minimum(100.0, values["spo2"])
+
     artefacts = {"heart_rate": (-1.0, 0.0), "spo2": (0.0, 127.0), "resp_rate": (0.0,)}
     rows: list[tuple[int, str, str]] = []
     for c in _DEVICE_CHANNELS:
         v = np.rint(values[c])
         bad = rng.random(n) < 0.004
         v[bad] = rng.choice(artefacts[c], size=int(bad.sum()))
-        rows += [(int(minutes[j]), c, str(int(v[j]))) for j in range(n) if present[c][j]]
+        rows += [(int(seconds[j]), c, str(int(v[j]))) for j in range(n) if present[c][j]]
     rows.sort(key=lambda r: (r[0], _DEVICE_CHANNELS.index(r[1])))
     for _ in range(int(rng.integers(2, 6))):  # late-arriving batches written out of order
         j = int(rng.integers(0, len(rows) - 12))
@@ -91,6 +102,6 @@ def write_device_log(
         rows[k:k] = block
 
     lines = ["timestamp,channel,value"]
-    lines += [f"{iso(index_time + timedelta(minutes=m))},{c},{v}" for m, c, v in rows]
+    lines += [f"{iso(index_time + timedelta(seconds=m))},{c},{v}" for m, c, v in rows]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

@@ -28,12 +28,14 @@ _NOTE_FILLERS = (
 )
 
 
-def write_note(path: str | Path, *, severity: float, rng: np.random.Generator) -> Path:
+def write_note(path: str | Path, *, severity: float, rng: np.random.Generator, template: str = "ed") -> Path:
     """Write a UTF-8 clinician note whose symptom phrases depend on severity.
 
     Each symptom is reported with probability ``sigmoid(1.3 * severity + offset)``;
     otherwise it is written negated ("denies cough", "no fever") or not mentioned. The
     examination line reads "crackles" or "clear to auscultation" in the same way.
+    ``template="ward"`` writes the same draws as a ward-round SOAP note (another site's
+    template: other headings, "reports"/"negative for" phrasing); ``"ed"`` is the default.
 
     Example:
         >>> import tempfile
@@ -42,6 +44,8 @@ def write_note(path: str | Path, *, severity: float, rng: np.random.Generator) -
         >>> text.splitlines()[:3]
         ['EMERGENCY DEPARTMENT NOTE', '', 'Chief complaint: productive cough.']
     """
+    if template not in ("ed", "ward"):
+        raise ValueError(f"template must be 'ed' or 'ward', got {template!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     positives: list[str] = []
@@ -54,6 +58,8 @@ def write_note(path: str | Path, *, severity: float, rng: np.random.Generator) -
         elif mention < 0.7:
             negatives.append(negative)
     days = int(rng.integers(1, 8))
+    if template == "ward":
+        return _write_ward_note(path, positives, negatives, days, severity, rng)
     lines = ["EMERGENCY DEPARTMENT NOTE", ""]
     if positives:
         lines.append(f"Chief complaint: {positives[0]}.")
@@ -78,5 +84,27 @@ def write_note(path: str | Path, *, severity: float, rng: np.random.Generator) -
             )
         ),
     ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _write_ward_note(
+    path: Path, positives: list[str], negatives: list[str], days: int, severity: float, rng: np.random.Generator
+) -> Path:
+    """The ward-round SOAP template: the same findings as the ED note, drawn in the same order."""
+    fillers = rng.choice(len(_NOTE_FILLERS), size=int(rng.integers(1, 4)), replace=False)
+    crackles = rng.random() < 1.0 / (1.0 + math.exp(-(1.3 * severity - 0.5)))
+    side = str(rng.choice(["right", "left"]))
+    plan = str(rng.choice(["Continue current management.", "Repeat bloods tomorrow.", "Review with consultant."]))
+    negated = [n.replace("denies ", "").replace("no ", "") for n in negatives]
+    lines = [f"WARD ROUND - DAY {days}", ""]
+    lines.append("S: Reports " + (", ".join(positives) if positives else "feeling generally unwell") + ".")
+    if negated:
+        lines.append("   Negative for " + ", ".join(negated) + ".")
+    lines.append("   SH: " + " ".join(_NOTE_FILLERS[j] for j in sorted(fillers)))
+    chest = f"{side}-sided basal crepitations." if crackles else "good air entry, no added sounds."
+    lines.append("O: Chest - " + chest)
+    lines.append("A: " + ("Likely lower respiratory tract infection." if positives else "No clear focus."))
+    lines.append("P: " + plan)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
