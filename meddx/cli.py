@@ -144,7 +144,7 @@ def ingest(args: IngestArgs) -> None:
     checked before any file is read (exit status 2).
     """
     from meddx.cache import default_cache_dir
-    from meddx.ingest.runner import new_run_folder
+    from meddx.ingest.preflight import new_run_folder
 
     run_folder = args.out_dir or new_run_folder()
     with removed_if_left_empty(run_folder):

@@ -1,7 +1,7 @@
 """Streaming ingestion for batch diagnosis: chunks of rows made ready while the model runs.
 
 A cohort is cut into chunks of rows. For each chunk, long-lived worker processes (one
-:class:`~meddx.ingest.runner.WorkerPool` for the whole run) read every (row, modality) into
+:class:`~meddx.ingest.worker_pool.WorkerPool` for the whole run) read every (row, modality) into
 the ingest cache, then align each row that has a record into the aligned-tensor store with
 the model's fitted aligner. A background thread drives this one chunk ahead of the model, so
 chunk ``k + 1`` is ingested while the model runs on chunk ``k``; the queue between them holds
@@ -26,21 +26,19 @@ from typing import TYPE_CHECKING, Any
 
 from meddx.cohort import Cohort, CohortRow
 from meddx.data.store import TensorStore, row_key
+from meddx.ingest.preflight import check_run, with_dicomweb_store
 from meddx.ingest.registry import build_ingestors
 from meddx.ingest.runner import (
     IngestOutcome,
     IngestTask,
-    WorkerPool,
-    available_cores,
-    check_run,
     failure_outcome,
     ingest_one,
     init_worker,
     prefetch_remote,
     tasks_for,
-    with_dicomweb_store,
     worker_cache,
 )
+from meddx.ingest.worker_pool import WorkerPool, available_cores
 from meddx.records import MODALITIES, Modality, PatientRecord
 
 if TYPE_CHECKING:

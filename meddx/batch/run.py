@@ -54,7 +54,8 @@ from meddx.batch.run_folder import (
 from meddx.batch.writers import model_name
 from meddx.cohort import CohortRow, load_cohort
 from meddx.errors import ConfigError, ModelError
-from meddx.ingest.runner import DEFAULT_TASK_TIMEOUT, default_workers, ensure_writable_folder
+from meddx.ingest.preflight import ensure_writable_folder
+from meddx.ingest.worker_pool import DEFAULT_TASK_TIMEOUT, default_workers
 from meddx.models.checkpoint import WEIGHTS_FILE
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ def _pacs_reporter(config, cache_root: Path, model_dir: Path, sha256: str, plan:
     """The ``--store-sr`` reporter; checks a DICOMweb server is configured before any work."""
     from meddx.export.sr import ModelInfo
     from meddx.export.sr_reports import PacsReporter
-    from meddx.ingest.runner import with_dicomweb_store
+    from meddx.ingest.preflight import with_dicomweb_store
     from meddx.records import Modality
 
     if not any(Modality.IMAGING in row.remote for row in rows):

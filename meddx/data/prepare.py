@@ -40,12 +40,8 @@ from meddx.data.store import TensorStore, aligner_hash, row_key
 from meddx.errors import ConfigError, MeddxError, ModelError
 from meddx.files import write_atomic
 from meddx.ingest.base import Tensorizer
-from meddx.ingest.runner import (
-    DEFAULT_TASK_TIMEOUT,
-    IngestOutcome,
-    IngestReport,
-    ingest_cohort,
-)
+from meddx.ingest.runner import IngestOutcome, IngestReport, ingest_cohort
+from meddx.ingest.worker_pool import DEFAULT_TASK_TIMEOUT
 from meddx.records import MODALITIES, PatientRecord
 
 if TYPE_CHECKING:

@@ -34,7 +34,7 @@ class LocalEngine:
     def run(self, job: EngineJob) -> Generator[ChunkOutput, None, None]:
         from tqdm.auto import tqdm
 
-        from meddx.ingest.runner import default_workers
+        from meddx.ingest.worker_pool import default_workers
         from meddx.progress import worker_counter
         from meddx.streaming import ChunkFeeder, model_threads
 

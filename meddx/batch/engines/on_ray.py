@@ -267,7 +267,7 @@ def _start(ray: Any, options: RayOptions, progress: bool) -> bool:
     if options.address is None:
         # one slot per core for ingestion, plus the actors' own: the local engine's layout
         # (workers on every core, the model in the main process)
-        from meddx.ingest.runner import available_cores
+        from meddx.ingest.worker_pool import available_cores
 
         cpus = available_cores() + options.actors * options.cpus_per_actor
         ray.init(num_cpus=cpus, _node_ip_address="127.0.0.1", **settings)
@@ -325,8 +325,9 @@ class RayEngine:
         once (None: every CPU slot the actors leave)."""
         from tqdm.auto import tqdm
 
+        from meddx.ingest.preflight import check_run
         from meddx.ingest.registry import build_ingestors
-        from meddx.ingest.runner import check_run, tasks_for
+        from meddx.ingest.runner import tasks_for
 
         options = self.options
         options.check(job.chunk.device)
@@ -377,7 +378,7 @@ def _model_threads(options: RayOptions) -> int:
     the local engine gives its model every core while its workers read; on a cluster, the CPUs the
     actor reserved."""
     if options.address is None:
-        from meddx.ingest.runner import available_cores
+        from meddx.ingest.worker_pool import available_cores
 
         return max(1, available_cores() // options.actors)
     return max(1, int(options.cpus_per_actor))
