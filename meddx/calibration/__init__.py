@@ -31,7 +31,7 @@ Example:
     (3, 2)
 """
 
-from meddx.calibration._checks import CALIBRATION_FORMAT
+from meddx.calibration.checks import CALIBRATION_FORMAT
 from meddx.calibration.conformal import (
     ALL_PRESENT,
     DEFAULT_GROUPS,

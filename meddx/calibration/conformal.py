@@ -9,16 +9,16 @@ from typing import Any
 
 import numpy as np
 
-from meddx.calibration._checks import (
+from meddx.calibration.checks import (
     CALIBRATION_FORMAT,
-    _as_class_probabilities,
-    _check_format,
-    _check_labels,
-    _count,
-    _field,
-    _real,
-    _threshold,
-    _within,
+    as_class_probabilities,
+    check_format,
+    check_labels,
+    count_field,
+    real_field,
+    required_field,
+    threshold_field,
+    within_field,
 )
 from meddx.errors import ConfigError, NotFittedError
 
@@ -156,8 +156,8 @@ class ConformalClassifier:
             raise ConfigError(f"alpha must lie in (0, 1); got {self.alpha}")
         if self.min_group_size < 1:
             raise ConfigError(f"min_group_size must be >= 1; got {self.min_group_size}")
-        probabilities = _as_class_probabilities(probabilities)
-        labels = _check_labels(labels, len(probabilities), probabilities.shape[1])
+        probabilities = as_class_probabilities(probabilities)
+        labels = check_labels(labels, len(probabilities), probabilities.shape[1])
         scores = 1.0 - probabilities[np.arange(len(labels)), labels]  # (N,)
         self.n_fitted_ = len(labels)
         self.n_classes_ = int(probabilities.shape[1])
@@ -197,7 +197,7 @@ class ConformalClassifier:
 
         A set can be empty (no class is probable enough) or hold every class.
         """
-        probabilities = _as_class_probabilities(probabilities)
+        probabilities = as_class_probabilities(probabilities)
         if probabilities.shape[1] != getattr(self, "n_classes_", probabilities.shape[1]):
             raise ConfigError(f"fitted on {self.n_classes_} classes, got probabilities for {probabilities.shape[1]}")
         thresholds = self.thresholds_for(availability, len(probabilities))
@@ -249,35 +249,37 @@ class ConformalClassifier:
             groups: the grouping function again when it was a custom one (functions are not
                 saved); without it, pass group names as ``availability`` when predicting.
         """
-        _check_format(data, cls.kind)
+        check_format(data, cls.kind)
         grouping = data.get("grouping", {})
         if not isinstance(grouping, Mapping):
             raise ConfigError("grouping must be a mapping")
         if groups is None and grouping.get("by") == "number_missing":
-            groups = _within("grouping", lambda: _group_names(grouping))
+            groups = within_field("grouping", lambda: _group_names(grouping))
         conformal = cls(
-            alpha=_real(data, "alpha", "a number strictly between 0 and 1", lambda v: 0 < v < 1),
+            alpha=real_field(data, "alpha", "a number strictly between 0 and 1", lambda v: 0 < v < 1),
             groups=groups,
-            min_group_size=_count(data, "min_group_size", 1),
+            min_group_size=count_field(data, "min_group_size", 1),
         )
-        conformal.threshold_ = _threshold(data, "threshold")
-        conformal.n_fitted_ = _count(data, "n_fitted", 0)
-        conformal.n_classes_ = _count(data, "n_classes", 2)
-        saved = _field(data, "groups")
+        conformal.threshold_ = threshold_field(data, "threshold")
+        conformal.n_fitted_ = count_field(data, "n_fitted", 0)
+        conformal.n_classes_ = count_field(data, "n_classes", 2)
+        saved = required_field(data, "groups")
         if not isinstance(saved, Mapping):
             raise ConfigError("groups must map group names to their threshold, n_fitted and pooled")
         conformal.group_thresholds_, conformal.group_sizes_, conformal.group_pooled_ = {}, {}, {}
         for name, group in saved.items():
             if not isinstance(group, Mapping) or not isinstance(group.get("pooled"), bool):
                 raise ConfigError(f"groups.{name} must be a mapping with threshold, n_fitted and pooled (true/false)")
-            conformal.group_thresholds_[name] = _within(f"groups.{name}", partial(_threshold, group, "threshold"))
-            conformal.group_sizes_[name] = _within(f"groups.{name}", partial(_count, group, "n_fitted", 0))
+            conformal.group_thresholds_[name] = within_field(
+                f"groups.{name}", partial(threshold_field, group, "threshold")
+            )
+            conformal.group_sizes_[name] = within_field(f"groups.{name}", partial(count_field, group, "n_fitted", 0))
             conformal.group_pooled_[name] = group["pooled"]
         return conformal
 
 
 def _group_names(grouping: Mapping[str, Any]) -> dict[int, str]:
-    names = _field(grouping, "names")
+    names = required_field(grouping, "names")
     if not isinstance(names, Mapping) or not all(isinstance(k, str) and k.isdigit() for k in names):
         raise ConfigError('names must map numbers of missing modalities ("0", "1"...) to group names')
     if not all(isinstance(v, str) for v in names.values()) or "0" not in names:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meddx.calibration._checks import CALIBRATION_FORMAT, _field, _within
+from meddx.calibration.checks import CALIBRATION_FORMAT, required_field, within_field
 from meddx.calibration.conformal import ConformalClassifier, GroupSpec
 from meddx.calibration.isotonic import IsotonicCalibrator
 from meddx.calibration.temperature import TemperatureScaler
@@ -65,7 +65,7 @@ class TaskCalibration:
         """Rebuild from :meth:`to_dict` output, checking every field; ConfigError names the field."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"must be a mapping with classes, calibrator and conformal; got {type(data).__name__}")
-        classes = _field(data, "classes")
+        classes = required_field(data, "classes")
         if (
             not isinstance(classes, list)
             or len(classes) < 2
@@ -73,10 +73,10 @@ class TaskCalibration:
             or len(set(classes)) != len(classes)
         ):
             raise ConfigError(f"classes must be a list of at least two distinct class names; got {classes!r}")
-        calibrator = _within("calibrator", lambda: calibrator_from_dict(_field(data, "calibrator")))
+        calibrator = within_field("calibrator", lambda: calibrator_from_dict(required_field(data, "calibrator")))
         saved = data.get("conformal")
         conformal = (
-            None if saved is None else _within("conformal", lambda: ConformalClassifier.from_dict(saved, groups))
+            None if saved is None else within_field("conformal", lambda: ConformalClassifier.from_dict(saved, groups))
         )
         for part, fitted in (("calibrator", calibrator), ("conformal", conformal)):
             if fitted is not None and fitted.n_classes_ != len(classes):

@@ -8,16 +8,16 @@ from typing import Any
 
 import numpy as np
 
-from meddx.calibration._checks import (
+from meddx.calibration.checks import (
     CALIBRATION_FORMAT,
-    _check_format,
-    _check_labels,
-    _check_logits,
-    _count,
-    _field,
-    _sigmoid,
-    _softmax,
-    _within,
+    check_format,
+    check_labels,
+    check_logits,
+    count_field,
+    required_field,
+    stable_sigmoid,
+    stable_softmax,
+    within_field,
 )
 from meddx.errors import ConfigError, NotFittedError
 
@@ -50,10 +50,10 @@ class IsotonicCalibrator:
         """Fit on validation logits ``(N,)`` or ``(N, C)`` and class indices ``(N,)``; returns self."""
         from sklearn.isotonic import IsotonicRegression
 
-        logits = _check_logits(logits)
+        logits = check_logits(logits)
         n_classes = 2 if logits.ndim == 1 else logits.shape[1]
-        labels = _check_labels(labels, len(logits), n_classes)
-        columns = [_sigmoid(logits)] if logits.ndim == 1 else list(_softmax(logits).T)
+        labels = check_labels(labels, len(logits), n_classes)
+        columns = [stable_sigmoid(logits)] if logits.ndim == 1 else list(stable_softmax(logits).T)
         targets = [labels == 1] if logits.ndim == 1 else [labels == c for c in range(n_classes)]
         self.thresholds_: list[tuple[np.ndarray, np.ndarray]] = []
         for x, y in zip(columns, targets, strict=True):
@@ -72,12 +72,12 @@ class IsotonicCalibrator:
         """Calibrated probabilities: ``(N,)`` positive class (binary) or ``(N, C)``."""
         if not hasattr(self, "thresholds_"):
             raise NotFittedError("IsotonicCalibrator is not fitted; call fit(val_logits, val_labels) first")
-        logits = _check_logits(logits)
+        logits = check_logits(logits)
         if logits.ndim == 1:
-            return self._apply(_sigmoid(logits), self.thresholds_[0])
+            return self._apply(stable_sigmoid(logits), self.thresholds_[0])
         if logits.shape[1] != self.n_classes_:
             raise ConfigError(f"fitted on {self.n_classes_} classes, got logits for {logits.shape[1]}")
-        softmax = _softmax(logits)
+        softmax = stable_softmax(logits)
         mapped = np.stack([self._apply(softmax[:, c], k) for c, k in enumerate(self.thresholds_)], axis=1)
         totals = mapped.sum(axis=1, keepdims=True)
         return np.where(totals > 0, mapped / np.where(totals > 0, totals, 1.0), softmax)
@@ -97,15 +97,15 @@ class IsotonicCalibrator:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> IsotonicCalibrator:
         """Rebuild a fitted calibrator from :meth:`to_dict` output."""
-        _check_format(data, cls.kind)
+        check_format(data, cls.kind)
         calibrator = cls()
-        calibrator.n_fitted_ = _count(data, "n_fitted", 1)
-        calibrator.n_classes_ = _count(data, "n_classes", 2)
-        knots = _field(data, "knots")
+        calibrator.n_fitted_ = count_field(data, "n_fitted", 1)
+        calibrator.n_classes_ = count_field(data, "n_classes", 2)
+        knots = required_field(data, "knots")
         expected = 1 if calibrator.n_classes_ == 2 else calibrator.n_classes_
         if not isinstance(knots, list) or len(knots) != expected:
             raise ConfigError(f"knots must be a list of {expected} maps (one per class; one for a binary task)")
-        calibrator.thresholds_ = [_within(f"knots[{i}]", partial(_knots, k)) for i, k in enumerate(knots)]
+        calibrator.thresholds_ = [within_field(f"knots[{i}]", partial(_knots, k)) for i, k in enumerate(knots)]
         return calibrator
 
 
@@ -114,8 +114,8 @@ def _knots(data: Any) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(data, Mapping):
         raise ConfigError("must be a mapping with x and y lists")
     try:
-        x = np.asarray(_field(data, "x"), dtype=np.float64)
-        y = np.asarray(_field(data, "y"), dtype=np.float64)
+        x = np.asarray(required_field(data, "x"), dtype=np.float64)
+        y = np.asarray(required_field(data, "y"), dtype=np.float64)
     except (TypeError, ValueError):
         raise ConfigError("x and y must be lists of numbers") from None
     if x.ndim != 1 or x.shape != y.shape or len(x) == 0:

@@ -8,15 +8,15 @@ from typing import Any
 
 import numpy as np
 
-from meddx.calibration._checks import (
+from meddx.calibration.checks import (
     CALIBRATION_FORMAT,
-    _check_format,
-    _check_labels,
-    _check_logits,
-    _count,
-    _real,
-    _sigmoid,
-    _softmax,
+    check_format,
+    check_labels,
+    check_logits,
+    count_field,
+    real_field,
+    stable_sigmoid,
+    stable_softmax,
 )
 from meddx.errors import ConfigError, NotFittedError
 
@@ -75,8 +75,8 @@ class TemperatureScaler:
 
         if not self.max_temperature > 1:
             raise ConfigError(f"max_temperature must be > 1; got {self.max_temperature}")
-        logits = _check_logits(logits)
-        labels = _check_labels(labels, len(logits), 2 if logits.ndim == 1 else logits.shape[1])
+        logits = check_logits(logits)
+        labels = check_labels(labels, len(logits), 2 if logits.ndim == 1 else logits.shape[1])
         bound = math.log(self.max_temperature)
         result = minimize_scalar(
             lambda log_t: self._nll(logits, labels, math.exp(log_t)),
@@ -95,9 +95,9 @@ class TemperatureScaler:
         """Calibrated probabilities: ``(N,)`` positive class (binary) or ``(N, C)``."""
         if not hasattr(self, "temperature_"):
             raise NotFittedError("TemperatureScaler is not fitted; call fit(val_logits, val_labels) first")
-        logits = _check_logits(logits)
+        logits = check_logits(logits)
         scaled = logits / self.temperature_
-        return _sigmoid(scaled) if scaled.ndim == 1 else _softmax(scaled)
+        return stable_sigmoid(scaled) if scaled.ndim == 1 else stable_softmax(scaled)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able state (for ``calibration.json``)."""
@@ -117,13 +117,13 @@ class TemperatureScaler:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TemperatureScaler:
         """Rebuild a fitted scaler from :meth:`to_dict` output."""
-        _check_format(data, cls.kind)
-        scaler = cls(max_temperature=_real(data, "max_temperature", "a finite number > 1", lambda v: v > 1))
-        scaler.temperature_ = _real(data, "temperature", "a finite number > 0", lambda v: v > 0)
-        scaler.n_fitted_ = _count(data, "n_fitted", 1)
-        scaler.n_classes_ = _count(data, "n_classes", 2)
-        scaler.nll_before_ = _real(data, "nll_before", "a finite number >= 0", lambda v: v >= 0)
-        scaler.nll_after_ = _real(data, "nll_after", "a finite number >= 0", lambda v: v >= 0)
+        check_format(data, cls.kind)
+        scaler = cls(max_temperature=real_field(data, "max_temperature", "a finite number > 1", lambda v: v > 1))
+        scaler.temperature_ = real_field(data, "temperature", "a finite number > 0", lambda v: v > 0)
+        scaler.n_fitted_ = count_field(data, "n_fitted", 1)
+        scaler.n_classes_ = count_field(data, "n_classes", 2)
+        scaler.nll_before_ = real_field(data, "nll_before", "a finite number >= 0", lambda v: v >= 0)
+        scaler.nll_after_ = real_field(data, "nll_after", "a finite number >= 0", lambda v: v >= 0)
         return scaler
 
 

@@ -16,17 +16,17 @@ CALIBRATION_FORMAT = 1  # version of the JSON written by to_dict; from_dict refu
 # --------------------------------------------------------------------------- helpers
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
+def stable_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-def _sigmoid(logits: np.ndarray) -> np.ndarray:
+def stable_sigmoid(logits: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * logits))  # stable for large |logits|
 
 
-def _check_logits(logits: Any, name: str = "logits") -> np.ndarray:
+def check_logits(logits: Any, name: str = "logits") -> np.ndarray:
     array = np.asarray(logits, dtype=np.float64)
     if array.ndim == 2 and array.shape[1] == 1:
         array = array[:, 0]
@@ -39,7 +39,7 @@ def _check_logits(logits: Any, name: str = "logits") -> np.ndarray:
     return array
 
 
-def _check_labels(labels: Any, n_rows: int, n_classes: int) -> np.ndarray:
+def check_labels(labels: Any, n_rows: int, n_classes: int) -> np.ndarray:
     array = np.asarray(labels)
     if array.shape != (n_rows,):
         raise ConfigError(f"labels must be (N,) = ({n_rows},) class indices; got shape {array.shape}")
@@ -54,7 +54,7 @@ def _check_labels(labels: Any, n_rows: int, n_classes: int) -> np.ndarray:
     return array
 
 
-def _as_class_probabilities(probabilities: Any) -> np.ndarray:
+def as_class_probabilities(probabilities: Any) -> np.ndarray:
     """(N,) positive-class probabilities or (N, C) class probabilities -> (N, C)."""
     array = np.asarray(probabilities, dtype=np.float64)
     if array.ndim == 1:
@@ -68,7 +68,7 @@ def _as_class_probabilities(probabilities: Any) -> np.ndarray:
     return array
 
 
-def _check_format(data: Mapping[str, Any], kind: str) -> None:
+def check_format(data: Mapping[str, Any], kind: str) -> None:
     if not isinstance(data, Mapping):
         raise ConfigError(f"must be a mapping with type {kind!r}; got {type(data).__name__}")
     if data.get("type") != kind:
@@ -83,35 +83,35 @@ def _check_format(data: Mapping[str, Any], kind: str) -> None:
 # What ``from_dict`` checks a saved entry against: a file read from outside can hold anything.
 
 
-def _field(data: Mapping[str, Any], key: str) -> Any:
+def required_field(data: Mapping[str, Any], key: str) -> Any:
     if key not in data:
         raise ConfigError(f"{key} is missing")
     return data[key]
 
 
-def _real(data: Mapping[str, Any], key: str, rule: str, check: Callable[[float], bool]) -> float:
+def real_field(data: Mapping[str, Any], key: str, rule: str, check: Callable[[float], bool]) -> float:
     """``data[key]`` as a float: a finite JSON number for which ``check`` holds, else ConfigError citing ``rule``."""
-    value = _field(data, key)
+    value = required_field(data, key)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not check(value):
         raise ConfigError(f"{key} must be {rule}; got {value!r}")
     return float(value)
 
 
-def _count(data: Mapping[str, Any], key: str, minimum: int) -> int:
-    value = _field(data, key)
+def count_field(data: Mapping[str, Any], key: str, minimum: int) -> int:
+    value = required_field(data, key)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{key} must be an integer >= {minimum}; got {value!r}")
     return value
 
 
-def _threshold(data: Mapping[str, Any], key: str) -> float:
+def threshold_field(data: Mapping[str, Any], key: str) -> float:
     """A conformal threshold: a score in [0, 1], or null for infinity (every class in every set)."""
-    if _field(data, key) is None:
+    if required_field(data, key) is None:
         return math.inf
-    return _real(data, key, "a finite score in [0, 1], or null (every class in every set)", lambda v: 0 <= v <= 1)
+    return real_field(data, key, "a finite score in [0, 1], or null (every class in every set)", lambda v: 0 <= v <= 1)
 
 
-def _within(prefix: str, build: Callable[[], Any]) -> Any:
+def within_field(prefix: str, build: Callable[[], Any]) -> Any:
     """``build()``, its ConfigError's message prefixed with the field it was reading."""
     try:
         return build()
