@@ -43,6 +43,7 @@ from meddx.records import MODALITIES, Modality, PatientRecord
 
 if TYPE_CHECKING:
     from meddx.align import Aligner
+    from meddx.cache import RecordCache
     from meddx.config import IngestConfig
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class AlignOutcome:
     row: int
     key: str | None
     error: str | None = None
+    facts: dict[str, dict[str, float | str | None]] = field(default_factory=dict)
 
 
 @dataclass
@@ -76,12 +78,14 @@ class ReadyRow:
         key: its aligned tensors in the store; None when no modality could be read.
         outcomes: one per (row, modality) the row names.
         error: why the row has no tensors (every modality failed, none named, alignment failed).
+        facts: per modality, how its input was acquired (:func:`meddx.data.summary.acquisition_facts`).
     """
 
     row: CohortRow
     key: str | None
     outcomes: list[IngestOutcome] = field(default_factory=list)
     error: str | None = None
+    facts: dict[str, dict[str, float | str | None]] = field(default_factory=dict)
 
     @property
     def modality_errors(self) -> list[str]:
@@ -147,8 +151,9 @@ def _align_one(task: AlignTask) -> AlignOutcome:
     if _worker_aligner is None or _worker_store is None or cache is None:
         raise RuntimeError("_init_stream_worker must run before _align_one")
     key = row_key({Modality(m): k for m, k in task.records.items()}, _worker_aligner_digest)
+    facts = _acquisition(cache, task.records)
     if key in _worker_store:
-        return AlignOutcome(task.row, key)
+        return AlignOutcome(task.row, key, facts=facts)
     from meddx.records import parse_time
 
     patient = PatientRecord(task.patient_id, parse_time(task.index_time))
@@ -162,7 +167,19 @@ def _align_one(task: AlignTask) -> AlignOutcome:
     except (ValueError, RuntimeError) as exc:  # a record of another shape (another config)
         return AlignOutcome(task.row, None, f"cannot align the records with the model's tensorizers: {exc}")
     _worker_store.put(key, tensors.tensors)
-    return AlignOutcome(task.row, key)
+    return AlignOutcome(task.row, key, facts=facts)
+
+
+def _acquisition(cache: RecordCache, records: dict[str, str]) -> dict[str, dict[str, float | str | None]]:
+    """Per modality, how the row's input was acquired (read from the cached records' headers)."""
+    from meddx.data.summary import ACQUISITION_FACTS, acquisition_facts
+    from meddx.records import ModalityRecord
+
+    return {
+        m: acquisition_facts(ModalityRecord(Modality(m), "", meta=cache.meta(k)))
+        for m, k in records.items()
+        if m in ACQUISITION_FACTS
+    }
 
 
 def _stream_work(task: IngestTask | AlignTask) -> IngestOutcome | AlignOutcome:
@@ -330,7 +347,7 @@ class ChunkFeeder:
             if found is None:
                 ready.append(ReadyRow(row, None, outcomes, _why_no_inputs(outcomes)))
             else:
-                ready.append(ReadyRow(row, found.key, outcomes, found.error))
+                ready.append(ReadyRow(row, found.key, outcomes, found.error, found.facts))
         return ReadyChunk(number, ready, time.perf_counter() - started)
 
 

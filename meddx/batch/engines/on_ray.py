@@ -105,7 +105,7 @@ def _ready_json(ready: ReadyChunk) -> str:
     rows = []
     for r in ready.rows:
         outcomes = [{**asdict(o), "modality": o.modality.value, "warnings": list(o.warnings)} for o in r.outcomes]
-        rows.append({"row": _row_json(r.row), "key": r.key, "error": r.error, "outcomes": outcomes})
+        rows.append({"row": _row_json(r.row), "key": r.key, "error": r.error, "outcomes": outcomes, "facts": r.facts})
     return json.dumps({"number": ready.number, "ingest_seconds": ready.ingest_seconds, "rows": rows})
 
 
@@ -123,6 +123,7 @@ def _ready_from_json(text: str) -> ReadyChunk:
                 for o in r["outcomes"]
             ],
             r["error"],
+            r["facts"],
         )
         for r in data["rows"]
     ]
