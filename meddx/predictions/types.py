@@ -102,5 +102,6 @@ class TaskPrediction:
                 "modalities": tuple(data["modalities"]),
                 "ablations": {m: tuple(v) for m, v in data["ablations"].items()},
                 "modality_errors": tuple_or_none(data["modality_errors"]),
+                "ood_inputs": tuple(data.get("ood_inputs", ())),
             }
         )
