@@ -29,8 +29,8 @@ class ChunkOutput:
         ready: the chunk after ingestion (its rows, outcomes and errors).
         predictions: the typed predictions of its diagnosed rows, in manifest order, then task order.
         seconds: ``ingest`` (in the workers) and ``model`` seconds spent on it.
-        embeddings: OOD space -> ``(P, D)`` embeddings of its rows that have it (the local engine;
-            the batch shift test's sample), else empty.
+        embeddings: OOD space -> ``(P, D)`` embeddings of its rows that have it (the batch shift
+            test's sample; empty when the model has no OOD scores).
     """
 
     ready: ReadyChunk
