@@ -37,7 +37,7 @@ DOCTEST_MODULES := meddx/__init__.py meddx/align.py meddx/arguments.py meddx/bat
 	meddx/ingest/notes.py meddx/ingest/units.py meddx/ingest/video.py meddx/metrics.py \
 	meddx/models/backbone.py meddx/models/config.py meddx/models/encoders/audio.py \
 	meddx/models/encoders/device_logs.py meddx/models/encoders/ehr.py meddx/models/encoders/imaging.py \
-	meddx/models/encoders/video.py meddx/models/frozen.py meddx/models/heads.py \
+	meddx/models/encoders/video.py meddx/models/frozen.py meddx/models/heads.py meddx/models/input_ranges.py \
 	meddx/models/pretraining.py meddx/models/text_cache.py meddx/pipelines.py \
 	meddx/predictions/columns.py meddx/predictions/table.py meddx/predictions/types.py meddx/records.py \
 	meddx/specs.py meddx/splits.py meddx/synth/__init__.py meddx/synth/audio.py meddx/synth/cohort.py \

@@ -14,6 +14,9 @@ Per shift, over the held-out patients that have the shifted modality:
   the shifted rows from the same patients' unshifted rows;
 * ``flagged``: the share of shifted rows with ``ood`` > 1 (``status = abstain``); the base line's
   ``flagged`` is the false-alarm rate on unshifted rows (target 0.05);
+* ``by acquisition``: the share of those rows whose acquisition lies beyond the training rows' range
+  (``ood_inputs``, :mod:`meddx.models.input_ranges`), and the facts named; both scores above
+  include it (a modality's score is the larger of its embedding score and its acquisition ratio);
 * on the shifted cohort's flagged / unflagged rows: the disease AUROC of the calibrated probability,
   the conformal sets' coverage of the true label and their mean size (n: rows in each group).
 
@@ -64,6 +67,8 @@ def _group(frame) -> str:
 
 
 def main() -> None:
+    import pandas as pd
+
     from meddx.models import BackboneConfig
     from meddx.synth import SITE_SHIFTS, generate_cohort
     from meddx.training import finetune
@@ -106,13 +111,14 @@ def main() -> None:
     reference = frames["none (held-out base)"]
     print()
     print(
-        "| shift | modality | AUROC ood | AUROC ood:<m> | flagged | flagged: AUROC / coverage / set size (n) "
-        "| unflagged: AUROC / coverage / set size (n) |"
+        "| shift | modality | AUROC ood | AUROC ood:<m> | flagged | by acquisition (facts) "
+        "| flagged: AUROC / coverage / set size (n) | unflagged: AUROC / coverage / set size (n) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for name, (_, modality) in cohorts.items():
         frame = frames[name]
         flagged = frame["ood"].to_numpy(dtype=float) > 1
+        facts = frame.get("ood_inputs", pd.Series("", index=frame.index)).fillna("").astype(str)
         own = own_fused = "-"
         if modality is not None:
             have = frame[modality].fillna("").astype(str).str.len().to_numpy() > 0
@@ -124,10 +130,13 @@ def main() -> None:
                 scores = np.r_[reference[column].to_numpy(dtype=float)[have], frame[column].to_numpy(dtype=float)[have]]
                 own = f"{_auroc(y, np.nan_to_num(scores, nan=0.0)):.3f}"
             flagged_share = f"{np.mean(flagged[have]):.2f}"
+            facts = facts[have]
         else:
             flagged_share = f"{np.mean(flagged):.2f}"
+        named = sorted({f for cell in facts for f in cell.split("|") if f})
+        by_acquisition = f"{np.mean(facts.str.len() > 0):.2f} ({', '.join(named) or '-'})"
         print(
-            f"| {name} | {modality or '-'} | {own_fused} | {own} | {flagged_share} | "
+            f"| {name} | {modality or '-'} | {own_fused} | {own} | {flagged_share} | {by_acquisition} | "
             f"{_group(frame[flagged])} | {_group(frame[~flagged])} |"
         )
 

@@ -406,6 +406,26 @@ def _ood(ood: Any) -> str:
         "to).\n\n"
         + _table(("space", "threshold", "train rows", "validation rows", "embedding dims", "reference rows"), table)
         + "\n"
+        + _acquisition(_dict(ood.get("input_ranges")))
+    )
+
+
+def _acquisition(ranges: dict[str, Any]) -> str:
+    """``ood.json``'s ``input_ranges`` (meddx.models.input_ranges): the acquisition a row is checked against."""
+    table = []
+    for modality, facts in ranges.items():
+        for name, bounds in _dict(facts).items():
+            bounds = _dict(bounds)
+            if "seen" in bounds and isinstance(bounds["seen"], list):
+                table.append((modality, name, ", ".join(str(v) for v in bounds["seen"])))
+            elif "low" in bounds and "high" in bounds:
+                table.append((modality, name, f"{_f(bounds['low'])} to {_f(bounds['high'])}"))
+    if not table:
+        return ""
+    return (
+        "\nAcquisition ranges of the training and validation rows: a row acquired beyond one (by more than "
+        "10% of its width) is flagged for that modality and named in `ood_inputs`, whatever its embedding "
+        "scores.\n\n" + _table(("modality", "fact", "training range"), table) + "\n"
     )
 
 

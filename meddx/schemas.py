@@ -83,6 +83,11 @@ class PredictionRow(BaseModel):
         description="the row's fused out-of-distribution score over its threshold (above 1: flagged; "
         "ood:<modality> columns: each modality's); absent when the model has no OOD scores",
     )
+    ood_inputs: str = Field(
+        "",
+        description="acquisition facts beyond the training rows' range ('modality.fact', '|'-joined, e.g. "
+        "imaging.slice_spacing_mm); absent when none is",
+    )
     status: Literal["ok", "error", "abstain"] = Field(
         description="ok; error: not diagnosed; abstain: flagged out of distribution, its prediction still written"
     )

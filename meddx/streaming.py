@@ -43,6 +43,7 @@ from meddx.records import MODALITIES, Modality, PatientRecord
 
 if TYPE_CHECKING:
     from meddx.align import Aligner
+    from meddx.cache import RecordCache
     from meddx.config import IngestConfig
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class AlignOutcome:
     row: int
     key: str | None
     error: str | None = None
+    facts: dict[str, dict[str, float | str | None]] = field(default_factory=dict)
 
 
 @dataclass
@@ -76,12 +78,14 @@ class ReadyRow:
         key: its aligned tensors in the store; None when no modality could be read.
         outcomes: one per (row, modality) the row names.
         error: why the row has no tensors (every modality failed, none named, alignment failed).
+        facts: per modality, how its input was acquired (:func:`meddx.data.summary.acquisition_facts`).
     """
 
     row: CohortRow
     key: str | None
     outcomes: list[IngestOutcome] = field(default_factory=list)
     error: str | None = None
+    facts: dict[str, dict[str, float | str | None]] = field(default_factory=dict)
 
     @property
     def modality_errors(self) -> list[str]:
@@ -99,9 +103,24 @@ class ReadyChunk:
 
 # ----------------------------------------------------------------- in the workers
 
-_worker_aligner: Aligner | None = None
-_worker_store: TensorStore | None = None
-_worker_aligner_digest = ""
+
+@dataclass
+class AlignerState:
+    """What a streaming worker keeps for aligning rows, beside the ingest worker's state.
+
+    Attributes:
+        aligner: the model's fitted aligner (None until :func:`_init_stream_worker` ran).
+        digest: its hash, part of every aligned row's store key.
+        store: the aligned-tensor store rows go to.
+    """
+
+    aligner: Aligner | None = None
+    digest: str = ""
+    store: TensorStore | None = None
+
+
+# This process's state: a pool worker's, or the feeder's own when it aligns in-process (workers=0).
+_ALIGNING = AlignerState()
 
 
 def _init_stream_worker(
@@ -112,7 +131,6 @@ def _init_stream_worker(
     store_root: str,
     in_worker: bool = True,
 ) -> None:
-    global _worker_aligner, _worker_store, _worker_aligner_digest
     import json
 
     from meddx.align import Aligner
@@ -121,9 +139,8 @@ def _init_stream_worker(
     init_worker(config_json, cache_root, plugins, in_worker=in_worker)
     if in_worker:
         _one_thread_each()
-    _worker_aligner = Aligner.from_state_dict(json.loads(aligner_json))
-    _worker_aligner_digest = aligner_hash(_worker_aligner)
-    _worker_store = TensorStore(store_root)
+    aligner = Aligner.from_state_dict(json.loads(aligner_json))
+    _ALIGNING.aligner, _ALIGNING.digest, _ALIGNING.store = aligner, aligner_hash(aligner), TensorStore(store_root)
 
 
 def _one_thread_each() -> None:
@@ -144,11 +161,13 @@ def _one_thread_each() -> None:
 def _align_one(task: AlignTask) -> AlignOutcome:
     """Align one row into the store (or find it there); never raises for a bad record."""
     cache = worker_cache()
-    if _worker_aligner is None or _worker_store is None or cache is None:
+    aligner, store = _ALIGNING.aligner, _ALIGNING.store
+    if aligner is None or store is None or cache is None:
         raise RuntimeError("_init_stream_worker must run before _align_one")
-    key = row_key({Modality(m): k for m, k in task.records.items()}, _worker_aligner_digest)
-    if key in _worker_store:
-        return AlignOutcome(task.row, key)
+    key = row_key({Modality(m): k for m, k in task.records.items()}, _ALIGNING.digest)
+    facts = _acquisition(cache, task.records)
+    if key in store:
+        return AlignOutcome(task.row, key, facts=facts)
     from meddx.records import parse_time
 
     patient = PatientRecord(task.patient_id, parse_time(task.index_time))
@@ -158,11 +177,23 @@ def _align_one(task: AlignTask) -> AlignOutcome:
             return AlignOutcome(task.row, None, f"{modality}: its cached record vanished; run again")
         patient.add(record)
     try:
-        tensors = _worker_aligner.transform(patient)
+        tensors = aligner.transform(patient)
     except (ValueError, RuntimeError) as exc:  # a record of another shape (another config)
         return AlignOutcome(task.row, None, f"cannot align the records with the model's tensorizers: {exc}")
-    _worker_store.put(key, tensors.tensors)
-    return AlignOutcome(task.row, key)
+    store.put(key, tensors.tensors)
+    return AlignOutcome(task.row, key, facts=facts)
+
+
+def _acquisition(cache: RecordCache, records: dict[str, str]) -> dict[str, dict[str, float | str | None]]:
+    """Per modality, how the row's input was acquired (read from the cached records' headers)."""
+    from meddx.data.summary import ACQUISITION_FACTS, acquisition_facts
+    from meddx.records import ModalityRecord
+
+    return {
+        m: acquisition_facts(ModalityRecord(Modality(m), "", meta=cache.meta(k)))
+        for m, k in records.items()
+        if m in ACQUISITION_FACTS
+    }
 
 
 def _stream_work(task: IngestTask | AlignTask) -> IngestOutcome | AlignOutcome:
@@ -330,7 +361,7 @@ class ChunkFeeder:
             if found is None:
                 ready.append(ReadyRow(row, None, outcomes, _why_no_inputs(outcomes)))
             else:
-                ready.append(ReadyRow(row, found.key, outcomes, found.error))
+                ready.append(ReadyRow(row, found.key, outcomes, found.error, found.facts))
         return ReadyChunk(number, ready, time.perf_counter() - started)
 
 

@@ -307,3 +307,42 @@ def test_an_unshifted_test_split_is_flagged_rarely_and_a_shifted_modality_for_mo
     assert "Out-of-distribution rows and batch shift" in moved_report.report_path.read_text()
     plain_report = evaluate(plain.predictions, manifest, tmp_path / "eval-plain", settings=quick, progress=False)
     assert plain_report.metrics["shift"]["fused"]["flagged_share"] <= 0.2
+
+
+@pytest.mark.slow
+def test_a_scan_reconstructed_with_thicker_slices_is_flagged_by_its_acquisition(generated, tmp_path: Path) -> None:
+    """The imaging tensorizer resamples every series to one grid, so no embedding sees 10 mm slices
+    where training had 5-6 mm; the acquisition check does, and names the fact."""
+    from meddx.batch import diagnose
+    from meddx.synth import Shift, generate_cohort
+
+    manifest, model, cache = generated
+    ranges = load_ood(model).input_ranges  # type: ignore[union-attr]
+    assert ranges is not None
+    assert "slice_spacing_mm" in ranges.ranges["imaging"]
+    assert "| imaging | slice_spacing_mm |" in (model / "README.md").read_text()  # the card shows what is checked
+    plain = pd.read_parquet(
+        diagnose(
+            manifest, model, tmp_path / "plain", split="test", cache_dir=cache, workers=1, progress=False
+        ).predictions
+    )
+    assert "ood_inputs" not in plain.columns or plain["ood_inputs"].fillna("").eq("").mean() >= 0.9
+
+    thick = generate_cohort(tmp_path / "thick", n_patients=150, seed=11, shift=Shift(ct_slice_thickness=10.0))
+    result = diagnose(
+        thick, model, tmp_path / "run", split="test", cache_dir=tmp_path / "cache", workers=1, progress=False
+    )
+    frame = pd.read_parquet(result.predictions)
+    with_ct = frame["modalities"].str.contains("imaging")
+    assert with_ct.sum() >= 10
+    assert (frame.loc[with_ct, "ood_inputs"] == "imaging.slice_spacing_mm").all()
+    assert (frame.loc[with_ct, "ood:imaging"] > 1).all()
+    assert (frame.loc[with_ct, "status"] == "abstain").all()
+    assert frame.loc[~with_ct, "ood_inputs"].fillna("").eq("").all()
+    notes = [
+        n["text"]
+        for line in result.risk_assessments.read_text().splitlines()
+        for n in json.loads(line)["note"]
+        if "slice_spacing_mm" in n["text"]
+    ]
+    assert len(notes) == with_ct.sum()

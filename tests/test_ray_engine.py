@@ -348,3 +348,43 @@ def test_without_ray_the_engine_says_how_to_install_it(tmp_path: Path) -> None:
         env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"},
     )
     assert "pip install 'meddx[distributed]'" in done.stdout
+
+
+def test_ray_scores_and_reports_out_of_distribution_rows_as_the_local_engine_does(
+    tmp_path: Path, tiny_model: Path, sample_cache: Path, local_ray: Path
+) -> None:
+    """A model with OOD scorers and acquisition ranges: the Ray engine's ood columns and run.json's
+    shift report (the MMD tests need the actors' embeddings) equal the local engine's."""
+    import shutil
+
+    import numpy as np
+
+    from meddx.data import prepare_cohort
+    from meddx.models.diagnosis import DiagnosisModel
+    from meddx.models.ood import fit_ood
+    from meddx.training.ood_fit import dataset_embeddings, fit_input_ranges
+
+    folder = Path(shutil.copytree(tiny_model, tmp_path / "model"))
+    model = DiagnosisModel.from_pretrained(folder)
+    prepared = prepare_cohort(SAMPLE_MANIFEST, cache_dir=sample_cache, aligner=model.aligner, workers=0, progress=False)
+    train, every = prepared.dataset(split="train"), prepared.dataset()
+    train_x, train_have, labels = dataset_embeddings(model, train)
+    val_x, val_have, _ = dataset_embeddings(model, every)  # sample_data's 12 validation rows are too few at 10%
+    ood = fit_ood(train_x, labels, val_x, train_present=train_have, val_present=val_have, rate=0.1)
+    assert ood is not None
+    ood.input_ranges = fit_input_ranges((train,))
+    ood.save(folder)
+
+    settings = {"split": "test", "cache_dir": sample_cache, "chunk_size": 5, "progress": False}
+    local = diagnose(SAMPLE_MANIFEST, folder, tmp_path / "local", workers=0, **settings)
+    on_ray = diagnose(SAMPLE_MANIFEST, folder, tmp_path / "ray", engine="ray", **settings)
+    expected, got = pd.read_parquet(local.predictions), pd.read_parquet(on_ray.predictions)
+    assert "ood" in got.columns
+    pd.testing.assert_frame_equal(got, expected, check_exact=False, atol=1e-5, rtol=0)
+    shift, ray_shift = json.loads(local.run.read_text())["shift"], json.loads(on_ray.run.read_text())["shift"]
+    assert set(ray_shift) == set(shift)
+    tested = [s for s in shift if "p_value" in shift[s]]
+    assert tested  # the local engine tests its embeddings...
+    for space in tested:  # ...and so does Ray, on the same rows
+        assert ray_shift[space]["rows"] == shift[space]["rows"]
+        assert np.isclose(ray_shift[space]["mmd"], shift[space]["mmd"], atol=1e-4)

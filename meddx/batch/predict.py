@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from meddx.cohort import Cohort
     from meddx.data import CohortDataset
     from meddx.models.diagnosis import DiagnosisModel
+    from meddx.models.input_ranges import InputRanges
     from meddx.streaming import ReadyChunk
 
 
@@ -28,8 +29,8 @@ class ChunkOutput:
         ready: the chunk after ingestion (its rows, outcomes and errors).
         predictions: the typed predictions of its diagnosed rows, in manifest order, then task order.
         seconds: ``ingest`` (in the workers) and ``model`` seconds spent on it.
-        embeddings: OOD space -> ``(P, D)`` embeddings of its rows that have it (the local engine;
-            the batch shift test's sample), else empty.
+        embeddings: OOD space -> ``(P, D)`` embeddings of its rows that have it (the batch shift
+            test's sample; empty when the model has no OOD scores).
     """
 
     ready: ReadyChunk
@@ -78,7 +79,30 @@ def predict_chunk(
     order = {t: i for i, t in enumerate(model.tasks)}
     predictions.sort(key=lambda p: (p.row, order[p.task]))
     predictions = [dataclasses.replace(p, modality_errors=errors[p.row]) for p in predictions]
+    ranges = model.ood.input_ranges if model.ood is not None else None
+    if ranges is not None:
+        predictions = check_acquisition(predictions, {r.row.row: r.facts for r in ready.rows}, ranges)
     return mark_abstained(predictions, settings.abstain)
+
+
+def check_acquisition(
+    predictions: list[TaskPrediction], facts: dict[int, dict[str, dict[str, Any]]], ranges: InputRanges
+) -> list[TaskPrediction]:
+    """Each prediction with its row's acquisition checked against the training rows' ranges.
+
+    A modality's ``ood:<modality>`` becomes the larger of its embedding score and its acquisition
+    ratio, the fused ``ood`` the larger of itself and every acquisition ratio (above 1: flagged),
+    and ``ood_inputs`` names the facts beyond their range (:mod:`meddx.models.input_ranges`).
+    """
+    checked = []
+    for p in predictions:
+        ratios, beyond = ranges.check(facts.get(p.row, {}))
+        scores = dict(p.ood_scores)
+        for modality, ratio in ratios.items():
+            scores[modality] = max(scores.get(modality, 0.0), ratio)
+        fused = max([p.ood if p.ood is not None else 0.0, *ratios.values()])
+        checked.append(dataclasses.replace(p, ood_scores=scores, ood=fused, ood_inputs=beyond))
+    return checked
 
 
 def mark_abstained(predictions: list[TaskPrediction], abstain: bool) -> list[TaskPrediction]:
@@ -131,6 +155,9 @@ def predict_cohort(
     predictions: list[TaskPrediction] = []
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=dataset.collate):
         predictions += model.task_predictions(batch.to(device), contributions=contributions)
+    ranges = model.ood.input_ranges if model.ood is not None else None
+    if ranges is not None:
+        predictions = check_acquisition(predictions, dataset.acquisition_facts(), ranges)
     frame = prediction_frame(mark_abstained(predictions, abstain))
     if len(frame):
         # the manifest's own columns ride along (sex, site...)

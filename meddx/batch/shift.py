@@ -8,8 +8,8 @@ run's records, per modality, beside what they found in the training rows.
 
 The batch side is a seeded reservoir of at most :data:`~meddx.models.ood.REFERENCE_ROWS` rows per
 space over the chunks diagnosed in this run (chunks finished before a ``--resume`` are not in it;
-``rows`` says how many were). The local engine feeds it; the Ray engine's chunks carry no
-embeddings, so its report holds only the flagged shares.
+``rows`` says how many were). Both engines feed it: the Ray engine's actors send each chunk's
+embeddings back with its predictions.
 
 Example:
     >>> sample = ShiftSample(ood)  # doctest: +SKIP

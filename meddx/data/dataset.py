@@ -147,6 +147,25 @@ class CohortDataset(Dataset):
         """Task -> int64 ``(N,)`` class index of every item (:data:`~meddx.records.UNKNOWN_LABEL` if unknown)."""
         return {task: np.array([item[3][task] for item in self._items], dtype=np.int64) for task in self.tasks}
 
+    def acquisition_facts(self) -> dict[int, dict[str, dict[str, float | str | None]]]:
+        """Manifest row -> per modality, how its input was acquired
+        (:func:`meddx.data.summary.acquisition_facts`, read from the ingest cache's record headers)."""
+        from meddx.cache import RecordCache
+        from meddx.data.summary import ACQUISITION_FACTS, acquisition_facts
+        from meddx.records import ModalityRecord
+
+        cache = RecordCache(self.store.root.resolve().parent)  # prepare_cohort keeps both under one cache root
+        mine = set(self.rows)
+        return {
+            entry.row: {
+                m: acquisition_facts(ModalityRecord(Modality(m), "", meta=cache.meta(key)))
+                for m, key in entry.records.items()
+                if m in ACQUISITION_FACTS
+            }
+            for entry in self.index.rows
+            if entry.row in mine
+        }
+
     @property
     def rows(self) -> list[int]:
         """Manifest row (1-based) of each item, in item order."""

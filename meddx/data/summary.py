@@ -131,6 +131,31 @@ def record_facts(record: ModalityRecord) -> dict[str, float | str | None]:
     return {}
 
 
+# how each modality's input was acquired (not the patient's own values): what a row is checked
+# against the training rows' ranges for (meddx.models.input_ranges)
+ACQUISITION_FACTS: dict[str, tuple[str, ...]] = {
+    Modality.IMAGING.value: ("slice_spacing_mm", "pixel_spacing_mm", "dicom_modality"),
+    Modality.DEVICE_LOGS.value: ("channels", "samples_per_channel_hour"),
+    Modality.AUDIO.value: ("sample_rate_hz", "channels"),
+    Modality.VIDEO.value: ("fps",),
+}
+
+
+def acquisition_facts(record: ModalityRecord) -> dict[str, float | str | None]:
+    """The facts of :data:`ACQUISITION_FACTS` of one record (its meta suffices: header reads).
+
+    Example:
+        >>> from meddx.records import ModalityRecord
+        >>> acquisition_facts(ModalityRecord("audio", "a.wav", meta={"orig_sample_rate": 8000, "orig_channels": 1}))
+        {'sample_rate_hz': 8000.0, 'channels': 1.0}
+    """
+    names = ACQUISITION_FACTS.get(record.modality.value, ())
+    if not names:
+        return {}
+    facts = record_facts(record)
+    return {name: facts.get(name) for name in names}
+
+
 def numeric_summary(values: Iterable[float], extremes: bool = True) -> dict[str, float | int]:
     """``{"n", "min", "p05", "median", "p95", "max"}`` of finite values (``{"n": 0}`` when none).
 

@@ -164,6 +164,8 @@ def _ood_note(prediction: TaskPrediction) -> str:
     """What a RiskAssessment says of a row flagged out of distribution (``ood`` above 1)."""
     names = [("the fused patient summary" if s == "summary" else s) for s in prediction.flagged]
     where = ", ".join(names) if names else "no single modality (only their combination)"
+    if prediction.ood_inputs:
+        where += f" (acquired outside the training rows' range: {', '.join(prediction.ood_inputs)})"
     action = "the model abstains: review before use" if prediction.abstain else "use with care"
     return (
         f"Out of distribution: this row looks unlike the model's training rows (fused OOD score "

@@ -27,7 +27,8 @@ fused threshold; above 1 is flagged.
 Saved in the model folder as ``ood.safetensors`` (per space its class means and shrunk precision,
 or its standardised neighbour bank, and a reference sample of at most :data:`REFERENCE_ROWS` training
 embeddings for the batch shift test :func:`mmd_test`) and ``ood.json`` (method, thresholds,
-rate, rows fitted on, dimensions); :func:`load_ood` checks both whole.
+rate, rows fitted on, dimensions, and the training rows' acquisition ranges:
+:mod:`meddx.models.input_ranges`); :func:`load_ood` checks both whole.
 
 Example:
     >>> import numpy as np
@@ -52,6 +53,7 @@ from typing import Any
 import numpy as np
 
 from meddx.errors import ModelError
+from meddx.models.input_ranges import InputRanges
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +154,8 @@ class OodModel:
         fused_threshold: the threshold of the fused score (the largest ratio).
         rows: rows fitted on: ``{"train": {space: n}, "val": {space: n}}``.
         references: space -> at most :data:`REFERENCE_ROWS` training embeddings (the shift test's reference).
+        input_ranges: the training rows' acquisition ranges (:mod:`meddx.models.input_ranges`); None:
+            rows are not checked against them (a model fitted before they were kept).
     """
 
     method: str
@@ -161,6 +165,7 @@ class OodModel:
     fused_threshold: float
     rows: dict[str, dict[str, int]] = field(default_factory=dict)
     references: dict[str, np.ndarray] = field(default_factory=dict)
+    input_ranges: InputRanges | None = None
 
     @property
     def spaces(self) -> list[str]:
@@ -209,6 +214,7 @@ class OodModel:
             "rows": self.rows,
             "dims": dims,
             "reference_rows": {s: int(len(v)) for s, v in self.references.items()},
+            **({"input_ranges": self.input_ranges.to_json()} if self.input_ranges is not None else {}),
         }
 
     def save(self, folder: str | Path) -> None:
@@ -365,6 +371,8 @@ def load_ood(folder: str | Path) -> OodModel | None:
     rows = meta.get("rows", {})
     if not isinstance(rows, dict):
         raise ModelError(f"{meta_path}: rows must be a mapping")
+    ranges = meta.get("input_ranges")
+    input_ranges = None if ranges is None else InputRanges.from_json(ranges, str(meta_path))
     check_safetensors(tensor_path)
     from safetensors.numpy import load_file
 
@@ -391,7 +399,7 @@ def load_ood(folder: str | Path) -> OodModel | None:
             if reference.ndim != 2 or reference.shape[1] != dim or len(reference) > REFERENCE_ROWS:
                 raise ModelError(f"{tensor_path}: {space}.reference must be at most ({REFERENCE_ROWS}, {dim})")
             references[space] = reference.astype(np.float64)
-    return OodModel(method, float(rate), scorers, checked, fused_threshold, rows, references)
+    return OodModel(method, float(rate), scorers, checked, fused_threshold, rows, references, input_ranges)
 
 
 def mmd_test(reference: np.ndarray, sample: np.ndarray, permutations: int = 200, seed: int = 0) -> dict[str, float]:

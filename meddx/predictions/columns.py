@@ -21,6 +21,7 @@ PREDICTION_SET = "prediction_set"
 MODALITIES_COLUMN = "modalities"
 MODALITY_ERRORS = "modality_errors"
 OOD = "ood"  # the fused OOD score over its threshold (above 1: flagged)
+OOD_INPUTS = "ood_inputs"  # acquisition facts beyond the training rows' range (modality.fact, joined by SET_SEPARATOR)
 ROW = "_row"  # the manifest row (1-based) while a run is written; not in the final files
 
 CLASS_PROBABILITY_PREFIX = "probability:"

@@ -23,6 +23,7 @@ from meddx.predictions.columns import (
     MODALITY_ERRORS,
     OK,
     OOD,
+    OOD_INPUTS,
     OOD_PREFIX,
     PATIENT_ID,
     PREDICTION,
@@ -83,6 +84,8 @@ def prediction_row(p: TaskPrediction) -> dict[str, Any]:
         row[OOD] = p.ood
         for space, ratio in p.ood_scores.items():
             row[OOD_PREFIX + space] = ratio
+        if p.ood_inputs:
+            row[OOD_INPUTS] = SET_SEPARATOR.join(p.ood_inputs)
     return row
 
 

@@ -31,6 +31,8 @@ class TaskPrediction:
             or None when the model has no OOD scores.
         abstain: the row was flagged and the run abstains on flagged rows (``status=abstain``; the
             prediction is still written).
+        ood_inputs: the acquisition facts of the row beyond the training rows' range
+            (``modality.fact``, e.g. ``imaging.slice_spacing_mm``; :mod:`meddx.models.input_ranges`).
 
     Example:
         >>> p = TaskPrediction("P1", "2024-03-05T14:00:00Z", "disease", "binary", ("0", "1"), 3,
@@ -56,6 +58,7 @@ class TaskPrediction:
     ood_scores: dict[str, float] = field(default_factory=dict)
     ood: float | None = None
     abstain: bool = False
+    ood_inputs: tuple[str, ...] = ()
 
     @property
     def is_binary(self) -> bool:
@@ -99,5 +102,6 @@ class TaskPrediction:
                 "modalities": tuple(data["modalities"]),
                 "ablations": {m: tuple(v) for m, v in data["ablations"].items()},
                 "modality_errors": tuple_or_none(data["modality_errors"]),
+                "ood_inputs": tuple(data.get("ood_inputs", ())),
             }
         )

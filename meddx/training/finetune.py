@@ -221,13 +221,17 @@ def finetune(
 
 
 def _fit_ood(model: DiagnosisModel, parts: tuple, rate: float, device: str):
-    """The OOD scorers on the training rows, thresholds on the validation rows (:mod:`meddx.training.ood_fit`)."""
-    from meddx.training.ood_fit import fit_ood_scores
+    """The OOD scorers on the training rows, thresholds on the validation rows, and both's acquisition
+    ranges (:mod:`meddx.training.ood_fit`)."""
+    from meddx.training.ood_fit import fit_input_ranges, fit_ood_scores
 
     if not 0 < rate <= 0.5:
         raise ConfigError(f"ood_false_alarm must be in (0, 0.5]; got {rate!r}")
     train, val = parts
-    return fit_ood_scores(model, train, val, rate=rate, device=device)
+    ood = fit_ood_scores(model, train, val, rate=rate, device=device)
+    if ood is not None:
+        ood.input_ranges = fit_input_ranges((train, val))
+    return ood
 
 
 def _describe(out_dir: str | Path, train: Any, cache_dir: str | Path | None, tasks: dict[str, TaskSpec]) -> None:

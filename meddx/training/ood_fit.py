@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from meddx.models.input_ranges import InputRanges
 from meddx.models.ood import DEFAULT_FALSE_ALARM, OodModel, fit_ood
 
 if TYPE_CHECKING:
@@ -87,3 +88,13 @@ def fit_ood_scores(
     else:
         logger.info("ood: %s thresholds at false-alarm rate %.3f: %s", method, rate, ood.thresholds)
     return ood
+
+
+def fit_input_ranges(datasets: tuple[CohortDataset, ...]) -> InputRanges:
+    """The acquisition ranges (:mod:`meddx.models.input_ranges`) of the datasets' rows."""
+    facts: dict[str, list[dict]] = {}
+    for dataset in datasets:
+        for row in dataset.acquisition_facts().values():
+            for modality, values in row.items():
+                facts.setdefault(modality, []).append(values)
+    return InputRanges.fit(facts)

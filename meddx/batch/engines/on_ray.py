@@ -105,7 +105,7 @@ def _ready_json(ready: ReadyChunk) -> str:
     rows = []
     for r in ready.rows:
         outcomes = [{**asdict(o), "modality": o.modality.value, "warnings": list(o.warnings)} for o in r.outcomes]
-        rows.append({"row": _row_json(r.row), "key": r.key, "error": r.error, "outcomes": outcomes})
+        rows.append({"row": _row_json(r.row), "key": r.key, "error": r.error, "outcomes": outcomes, "facts": r.facts})
     return json.dumps({"number": ready.number, "ingest_seconds": ready.ingest_seconds, "rows": rows})
 
 
@@ -123,6 +123,7 @@ def _ready_from_json(text: str) -> ReadyChunk:
                 for o in r["outcomes"]
             ],
             r["error"],
+            r["facts"],
         )
         for r in data["rows"]
     ]
@@ -155,6 +156,25 @@ def _pack(store: Any, ready: ReadyChunk) -> bytes:
                 for name, tensor in named.items():
                     flat[f"{r.key}/{Modality(modality).value}/{name}"] = tensor.contiguous()
     return save(flat) if flat else b""
+
+
+def _pack_embeddings(embeddings: dict[str, list]) -> bytes:
+    """A chunk's OOD embeddings (space -> ``(P, D)`` arrays) as one safetensors blob, for the shift test."""
+    import numpy as np
+    from safetensors.numpy import save
+
+    flat = {
+        space: np.concatenate([np.asarray(p, dtype=np.float32) for p in parts])
+        for space, parts in embeddings.items()
+        if parts
+    }
+    return save(flat) if flat else b""
+
+
+def _unpack_embeddings(blob: bytes) -> dict[str, list]:
+    from safetensors.numpy import load
+
+    return {space: [values] for space, values in load(blob).items()} if blob else {}
 
 
 # ----------------------------------------------------------------- stage 1: ingestion tasks
@@ -240,17 +260,19 @@ class ChunkPredictor:
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         from meddx.batch.predict import predict_chunk
 
-        out: dict[str, list] = {k: [] for k in ("chunk", "rows", "ready", "predictions", "seconds")}
+        out: dict[str, list] = {k: [] for k in ("chunk", "rows", "ready", "predictions", "seconds", "embeddings")}
         for number, ready_text, blob in zip(batch["chunk"], batch["ready"], batch["tensors"], strict=True):
             started = time.perf_counter()
             ready = _ready_from_json(ready_text)
             store = _BlobStore(bytes(blob)) if len(blob) else None
-            predictions = predict_chunk(self.net, ready, store, self.settings)
+            embeddings: dict[str, list] = {}
+            predictions = predict_chunk(self.net, ready, store, self.settings, embeddings)
             out["chunk"].append(int(number))
             out["rows"].append(len(ready.rows))
             out["ready"].append(ready_text)
             out["predictions"].append(json.dumps([p.to_json() for p in predictions]))
             out["seconds"].append(json.dumps({"ingest": ready.ingest_seconds, "model": time.perf_counter() - started}))
+            out["embeddings"].append(_pack_embeddings(embeddings))
         return out
 
 
@@ -364,7 +386,8 @@ class RayEngine:
                     self.timings["ingest"] += seconds["ingest"]
                     self.timings["model"] += seconds["model"]
                     predictions = [TaskPrediction.from_json(p) for p in json.loads(result["predictions"])]
-                    yield ChunkOutput(_ready_from_json(result["ready"]), predictions, seconds)
+                    embeddings = _unpack_embeddings(bytes(result["embeddings"]))
+                    yield ChunkOutput(_ready_from_json(result["ready"]), predictions, seconds, embeddings)
                     bar.update(int(result["rows"]))
         finally:
             if results is not None:
