@@ -5,9 +5,10 @@ gives the same output for the same input, so after the first epoch it need not r
 key of each input row is a hash of the trunk's weights and the row's bytes: new weights (loading
 a checkpoint, another pretraining run) make new keys, so a stale output is never reused. The
 encoder keeps a frozen trunk in eval mode (batch-norm running statistics, no dropout), which is
-what makes its output a function of the input alone. The cache lives in memory, for the life of
-the encoder; the frozen text encoder's chunk embeddings (:mod:`meddx.models.text_cache`) are the
-ones kept on disk, because a text model is slow even once per run.
+what makes its output a function of the input alone. By default the cache lives in memory, for the
+life of the encoder. Given a folder, it is kept on disk too, as the frozen text encoder's chunk
+embeddings are (:mod:`meddx.models.text_cache`, one subfolder per weights digest): a hospital's own
+Hugging Face model is slow even once per run, so a later run reads its outputs back.
 
 Example:
     >>> import torch
@@ -20,9 +21,12 @@ Example:
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import torch
 from torch import nn
+
+from meddx.models.text_cache import EmbeddingCache
 
 
 def weights_digest(module: nn.Module) -> str:
@@ -53,12 +57,26 @@ class FrozenOutputs:
     norm with running statistics and pooling do) and must not train.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, folder: str | Path | None = None) -> None:
         self._outputs: dict[str, torch.Tensor] = {}
         self._digest: tuple[tuple[int, ...], str] | None = None
+        self._folder = folder
+        self._stores: dict[str, EmbeddingCache] = {}  # weights digest -> its on-disk outputs
 
     def __len__(self) -> int:
-        return len(self._outputs)
+        return len(self._outputs) + sum(len(store) for store in self._stores.values())
+
+    def _stored(self, version: str, keys: list[str], found: list[torch.Tensor | None]) -> EmbeddingCache | None:
+        """With a folder: fill ``found`` from the outputs kept on disk for ``version``; returns that store."""
+        if self._folder is None:
+            return None
+        store = self._stores.get(version)
+        if store is None:
+            store = self._stores[version] = EmbeddingCache(self._folder, version)
+        for n, out in enumerate(store.get(keys)):
+            if out is not None:
+                found[n] = out
+        return store
 
     def version(self, trunk: nn.Module) -> str:
         """The weights' digest, recomputed only when a weight was replaced or written in place since."""
@@ -73,12 +91,19 @@ class FrozenOutputs:
         if x.shape[0] == 0:
             with torch.no_grad():
                 return trunk(x)
-        keys = row_keys(self.version(trunk), x)
+        version = self.version(trunk)
+        keys = row_keys(version, x)
         found = [self._outputs.get(key) for key in keys]
+        store = self._stored(version, keys, found)
         todo = [n for n, out in enumerate(found) if out is None]
         if todo:
             with torch.no_grad():
                 fresh = trunk(x[torch.tensor(todo, device=x.device)])  # (len(todo), ...)
+            computed = {}
             for n, out in zip(todo, fresh, strict=True):
-                found[n] = self._outputs[keys[n]] = out.detach().to("cpu", copy=True)  # not a view of the batch
+                found[n] = computed[keys[n]] = out.detach().to("cpu", copy=True)  # not a view of the batch
+            if store is None:
+                self._outputs.update(computed)
+            else:
+                store.put(computed)  # float32 on disk and in the store's memory
         return torch.stack([out for out in found if out is not None]).to(x.device)

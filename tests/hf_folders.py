@@ -1,0 +1,68 @@
+"""Tiny Hugging Face models built from their configs and saved to local folders (nothing downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def tiny_vit(folder: Path, *, image: int = 32, seed: int = 0) -> Path:
+    """A 1-layer ViT (hidden 32, 8-pixel patches) and its image processor, saved with safetensors."""
+    import torch
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=37,
+        image_size=image,
+        patch_size=8,
+    )
+    ViTModel(config).save_pretrained(folder)
+    ViTImageProcessor(size={"height": image, "width": image}).save_pretrained(folder)
+    return folder
+
+
+def tiny_wav2vec2(folder: Path, *, seed: int = 0) -> Path:
+    """A 1-layer wav2vec2 (two small convolutions, hidden 32) and its feature extractor at 16 kHz."""
+    import torch
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    torch.manual_seed(seed)
+    config = Wav2Vec2Config(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=37,
+        conv_dim=(16, 16),
+        conv_stride=(5, 4),
+        conv_kernel=(10, 8),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+    )
+    Wav2Vec2Model(config).save_pretrained(folder)
+    Wav2Vec2FeatureExtractor(sampling_rate=16000, return_attention_mask=True).save_pretrained(folder)
+    return folder
+
+
+def tiny_ast(folder: Path, *, seed: int = 0) -> Path:
+    """A 1-layer Audio Spectrogram Transformer over 32 mel bins x 64 frames, with its feature extractor."""
+    import torch
+    from transformers import ASTConfig, ASTFeatureExtractor, ASTModel
+
+    torch.manual_seed(seed)
+    config = ASTConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=37,
+        num_mel_bins=32,
+        max_length=64,
+        patch_size=16,
+        frequency_stride=16,
+        time_stride=16,
+    )
+    ASTModel(config).save_pretrained(folder)
+    ASTFeatureExtractor(num_mel_bins=32, max_length=64).save_pretrained(folder)
+    return folder
