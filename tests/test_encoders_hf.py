@@ -45,6 +45,12 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     return {"vit": tiny_vit(root / "vit"), "wav2vec2": tiny_wav2vec2(root / "w2v"), "ast": tiny_ast(root / "ast")}
 
 
+@pytest.fixture(scope="module")
+def ingest_cache(tmp_path_factory) -> Path:
+    """The sample cohort's ingest cache, shared by the end-to-end tests (each file read once per config)."""
+    return tmp_path_factory.mktemp("ingest-cache")
+
+
 def _rows_counter(monkeypatch: pytest.MonkeyPatch, trunk_class: type) -> list[int]:
     """Count the rows that reach the trunk's model (a list of per-call row counts)."""
     calls: list[int] = []
@@ -86,7 +92,9 @@ def test_audio_trunk_resamples_to_the_extractors_rate_and_uses_its_features(fold
     trunk = AudioTrunk(load_hf_model(folders["ast"]), extractor, sample_rate=4000, tokens=1)
     inputs = trunk.features(torch.randn(2, 4000))  # one second at 4 kHz
     assert inputs["input_values"].shape == (2, 64, 32)  # AST: max_length frames x its mel bins
-    wav = AudioTrunk(load_hf_model(folders["wav2vec2"]), AutoFeatureExtractor.from_pretrained(folders["wav2vec2"]), 4000, 2)
+    wav = AudioTrunk(
+        load_hf_model(folders["wav2vec2"]), AutoFeatureExtractor.from_pretrained(folders["wav2vec2"]), 4000, 2
+    )
     inputs = wav.features(torch.randn(2, 4000))
     assert inputs["input_values"].shape == (2, 16000)  # resampled to 16 kHz
     assert torch.allclose(inputs["input_values"].mean(dim=1), torch.zeros(2), atol=1e-4)  # do_normalize
@@ -99,10 +107,12 @@ def test_vision_encoders_give_one_token_per_observed_slice_and_frame(folders: di
     out = encoder({"volume": torch.rand(2, 4, 16, 16), "slice_mask": slices})
     assert out.tokens.shape == (2, 4, 16)
     assert torch.equal(out.token_mask, slices)
-    assert encoder.frozen and len(encoder.trunk_outputs) == 6  # only the observed slices ran
+    assert encoder.frozen
+    assert len(encoder.trunk_outputs) == 6
     video = BackboneConfig(d_model=16, n_heads=2, video={"hf_model": str(folders["vit"]), "frozen": False})
     video_encoder = HfVideoEncoder(video, VIDEO_SPEC)
-    assert not video_encoder.frozen and any(p.requires_grad for p in video_encoder.trunk.parameters())
+    assert not video_encoder.frozen
+    assert any(p.requires_grad for p in video_encoder.trunk.parameters())
     out = video_encoder({"frames": torch.rand(2, 3, 1, 16, 16), "frame_mask": torch.ones(2, 3, dtype=torch.bool)})
     assert out.tokens.shape == (2, 3, 16)
     out.tokens.sum().backward()  # fine-tuned: the gradient reaches the vision model
@@ -131,7 +141,9 @@ def test_a_pickle_only_folder_is_refused_with_how_to_resave(folders: dict[str, P
     pickled.mkdir()
     (pickled / "config.json").write_text((folders["vit"] / "config.json").read_text())
     (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
-    with pytest.raises(ModelError, match=r"pickled.*only pickle weights.*save_pretrained\(folder, safe_serialization=True\)"):
+    with pytest.raises(
+        ModelError, match=r"pickled.*only pickle weights.*save_pretrained\(folder, safe_serialization=True\)"
+    ):
         check_hf_folder(pickled)
     config = BackboneConfig(d_model=16, n_heads=2, imaging={"hf_model": str(pickled)})
     with pytest.raises(ModelError, match="only pickle weights"):
@@ -172,7 +184,8 @@ def test_config_refuses_contradictions() -> None:
         BackboneConfig.from_dict({"imaging": {"hf_model": "x", "weights": "y.safetensors"}})
     with pytest.raises(ConfigError, match="audio.frozen"):
         BackboneConfig.from_dict({"audio": {"frozen": True}})
-    assert BackboneConfig().video.frozen is None and BackboneConfig().audio.hf_model is None  # defaults unchanged
+    assert BackboneConfig().video.frozen is None
+    assert BackboneConfig().audio.hf_model is None
 
 
 # ------------------------------------------------------------------ a MONAI network with its safetensors
@@ -196,7 +209,10 @@ def test_a_monai_network_loads_its_safetensors(tmp_path: Path, monai_class: str,
     imaging = {"network": "monai", "monai_class": monai_class, "monai_kwargs": kwargs, "spatial_dims": dims}
     imaging |= {"weights": str(weights), "input_pool": 1}
     config = BackboneConfig(d_model=16, n_heads=2, imaging=imaging)
-    spec = {"volume": ArrayField((16, 32, 32), "float32"), "slice_mask": VOLUME_SPEC["slice_mask"]._replace(shape=(16,))}
+    spec = {
+        "volume": ArrayField((16, 32, 32), "float32"),
+        "slice_mask": VOLUME_SPEC["slice_mask"]._replace(shape=(16,)),
+    }
     encoder = ImagingEncoder(config, spec).eval()
     assert encoder.frozen  # weights given: frozen unless told otherwise
     loaded = encoder.trunk.net.state_dict()
@@ -206,7 +222,9 @@ def test_a_monai_network_loads_its_safetensors(tmp_path: Path, monai_class: str,
     pickled = tmp_path / "net.pt"
     torch.save(trained.state_dict(), pickled)
     with pytest.raises(ModelError, match="never loads pickle"):
-        ImagingEncoder(config.model_copy(update={"imaging": config.imaging.model_copy(update={"weights": str(pickled)})}), spec)
+        ImagingEncoder(
+            config.model_copy(update={"imaging": config.imaging.model_copy(update={"weights": str(pickled)})}), spec
+        )
     with pytest.raises(ConfigError, match="not a network class"):
         ImagingEncoder(BackboneConfig(imaging={"network": "monai", "monai_class": "os"}), spec)
 
@@ -217,7 +235,7 @@ def test_a_monai_network_loads_its_safetensors(tmp_path: Path, monai_class: str,
 def _finetune(out: Path | None, cache: Path, backbone: BackboneConfig, epochs: int = 2, **ingest_audio):
     ingest = tiny_ingest_config()
     if ingest_audio:
-        ingest = ingest.model_copy(update={"audio": AudioConfig(duration_s=1.0, n_mels=8, **ingest_audio)})
+        ingest = ingest.model_copy(update={"audio": AudioConfig(duration_s=0.5, n_mels=8, **ingest_audio)})
     return finetune(
         SAMPLE,
         out,
@@ -234,11 +252,11 @@ def _finetune(out: Path | None, cache: Path, backbone: BackboneConfig, epochs: i
 
 
 def test_a_vision_encoder_from_a_local_folder_fine_tunes_and_diagnoses(
-    folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    folders: dict[str, Path], tmp_path: Path, ingest_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MEDDX_CACHE", str(tmp_path / "meddx-cache"))
     backbone = tiny_backbone_config(imaging={"hf_model": str(folders["vit"])}, video={"hf_model": str(folders["vit"])})
-    model = _finetune(tmp_path / "model", tmp_path / "cache", backbone)
+    model = _finetune(tmp_path / "model", ingest_cache, backbone)
     assert isinstance(model.backbone.encoders["imaging"], HfImagingEncoder)
     assert isinstance(model.backbone.encoders["video"], HfVideoEncoder)
     saved = json.loads((tmp_path / "model" / "config.json").read_text())
@@ -246,47 +264,57 @@ def test_a_vision_encoder_from_a_local_folder_fine_tunes_and_diagnoses(
     reloaded = FoundationBackbone.from_pretrained(tmp_path / "model")
     before, after = model.backbone.state_dict(), reloaded.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in after if k.startswith("encoders.imaging."))
-    result = diagnose(SAMPLE, tmp_path / "model", tmp_path / "run", split="test", cache_dir=tmp_path / "cache", workers=0, progress=False)
+    result = diagnose(
+        SAMPLE, tmp_path / "model", tmp_path / "run", split="test", cache_dir=ingest_cache, workers=0, progress=False
+    )
     frame = pd.read_parquet(result.predictions)
-    assert len(frame) == 12 and (frame.status == "ok").all()
+    assert len(frame) == 12
+    assert (frame.status == "ok").all()
     assert frame.probability.between(0, 1).all()
     with_imaging = frame[frame.modalities.str.contains("imaging")]
-    assert len(with_imaging) and with_imaging["contribution:imaging"].notna().all()
+    assert len(with_imaging)
+    assert with_imaging["contribution:imaging"].notna().all()
 
 
 def test_an_audio_encoder_from_a_local_folder_fine_tunes_and_diagnoses(
-    folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    folders: dict[str, Path], tmp_path: Path, ingest_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MEDDX_CACHE", str(tmp_path / "meddx-cache"))
     backbone = tiny_backbone_config(audio={"hf_model": str(folders["wav2vec2"]), "hf_tokens": 2, "frozen": False})
-    model = _finetune(tmp_path / "model", tmp_path / "cache", backbone, keep_waveform=True)
+    model = _finetune(tmp_path / "model", ingest_cache, backbone, keep_waveform=True)
     encoder = model.backbone.encoders["audio"]
-    assert isinstance(encoder, HfAudioEncoder) and not encoder.frozen  # fine-tuned
+    assert isinstance(encoder, HfAudioEncoder)
+    assert not encoder.frozen
     start = load_hf_model(folders["wav2vec2"]).state_dict()
     trained = encoder.trunk.model.state_dict()
     assert any(not torch.equal(start[k], trained[k]) for k in start)  # the audio model itself trained
-    result = diagnose(SAMPLE, tmp_path / "model", tmp_path / "run", split="test", cache_dir=tmp_path / "cache", workers=0, progress=False)
+    result = diagnose(
+        SAMPLE, tmp_path / "model", tmp_path / "run", split="test", cache_dir=ingest_cache, workers=0, progress=False
+    )
     frame = pd.read_parquet(result.predictions)
-    assert len(frame) == 12 and (frame.status == "ok").all()
+    assert len(frame) == 12
+    assert (frame.status == "ok").all()
     with_audio = frame[frame.modalities.str.contains("audio")]
-    assert len(with_audio) and with_audio["contribution:audio"].notna().all()
+    assert len(with_audio)
+    assert with_audio["contribution:audio"].notna().all()
 
 
 def test_frozen_outputs_are_computed_once_across_epochs_and_runs(
-    folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    folders: dict[str, Path], tmp_path: Path, ingest_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A frozen AST (audio) and ViT (imaging): one epoch or three compute the same rows, and a second
     run over the same cache folder computes none."""
     monkeypatch.setenv("MEDDX_CACHE", str(tmp_path / "meddx-cache"))
     vision, audio = _rows_counter(monkeypatch, VisionTrunk), _rows_counter(monkeypatch, AudioTrunk)
     backbone = tiny_backbone_config(imaging={"hf_model": str(folders["vit"])}, audio={"hf_model": str(folders["ast"])})
-    _finetune(None, tmp_path / "cache", backbone, epochs=1, keep_waveform=True)
+    _finetune(None, ingest_cache, backbone, epochs=1, keep_waveform=True)
     one_epoch = (sum(vision) - 1, sum(audio) - 1)  # less the construction's dry pass
-    assert one_epoch[0] > 0 and one_epoch[1] > 0
+    assert one_epoch[0] > 0
+    assert one_epoch[1] > 0
     monkeypatch.setenv("MEDDX_CACHE", str(tmp_path / "other-cache"))
     vision.clear(), audio.clear()
-    _finetune(None, tmp_path / "cache", backbone, epochs=3, keep_waveform=True)
+    _finetune(None, ingest_cache, backbone, epochs=3, keep_waveform=True)
     assert (sum(vision) - 1, sum(audio) - 1) == one_epoch  # epochs 2 and 3 ran neither model
     vision.clear(), audio.clear()
-    _finetune(None, tmp_path / "cache", backbone, epochs=2, keep_waveform=True)
+    _finetune(None, ingest_cache, backbone, epochs=2, keep_waveform=True)
     assert (sum(vision), sum(audio)) == (1, 1)  # the next run read every output from disk: only the dry passes

@@ -18,7 +18,8 @@ ever downloaded. :func:`hf_folder_version` (the SHA-256 of ``config.json`` and t
 the folder in caches and saved models.
 
 Example:
-    >>> model, processor = load_hf_model("models/dinov2-small"), load_hf_processor("models/dinov2-small")  # doctest: +SKIP
+    >>> model = load_hf_model("models/dinov2-small")  # doctest: +SKIP
+    >>> processor = load_hf_processor("models/dinov2-small", "image")  # doctest: +SKIP
 """
 
 from __future__ import annotations

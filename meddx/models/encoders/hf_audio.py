@@ -82,9 +82,7 @@ class HfAudioEncoder(ModalityEncoder):
 
     modality = Modality.AUDIO
 
-    def __init__(
-        self, config: BackboneConfig, spec: ArraySpec, sample_rate: int, cache_dir: str | Path | None = None
-    ):
+    def __init__(self, config: BackboneConfig, spec: ArraySpec, sample_rate: int, cache_dir: str | Path | None = None):
         super().__init__(config, spec)
         cfg = config.audio
         assert cfg.hf_model is not None
@@ -109,6 +107,7 @@ class HfAudioEncoder(ModalityEncoder):
         self.trunk_outputs: FrozenOutputs | None = None
         if cfg.frozen is None or cfg.frozen:
             self.freeze()
+        self.hidden = int(hidden)
         self.project = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, config.d_model))
         self.position = nn.Parameter(torch.zeros(1, cfg.hf_tokens, config.d_model))
 
@@ -137,8 +136,7 @@ class HfAudioEncoder(ModalityEncoder):
             hidden = out.new_zeros(P, *out.shape[1:])
             hidden[index] = out
         if hidden is None:
-            width = self.project[0].normalized_shape[0]  # type: ignore[index]
-            hidden = waves.new_zeros(P, T, width)
+            hidden = waves.new_zeros(P, T, self.hidden)
         tokens = self.project(hidden.to(waves.dtype)) + self.position  # (P, T, D)
         mask = present.unsqueeze(1).expand(P, T)
         age = self.record_age_hours(arrays, tokens).expand(P, T)

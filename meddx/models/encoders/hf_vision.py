@@ -64,7 +64,7 @@ def _pair(size: Any, what: str) -> tuple[int, int] | int:
 
 
 class VisionTrunk(nn.Module):
-    """Images ``(N, C, H, W)`` in [0, 1] → ``(N, hidden)`` features, adapted as the processor says (module docstring)."""
+    """Images ``(N, C, H, W)`` in [0, 1] → ``(N, hidden)`` features, adapted as the processor says (see above)."""
 
     def __init__(self, model: nn.Module, processor: Any):
         super().__init__()
@@ -106,7 +106,8 @@ class VisionTrunk(nn.Module):
             ch, cw = self.crop if isinstance(self.crop, tuple) else (self.crop, self.crop)
             top, left = max((x.shape[-2] - ch) // 2, 0), max((x.shape[-1] - cw) // 2, 0)
             x = x[..., top : top + ch, left : left + cw]
-        return (x - self.mean) / self.std
+        mean, std = self.get_buffer("mean"), self.get_buffer("std")
+        return (x - mean) / std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.model(pixel_values=self.adapt(x.float())).last_hidden_state
@@ -126,7 +127,9 @@ class HfVisionEncoder(ModalityEncoder):
             try:
                 hidden = self.trunk(torch.zeros(1, 1, 8, 8)).shape[-1]
             except (RuntimeError, ValueError) as exc:
-                raise ConfigError(f"{what} {folder} does not run on its processor's image size: {str(exc)[:200]}") from None
+                raise ConfigError(
+                    f"{what} {folder} does not run on its processor's image size: {str(exc)[:200]}"
+                ) from None
         self.cache_dir = cache_dir
         self.trunk_outputs: FrozenOutputs | None = None
         if frozen is None or frozen:

@@ -94,7 +94,9 @@ def _monai_network(cfg: ImagingEncoderConfig) -> nn.Module:
     try:
         net = network(**kwargs)
     except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
-        raise ConfigError(f"imaging: monai.networks.nets.{name}(**{kwargs}) cannot be built: {str(exc)[:200]}") from None
+        raise ConfigError(
+            f"imaging: monai.networks.nets.{name}(**{kwargs}) cannot be built: {str(exc)[:200]}"
+        ) from None
     if not isinstance(net, nn.Module):
         raise ConfigError(f"imaging.monai_class {name!r} does not build a network")
     return net
