@@ -20,6 +20,7 @@ from meddx.models import BackboneConfig, FoundationBackbone
 from meddx.models.encoders.hf_audio import AudioTrunk, HfAudioEncoder
 from meddx.models.encoders.hf_vision import HfImagingEncoder, HfVideoEncoder, VisionTrunk
 from meddx.models.encoders.imaging import ImagingEncoder
+from meddx.models.frozen import FrozenOutputs
 from meddx.models.hf_folder import check_hf_folder, load_hf_model
 from meddx.specs import ArrayField
 from meddx.training import finetune
@@ -71,7 +72,7 @@ def test_vision_trunk_adapts_slices_as_the_processor_does(folders: dict[str, Pat
     """One channel to three, resized to the processor's size, normalised with its mean and std: what
     ViTImageProcessor itself gives for the same image as 8-bit RGB pixels."""
     import numpy as np
-    from transformers import AutoImageProcessor
+    from transformers import AutoImageProcessor, ViTImageProcessor
 
     processor = AutoImageProcessor.from_pretrained(folders["vit"], local_files_only=True)
     trunk = VisionTrunk(load_hf_model(folders["vit"]), processor)
@@ -83,6 +84,10 @@ def test_vision_trunk_adapts_slices_as_the_processor_does(folders: dict[str, Pat
     assert torch.allclose(ours, theirs.float(), atol=2.5 / 255 / 0.5)  # 8-bit rounding of the processor's input
     small = trunk.adapt(torch.rand(2, 1, 16, 16))
     assert small.shape == (2, 3, 32, 32)
+    # the processor's settings are part of a frozen output's key: other statistics, other keys
+    other = VisionTrunk(trunk.model, ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=0.4, image_std=0.2))
+    assert FrozenOutputs().version(other) != FrozenOutputs().version(trunk)
+    assert FrozenOutputs().version(VisionTrunk(trunk.model, processor)) == FrozenOutputs().version(trunk)
 
 
 def test_audio_trunk_resamples_to_the_extractors_rate_and_uses_its_features(folders: dict[str, Path]) -> None:
@@ -184,6 +189,8 @@ def test_config_refuses_contradictions() -> None:
         BackboneConfig.from_dict({"imaging": {"hf_model": "x", "weights": "y.safetensors"}})
     with pytest.raises(ConfigError, match="audio.frozen"):
         BackboneConfig.from_dict({"audio": {"frozen": True}})
+    with pytest.raises(ConfigError, match="monai_kwargs"):
+        BackboneConfig.from_dict({"imaging": {"monai_kwargs": {"in_channels": 1}}})
     assert BackboneConfig().video.frozen is None
     assert BackboneConfig().audio.hf_model is None
 

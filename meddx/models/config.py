@@ -66,11 +66,13 @@ class ImagingEncoderConfig(_Section):
     token_grid: tuple[_Cells, _Cells, _Cells] = (1, 2, 2)  # (d, h, w) pooled cells -> tokens; 2D uses (h, w)
     weights: str | None = None  # a local .safetensors file of the network's weights (e.g. from meddx pretrain)
     monai_class: str | None = None  # network "monai": a class of monai.networks.nets, e.g. "resnet10"
-    monai_kwargs: dict[str, MonaiArgument] = Field(default_factory=dict, max_length=64)  # its arguments
+    monai_kwargs: dict[str, MonaiArgument] | None = Field(default=None, max_length=64)  # its arguments
     hf_model: str | None = None  # a local Hugging Face vision model folder: one token per slice
 
     @model_validator(mode="after")
     def _one_network(self) -> ImagingEncoderConfig:
+        if self.monai_kwargs is not None and self.network != "monai":
+            raise ValueError("monai_kwargs go with network 'monai' and monai_class")
         if (self.network == "monai") != (self.monai_class is not None):
             raise ValueError("network 'monai' and monai_class go together: name the monai.networks.nets class")
         if self.monai_class is not None and not self.monai_class.isidentifier():

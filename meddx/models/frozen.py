@@ -54,7 +54,9 @@ class FrozenOutputs:
     """The outputs of one frozen trunk, by input row; a trunk is run only on rows it has not seen.
 
     The trunk must map ``(N, ...)`` to ``(N, ...)`` row by row in eval mode (convolutions, batch
-    norm with running statistics and pooling do) and must not train.
+    norm with running statistics and pooling do) and must not train. A trunk whose output depends on
+    more than its weights (a processor's sizes and statistics) says so in a ``settings`` string, which
+    enters the version.
     """
 
     def __init__(self, folder: str | Path | None = None) -> None:
@@ -83,7 +85,11 @@ class FrozenOutputs:
         tensors = [*trunk.parameters(), *trunk.buffers()]
         stamp = tuple(t._version for t in tensors) + tuple(t.data_ptr() for t in tensors)
         if self._digest is None or self._digest[0] != stamp:
-            self._digest = (stamp, weights_digest(trunk))
+            digest = weights_digest(trunk)
+            settings = getattr(trunk, "settings", None)  # what else decides the output (a processor's settings)
+            if settings is not None:
+                digest = hashlib.sha256(f"{digest}:{settings}".encode()).hexdigest()
+            self._digest = (stamp, digest)
         return self._digest[1]
 
     def __call__(self, trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -51,6 +51,8 @@ class AudioTrunk(nn.Module):
         self.sample_rate = int(sample_rate)
         self.target_rate = int(getattr(extractor, "sampling_rate", sample_rate))
         self.tokens = tokens
+        # what decides the output besides the weights (keys frozen outputs): rates, runs, the extractor's settings
+        self.settings = f"{self.sample_rate}:{self.target_rate}:{tokens}:{extractor.to_json_string()}"
 
     def features(self, waves: torch.Tensor) -> dict[str, torch.Tensor]:
         """The model's inputs: resampled to the extractor's rate, then the extractor's own computation."""

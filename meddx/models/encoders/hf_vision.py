@@ -29,6 +29,7 @@ the rest.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,7 @@ class VisionTrunk(nn.Module):
         std = [float(s) for s in (std if isinstance(std, (list, tuple)) else [std] * self.channels)]
         if len(mean) != self.channels or len(std) != self.channels:
             raise ConfigError(f"the image processor's mean {mean} and std {std} do not have {self.channels} channels")
+        self.settings = json.dumps([self.channels, self.size, self.crop, self.mode, mean, std])  # keys frozen outputs
         self.register_buffer("mean", torch.tensor(mean).reshape(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).reshape(1, -1, 1, 1), persistent=False)
 

@@ -90,7 +90,7 @@ def _monai_network(cfg: ImagingEncoderConfig) -> nn.Module:
     is_factory = callable(network) and str(getattr(network, "__module__", "")).startswith("monai.networks.nets")
     if network is None or not (is_class or is_factory):  # classes, and factories such as resnet10
         raise ConfigError(f"imaging.monai_class {name!r} is not a network class of monai.networks.nets")
-    kwargs: dict = {"spatial_dims": cfg.spatial_dims, **cfg.monai_kwargs}
+    kwargs: dict = {"spatial_dims": cfg.spatial_dims, **(cfg.monai_kwargs or {})}
     try:
         net = network(**kwargs)
     except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
