@@ -66,3 +66,38 @@ def tiny_ast(folder: Path, *, seed: int = 0) -> Path:
     ASTModel(config).save_pretrained(folder)
     ASTFeatureExtractor(num_mel_bins=32, max_length=64).save_pretrained(folder)
     return folder
+
+
+def tiny_dinov2(folder: Path, *, seed: int = 0) -> Path:
+    """A 1-layer DINOv2 over 28-pixel images and a processor like DINOv2's (shorter edge, bicubic, centre crop)."""
+    import torch
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(seed)
+    config = Dinov2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, image_size=28, patch_size=7
+    )
+    Dinov2Model(config).save_pretrained(folder)
+    BitImageProcessor(
+        size={"shortest_edge": 32},
+        crop_size={"height": 28, "width": 28},
+        do_center_crop=True,
+        resample=3,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(folder)
+    return folder
+
+
+def tiny_clip_vision(folder: Path, *, seed: int = 0) -> Path:
+    """A 1-layer CLIP vision tower over 28-pixel images and its CLIPImageProcessor (CLIP's mean and std)."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, image_size=28, patch_size=7
+    )
+    CLIPVisionModel(config).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(folder)
+    return folder
