@@ -92,6 +92,9 @@ class AudioConfig(_Section):
     n_mels: int = 32
     n_fft: int = 256
     hop_length: int = 64
+    # Also keep the fixed-duration waveform (array ``waveform``: 1-D, role ``values``), for an audio encoder
+    # that reads samples (a Hugging Face audio model: docs/encoders.md). Off by default: it is larger.
+    keep_waveform: bool = False
     max_file_mb: float = Field(default=1024.0, gt=0)  # largest audio file read, in MiB
 
 

@@ -159,6 +159,26 @@ def test_the_mel_spectrum_peaks_at_the_band_of_the_tone(tmp_path: Path) -> None:
     assert record.arrays["log_mel"][:, 5:-5].mean(axis=1).argmax() == int(bands[bin_440].argmax())
 
 
+def test_keep_waveform_adds_the_samples_the_log_mel_was_computed_from(tmp_path: Path) -> None:
+    """For an audio encoder that reads samples (docs/encoders.md): the fixed-length, resampled waveform."""
+    config = IngestConfig(audio=AudioConfig(sample_rate=4000, duration_s=1.0, n_mels=8, keep_waveform=True))
+    path = tmp_path / "short.wav"
+    soundfile.write(path, tone(440, 8000, 0.5), 8000, subtype="FLOAT")
+    reader = AudioIngestor(config)
+    record = reader.read(IngestRequest("p1", INDEX, {Modality.AUDIO: path}))
+    wave = record.arrays["waveform"]
+    assert wave.shape == (4000,)
+    assert wave.dtype == np.float32
+    assert np.abs(wave[:1900]).max() > 0.4  # the tone, at 4 kHz
+    assert not wave[2000:].any()  # zero past the real half second
+    valid = record.arrays["frame_mask"]
+    assert np.allclose(record.arrays["log_mel"][:, valid], reader.log_mel(wave)[:, valid])
+    spec = AudioTensorizer(config).spec()
+    assert spec["waveform"].shape == (4000,)
+    assert spec["waveform"].role == "values"
+    assert "waveform" not in AudioTensorizer(IngestConfig()).spec()  # off by default
+
+
 def test_odd_sample_rates_resample_with_a_small_kernel() -> None:
     assert resampling_ratio(44100, 4000) == (441, 40)
     assert resampling_ratio(1234, 4000) == (617, 2000)

@@ -23,6 +23,9 @@ the real audio or on its end (``i * hop_length <= n_real``), so ``1 + n_real // 
 frames are valid and a full-length clip has every frame valid. Invalid frames hold 0 in
 ``log_mel``.
 
+With ``AudioConfig.keep_waveform`` the record also holds ``waveform`` float32 ``(n_samples,)``
+(role ``values``, one axis): the resampled, fixed-length samples of step 4, zero past the real audio.
+
 Recordings are undated: ``record.time`` is None (available at the index time).
 """
 
@@ -150,10 +153,13 @@ class AudioTensorizer(ArrayTensorizer):
 
     def spec(self) -> ArraySpec:
         frames = n_frames(self.config.audio)
-        return {
+        spec = {
             "log_mel": ArrayField((self.config.audio.n_mels, frames), "float32", "values"),
             "frame_mask": ArrayField((frames,), "bool", "mask", of=("log_mel",), axis=1),
         }
+        if self.config.audio.keep_waveform:
+            spec["waveform"] = ArrayField((n_samples(self.config.audio),), "float32", "values")
+        return spec
 
 
 @register_ingestor
@@ -311,10 +317,13 @@ class AudioIngestor(Ingestor):
             duration_s=self.config.audio.duration_s,
             n_valid_frames=int(frame_mask.sum()),
         )
+        arrays = {"log_mel": spectrogram.astype(np.float32, copy=False), "frame_mask": frame_mask}
+        if self.config.audio.keep_waveform:
+            arrays["waveform"] = np.asarray(wave, dtype=np.float32)
         return ModalityRecord(
             modality=Modality.AUDIO,
             source=str(path),
-            arrays={"log_mel": spectrogram.astype(np.float32, copy=False), "frame_mask": frame_mask},
+            arrays=arrays,
             time=None,
             meta=meta,
             warnings=warnings,

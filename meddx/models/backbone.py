@@ -129,6 +129,27 @@ class TimeEmbedding(nn.Module):
         return self.project(torch.cat([x.sin(), x.cos()], dim=-1))
 
 
+def hf_encoder(
+    config: BackboneConfig,
+    modality: Modality,
+    spec: ArraySpec,
+    aligner_state: dict[str, Any] | None,
+    cache_dir: str | Path | None,
+) -> ModalityEncoder:
+    """The encoder of a modality whose config names a local Hugging Face model folder (``hf_model``)."""
+    from meddx.models.encoders.hf_audio import HfAudioEncoder
+    from meddx.models.encoders.hf_vision import HfImagingEncoder, HfVideoEncoder
+
+    if modality is Modality.IMAGING:
+        return HfImagingEncoder(config, spec, cache_dir)
+    if modality is Modality.VIDEO:
+        return HfVideoEncoder(config, spec, cache_dir)
+    from meddx.config import AudioConfig
+
+    rate = ((aligner_state or {}).get("config") or {}).get("audio", {}).get("sample_rate", AudioConfig().sample_rate)
+    return HfAudioEncoder(config, spec, int(rate), cache_dir)
+
+
 def _gather_tokens(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """Per row, the token positions ``order`` ``(B, L)`` of ``x`` ``(B, T)`` or ``(B, T, D)``."""
     return torch.gather(x, 1, order if x.dim() == 2 else order[..., None].expand(-1, -1, x.shape[-1]))
@@ -211,7 +232,10 @@ class FoundationBackbone(nn.Module):
             spec = self.array_spec.get(modality)
             if spec is None:
                 continue
-            if modality is Modality.NOTES:
+            hf_model = getattr(getattr(config, modality.value, None), "hf_model", None)
+            if hf_model is not None:  # a hospital's own Hugging Face model (docs/encoders.md)
+                encoders[modality.value] = hf_encoder(config, modality, spec, aligner_state, cache_dir)
+            elif modality is Modality.NOTES:
                 encoders[modality.value] = NotesEncoder(config, spec, cache_dir=cache_dir, text_config=_text_config)
             elif modality is Modality.IMAGING:
                 encoders[modality.value] = ImagingEncoder(config, spec, load_weights=_load_external_weights)

@@ -21,7 +21,9 @@ _Width = Annotated[int, Field(ge=1, le=4096)]
 _Depth = Annotated[int, Field(ge=1, le=64)]
 _Cells = Annotated[int, Field(ge=1, le=32)]
 
-ImagingNetwork = Literal["densenet", "densenet121", "resnet", "resnet18"]
+ImagingNetwork = Literal["densenet", "densenet121", "resnet", "resnet18", "monai"]
+_Scalar = str | int | float | bool | None
+MonaiArgument = _Scalar | list[_Scalar] | tuple[_Scalar, ...]
 
 
 class _Section(BaseModel):
@@ -42,6 +44,12 @@ class ImagingEncoderConfig(_Section):
     ``input_pool``-wide cells on every axis (in-plane only in 2D) before the network: on the default
     32x64x64 volume, 2 makes the stem convolution and its pooling 8x cheaper, the largest cost of a
     CPU training step, with no loss of test AUROC on the benchmark cohort (``docs/training.md``).
+
+    A hospital's own encoder (``docs/encoders.md``): ``network: monai`` builds any class of
+    ``monai.networks.nets`` named by ``monai_class`` with ``monai_kwargs`` (one input channel, e.g.
+    ``resnet10`` with ``n_input_channels: 1, feed_forward: false``), its weights from ``weights``;
+    ``hf_model`` names a local Hugging Face vision model folder (ViT, DINOv2, CLIP vision tower)
+    that encodes each observed slice (one token per slice) instead of a MONAI network.
     """
 
     network: ImagingNetwork = "densenet"
@@ -57,6 +65,21 @@ class ImagingEncoderConfig(_Section):
     frozen: bool | None = None  # the network does not train; None: frozen when weights are given
     token_grid: tuple[_Cells, _Cells, _Cells] = (1, 2, 2)  # (d, h, w) pooled cells -> tokens; 2D uses (h, w)
     weights: str | None = None  # a local .safetensors file of the network's weights (e.g. from meddx pretrain)
+    monai_class: str | None = None  # network "monai": a class of monai.networks.nets, e.g. "resnet10"
+    monai_kwargs: dict[str, MonaiArgument] | None = Field(default=None, max_length=64)  # its arguments
+    hf_model: str | None = None  # a local Hugging Face vision model folder: one token per slice
+
+    @model_validator(mode="after")
+    def _one_network(self) -> ImagingEncoderConfig:
+        if self.monai_kwargs is not None and self.network != "monai":
+            raise ValueError("monai_kwargs go with network 'monai' and monai_class")
+        if (self.network == "monai") != (self.monai_class is not None):
+            raise ValueError("network 'monai' and monai_class go together: name the monai.networks.nets class")
+        if self.monai_class is not None and not self.monai_class.isidentifier():
+            raise ValueError(f"monai_class {self.monai_class!r} must be a class name of monai.networks.nets")
+        if self.hf_model is not None and self.weights is not None:
+            raise ValueError("hf_model and weights exclude each other: a Hugging Face folder holds its own weights")
+        return self
 
 
 class TextEncoderConfig(_Section):
@@ -89,10 +112,26 @@ class DeviceLogEncoderConfig(_Section):
 
 
 class AudioEncoderConfig(_Section):
-    """AST-style: the log-mel cut into ``patch_mels`` x ``patch_frames`` patches, each a token."""
+    """AST-style: the log-mel cut into ``patch_mels`` x ``patch_frames`` patches, each a token.
+
+    ``hf_model``: a local Hugging Face audio model folder (AST, wav2vec2...) encodes the recording's
+    waveform instead (the ingest config must keep it: ``audio.keep_waveform``). Its last hidden states
+    are cut into ``hf_tokens`` contiguous runs, each averaged into a token (1: their mean; wav2vec2's
+    runs are spans of time, AST's are frequency bands first, so keep 1 there). ``frozen`` (None:
+    frozen) applies to that model.
+    """
 
     patch_mels: int = Field(default=8, ge=1, le=1024)
     patch_frames: int = Field(default=16, ge=1, le=10_000)
+    hf_model: str | None = None
+    hf_tokens: int = Field(default=1, ge=1, le=256)
+    frozen: bool | None = None
+
+    @model_validator(mode="after")
+    def _frozen_needs_model(self) -> AudioEncoderConfig:
+        if self.frozen is not None and self.hf_model is None:
+            raise ValueError("audio.frozen applies to audio.hf_model only; set hf_model or leave frozen out")
+        return self
 
 
 class VideoEncoderConfig(_Section):
@@ -102,12 +141,15 @@ class VideoEncoderConfig(_Section):
     (4x fewer operations at 2; the default 64x64 frames become 32x32, enough to see the motion).
     ``frozen``: the two frame CNNs do not train (the projection and temporal layers do) and their
     outputs are cached by frame content and weights, as for a frozen imaging network.
+    ``hf_model``: a local Hugging Face vision model folder encodes each real frame instead of the
+    CNNs (one token per frame, then the temporal layers); ``frozen`` None freezes it.
     """
 
     frame_features: int = Field(default=32, ge=1, le=4096)  # CNN feature width per frame (and per difference)
     temporal_layers: int = Field(default=1, ge=0, le=64)
     input_pool: int = Field(default=2, ge=1, le=64)  # average-pool each frame in-plane by this factor first
-    frozen: bool = False  # the frame CNNs do not train; their outputs are cached (see ImagingEncoderConfig)
+    frozen: bool | None = None  # the frame model does not train; outputs cached. None: frozen when hf_model is set
+    hf_model: str | None = None  # a local Hugging Face vision model folder: one token per frame
 
 
 class BackboneConfig(_Section):

@@ -5,9 +5,10 @@ gives the same output for the same input, so after the first epoch it need not r
 key of each input row is a hash of the trunk's weights and the row's bytes: new weights (loading
 a checkpoint, another pretraining run) make new keys, so a stale output is never reused. The
 encoder keeps a frozen trunk in eval mode (batch-norm running statistics, no dropout), which is
-what makes its output a function of the input alone. The cache lives in memory, for the life of
-the encoder; the frozen text encoder's chunk embeddings (:mod:`meddx.models.text_cache`) are the
-ones kept on disk, because a text model is slow even once per run.
+what makes its output a function of the input alone. By default the cache lives in memory, for the
+life of the encoder. Given a folder, it is kept on disk too, as the frozen text encoder's chunk
+embeddings are (:mod:`meddx.models.text_cache`, one subfolder per weights digest): a hospital's own
+Hugging Face model is slow even once per run, so a later run reads its outputs back.
 
 Example:
     >>> import torch
@@ -20,9 +21,12 @@ Example:
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import torch
 from torch import nn
+
+from meddx.models.text_cache import EmbeddingCache
 
 
 def weights_digest(module: nn.Module) -> str:
@@ -50,22 +54,42 @@ class FrozenOutputs:
     """The outputs of one frozen trunk, by input row; a trunk is run only on rows it has not seen.
 
     The trunk must map ``(N, ...)`` to ``(N, ...)`` row by row in eval mode (convolutions, batch
-    norm with running statistics and pooling do) and must not train.
+    norm with running statistics and pooling do) and must not train. A trunk whose output depends on
+    more than its weights (a processor's sizes and statistics) says so in a ``settings`` string, which
+    enters the version.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, folder: str | Path | None = None) -> None:
         self._outputs: dict[str, torch.Tensor] = {}
         self._digest: tuple[tuple[int, ...], str] | None = None
+        self._folder = folder
+        self._stores: dict[str, EmbeddingCache] = {}  # weights digest -> its on-disk outputs
 
     def __len__(self) -> int:
-        return len(self._outputs)
+        return len(self._outputs) + sum(len(store) for store in self._stores.values())
+
+    def _stored(self, version: str, keys: list[str], found: list[torch.Tensor | None]) -> EmbeddingCache | None:
+        """With a folder: fill ``found`` from the outputs kept on disk for ``version``; returns that store."""
+        if self._folder is None:
+            return None
+        store = self._stores.get(version)
+        if store is None:
+            store = self._stores[version] = EmbeddingCache(self._folder, version)
+        for n, out in enumerate(store.get(keys)):
+            if out is not None:
+                found[n] = out
+        return store
 
     def version(self, trunk: nn.Module) -> str:
         """The weights' digest, recomputed only when a weight was replaced or written in place since."""
         tensors = [*trunk.parameters(), *trunk.buffers()]
         stamp = tuple(t._version for t in tensors) + tuple(t.data_ptr() for t in tensors)
         if self._digest is None or self._digest[0] != stamp:
-            self._digest = (stamp, weights_digest(trunk))
+            digest = weights_digest(trunk)
+            settings = getattr(trunk, "settings", None)  # what else decides the output (a processor's settings)
+            if settings is not None:
+                digest = hashlib.sha256(f"{digest}:{settings}".encode()).hexdigest()
+            self._digest = (stamp, digest)
         return self._digest[1]
 
     def __call__(self, trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -73,12 +97,19 @@ class FrozenOutputs:
         if x.shape[0] == 0:
             with torch.no_grad():
                 return trunk(x)
-        keys = row_keys(self.version(trunk), x)
+        version = self.version(trunk)
+        keys = row_keys(version, x)
         found = [self._outputs.get(key) for key in keys]
+        store = self._stored(version, keys, found)
         todo = [n for n, out in enumerate(found) if out is None]
         if todo:
             with torch.no_grad():
                 fresh = trunk(x[torch.tensor(todo, device=x.device)])  # (len(todo), ...)
+            computed = {}
             for n, out in zip(todo, fresh, strict=True):
-                found[n] = self._outputs[keys[n]] = out.detach().to("cpu", copy=True)  # not a view of the batch
+                found[n] = computed[keys[n]] = out.detach().to("cpu", copy=True)  # not a view of the batch
+            if store is None:
+                self._outputs.update(computed)
+            else:
+                store.put(computed)  # float32 on disk and in the store's memory
         return torch.stack([out for out in found if out is not None]).to(x.device)

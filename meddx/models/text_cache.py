@@ -1,9 +1,11 @@
-"""A content-addressed cache of frozen text-encoder outputs (chunk embeddings), in memory and on disk.
+"""A content-addressed cache of frozen encoder outputs (text chunk embeddings...), in memory and on disk.
 
 A frozen encoder gives the same embedding for the same tokens, so each chunk is computed once:
 the key is a hash of the encoder version and the chunk's ids and mask. On disk, each batch of new
 embeddings is one safetensors file (tensor name = key) under ``<folder>/<version>/``; they are read
-back on first use, so a later run skips the text model too. Never pickle.
+back on first use, so a later run skips the text model too. Never pickle. The frozen outputs of a
+hospital's own vision or audio model (:class:`meddx.models.frozen.FrozenOutputs` given a folder)
+are kept the same way, under the digest of that model's weights.
 """
 
 from __future__ import annotations
@@ -30,11 +32,11 @@ def chunk_keys(version: str, ids: torch.Tensor, mask: torch.Tensor) -> list[str]
     ]
 
 
-class TextEmbeddingCache:
-    """Chunk embeddings by key; optionally persisted under ``folder``.
+class EmbeddingCache:
+    """Outputs (chunk embeddings) by key; optionally persisted under ``folder``.
 
     Example:
-        >>> cache = TextEmbeddingCache(None, "v1")
+        >>> cache = EmbeddingCache(None, "v1")
         >>> cache.put({"ab": torch.ones(3)})
         >>> cache.get(["ab", "cd"])[1] is None
         True
@@ -84,3 +86,6 @@ class TextEmbeddingCache:
         final = self.folder / f"{uuid.uuid4().hex}.safetensors"
         with atomic_path(final, suffix=".partial") as partial:  # readers never see half a file
             save_file(fresh, str(partial))
+
+
+TextEmbeddingCache = EmbeddingCache  # the name the text encoder has always used

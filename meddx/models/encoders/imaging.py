@@ -57,13 +57,60 @@ class _DenseNetTrunk(nn.Module):
         return self.pool(torch.relu(self.features(x))).flatten(2)  # (N, C, T)
 
 
-def build_trunk(cfg: ImagingEncoderConfig) -> _ResNetTrunk | _DenseNetTrunk:
+class _MonaiTrunk(nn.Module):
+    """Any ``monai.networks.nets`` class (``network: monai``): its output, pooled to the token grid.
+
+    A network that ends in a vector ``(N, C)`` (``resnet10`` with ``feed_forward: false``,
+    ``DenseNet121`` with ``out_channels`` features) gives one token; one that ends in a feature map
+    ``(N, C, ...)`` is average-pooled to ``token_grid``. ``channels`` is set by the encoder's dry pass.
+    """
+
+    def __init__(self, net: nn.Module, grid: tuple[int, ...], spatial_dims: int):
+        super().__init__()
+        self.net = net
+        self.pool = (nn.AdaptiveAvgPool3d if spatial_dims == 3 else nn.AdaptiveAvgPool2d)(grid)
+        self.channels = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        if isinstance(out, (tuple, list)):  # some networks return (features, ...) or per-stage maps
+            out = out[-1] if isinstance(out, list) else out[0]
+        if out.dim() == 2:
+            return out.unsqueeze(2)  # (N, C, 1)
+        return self.pool(out).flatten(2)  # (N, C, T)
+
+
+def _monai_network(cfg: ImagingEncoderConfig) -> nn.Module:
+    """``monai.networks.nets.<monai_class>(**monai_kwargs)``; ConfigError naming what is wrong."""
+    from monai.networks import nets
+
+    name = cfg.monai_class or ""
+    network = None if name.startswith("_") else getattr(nets, name, None)
+    is_class = isinstance(network, type) and issubclass(network, nn.Module)
+    is_factory = callable(network) and str(getattr(network, "__module__", "")).startswith("monai.networks.nets")
+    if network is None or not (is_class or is_factory):  # classes, and factories such as resnet10
+        raise ConfigError(f"imaging.monai_class {name!r} is not a network class of monai.networks.nets")
+    kwargs: dict = {"spatial_dims": cfg.spatial_dims, **(cfg.monai_kwargs or {})}
+    try:
+        net = network(**kwargs)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
+        raise ConfigError(
+            f"imaging: monai.networks.nets.{name}(**{kwargs}) cannot be built: {str(exc)[:200]}"
+        ) from None
+    if not isinstance(net, nn.Module):
+        raise ConfigError(f"imaging.monai_class {name!r} does not build a network")
+    return net
+
+
+def build_trunk(cfg: ImagingEncoderConfig) -> _ResNetTrunk | _DenseNetTrunk | _MonaiTrunk:
     """The MONAI network named by ``cfg.network``, returning ``(N, C, T)`` feature tokens."""
     from monai.networks import nets
 
     dims = cfg.spatial_dims
     grid = cfg.token_grid if dims == 3 else cfg.token_grid[1:]
     net: nn.Module
+    if cfg.network == "monai":
+        return _MonaiTrunk(_monai_network(cfg), grid, dims)
     if cfg.network == "densenet121":
         net = nets.DenseNet121(spatial_dims=dims, in_channels=1, out_channels=1, norm=cfg.norm)
         channels = 1024
@@ -97,7 +144,7 @@ def build_trunk(cfg: ImagingEncoderConfig) -> _ResNetTrunk | _DenseNetTrunk:
     return _DenseNetTrunk(net, grid, channels, dims)
 
 
-def load_network_weights(trunk: _ResNetTrunk | _DenseNetTrunk, path: str | Path) -> None:
+def load_network_weights(trunk: _ResNetTrunk | _DenseNetTrunk | _MonaiTrunk, path: str | Path) -> None:
     """Load a local safetensors file into the network; a pickle file or a mismatch raises ModelError."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -109,7 +156,7 @@ def load_network_weights(trunk: _ResNetTrunk | _DenseNetTrunk, path: str | Path)
         state = load_file(str(path))
     except (OSError, SafetensorError) as exc:
         raise ModelError(f"imaging.weights {path} cannot be read as safetensors: {exc}") from None
-    target = trunk.net if isinstance(trunk, _ResNetTrunk) else trunk
+    target = trunk.net if isinstance(trunk, (_ResNetTrunk, _MonaiTrunk)) else trunk
     try:
         missing, unexpected = target.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shapes that differ
@@ -183,8 +230,16 @@ class ImagingEncoder(ModalityEncoder):
         self.trunk.eval()
         try:
             with torch.no_grad():
-                self.trunk(average_pool(blank, self.input_pool))
-        except RuntimeError as exc:
+                out = self.trunk(average_pool(blank, self.input_pool))  # (1, C, T)
+            if isinstance(self.trunk, _MonaiTrunk):
+                self.trunk.channels = int(out.shape[1])
+        except (RuntimeError, ValueError) as exc:
+            if cfg.network == "monai":
+                raise ConfigError(
+                    f"imaging: monai.networks.nets.{cfg.monai_class} does not run on a {depth}x{height}x{width} "
+                    f"volume of one channel ({str(exc)[:160]}); check imaging.monai_kwargs (one input channel, "
+                    "spatial_dims) and imaging.input_pool"
+                ) from None
             raise ConfigError(
                 f"imaging volume {depth}x{height}x{width} is too small for the {cfg.network} network "
                 f"({str(exc)[:120]}); use a larger imaging.spatial_size, a smaller imaging.input_pool "
