@@ -33,6 +33,7 @@ from meddx.synth import (
     bayes_ceiling,
     generate_cohort,
 )
+from meddx.synth.interactions import simulate
 
 COPD, HEART_FAILURE, METOPROLOL = "13645005", "84114007", "866924"
 SYMPTOMS = ("productive cough", "fever", "shortness of breath", "pleuritic chest pain", "chills", "fatigue")
@@ -193,6 +194,23 @@ def test_bayes_ceiling_is_deterministic_and_sensible() -> None:
     assert bayes_ceiling(20_000, seed=1, interactions=False, posterior="additive") == additive
     with pytest.raises(ValueError, match="posterior"):
         bayes_ceiling(1000, posterior="late")
+
+
+def test_simulate_follows_the_interaction_equations() -> None:
+    sim = simulate(20_000, seed=4)
+    for rule in INTERACTIONS:
+        held = sim.context[rule.context]
+        view = sim.views[rule.modality][held]
+        # with no gain the view says nothing of the label; with a negative gain it points the other way
+        auc = roc_auc_score(sim.label[held], view)
+        if rule.gain == 0:
+            assert abs(auc - 0.5) < 0.03, rule
+        elif rule.gain < 0:
+            assert auc < 0.35, rule
+        assert abs(float(view.mean()) - rule.offset) < 0.15, rule
+        assert roc_auc_score(sim.label[~held], sim.views[rule.modality][~held]) > 0.7, rule
+    assert not simulate(200, interactions=False).context
+    np.testing.assert_array_equal(simulate(500, seed=4).views["audio"], simulate(500, seed=4).views["audio"])
 
 
 def test_every_interaction_names_a_drawn_or_derived_context() -> None:

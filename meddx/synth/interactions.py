@@ -127,6 +127,58 @@ def _view_model(modality: str, view_noise: Mapping[str, float]) -> tuple[float, 
     return 0.0, 1.0, (HEART_RATE_NOISE if modality == "heart_rate" else view_noise[modality])
 
 
+@dataclass(frozen=True)
+class Simulation:
+    """Patients simulated as the generator plans them, before any file is written.
+
+    Attributes:
+        label: ``(n,)`` int labels.
+        views: the view of each modality (``heart_rate`` too with interactions), ``(n,)`` each.
+        present: whether each view's modality is there (``heart_rate``: the EHR or the monitor).
+        context: each context's truth (empty without interactions).
+        known: whether a present file states each context.
+    """
+
+    label: np.ndarray
+    views: dict[str, np.ndarray]
+    present: dict[str, np.ndarray]
+    context: dict[str, np.ndarray]
+    known: dict[str, np.ndarray]
+
+
+def simulate(n: int, seed: int = 0, *, interactions: bool = True) -> Simulation:
+    """Simulate ``n`` patients of the additive or the interacting cohort (deterministic for ``seed``).
+
+    Example:
+        >>> sim = simulate(1000, interactions=True)
+        >>> sorted(sim.context), round(float(sim.context["copd"].mean()), 1)
+        (['beta_blocker', 'copd', 'heart_failure', 'old'], 0.3)
+    """
+    from meddx.synth.cohort import MISSING_RATE, MODALITY_COLUMNS, VIEW_NOISE
+
+    if n < 100:
+        raise ValueError(f"n must be at least 100, got {n}")
+    rng = np.random.default_rng(seed)
+    severity = rng.normal(size=n)
+    label = (severity + LABEL_NOISE * rng.normal(size=n) > LABEL_THRESHOLD).astype(int)
+    present = {m: rng.random(n) >= MISSING_RATE for m in MODALITY_COLUMNS}
+    present["ehr"] |= ~np.any([present[m] for m in MODALITY_COLUMNS], axis=0)  # never all missing
+    views = {m: severity + VIEW_NOISE[m] * rng.normal(size=n) for m in MODALITY_COLUMNS}
+    context: dict[str, np.ndarray] = {}
+    known: dict[str, np.ndarray] = {}
+    if interactions:
+        ages = rng.integers(AGE_RANGE[0], AGE_RANGE[1] + 1, size=n)
+        context = {name: rng.random(n) < p for name, p in CONTEXT_PREVALENCE.items()}
+        context["old"] = ages >= OLD_AGE
+        present["heart_rate"] = present["ehr"] | present["device_logs"]
+        views["heart_rate"] = severity + HEART_RATE_NOISE * rng.normal(size=n)
+        for rule in INTERACTIONS:
+            replaced = rule.offset + rule.gain * severity + rule.noise * rng.normal(size=n)
+            views[rule.modality] = np.where(context[rule.context], replaced, views[rule.modality])
+        known = {c: np.any([present[m] for m in sources], axis=0) for c, sources in CONTEXT_SOURCES.items()}
+    return Simulation(label, views, present, context, known)
+
+
 def bayes_ceiling(
     n: int = 200_000, seed: int = 0, *, interactions: bool = True, posterior: str = "exact", chunk: int = 20_000
 ) -> float:
@@ -157,32 +209,13 @@ def bayes_ceiling(
     from scipy.stats import norm
 
     from meddx.metrics import auroc
-    from meddx.synth.cohort import MISSING_RATE, MODALITY_COLUMNS, VIEW_NOISE
+    from meddx.synth.cohort import VIEW_NOISE
 
     if posterior not in ("exact", "additive"):
         raise ValueError(f"posterior must be 'exact' or 'additive', got {posterior!r}")
-    if n < 100:
-        raise ValueError(f"n must be at least 100, got {n}")
-    rng = np.random.default_rng(seed)
-    severity = rng.normal(size=n)
-    label = (severity + LABEL_NOISE * rng.normal(size=n) > LABEL_THRESHOLD).astype(int)
-    present = {m: rng.random(n) >= MISSING_RATE for m in MODALITY_COLUMNS}
-    present["ehr"] |= ~np.any([present[m] for m in MODALITY_COLUMNS], axis=0)  # never all missing
-    views = {m: severity + VIEW_NOISE[m] * rng.normal(size=n) for m in MODALITY_COLUMNS}
-    modalities = list(MODALITY_COLUMNS)
-    context: dict[str, np.ndarray] = {}
-    known: dict[str, np.ndarray] = {}
-    if interactions:
-        ages = rng.integers(AGE_RANGE[0], AGE_RANGE[1] + 1, size=n)
-        context = {name: rng.random(n) < p for name, p in CONTEXT_PREVALENCE.items()}
-        context["old"] = ages >= OLD_AGE
-        present["heart_rate"] = present["ehr"] | present["device_logs"]
-        views["heart_rate"] = severity + HEART_RATE_NOISE * rng.normal(size=n)
-        modalities.append("heart_rate")
-        for rule in INTERACTIONS:
-            replaced = rule.offset + rule.gain * severity + rule.noise * rng.normal(size=n)
-            views[rule.modality] = np.where(context[rule.context], replaced, views[rule.modality])
-        known = {c: np.any([present[m] for m in sources], axis=0) for c, sources in CONTEXT_SOURCES.items()}
+    sim = simulate(n, seed, interactions=interactions)
+    label, views, present, context, known = sim.label, sim.views, sim.present, sim.context, sim.known
+    modalities = list(views)
     prior = dict(CONTEXT_PREVALENCE, old=old_prevalence())
 
     grid = np.linspace(-6.0, 6.0, 121)
