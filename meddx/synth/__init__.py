@@ -54,15 +54,8 @@ Example:
 """
 
 from meddx.synth.audio import write_lung_sound
-from meddx.synth.cohort import (
-    LABEL_COLUMN,
-    MANIFEST_COLUMNS,
-    MISSING_RATE,
-    MODALITY_COLUMNS,
-    VIEW_NOISE,
-    generate_cohort,
-)
-from meddx.synth.common import LABEL_NOISE, LABEL_THRESHOLD
+from meddx.synth.cohort import LABEL_COLUMN, MANIFEST_COLUMNS, generate_cohort
+from meddx.synth.common import LABEL_NOISE, LABEL_THRESHOLD, MISSING_RATE, MODALITY_COLUMNS, VIEW_NOISE
 from meddx.synth.ct import write_ct_series
 from meddx.synth.device_logs import write_device_log
 from meddx.synth.fhir import DISEASE_SNOMED, POST_INDEX_TAG, write_fhir_bundle

@@ -12,7 +12,16 @@ from pathlib import Path
 import numpy as np
 
 from meddx.synth.audio import write_lung_sound
-from meddx.synth.common import FAMILY_NAMES, GIVEN_NAMES, LABEL_NOISE, iso, label_from_severity
+from meddx.synth.common import (
+    FAMILY_NAMES,
+    GIVEN_NAMES,
+    LABEL_NOISE,
+    MISSING_RATE,
+    MODALITY_COLUMNS,
+    VIEW_NOISE,
+    iso,
+    label_from_severity,
+)
 from meddx.synth.ct import write_ct_series
 from meddx.synth.device_logs import write_device_log
 from meddx.synth.fhir import write_fhir_bundle
@@ -38,19 +47,6 @@ MANIFEST_COLUMNS = (
     "sex",
     "age",
 )
-MODALITY_COLUMNS = ("imaging", "ehr", "notes", "device_logs", "audio", "video")
-
-# Standard deviation of the nuisance each modality's view adds to the hidden severity.
-# Tuned so that one simple feature per modality gives AUROC ~0.7-0.83 and all six ~0.88-0.92.
-VIEW_NOISE: dict[str, float] = {
-    "imaging": 1.0,
-    "ehr": 1.15,
-    "notes": 1.1,
-    "device_logs": 1.1,
-    "audio": 1.1,
-    "video": 1.0,
-}
-MISSING_RATE = 0.10
 
 _BASE_DATE = datetime(2024, 1, 1, tzinfo=timezone.utc)
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from meddx.synth.common import LABEL_NOISE, LABEL_THRESHOLD
+from meddx.synth.common import LABEL_NOISE, LABEL_THRESHOLD, MISSING_RATE, MODALITY_COLUMNS, VIEW_NOISE
 
 # Contexts drawn per patient (prevalence) and the age that counts as old.
 CONTEXT_PREVALENCE: dict[str, float] = {"heart_failure": 0.25, "copd": 0.30, "beta_blocker": 0.30}
@@ -154,8 +154,6 @@ def simulate(n: int, seed: int = 0, *, interactions: bool = True) -> Simulation:
         >>> sorted(sim.context), round(float(sim.context["copd"].mean()), 1)
         (['beta_blocker', 'copd', 'heart_failure', 'old'], 0.3)
     """
-    from meddx.synth.cohort import MISSING_RATE, MODALITY_COLUMNS, VIEW_NOISE
-
     if n < 100:
         raise ValueError(f"n must be at least 100, got {n}")
     rng = np.random.default_rng(seed)
@@ -209,8 +207,6 @@ def bayes_ceiling(
     from scipy.stats import norm
 
     from meddx.metrics import auroc
-    from meddx.synth.cohort import VIEW_NOISE
-
     if posterior not in ("exact", "additive"):
         raise ValueError(f"posterior must be 'exact' or 'additive', got {posterior!r}")
     sim = simulate(n, seed, interactions=interactions)
