@@ -207,6 +207,7 @@ def bayes_ceiling(
     from scipy.stats import norm
 
     from meddx.metrics import auroc
+
     if posterior not in ("exact", "additive"):
         raise ValueError(f"posterior must be 'exact' or 'additive', got {posterior!r}")
     sim = simulate(n, seed, interactions=interactions)
