@@ -232,6 +232,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="default: meddx.finetune's")
     parser.add_argument("--learning-rate", type=float, default=None, help="default: the mode's")
     parser.add_argument("--dropout", type=float, default=None, help="the backbone's; default: BackboneConfig's")
+    parser.add_argument("--n-layers", type=int, default=None, help="fusion layers; default: BackboneConfig's")
     args = parser.parse_args()
 
     import torch
@@ -251,8 +252,9 @@ def main() -> None:
     chosen = {"batch_size": args.batch_size, "learning_rate": args.learning_rate}
     settings = {name: value for name, value in chosen.items() if value is not None}
     settings.update(mode=args.mode, epochs=args.epochs, cache_dir=cache, workers=2, progress=False, seed=0)
-    if args.dropout is not None:
-        settings["backbone_config"] = BackboneConfig(dropout=args.dropout)
+    backbone = {"dropout": args.dropout, "n_layers": args.n_layers}
+    if any(value is not None for value in backbone.values()):
+        settings["backbone_config"] = BackboneConfig(**{k: v for k, v in backbone.items() if v is not None})
     table = []
     started = time.perf_counter()
     fused = finetune(manifest, runs / "fused", **settings)
@@ -295,6 +297,7 @@ def main() -> None:
         f"mode={args.mode}, at most {args.epochs or 'the default number of'} epochs; test split of {scores['rows']} "
         f"patients; fused: best epoch {info['best_epoch']} of {info['epochs_run']}, lr {info['learning_rate']}, "
         f"batch {info['batch_size']}, dropout {fused.backbone.config.dropout}, "
+        f"fusion layers {fused.backbone.config.n_layers}, "
         f"schedule {info.get('schedule')}, validation AUROC by epoch {[round(v, 3) for v in fused.metrics['history']]}"
     )
     print(f"{'model':<32}{'AUROC':>8}{'ECE raw':>9}{'ECE cal':>9}{'cover':>8}{'fit s':>8}")
