@@ -120,7 +120,7 @@ def _flat(arrays: dict) -> np.ndarray:
     return torch.cat(parts).numpy()
 
 
-def late_fusion(prepared) -> dict[str, float]:
+def late_fusion(prepared) -> dict:
     """Test AUROC of per-modality logistic regressions, their logits averaged or stacked.
 
     One logistic regression per modality on its pooled tensors (fitted on train, C picked on
@@ -128,7 +128,8 @@ def late_fusion(prepared) -> dict[str, float]:
     **Stacked**: a second logistic regression on the per-modality logits, fitted on the
     validation rows; a missing modality's logit is 0 and a presence indicator per modality
     lets the stacker shift its intercept for it, so it learns both how much to trust each
-    modality and what a missing one says.
+    modality and what a missing one says. Also returns each modality's own logistic regression's
+    test AUROC (``singles``, on the test rows that have the modality).
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
@@ -137,6 +138,7 @@ def late_fusion(prepared) -> dict[str, float]:
 
     data = {s: pooled_features(prepared.dataset(split=s)) for s in ("train", "val", "test")}
     (_, yt), (_, yv), (_, ys) = data["train"], data["val"], data["test"]
+    singles: dict[str, float] = {}
     logits: dict[str, list[np.ndarray]] = {"val": [], "test": []}
     present: dict[str, list[np.ndarray]] = {"val": [], "test": []}
     for modality in MODALITIES:
@@ -148,6 +150,7 @@ def late_fusion(prepared) -> dict[str, float]:
             score = roc_auc_score(yv[hv], model.decision_function(xv[hv]))
             if best is None or score > best[0]:
                 best = (score, model)
+        singles[modality] = float(roc_auc_score(ys[hs], best[1].decision_function(xs[hs])))
         for split, x, has in (("val", xv, hv), ("test", xs, hs)):
             logits[split].append(np.where(has, best[1].decision_function(x), 0.0))
             present[split].append(has.astype(float))
@@ -159,7 +162,11 @@ def late_fusion(prepared) -> dict[str, float]:
     stacked = stacker.decision_function(np.hstack([test_logits, test_has]))
     weights = ", ".join(f"{m} {w:+.2f}" for m, w in zip(MODALITIES, stacker.coef_[0], strict=False))
     print(f"  stacked late fusion: weights on the logits {weights}")
-    return {"averaged": float(roc_auc_score(ys, averaged)), "stacked": float(roc_auc_score(ys, stacked))}
+    return {
+        "averaged": float(roc_auc_score(ys, averaged)),
+        "stacked": float(roc_auc_score(ys, stacked)),
+        "singles": singles,
+    }
 
 
 def bayes_ceiling(cohort: str = "additive", n: int = 400_000, seed: int = 0, posterior: str = "exact") -> float:
@@ -229,6 +236,7 @@ def main() -> None:
     parser.add_argument("--n-patients", type=int, default=N_PATIENTS, help="cohort size (default: the shared 3000)")
     parser.add_argument("--epochs", type=int, default=None, help="at most this many epochs (default: the mode's)")
     parser.add_argument("--skip-singles", action="store_true", help="only the fused model and late fusion")
+    parser.add_argument("--reuse", action="store_true", help="score the fused model an earlier run saved")
     parser.add_argument("--batch-size", type=int, default=None, help="default: meddx.finetune's")
     parser.add_argument("--learning-rate", type=float, default=None, help="default: the mode's")
     parser.add_argument("--dropout", type=float, default=None, help="the backbone's; default: BackboneConfig's")
@@ -257,8 +265,14 @@ def main() -> None:
         settings["backbone_config"] = BackboneConfig(**{k: v for k, v in backbone.items() if v is not None})
     table = []
     started = time.perf_counter()
-    fused = finetune(manifest, runs / "fused", **settings)
-    fused_seconds = time.perf_counter() - started
+    if args.reuse and (runs / "fused" / "model.safetensors").is_file():
+        from meddx.models.diagnosis import DiagnosisModel
+
+        fused = DiagnosisModel.from_pretrained(runs / "fused", cache_dir=cache / "text-embeddings").eval()
+        fused_seconds = float("nan")  # fitted by an earlier run, which printed its fit time
+    else:
+        fused = finetune(manifest, runs / "fused", **settings)
+        fused_seconds = time.perf_counter() - started
     scores = test_scores(fused, manifest, cache)
     print(
         f"fused: test AUROC {scores['auroc']:.3f}, ECE {scores['ece_before']:.3f} -> {scores['ece_after']:.3f}, "
@@ -281,6 +295,8 @@ def main() -> None:
     nan = float("nan")
     table.append(("late fusion, averaged logits", late["averaged"], nan, nan, nan, late_seconds))
     table.append(("late fusion, stacked logits", late["stacked"], nan, nan, nan, late_seconds))
+    for modality, value in late["singles"].items():
+        table.append((f"{modality} alone (LR, as in late fusion)", value, nan, nan, nan, nan))
     print(f"late fusion: test AUROC averaged {late['averaged']:.3f}, stacked {late['stacked']:.3f}", flush=True)
     if not args.skip_singles:
         for modality in MODALITIES:
@@ -311,14 +327,14 @@ def main() -> None:
     for group, (n, cov) in scores["groups"].items():
         note = "" if n >= 100 else "  (fewer than 100 rows: not judged)"
         print(f"  {group:<22} {n:>4} rows  coverage {cov:.3f}{note}")
-    singles = table[3:]
+    singles = [row for row in table[3:] if "(LR" not in row[0]]
     if singles:
         best_single = max(singles, key=lambda r: r[1])
         print(f"\nfused - best single ({best_single[0]}): {table[0][1] - best_single[1]:+.3f}")
     ceiling = bayes_ceiling(args.cohort)
-    best_late = max(late.values())
+    best_late = max(late["averaged"], late["stacked"])
     fused_auroc = table[0][1]
-    gaps = {name: fused_auroc - value for name, value in late.items()}
+    gaps = {name: fused_auroc - late[name] for name in ("averaged", "stacked")}
     print(f"fused - late fusion: averaged {gaps['averaged']:+.3f}, stacked {gaps['stacked']:+.3f}")
     print(
         f"Bayes ceiling of the {args.cohort} cohort: {ceiling:.3f} (the exact posterior from error-free views and "
