@@ -316,9 +316,9 @@ def main() -> None:
         f"fusion layers {fused.backbone.config.n_layers}, "
         f"schedule {info.get('schedule')}, validation AUROC by epoch {[round(v, 3) for v in fused.metrics['history']]}"
     )
-    print(f"{'model':<32}{'AUROC':>8}{'ECE raw':>9}{'ECE cal':>9}{'cover':>8}{'fit s':>8}")
+    print(f"{'model':<44}{'AUROC':>8}{'ECE raw':>9}{'ECE cal':>9}{'cover':>8}{'fit s':>8}")
     for name, auc, e0, e1, cov, seconds in table:
-        print(f"{name:<32}{auc:>8.3f}{e0:>9.3f}{e1:>9.3f}{cov:>8.3f}{seconds:>8.0f}")
+        print(f"{name:<44}{auc:>8.3f}{e0:>9.3f}{e1:>9.3f}{cov:>8.3f}{seconds:>8.0f}")
     print(
         f"\nfused, test: mean uncalibrated probability {scores['mean_raw_p']:.3f}, "
         f"prevalence {scores['prevalence']:.3f}"
