@@ -1,4 +1,4 @@
-"""The generated cohort the model benchmarks share (3000 patients, seed 11), made once.
+"""The generated cohorts the model benchmarks share (3000 patients, seed 11; additive or interacting), made once.
 
 It lives under ``benchmarks/out/`` (ignored by git); delete the folder to make it again.
 Generating and ingesting it the first time takes several minutes on a 2-core machine.
@@ -15,14 +15,18 @@ N_PATIENTS = 3000
 SEED = 11
 
 
-def bench_cohort(n_patients: int = N_PATIENTS, seed: int = SEED) -> Path:
-    """The manifest of the shared cohort, generating it when absent."""
+def bench_cohort(n_patients: int = N_PATIENTS, seed: int = SEED, *, interactions: bool = False) -> Path:
+    """The manifest of the shared cohort, generating it when absent.
+
+    ``interactions=True``: the same patients with interacting modalities
+    (``generate_cohort(..., interactions=True)``, :mod:`meddx.synth.interactions`), in a folder of its own.
+    """
     from meddx.synth import generate_cohort
 
-    folder = OUT / f"cohort-{n_patients}-seed{seed}"
+    folder = OUT / (f"cohort-{n_patients}-seed{seed}" + ("-interaction" if interactions else ""))
     manifest = folder / "manifest.csv"
     if not manifest.is_file():
-        generate_cohort(folder, n_patients=n_patients, seed=seed)
+        generate_cohort(folder, n_patients=n_patients, seed=seed, interactions=interactions)
     return manifest
 
 

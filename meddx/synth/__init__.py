@@ -38,6 +38,11 @@ JSON keys are sorted. Changing one writer does not shift the others' draws.
 calibration offset, notes from a ward-round template, another age range; see
 :class:`Shift` and :data:`SITE_SHIFTS`), for testing out-of-distribution detection.
 
+``generate_cohort(..., interactions=True)`` writes the same patients with clinical context
+(heart failure, COPD, a beta-blocker, old age) that changes what the CT, the monitor, the
+lung sound and the note mean (:mod:`meddx.synth.interactions`, each interaction with its
+equation); :func:`bayes_ceiling` is the AUROC of the exact posterior of either cohort.
+
 Example:
     >>> import tempfile
     >>> from meddx.cohort import load_cohort
@@ -49,34 +54,33 @@ Example:
 """
 
 from meddx.synth.audio import write_lung_sound
-from meddx.synth.cohort import (
-    LABEL_COLUMN,
-    MANIFEST_COLUMNS,
-    MISSING_RATE,
-    MODALITY_COLUMNS,
-    VIEW_NOISE,
-    generate_cohort,
-)
-from meddx.synth.common import LABEL_NOISE, LABEL_THRESHOLD
+from meddx.synth.cohort import LABEL_COLUMN, MANIFEST_COLUMNS, generate_cohort
+from meddx.synth.common import LABEL_NOISE, LABEL_THRESHOLD, MISSING_RATE, MODALITY_COLUMNS, VIEW_NOISE
 from meddx.synth.ct import write_ct_series
 from meddx.synth.device_logs import write_device_log
 from meddx.synth.fhir import DISEASE_SNOMED, POST_INDEX_TAG, write_fhir_bundle
+from meddx.synth.interactions import CONTEXT_PREVALENCE, INTERACTIONS, OLD_AGE, Interaction, bayes_ceiling
 from meddx.synth.notes import write_note
 from meddx.synth.shift import SITE_SHIFTS, Shift
 from meddx.synth.video import write_pulse_video
 
 __all__ = [
+    "CONTEXT_PREVALENCE",
     "DISEASE_SNOMED",
+    "INTERACTIONS",
+    "Interaction",
     "LABEL_COLUMN",
     "LABEL_NOISE",
     "LABEL_THRESHOLD",
     "MANIFEST_COLUMNS",
     "MISSING_RATE",
     "MODALITY_COLUMNS",
+    "OLD_AGE",
     "POST_INDEX_TAG",
     "SITE_SHIFTS",
     "Shift",
     "VIEW_NOISE",
+    "bayes_ceiling",
     "generate_cohort",
     "write_ct_series",
     "write_device_log",

@@ -5,17 +5,27 @@ from __future__ import annotations
 import csv
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
 
 from meddx.synth.audio import write_lung_sound
-from meddx.synth.common import FAMILY_NAMES, GIVEN_NAMES, LABEL_NOISE, iso, label_from_severity
+from meddx.synth.common import (
+    FAMILY_NAMES,
+    GIVEN_NAMES,
+    LABEL_NOISE,
+    MISSING_RATE,
+    MODALITY_COLUMNS,
+    VIEW_NOISE,
+    iso,
+    label_from_severity,
+)
 from meddx.synth.ct import write_ct_series
 from meddx.synth.device_logs import write_device_log
 from meddx.synth.fhir import write_fhir_bundle
+from meddx.synth.interactions import NOTE_HISTORY, draw_context, interacting_views
 from meddx.synth.notes import write_note
 from meddx.synth.shift import Shift
 from meddx.synth.video import write_pulse_video
@@ -37,25 +47,12 @@ MANIFEST_COLUMNS = (
     "sex",
     "age",
 )
-MODALITY_COLUMNS = ("imaging", "ehr", "notes", "device_logs", "audio", "video")
-
-# Standard deviation of the nuisance each modality's view adds to the hidden severity.
-# Tuned so that one simple feature per modality gives AUROC ~0.7-0.83 and all six ~0.88-0.92.
-VIEW_NOISE: dict[str, float] = {
-    "imaging": 1.0,
-    "ehr": 1.15,
-    "notes": 1.1,
-    "device_logs": 1.1,
-    "audio": 1.1,
-    "video": 1.0,
-}
-MISSING_RATE = 0.10
 
 _BASE_DATE = datetime(2024, 1, 1, tzinfo=timezone.utc)
 
 # Streams of per-patient random draws (see _patient_rng): one per modality, so that
 # changing how one writer draws does not shift any other writer's output.
-_STREAMS = {"patient": 0, "imaging": 1, "ehr": 2, "notes": 3, "device_logs": 4, "audio": 5, "video": 6}
+_STREAMS = {"patient": 0, "imaging": 1, "ehr": 2, "notes": 3, "device_logs": 4, "audio": 5, "video": 6, "context": 7}
 
 
 def _patient_rng(seed: int, patient: int, stream: str) -> np.random.Generator:
@@ -74,8 +71,9 @@ class _PatientPlan:
     """Everything drawn for one patient before any file is written."""
 
     patient_id: str
+    severity: float
     label: int
-    views: dict[str, float]  # the severity each modality sees
+    views: dict[str, float]  # the severity each modality sees (and "heart_rate" with interactions)
     missing: dict[str, bool]
     sex: str
     age: int
@@ -88,6 +86,7 @@ class _PatientPlan:
     audio_channels: int
     video_suffix: str
     acquisition_time: datetime
+    context: dict[str, bool] | None = None  # the interacting cohort's (meddx.synth.interactions)
 
 
 def _plan_patient(seed: int, i: int, ages: tuple[int, int] = (22, 90)) -> _PatientPlan:
@@ -107,6 +106,7 @@ def _plan_patient(seed: int, i: int, ages: tuple[int, int] = (22, 90)) -> _Patie
     )
     return _PatientPlan(
         patient_id=f"P{i + 1:04d}",
+        severity=severity,
         label=label,
         views=views,
         missing=missing,
@@ -124,9 +124,19 @@ def _plan_patient(seed: int, i: int, ages: tuple[int, int] = (22, 90)) -> _Patie
     )
 
 
+def _with_interactions(plan: _PatientPlan, seed: int, i: int) -> _PatientPlan:
+    """The plan of the interacting cohort: context drawn from its own stream, views it moves replaced."""
+    rng = _patient_rng(seed, i, "context")
+    context = draw_context(rng, plan.age)
+    return replace(plan, context=context, views=interacting_views(plan.severity, plan.views, context, rng))
+
+
 def _write_modality(modality: str, plan: _PatientPlan, folder: Path, rng: np.random.Generator, shift: Shift) -> Path:
     """Write one modality of a planned patient; returns the path the manifest names."""
     severity = plan.views[modality]
+    heart_rate = plan.views.get("heart_rate")  # only the interacting cohort has one
+    context = plan.context
+    history = None if context is None else [text for name, text in NOTE_HISTORY.items() if context[name]]
     if modality == "imaging":
         write_ct_series(
             folder / "ct",
@@ -153,9 +163,13 @@ def _write_modality(modality: str, plan: _PatientPlan, folder: Path, rng: np.ran
             temperature_unit=plan.temperature_unit,
             label=plan.label,
             patient_name=plan.name,
+            context=context,
+            heart_rate_severity=heart_rate,
         )
     if modality == "notes":
-        return write_note(folder / "note.txt", severity=severity, rng=rng, template=shift.note_template)
+        return write_note(
+            folder / "note.txt", severity=severity, rng=rng, template=shift.note_template, history=history
+        )
     if modality == "device_logs":
         return write_device_log(
             folder / "vitals.csv",
@@ -165,6 +179,7 @@ def _write_modality(modality: str, plan: _PatientPlan, folder: Path, rng: np.ran
             label=plan.label,
             interval_s=shift.device_interval_s,
             offset=shift.device_offset,
+            heart_rate_severity=heart_rate,
         )
     if modality == "audio":
         return write_lung_sound(
@@ -180,7 +195,9 @@ def _write_modality(modality: str, plan: _PatientPlan, folder: Path, rng: np.ran
     raise ValueError(f"unknown modality {modality!r}")
 
 
-def generate_cohort(out: str | Path, n_patients: int = 60, seed: int = 7, *, shift: Shift | None = None) -> Path:
+def generate_cohort(
+    out: str | Path, n_patients: int = 60, seed: int = 7, *, shift: Shift | None = None, interactions: bool = False
+) -> Path:
     """Generate a synthetic cohort in the real formats and write its ``manifest.csv``.
 
     Files go under ``out/patients/<id>/``; the manifest holds paths relative to ``out``,
@@ -195,6 +212,11 @@ def generate_cohort(out: str | Path, n_patients: int = 60, seed: int = 7, *, shi
         shift: generate as another site would (see :class:`~meddx.synth.shift.Shift`): the
             same patients, severities, labels and splits as without it, with one modality's
             files (or the ages) changed; None (or ``Shift()``) writes the default output.
+        interactions: write the interacting cohort (:mod:`meddx.synth.interactions`): the same
+            patients, severities, labels, missing modalities and splits, plus clinical context
+            (heart failure, COPD, a beta-blocker in the EHR and the note; age) that changes
+            what the CT, the monitor, the lung sound and the note mean. False: the additive
+            default, byte for byte as before.
 
     Returns:
         The path of ``manifest.csv``.
@@ -217,6 +239,8 @@ def generate_cohort(out: str | Path, n_patients: int = 60, seed: int = 7, *, shi
     rows: list[dict[str, str]] = []
     for i in range(n_patients):
         plan = _plan_patient(seed, i, ages)
+        if interactions:
+            plan = _with_interactions(plan, seed, i)
         folder = out / "patients" / plan.patient_id
         if folder.exists():  # stale files (e.g. old CT slices) would join the new series
             shutil.rmtree(folder)

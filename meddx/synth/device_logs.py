@@ -23,6 +23,7 @@ def write_device_log(
     post_index_minutes: int = 30,
     interval_s: int = 60,
     offset: float = 0.0,
+    heart_rate_severity: float | None = None,
 ) -> Path:
     """Write a long monitor log CSV ``timestamp,channel,value`` ending after ``index_time``.
 
@@ -33,6 +34,8 @@ def write_device_log(
     them). Severity lowers spo2 and raises resp_rate a little. ``interval_s`` samples every
     that many seconds instead of each minute (gaps and artefacts then count in samples);
     ``offset`` is a calibration offset added to every value (spo2 still capped at 100).
+    ``heart_rate_severity`` drives the heart rate instead of ``severity`` (the interacting
+    cohort gives the heart rate a view of its own, which a beta-blocker blunts).
 
     Example:
         >>> import tempfile
@@ -57,7 +60,7 @@ def write_device_log(
         steps = rng.normal(0.0, scale, size=n)
         return np.cumsum(steps) - np.cumsum(steps).mean()
 
-    base_hr = 78 + 6 * severity + rng.normal(0.0, 7.0)
+    base_hr = 78 + 6 * (severity if heart_rate_severity is None else heart_rate_severity) + rng.normal(0.0, 7.0)
     base_spo2 = 97.0 - 0.9 * severity + rng.normal(0.0, 0.6)
     base_rr = 16.5 + 1.6 * severity + rng.normal(0.0, 1.6)
     values = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import uuid
+from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from meddx.synth.fhir_resources import (
     COND_CATEGORY,
     COND_CLINICAL,
     COND_VERIFY,
+    CONTEXT_CONDITIONS,
+    COPD_SNOMED,
     LOINC,
     OBS_CATEGORY,
     RXNORM,
@@ -50,6 +53,8 @@ def write_fhir_bundle(
     temperature_unit: str = "Cel",
     label: int | None = None,
     patient_name: str | None = None,
+    context: Mapping[str, bool] | None = None,
+    heart_rate_severity: float | None = None,
 ) -> Path:
     """Write a FHIR R4 ``collection`` Bundle for one patient (valid for fhir.resources R4B).
 
@@ -73,6 +78,10 @@ def write_fhir_bundle(
         temperature_unit: ``"Cel"`` or ``"[degF]"``.
         label: the true label, for the planted post-index resources; from ``severity`` if None.
         patient_name: ``Family^Given``; a fake one when None.
+        context: the interacting cohort's context (:mod:`meddx.synth.interactions`): COPD
+            is then written when ``context["copd"]`` (not drawn), and heart failure (with
+            furosemide) and a beta-blocker (metoprolol) when theirs hold. None: the default.
+        heart_rate_severity: drives the heart-rate vital signs instead of ``severity``.
 
     Example:
         >>> import json, tempfile
@@ -172,7 +181,7 @@ def write_fhir_bundle(
         when = arrival + timedelta(minutes=int(rng.integers(0, int((index_time - arrival).total_seconds() // 60))))
         temp_c = 37.0 + 0.45 * severity + rng.normal(0.0, 0.35)
         temp = temp_c * 9 / 5 + 32 if temperature_unit == "[degF]" else temp_c
-        heart_rate = 82 + 7 * severity + rng.normal(0.0, 8.0)
+        heart_rate = 82 + 7 * (severity if heart_rate_severity is None else heart_rate_severity) + rng.normal(0.0, 8.0)
         spo2 = min(100.0, 96.5 - 1.2 * severity + rng.normal(0.0, 1.2))
         resources.append(
             observation(
@@ -216,9 +225,16 @@ def write_fhir_bundle(
             )
         )
     # Chronic conditions (independent of severity) and their medications.
-    for snomed, display, (rxnorm, drug) in COMORBIDITIES:
-        if rng.random() >= 0.25:
-            continue
+    chronic = list(COMORBIDITIES)
+    if context is not None:  # after the default ones, so that their draws stay in place
+        chronic += [entry for name, entry in CONTEXT_CONDITIONS.items() if context[name]]
+    for j, (snomed, display, (rxnorm, drug)) in enumerate(chronic):
+        if j < len(COMORBIDITIES):  # drawn; COPD decided by the context when there is one
+            drawn = rng.random() < 0.25
+            if context is not None and snomed == COPD_SNOMED:
+                drawn = bool(context["copd"])
+            if not drawn:
+                continue
         onset = index_time - timedelta(days=int(rng.integers(200, 4000)))
         resources.append(
             {

@@ -44,6 +44,17 @@ COMORBIDITIES = (
         ("896209", "tiotropium 0.0025 MG/ACTUAT Inhalation Spray"),
     ),
 )
+COPD_SNOMED = "13645005"
+# What the interacting cohort writes for its contexts (a heart failure with its diuretic; a
+# beta-blocker, prescribed for atrial fibrillation); COPD is the entry of COMORBIDITIES above.
+CONTEXT_CONDITIONS = {
+    "heart_failure": ("84114007", "Heart failure (disorder)", ("310429", "furosemide 20 MG Oral Tablet")),
+    "beta_blocker": (
+        "49436004",
+        "Atrial fibrillation (disorder)",
+        ("866924", "metoprolol succinate 50 MG 24HR Extended Release Oral Tablet"),
+    ),
+}
 
 
 def birth_date(index_time: datetime, age: int, rng: np.random.Generator) -> date:

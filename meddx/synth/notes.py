@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,14 @@ _NOTE_FILLERS = (
 )
 
 
-def write_note(path: str | Path, *, severity: float, rng: np.random.Generator, template: str = "ed") -> Path:
+def write_note(
+    path: str | Path,
+    *,
+    severity: float,
+    rng: np.random.Generator,
+    template: str = "ed",
+    history: Sequence[str] | None = None,
+) -> Path:
     """Write a UTF-8 clinician note whose symptom phrases depend on severity.
 
     Each symptom is reported with probability ``sigmoid(1.3 * severity + offset)``;
@@ -36,6 +44,8 @@ def write_note(path: str | Path, *, severity: float, rng: np.random.Generator, t
     examination line reads "crackles" or "clear to auscultation" in the same way.
     ``template="ward"`` writes the same draws as a ward-round SOAP note (another site's
     template: other headings, "reports"/"negative for" phrasing); ``"ed"`` is the default.
+    ``history`` (the interacting cohort's context, e.g. ``["COPD on tiotropium"]``) adds a
+    past-medical-history line ("nil of note" when empty); None (the default) writes none.
 
     Example:
         >>> import tempfile
@@ -59,7 +69,7 @@ def write_note(path: str | Path, *, severity: float, rng: np.random.Generator, t
             negatives.append(negative)
     days = int(rng.integers(1, 8))
     if template == "ward":
-        return _write_ward_note(path, positives, negatives, days, severity, rng)
+        return _write_ward_note(path, positives, negatives, days, severity, rng, history)
     lines = ["EMERGENCY DEPARTMENT NOTE", ""]
     if positives:
         lines.append(f"Chief complaint: {positives[0]}.")
@@ -69,6 +79,8 @@ def write_note(path: str | Path, *, severity: float, rng: np.random.Generator, t
         hpi = f"HPI: Patient presents feeling unwell for {days} day(s) without specific complaints."
     lines += ["", hpi]
     lines += [f"{n[0].upper()}{n[1:]}." for n in negatives]
+    if history is not None:
+        lines += ["", "Past medical history: " + ("; ".join(history) if history else "nil of note") + "."]
     fillers = rng.choice(len(_NOTE_FILLERS), size=int(rng.integers(1, 4)), replace=False)
     lines += ["", "Social history: " + " ".join(_NOTE_FILLERS[j] for j in sorted(fillers))]
     crackles = rng.random() < 1.0 / (1.0 + math.exp(-(1.3 * severity - 0.5)))
@@ -89,7 +101,13 @@ def write_note(path: str | Path, *, severity: float, rng: np.random.Generator, t
 
 
 def _write_ward_note(
-    path: Path, positives: list[str], negatives: list[str], days: int, severity: float, rng: np.random.Generator
+    path: Path,
+    positives: list[str],
+    negatives: list[str],
+    days: int,
+    severity: float,
+    rng: np.random.Generator,
+    history: Sequence[str] | None,
 ) -> Path:
     """The ward-round SOAP template: the same findings as the ED note, drawn in the same order."""
     fillers = rng.choice(len(_NOTE_FILLERS), size=int(rng.integers(1, 4)), replace=False)
@@ -101,6 +119,8 @@ def _write_ward_note(
     lines.append("S: Reports " + (", ".join(positives) if positives else "feeling generally unwell") + ".")
     if negated:
         lines.append("   Negative for " + ", ".join(negated) + ".")
+    if history is not None:
+        lines.append("   PMH: " + ("; ".join(history) if history else "nil of note") + ".")
     lines.append("   SH: " + " ".join(_NOTE_FILLERS[j] for j in sorted(fillers)))
     chest = f"{side}-sided basal crepitations." if crackles else "good air entry, no added sounds."
     lines.append("O: Chest - " + chest)
