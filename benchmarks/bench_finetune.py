@@ -120,6 +120,24 @@ def _flat(arrays: dict) -> np.ndarray:
     return torch.cat(parts).numpy()
 
 
+def best_logistic(train: tuple, val: tuple) -> tuple:
+    """``(validation AUROC, model)`` of the standardised logistic regression whose C (0.001, 0.01, 0.1)
+    scores best on ``val``; ``train`` and ``val`` are ``(x, y)``."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    best = None
+    for c in (0.001, 0.01, 0.1):
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=3000))
+        model.fit(*train)
+        score = roc_auc_score(val[1], model.decision_function(val[0]))
+        if best is None or score > best[0]:
+            best = (score, model)
+    return best
+
+
 def late_fusion(prepared) -> dict:
     """Test AUROC of per-modality logistic regressions, their logits averaged or stacked.
 
@@ -133,8 +151,6 @@ def late_fusion(prepared) -> dict:
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
     data = {s: pooled_features(prepared.dataset(split=s)) for s in ("train", "val", "test")}
     (_, yt), (_, yv), (_, ys) = data["train"], data["val"], data["test"]
@@ -143,13 +159,7 @@ def late_fusion(prepared) -> dict:
     present: dict[str, list[np.ndarray]] = {"val": [], "test": []}
     for modality in MODALITIES:
         (xt, ht), (xv, hv), (xs, hs) = (data[s][0][modality] for s in ("train", "val", "test"))
-        best = None
-        for c in (0.001, 0.01, 0.1):
-            model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=3000))
-            model.fit(xt[ht], yt[ht])
-            score = roc_auc_score(yv[hv], model.decision_function(xv[hv]))
-            if best is None or score > best[0]:
-                best = (score, model)
+        best = best_logistic((xt[ht], yt[ht]), (xv[hv], yv[hv]))
         singles[modality] = float(roc_auc_score(ys[hs], best[1].decision_function(xs[hs])))
         for split, x, has in (("val", xv, hv), ("test", xs, hs)):
             logits[split].append(np.where(has, best[1].decision_function(x), 0.0))

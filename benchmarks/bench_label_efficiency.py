@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from bench_cohort import OUT, bench_cohort
-from bench_finetune import MODALITIES, pooled_features
+from bench_finetune import MODALITIES, best_logistic, pooled_features
 
 TASK = "disease"
 METHODS = ("pretrained", "scratch", "late fusion")
@@ -111,10 +111,7 @@ def test_auroc(model, test_set) -> float:
 
 def late_fusion_auroc(train: tuple, val: tuple, test: tuple) -> float:
     """``bench_finetune.late_fusion`` on given rows: each argument is ``({modality: (x, has)}, y)``."""
-    from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
     (ft, yt), (fv, yv), (fs, ys) = train, val, test
     total, count = np.zeros(len(ys)), np.zeros(len(ys))
@@ -122,13 +119,7 @@ def late_fusion_auroc(train: tuple, val: tuple, test: tuple) -> float:
         (xt, ht), (xv, hv), (xs, hs) = ft[modality], fv[modality], fs[modality]
         if len(np.unique(yt[ht])) < 2:  # too few labelled rows with this modality to fit anything
             continue
-        best = None
-        for c in (0.001, 0.01, 0.1):
-            model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=3000))
-            model.fit(xt[ht], yt[ht])
-            score = roc_auc_score(yv[hv], model.decision_function(xv[hv]))
-            if best is None or score > best[0]:
-                best = (score, model)
+        best = best_logistic((xt[ht], yt[ht]), (xv[hv], yv[hv]))
         total += np.where(hs, best[1].decision_function(xs), 0.0)
         count += hs
     return float(roc_auc_score(ys, total / np.maximum(count, 1)))
