@@ -25,7 +25,7 @@ DOCTEST_MODULES := meddx/__init__.py meddx/align.py meddx/arguments.py meddx/bat
 	meddx/batch/options.py meddx/cache.py meddx/calibration/__init__.py meddx/calibration/conformal.py meddx/calibration/files.py \
 	meddx/calibration/isotonic.py meddx/calibration/temperature.py meddx/cli_options.py meddx/cohort.py \
 	meddx/config.py meddx/config_files.py meddx/data/__init__.py meddx/data/dataset.py meddx/data/summary.py \
-	meddx/data/index.py meddx/data/prefetch.py meddx/data/store.py meddx/dicom_times.py \
+	meddx/data/index.py meddx/data/prefetch.py meddx/dicom_times.py \
 	meddx/dicomweb/client.py meddx/dicomweb/guard.py meddx/dicomweb/multipart.py meddx/dicomweb/query.py \
 	meddx/dicomweb/ref.py meddx/dicomweb/store.py meddx/errors.py meddx/evaluate.py meddx/export/fhir.py \
 	meddx/export/fhir_writes.py meddx/export/sr.py meddx/fhirclient/client.py meddx/fhirclient/query.py \

@@ -138,7 +138,7 @@ def _model_pass(
 
     from meddx.batch.options import ChunkSettings
     from meddx.batch.predict import predict_chunk
-    from meddx.batch.writers import chunk_table, provenance_of
+    from meddx.batch.run_folder import chunk_table, provenance_of
     from meddx.export.fhir import risk_assessments
     from meddx.models.diagnosis import DiagnosisModel
     from meddx.models.folder import check_model_folder

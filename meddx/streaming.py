@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from meddx.cache import ALIGNED_FOLDER, TensorStore, aligner_hash, row_key
 from meddx.cohort import Cohort, CohortRow
-from meddx.data.store import TensorStore, row_key
 from meddx.ingest.preflight import check_run, with_dicomweb_store
 from meddx.ingest.registry import build_ingestors
 from meddx.ingest.runner import (
@@ -134,7 +134,6 @@ def _init_stream_worker(
     import json
 
     from meddx.align import Aligner
-    from meddx.data.store import aligner_hash
 
     init_worker(config_json, cache_root, plugins, in_worker=in_worker)
     if in_worker:
@@ -255,14 +254,12 @@ class ChunkFeeder:
     ):
         import json
 
-        from meddx.data.prepare import STORE_FOLDER
-
         self.cohort = cohort
         self.chunks = list(chunks)
         self.on_read = on_read
         self.config: IngestConfig = with_dicomweb_store(aligner.config, cache_dir)
         self.cache_dir = Path(cache_dir)
-        self.store = TensorStore(Path(cache_dir) / STORE_FOLDER)
+        self.store = TensorStore(Path(cache_dir) / ALIGNED_FOLDER)
         self.ingestors = build_ingestors(self.config)
         check_run(self.config, self.ingestors, tasks_for(cohort, self.ingestors), cache_dir)
         initargs = (

@@ -273,7 +273,7 @@ def test_store_round_trip_is_safetensors_and_atomic(tmp_path: Path) -> None:
 def test_store_reader_gives_what_safetensors_gives_and_refuses_damaged_files(tmp_path: Path) -> None:
     from safetensors.torch import load, save_file
 
-    from meddx.data.store import read_safetensors
+    from meddx.cache import read_safetensors
 
     tensors = {
         "volume": torch.rand(3, 4, 5),

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from meddx.data.store import TensorStore
+from meddx.cache import TensorStore
 from meddx.files import atomic_path, current_umask, save_tensors_atomic, temp_file, write_atomic
 from meddx.records import Modality
 

@@ -1,11 +1,11 @@
 """Batch diagnosis as a package (``from meddx.batch import diagnose, DiagnoseResult``):
 
 * ``run``: :func:`diagnose`, the entry point (checks, plan, engine, writers, assembly, ``run.json``);
-* ``run_folder``: the run folder (plan, lock, resume, part files, assembling the final files);
+* ``run_folder``: the run folder (plan, lock, resume, each finished chunk's part files written by
+  :class:`~meddx.batch.run_folder.ChunkWriter` as the stream arrives, assembling the final files);
 * ``options``: the settings as small typed objects (:class:`RayOptions`, chunk and ingest settings);
 * ``predict``: one ready chunk -> typed predictions; :func:`predict_cohort` for a whole cohort;
-* ``engines``: the local and Ray engines, each a plan -> a stream of finished chunks;
-* ``writers``: the table, FHIR and SR writers that consume that stream.
+* ``engines``: the local and Ray engines, each a plan -> a stream of finished chunks.
 
 The names are imported on first use, so importing the package (as the CLI does) stays cheap.
 """

@@ -3,9 +3,9 @@
 :func:`diagnose` checks the model folder whole before any patient is read, cuts the manifest's
 rows into chunks and plans the run folder (:mod:`meddx.batch.run_folder`: plan, lock, resume);
 an engine (:mod:`meddx.batch.engines`: local worker processes, or Ray) turns the chunks still to
-do into a stream of finished chunks (:mod:`meddx.batch.predict`); the writers
-(:mod:`meddx.batch.writers`) write each one's part files, and at the end the parts are
-assembled into the final files:
+do into a stream of finished chunks (:mod:`meddx.batch.predict`); the run folder's
+:class:`~meddx.batch.run_folder.ChunkWriter` writes each one's part files, and at the end the parts
+are assembled into the final files:
 
 * ``predictions.parquet`` and ``predictions.csv``: the predictions contract (README,
   ``schemas/prediction_row.schema.json``), one row per (patient, index time, task), in manifest
@@ -43,15 +43,17 @@ from meddx.batch.run_folder import (
     PARTS,
     RUN,
     RUN_FORMAT,
+    ChunkWriter,
     DiagnoseResult,
     finished_run,
     lock_run_folder,
     make_plan,
+    model_name,
+    provenance_of,
     releases_run_lock,
     start_or_resume,
     write_text,
 )
-from meddx.batch.writers import model_name
 from meddx.cohort import CohortRow, load_cohort
 from meddx.errors import ConfigError, ModelError
 from meddx.ingest.preflight import ensure_writable_folder
@@ -174,7 +176,6 @@ def diagnose(
     """
     from meddx.align import Aligner
     from meddx.batch.engines import make_engine
-    from meddx.batch.writers import ChunkWriter, provenance_of
     from meddx.cache import default_cache_dir
     from meddx.models.folder import check_model_folder
     from meddx.progress import show_library_bars

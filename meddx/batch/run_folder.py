@@ -1,5 +1,6 @@
-"""The run folder of a batch diagnosis: its plan, its lock, resuming, the chunks' part files and the
-final files assembled from them.
+"""The run folder of a batch diagnosis: its plan, its lock, resuming, the chunks' part files (written
+by :class:`ChunkWriter` as an engine's stream of finished chunks arrives) and the final files
+assembled from them.
 
 Each finished chunk is written to ``OUT/parts/`` atomically (a temporary file, then a rename;
 the chunk's ``.parquet`` is written last and marks it done), and at the end the parts are
@@ -39,12 +40,19 @@ from meddx.cohort import CohortRow
 from meddx.errors import ConfigError, short_reason
 from meddx.models.checkpoint import WEIGHTS_FILE
 from meddx.models.folder import file_sha256
-from meddx.predictions.columns import NUMERIC_PREFIXES, ROW, STATUS, column_order
+from meddx.predictions.columns import NUMERIC_PREFIXES, ROW, STATUS, TASK, column_order
+from meddx.predictions.table import error_row, prediction_row
 
 if TYPE_CHECKING:
     import pandas as pd
 
+    from meddx.batch.predict import ChunkOutput
+    from meddx.export.fhir import ModelProvenance
+    from meddx.export.fhir_writes import FhirWriter
+    from meddx.export.sr_reports import PacsReporter
     from meddx.models.folder import ModelFolder
+    from meddx.predictions.types import TaskPrediction
+    from meddx.streaming import ReadyChunk
 
 logger = logging.getLogger(__name__)
 
@@ -308,6 +316,9 @@ def finished_run(out: Path, plan: dict) -> DiagnoseResult | None:
     return DiagnoseResult(out, run.get("counts", {}), run.get("timings_seconds", {}))
 
 
+# ----------------------------------------------------------------- each chunk's parts
+
+
 def write_chunk(
     parts: Path, number: int, frame: pd.DataFrame, errors: pd.DataFrame, resources: list[dict[str, Any]]
 ) -> None:
@@ -319,6 +330,111 @@ def write_chunk(
     write_text(part(parts, number, ".ndjson"), "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in resources))
     table = pa.Table.from_pandas(frame, preserve_index=False)
     _replace_atomically(lambda tmp: pq.write_table(table, tmp), part(parts, number, ".parquet"))
+
+
+def model_name(folder: Path) -> str:
+    """How the outputs (FHIR resources, DICOM SRs) name a model: its folder's name."""
+    return folder.resolve().name
+
+
+def provenance_of(checked: ModelFolder) -> ModelProvenance:
+    """What the FHIR resources say about a checked model folder (name, hash, version, alpha per task)."""
+    from meddx._version import __version__
+    from meddx.export.fhir import ModelProvenance
+    from meddx.models.checkpoint import WEIGHTS_FILE
+
+    alpha = {t: (c.conformal.alpha if c.conformal is not None else None) for t, c in checked.calibration.items()}
+    method = {t: type(c.calibrator).__name__ for t, c in checked.calibration.items()}
+    return ModelProvenance(model_name(checked.path), checked.sha256[WEIGHTS_FILE], __version__, alpha, method)
+
+
+def chunk_table(ready: ReadyChunk, predictions: Sequence[TaskPrediction], tasks: Sequence[str]) -> pd.DataFrame:
+    """The predictions table of one chunk: a row per (manifest row, task), ``error`` rows for rows
+    without inputs, in manifest order, the manifest's extra columns last (``_row`` kept)."""
+    import pandas as pd
+
+    from meddx.data.index import json_safe
+
+    rows = [prediction_row(p) for p in predictions]
+    for r in ready.rows:
+        if r.key is None:
+            rows += [error_row(r.row.patient_id, iso(r.row.index_time), t, r.row.row, r.modality_errors) for t in tasks]
+    order = {t: i for i, t in enumerate(tasks)}
+    rows.sort(key=lambda row: (row[ROW], order[row[TASK]]))
+    by_row = {r.row.row: r for r in ready.rows}
+    for row in rows:
+        row.update({k: v for k, v in json_safe(by_row[row[ROW]].row.extras).items() if k not in row})
+    frame = pd.DataFrame(rows)
+    return frame[column_order(list(frame.columns))]
+
+
+def chunk_errors(ready: ReadyChunk) -> pd.DataFrame:
+    """The errors table of one chunk: every failed (row, modality), and every row not diagnosed."""
+    import pandas as pd
+
+    errors = [
+        {
+            "patient_id": o.patient_id,
+            "index_time": iso(r.row.index_time),
+            "modality": o.modality.value,
+            "path": o.path,
+            "error": o.error,
+        }
+        for r in ready.rows
+        for o in r.outcomes
+        if o.status == "error"
+    ]
+    errors += [
+        {
+            "patient_id": r.row.patient_id,
+            "index_time": iso(r.row.index_time),
+            "modality": "",
+            "path": "",
+            "error": f"not diagnosed: {r.error}",
+        }
+        for r in ready.rows
+        if r.key is None
+    ]
+    return pd.DataFrame(errors, columns=ERROR_COLUMNS)
+
+
+class ChunkWriter:
+    """Writes each finished chunk's part files (the ``.parquet``, written last, marks it done).
+
+    Args:
+        parts: the run folder's ``parts/``.
+        tasks: the model's tasks, in order.
+        provenance: what the RiskAssessments say about the model.
+        reporter: the ``--store-sr`` reporter, or None.
+        fhir_writer: the ``--store-fhir`` writer, or None.
+    """
+
+    def __init__(
+        self,
+        parts: Path,
+        tasks: Sequence[str],
+        provenance: ModelProvenance,
+        reporter: PacsReporter | None = None,
+        fhir_writer: FhirWriter | None = None,
+    ):
+        self.parts = parts
+        self.tasks = list(tasks)
+        self.provenance = provenance
+        self.reporter = reporter
+        self.fhir_writer = fhir_writer
+
+    def write(self, output: ChunkOutput) -> None:
+        from meddx.export.fhir import risk_assessments
+
+        ready, predictions = output.ready, output.predictions
+        frame = chunk_table(ready, predictions, self.tasks)
+        resources: list[dict[str, Any]] = list(risk_assessments(predictions, self.provenance))
+        if self.reporter is not None:  # before the chunk's .parquet marks it done
+            write_csv(self.reporter.report(ready, predictions), part(self.parts, ready.number, ".srs.csv"))
+        if self.fhir_writer is not None:  # likewise: a resumed chunk writes again, the server keeps one
+            written = self.fhir_writer.write(ready, predictions, resources)
+            write_csv(written, part(self.parts, ready.number, ".fhir.csv"))
+        write_chunk(self.parts, ready.number, frame, chunk_errors(ready), resources)
 
 
 # ----------------------------------------------------------------- assembling

@@ -12,11 +12,10 @@ Example:
     ...     batch = dataset.collate([dataset[0], dataset[1]])
 """
 
-from meddx.cache import default_cache_dir
+from meddx.cache import TensorStore, aligner_hash, default_cache_dir, row_key
 from meddx.data.dataset import CohortDataset
 from meddx.data.index import CohortIndex, IndexRow
 from meddx.data.prepare import PreparedCohort, prepare_cohort
-from meddx.data.store import TensorStore, aligner_hash, row_key
 
 __all__ = [
     "CohortDataset",

@@ -1,7 +1,7 @@
 """``CohortDataset``: a torch ``Dataset`` over a prepared cohort (the fast training path).
 
 It reads the manifest index once and, per item, one safetensors file of the
-:class:`~meddx.data.store.TensorStore`; never the manifest, the ingest cache or a source
+:class:`~meddx.cache.TensorStore`; never the manifest, the ingest cache or a source
 file. It holds no open file, so ``DataLoader`` workers (forked or spawned) can use it, and
 its batches support ``pin_memory=True``.
 
@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from meddx.cache import RecordCache, TensorStore
 from meddx.cohort import TaskSpec
 from meddx.data.index import CohortIndex, IndexRow
-from meddx.data.store import TensorStore
 from meddx.errors import ConfigError
 from meddx.predictions.columns import SET_SEPARATOR
 from meddx.records import (
@@ -150,7 +150,6 @@ class CohortDataset(Dataset):
     def acquisition_facts(self) -> dict[int, dict[str, dict[str, float | str | None]]]:
         """Manifest row -> per modality, how its input was acquired
         (:func:`meddx.data.summary.acquisition_facts`, read from the ingest cache's record headers)."""
-        from meddx.cache import RecordCache
         from meddx.data.summary import ACQUISITION_FACTS, acquisition_facts
         from meddx.records import ModalityRecord
 

@@ -3,7 +3,7 @@
 It holds, per manifest row, what training needs without the manifest or any source file:
 patient id, index time, split, labels as class indices per task, the extra columns, the
 ingest cache key of each present modality, the ingest error of each failed one, and the
-:class:`~meddx.data.store.TensorStore` key of the row's aligned tensors. Beside the rows it
+:class:`~meddx.cache.TensorStore` key of the row's aligned tensors. Beside the rows it
 keeps the tasks, the fitted aligner state, the array spec with roles, and a cheap signature
 (sizes and modification times) of every source the manifest names, so that a reopened index
 whose sources changed on disk is rebuilt, while one whose sources were moved away is still used.
@@ -46,7 +46,7 @@ class IndexRow:
         extras: the manifest's other columns (``sex``, ``site``...).
         records: modality -> ingest cache key of each record read.
         errors: modality -> why it could not be read (that modality is missing for the row).
-        key: the row's :class:`~meddx.data.store.TensorStore` key; None when no modality was read.
+        key: the row's :class:`~meddx.cache.TensorStore` key; None when no modality was read.
     """
 
     row: int

@@ -3,7 +3,7 @@
 The first call on a manifest runs :func:`~meddx.ingest.runner.ingest_cohort` (the ingest
 cache skips files read before), fits an :class:`~meddx.align.Aligner` on the ``fit_split``
 rows when none is given, writes each row's aligned tensors into the
-:class:`~meddx.data.store.TensorStore` (rows already there are skipped) and writes the
+:class:`~meddx.cache.TensorStore` (rows already there are skipped) and writes the
 manifest index. Later calls with the same manifest content, config and aligner find the
 index and return at once: no ingest, no hashing of sources, no ``Aligner.transform``. The
 sources are only looked at (sizes and modification times, when they still exist) to notice
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from meddx.cache import RecordCache, default_cache_dir
+from meddx.cache import ALIGNED_FOLDER, RecordCache, TensorStore, aligner_hash, default_cache_dir, row_key
 from meddx.cohort import Cohort, TaskSpec, load_cohort
 from meddx.config import IngestConfig
 from meddx.data.index import (
@@ -36,7 +36,6 @@ from meddx.data.index import (
     manifest_identity,
     source_signature,
 )
-from meddx.data.store import TensorStore, aligner_hash, row_key
 from meddx.errors import ConfigError, MeddxError, ModelError
 from meddx.files import write_atomic
 from meddx.ingest.base import Tensorizer
@@ -50,7 +49,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-STORE_FOLDER = "aligned"
 INDEX_FOLDER = "indexes"
 
 
@@ -167,7 +165,7 @@ def prepare_cohort(
         fitted_here = False
 
     digest = aligner_hash(aligner)
-    store = TensorStore(cache_root / STORE_FOLDER)
+    store = TensorStore(cache_root / ALIGNED_FOLDER)
     rows = _align_rows(cohort, by_row, aligner, digest, store, RecordCache(cache_root), progress)
     index = CohortIndex(
         manifest=manifest,
@@ -175,7 +173,7 @@ def prepare_cohort(
         config=config.model_dump(mode="json"),
         aligner=aligner.state_dict(),
         aligner_hash=digest,
-        store=f"../{STORE_FOLDER}",
+        store=f"../{ALIGNED_FOLDER}",
         tasks=dict(cohort.tasks),
         extra_columns=list(cohort.extra_columns),
         array_spec=aligner.array_spec(),

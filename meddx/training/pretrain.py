@@ -97,8 +97,8 @@ def pretrain(
     """
     import torch
 
+    from meddx.cache import aligner_hash
     from meddx.data import prepare_cohort
-    from meddx.data.store import aligner_hash
     from meddx.models import BackboneConfig, FoundationBackbone
     from meddx.models.pretraining import PretrainingObjectives
     from meddx.progress import show_library_bars

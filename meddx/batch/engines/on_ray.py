@@ -15,7 +15,7 @@ memory holds a few chunks whatever the cohort's size:
    model folder once and runs :func:`meddx.batch.predict.predict_chunk` on the blob, returning
    the chunk's typed predictions as JSON. ``gpus_per_actor`` puts each actor on a GPU.
 
-The driver writes each finished chunk as it arrives (the writers of :mod:`meddx.batch.writers`):
+The driver writes each finished chunk as it arrives (:class:`meddx.batch.run_folder.ChunkWriter`):
 that is what ``--resume`` keeps. Ray retries a task whose worker died (``max_retries``) and
 restarts a dead actor (``max_restarts``), so a lost node costs its chunks' work, never a row twice.
 
