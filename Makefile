@@ -37,11 +37,11 @@ DOCTEST_MODULES := meddx/__init__.py meddx/align.py meddx/arguments.py meddx/bat
 	meddx/ingest/notes.py meddx/ingest/units.py meddx/ingest/video.py meddx/metrics.py \
 	meddx/models/backbone.py meddx/models/config.py meddx/models/encoders/audio.py \
 	meddx/models/encoders/device_logs.py meddx/models/encoders/ehr.py meddx/models/encoders/imaging.py \
-	meddx/models/encoders/video.py meddx/models/frozen.py meddx/models/heads.py meddx/models/input_ranges.py \
+	meddx/models/encoders/video.py meddx/models/frozen.py meddx/models/heads.py meddx/models/input_ranges.py meddx/models/ood.py \
 	meddx/models/pretraining.py meddx/models/text_cache.py meddx/pipelines.py \
 	meddx/predictions/columns.py meddx/predictions/table.py meddx/predictions/types.py meddx/records.py \
 	meddx/specs.py meddx/splits.py meddx/synth/__init__.py meddx/synth/audio.py meddx/synth/cohort.py \
-	meddx/synth/ct.py meddx/synth/device_logs.py meddx/synth/fhir.py meddx/synth/notes.py \
+	meddx/synth/ct.py meddx/synth/device_logs.py meddx/synth/fhir.py meddx/synth/interactions.py meddx/synth/notes.py \
 	meddx/synth/video.py meddx/training/__init__.py \
 	meddx/training/distributed.py meddx/training/early_stopping.py meddx/training/fits.py \
 	meddx/training/trainer.py meddx/training/validation.py
