@@ -290,3 +290,44 @@ def test_lora_settings_and_an_included_text_model_config_are_bounded(model_folde
     _edit(copy / "config.json", lambda d: d.update(text_model_config={"model_type": "bert", "hidden_size": 10**9}))
     with pytest.raises(ModelError, match=r"text_model_config.hidden_size must be an integer from 1 to 16384"):
         check_model_folder(copy)
+
+
+def test_head_standardisation_is_saved_and_older_folders_load_as_identity(model_folder, tmp_path) -> None:
+    """``head`` mode standardises the heads' input per feature; the statistics travel in
+    ``model.safetensors``, a folder written before them loads with the identity, a bad scale is refused."""
+    model = DiagnosisModel.from_pretrained(model_folder)
+    d = model.heads.input_mean.numel()
+    torch.testing.assert_close(model.heads.input_mean, torch.zeros(d))  # never standardised
+    torch.testing.assert_close(model.heads.input_scale, torch.ones(d))
+    # nearly collapsed embeddings: one shared vector, small per-patient differences
+    generator = torch.Generator().manual_seed(0)
+    shared = torch.randn(d, generator=generator) * 5
+    pooled = shared + 0.05 * torch.randn(300, d, generator=generator)
+    model.heads.standardise_inputs(pooled)
+    inner = (pooled - model.heads.input_mean) / model.heads.input_scale
+    torch.testing.assert_close(inner.mean(0), torch.zeros(d), atol=1e-5, rtol=0)
+    torch.testing.assert_close(inner.std(0, unbiased=False), torch.ones(d), atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="embeddings"):
+        model.heads.standardise_inputs(pooled[:1])
+
+    saved = model.save_pretrained(tmp_path / "standardised")
+    reloaded = DiagnosisModel.from_pretrained(saved)
+    torch.testing.assert_close(reloaded.heads.input_mean, model.heads.input_mean)
+    torch.testing.assert_close(reloaded.heads.input_scale, model.heads.input_scale)
+    model.eval()
+    for task, logits in model.heads(pooled[:5]).items():
+        torch.testing.assert_close(reloaded.heads(pooled[:5])[task], logits)
+
+    weights = saved / "model.safetensors"
+    with safe_open(str(weights), framework="pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        metadata = handle.metadata()
+    older = {k: v for k, v in tensors.items() if k not in ("heads.input_mean", "heads.input_scale")}
+    save_file(older, str(weights), metadata=metadata)
+    old = DiagnosisModel.from_pretrained(saved)
+    torch.testing.assert_close(old.heads.input_scale, torch.ones(d))
+
+    tensors["heads.input_scale"] = torch.zeros(d)
+    save_file(tensors, str(weights), metadata=metadata)
+    with pytest.raises(ModelError, match=r"model\.safetensors.*input_scale"):
+        DiagnosisModel.from_pretrained(saved)

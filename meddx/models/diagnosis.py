@@ -369,10 +369,18 @@ class DiagnosisModel(nn.Module):
             for k, v in load_file(str(folder / WEIGHTS_FILE)).items()
             if k.startswith(HEADS_PREFIX)
         }
+        if not {"input_mean", "input_scale"} & heads.keys():  # written before the heads standardised: identity
+            heads.update({k: v for k, v in model.heads.state_dict().items() if k in ("input_mean", "input_scale")})
         try:
             model.heads.load_state_dict(heads)
         except RuntimeError as exc:
             raise ModelError(f"{folder / WEIGHTS_FILE}: the head weights do not fit config.json ({exc})") from None
+        mean, scale = model.heads.input_mean, model.heads.input_scale
+        if not (mean.isfinite().all() and scale.isfinite().all() and (scale > 0).all()):
+            raise ModelError(
+                f"{folder / WEIGHTS_FILE}: heads.input_mean must be finite and heads.input_scale finite and "
+                "positive; the file is damaged: fine-tune again or restore the folder"
+            )
         if diagnosis.get("adapter"):
             add_lora(model, diagnosis["adapter"])
             if not (folder / ADAPTER_FILE).is_file():

@@ -30,8 +30,18 @@ def n_outputs(task: TaskSpec) -> int:
     return 1 if task.kind == "binary" else len(task.classes)
 
 
+STANDARDISE_EPS = 1e-6  # added to each feature's variance before the square root
+
+
 class DiagnosisHeads(nn.Module):
     """One small head per task: LayerNorm, dropout and a linear map of the pooled embedding.
+
+    The embedding is first standardised per feature, ``(x - input_mean) / input_scale``: the
+    identity (mean 0, scale 1) unless :meth:`standardise_inputs` set them from the training
+    rows, as ``head`` mode does. A pretrained backbone's embedding can be nearly the same vector
+    for every patient (what varies is small beside what all share), and a LayerNorm, which
+    normalises each row across its features, keeps that shared part; per-feature
+    standardisation removes it, so the heads see what tells patients apart.
 
     Class weights shift what a weighted loss learns: its optimal logit is the true log-odds plus
     ``log(pos_weight)`` (binary), or the true log-probability plus ``log(w_c)`` (multiclass). A
@@ -57,6 +67,17 @@ class DiagnosisHeads(nn.Module):
         self.logit_offset = nn.ParameterDict(
             {name: nn.Parameter(torch.zeros(n_outputs(task)), requires_grad=False) for name, task in self.tasks.items()}
         )
+        self.register_buffer("input_mean", torch.zeros(d_model))
+        self.register_buffer("input_scale", torch.ones(d_model))
+
+    def standardise_inputs(self, pooled: torch.Tensor) -> None:
+        """Standardise every later input by these ``(N, D)`` training embeddings' per-feature mean and
+        standard deviation (the variance floored by :data:`STANDARDISE_EPS`)."""
+        if pooled.ndim != 2 or pooled.shape[1] != self.input_mean.numel() or len(pooled) < 2:
+            raise ValueError(f"need (N >= 2, {self.input_mean.numel()}) embeddings, got {tuple(pooled.shape)}")
+        x = pooled.detach().double()
+        self.input_mean.copy_(x.mean(0).to(self.input_mean))
+        self.input_scale.copy_((x.var(0, unbiased=False) + STANDARDISE_EPS).sqrt().to(self.input_scale))
 
     def set_class_weights(self, task: str, weights: torch.Tensor) -> None:
         """Record the class weights a task is trained with (see the class docstring)."""
@@ -69,6 +90,7 @@ class DiagnosisHeads(nn.Module):
     def forward(self, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits per task: ``(B,)`` binary, ``(B, C)`` multiclass (class-weight offset removed outside training)."""
         out = {}
+        pooled = (pooled - self.input_mean) / self.input_scale
         for name, head in self.heads.items():
             logits = head(pooled)  # (B, 1) or (B, C)
             if not self.training:

@@ -167,6 +167,9 @@ class EndToEnd:
 class HeadsOnEmbeddings:
     """``head``: embeddings once (frozen backbone, eval mode), then many cheap epochs over them.
 
+    The heads standardise their input by the training rows' per-feature statistics
+    (:meth:`~meddx.models.heads.DiagnosisHeads.standardise_inputs`).
+
     Under torchrun each rank embeds its own shard of the rows (the backbone pass is the cost of
     this mode) and gets every rank's embeddings back; every rank then fits the heads on the same
     embeddings (they take seconds; splitting them would only add communication) and gets the
@@ -187,6 +190,7 @@ class HeadsOnEmbeddings:
         self.weights: dict[str, torch.Tensor] = {}
         self.generator = torch.Generator().manual_seed(settings.seed)
         self.x = train_emb.pooled.to(ranks.device)
+        model.heads.standardise_inputs(self.x)  # every rank holds the same embeddings, so the same statistics
         self.labels = {t: v.to(ranks.device) for t, v in train_emb.labels.items()}
         self.val_labels = {t: v.numpy() for t, v in self.val_emb.labels.items()}
         self.steps_per_epoch = -(-len(self.x) // settings.batch_size)
