@@ -55,6 +55,9 @@ class DiagnosisHeads(nn.Module):
         dropout: before the linear map.
     """
 
+    input_mean: torch.Tensor  # (D,) buffers, saved with the weights
+    input_scale: torch.Tensor
+
     def __init__(self, d_model: int, tasks: Mapping[str, TaskSpec], dropout: float = 0.1):
         super().__init__()
         self.tasks = dict(tasks)
