@@ -90,9 +90,19 @@ def default_cache_dir(cache_dir: str | Path | None = None) -> Path:
     return Path(user_cache_dir("meddx", appauthor=False))
 
 
-def entry_path(root: Path, key: str) -> Path:
-    """The file of ``key`` in either store (two-character subfolders keep folders small)."""
-    return root / key[:2] / f"{key}.safetensors"
+class KeyedFolder:
+    """What both stores share: a folder of ``<key[:2]>/<key>.safetensors`` files (two-character
+    subfolders keep folders small)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def path(self, key: str) -> Path:
+        """The file of ``key``."""
+        return self.root / key[:2] / f"{key}.safetensors"
+
+    def __contains__(self, key: str) -> bool:
+        return self.path(key).is_file()
 
 
 @lru_cache(maxsize=4096)
@@ -182,7 +192,7 @@ def cache_key(
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-class RecordCache:
+class RecordCache(KeyedFolder):
     """A folder of cached records keyed by :func:`cache_key`.
 
     Example:
@@ -204,20 +214,11 @@ class RecordCache:
         ('audio', (32, 251), None)
     """
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-
-    def _path(self, key: str) -> Path:
-        return entry_path(self.root, key)
-
-    def __contains__(self, key: str) -> bool:
-        return self._path(key).is_file()
-
     def put(self, key: str, record: ModalityRecord) -> Path:
         """Write a record atomically (a crash never leaves half a file under the key)."""
         from safetensors.numpy import save_file
 
-        path = self._path(key)
+        path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         header = {
             "modality": record.modality.value,
@@ -237,7 +238,7 @@ class RecordCache:
         """The cached record's safetensors header (no arrays read); {} when absent."""
         from safetensors import safe_open
 
-        path = self._path(key)
+        path = self.path(key)
         if not path.is_file():
             return {}
         with safe_open(str(path), framework="numpy") as handle:
@@ -255,7 +256,7 @@ class RecordCache:
         """The cached record, or None when absent."""
         from safetensors import safe_open
 
-        path = self._path(key)
+        path = self.path(key)
         if not path.is_file():
             return None
         with safe_open(str(path), framework="numpy") as handle:
@@ -303,7 +304,7 @@ def row_key(record_keys: Mapping[Modality, str], aligner_digest: str) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-class TensorStore:
+class TensorStore(KeyedFolder):
     """A folder of aligned rows, one safetensors file per key.
 
     Example:
@@ -316,16 +317,6 @@ class TensorStore:
         >>> shape
         torch.Size([32, 251])
     """
-
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-
-    def path(self, key: str) -> Path:
-        """The file of ``key``."""
-        return entry_path(self.root, key)
-
-    def __contains__(self, key: str) -> bool:
-        return self.path(key).is_file()
 
     def put(self, key: str, tensors: Mapping[Modality, Mapping[str, Any]]) -> Path:
         """Write one row's tensors (``{modality: {name: tensor or array}}``) atomically."""
