@@ -179,7 +179,13 @@ def late_fusion(prepared) -> dict:
     }
 
 
-def bayes_ceiling(cohort: str = "additive", n: int = 400_000, seed: int = 0, posterior: str = "exact") -> float:
+def bayes_ceiling(
+    cohort: str = "additive",
+    n: int = 400_000,
+    seed: int = 0,
+    posterior: str = "exact",
+    reader_noise: dict[str, float] | None = None,
+) -> float:
     """The test AUROC of the best possible model on a cohort from ``meddx.synth``, by simulation.
 
     The exact posterior ``P(label | every present view and stated context)`` of the generator
@@ -188,14 +194,17 @@ def bayes_ceiling(cohort: str = "additive", n: int = 400_000, seed: int = 0, pos
     additive cohort each modality sees the hidden severity plus its own independent noise, so
     averaging per-modality evidence (late fusion) can approach it; on the interaction cohort
     context in one modality changes what another means, and ``posterior="additive"`` gives the
-    most a posterior that ignores the context can do.
+    most a posterior that ignores the context can do. ``reader_noise`` (view -> sd): the
+    posterior when each view is known only up to that much extra noise (``bench_reader_ceiling.py``).
     """
     from meddx.synth import bayes_ceiling as simulate
 
-    return simulate(n, seed, interactions=cohort == "interaction", posterior=posterior)
+    return simulate(n, seed, interactions=cohort == "interaction", posterior=posterior, reader_noise=reader_noise)
 
 
-def error_free_late_fusion(cohort: str, n: int = 60_000, seed: int = 0) -> dict[str, float]:
+def error_free_late_fusion(
+    cohort: str, n: int = 60_000, seed: int = 0, reader_noise: dict[str, float] | None = None
+) -> dict[str, float]:
     """Late fusion on the error-free views: what averaging or stacking per-modality evidence can do at most.
 
     Simulates the cohort (:func:`meddx.synth.interactions.simulate`), fits one logistic regression
@@ -203,13 +212,14 @@ def error_free_late_fusion(cohort: str, n: int = 60_000, seed: int = 0) -> dict[
     notes' on its view and the flags the note states; the monitor's on its view and the heart rate)
     on 60 % of the patients, stacks on the next 20 % and scores the last 20 %, as the benchmark does
     with the files. The gap between this and the Bayes ceiling is what fusion can add over late fusion.
+    ``reader_noise`` (view -> sd): the views as a reader that adds that much noise sees them.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
 
     from meddx.synth.interactions import CONTEXT_PREVALENCE, simulate
 
-    sim = simulate(n, seed, interactions=cohort == "interaction")
+    sim = simulate(n, seed, interactions=cohort == "interaction", reader_noise=reader_noise)
     extra: dict[str, list[str]] = {"ehr": [], "notes": [], "device_logs": []}
     if "heart_rate" in sim.views:
         extra = {"ehr": ["heart_rate"], "notes": [], "device_logs": ["heart_rate"]}

@@ -31,6 +31,7 @@ from meddx.synth import (
     OLD_AGE,
     VIEW_NOISE,
     bayes_ceiling,
+    cohort_truth,
     generate_cohort,
 )
 from meddx.synth.interactions import simulate
@@ -194,6 +195,42 @@ def test_bayes_ceiling_is_deterministic_and_sensible() -> None:
     assert bayes_ceiling(20_000, seed=1, interactions=False, posterior="additive") == additive
     with pytest.raises(ValueError, match="posterior"):
         bayes_ceiling(1000, posterior="late")
+
+
+def test_cohort_truth_is_what_the_generator_wrote(tmp_path: Path) -> None:
+    manifest = pd.read_csv(
+        generate_cohort(tmp_path, n_patients=12, seed=5, interactions=True), dtype=str, keep_default_na=False
+    )
+    truth = pd.DataFrame(cohort_truth(12, seed=5, interactions=True))
+    assert list(truth.patient_id) == list(manifest.patient_id)
+    assert list(truth.label.astype(str)) == list(manifest["label:disease"])
+    assert list(truth["context:old"]) == [int(age) >= OLD_AGE for age in manifest.age]
+    for _, row in manifest[manifest.ehr != ""].iterrows():  # the drawn context is the one the EHR states
+        stated = _context(tmp_path / row.ehr)
+        held = truth.set_index("patient_id").loc[row.patient_id]
+        assert stated["copd"] == held["context:copd"]
+        assert stated["heart_failure"] == held["context:heart_failure"]
+    plain = pd.DataFrame(cohort_truth(12, seed=5))
+    assert "view:heart_rate" not in plain
+    assert not any(c.startswith("context:") for c in plain)
+    np.testing.assert_array_equal(plain.severity, truth.severity)  # the same patients either way
+
+
+def test_reader_noise_lowers_the_ceiling_and_is_checked() -> None:
+    error_free = bayes_ceiling(20_000, seed=2)
+    assert bayes_ceiling(20_000, seed=2, reader_noise={"imaging": 0.0}) == error_free
+    noisy = bayes_ceiling(20_000, seed=2, reader_noise={"imaging": 2.0, "audio": 2.0})
+    noisier = bayes_ceiling(20_000, seed=2, reader_noise={"imaging": 4.0, "audio": 4.0, "heart_rate": 2.0})
+    assert noisier < noisy < error_free - 0.005
+    sim = simulate(20_000, seed=2, reader_noise={"video": 1.0})
+    plain = simulate(20_000, seed=2)
+    np.testing.assert_array_equal(sim.views["audio"], plain.views["audio"])  # other views untouched
+    extra = sim.views["video"] - plain.views["video"]
+    assert abs(float(extra.std()) - 1.0) < 0.05
+    with pytest.raises(ValueError, match="xray"):
+        bayes_ceiling(1000, reader_noise={"xray": 1.0})
+    with pytest.raises(ValueError, match="finite"):
+        simulate(1000, reader_noise={"audio": float("nan")})
 
 
 def test_simulate_follows_the_interaction_equations() -> None:

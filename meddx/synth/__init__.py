@@ -54,7 +54,7 @@ Example:
 """
 
 from meddx.synth.audio import write_lung_sound
-from meddx.synth.cohort import LABEL_COLUMN, MANIFEST_COLUMNS, generate_cohort
+from meddx.synth.cohort import LABEL_COLUMN, MANIFEST_COLUMNS, cohort_truth, generate_cohort
 from meddx.synth.common import LABEL_NOISE, LABEL_THRESHOLD, MISSING_RATE, MODALITY_COLUMNS, VIEW_NOISE
 from meddx.synth.ct import write_ct_series
 from meddx.synth.device_logs import write_device_log
@@ -81,6 +81,7 @@ __all__ = [
     "Shift",
     "VIEW_NOISE",
     "bayes_ceiling",
+    "cohort_truth",
     "generate_cohort",
     "write_ct_series",
     "write_device_log",

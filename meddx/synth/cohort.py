@@ -195,6 +195,38 @@ def _write_modality(modality: str, plan: _PatientPlan, folder: Path, rng: np.ran
     raise ValueError(f"unknown modality {modality!r}")
 
 
+def cohort_truth(
+    n_patients: int = 60, seed: int = 7, *, interactions: bool = False
+) -> list[dict[str, str | int | float | bool]]:
+    """What :func:`generate_cohort` draws for each patient before it writes a file, one dict a patient.
+
+    Keys: ``patient_id``, ``severity``, ``label``, ``view:<name>`` (each modality's view and, with
+    interactions, ``view:heart_rate``) and, with interactions, ``context:<name>``. The same
+    ``(n_patients, seed, interactions)`` give the hidden truth of the cohort
+    ``generate_cohort`` writes with them (and no ``shift``), which benchmarks compare with what
+    the readers recover from its files.
+
+    Example:
+        >>> truth = cohort_truth(3, seed=7, interactions=True)
+        >>> truth[0]["patient_id"], sorted(k for k in truth[0] if k.startswith("context:"))[:2]
+        ('P0001', ['context:beta_blocker', 'context:copd'])
+    """
+    rows: list[dict[str, str | int | float | bool]] = []
+    for i in range(n_patients):
+        plan = _plan_patient(seed, i)
+        if interactions:
+            plan = _with_interactions(plan, seed, i)
+        row: dict[str, str | int | float | bool] = {
+            "patient_id": plan.patient_id,
+            "severity": plan.severity,
+            "label": plan.label,
+        }
+        row.update({f"view:{name}": value for name, value in plan.views.items()})
+        row.update({f"context:{name}": held for name, held in (plan.context or {}).items()})
+        rows.append(row)
+    return rows
+
+
 def generate_cohort(
     out: str | Path, n_patients: int = 60, seed: int = 7, *, shift: Shift | None = None, interactions: bool = False
 ) -> Path:

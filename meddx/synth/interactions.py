@@ -127,6 +127,20 @@ def _view_model(modality: str, view_noise: Mapping[str, float]) -> tuple[float, 
     return 0.0, 1.0, (HEART_RATE_NOISE if modality == "heart_rate" else view_noise[modality])
 
 
+def _with_reader(noise: float, modality: str, reader_noise: Mapping[str, float]) -> float:
+    """A view's noise once a reader adds independent noise of its own: ``sqrt(noise^2 + reader^2)``."""
+    return float(np.hypot(noise, reader_noise.get(modality, 0.0)))
+
+
+def _check_reader_noise(reader_noise: Mapping[str, float]) -> None:
+    known = (*MODALITY_COLUMNS, "heart_rate")
+    for name, value in reader_noise.items():
+        if name not in known:
+            raise ValueError(f"reader_noise names {name!r}, which is not one of {known}")
+        if not (np.isfinite(value) and 0.0 <= value <= 100.0):
+            raise ValueError(f"reader_noise[{name!r}] must be a finite number in [0, 100], got {value}")
+
+
 @dataclass(frozen=True)
 class Simulation:
     """Patients simulated as the generator plans them, before any file is written.
@@ -146,8 +160,14 @@ class Simulation:
     known: dict[str, np.ndarray]
 
 
-def simulate(n: int, seed: int = 0, *, interactions: bool = True) -> Simulation:
+def simulate(
+    n: int, seed: int = 0, *, interactions: bool = True, reader_noise: Mapping[str, float] | None = None
+) -> Simulation:
     """Simulate ``n`` patients of the additive or the interacting cohort (deterministic for ``seed``).
+
+    ``reader_noise`` (view -> standard deviation): add independent noise of that size to each
+    named view after it is drawn, as a reader that recovers the view from the files only up to
+    that noise would see it (from a stream of its own, so every other draw is unchanged).
 
     Example:
         >>> sim = simulate(1000, interactions=True)
@@ -174,11 +194,21 @@ def simulate(n: int, seed: int = 0, *, interactions: bool = True) -> Simulation:
             replaced = rule.offset + rule.gain * severity + rule.noise * rng.normal(size=n)
             views[rule.modality] = np.where(context[rule.context], replaced, views[rule.modality])
         known = {c: np.any([present[m] for m in sources], axis=0) for c, sources in CONTEXT_SOURCES.items()}
+    if reader_noise:
+        _check_reader_noise(reader_noise)
+        extra = np.random.default_rng([seed, 1])
+        views = {m: v + reader_noise.get(m, 0.0) * extra.normal(size=n) for m, v in views.items()}
     return Simulation(label, views, present, context, known)
 
 
 def bayes_ceiling(
-    n: int = 200_000, seed: int = 0, *, interactions: bool = True, posterior: str = "exact", chunk: int = 20_000
+    n: int = 200_000,
+    seed: int = 0,
+    *,
+    interactions: bool = True,
+    posterior: str = "exact",
+    reader_noise: Mapping[str, float] | None = None,
+    chunk: int = 20_000,
 ) -> float:
     """The AUROC of the best possible model on a cohort of :mod:`meddx.synth`, by simulation.
 
@@ -203,6 +233,8 @@ def bayes_ceiling(
         True
         >>> bayes_ceiling(20_000) > bayes_ceiling(20_000, posterior="additive")
         True
+        >>> bayes_ceiling(20_000, reader_noise={"imaging": 1.0}) < bayes_ceiling(20_000)
+        True
     """
     from scipy.stats import norm
 
@@ -210,7 +242,8 @@ def bayes_ceiling(
 
     if posterior not in ("exact", "additive"):
         raise ValueError(f"posterior must be 'exact' or 'additive', got {posterior!r}")
-    sim = simulate(n, seed, interactions=interactions)
+    reader_noise = dict(reader_noise or {})
+    sim = simulate(n, seed, interactions=interactions, reader_noise=reader_noise)
     label, views, present, context, known = sim.label, sim.views, sim.present, sim.context, sim.known
     modalities = list(views)
     prior = dict(CONTEXT_PREVALENCE, old=old_prevalence())
@@ -224,6 +257,7 @@ def bayes_ceiling(
         plain = {}
         for modality in modalities:
             offset, gain, noise = _view_model(modality, VIEW_NOISE)
+            noise = _with_reader(noise, modality, reader_noise)
             likelihood = _log_density(views[modality][rows, None], offset + gain * grid, noise)
             plain[modality] = np.where(present[modality][rows, None], likelihood, 0.0)
         rules = INTERACTIONS if interactions and posterior == "exact" else ()
@@ -233,7 +267,11 @@ def bayes_ceiling(
             under = sum(
                 np.where(
                     present[r.modality][rows, None],
-                    _log_density(views[r.modality][rows, None], r.offset + r.gain * grid, r.noise),
+                    _log_density(
+                        views[r.modality][rows, None],
+                        r.offset + r.gain * grid,
+                        _with_reader(r.noise, r.modality, reader_noise),
+                    ),
                     0.0,
                 )
                 for r in moved
