@@ -179,6 +179,32 @@ def late_fusion(prepared) -> dict:
     }
 
 
+def pretrained_backbone(manifest, runs, epochs: int, settings: dict):
+    """A backbone pretrained (``meddx.pretrain``, seed 0) on the manifest's train rows with labels withheld."""
+    from meddx.training import pretrain
+
+    frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    unlabelled = frame[frame["split"] == "train"].drop(columns=["split", *[c for c in frame if c.startswith("label:")]])
+    pool = manifest.parent / "pretrain-pool.csv"
+    unlabelled.to_csv(pool, index=False)
+    folder = runs / f"pretrained-{epochs}ep"
+    started = time.perf_counter()
+    result = pretrain(
+        pool,
+        folder,
+        epochs=epochs,
+        seed=0,
+        backbone_config=settings.get("backbone_config"),
+        cache_dir=settings["cache_dir"],
+        workers=settings["workers"],
+        progress=False,
+    )
+    print(f"pretraining: {len(unlabelled)} unlabelled rows, {epochs} epochs, {time.perf_counter() - started:.0f} s")
+    for i, e in enumerate(result.epochs, 1):
+        print(f"  epoch {i}: masked {e['masked']:.4f}  contrastive {e['contrastive']:.4f}")
+    return folder
+
+
 def bayes_ceiling(
     cohort: str = "additive",
     n: int = 400_000,
@@ -261,6 +287,13 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=None, help="default: the mode's")
     parser.add_argument("--dropout", type=float, default=None, help="the backbone's; default: BackboneConfig's")
     parser.add_argument("--n-layers", type=int, default=None, help="fusion layers; default: BackboneConfig's")
+    parser.add_argument(
+        "--pretrain-epochs",
+        type=int,
+        default=0,
+        help="first pretrain the backbone this many epochs on the train rows, labels withheld (meddx.pretrain), "
+        "and fine-tune the fused model from it (0: from scratch)",
+    )
     args = parser.parse_args()
 
     import torch
@@ -283,15 +316,21 @@ def main() -> None:
     backbone = {"dropout": args.dropout, "n_layers": args.n_layers}
     if any(value is not None for value in backbone.values()):
         settings["backbone_config"] = BackboneConfig(**{k: v for k, v in backbone.items() if v is not None})
+    fused_folder = runs / ("fused" if not args.pretrain_epochs else f"fused-pretrained-{args.pretrain_epochs}ep")
+    reuse = args.reuse and (fused_folder / "model.safetensors").is_file()
+    fused_settings = dict(settings)
+    if args.pretrain_epochs and not reuse:
+        fused_settings["backbone"] = pretrained_backbone(manifest, runs, args.pretrain_epochs, settings)
+        fused_settings.pop("backbone_config", None)
     table = []
     started = time.perf_counter()
-    if args.reuse and (runs / "fused" / "model.safetensors").is_file():
+    if reuse:
         from meddx.models.diagnosis import DiagnosisModel
 
-        fused = DiagnosisModel.from_pretrained(runs / "fused", cache_dir=cache / "text-embeddings").eval()
+        fused = DiagnosisModel.from_pretrained(fused_folder, cache_dir=cache / "text-embeddings").eval()
         fused_seconds = float("nan")  # fitted by an earlier run, which printed its fit time
     else:
-        fused = finetune(manifest, runs / "fused", **settings)
+        fused = finetune(manifest, fused_folder, **fused_settings)
         fused_seconds = time.perf_counter() - started
     scores = test_scores(fused, manifest, cache)
     print(
