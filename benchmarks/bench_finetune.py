@@ -179,6 +179,19 @@ def late_fusion(prepared) -> dict:
     }
 
 
+def variant_suffix(args) -> str:
+    """The fused model's folder suffix: each setting given on the command line (``-epochs30-lr0.0003``)."""
+    given = {
+        "pretrained": args.pretrain_epochs or None,
+        "epochs": args.epochs,
+        "lr": args.learning_rate,
+        "batch": args.batch_size,
+        "dropout": args.dropout,
+        "layers": args.n_layers,
+    }
+    return "".join(f"-{name}{value}" for name, value in given.items() if value is not None)
+
+
 def pretrained_backbone(manifest, runs, epochs: int, settings: dict):
     """A backbone pretrained (``meddx.pretrain``, seed 0) on the manifest's train rows with labels withheld."""
     from meddx.training import pretrain
@@ -316,7 +329,7 @@ def main() -> None:
     backbone = {"dropout": args.dropout, "n_layers": args.n_layers}
     if any(value is not None for value in backbone.values()):
         settings["backbone_config"] = BackboneConfig(**{k: v for k, v in backbone.items() if v is not None})
-    fused_folder = runs / ("fused" if not args.pretrain_epochs else f"fused-pretrained-{args.pretrain_epochs}ep")
+    fused_folder = runs / ("fused" + variant_suffix(args))
     reuse = args.reuse and (fused_folder / "model.safetensors").is_file()
     fused_settings = dict(settings)
     if args.pretrain_epochs and not reuse:

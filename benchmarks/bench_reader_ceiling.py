@@ -27,7 +27,8 @@ The reader noise is a Gaussian summary (a reader's errors need not be Gaussian n
 under every context), and a better reader (a stronger encoder) would raise the ceiling, so the
 figures bound what *these* readers allow, not what the files allow.
 
-Run (after ``bench_finetune.py --cohort interaction``, whose cached tensors and fused model it reuses):
+Run (after ``bench_finetune.py --cohort interaction``, whose cached tensors and fused model it reuses;
+``--model`` names the folder of a model fitted with other settings, such as ``fused-epochs30``):
 ``.venv/bin/python benchmarks/bench_reader_ceiling.py --cohort interaction``
 """
 
@@ -78,16 +79,19 @@ def read_split(prepared, split: str, model) -> tuple[pd.Series, dict, dict]:
     return ids, readers, has
 
 
-def recovered_r2(train: tuple, test: tuple) -> float:
-    """Test R^2 of a standardised ridge regression (alpha by 5-fold CV on train); ``(x, y)`` each."""
+def fit_reader(train: tuple):
+    """A standardised ridge regression (alpha by 5-fold CV) fitted on ``train`` = ``(x, y)``."""
     from sklearn.linear_model import RidgeCV
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-1, 5, 13)))
-    model.fit(*train)
-    residual = test[1] - model.predict(test[0])
-    return float(1.0 - residual.var() / test[1].var())
+    return make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-1, 5, 13))).fit(*train)
+
+
+def r2_score(model, rows: tuple) -> float:
+    """R^2 of ``model`` on ``rows`` = ``(x, y)``."""
+    residual = rows[1] - model.predict(rows[0])
+    return float(1.0 - residual.var() / rows[1].var())
 
 
 def reader_noise(r2: float, view_sd: float) -> float:
@@ -96,12 +100,63 @@ def reader_noise(r2: float, view_sd: float) -> float:
     return float(view_sd * np.sqrt((1.0 - r2) / r2))
 
 
+def on_view_scale(model, val: tuple, x: np.ndarray) -> tuple[np.ndarray, float]:
+    """A reader's reads of ``x`` put back on the view's scale, and their noise there.
+
+    On the validation rows ``val`` = ``(x, v)`` the reads are regressed on the true view,
+    ``read = a + b v + eps``; ``(read - a) / b`` is then the view plus noise of sd ``sd(eps) / b``.
+    """
+    read_val = model.predict(val[0])
+    b, a = np.polyfit(val[1], read_val, 1)
+    spread = float((read_val - (a + b * val[1])).std())
+    return (model.predict(x) - a) / b, spread / b
+
+
+def plug_in_posterior(truth: pd.DataFrame, ids: pd.Series, has: dict, reads: dict, noise: dict, posterior: str):
+    """The generator's exact posterior on real test rows, each view replaced by its read (``posterior_scores``)."""
+    from meddx.synth.interactions import CONTEXT_SOURCES, Simulation, posterior_scores
+
+    rows = truth.loc[ids]
+    context = {c.removeprefix("context:"): rows[c].to_numpy(bool) for c in rows if c.startswith("context:")}
+    known = {c: np.any([has[m] for m in CONTEXT_SOURCES[c]], axis=0) for c in context}
+    sim = Simulation(rows["label"].to_numpy(int), reads, {v: has[v] for v in reads}, context, known)
+    return posterior_scores(sim, posterior=posterior, reader_noise=noise)
+
+
+def fused_probabilities(model, manifest: Path, cache: Path, ids: pd.Series) -> np.ndarray:
+    """The fitted model's calibrated probability for each test patient, in ``ids`` order."""
+    from meddx.batch import predict_cohort
+
+    predictions = predict_cohort(model, manifest, split="test", cache_dir=cache, workers=2, contributions=False)
+    return predictions.set_index("patient_id").loc[ids, "probability"].to_numpy(float)
+
+
+def subgroup_table(truth: pd.DataFrame, ids: pd.Series, scores: dict[str, np.ndarray]) -> None:
+    """Test AUROC of each score with and without each context."""
+    from meddx.metrics import auroc
+
+    rows = truth.loc[ids]
+    label = rows["label"].to_numpy(int)
+    print(f"\n{'test rows':<26}{'n':>5}" + "".join(f"{name:>22}" for name in scores))
+    groups = {"all": np.ones(len(rows), bool)}
+    for column in (c for c in rows if c.startswith("context:")):
+        held = rows[column].to_numpy(bool)
+        groups[column.removeprefix("context:")] = held
+        groups[f"no {column.removeprefix('context:')}"] = ~held
+    for name, chosen in groups.items():
+        cells = "".join(f"{auroc(label[chosen], s[chosen]):>22.3f}" for s in scores.values())
+        print(f"{name:<26}{int(chosen.sum()):>5}{cells}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cohort", default="interaction", choices=["additive", "interaction"])
     parser.add_argument("--n-patients", type=int, default=N_PATIENTS)
     parser.add_argument(
-        "--model", type=Path, default=None, help="a fitted model folder (default: bench_finetune's fused model, if any)"
+        "--model",
+        type=Path,
+        default=None,
+        help="a fitted model folder (default: the fused model bench_finetune.py saves with its default settings)",
     )
     args = parser.parse_args()
 
@@ -128,18 +183,39 @@ def main() -> None:
     print(f"\n{args.cohort} cohort: test R^2 of each view read back by ridge regression")
     print(f"{'view':<14}" + "".join(f"{name:>24}" for name in data["train"][1]) + f"{'view sd':>9}{'reader noise':>14}")
     noise: dict[str, float] = {}
+    reads: dict[str, np.ndarray] = {}  # each view's best read on the test rows, on the view's scale
+    plug_noise: dict[str, float] = {}
     for view in views:
-        fits = {}
-        for reader in data["train"][1]:
-            xy = {}
-            for split in ("train", "test"):
-                ids, readers, has = data[split]
-                y = truth.loc[ids, f"view:{view}"].to_numpy()
-                xy[split] = (readers[reader][view][has[view]], y[has[view]])
-            fits[reader] = recovered_r2(xy["train"], xy["test"])
-        view_sd = float(xy["test"][1].std())
-        noise[view] = reader_noise(max(fits.values()), view_sd)
-        print(f"{view:<14}" + "".join(f"{r2:>24.3f}" for r2 in fits.values()) + f"{view_sd:>9.2f}{noise[view]:>14.2f}")
+        xy: dict[str, dict[str, tuple]] = {}
+        for split in SPLITS:
+            ids, readers, has = data[split]
+            y = truth.loc[ids, f"view:{view}"].to_numpy()
+            xy[split] = {reader: (features[view][has[view]], y[has[view]]) for reader, features in readers.items()}
+        fits = {reader: fit_reader(xy["train"][reader]) for reader in xy["train"]}
+        r2 = {reader: r2_score(fit, xy["test"][reader]) for reader, fit in fits.items()}
+        best = max(r2, key=r2.__getitem__)
+        view_sd = float(xy["test"][best][1].std())
+        noise[view] = reader_noise(r2[best], view_sd)
+        test_ids, test_readers, _ = data["test"]
+        reads[view], plug_noise[view] = on_view_scale(fits[best], xy["val"][best], test_readers[best][view])
+        print(f"  {view}: noise of the calibrated read {plug_noise[view]:.2f}")
+        print(f"{view:<14}" + "".join(f"{v:>24.3f}" for v in r2.values()) + f"{view_sd:>9.2f}{noise[view]:>14.2f}")
+
+    test_ids, _, test_has = data["test"]
+    plug_in = plug_in_posterior(truth, test_ids, test_has, reads, plug_noise, "exact")
+    hidden = {view: truth.loc[test_ids, f"view:{view}"].to_numpy() for view in views}
+    scores = {"error-free views": plug_in_posterior(truth, test_ids, test_has, hidden, {}, "exact")}
+    scores["plug-in posterior"] = plug_in
+    if interactions:
+        scores["context ignored"] = plug_in_posterior(truth, test_ids, test_has, reads, plug_noise, "additive")
+    if model is not None:
+        scores["fused model"] = fused_probabilities(model, manifest, cache, test_ids)
+    print(
+        "\nmeasured on the 600 test rows: the exact posterior on the hidden views (this sample's Bayes ceiling) "
+        "and with each view replaced by its best read (the readers trained on the hidden views: an "
+        "oracle-supervised reader, not a model meddx can fit)"
+    )
+    subgroup_table(truth, test_ids, scores)
 
     exact = bayes_ceiling(args.cohort)
     at_readers = bayes_ceiling(args.cohort, reader_noise=noise)

@@ -225,6 +225,9 @@ def bayes_ceiling(
             exact posterior of the additive model applied to the same views, reading every
             view as ``s + VIEW_NOISE * e`` whatever the context (what the best late fusion of
             per-modality evidence can do at most when it ignores context).
+        reader_noise: view -> the standard deviation of the noise a reader adds when it recovers
+            that view from the files (see :func:`simulate`); the posterior then knows each view
+            only up to it. None: the error-free views (the files' own ceiling).
         chunk: patients per grid block (memory: ``chunk * 121`` floats a block).
 
     Example:
@@ -236,15 +239,34 @@ def bayes_ceiling(
         >>> bayes_ceiling(20_000, reader_noise={"imaging": 1.0}) < bayes_ceiling(20_000)
         True
     """
-    from scipy.stats import norm
-
     from meddx.metrics import auroc
+
+    sim = simulate(n, seed, interactions=interactions, reader_noise=reader_noise)
+    return float(auroc(sim.label, posterior_scores(sim, posterior=posterior, reader_noise=reader_noise, chunk=chunk)))
+
+
+def posterior_scores(
+    sim: Simulation,
+    *,
+    posterior: str = "exact",
+    reader_noise: Mapping[str, float] | None = None,
+    chunk: int = 20_000,
+) -> np.ndarray:
+    """``P(label = 1 | present views, stated context)`` of every patient of ``sim``, on a severity grid.
+
+    ``sim`` may hold simulated patients (:func:`simulate`) or real ones whose views were read back
+    from their files (``label`` is not used); the interacting model applies when ``sim.context``
+    is not empty. ``posterior`` and ``reader_noise`` as in :func:`bayes_ceiling`.
+    """
+    from scipy.stats import norm
 
     if posterior not in ("exact", "additive"):
         raise ValueError(f"posterior must be 'exact' or 'additive', got {posterior!r}")
     reader_noise = dict(reader_noise or {})
-    sim = simulate(n, seed, interactions=interactions, reader_noise=reader_noise)
-    label, views, present, context, known = sim.label, sim.views, sim.present, sim.context, sim.known
+    _check_reader_noise(reader_noise)
+    views, present, context, known = sim.views, sim.present, sim.context, sim.known
+    interactions = bool(context)
+    n = len(sim.label)
     modalities = list(views)
     prior = dict(CONTEXT_PREVALENCE, old=old_prevalence())
 
@@ -283,4 +305,4 @@ def bayes_ceiling(
         log_post += sum(plain.values())
         weights = np.exp(log_post - log_post.max(axis=1, keepdims=True))
         scores[rows] = weights @ p_label / weights.sum(axis=1)
-    return float(auroc(label, scores))
+    return scores
