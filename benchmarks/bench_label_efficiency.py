@@ -11,8 +11,9 @@ default) and its split column (about 60 % train, 20 % val, 20 % test):
   same test rows (the score) serve every fit:
 
   - **pretrained**: ``meddx.finetune`` on the ``n`` rows with ``backbone=`` the pretrained folder,
-    mode ``auto`` (``head`` with a pretrained backbone: the backbone frozen, the heads trained on its
-    embeddings), the meddx defaults otherwise;
+    mode ``--pretrained-mode``: ``head`` by default, what ``auto`` picks with a pretrained backbone
+    (the backbone frozen, the heads trained on its embeddings), or ``full`` (the pretrained weights
+    fine-tuned end to end), the meddx defaults otherwise;
   - **scratch**: the same architecture with fresh weights (seeded), ``mode="full"`` (everything
     trains, as ``auto`` does without a pretrained backbone), the meddx defaults otherwise;
   - **late fusion**: a logistic regression per modality on its pooled tensors of the ``n`` rows,
@@ -154,12 +155,13 @@ def spread(x: np.ndarray) -> str:
 class Setting:
     """What every fit shares: the cohort frame, the fixed splits' datasets, the pretrained backbone."""
 
-    def __init__(self, manifest: Path, backbone_folder: Path, cache: Path, workers: int):
+    def __init__(self, manifest: Path, backbone_folder: Path, cache: Path, workers: int, mode: str = "head"):
         from meddx.data import prepare_cohort
         from meddx.embeddings import compute_embeddings
         from meddx.models import BackboneConfig, FoundationBackbone
 
         self.manifest, self.backbone_folder, self.cache, self.workers = manifest, backbone_folder, cache, workers
+        self.mode = mode  # how the pretrained backbone is fine-tuned
         self.frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
         pretrained = FoundationBackbone.from_pretrained(backbone_folder)
         self.aligner = pretrained.aligner()
@@ -208,7 +210,7 @@ def run_fits(setting: Setting, n: int, seed: int) -> dict[str, tuple[float, floa
     out: dict[str, tuple[float, float]] = {}
 
     started = time.perf_counter()
-    model = finetune(manifest, None, backbone=setting.backbone_folder, **shared)
+    model = finetune(manifest, None, backbone=setting.backbone_folder, mode=setting.mode, **shared)
     out["pretrained"] = (test_auroc(model, test_set), time.perf_counter() - started)
 
     started = time.perf_counter()
@@ -290,6 +292,12 @@ def main() -> None:
     parser.add_argument("--labels", type=int, nargs="+", default=[60, 150, 300, 600, 1800])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--pretrain-epochs", type=int, default=8)
+    parser.add_argument(
+        "--pretrained-mode",
+        default="head",
+        choices=["head", "full", "lora"],
+        help="how the pretrained backbone is fine-tuned (head: meddx's default with a pretrained backbone)",
+    )
     parser.add_argument("--plot", type=Path, default=OUT / "label_efficiency.png")
     parser.add_argument("--workers", type=int, default=2, help="ingestion workers")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
@@ -304,7 +312,7 @@ def main() -> None:
     frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
     print(f"cohort: {manifest} ({args.patients} patients; {frame['split'].value_counts().to_dict()})")
     folder = pretrained_backbone(manifest, frame, args.pretrain_epochs, cache, args.workers)
-    setting = Setting(manifest, folder, cache, args.workers)
+    setting = Setting(manifest, folder, cache, args.workers, mode=args.pretrained_mode)
     sizes = {s: len(d) for s, d in setting.sets.items()}
     print(f"rows with inputs: {sizes}; prepared in {time.perf_counter() - started:.0f} s so far")
 
@@ -322,7 +330,8 @@ def main() -> None:
     print_targets(summary)
     title = (
         f"{args.patients} patients ({sizes['val']} val, {sizes['test']} test rows), seeds {args.seeds}\n"
-        f"pretrained {args.pretrain_epochs} epochs on {sizes['train']} unlabelled rows; mean ± sd over seeds"
+        f"pretrained {args.pretrain_epochs} epochs on {sizes['train']} unlabelled rows, fine-tuned in "
+        f"{args.pretrained_mode} mode; mean ± sd over seeds"
     )
     plot(summary, args.plot, title)
     print(f"total {time.perf_counter() - started:.0f} s")

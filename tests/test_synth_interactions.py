@@ -34,7 +34,7 @@ from meddx.synth import (
     cohort_truth,
     generate_cohort,
 )
-from meddx.synth.interactions import simulate
+from meddx.synth.interactions import posterior_scores, simulate
 
 COPD, HEART_FAILURE, METOPROLOL = "13645005", "84114007", "866924"
 SYMPTOMS = ("productive cough", "fever", "shortness of breath", "pleuritic chest pain", "chills", "fatigue")
@@ -231,6 +231,19 @@ def test_reader_noise_lowers_the_ceiling_and_is_checked() -> None:
         bayes_ceiling(1000, reader_noise={"xray": 1.0})
     with pytest.raises(ValueError, match="finite"):
         simulate(1000, reader_noise={"audio": float("nan")})
+
+
+def test_posterior_scores_are_probabilities_that_rank_as_the_ceiling_says() -> None:
+    sim = simulate(20_000, seed=6)
+    scores = posterior_scores(sim)
+    assert scores.shape == (20_000,)
+    assert float(scores.min()) >= 0.0
+    assert float(scores.max()) <= 1.0
+    assert roc_auc_score(sim.label, scores) == pytest.approx(bayes_ceiling(20_000, seed=6))
+    # calibrated: the mean posterior is the prevalence
+    assert abs(float(scores.mean()) - float(sim.label.mean())) < 0.01
+    with pytest.raises(ValueError, match="posterior"):
+        posterior_scores(sim, posterior="late")
 
 
 def test_simulate_follows_the_interaction_equations() -> None:
