@@ -188,6 +188,7 @@ def variant_suffix(args) -> str:
         "batch": args.batch_size,
         "dropout": args.dropout,
         "layers": args.n_layers,
+        "modality-dropout": args.modality_dropout,
     }
     return "".join(f"-{name}{value}" for name, value in given.items() if value is not None)
 
@@ -301,6 +302,12 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=None, help="the backbone's; default: BackboneConfig's")
     parser.add_argument("--n-layers", type=int, default=None, help="fusion layers; default: BackboneConfig's")
     parser.add_argument(
+        "--modality-dropout",
+        type=float,
+        default=None,
+        help="chance a modality is hidden in training; default: BackboneConfig's",
+    )
+    parser.add_argument(
         "--pretrain-epochs",
         type=int,
         default=0,
@@ -326,7 +333,7 @@ def main() -> None:
     chosen = {"batch_size": args.batch_size, "learning_rate": args.learning_rate}
     settings = {name: value for name, value in chosen.items() if value is not None}
     settings.update(mode=args.mode, epochs=args.epochs, cache_dir=cache, workers=2, progress=False, seed=0)
-    backbone = {"dropout": args.dropout, "n_layers": args.n_layers}
+    backbone = {"dropout": args.dropout, "n_layers": args.n_layers, "modality_dropout": args.modality_dropout}
     if any(value is not None for value in backbone.values()):
         settings["backbone_config"] = BackboneConfig(**{k: v for k, v in backbone.items() if v is not None})
     fused_folder = runs / ("fused" + variant_suffix(args))
@@ -385,7 +392,7 @@ def main() -> None:
         f"mode={args.mode}, at most {args.epochs or 'the default number of'} epochs; test split of {scores['rows']} "
         f"patients; fused: best epoch {info['best_epoch']} of {info['epochs_run']}, lr {info['learning_rate']}, "
         f"batch {info['batch_size']}, dropout {fused.backbone.config.dropout}, "
-        f"fusion layers {fused.backbone.config.n_layers}, "
+        f"fusion layers {fused.backbone.config.n_layers}, modality dropout {fused.backbone.config.modality_dropout}, "
         f"schedule {info.get('schedule')}, validation AUROC by epoch {[round(v, 3) for v in fused.metrics['history']]}"
     )
     print(f"{'model':<44}{'AUROC':>8}{'ECE raw':>9}{'ECE cal':>9}{'cover':>8}{'fit s':>8}")
