@@ -6,6 +6,8 @@ Generating and ingesting it the first time takes several minutes on a 2-core mac
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -42,3 +44,41 @@ def sub_manifest(manifest: Path, name: str, rows: slice, keep_labels: bool = Tru
     path = manifest.parent / f"{name}.csv"
     frame.to_csv(path, index=False)
     return path
+
+
+def pretrained_backbone(
+    manifest: Path, folder: Path, epochs: int, cache: Path, workers: int, backbone_config=None
+) -> Path:
+    """``folder``: a backbone pretrained (``meddx.pretrain``, seed 0) on the manifest's train rows with
+    labels and split withheld; a finished run of as many epochs is reused.
+
+    The unlabelled rows are written beside the manifest (its paths are relative to that folder) as
+    ``<folder name>-unlabelled.csv``.
+    """
+    from meddx.training import pretrain
+
+    frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    labels = [c for c in frame.columns if c.startswith("label:")]
+    unlabelled = frame[frame["split"] == "train"].drop(columns=["split", *labels])
+    pool = manifest.parent / f"{folder.name}-unlabelled.csv"
+    unlabelled.to_csv(pool, index=False)
+    done = folder / "pretraining.json"
+    started = time.perf_counter()
+    if done.is_file() and len(json.loads(done.read_text())["epochs"]) == epochs:
+        print(f"pretraining: reusing {folder}")
+        losses = json.loads(done.read_text())["epochs"]
+    else:
+        losses = pretrain(
+            pool,
+            folder,
+            epochs=epochs,
+            seed=0,
+            backbone_config=backbone_config,
+            cache_dir=cache,
+            workers=workers,
+            progress=False,
+        ).epochs
+    print(f"pretraining: {len(unlabelled)} unlabelled rows, {epochs} epochs, {time.perf_counter() - started:.0f} s")
+    for i, e in enumerate(losses, 1):
+        print(f"  epoch {i}: masked {e['masked']:.4f}  contrastive {e['contrastive']:.4f}  ({e['seconds']:.0f} s)")
+    return folder

@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 import pandas as pd
-from bench_cohort import N_PATIENTS, OUT, bench_cohort
+from bench_cohort import N_PATIENTS, OUT, bench_cohort, pretrained_backbone
 
 MODALITIES = ("imaging", "ehr", "notes", "device_logs", "audio", "video")
 
@@ -193,32 +193,6 @@ def variant_suffix(args) -> str:
     return "".join(f"-{name}{value}" for name, value in given.items() if value is not None)
 
 
-def pretrained_backbone(manifest, runs, epochs: int, settings: dict):
-    """A backbone pretrained (``meddx.pretrain``, seed 0) on the manifest's train rows with labels withheld."""
-    from meddx.training import pretrain
-
-    frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
-    unlabelled = frame[frame["split"] == "train"].drop(columns=["split", *[c for c in frame if c.startswith("label:")]])
-    pool = manifest.parent / "pretrain-pool.csv"
-    unlabelled.to_csv(pool, index=False)
-    folder = runs / f"pretrained-{epochs}ep"
-    started = time.perf_counter()
-    result = pretrain(
-        pool,
-        folder,
-        epochs=epochs,
-        seed=0,
-        backbone_config=settings.get("backbone_config"),
-        cache_dir=settings["cache_dir"],
-        workers=settings["workers"],
-        progress=False,
-    )
-    print(f"pretraining: {len(unlabelled)} unlabelled rows, {epochs} epochs, {time.perf_counter() - started:.0f} s")
-    for i, e in enumerate(result.epochs, 1):
-        print(f"  epoch {i}: masked {e['masked']:.4f}  contrastive {e['contrastive']:.4f}")
-    return folder
-
-
 def bayes_ceiling(
     cohort: str = "additive",
     n: int = 400_000,
@@ -340,7 +314,11 @@ def main() -> None:
     reuse = args.reuse and (fused_folder / "model.safetensors").is_file()
     fused_settings = dict(settings)
     if args.pretrain_epochs and not reuse:
-        fused_settings["backbone"] = pretrained_backbone(manifest, runs, args.pretrain_epochs, settings)
+        epochs = args.pretrain_epochs
+        config = settings.get("backbone_config")
+        fused_settings["backbone"] = pretrained_backbone(
+            manifest, runs / f"pretrained-{epochs}ep", epochs, cache, 2, config
+        )
         fused_settings.pop("backbone_config", None)
     table = []
     started = time.perf_counter()

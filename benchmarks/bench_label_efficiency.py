@@ -37,13 +37,12 @@ docs/label_efficiency.png``; smaller: ``--patients 400 --labels 60 150 --seeds 0
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from bench_cohort import OUT, bench_cohort
+from bench_cohort import OUT, bench_cohort, pretrained_backbone
 from bench_finetune import MODALITIES, best_logistic, pooled_features
 
 TASK = "disease"
@@ -61,28 +60,6 @@ def write_manifest(frame: pd.DataFrame, folder: Path, name: str) -> Path:
     path = folder / f"{name}.csv"
     frame.to_csv(path, index=False)
     return path
-
-
-def pretrained_backbone(manifest: Path, frame: pd.DataFrame, epochs: int, cache: Path, workers: int) -> Path:
-    """Pretrain once on the train split's rows with labels and split withheld; reuse a finished run."""
-    from meddx.training import pretrain
-
-    unlabelled = frame[frame["split"] == "train"].drop(
-        columns=["split", *[c for c in frame.columns if c.startswith("label:")]]
-    )
-    pool = write_manifest(unlabelled, manifest.parent, "labeleff-unlabelled")
-    folder = manifest.parent / f"labeleff-backbone-{epochs}ep"
-    done = folder / "pretraining.json"
-    started = time.perf_counter()
-    if done.is_file() and len(json.loads(done.read_text())["epochs"]) == epochs:
-        print(f"pretraining: reusing {folder}")
-        losses = json.loads(done.read_text())["epochs"]
-    else:
-        losses = pretrain(pool, folder, epochs=epochs, seed=0, cache_dir=cache, workers=workers, progress=False).epochs
-    print(f"pretraining: {len(unlabelled)} unlabelled rows, {epochs} epochs, {time.perf_counter() - started:.0f} s")
-    for i, e in enumerate(losses, 1):
-        print(f"  epoch {i}: masked {e['masked']:.4f}  contrastive {e['contrastive']:.4f}  ({e['seconds']:.0f} s)")
-    return folder
 
 
 def choose_rows(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -311,7 +288,13 @@ def main() -> None:
     cache = OUT / "cache"
     frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
     print(f"cohort: {manifest} ({args.patients} patients; {frame['split'].value_counts().to_dict()})")
-    folder = pretrained_backbone(manifest, frame, args.pretrain_epochs, cache, args.workers)
+    folder = pretrained_backbone(
+        manifest,
+        manifest.parent / f"labeleff-backbone-{args.pretrain_epochs}ep",
+        args.pretrain_epochs,
+        cache,
+        args.workers,
+    )
     setting = Setting(manifest, folder, cache, args.workers, mode=args.pretrained_mode)
     sizes = {s: len(d) for s, d in setting.sets.items()}
     print(f"rows with inputs: {sizes}; prepared in {time.perf_counter() - started:.0f} s so far")

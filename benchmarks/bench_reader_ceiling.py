@@ -57,7 +57,7 @@ def encoder_embeddings(model, dataset) -> dict[str, np.ndarray]:
     model.eval()
     with torch.no_grad():
         for batch in loader:
-            parts.append(model.backbone(batch).encoder_embeddings.float().numpy())
+            parts.append(model.backbone.encode(batch).encoder_embeddings.float().numpy())
     stacked = np.concatenate(parts)  # (N, M, D)
     return {str(m.value): stacked[:, i] for i, m in enumerate(ORDER) if str(m.value) in MODALITIES}
 
